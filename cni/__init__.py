@@ -1,0 +1,1 @@
+"""The vswitch CNI plugin. Imports nothing beyond the standard library."""
