@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up vswitch on a fresh Debian 12 machine, as root: the system packages it needs,
+# a virtualenv in .venv with the project (Cython core built) and its test extras.
+# Safe to run again; it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pkg in python3 python3-venv python3-dev gcc iproute2 iperf3 tcpdump \
+           containernetworking-plugins iptables nftables procps; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ "${#need_apt[@]}" -gt 0 ]; then
+    echo "setup: installing Debian packages: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+echo "setup: installing vswitch with its test and plot extras (builds the Cython core)"
+.venv/bin/python -m pip install -q -e '.[test,plot]'
+# The editable install builds the extension; build it in place too so the work tree
+# (which tests put first on sys.path) always holds the current core.
+.venv/bin/python setup.py -q build_ext --inplace >/dev/null
+echo "setup: done"
