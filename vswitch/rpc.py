@@ -1,0 +1,148 @@
+"""The control protocol of vswitchd: JSON lines over a unix stream socket.
+
+Theory of operation: a client writes one JSON object and ``\\n``; the daemon answers with
+one JSON object and ``\\n``; a connection may carry several requests in turn
+(``docs/control.md`` is the contract). This module holds the framing, the error codes and
+a blocking client. It imports only the standard library, because the CNI plugin (which
+must start fast) and vswitchctl use it; the daemon uses :class:`LineBuffer` for its
+non-blocking side.
+"""
+from __future__ import annotations
+
+import json
+import socket
+
+DEFAULT_SOCKET = "/run/vswitch/vswitchd.sock"
+MAX_LINE_BYTES = 1 << 20
+
+# error codes: CNI ones where one fits, 100+ our own
+E_BAD_ARGS = 4
+E_INVALID_CONFIG = 7
+E_TRY_AGAIN = 11
+E_NETLINK = 101
+E_IF_EXISTS = 102
+E_UNKNOWN_ATTACHMENT = 103
+E_CHECK_FAILED = 104
+E_BAD_REQUEST = 105
+E_UNKNOWN_OP = 106
+E_FAULT = 107
+E_INTERNAL = 999
+
+
+class RpcError(Exception):
+    """An error reply (or a transport failure, code 11) with the protocol's fields."""
+
+    def __init__(self, code: int, msg: str, details: str = ""):
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+    def reply(self) -> dict:
+        out = {"ok": False, "code": self.code, "msg": self.msg}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+def encode(obj: dict) -> bytes:
+    """One protocol line."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=False).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict:
+    """Parse one request or reply line; RpcError 105 if it is not a JSON object."""
+    if len(line) > MAX_LINE_BYTES:
+        raise RpcError(E_BAD_REQUEST, f"request of {len(line)} bytes exceeds {MAX_LINE_BYTES} bytes")
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RpcError(E_BAD_REQUEST, f"request is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RpcError(E_BAD_REQUEST, f"request must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+class LineBuffer:
+    """Accumulates bytes from a stream and returns complete lines (without ``\\n``).
+
+    A line longer than MAX_LINE_BYTES is reported once as ``None`` (the caller answers with
+    an error) and its bytes are discarded up to the next newline.
+    """
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list:
+        self._buf += data
+        lines = []
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                if len(self._buf) > MAX_LINE_BYTES and not self._skipping:
+                    self._skipping = True
+                    lines.append(None)
+                if self._skipping:
+                    self._buf.clear()
+                return lines
+            line = bytes(self._buf[:nl])
+            del self._buf[:nl + 1]
+            if self._skipping:
+                self._skipping = False
+                continue
+            if len(line) > MAX_LINE_BYTES:
+                lines.append(None)
+            else:
+                lines.append(line)
+
+
+class Client:
+    """A blocking connection to vswitchd. ``call`` raises RpcError on an error reply."""
+
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout_s: float = 30.0):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout_s)
+        try:
+            self.sock.connect(path)
+        except OSError as exc:
+            self.sock.close()
+            raise RpcError(E_TRY_AGAIN, f"vswitchd is not reachable at {path}: {exc.strerror or exc}") from None
+        self._rfile = self.sock.makefile("rb")
+
+    def request(self, req: dict) -> dict:
+        """Send one request, return the raw reply (ok or not)."""
+        try:
+            self.sock.sendall(encode(req))
+            line = self._rfile.readline(MAX_LINE_BYTES * 64)
+        except OSError as exc:
+            raise RpcError(E_TRY_AGAIN, f"vswitchd at {self.path} failed: {exc.strerror or exc}") from None
+        if not line:
+            raise RpcError(E_TRY_AGAIN, f"vswitchd at {self.path} closed the connection")
+        return decode(line)
+
+    def call(self, op: str, **args) -> dict:
+        reply = self.request({"op": op, **args})
+        if not reply.get("ok"):
+            raise RpcError(int(reply.get("code", E_INTERNAL)), str(reply.get("msg", "unknown error")),
+                           str(reply.get("details", "")))
+        return reply
+
+    def close(self):
+        try:
+            self._rfile.close()
+        finally:
+            self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def call(path: str, op: str, timeout_s: float = 30.0, **args) -> dict:
+    """One request on a fresh connection."""
+    with Client(path, timeout_s) as c:
+        return c.call(op, **args)
