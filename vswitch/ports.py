@@ -1,0 +1,232 @@
+"""Port kinds of vswitchd and the packet I/O that moves their frames in batches.
+
+Theory of operation
+-------------------
+Each switch port of the daemon has one file descriptor:
+
+- ``TapPort``: a pod's TAP (in the pod's namespace), 12-byte virtio-net header.
+- ``HostPort``: the node-side TAP (``vsw0``) holding the gateway address, 12-byte header.
+- ``UplinkPort``: an AF_PACKET socket bound to a NIC with ``PACKET_VNET_HDR`` (10-byte
+  header, so offloaded GSO frames come in and go out whole), ``PACKET_IGNORE_OUTGOING``
+  (we do not read back what we send) and a promiscuous membership (dropped by the kernel
+  when the socket closes).
+
+:class:`PacketIO` owns the batch buffers (one preallocated numpy buffer, the datapath's
+layout: header then frame per slot) and the per-port fd table, and calls the Cython
+``io_read_batch`` / ``io_write_batch`` of ``vswitch._datapath`` (``ext/io.pxi``, no GIL)
+when the build has them, else the pure-Python functions below with the same signatures
+(slow, for development without a build).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import struct
+
+import numpy as np
+
+from vswitch.dpconst import MAX_FRAME, OUT_FLOOD
+
+VNET_HDR_LEN = 12
+SLOT_MAX = VNET_HDR_LEN + MAX_FRAME
+
+# linux/if_packet.h
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_PROMISC = 1
+PACKET_VNET_HDR = 15
+PACKET_IGNORE_OUTGOING = 23
+ETH_P_ALL = 0x0003
+
+
+@dataclasses.dataclass
+class Port:
+    """One switch port with an fd. ``name`` is the switch port name."""
+    name: str
+    port_id: int
+    fd: int
+    hdr_len: int = VNET_HDR_LEN
+    kind: str = "pod"
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclasses.dataclass
+class TapPort(Port):
+    netns: str = ""
+    ifname: str = ""
+
+
+@dataclasses.dataclass
+class HostPort(Port):
+    kind: str = "host"
+
+
+@dataclasses.dataclass
+class UplinkPort(Port):
+    kind: str = "uplink"
+    hdr_len: int = 10
+    sock: socket.socket | None = None
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            self.fd = -1
+
+
+def open_uplink_socket(ifname: str) -> socket.socket:
+    """A non-blocking AF_PACKET socket on ``ifname`` with a vnet header, promiscuous."""
+    try:
+        index = socket.if_nametoindex(ifname)
+    except OSError:
+        raise ValueError(f"uplink: no interface {ifname!r} in the daemon's namespace") from None
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    try:
+        s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.bind((ifname, ETH_P_ALL))
+        mreq = struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b"")
+        s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+# --------------------------------------------------------------------------- pure-Python I/O
+
+def py_read_batch(fds, fd_ports, fd_hdr_lens, nfds, buf, offsets, lengths, in_ports,
+                  max_pkts, per_fd_max, rx_errors):
+    """The Python twin of ``io_read_batch`` (ext/io.pxi): same layout, same result."""
+    mv = memoryview(buf)
+    pos = n = 0
+    for j in range(nfds):
+        fd, port, hdr = int(fds[j]), int(fd_ports[j]), int(fd_hdr_lens[j])
+        for _ in range(per_fd_max):
+            if n >= max_pkts or pos + SLOT_MAX > len(buf):
+                break
+            try:
+                if hdr == VNET_HDR_LEN:
+                    r = os.readv(fd, [mv[pos:pos + SLOT_MAX]])
+                else:
+                    r = os.readv(fd, [mv[pos:pos + hdr], mv[pos + VNET_HDR_LEN:pos + SLOT_MAX]])
+            except BlockingIOError:
+                break
+            except OSError:
+                rx_errors[port] += 1
+                break
+            if r < hdr:
+                rx_errors[port] += 1
+                continue
+            if hdr != VNET_HDR_LEN:
+                buf[pos + hdr:pos + VNET_HDR_LEN] = 0
+            offsets[n] = pos + VNET_HDR_LEN
+            lengths[n] = r - hdr
+            in_ports[n] = port
+            pos += (VNET_HDR_LEN + r - hdr + 7) & ~7
+            n += 1
+        if n >= max_pkts or pos + SLOT_MAX > len(buf):
+            break
+    return n
+
+
+def _py_write_one(fd, hdr, mv, off, length):
+    if hdr == VNET_HDR_LEN:
+        os.write(fd, mv[off - VNET_HDR_LEN:off + length])
+    else:
+        os.writev(fd, [mv[off - VNET_HDR_LEN:off - VNET_HDR_LEN + hdr], mv[off:off + length]])
+
+
+def py_write_batch(buf, offsets, lengths, in_ports, out_ports, n, port_fds, port_hdr_lens, tx_errors):
+    """The Python twin of ``io_write_batch`` (ext/io.pxi)."""
+    mv = memoryview(buf)
+    written = 0
+    nports = len(port_fds)
+    for i in range(n):
+        out, off, length = int(out_ports[i]), int(offsets[i]), int(lengths[i])
+        if off < VNET_HDR_LEN or off + length > len(buf):
+            continue
+        if out >= 0:
+            targets = [out] if out < nports and port_fds[out] >= 0 else []
+        elif out == OUT_FLOOD:
+            targets = [p for p in range(nports) if port_fds[p] >= 0 and p != in_ports[i]]
+        else:
+            continue
+        for p in targets:
+            try:
+                _py_write_one(int(port_fds[p]), int(port_hdr_lens[p]), mv, off, length)
+                written += 1
+            except OSError:
+                tx_errors[p] += 1
+    return written
+
+
+def _io_functions():
+    try:
+        from vswitch import _datapath
+        return _datapath.io_read_batch, _datapath.io_write_batch, "c"
+    except (ImportError, AttributeError):
+        return py_read_batch, py_write_batch, "py"
+
+
+class PacketIO:
+    """Batch buffers and the port fd table of the daemon's I/O loop."""
+
+    def __init__(self, max_ports: int, max_batch: int = 64, buf_bytes: int = 4 << 20,
+                 out_buf_bytes: int = 4 << 20, per_fd_max: int = 32):
+        self.read_batch, self.write_batch, self.impl = _io_functions()
+        self.max_batch = max_batch
+        self.per_fd_max = per_fd_max
+        self.buf = np.zeros(max(buf_bytes, 2 * SLOT_MAX), np.uint8)
+        self.offsets = np.zeros(max_batch, np.uint32)
+        self.lengths = np.zeros(max_batch, np.uint32)
+        self.in_ports = np.zeros(max_batch, np.uint16)
+        self.out_ports = np.zeros(max_batch, np.int32)
+        # drain output (shaper queues)
+        self.dbuf = np.zeros(max(out_buf_bytes, 2 * SLOT_MAX), np.uint8)
+        self.doffsets = np.zeros(max_batch, np.uint32)
+        self.dlengths = np.zeros(max_batch, np.uint32)
+        self.din_ports = np.zeros(max_batch, np.uint16)
+        self.dout_ports = np.zeros(max_batch, np.int32)
+        # per port: fd (-1 none/down), header length, error counters
+        self.port_fds = np.full(max_ports, -1, np.int32)
+        self.port_hdr_lens = np.full(max_ports, VNET_HDR_LEN, np.uint8)
+        self.rx_errors = np.zeros(max_ports, np.uint64)
+        self.tx_errors = np.zeros(max_ports, np.uint64)
+        # ready fds of one poll round
+        self.rfds = np.zeros(max_ports, np.int32)
+        self.rports = np.zeros(max_ports, np.uint16)
+        self.rhdrs = np.zeros(max_ports, np.uint8)
+
+    def set_port(self, port: Port | None, port_id: int):
+        if port is None:
+            self.port_fds[port_id] = -1
+        else:
+            self.port_fds[port_id] = port.fd
+            self.port_hdr_lens[port_id] = port.hdr_len
+        self.rx_errors[port_id] = 0 if port is None else self.rx_errors[port_id]
+
+    def read(self, ready: list[Port]) -> int:
+        k = 0
+        for p in ready:
+            self.rfds[k], self.rports[k], self.rhdrs[k] = p.fd, p.port_id, p.hdr_len
+            k += 1
+        return self.read_batch(self.rfds, self.rports, self.rhdrs, k, self.buf, self.offsets,
+                               self.lengths, self.in_ports, self.max_batch, self.per_fd_max,
+                               self.rx_errors)
+
+    def write(self, n: int) -> int:
+        return self.write_batch(self.buf, self.offsets, self.lengths, self.in_ports, self.out_ports,
+                                n, self.port_fds, self.port_hdr_lens, self.tx_errors)
+
+    def write_drained(self, n: int) -> int:
+        return self.write_batch(self.dbuf, self.doffsets, self.dlengths, self.din_ports,
+                                self.dout_ports, n, self.port_fds, self.port_hdr_lens, self.tx_errors)
