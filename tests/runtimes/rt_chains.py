@@ -1,0 +1,266 @@
+"""The CNI plugin chains the runtime tests run against: the reference one, and ours.
+
+Theory of operation: a chain is a CNI bin dir plus a conf dir holding one conflist, and
+whatever process the chain needs, all under one temporary directory. Runtimes are pointed
+at ``bin_dir`` and ``conf_dir``; the tests only ask the chain for its network name, its
+subnet and gateway, where its IPAM keeps leases, and ``leftovers(pod)``: what of a removed
+pod is still on the node.
+
+- ``reference``: Debian's containernetworking-plugins (``/usr/lib/cni``) as a conflist of
+  bridge (a bridge named per test, gateway, ipMasq, hairpin) + host-local + portmap +
+  bandwidth. The bin dir holds symlinks to every reference plugin.
+- ``vswitch``: ``python -m vswitch.daemon --socket S --state-dir D`` started from the
+  repository, with ``--uplink`` on the node end of the client link when one is given (the
+  daemon serves hostPorts only for traffic that crosses the switch), and
+  ``python -m vswitch.cli install-cni --bin-dir B --conf-dir C --socket S --subnet N``
+  writing the plugin launcher and ``10-vswitch.conflist``. The reference plugins are
+  linked into the same bin dir, since the conflist delegates IPAM to host-local.
+
+``CHAIN_NAMES`` lists them; ``vswitch_unavailable()`` gives the precise reason the vswitch
+chain cannot run yet (missing entry points), or None.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+REFERENCE_BIN_DIR = "/usr/lib/cni"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHAIN_NAMES = ("reference", "vswitch")
+DEFAULT_HOST_LOCAL_DIR = "/var/lib/cni/networks"
+
+
+def vswitch_unavailable() -> str | None:
+    """Why the vswitch chain cannot run here, or None when its entry points exist."""
+    missing = [p for p in ("vswitch/daemon.py", "vswitch/cli.py", "cni/plugin.py")
+               if not os.path.isfile(os.path.join(REPO_ROOT, p))]
+    if missing:
+        return ("the vswitch chain needs " + ", ".join(missing) +
+                " (python -m vswitch.daemon, python -m vswitch.cli install-cni, the plugin),"
+                " which the repository does not have yet")
+    return None
+
+
+def free_subnet(prefix_len: int = 24) -> ipaddress.IPv4Network:
+    """A random 10.x.y.0/24 that no route on the node overlaps."""
+    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"],
+                            capture_output=True, text=True).stdout
+    used = []
+    for line in routes.splitlines():
+        word = line.split()[0] if line.split() else ""
+        if word in ("local", "broadcast", "unreachable", "blackhole", "prohibit"):
+            word = line.split()[1]
+        try:
+            used.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            continue
+    rng = random.Random()
+    for _ in range(200):
+        net = ipaddress.ip_network(f"10.{rng.randrange(64, 250)}.{rng.randrange(0, 256)}.0/"
+                                   f"{prefix_len}")
+        if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
+            return net
+    raise RuntimeError("no free 10.x.y.0/24 subnet found among the node's routes")
+
+
+def _link_reference_plugins(bin_dir: str) -> None:
+    os.makedirs(bin_dir, exist_ok=True)
+    if not os.path.isdir(REFERENCE_BIN_DIR):
+        raise FileNotFoundError(f"{REFERENCE_BIN_DIR} is missing: install the Debian package "
+                                "containernetworking-plugins")
+    for name in os.listdir(REFERENCE_BIN_DIR):
+        dst = os.path.join(bin_dir, name)
+        if not os.path.lexists(dst):
+            os.symlink(os.path.join(REFERENCE_BIN_DIR, name), dst)
+
+
+class Chain:
+    """Common shape: ``start()``, ``stop()``, dirs, network facts and leftover checks."""
+    name = ""
+
+    def __init__(self, base_dir: str, suffix: str, uplink: str | None = None):
+        self.base_dir = base_dir
+        self.suffix = suffix
+        self.uplink = uplink
+        self.bin_dir = os.path.join(base_dir, "cni-bin")
+        self.conf_dir = os.path.join(base_dir, "cni-conf")
+        self.subnet = free_subnet()
+        self.gateway = str(next(self.subnet.hosts()))
+
+    @property
+    def conflist_path(self) -> str:
+        names = sorted(n for n in os.listdir(self.conf_dir)
+                       if n.endswith((".conflist", ".conf", ".json")))
+        if not names:
+            raise FileNotFoundError(f"no CNI configuration in {self.conf_dir}")
+        return os.path.join(self.conf_dir, names[0])
+
+    def conflist(self) -> dict:
+        with open(self.conflist_path) as f:
+            return json.load(f)
+
+    @property
+    def network_name(self) -> str:
+        return self.conflist()["name"]
+
+    def ipam_data_dir(self) -> str:
+        """Where host-local keeps this network's leases (one file per IP)."""
+        for plugin in self.conflist()["plugins"]:
+            ipam = plugin.get("ipam") or {}
+            if ipam.get("type") == "host-local":
+                return os.path.join(ipam.get("dataDir", DEFAULT_HOST_LOCAL_DIR),
+                                    self.network_name)
+        raise ValueError(f"no host-local IPAM in {self.conflist_path}")
+
+    def leased_ips(self) -> set[str]:
+        d = self.ipam_data_dir()
+        if not os.path.isdir(d):
+            return set()
+        out = set()
+        for name in os.listdir(d):
+            try:
+                out.add(str(ipaddress.ip_address(name)))
+            except ValueError:
+                continue  # last_reserved_ip.0, lock
+        return out
+
+    def leftovers(self, pod_ip: str, host_ifnames: list[str]) -> list[str]:
+        """What of a removed pod is still on the node (empty: nothing)."""
+        problems = []
+        if pod_ip in self.leased_ips():
+            problems.append(f"host-local still leases {pod_ip} in {self.ipam_data_dir()}")
+        for ifname in host_ifnames:
+            if subprocess.run(["ip", "link", "show", "dev", ifname],
+                              capture_output=True).returncode == 0:
+                problems.append(f"host interface {ifname} still exists")
+        rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+        hits = [line for line in rules.splitlines()
+                if f"{pod_ip}/" in line or f"{pod_ip}:" in line or line.endswith(pod_ip)]
+        if hits:
+            problems.append(f"iptables rules still name {pod_ip}: {hits}")
+        return problems
+
+    def describe(self) -> str:
+        return f"{self.name} chain, network {self.network_name}, subnet {self.subnet}"
+
+
+class ReferenceChain(Chain):
+    name = "reference"
+
+    def __init__(self, base_dir, suffix, uplink=None):
+        super().__init__(base_dir, suffix, uplink)
+        self.bridge = f"vsrtbr{suffix}"[:15]
+
+    def start(self) -> "ReferenceChain":
+        _link_reference_plugins(self.bin_dir)
+        os.makedirs(self.conf_dir, exist_ok=True)
+        conf = {
+            "cniVersion": "1.0.0",
+            "name": f"vsrt-ref-{self.suffix}",
+            "plugins": [
+                {"type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": True,
+                 "hairpinMode": True,
+                 "ipam": {"type": "host-local",
+                          "ranges": [[{"subnet": str(self.subnet), "gateway": self.gateway}]],
+                          "routes": [{"dst": "0.0.0.0/0"}],
+                          "dataDir": os.path.join(self.base_dir, "ipam")}},
+                {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
+                {"type": "bandwidth", "capabilities": {"bandwidth": True}},
+            ],
+        }
+        with open(os.path.join(self.conf_dir, "10-reference.conflist"), "w") as f:
+            json.dump(conf, f, indent=2)
+        return self
+
+    def stop(self) -> None:
+        # The bridge is the chain's, not a pod's: the bridge plugin never deletes it.
+        subprocess.run(["ip", "link", "del", "dev", self.bridge], capture_output=True)
+
+
+class VswitchChain(Chain):
+    name = "vswitch"
+
+    def __init__(self, base_dir, suffix, uplink=None):
+        super().__init__(base_dir, suffix, uplink)
+        self.socket = os.path.join(base_dir, "vswitchd.sock")
+        self.state_dir = os.path.join(base_dir, "vswitchd-state")
+        self.switch_name = f"vsw{suffix}"[:15]
+        self.log_path = os.path.join(base_dir, "vswitchd.log")
+        self.proc: subprocess.Popen | None = None
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def start(self) -> "VswitchChain":
+        reason = vswitch_unavailable()
+        if reason:
+            raise RuntimeError(reason)
+        _link_reference_plugins(self.bin_dir)
+        os.makedirs(self.conf_dir, exist_ok=True)
+        os.makedirs(self.state_dir, exist_ok=True)
+        cmd = [sys.executable, "-m", "vswitch.daemon", "--socket", self.socket,
+               "--state-dir", self.state_dir, "--switch", self.switch_name]
+        if self.uplink:
+            cmd += ["--uplink", self.uplink]
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=self._env(), stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        finally:
+            log.close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"vswitchd did not create {self.socket}: "
+                                   f"{' '.join(cmd)}\n{self.log_tail()}")
+            time.sleep(0.1)
+        install = [sys.executable, "-m", "vswitch.cli", "install-cni", "--bin-dir", self.bin_dir,
+                   "--conf-dir", self.conf_dir, "--socket", self.socket,
+                   "--subnet", str(self.subnet)]
+        res = subprocess.run(install, cwd=REPO_ROOT, env=self._env(), capture_output=True,
+                             text=True)
+        if res.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"{' '.join(install)} failed ({res.returncode}): "
+                               f"{res.stdout}{res.stderr}")
+        conf = self.conflist()
+        ipam = next((p.get("ipam") for p in conf["plugins"] if p.get("ipam")), {}) or {}
+        for rng in (r for rs in ipam.get("ranges", []) for r in rs):
+            if rng.get("gateway"):
+                self.gateway = rng["gateway"]
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        subprocess.run(["ip", "link", "del", "dev", self.switch_name], capture_output=True)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def make_chain(name: str, base_dir: str, suffix: str, uplink: str | None = None) -> Chain:
+    if name == "reference":
+        return ReferenceChain(base_dir, suffix, uplink)
+    if name == "vswitch":
+        return VswitchChain(base_dir, suffix, uplink)
+    raise ValueError(f"unknown CNI chain {name!r}; known: {', '.join(CHAIN_NAMES)}")

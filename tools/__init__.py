@@ -1,0 +1,1 @@
+"""Developer and test tools that are not part of the installed package."""
