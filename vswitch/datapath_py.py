@@ -11,8 +11,9 @@ Arguments and validation
      every *_ns value in 0..2**63-1. Otherwise ValueError naming the value.
  D2  process() validates the whole batch before touching any state: n in 0..len of every
      array; for i < n: in_ports[i] < max_ports, lengths[i] <= MAX_FRAME,
-     offsets[i] >= vnet_hdr_len, offsets[i] + lengths[i] <= len(buf). Wrong dtype / ndim /
-     not C-contiguous / not writable arrays: ValueError. now_ns < 0, or now_ns smaller than
+     offsets[i] >= vnet_hdr_len, offsets[i] + lengths[i] <= len(buf). Arrays of the wrong
+     dtype or not 1-D, a buf that is not C-contiguous and writable, an out array that is
+     not writable: ValueError. now_ns < 0, or now_ns smaller than
      the now_ns of an earlier process() or drain() call: ValueError. (trace() applies the
      same now_ns check but does not advance the clock; conntrack_sweep/mac_sweep accept any
      now_ns >= 0 and do not advance it either.)
@@ -71,7 +72,8 @@ Shaping
  D15 t_dep of a head = last_ns + max(0, ceil((cost - credit) / rate_bps)), computed
      without refilling. next_departure_ns() is the minimum over non-empty queues (it may
      be in the past). The refill that releases a packet in drain() is done at drain's
-     now_ns.
+     now_ns. Every packet that reaches a shaper in process() (or in drain(), for an
+     ingress shaper) refills it at now_ns first, whatever then happens to the packet.
  D16 drain(): repeat { if emitted == max_pkts: stop; among non-empty queues whose head
      was not enqueued during this drain() call and has t_dep <= now_ns pick the smallest
      (t_dep, port id, direction EGRESS=0 before INGRESS=1); if out_off + L > len(out_buf)
@@ -116,8 +118,9 @@ NAT / conntrack
  D24 Hairpin needs the gateway address of the packet's family; if it is unset the entry
      is created without SNAT (hairpin = 0). If the gateway MAC is unset the src MAC is left
      unchanged; if the pod port has no bound MAC the dst MAC is left unchanged. Both are
-     read at each packet (current gateway and binding), as is nothing else: the reply
-     direction uses the MACs stored in the entry.
+     read at each original-direction packet (current gateway MAC and binding). Everything
+     else comes from the entry: the SNAT address is the one chosen at creation (its
+     reply_dst), and the reply direction uses the MACs stored in the entry.
  D25 Fields written (always, even when the value does not change): original direction:
      dst address, dst port, and src address if hairpin; reply direction: src address,
      src port, and dst address if hairpin. MACs as in the contract.
@@ -167,5 +170,1138 @@ Counters, trace
      dpconst.DROP_REASONS). Only the stage names and the output text are part of the
      contract between implementations; the other texts are informative.
 
-(Theory of operation follows.)
+Theory of operation
+===================
+One class, ``Datapath``, one method per pipeline stage, one packet at a time, tables in
+plain dicts. It is slow on purpose: every line should be obviously what docs/datapath.md
+says, so that the Cython core (ext/) can be checked against it byte for byte
+(tests/datapath/test_differential.py).
+
+process() validates the batch, then for each packet in order: ``_receive`` (rx counters,
+the in port exists) -> ``_parse`` -> ``_antispoof`` -> the egress shaper of the in port ->
+``_stage4_on`` = ``_nat`` -> ``_l2`` -> the ingress shaper of the out port -> ``_output``.
+Each packet sees the state left by the ones before it (sequential semantics).
+
+Malformed-frame rule. The parser reads headers from the first ``lengths[i]`` bytes only.
+A frame is dropped and counted ``malformed`` when it is shorter than 14 bytes, or says
+802.1Q / ARP / IPv4 / IPv6 and its headers are truncated or inconsistent (the exact list
+is in docs/datapath.md, stage 1, and in ``_parse``). A frame that cannot be understood
+further but is not inconsistent (other ethertypes, unknown IP protocols, non-first
+fragments, more than 8 IPv6 extension headers) is switched at L2 only. IPv4 and IPv6
+fragments are never NAT-tracked. Nothing is ever read past the frame's length, because
+``_parse`` reads a ``bytes`` copy of exactly the frame and checks every length first.
+
+Shaping. A token bucket per (port, direction) with credit in bit*ns (bits x 10^9, exact
+Python ints): a packet of L bytes costs L*8*10^9; refill adds elapsed_ns * rate_bps. A
+packet leaves at once if its queue is empty and the credit covers it, otherwise it waits
+in a FIFO bounded in bytes. Oversized packets (cost > burst): while such a packet is the
+head of the queue the credit cap rises to its cost, so it leaves (L*8 - burst)/rate
+seconds after the bucket was full, and the released bytes still never exceed
+burst + rate*t. No packet stalls forever. drain() releases due heads oldest departure
+first; an egress packet then continues at stage 4.
+
+Conntrack. One entry per connection holds both directions (BESS nat.h style): one index
+maps the original tuple and the reply tuple to the same entry, so a reply is found with
+the same one lookup as an original packet. The first packet to a hostPort rule creates
+the entry and fixes its translation (DNAT to the pod, plus SNAT to the gateway for
+hairpin); later packets only replay it. Entries expire by TCP/UDP state (FIN/RST shorten
+them); an expired entry found is deleted on the spot, and a full table is swept at most
+once per second of now_ns before a new entry is refused (``table_full``).
+
+Checksums are patched per RFC 1624 (``_csum_patch``), never recomputed; for frames with
+NEEDS_CSUM the L4 field holds the pseudo-header sum and only the address words change it.
 """
+import copy
+import operator
+from collections import deque
+
+import numpy as np
+
+from vswitch.dpconst import (
+    CT_CLOSE, CT_DTYPE, CT_ESTABLISHED, CT_FIN, CT_STATE_NAMES, CT_SYN_SENT, CT_UDP_NEW,
+    CT_UDP_REPLIED, DEFAULTS, EGRESS, FDB_DTYPE, GC, GLOBAL_COUNTERS, INGRESS, MAX_FRAME,
+    MAX_IPS_PER_PORT, MAX_IPV6_EXT_HEADERS, OUT_DROP, OUT_FLOOD, OUT_QUEUED, PC,
+    PORT_COUNTERS, PORT_HOST, PORT_POD, PORT_UPLINK, SEC_NS, SWEEP_INTERVAL_NS,
+    VNET_F_NEEDS_CSUM,
+)
+
+__all__ = ["Datapath", "MAX_NODE_ADDRESSES"]
+
+MAX_NODE_ADDRESSES = 64
+_MAX_I63 = 2**63 - 1
+
+ETH_P_8021Q = 0x8100
+ETH_P_ARP = 0x0806
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
+IPV6_EXT_HEADERS = (0, 43, 60, 44, 51)   # hop-by-hop, routing, dest opts, fragment, AH
+TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
+
+_ZERO4 = bytes(4)
+_ZERO16 = bytes(16)
+_V4MAPPED = bytes(10) + b"\xff\xff"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _be16(b, i):
+    return (b[i] << 8) | b[i + 1]
+
+
+def _np16(buf, i):
+    """A big-endian 16-bit word of a numpy uint8 buffer, as a Python int."""
+    return (int(buf[i]) << 8) | int(buf[i + 1])
+
+
+def _addr16(raw):
+    """An address as the 16 bytes of the conntrack key (IPv4 as ::ffff:a.b.c.d)."""
+    return _V4MAPPED + raw if len(raw) == 4 else raw
+
+
+def _index(value, what, lo, hi):
+    """An int in lo..hi, else ValueError naming the value."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer in {lo}..{hi}, got {value!r}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{what} must be in {lo}..{hi}, got {v}")
+    return v
+
+
+def _bytes_of(value, what, lengths):
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{what} must be bytes of length {' or '.join(map(str, lengths))}, got {value!r}")
+    b = bytes(value)
+    if len(b) not in lengths:
+        raise ValueError(f"{what} must be {' or '.join(map(str, lengths))} bytes long, got {len(b)} bytes: {b.hex()}")
+    return b
+
+
+def _ip(value, what):
+    return _bytes_of(value, what, (4, 16))
+
+
+def _mac(value, what):
+    return _bytes_of(value, what, (6,))
+
+
+def _words(raw):
+    return [(raw[i] << 8) | raw[i + 1] for i in range(0, len(raw), 2)]
+
+
+def _fold(s):
+    """Ones' complement fold with end-around carry: 0 only if s == 0, else 1..0xFFFF."""
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _csum_patch(hc, old_words, new_words, partial=False):
+    """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'); partial (pseudo-header sum): HC + ~m + m'."""
+    s = hc if partial else (~hc & 0xFFFF)
+    for m in old_words:
+        s += ~m & 0xFFFF
+    for m in new_words:
+        s += m
+    s = _fold(s)
+    return s if partial else (~s & 0xFFFF)
+
+
+def _is_linklocal6(a):
+    return a[0] == 0xFE and (a[1] & 0xC0) == 0x80
+
+
+# --------------------------------------------------------------------------- stage 1: parse
+
+class _Parsed:
+    """What the parser found in one frame. Offsets are relative to the frame start."""
+    __slots__ = ("vlan", "ethertype", "l3", "family", "src", "dst", "is_arp",
+                 "l4", "l4_proto", "fragment", "sport", "dport", "tcp_flags")
+
+    def __init__(self):
+        self.vlan = 0
+        self.ethertype = 0
+        self.l3 = 14
+        self.family = 0          # 4, 6 or 0 (no IP)
+        self.src = None          # raw source address (4 or 16 bytes)
+        self.dst = None
+        self.is_arp = False
+        self.l4 = -1             # offset of the L4 header, -1 = no L4
+        self.l4_proto = 0        # 6, 17, 1, 58 when l4 >= 0
+        self.fragment = False    # any fragment (never NAT-tracked)
+        self.sport = 0
+        self.dport = 0
+        self.tcp_flags = 0
+
+    def describe(self):
+        parts = [f"vlan {self.vlan}"]
+        if self.is_arp:
+            parts.append("arp")
+        elif self.family:
+            parts.append(f"ipv{self.family} {self.src.hex()} > {self.dst.hex()}")
+            if self.fragment:
+                parts.append("fragment")
+            if self.l4 >= 0:
+                parts.append({6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}[self.l4_proto])
+                if self.l4_proto in (6, 17):
+                    parts.append(f"{self.sport} > {self.dport}")
+            else:
+                parts.append("no l4")
+        else:
+            parts.append(f"ethertype 0x{self.ethertype:04x} (l2 only)")
+        return " ".join(parts)
+
+
+def _parse_l4(b, p, proto, start, end):
+    """Checks the L4 header at b[start:end] (end = end of the IP payload). None or a reason."""
+    avail = end - start
+    if proto == IPPROTO_TCP:
+        if avail < 20:
+            return "tcp header truncated"
+        doff = b[start + 12] >> 4
+        if doff < 5:
+            return "tcp data offset < 5"
+        if doff * 4 > avail:
+            return "tcp data offset beyond the packet"
+        p.sport, p.dport, p.tcp_flags = _be16(b, start), _be16(b, start + 2), b[start + 13]
+    elif proto == IPPROTO_UDP:
+        if avail < 8:
+            return "udp header truncated"
+        ulen = _be16(b, start + 4)
+        if ulen < 8 or ulen > avail:
+            return "udp length inconsistent"
+        p.sport, p.dport = _be16(b, start), _be16(b, start + 2)
+    elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        if avail < 4:
+            return "icmp header truncated"
+    else:
+        return None
+    p.l4, p.l4_proto = start, proto
+    return None
+
+
+def _parse(b):
+    """Stage 1. b: the frame's bytes. Returns a _Parsed, or a str: why it is malformed."""
+    n = len(b)
+    p = _Parsed()
+    if n < 14:
+        return "shorter than 14 bytes"
+    et = _be16(b, 12)
+    l3 = 14
+    if et == ETH_P_8021Q:
+        if n < 18:
+            return "802.1Q tag truncated"
+        p.vlan = _be16(b, 14) & 0x0FFF
+        et = _be16(b, 16)
+        l3 = 18
+    p.ethertype, p.l3 = et, l3
+    avail = n - l3
+    if et == ETH_P_ARP:
+        if avail < 28:
+            return "arp truncated"
+        if _be16(b, l3) != 1 or _be16(b, l3 + 2) != ETH_P_IP or b[l3 + 4] != 6 or b[l3 + 5] != 4:
+            return "arp not ethernet/ipv4"
+        p.is_arp = True
+    elif et == ETH_P_IP:
+        if avail < 20:
+            return "ipv4 header truncated"
+        if b[l3] >> 4 != 4:
+            return "ipv4 version != 4"
+        ihl = (b[l3] & 0x0F) * 4
+        if ihl < 20:
+            return "ipv4 ihl < 5"
+        total = _be16(b, l3 + 2)
+        if total < ihl:
+            return "ipv4 total length < header length"
+        if total > avail:
+            return "ipv4 total length beyond the frame"
+        p.family, p.src, p.dst = 4, b[l3 + 12:l3 + 16], b[l3 + 16:l3 + 20]
+        frag = _be16(b, l3 + 6)
+        offset, more = frag & 0x1FFF, frag & 0x2000
+        p.fragment = bool(offset or more)
+        if offset == 0:
+            return _parse_l4(b, p, b[l3 + 9], l3 + ihl, l3 + total) or p
+    elif et == ETH_P_IPV6:
+        if avail < 40:
+            return "ipv6 header truncated"
+        if b[l3] >> 4 != 6:
+            return "ipv6 version != 6"
+        plen = _be16(b, l3 + 4)
+        if plen > avail - 40:
+            return "ipv6 payload length beyond the frame"
+        p.family, p.src, p.dst = 6, b[l3 + 8:l3 + 24], b[l3 + 24:l3 + 40]
+        nh, pos, end = b[l3 + 6], l3 + 40, l3 + 40 + plen
+        for _ in range(MAX_IPV6_EXT_HEADERS):
+            if nh not in IPV6_EXT_HEADERS:
+                break
+            left = end - pos
+            if nh == 44:
+                if left < 8:
+                    return "ipv6 fragment header truncated"
+                p.fragment = True
+                if _be16(b, pos + 2) >> 3:
+                    return p                       # non-first fragment: no L4
+                hlen = 8
+            else:
+                if left < 2:
+                    return "ipv6 extension header truncated"
+                hlen = (b[pos + 1] + 2) * 4 if nh == 51 else (b[pos + 1] + 1) * 8
+                if left < hlen:
+                    return "ipv6 extension header truncated"
+            nh, pos = b[pos], pos + hlen
+        else:
+            if nh in IPV6_EXT_HEADERS:
+                return p                           # more than 8 extension headers: no L4
+        if nh in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6):
+            return _parse_l4(b, p, nh, pos, end) or p
+    return p
+
+
+# --------------------------------------------------------------------------- state records
+
+class _Port:
+    __slots__ = ("kind", "up", "antispoof", "mac", "ips", "shapers")
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.up = True
+        self.antispoof = kind == PORT_POD
+        self.mac = None          # bound MAC or None
+        self.ips = None          # frozenset of raw addresses, or None (IPs not checked)
+        self.shapers = [None, None]   # indexed by EGRESS / INGRESS
+
+
+class _Queued:
+    __slots__ = ("data", "length", "in_port", "out_port", "fresh")
+
+    def __init__(self, data, length, in_port, out_port, fresh):
+        self.data = data         # vnet header + frame, as bytes
+        self.length = length     # frame length (header excluded)
+        self.in_port = in_port
+        self.out_port = out_port  # ingress queues: the decided out port
+        self.fresh = fresh       # enqueued during the current drain() call
+
+
+class _Shaper:
+    """A token bucket with a FIFO; credit in bit*ns."""
+    __slots__ = ("rate_bps", "burst_bits", "credit", "last_ns", "queue", "queue_bytes",
+                 "queue_limit_bytes")
+
+    def __init__(self, rate_bps, burst_bits, queue_limit_bytes):
+        self.rate_bps = rate_bps
+        self.burst_bits = burst_bits
+        self.credit = burst_bits * SEC_NS      # a new shaper starts full
+        self.last_ns = None                    # unset until the first packet or drain
+        self.queue = deque()
+        self.queue_bytes = 0
+        self.queue_limit_bytes = queue_limit_bytes
+
+    def cap(self):
+        cap = self.burst_bits * SEC_NS
+        if self.queue:
+            cap = max(cap, self.queue[0].length * 8 * SEC_NS)
+        return cap
+
+    def refill(self, now_ns):
+        if self.last_ns is not None:
+            self.credit = min(self.cap(), self.credit + (now_ns - self.last_ns) * self.rate_bps)
+        self.last_ns = now_ns
+
+    def head_departure_ns(self):
+        cost = self.queue[0].length * 8 * SEC_NS
+        need = cost - self.credit
+        wait = -(-need // self.rate_bps) if need > 0 else 0
+        return self.last_ns + wait
+
+    def offer(self, now_ns, length):
+        """'pass' (credit taken), 'queue' (caller appends) or 'full'."""
+        self.refill(now_ns)
+        cost = length * 8 * SEC_NS
+        if not self.queue and self.credit >= cost:
+            self.credit -= cost
+            return "pass"
+        if self.queue_bytes + length <= self.queue_limit_bytes:
+            return "queue"
+        return "full"
+
+    def append(self, item):
+        self.queue.append(item)
+        self.queue_bytes += item.length
+
+    def release(self, now_ns):
+        self.refill(now_ns)
+        item = self.queue.popleft()
+        self.credit -= item.length * 8 * SEC_NS
+        self.queue_bytes -= item.length
+        return item
+
+
+class _Rule:
+    __slots__ = ("id", "proto", "host_port", "host_ip", "pod_ip", "container_port", "pod_port_id")
+
+    def __init__(self, rid, proto, host_port, host_ip, pod_ip, container_port, pod_port_id):
+        self.id, self.proto, self.host_port, self.host_ip = rid, proto, host_port, host_ip
+        self.pod_ip, self.container_port, self.pod_port_id = pod_ip, container_port, pod_port_id
+
+    def key(self):
+        return _rule_key(self.proto, self.host_port, self.host_ip, 4 if len(self.pod_ip) == 4 else 6)
+
+    def as_dict(self):
+        return dict(id=self.id, proto=self.proto, host_port=self.host_port, host_ip=self.host_ip,
+                    pod_ip=self.pod_ip, container_port=self.container_port,
+                    pod_port_id=self.pod_port_id)
+
+
+def _rule_key(proto, host_port, host_ip, family):
+    return (proto, host_port, host_ip) if host_ip is not None else (proto, host_port, None, family)
+
+
+class _Entry:
+    """One connection, both directions. Raw addresses are 4 or 16 bytes (the family's)."""
+    __slots__ = ("proto", "state", "hairpin", "family", "orig_src", "orig_dst", "orig_sport",
+                 "orig_dport", "reply_src", "reply_dst", "reply_sport", "reply_dport",
+                 "in_port", "out_port", "orig_src_mac", "orig_dst_mac", "expires_ns",
+                 "packets", "bytes", "fin_seen")
+
+    def tuple_orig(self):
+        return (self.family, self.proto, _addr16(self.orig_src), _addr16(self.orig_dst),
+                self.orig_sport, self.orig_dport)
+
+    def tuple_reply(self):
+        return (self.family, self.proto, _addr16(self.reply_src), _addr16(self.reply_dst),
+                self.reply_sport, self.reply_dport)
+
+
+class _FdbEntry:
+    __slots__ = ("port", "last_seen_ns")
+
+    def __init__(self, port, last_seen_ns):
+        self.port, self.last_seen_ns = port, last_seen_ns
+
+
+class _Drop(Exception):
+    """Raised inside the pipeline: the packet is dropped for `reason`, counted on `port`."""
+
+    def __init__(self, reason, port, why):
+        super().__init__(reason)
+        self.reason, self.port, self.why = reason, port, why
+
+
+# --------------------------------------------------------------------------- the datapath
+
+class Datapath:
+    """See the module docstring and docs/datapath.md."""
+
+    def __init__(self, *, max_ports=DEFAULTS["max_ports"], mac_table_size=DEFAULTS["mac_table_size"],
+                 conntrack_size=DEFAULTS["conntrack_size"], max_hostports=DEFAULTS["max_hostports"],
+                 vnet_hdr_len=DEFAULTS["vnet_hdr_len"], mac_aging_ns=DEFAULTS["mac_aging_ns"],
+                 tcp_syn_timeout_ns=DEFAULTS["tcp_syn_timeout_ns"],
+                 tcp_est_timeout_ns=DEFAULTS["tcp_est_timeout_ns"],
+                 tcp_fin_timeout_ns=DEFAULTS["tcp_fin_timeout_ns"],
+                 tcp_close_timeout_ns=DEFAULTS["tcp_close_timeout_ns"],
+                 udp_timeout_ns=DEFAULTS["udp_timeout_ns"],
+                 udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"]):
+        self.max_ports = _index(max_ports, "max_ports", 1, 65535)
+        self.mac_table_size = _index(mac_table_size, "mac_table_size", 1, _MAX_I63)
+        self.conntrack_size = _index(conntrack_size, "conntrack_size", 1, _MAX_I63)
+        self.max_hostports = _index(max_hostports, "max_hostports", 1, _MAX_I63)
+        self.vnet_hdr_len = _index(vnet_hdr_len, "vnet_hdr_len", 0, 12)
+        if self.vnet_hdr_len not in (0, 10, 12):
+            raise ValueError(f"vnet_hdr_len must be 0, 10 or 12, got {vnet_hdr_len}")
+        self.mac_aging_ns = _index(mac_aging_ns, "mac_aging_ns", 0, _MAX_I63)
+        self._timeouts = {
+            CT_SYN_SENT: _index(tcp_syn_timeout_ns, "tcp_syn_timeout_ns", 0, _MAX_I63),
+            CT_ESTABLISHED: _index(tcp_est_timeout_ns, "tcp_est_timeout_ns", 0, _MAX_I63),
+            CT_FIN: _index(tcp_fin_timeout_ns, "tcp_fin_timeout_ns", 0, _MAX_I63),
+            CT_CLOSE: _index(tcp_close_timeout_ns, "tcp_close_timeout_ns", 0, _MAX_I63),
+            CT_UDP_NEW: _index(udp_timeout_ns, "udp_timeout_ns", 0, _MAX_I63),
+            CT_UDP_REPLIED: _index(udp_replied_timeout_ns, "udp_replied_timeout_ns", 0, _MAX_I63),
+        }
+        self._ports = {}                       # port id -> _Port
+        self._pc = [[0] * len(PORT_COUNTERS) for _ in range(self.max_ports)]
+        self._gc = [0] * len(GLOBAL_COUNTERS)
+        self._gw_mac = None
+        self._gw_ip = {4: None, 6: None}
+        self._node_ips = frozenset()
+        self._fdb = {}                         # (vlan, mac bytes) -> _FdbEntry
+        self._fdb_auto_sweep_ns = None
+        self._rules = {}                       # rule key -> _Rule
+        self._rule_ids = {}                    # rule id -> _Rule
+        self._ct = {}                          # tuple -> (_Entry, 0 original | 1 reply)
+        self._ct_entries = set()               # every live _Entry (by identity)
+        self._ct_auto_sweep_ns = None
+        self._now_ns = 0                       # the latest now_ns of process() / drain()
+        self._draining = False
+
+    # ------------------------------------------------------------------ ports
+
+    def _port(self, port_id):
+        pid = _index(port_id, "port_id", 0, self.max_ports - 1)
+        port = self._ports.get(pid)
+        if port is None:
+            raise ValueError(f"port {pid} is not added")
+        return pid, port
+
+    def add_port(self, port_id, kind):
+        pid = _index(port_id, "port_id", 0, self.max_ports - 1)
+        if pid in self._ports:
+            raise ValueError(f"port {pid} is already added")
+        if kind not in (PORT_POD, PORT_HOST, PORT_UPLINK) or isinstance(kind, bool):
+            raise ValueError(f"port kind must be PORT_POD, PORT_HOST or PORT_UPLINK (0, 1, 2), got {kind!r}")
+        self._ports[pid] = _Port(kind)
+        self._pc[pid] = [0] * len(PORT_COUNTERS)
+
+    def remove_port(self, port_id):
+        pid, port = self._port(port_id)
+        for direction in (EGRESS, INGRESS):
+            self._drop_shaper(pid, direction)
+        for key in [k for k, e in self._fdb.items() if e.port == pid]:
+            del self._fdb[key]
+        for rule in sorted((r for r in self._rules.values() if r.pod_port_id == pid), key=lambda r: r.id):
+            self._remove_rule(rule)
+        for entry in [e for e in self._ct_entries if pid in (e.in_port, e.out_port)]:
+            self._ct_delete(entry, "ct_deleted")
+        del self._ports[pid]
+
+    def set_port_up(self, port_id, up):
+        _, port = self._port(port_id)
+        port.up = bool(up)
+
+    def bind_port(self, port_id, mac=None, ips=None):
+        _, port = self._port(port_id)
+        mac_b = None if mac is None else _mac(mac, "mac")
+        ips_set = None
+        if ips is not None:
+            try:
+                items = list(ips)
+            except TypeError:
+                raise ValueError(f"ips must be an iterable of addresses or None, got {ips!r}") from None
+            if len(items) > MAX_IPS_PER_PORT:
+                raise ValueError(f"at most {MAX_IPS_PER_PORT} ips per port, got {len(items)}")
+            ips_set = frozenset(_ip(a, "ip") for a in items)
+        port.mac, port.ips = mac_b, ips_set
+
+    def set_antispoof(self, port_id, enabled):
+        _, port = self._port(port_id)
+        port.antispoof = bool(enabled)
+
+    def set_gateway(self, mac, ipv4=None, ipv6=None):
+        mac_b = _mac(mac, "gateway mac")
+        v4 = None if ipv4 is None else _bytes_of(ipv4, "gateway ipv4", (4,))
+        v6 = None if ipv6 is None else _bytes_of(ipv6, "gateway ipv6", (16,))
+        self._gw_mac, self._gw_ip = mac_b, {4: v4, 6: v6}
+
+    def set_node_addresses(self, ips):
+        try:
+            items = list(ips)
+        except TypeError:
+            raise ValueError(f"ips must be an iterable of addresses, got {ips!r}") from None
+        if len(items) > MAX_NODE_ADDRESSES:
+            raise ValueError(f"at most {MAX_NODE_ADDRESSES} node addresses, got {len(items)}")
+        self._node_ips = frozenset(_ip(a, "node address") for a in items)
+
+    # ------------------------------------------------------------------ shapers
+
+    def set_shaper(self, port_id, direction, rate_bps, burst_bits, queue_bytes=0):
+        pid, port = self._port(port_id)
+        if direction not in (EGRESS, INGRESS) or isinstance(direction, bool):
+            raise ValueError(f"direction must be EGRESS (0) or INGRESS (1), got {direction!r}")
+        rate = _index(rate_bps, "rate_bps", 0, _MAX_I63)
+        burst = _index(burst_bits, "burst_bits", 0, _MAX_I63)
+        qbytes = _index(queue_bytes, "queue_bytes", 0, _MAX_I63)
+        if rate == 0:
+            self._drop_shaper(pid, direction)
+            return
+        limit = qbytes or max(131106, rate // 320, min(burst // 8, 16777216))
+        shaper = port.shapers[direction]
+        if shaper is None:
+            port.shapers[direction] = _Shaper(rate, burst, limit)
+        else:
+            shaper.rate_bps, shaper.burst_bits, shaper.queue_limit_bytes = rate, burst, limit
+            shaper.credit = min(shaper.credit, burst * SEC_NS)
+
+    def clear_shaper(self, port_id, direction):
+        pid, _ = self._port(port_id)
+        if direction not in (EGRESS, INGRESS) or isinstance(direction, bool):
+            raise ValueError(f"direction must be EGRESS (0) or INGRESS (1), got {direction!r}")
+        self._drop_shaper(pid, direction)
+
+    def _drop_shaper(self, pid, direction):
+        port = self._ports[pid]
+        shaper = port.shapers[direction]
+        if shaper is None:
+            return
+        for _ in shaper.queue:
+            self._count_drop("queue_full", pid)
+        port.shapers[direction] = None
+
+    def shaper_state(self, port_id, direction):
+        _, port = self._port(port_id)
+        if direction not in (EGRESS, INGRESS) or isinstance(direction, bool):
+            raise ValueError(f"direction must be EGRESS (0) or INGRESS (1), got {direction!r}")
+        s = port.shapers[direction]
+        if s is None:
+            return None
+        return dict(rate_bps=s.rate_bps, burst_bits=s.burst_bits, credit=s.credit,
+                    queue_bytes=s.queue_bytes, queue_packets=len(s.queue),
+                    queue_limit_bytes=s.queue_limit_bytes)
+
+    def next_departure_ns(self):
+        times = [s.head_departure_ns() for port in self._ports.values()
+                 for s in port.shapers if s is not None and s.queue]
+        return min(times) if times else -1
+
+    # ------------------------------------------------------------------ hostPort rules
+
+    def add_hostport(self, proto, host_port, pod_ip, container_port, pod_port_id, host_ip=None):
+        if proto not in (IPPROTO_TCP, IPPROTO_UDP) or isinstance(proto, bool):
+            raise ValueError(f"proto must be 6 (TCP) or 17 (UDP), got {proto!r}")
+        hport = _index(host_port, "host_port", 1, 65535)
+        cport = _index(container_port, "container_port", 1, 65535)
+        pod = _ip(pod_ip, "pod_ip")
+        host = None if host_ip is None else _ip(host_ip, "host_ip")
+        if host is not None and len(host) != len(pod):
+            raise ValueError(f"host_ip {host.hex()} and pod_ip {pod.hex()} are of different families")
+        pid, _ = self._port(pod_port_id)
+        key = _rule_key(proto, hport, host, 4 if len(pod) == 4 else 6)
+        old = self._rules.get(key)
+        if old is not None:
+            rid = old.id
+        else:
+            if len(self._rules) >= self.max_hostports:
+                raise ValueError(f"hostPort table full: at most {self.max_hostports} rules")
+            rid = min(set(range(len(self._rules) + 1)) - set(self._rule_ids))
+        rule = _Rule(rid, proto, hport, host, pod, cport, pid)
+        self._rules[key] = rule
+        self._rule_ids[rid] = rule
+        self._flush_udp(hport)
+        return rid
+
+    def remove_hostport(self, proto, host_port, host_ip=None):
+        if proto not in (IPPROTO_TCP, IPPROTO_UDP) or isinstance(proto, bool):
+            raise ValueError(f"proto must be 6 (TCP) or 17 (UDP), got {proto!r}")
+        hport = _index(host_port, "host_port", 1, 65535)
+        host = None if host_ip is None else _ip(host_ip, "host_ip")
+        if host is not None:
+            keys = [(proto, hport, host)]
+        else:
+            keys = [(proto, hport, None, 4), (proto, hport, None, 6)]
+        rules = [self._rules[k] for k in keys if k in self._rules]
+        if not rules:
+            where = host.hex() if host is not None else "any node address"
+            raise ValueError(f"no hostPort rule for proto {proto} port {hport} on {where}")
+        for rule in rules:
+            self._remove_rule(rule)
+
+    def _remove_rule(self, rule):
+        del self._rules[rule.key()]
+        del self._rule_ids[rule.id]
+        self._flush_udp(rule.host_port)
+
+    def _flush_udp(self, host_port):
+        for entry in [e for e in self._ct_entries if e.proto == IPPROTO_UDP and e.orig_dport == host_port]:
+            self._ct_delete(entry, "ct_deleted")
+
+    def hostports(self):
+        return [self._rule_ids[rid].as_dict() for rid in sorted(self._rule_ids)]
+
+    # ------------------------------------------------------------------ counters
+
+    def _count_drop(self, reason, port_id):
+        self._pc[port_id][PC["drop_" + reason]] += 1
+        self._gc[GC[reason]] += 1
+
+    def _count_tx(self, port_id, length):
+        self._pc[port_id][PC["tx_packets"]] += 1
+        self._pc[port_id][PC["tx_bytes"]] += length
+
+    def _count_queued(self, port_id):
+        self._pc[port_id][PC["queued"]] += 1
+        self._gc[GC["queued"]] += 1
+
+    def port_counters(self):
+        return np.array(self._pc, dtype=np.uint64).reshape(self.max_ports, len(PORT_COUNTERS))
+
+    def global_counters(self):
+        return np.array(self._gc, dtype=np.uint64)
+
+    # ------------------------------------------------------------------ batch entry points
+
+    def _check_now(self, now_ns):
+        now = _index(now_ns, "now_ns", 0, _MAX_I63)
+        if now < self._now_ns:
+            raise ValueError(f"now_ns went backwards: {now} < {self._now_ns}")
+        return now
+
+    @staticmethod
+    def _array(a, name, dtype, writable=False):
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != 1:
+            got = f"{a.dtype}[{a.ndim}-D]" if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"{name} must be a 1-D {np.dtype(dtype)} numpy array, got {got}")
+        if writable and not a.flags.writeable:
+            raise ValueError(f"{name} must be writable")
+        return a
+
+    def _check_buf(self, buf, name):
+        self._array(buf, name, np.uint8, writable=True)
+        if not buf.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+
+    def process(self, buf, offsets, lengths, in_ports, out_ports, n, now_ns):
+        self._check_buf(buf, "buf")
+        self._array(offsets, "offsets", np.uint32)
+        self._array(lengths, "lengths", np.uint32)
+        self._array(in_ports, "in_ports", np.uint16)
+        self._array(out_ports, "out_ports", np.int32, writable=True)
+        n = _index(n, "n", 0, min(len(offsets), len(lengths), len(in_ports), len(out_ports)))
+        now = self._check_now(now_ns)
+        H = self.vnet_hdr_len
+        for i in range(n):
+            off, length, in_port = int(offsets[i]), int(lengths[i]), int(in_ports[i])
+            if in_port >= self.max_ports:
+                raise ValueError(f"in_ports[{i}] = {in_port} is not below max_ports {self.max_ports}")
+            if length > MAX_FRAME:
+                raise ValueError(f"lengths[{i}] = {length} exceeds MAX_FRAME {MAX_FRAME}")
+            if off < H or off + length > len(buf):
+                raise ValueError(f"packet {i} (offset {off}, length {length}, vnet header {H}) "
+                                 f"does not lie inside buf of {len(buf)} bytes")
+        self._now_ns = now
+        for i in range(n):
+            out_ports[i] = self._process_one(buf, int(offsets[i]), int(lengths[i]),
+                                             int(in_ports[i]), now, None)
+
+    def drain(self, now_ns, out_buf, out_offsets, out_lengths, out_in_ports, out_ports, max_pkts):
+        self._check_buf(out_buf, "out_buf")
+        self._array(out_offsets, "out_offsets", np.uint32, writable=True)
+        self._array(out_lengths, "out_lengths", np.uint32, writable=True)
+        self._array(out_in_ports, "out_in_ports", np.uint16, writable=True)
+        self._array(out_ports, "out_ports", np.int32, writable=True)
+        max_pkts = _index(max_pkts, "max_pkts", 0,
+                          min(len(out_offsets), len(out_lengths), len(out_in_ports), len(out_ports)))
+        now = self._check_now(now_ns)
+        self._now_ns = now
+        H = self.vnet_hdr_len
+        emitted, off = 0, H
+        self._draining = True
+        try:
+            while emitted < max_pkts:
+                best = None
+                for pid in sorted(self._ports):
+                    for direction in (EGRESS, INGRESS):
+                        s = self._ports[pid].shapers[direction]
+                        if s is None or not s.queue or s.queue[0].fresh:
+                            continue
+                        t_dep = s.head_departure_ns()
+                        if t_dep <= now and (best is None or (t_dep, pid, direction) < best[0]):
+                            best = ((t_dep, pid, direction), s)
+                if best is None:
+                    break
+                (_, pid, direction), shaper = best
+                if off + shaper.queue[0].length > len(out_buf):
+                    break
+                item = shaper.release(now)
+                length = item.length
+                out_buf[off - H:off + length] = np.frombuffer(item.data, dtype=np.uint8)
+                if direction == EGRESS:
+                    out = self._stage4_on(out_buf, off, length, item.in_port, None, now, None)
+                    if out == OUT_QUEUED:
+                        continue
+                else:
+                    out = item.out_port
+                    self._count_tx(out, length)
+                out_offsets[emitted], out_lengths[emitted] = off, length
+                out_in_ports[emitted], out_ports[emitted] = item.in_port, out
+                emitted += 1
+                off += length + H
+        finally:
+            self._draining = False
+            for port in self._ports.values():
+                for s in port.shapers:
+                    if s is not None:
+                        for item in s.queue:
+                            item.fresh = False
+        return emitted
+
+    def trace(self, frame, in_port, now_ns):
+        if not isinstance(frame, (bytes, bytearray, memoryview)):
+            raise ValueError(f"frame must be bytes, got {type(frame).__name__}")
+        frame = bytes(frame)
+        if len(frame) > MAX_FRAME:
+            raise ValueError(f"frame of {len(frame)} bytes exceeds MAX_FRAME {MAX_FRAME}")
+        pid = _index(in_port, "in_port", 0, self.max_ports - 1)
+        now = self._check_now(now_ns)
+        H = self.vnet_hdr_len
+        buf = np.zeros(H + len(frame), dtype=np.uint8)
+        buf[H:] = np.frombuffer(frame, dtype=np.uint8)
+        shadow = copy.deepcopy(self)
+        steps = []
+        shadow._process_one(buf, H, len(frame), pid, now, steps)
+        return steps
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def _process_one(self, buf, off, length, in_port, now, tr):
+        """Stages 1-7 for one received packet; returns its out_ports value."""
+        pc = self._pc[in_port]
+        pc[PC["rx_packets"]] += 1
+        pc[PC["rx_bytes"]] += length
+        self._gc[GC["packets"]] += 1
+        self._gc[GC["bytes"]] += length
+        if tr is not None:
+            tr.append(("rx", f"port {in_port}, {length} bytes"))
+        try:
+            port = self._ports.get(in_port)
+            if port is None:
+                raise _Drop("no_route", in_port, "the in port is not added")
+            # 1. parse
+            b = buf[off:off + length].tobytes()
+            p = _parse(b)
+            if isinstance(p, str):
+                raise _Drop("malformed", in_port, p)
+            if tr is not None:
+                tr.append(("parse", p.describe()))
+            # 2. anti-spoofing
+            why = self._antispoof(port, b, p)
+            if why:
+                raise _Drop("spoofed", in_port, why)
+            if tr is not None and port.antispoof and (port.mac is not None or port.ips is not None):
+                tr.append(("antispoof", "pass"))
+            # 3. egress shaping
+            shaper = port.shapers[EGRESS]
+            if shaper is not None:
+                verdict = shaper.offer(now, length)
+                if verdict == "full":
+                    raise _Drop("queue_full", in_port, "egress queue full")
+                if tr is not None:
+                    tr.append(("egress_shaper", verdict))
+                if verdict == "queue":
+                    H = self.vnet_hdr_len
+                    shaper.append(_Queued(buf[off - H:off + length].tobytes(), length, in_port, -1,
+                                          self._draining))
+                    self._count_queued(in_port)
+                    if tr is not None:
+                        tr.append(("output", "queued"))
+                    return OUT_QUEUED
+        except _Drop as drop:
+            return self._dropped(drop, tr)
+        return self._stage4_on(buf, off, length, in_port, p, now, tr)
+
+    def _dropped(self, drop, tr):
+        self._count_drop(drop.reason, drop.port)
+        if tr is not None:
+            tr.append(("output", f"drop {drop.reason}"))
+        return OUT_DROP
+
+    def _stage4_on(self, buf, off, length, in_port, p, now, tr):
+        """Stages 4-7 (also where a packet released from an egress queue continues)."""
+        try:
+            if p is None:
+                p = _parse(buf[off:off + length].tobytes())
+            src_mac = buf[off + 6:off + 12].tobytes()     # learning uses the original source MAC
+            # 4. NAT / conntrack
+            nat_out = self._nat(buf, off, length, in_port, p, now, tr)
+            # 5. L2
+            out = self._l2(buf, off, in_port, p.vlan, src_mac, nat_out, now, tr)
+        except _Drop as drop:
+            return self._dropped(drop, tr)
+        # 6. ingress shaping (unicast only) and 7. output
+        if out == OUT_FLOOD:
+            self._gc[GC["flooded"]] += 1
+            for pid in sorted(self._ports):
+                if pid != in_port and self._ports[pid].up:
+                    self._count_tx(pid, length)
+            if tr is not None:
+                tr.append(("output", "flood"))
+            return OUT_FLOOD
+        shaper = self._ports[out].shapers[INGRESS]
+        if shaper is not None:
+            verdict = shaper.offer(now, length)
+            if tr is not None:
+                tr.append(("ingress_shaper", verdict))
+            if verdict == "full":
+                return self._dropped(_Drop("queue_full", out, "ingress queue full"), tr)
+            if verdict == "queue":
+                H = self.vnet_hdr_len
+                shaper.append(_Queued(buf[off - H:off + length].tobytes(), length, in_port, out,
+                                      self._draining))
+                self._count_queued(out)
+                if tr is not None:
+                    tr.append(("output", "queued"))
+                return OUT_QUEUED
+        self._count_tx(out, length)
+        if tr is not None:
+            tr.append(("output", f"port {out}"))
+        return out
+
+    # ------------------------------------------------------------------ stage 2
+
+    @staticmethod
+    def _antispoof(port, b, p):
+        """None if the frame may leave this port, else why not."""
+        if not port.antispoof or (port.mac is None and port.ips is None):
+            return None
+        if port.mac is not None:
+            if b[6:12] != port.mac:
+                return "source MAC not bound"
+            if p.is_arp and b[p.l3 + 8:p.l3 + 14] != port.mac:
+                return "ARP sender MAC not bound"
+        if port.ips is not None:
+            if p.is_arp:
+                spa = b[p.l3 + 14:p.l3 + 18]
+                if spa != _ZERO4 and spa not in port.ips:
+                    return "ARP sender IP not bound"
+            elif p.family == 4:
+                if p.src != _ZERO4 and p.src not in port.ips:
+                    return "IPv4 source not bound"
+            elif p.family == 6:
+                if p.src != _ZERO16 and not _is_linklocal6(p.src) and p.src not in port.ips:
+                    return "IPv6 source not bound"
+        return None
+
+    # ------------------------------------------------------------------ stage 4
+
+    def _nat(self, buf, off, length, in_port, p, now, tr):
+        """Returns the out port NAT decided, or None (untouched). Raises _Drop."""
+        if p.l4_proto not in (IPPROTO_TCP, IPPROTO_UDP) or p.l4 < 0 or p.fragment:
+            return None
+        key = (p.family, p.l4_proto, _addr16(p.src), _addr16(p.dst), p.sport, p.dport)
+        found = self._ct_lookup(key, now)
+        if found is not None:
+            entry, direction = found
+        else:
+            entry = self._ct_create(key, buf, off, in_port, p, now, tr)
+            if entry is None:
+                if tr is not None:
+                    tr.append(("nat", "no entry, no rule"))
+                return None
+            direction = 0
+        self._ct_update(entry, direction, p, length, now, created=found is None)
+        self._translate(buf, off, p, entry, direction)
+        self._gc[GC["nat_translated"]] += 1
+        if tr is not None:
+            tr.append(("nat", f"{'original' if direction == 0 else 'reply'} direction, "
+                              f"{CT_STATE_NAMES[entry.state]}"))
+        return entry.out_port if direction == 0 else entry.in_port
+
+    def _ct_lookup(self, key, now):
+        found = self._ct.get(key)
+        if found is not None and found[0].expires_ns <= now:
+            self._ct_delete(found[0], "ct_expired")
+            return None
+        return found
+
+    def _ct_delete(self, entry, counter):
+        del self._ct[entry.tuple_orig()]
+        del self._ct[entry.tuple_reply()]
+        self._ct_entries.discard(entry)
+        self._gc[GC[counter]] += 1
+
+    def _find_rule(self, p):
+        rule = self._rules.get((p.l4_proto, p.dport, p.dst))
+        if rule is None and p.dst in self._node_ips:
+            rule = self._rules.get((p.l4_proto, p.dport, None, p.family))
+        return rule
+
+    def _ct_create(self, key, buf, off, in_port, p, now, tr):
+        rule = self._find_rule(p)
+        if rule is None:
+            return None
+        gw = self._gw_ip[p.family]
+        hairpin = p.src == rule.pod_ip and gw is not None
+        new_src = gw if hairpin else p.src
+        reply_key = (p.family, p.l4_proto, _addr16(rule.pod_ip), _addr16(new_src),
+                     rule.container_port, p.sport)
+        if reply_key == key or self._ct_lookup(reply_key, now) is not None:
+            raise _Drop("nat_collision", in_port, "the reply tuple is in use")
+        if len(self._ct_entries) >= self.conntrack_size:
+            if self._ct_auto_sweep_ns is None or now - self._ct_auto_sweep_ns >= SWEEP_INTERVAL_NS:
+                self._ct_auto_sweep_ns = now
+                self.conntrack_sweep(now)
+            if len(self._ct_entries) >= self.conntrack_size:
+                raise _Drop("table_full", in_port, "conntrack table full")
+        e = _Entry()
+        e.proto, e.family, e.hairpin = p.l4_proto, p.family, int(hairpin)
+        e.state = CT_SYN_SENT if p.l4_proto == IPPROTO_TCP else CT_UDP_NEW
+        e.orig_src, e.orig_dst, e.orig_sport, e.orig_dport = p.src, p.dst, p.sport, p.dport
+        e.reply_src, e.reply_dst = rule.pod_ip, new_src
+        e.reply_sport, e.reply_dport = rule.container_port, p.sport
+        e.in_port, e.out_port = in_port, rule.pod_port_id
+        e.orig_dst_mac = buf[off:off + 6].tobytes()
+        e.orig_src_mac = buf[off + 6:off + 12].tobytes()
+        e.packets = e.bytes = 0
+        e.fin_seen = [False, False]
+        e.expires_ns = 0
+        self._ct[key] = (e, 0)
+        self._ct[reply_key] = (e, 1)
+        self._ct_entries.add(e)
+        self._gc[GC["ct_created"]] += 1
+        if tr is not None:
+            tr.append(("nat", f"new entry from rule {rule.id}{' (hairpin)' if hairpin else ''}"))
+        return e
+
+    def _ct_update(self, e, direction, p, length, now, created):
+        if e.proto == IPPROTO_TCP:
+            flags = p.tcp_flags
+            if flags & TCP_RST:
+                e.state = CT_CLOSE
+            elif flags & TCP_FIN:
+                e.fin_seen[direction] = True
+                if e.state == CT_CLOSE or all(e.fin_seen):
+                    e.state = CT_CLOSE
+                else:
+                    e.state = CT_FIN
+            elif e.state == CT_SYN_SENT and direction == 1:
+                e.state = CT_ESTABLISHED
+        elif direction == 1:
+            e.state = CT_UDP_REPLIED
+        e.expires_ns = now + self._timeouts[e.state]
+        e.packets += 1
+        e.bytes += length
+
+    def _translate(self, buf, off, p, e, direction):
+        """Rewrites addresses, ports, checksums and MACs in place (D24-D26)."""
+        if direction == 0:
+            self._rewrite(buf, off, p, src=e.reply_dst if e.hairpin else None,
+                          dst=e.reply_src, dport=e.reply_sport)
+            if self._gw_mac is not None:
+                buf[off + 6:off + 12] = np.frombuffer(self._gw_mac, dtype=np.uint8)
+            pod_mac = self._ports[e.out_port].mac
+            if pod_mac is not None:
+                buf[off:off + 6] = np.frombuffer(pod_mac, dtype=np.uint8)
+        else:
+            self._rewrite(buf, off, p, src=e.orig_dst, sport=e.orig_dport,
+                          dst=e.orig_src if e.hairpin else None)
+            buf[off + 6:off + 12] = np.frombuffer(e.orig_dst_mac, dtype=np.uint8)
+            buf[off:off + 6] = np.frombuffer(e.orig_src_mac, dtype=np.uint8)
+
+    def _rewrite(self, buf, off, p, src=None, dst=None, sport=None, dport=None):
+        """Writes the given addresses and ports and patches the checksums, in one step (D26)."""
+        l3, l4 = off + p.l3, off + p.l4
+        H = self.vnet_hdr_len
+        partial = H > 0 and bool(buf[off - H] & VNET_F_NEEDS_CSUM)
+        old_addr, new_addr, old_port, new_port = [], [], [], []
+        if p.family == 4:
+            src_at, dst_at, alen = l3 + 12, l3 + 16, 4
+        else:
+            src_at, dst_at, alen = l3 + 8, l3 + 24, 16
+        for at, value in ((src_at, src), (dst_at, dst)):
+            if value is not None:
+                old_addr += _words(buf[at:at + alen].tobytes())
+                new_addr += _words(value)
+                buf[at:at + alen] = np.frombuffer(value, dtype=np.uint8)
+        for at, value in ((l4, sport), (l4 + 2, dport)):
+            if value is not None:
+                old_port.append(_np16(buf, at))
+                new_port.append(value)
+                buf[at], buf[at + 1] = value >> 8, value & 0xFF
+        if p.family == 4 and old_addr:
+            hc = _np16(buf, l3 + 10)
+            hc = _csum_patch(hc, old_addr, new_addr)
+            buf[l3 + 10], buf[l3 + 11] = hc >> 8, hc & 0xFF
+        at = l4 + (16 if p.l4_proto == IPPROTO_TCP else 6)
+        hc = _np16(buf, at)
+        if partial:
+            hc = _csum_patch(hc, old_addr, new_addr, partial=True)
+        else:
+            if p.l4_proto == IPPROTO_UDP and p.family == 4 and hc == 0:
+                return
+            hc = _csum_patch(hc, old_addr + old_port, new_addr + new_port)
+            if p.l4_proto == IPPROTO_UDP and hc == 0:
+                hc = 0xFFFF
+        buf[at], buf[at + 1] = hc >> 8, hc & 0xFF
+
+    # ------------------------------------------------------------------ stage 5
+
+    def _l2(self, buf, off, in_port, vlan, src_mac, nat_out, now, tr):
+        self._learn(vlan, src_mac, in_port, now)
+        if nat_out is not None:
+            port = self._ports.get(nat_out)
+            if port is None or not port.up:
+                raise _Drop("no_route", in_port, f"NAT out port {nat_out} is down")
+            if tr is not None:
+                tr.append(("l2", f"NAT decided port {nat_out}"))
+            return nat_out
+        dst = buf[off:off + 6].tobytes()
+        if dst[0] & 1:
+            if tr is not None:
+                tr.append(("l2", "multicast/broadcast"))
+            return OUT_FLOOD
+        entry = self._fdb_get((vlan, dst), now)
+        if entry is None:
+            if tr is not None:
+                tr.append(("l2", "unknown unicast"))
+            return OUT_FLOOD
+        if entry.port == in_port:
+            raise _Drop("loop", in_port, "destination MAC is on the in port")
+        port = self._ports.get(entry.port)
+        if port is None or not port.up:
+            raise _Drop("no_route", in_port, f"port {entry.port} is down")
+        if tr is not None:
+            tr.append(("l2", f"known unicast on port {entry.port}"))
+        return entry.port
+
+    def _fdb_get(self, key, now):
+        entry = self._fdb.get(key)
+        if entry is not None and now - entry.last_seen_ns > self.mac_aging_ns:
+            del self._fdb[key]
+            return None
+        return entry
+
+    def _learn(self, vlan, mac, in_port, now):
+        if mac[0] & 1:
+            return
+        key = (vlan, mac)
+        entry = self._fdb_get(key, now)
+        if entry is not None:
+            if entry.port != in_port:
+                entry.port = in_port
+                self._gc[GC["mac_moves"]] += 1
+            entry.last_seen_ns = now
+            return
+        if len(self._fdb) >= self.mac_table_size:
+            if self._fdb_auto_sweep_ns is None or now - self._fdb_auto_sweep_ns >= SWEEP_INTERVAL_NS:
+                self._fdb_auto_sweep_ns = now
+                self.mac_sweep(now)
+            if len(self._fdb) >= self.mac_table_size:
+                self._gc[GC["mac_table_full"]] += 1
+                return
+        self._fdb[key] = _FdbEntry(in_port, now)
+        self._gc[GC["mac_learned"]] += 1
+
+    # ------------------------------------------------------------------ sweeps and snapshots
+
+    def mac_sweep(self, now_ns):
+        now = _index(now_ns, "now_ns", 0, _MAX_I63)
+        aged = [k for k, e in self._fdb.items() if now - e.last_seen_ns > self.mac_aging_ns]
+        for k in aged:
+            del self._fdb[k]
+        return len(aged)
+
+    def conntrack_sweep(self, now_ns):
+        now = _index(now_ns, "now_ns", 0, _MAX_I63)
+        expired = [e for e in self._ct_entries if e.expires_ns <= now]
+        for e in expired:
+            self._ct_delete(e, "ct_expired")
+        return len(expired)
+
+    def fdb(self):
+        out = np.zeros(len(self._fdb), dtype=FDB_DTYPE)
+        for i, ((vlan, mac), e) in enumerate(sorted(self._fdb.items(), key=lambda kv: kv[0])):
+            out[i] = (vlan, tuple(mac), e.port, e.last_seen_ns)
+        return out
+
+    def conntrack(self):
+        entries = sorted(self._ct_entries, key=lambda e: (e.tuple_orig()[1:], e.family))
+        out = np.zeros(len(entries), dtype=CT_DTYPE)
+        for i, e in enumerate(entries):
+            out[i] = (e.proto, e.state, e.hairpin, e.family,
+                      tuple(_addr16(e.orig_src)), tuple(_addr16(e.orig_dst)), e.orig_sport, e.orig_dport,
+                      tuple(_addr16(e.reply_src)), tuple(_addr16(e.reply_dst)), e.reply_sport,
+                      e.reply_dport, e.in_port, e.out_port, tuple(e.orig_src_mac), tuple(e.orig_dst_mac),
+                      e.expires_ns, e.packets, e.bytes)
+        return out
