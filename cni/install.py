@@ -1,0 +1,120 @@
+"""``vswitchctl install-cni``: write the plugin executable and a default network list.
+
+Theory of operation: runtimes execute the plugin by its type, ``vswitch``, from their CNI
+bin directory. The installed ``vswitch`` is a three-line Python launcher whose shebang is
+the interpreter running this installer (resolved, so no pyenv shim or PATH lookup) with
+``-I -S``: isolated from PYTHON* variables and the user site, and without ``site`` (whose
+.pth processing costs tens of milliseconds per pod); the launcher puts the directory
+holding the ``cni`` package on sys.path itself. The network list, ``10-vswitch.conflist``,
+runs vswitch with host-local IPAM on ``--subnet`` and declares the capabilities
+portMappings, bandwidth, mac, ips and the pod annotations. vswitchd brings ``lo`` up in
+every pod it attaches, so no loopback plugin is listed.
+
+Both files are written atomically (temp file in the same directory, fsync, rename), so a
+runtime reading the directory never sees half a file.
+
+``main(argv)`` is the command line; vswitch/cli.py calls it for ``install-cni``, and
+``python -m cni.install`` runs it directly.
+"""
+import argparse
+import ipaddress
+import json
+import os
+import sys
+
+from cni.conf import DEFAULT_SOCKET
+
+PLUGIN_NAME = "vswitch"
+CONFLIST_NAME = "10-vswitch.conflist"
+DEFAULT_SUBNET = "10.88.0.0/16"
+DEFAULT_NETWORK = "vswitch"
+
+
+def launcher_text(python=None, package_root=None):
+    """The launcher script for ``python`` importing ``cni`` from ``package_root``."""
+    python = os.path.realpath(python or sys.executable)
+    if package_root is None:
+        import cni
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(cni.__file__)))
+    return (f"#!{python} -IS\n"
+            "# The vswitch CNI plugin, written by `vswitchctl install-cni`.\n"
+            f"import sys; sys.path.insert(0, {package_root!r})\n"
+            "from cni.plugin import main; sys.exit(main())\n")
+
+
+def conflist(subnet=DEFAULT_SUBNET, socket_path=DEFAULT_SOCKET, name=DEFAULT_NETWORK,
+             mtu=1500):
+    """The default network list as a dict."""
+    net = ipaddress.ip_network(subnet, strict=True)
+    default_dst = "0.0.0.0/0" if net.version == 4 else "::/0"
+    return {
+        "cniVersion": "1.0.0",
+        "cniVersions": ["1.0.0", "1.1.0"],
+        "name": name,
+        "plugins": [{
+            "type": PLUGIN_NAME,
+            "socket": socket_path,
+            "mtu": mtu,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": str(net)}]],
+                     "routes": [{"dst": default_dst}]},
+            "capabilities": {"portMappings": True, "bandwidth": True, "mac": True,
+                             "ips": True, "io.kubernetes.cri.pod-annotations": True},
+        }],
+    }
+
+
+def _write_atomic(path, text, mode):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def install(bin_dir, conf_dir, socket_path=DEFAULT_SOCKET, subnet=DEFAULT_SUBNET,
+            name=DEFAULT_NETWORK, python=None, package_root=None):
+    """Write ``bin_dir/vswitch`` and ``conf_dir/10-vswitch.conflist``; returns both paths."""
+    if not socket_path.startswith("/"):
+        raise ValueError(f"--socket {socket_path!r} must be an absolute path")
+    try:
+        conf = conflist(subnet, socket_path, name)
+    except ValueError as exc:
+        raise ValueError(f"--subnet {subnet!r} is not a network address with prefix "
+                         f"(like 10.88.0.0/16): {exc}") from None
+    os.makedirs(bin_dir, exist_ok=True)
+    os.makedirs(conf_dir, exist_ok=True)
+    exe = os.path.join(bin_dir, PLUGIN_NAME)
+    conf_path = os.path.join(conf_dir, CONFLIST_NAME)
+    _write_atomic(exe, launcher_text(python, package_root), 0o755)
+    _write_atomic(conf_path, json.dumps(conf, indent=2) + "\n", 0o644)
+    return exe, conf_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="vswitchctl install-cni",
+        description="Install the vswitch CNI plugin and a default network list.")
+    parser.add_argument("--bin-dir", required=True, help="the runtime's CNI bin directory")
+    parser.add_argument("--conf-dir", required=True, help="the runtime's CNI conf directory")
+    parser.add_argument("--socket", default=DEFAULT_SOCKET, help="vswitchd's control socket")
+    parser.add_argument("--subnet", default=DEFAULT_SUBNET, help="pod subnet for host-local")
+    parser.add_argument("--name", default=DEFAULT_NETWORK, help="network name")
+    args = parser.parse_args(argv)
+    try:
+        exe, conf_path = install(args.bin_dir, args.conf_dir, args.socket, args.subnet,
+                                 args.name)
+    except (ValueError, OSError) as exc:
+        print(f"install-cni: {exc}", file=sys.stderr)
+        return 2
+    print(f"installed {exe}\nwrote {conf_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Delegation to the IPAM plugin named in ``ipam.type``, found in CNI_PATH.
+
+Theory of operation: as libcni's ``invoke`` does, the IPAM binary runs with the same
+environment (CNI_COMMAND set to the delegated command) and the same stdin the plugin
+received; its stdout is the result or an error object, its stderr is passed through to
+ours. An IPAM error is relayed with its own code, the message prefixed with the plugin's
+name.
+
+Version negotiation: Debian 12's host-local speaks at most 1.0.0, while our configs may
+say 1.1.0. When the IPAM plugin answers code 1 (incompatible version) to ADD, CHECK or
+DEL, the plugin asks it for VERSION, rewrites ``cniVersion`` in the stdin to the highest
+version both support that is not newer than the requested one, and runs it again. GC and
+STATUS exist only from 1.1.0, so an IPAM plugin without them raises :class:`Unsupported`
+and the caller decides (plugin.py: GC falls back to IPAM DEL per removed attachment,
+STATUS treats it as ready).
+"""
+import json
+import os
+import subprocess
+import sys
+
+from cni.conf import SUPPORTED_VERSIONS, version_tuple
+from cni.errors import CniError, INCOMPATIBLE_VERSION, IPAM_FAILED, IPAM_NOT_FOUND
+
+
+class Unsupported(Exception):
+    """The IPAM plugin does not implement this command at any version we can use."""
+
+
+def find_plugin(plugin_type, path_dirs):
+    """The executable ``plugin_type`` in the first CNI_PATH directory holding it."""
+    for d in path_dirs:
+        candidate = os.path.join(d, plugin_type)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise CniError(IPAM_NOT_FOUND, f"IPAM plugin {plugin_type!r} not found in CNI_PATH "
+                   f"{os.pathsep.join(path_dirs)!r}",
+                   "install it (Debian: containernetworking-plugins, in /usr/lib/cni) or "
+                   "fix ipam.type")
+
+
+def _run(exe, env, stdin):
+    try:
+        proc = subprocess.run([exe], input=stdin, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, check=False)
+    except OSError as exc:
+        raise CniError(IPAM_FAILED, f"cannot run IPAM plugin {exe}: {exc.strerror or exc}")
+    if proc.stderr:
+        sys.stderr.buffer.write(proc.stderr)
+        sys.stderr.flush()
+    return proc.returncode, proc.stdout
+
+
+def _parse_output(name, command, rc, out):
+    text = out.strip()
+    obj = None
+    if text:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            raise CniError(IPAM_FAILED, f"IPAM plugin {name} {command} printed no JSON "
+                           f"(exit {rc}): {text[:200]!r}") from None
+    if rc != 0:
+        if isinstance(obj, dict) and "code" in obj:
+            return CniError(int(obj.get("code") or IPAM_FAILED),
+                            f"IPAM plugin {name} {command}: {obj.get('msg', '')}",
+                            str(obj.get("details") or ""))
+        raise CniError(IPAM_FAILED, f"IPAM plugin {name} {command} failed with exit {rc}"
+                       + (f": {text[:200]!r}" if text else " and no error JSON"))
+    return obj
+
+
+class Ipam:
+    """One IPAM plugin for one invocation: ``ipam.type``, CNI_PATH, environment, stdin."""
+
+    def __init__(self, plugin_type, path_dirs, environ, stdin_obj, stdin_raw=None):
+        self.type = plugin_type
+        self.path_dirs = path_dirs
+        self.environ = environ
+        self.stdin_obj = stdin_obj
+        self._exe = None
+        self._version = stdin_obj.get("cniVersion")
+        self._stdin = stdin_raw  # passed through unchanged until a version rewrite
+
+    def exe(self):
+        if self._exe is None:
+            self._exe = find_plugin(self.type, self.path_dirs)
+        return self._exe
+
+    def _stdin_bytes(self):
+        if self._stdin is None:
+            obj = self.stdin_obj
+            if obj.get("cniVersion") != self._version:
+                obj = dict(obj, cniVersion=self._version)
+            self._stdin = json.dumps(obj).encode()
+        return self._stdin
+
+    def _env(self, command, overrides):
+        env = dict(self.environ)
+        env["CNI_COMMAND"] = command
+        for k, v in (overrides or {}).items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        return env
+
+    def _negotiate(self):
+        """Pick the highest version both speak, not above the requested one; False if none."""
+        rc, out = _run(self.exe(), self._env("VERSION", None), b"")
+        try:
+            theirs = json.loads(out).get("supportedVersions") or []
+        except (ValueError, AttributeError):
+            return False
+        want = version_tuple(self.stdin_obj.get("cniVersion"))
+        common = [v for v in SUPPORTED_VERSIONS if v in theirs and version_tuple(v) <= want]
+        if not common or common[-1] == self._version:
+            return False
+        self._version = common[-1]
+        self._stdin = None
+        return True
+
+    def call(self, command, env_overrides=None):
+        """Run ``command``; the parsed stdout (None when empty) or :class:`CniError`."""
+        exe = self.exe()
+        for attempt in range(2):
+            rc, out = _run(exe, self._env(command, env_overrides), self._stdin_bytes())
+            result = _parse_output(self.type, command, rc, out)
+            if not isinstance(result, CniError):
+                return result
+            if result.code != INCOMPATIBLE_VERSION or attempt:
+                raise result
+            if command in ("GC", "STATUS"):
+                raise Unsupported(f"IPAM plugin {self.type} does not support {command} "
+                                  f"at cniVersion {self._version}: {result.msg}")
+            if not self._negotiate():
+                raise result
+        raise AssertionError("unreachable")
