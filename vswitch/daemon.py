@@ -193,7 +193,7 @@ def normalize_attach(req: dict, test_faults: bool) -> dict:
     if routes_in is None:
         routes = [{"dst": "0.0.0.0/0" if ipaddress.ip_interface(e["address"]).version == 4 else "::/0",
                    "gw": e["gateway"]} for e in ips if e["gateway"]]
-        seen, routes = set(), [r for r in routes if not (r["dst"] in seen or seen.add(r["dst"]))]
+        routes = list({r["dst"]: r for r in reversed(routes)}.values())[::-1]   # first gateway per family
     else:
         if not isinstance(routes_in, list):
             raise _err(rpc.E_BAD_ARGS, f"routes: expected a list of {{'dst', 'gw'}}, got {routes_in!r}")

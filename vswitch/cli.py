@@ -1,0 +1,216 @@
+"""vswitchctl: inspect and drive a running vswitchd over its control socket.
+
+Theory of operation: every subcommand is one or two control requests (``vswitch/rpc.py``,
+``docs/control.md``); the reply is printed as a human table, or as the raw JSON with
+``--json``. Subcommands are rows of the ``COMMANDS`` table (name -> (add_arguments,
+run)); a new subcommand is a new row, nothing else changes. Exit status: 0 on success,
+1 on an error reply (its message on stderr), 2 on bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from vswitch import rpc
+
+
+def _table(rows: list[list], headers: list[str]) -> str:
+    rows = [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*headers)] + [fmt.format(*r) for r in rows])
+
+
+def _bw_text(bw: dict) -> str:
+    if not bw:
+        return "-"
+    parts = []
+    for d in ("ingress", "egress"):
+        if bw.get(f"{d}Rate"):
+            parts.append(f"{d[:2]} {bw[f'{d}Rate'] / 1e6:g}Mbit/{bw[f'{d}Burst']}b")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+def _show(c, a):
+    r = c.call("show")
+    if a.json:
+        return r
+    lines = [f"switch {r['switch']}  uplink {r['uplink'] or '-'}  node addresses "
+             f"{', '.join(r['node_addresses']) or '-'}"]
+    rows = []
+    for p in r["ports"]:
+        pod = f"{p.get('container_id', '')[:12]}/{p.get('ifname')}" if p.get("container_id") else "-"
+        rows.append([p["port_id"], p["name"], p["kind"], "up" if p["up"] else "down", p["mac"] or "-",
+                     ",".join(p["ips"]) or "-", pod, _bw_text(p["bandwidth"]),
+                     ",".join(f"{m['hostPort']}->{m['containerPort']}/{m['protocol']}"
+                              for m in p["port_mappings"]) or "-"])
+    lines.append(_table(rows, ["ID", "PORT", "KIND", "STATE", "MAC", "IPS", "POD", "SHAPING", "HOSTPORTS"]))
+    if r["hostports"]:
+        lines.append("")
+        lines.append(_table([[h["protocol"], h["host_ip"] or "*", h["host_port"], h["pod"], h["pod_ip"],
+                              h["container_port"]] for h in r["hostports"]],
+                            ["PROTO", "HOST IP", "HOST PORT", "POD PORT", "POD IP", "CONTAINER PORT"]))
+    return "\n".join(lines)
+
+
+def _fdb(c, a):
+    r = c.call("fdb")
+    if a.json:
+        return r
+    return _table([[e["vlan"], e["mac"], e["port"], e["age_s"]] for e in r["entries"]],
+                  ["VLAN", "MAC", "PORT", "AGE(s)"])
+
+
+def _conntrack(c, a):
+    r = c.call("conntrack")
+    if a.json:
+        return r
+    return _table([[e["proto"], e["state"], f"{e['orig_src']}:{e['orig_sport']}",
+                    f"{e['orig_dst']}:{e['orig_dport']}", f"{e['reply_src']}:{e['reply_sport']}",
+                    "yes" if e["hairpin"] else "", e["in_port"], e["out_port"], e["packets"],
+                    e["expires_in_s"]] for e in r["entries"]],
+                  ["PROTO", "STATE", "SRC", "DST", "TO POD", "HAIRPIN", "IN", "OUT", "PKTS", "EXPIRES(s)"])
+
+
+def _counters_args(p):
+    p.add_argument("port", nargs="?", help="one port only")
+
+
+def _counters(c, a):
+    r = c.call("counters", **({"port": a.port} if a.port else {}))
+    if a.json:
+        return r
+    g = r["global"]
+    out = ["global: " + "  ".join(f"{k}={v}" for k, v in g.items())]
+    cols = ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "queued", "rx_errors", "tx_errors"]
+    drops = [k for k in next(iter(r["ports"].values()), {}) if k.startswith("drop_")]
+    rows = [[name] + [row.get(k, 0) for k in cols + drops] for name, row in r["ports"].items()]
+    out.append(_table(rows, ["PORT"] + cols + [d[5:] for d in drops]))
+    return "\n".join(out)
+
+
+def _trace_args(p):
+    p.add_argument("in_port", help="the port the frame arrives on (name or id)")
+    p.add_argument("--frame-hex", help="the whole Ethernet frame as hex")
+    p.add_argument("--src-mac")
+    p.add_argument("--dst-mac")
+    p.add_argument("--src-ip")
+    p.add_argument("--dst-ip")
+    p.add_argument("--proto", choices=["tcp", "udp", "icmp"], default="icmp")
+    p.add_argument("--sport", type=int, default=12345)
+    p.add_argument("--dport", type=int, default=80)
+
+
+def _trace(c, a):
+    in_port = int(a.in_port) if a.in_port.isdigit() else a.in_port
+    if a.frame_hex:
+        r = c.call("trace", in_port=in_port, frame_hex=a.frame_hex)
+    else:
+        if not (a.src_ip and a.dst_ip):
+            raise rpc.RpcError(rpc.E_BAD_ARGS, "trace: give --frame-hex, or --src-ip and --dst-ip")
+        desc = {k: v for k, v in dict(src_mac=a.src_mac, dst_mac=a.dst_mac, src_ip=a.src_ip, dst_ip=a.dst_ip,
+                                      proto=a.proto, sport=a.sport, dport=a.dport).items() if v is not None}
+        r = c.call("trace", in_port=in_port, packet=desc)
+    if a.json:
+        return r
+    return _table(r["stages"], ["STAGE", "DECISION"])
+
+
+def _capture_args(p):
+    p.add_argument("port", help="the switch port to capture (name or id)")
+    p.add_argument("-w", "--write", required=True, metavar="FILE", help="pcap file to write")
+    p.add_argument("-d", "--duration", type=float, help="stop after this many seconds (default: Ctrl-C)")
+
+
+def _capture(c, a):
+    import os
+    port = int(a.port) if a.port.isdigit() else a.port
+    path = os.path.abspath(a.write)
+    c.call("capture_start", port=port, path=path)
+    done = threading.Event()
+    old = signal.signal(signal.SIGINT, lambda *_: done.set())
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait(a.duration)
+    finally:
+        signal.signal(signal.SIGINT, old)
+        r = c.call("capture_stop", port=port)
+    if a.json:
+        return r
+    return f"{r['packets']} packets written to {r['path']}"
+
+
+def _metrics(c, a):
+    r = c.call("metrics")
+    return r if a.json else r["text"].rstrip("\n")
+
+
+def _status(c, a):
+    r = c.call("status")
+    return r if a.json else "  ".join(f"{k}={v}" for k, v in r.items() if k != "ok")
+
+
+def _list(c, a):
+    r = c.call("list")
+    if a.json:
+        return r
+    return _table([[x["container_id"][:12], x["ifname"], x["netns"], x["port"], x["mac"],
+                    ",".join(e["address"] for e in x["ips"])] for x in r["attachments"]],
+                  ["CONTAINER", "IFNAME", "NETNS", "PORT", "MAC", "IPS"])
+
+
+def _none(p):
+    pass
+
+
+# --------------------------------------------------------------------------- the table
+# name: (help, add_arguments(parser), run(client, args) -> str or dict, needs the daemon)
+COMMANDS = {
+    "show": ("ports, pods, IPs, shaping, hostPorts", _none, _show, True),
+    "status": ("daemon status", _none, _status, True),
+    "list": ("attachments", _none, _list, True),
+    "fdb": ("the MAC table", _none, _fdb, True),
+    "conntrack": ("hostPort connection tracking", _none, _conntrack, True),
+    "counters": ("packet and drop counters by reason", _counters_args, _counters, True),
+    "trace": ("a described packet through the pipeline", _trace_args, _trace, True),
+    "capture": ("write a pcap of one port while traffic runs", _capture_args, _capture, True),
+    "metrics": ("Prometheus text", _none, _metrics, True),
+    # ---- more subcommands go here (e.g. install-cni, by the CNI plugin's owner): add a row
+    # ---- "name": (help, add_arguments, run, needs_daemon); run(None, args) when needs_daemon
+    # ---- is False. Nothing else in this file needs to change.
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="vswitchctl", description="inspect and drive vswitchd")
+    ap.add_argument("--socket", default=rpc.DEFAULT_SOCKET, help=f"control socket (default {rpc.DEFAULT_SOCKET})")
+    ap.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, (help_, add_args, _, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_))
+    a = ap.parse_args(argv)
+    _, _, run, needs_daemon = COMMANDS[a.cmd]
+    try:
+        if needs_daemon:
+            with rpc.Client(a.socket, a.timeout) as c:
+                out = run(c, a)
+        else:
+            out = run(None, a)
+    except rpc.RpcError as exc:
+        print(f"vswitchctl {a.cmd}: {exc.msg}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
+        return 1
+    if isinstance(out, dict):
+        out = json.dumps(out, indent=1)
+    if out:
+        print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
