@@ -182,3 +182,54 @@ def with_l4_check(frame, value):
 
 def vnet(needs_csum=False, gso_type=0, hdr_len=12):
     return bytes([1 if needs_csum else 0, gso_type]) + bytes(hdr_len - 2)
+
+
+# ---------------------------------------------------------------------------- a standard topology
+HOST, UPLINK, POD_A, POD_B, POD_C = 0, 1, 2, 3, 4
+GW4, GW6 = "10.244.0.1", "fd00::1"
+A4, A6 = "10.244.0.2", "fd00::2"
+B4, B6 = "10.244.0.3", "fd00::3"
+C4 = "10.244.0.4"
+NODE4, NODE6 = "192.168.1.10", "2001:db8::10"
+CLIENT4, CLIENT6 = "198.51.100.7", "2001:db8:1::7"
+
+
+def ipb(s):
+    return ip6(s) if ":" in s else ip4(s)
+
+
+def make_topo(impl, **kw):
+    """host 0, uplink 1, pods A 2 and B 3 (bound), pod C 4 (unbound); gateway, node
+    addresses, and hostPort rules: TCP 8080 -> A:80 and UDP 5353 -> A:53 on any node
+    address (both families), TCP 9090 on 192.168.1.10 only -> B:90."""
+    dp = impl.Datapath(**kw)
+    dp.add_port(HOST, C.PORT_HOST)
+    dp.add_port(UPLINK, C.PORT_UPLINK)
+    for p in (POD_A, POD_B, POD_C):
+        dp.add_port(p, C.PORT_POD)
+    dp.bind_port(POD_A, MAC_A, [ip4(A4), ip6(A6)])
+    dp.bind_port(POD_B, MAC_B, [ip4(B4), ip6(B6)])
+    dp.set_gateway(GW_MAC, ip4(GW4), ip6(GW6))
+    dp.set_node_addresses([ip4(NODE4), ip6(NODE6)])
+    dp.add_hostport(6, 8080, ip4(A4), 80, POD_A)
+    dp.add_hostport(17, 5353, ip4(A4), 53, POD_A)
+    dp.add_hostport(6, 8080, ip6(A6), 80, POD_A)
+    dp.add_hostport(17, 5353, ip6(A6), 53, POD_A)
+    dp.add_hostport(6, 9090, ip4(B4), 90, POD_B, host_ip=ip4(NODE4))
+    return dp
+
+
+def l3(src, dst, **kw):
+    return IPv6(src=src, dst=dst, **kw) if ":" in src else IP(src=src, dst=dst, **kw)
+
+
+def eth(src_mac, dst_mac, **kw):
+    return Ether(src=mac_str(src_mac), dst=mac_str(dst_mac), **kw)
+
+
+def tcp(src_mac, dst_mac, src, dst, sport, dport, flags="S", payload=b"", **kw):
+    return bytes(eth(src_mac, dst_mac) / l3(src, dst) / TCP(sport=sport, dport=dport, flags=flags, **kw) / payload)
+
+
+def udp(src_mac, dst_mac, src, dst, sport, dport, payload=b"x", **kw):
+    return bytes(eth(src_mac, dst_mac) / l3(src, dst) / UDP(sport=sport, dport=dport, **kw) / payload)
