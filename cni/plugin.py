@@ -15,7 +15,8 @@ DEL:   detach (daemon down: logged, not an error) -> IPAM DEL, always. Idempoten
 CHECK: needs prevResult; IPAM CHECK -> the daemon compares interface, MAC, addresses,
        routes, attachment, shaper and hostPort rules with what prevResult and the
        configuration say.
-GC:    the daemon removes every attachment not in cni.dev/valid-attachments; then IPAM GC,
+GC:    the daemon removes every attachment of this network not in
+       cni.dev/valid-attachments (other networks' are listed and kept); then IPAM GC,
        or, when the IPAM plugin has no GC (host-local before 1.1.0), IPAM DEL for each
        removed attachment. Errors are collected and reported after everything was tried.
 STATUS: the daemon answers (else 50), and the IPAM plugin's STATUS when it has one.
@@ -313,7 +314,13 @@ def cmd_gc(env, conf, obj, raw, log):
     errors = []
     removed = []
     try:
-        reply = daemon_call(conf, "gc", valid=conf.valid_attachments)
+        # the daemon's gc spans every network; keep the attachments of other networks
+        # (cni.dev/valid-attachments lists only this one's)
+        valid = list(conf.valid_attachments)
+        for a in daemon_call(conf, "list").get("attachments") or []:
+            if isinstance(a, dict) and a.get("network") != conf.name:
+                valid.append({"containerID": a.get("container_id"), "ifname": a.get("ifname")})
+        reply = daemon_call(conf, "gc", valid=valid)
         removed = [r for r in reply.get("removed") or [] if isinstance(r, dict)]
         errors += [f"vswitchd: {e}" for e in reply.get("errors") or []]
     except CniError as err:
