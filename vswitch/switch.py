@@ -108,6 +108,8 @@ class Switch:
         # (proto, host_port, host_ip or None, family) -> (pod name, PortMapping)
         self._rules: dict[tuple, tuple[str, PortMapping]] = {}
         self._extra_node_addresses: tuple[str, ...] = ()
+        self._pod_ips: dict[str, str] = {}    # pod IP -> port name (uniqueness, O(1))
+        self._pod_macs: dict[str, str] = {}   # pod MAC -> port name
         self._apply_node_addresses()
 
     # ------------------------------------------------------------------ ports
@@ -153,9 +155,9 @@ class Switch:
                 if owner is not None:
                     raise ValueError(f"port {name!r}: IP {ip} already belongs to port {owner!r}")
         if mac_b is not None and kind == "pod":
-            for p in self._ports.values():
-                if p.mac == format_mac(mac_b) and p.kind == "pod":
-                    raise ValueError(f"port {name!r}: MAC {p.mac} already belongs to port {p.name!r}")
+            owner = self._pod_macs.get(format_mac(mac_b))
+            if owner is not None:
+                raise ValueError(f"port {name!r}: MAC {format_mac(mac_b)} already belongs to port {owner!r}")
         if port_id is None:
             port_id = self._free_id()
         else:
@@ -204,6 +206,10 @@ class Switch:
         self._by_id[port_id] = name
         for key, _ in rules:
             self._rules[key] = (name, self._mapping_of_key(mappings, key))
+        if kind == "pod":
+            self._pod_ips.update((ip, name) for ip in port.ips)
+            if port.mac is not None:
+                self._pod_macs[port.mac] = name
         if kind == "host":
             self._apply_node_addresses()
         return port
@@ -216,6 +222,11 @@ class Switch:
         del self._by_id[port.port_id]
         for key in [k for k, (owner, _) in self._rules.items() if owner == name]:
             del self._rules[key]
+        if port.kind == "pod":
+            for ip in port.ips:
+                self._pod_ips.pop(ip, None)
+            if port.mac is not None:
+                self._pod_macs.pop(port.mac, None)
         if port.kind == "host":
             self.dp.set_gateway(parse_mac(self.config.gateway_mac), ipv4=None, ipv6=None)
             self._apply_node_addresses()
@@ -397,10 +408,14 @@ class Switch:
         return None
 
     def _ip_owner(self, ip: str) -> str | None:
-        for p in self._ports.values():
-            if p.kind == "pod" and ip in p.ips:
-                return p.name
-        return None
+        return self._pod_ips.get(ip)
+
+    def pod_of_ip(self, ip) -> str | None:
+        """The name of the pod port bound to ``ip``, or None."""
+        return self._pod_ips.get(str(parse_ip(ip)))
+
+    def pod_of_mac(self, mac) -> str | None:
+        return self._pod_macs.get(format_mac(parse_mac(mac)))
 
     def _free_id(self) -> int:
         n = self.config.max_ports
