@@ -1,0 +1,128 @@
+"""PNG figures of a benchmark run: each figure against its x-axis, one line per subject.
+
+Theory of operation: rows (``bench.report.Row``) are grouped by figure (``group``) and
+unit. The x-axis is the first parameter of ``report.X_KEYS`` (batch, frame_bytes, pods,
+macs, flows, ...) that takes more than one numeric value in that figure; every other
+parameter that varies becomes part of the series label, so "vswitch, features=dnat" and
+"vswitch-py, features=dnat" are separate lines. Points are medians with min..max error
+bars. An axis spanning more than two decades is logarithmic (batch 1..1024, 16..1M MACs).
+A figure without a varying numeric parameter becomes a bar chart of its subjects, side by
+side. matplotlib is an optional extra (``pip install '.[plot]'``); without it
+``make_plots`` returns no figures and says why.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from bench import report
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return None, f"plots skipped: matplotlib is not installed ({exc}); " \
+                     f"install the extra: pip install '.[plot]'"
+    return plt, None
+
+
+def x_key(rows):
+    """The parameter to plot against, or None."""
+    for key in report.X_KEYS:
+        vals = {r.params.get(key) for r in rows}
+        if len(vals) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 for v in vals):
+            return key
+    return None
+
+
+def series_label(row, xkey, varying):
+    extra = [f"{k}={row.params[k]}" for k in sorted(varying)
+             if k != xkey and k in row.params]
+    return ", ".join([row.subject] + extra)
+
+
+def _slug(text):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "figure"
+
+
+def make_plots(rows, out_dir):
+    """Writes PNGs into ``out_dir``; returns ({group: [relative paths]}, note or None)."""
+    plt, note = _matplotlib()
+    if plt is None:
+        return {}, note
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    by = {}
+    for r in rows:
+        if not math.isnan(r.median):
+            by.setdefault((r.group, r.unit), []).append(r)
+    for (group, unit), grows in sorted(by.items()):
+        name = _slug(group if len({u for g, u in by if g == group}) == 1 else f"{group}-{unit}")
+        path = out_dir / f"{name}.png"
+        xk = x_key(grows)
+        fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+        try:
+            if xk:
+                _line_plot(ax, grows, xk)
+            else:
+                _bar_plot(ax, grows)
+            ax.set_title(f"{group}", fontsize=11)
+            ax.set_ylabel(report.unit_label(unit))
+            better = report.UNITS.get(unit, ("", "", None))[1]
+            hint = {"higher": "higher is better", "lower": "lower is better",
+                    "one": "1.0 is exact"}.get(better)
+            if hint:
+                ax.text(1.0, 1.01, hint, transform=ax.transAxes, ha="right", va="bottom",
+                        fontsize=8, color="0.4")
+            ax.grid(True, which="both", alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(path)
+        finally:
+            plt.close(fig)
+        figures.setdefault(group, []).append(f"{out_dir.name}/{path.name}")
+    return figures, None
+
+
+def _line_plot(ax, rows, xk):
+    varying = {k for k in set().union(*(r.params for r in rows))
+               if len({str(r.params.get(k)) for r in rows}) > 1}
+    series = {}
+    for r in rows:
+        series.setdefault(series_label(r, xk, varying), []).append(r)
+    for label in sorted(series, key=lambda s: report.subject_order(s.split(",")[0])):
+        pts = sorted((r for r in series[label] if xk in r.params), key=lambda r: r.params[xk])
+        if not pts:
+            continue
+        xs = [r.params[xk] for r in pts]
+        ys = [r.median for r in pts]
+        err = [[max(0.0, r.median - r.lo) for r in pts], [max(0.0, r.hi - r.median) for r in pts]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=label)
+    xs_all = [r.params[xk] for r in rows if xk in r.params]
+    if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 100:
+        ax.set_xscale("log")
+    ys_all = [r.median for r in rows if r.median > 0]
+    if ys_all and max(ys_all) / min(ys_all) >= 100:
+        ax.set_yscale("log")
+    if any(r.unit == "achieved_ratio" for r in rows):
+        ax.axhspan(0.98, 1.02, color="tab:green", alpha=0.12, label="±2% of the setting")
+    ax.set_xlabel(xk.replace("_", " "))
+    ax.legend(fontsize=8)
+
+
+def _bar_plot(ax, rows):
+    rows = sorted(rows, key=lambda r: (report.fmt_params(r.params),
+                                       report.subject_order(r.subject)))
+    labels = [r.subject + ("" if not r.params else "\n" + report.fmt_params(r.params))
+              for r in rows]
+    ys = [r.median for r in rows]
+    err = [[max(0.0, r.median - r.lo) for r in rows], [max(0.0, r.hi - r.median) for r in rows]]
+    colors = [f"C{report.subject_order(r.subject)[0] % 10}" for r in rows]
+    ax.bar(range(len(rows)), ys, yerr=err, capsize=4, color=colors)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, fontsize=8)
