@@ -58,8 +58,10 @@ def _parse_output(name, command, rc, out):
         try:
             obj = json.loads(text)
         except ValueError:
-            raise CniError(IPAM_FAILED, f"IPAM plugin {name} {command} printed no JSON "
-                           f"(exit {rc}): {text[:200]!r}") from None
+            err = CniError(IPAM_FAILED, f"IPAM plugin {name} {command} printed no JSON "
+                           f"(exit {rc}): {text[:200]!r}")
+            err.exit_ok = rc == 0   # it may have allocated: the caller releases
+            raise err from None
     if rc != 0:
         if isinstance(obj, dict) and "code" in obj:
             return CniError(int(obj.get("code") or IPAM_FAILED),

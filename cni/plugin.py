@@ -183,7 +183,12 @@ def cmd_add(env, conf, obj, raw, log):
     cconf.check_netns(env)
     prev = parse_result(conf.prev_result, "prevResult") if conf.prev_result else _empty_result()
     ipam = _ipam(env, conf, obj, raw)
-    ipam_out = ipam.call("ADD")
+    try:
+        ipam_out = ipam.call("ADD")
+    except CniError as exc:
+        if getattr(exc, "exit_ok", False):
+            _rollback_add(env, conf, ipam, False, exc, log)
+        raise
     attach_maybe_done = False
     try:
         _fault("after_ipam")
