@@ -1,0 +1,115 @@
+"""Acceptance 3: hostPort from outside the node through --uplink, with no iptables/nftables
+rule in the node namespace; hairpin; pod-to-pod via node-IP:hostPort; addresses go back
+to the NIC on a clean exit."""
+import sys
+import time
+
+import pytest
+
+from tests.integration.helpers import Cluster, nsexec, nspopen, ping, sh, wait_listening
+
+NODE_IP = "192.0.2.1"
+CLIENT_IP = "192.0.2.10"
+
+# a TCP server that answers each connection with the peer's address, and a UDP one alike
+TCP_SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
+while True:
+    c, peer = s.accept()
+    data = c.recv(1000)
+    c.sendall(b"peer=" + peer[0].encode() + b" got=" + data)
+    c.close()
+"""
+UDP_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(2000)
+    s.sendto(b"peer=" + peer[0].encode() + b" got=" + data, peer)
+"""
+CLIENT = r"""
+import socket, sys
+proto, ip, port, msg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
+for attempt in range(20):
+    try:
+        if proto == "tcp":
+            c = socket.create_connection((ip, port), timeout=3); c.sendall(msg)
+            print(c.recv(1000).decode()); break
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(1); c.connect((ip, port))
+        c.send(msg); print(c.recv(1000).decode()); break
+    except OSError as e:
+        err = e
+else:
+    print("FAILED", err); sys.exit(1)
+"""
+
+
+def _client(ns, proto, ip, port, msg):
+    return nsexec(ns, sys.executable, "-c", CLIENT, proto, ip, str(port), msg).stdout.strip()
+
+
+@pytest.fixture
+def uplinked(nss, tmp_path):
+    node = nss.new("n")
+    client = nss.new("c")
+    nic, peer = f"up{node[-7:]}", f"cl{node[-7:]}"
+    sh("ip", "link", "add", nic, "netns", node, "type", "veth", "peer", "name", peer, "netns", client)
+    nsexec(node, "ip", "addr", "add", f"{NODE_IP}/24", "dev", nic)
+    nsexec(node, "ip", "link", "set", nic, "up")
+    nsexec(client, "ip", "addr", "add", f"{CLIENT_IP}/24", "dev", peer)
+    nsexec(client, "ip", "link", "set", peer, "up")
+    c = Cluster(nss, tmp_path, node_ns=node, daemon_args=["--uplink", nic])
+    c.client, c.nic = client, nic
+    c.daemon.start()
+    servers = []
+    c.servers = servers
+    try:
+        yield c
+    finally:
+        for p in servers:
+            p.kill()
+            p.wait(10)
+        c.daemon.stop()
+
+
+def test_hostport_from_outside_hairpin_and_pod_to_pod_via_node_ip(uplinked):
+    c = uplinked
+    node = c.node
+    # the NIC's address moved to the host port
+    assert NODE_IP not in nsexec(node, "ip", "-4", "addr", "show", "dev", c.nic).stdout
+    assert NODE_IP in nsexec(node, "ip", "-4", "addr", "show", "dev", "vsw0").stdout
+    a = c.add_pod("a", 2, port_mappings=[{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+                                         {"hostPort": 5353, "containerPort": 53, "protocol": "udp"}])
+    b = c.add_pod("b", 3)
+    c.servers.append(nspopen(a.ns, sys.executable, "-c", TCP_SERVER, "80"))
+    c.servers.append(nspopen(a.ns, sys.executable, "-c", UDP_SERVER, "53"))
+    wait_listening(a.ns, 80)
+    wait_listening(a.ns, 53, "udp")
+
+    # the node itself still reaches the outside through the switch
+    assert ping(node, CLIENT_IP)["received"] == 3
+    # from outside: TCP and UDP, the server sees the client's own address
+    assert _client(c.client, "tcp", NODE_IP, 8080, "hello") == f"peer={CLIENT_IP} got=hello"
+    assert _client(c.client, "udp", NODE_IP, 5353, "hi-udp") == f"peer={CLIENT_IP} got=hi-udp"
+    # hairpin: pod A to its own hostPort via the node IP (source NATed to the gateway)
+    assert _client(a.ns, "tcp", NODE_IP, 8080, "self") == f"peer={c.gateway} got=self"
+    # pod B to pod A via node-IP:hostPort
+    assert _client(b.ns, "tcp", NODE_IP, 8080, "from-b") == f"peer={b.ip} got=from-b"
+    assert _client(b.ns, "udp", NODE_IP, 5353, "udp-b") == f"peer={b.ip} got=udp-b"
+
+    ct = c.daemon.call("conntrack")["entries"]
+    assert any(e["orig_src"] == CLIENT_IP and e["orig_dport"] == 8080 for e in ct)
+    # no iptables or nftables rule in the node namespace
+    ruleset = nsexec(node, "nft", "list", "ruleset").stdout
+    assert "rule" not in ruleset and "chain" not in ruleset, ruleset
+    for tool in ("iptables-save", "ip6tables-save"):
+        out = nsexec(node, tool, check=False).stdout
+        assert not [l for l in out.splitlines() if l.startswith("-A")], out
+
+    c.detach_all()
+    assert c.daemon.stop() == 0
+    # clean exit: the address is back on the NIC, vsw0 is gone
+    assert NODE_IP in nsexec(node, "ip", "-4", "addr", "show", "dev", c.nic).stdout
+    assert nsexec(node, "ip", "link", "show", "vsw0", check=False).returncode != 0
