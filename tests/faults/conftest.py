@@ -1,0 +1,15 @@
+"""Fault tests run a real daemon with --test-faults; same fixtures as tests/integration."""
+import pytest
+
+from tests.integration.conftest import nss, pytest_collection_modifyitems  # noqa: F401
+from tests.integration.helpers import Cluster
+
+
+@pytest.fixture
+def cluster(nss, tmp_path):
+    c = Cluster(nss, tmp_path, daemon_args=["--test-faults"])
+    c.daemon.start()
+    try:
+        yield c
+    finally:
+        c.daemon.stop()
