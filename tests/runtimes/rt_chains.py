@@ -25,10 +25,13 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 REFERENCE_BIN_DIR = "/usr/lib/cni"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,9 +83,22 @@ def _link_reference_plugins(bin_dir: str) -> None:
             os.symlink(os.path.join(REFERENCE_BIN_DIR, name), dst)
 
 
+def require_tools(*names: str) -> None:
+    """Fails the test (does not skip it) naming the Debian package when a tool is missing."""
+    packages = {"containerd": "containerd", "ctr": "containerd", "runc": "runc",
+                "podman": "podman", "go": "golang-go", "busybox": "busybox-static",
+                "iptables-save": "iptables", "tc": "iproute2"}
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        pytest.fail("missing " + ", ".join(f"{n} (Debian package {packages.get(n, n)})"
+                                           for n in missing) +
+                    ": run scripts/setup-runtimes.sh as root")
+
+
 class Chain:
     """Common shape: ``start()``, ``stop()``, dirs, network facts and leftover checks."""
     name = ""
+    infra_ifnames: frozenset = frozenset()   # node interfaces of the chain, not of a pod
 
     def __init__(self, base_dir: str, suffix: str, uplink: str | None = None):
         self.base_dir = base_dir
@@ -156,6 +172,7 @@ class ReferenceChain(Chain):
     def __init__(self, base_dir, suffix, uplink=None):
         super().__init__(base_dir, suffix, uplink)
         self.bridge = f"vsrtbr{suffix}"[:15]
+        self.infra_ifnames = frozenset({self.bridge})
 
     def start(self) -> "ReferenceChain":
         _link_reference_plugins(self.bin_dir)
@@ -191,6 +208,7 @@ class VswitchChain(Chain):
         self.socket = os.path.join(base_dir, "vswitchd.sock")
         self.state_dir = os.path.join(base_dir, "vswitchd-state")
         self.switch_name = f"vsw{suffix}"[:15]
+        self.infra_ifnames = frozenset({self.switch_name})
         self.log_path = os.path.join(base_dir, "vswitchd.log")
         self.proc: subprocess.Popen | None = None
 
