@@ -1,0 +1,1171 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""vswitch._datapath: the Cython forwarding core (the fast implementation of docs/datapath.md).
+
+Theory of operation
+-------------------
+One ``Datapath`` object owns one C struct, ``Core`` (ext/defs.pxi), holding every table
+as a malloc'd, bounded C array: ports, counters, the MAC table (mactable.pxi), conntrack
+and hostPort rules (conntrack.pxi), token buckets with their packet queues (shaper.pxi).
+``process()`` checks its arguments (numpy C API, no copies), then runs the whole batch
+under ``with nogil:`` through ``process_one`` - parse (parse.pxi) -> anti-spoofing ->
+egress shaper -> NAT/conntrack -> L2 learn/lookup -> ingress shaper -> output - one
+packet after the other, so each packet sees the state the previous one left (the same
+sequential semantics as the pure-Python twin, vswitch/datapath_py.py, which is the
+executable spec; its "Decisions beyond docs/datapath.md" D1..D35 are followed here and
+cited by number). The loop allocates no Python object and reads no clock: time is the
+``now_ns`` argument. Every helper it calls is ``cdef inline ... noexcept nogil``.
+
+``drain()`` releases queued packets in departure order (D16) and runs egress-released
+ones through stages 4-7 in the output buffer. Control calls (ports, bindings, rules,
+shapers) run between batches, with the GIL, and validate like the twin (ValueError naming
+the value, nothing changed). ``trace()`` runs one frame through the same C pipeline on a
+deep copy of the Core with a stage recorder switched on, so it changes nothing.
+
+Tables are inspectable without copies (``mac_table_raw()``, ``conntrack_raw()``: numpy
+structured arrays over the C slots, scikit-learn _tree.pyx style, read-only and valid
+while the Datapath lives) and as sorted snapshots equal to the twin's (``fdb()``,
+``conntrack()``).
+"""
+cimport cython
+cimport numpy as cnp
+from cpython.ref cimport PyObject
+
+import operator
+
+import numpy as np
+
+from vswitch import dpconst as _dpconst
+
+cnp.import_array()
+
+include "defs.pxi"
+include "parse.pxi"
+include "mactable.pxi"
+include "conntrack.pxi"
+include "shaper.pxi"
+
+cdef extern from "numpy/arrayobject.h":
+    object PyArray_NewFromDescr(PyTypeObject *subtype, cnp.dtype descr, int nd, cnp.npy_intp *dims,
+                                cnp.npy_intp *strides, void *data, int flags, object obj)
+    ctypedef struct PyTypeObject:
+        pass
+
+# ---------------------------------------------------------------- Python-level constants
+# (values from ext/defs.pxi; tests/datapath/test_consts.py checks them against dpconst)
+OUT_FLOOD = C_OUT_FLOOD
+OUT_DROP = C_OUT_DROP
+OUT_QUEUED = C_OUT_QUEUED
+PORT_POD = C_PORT_POD
+PORT_HOST = C_PORT_HOST
+PORT_UPLINK = C_PORT_UPLINK
+PORT_KINDS = {"pod": C_PORT_POD, "host": C_PORT_HOST, "uplink": C_PORT_UPLINK}
+EGRESS = C_EGRESS
+INGRESS = C_INGRESS
+MAX_FRAME = C_MAX_FRAME
+MAX_IPS_PER_PORT = C_MAX_IPS_PER_PORT
+MAX_IPV6_EXT_HEADERS = C_MAX_IPV6_EXT_HEADERS
+VNET_F_NEEDS_CSUM = C_VNET_F_NEEDS_CSUM
+CT_SYN_SENT = C_CT_SYN_SENT
+CT_ESTABLISHED = C_CT_ESTABLISHED
+CT_FIN = C_CT_FIN
+CT_CLOSE = C_CT_CLOSE
+CT_UDP_NEW = C_CT_UDP_NEW
+CT_UDP_REPLIED = C_CT_UDP_REPLIED
+CT_STATE_NAMES = {
+    C_CT_SYN_SENT: "SYN_SENT", C_CT_ESTABLISHED: "ESTABLISHED", C_CT_FIN: "FIN",
+    C_CT_CLOSE: "CLOSE", C_CT_UDP_NEW: "UDP_NEW", C_CT_UDP_REPLIED: "UDP_REPLIED",
+}
+SEC_NS = C_SEC_NS
+SWEEP_INTERVAL_NS = C_SWEEP_INTERVAL_NS
+PORT_COUNTERS = _C_PORT_COUNTERS
+GLOBAL_COUNTERS = _C_GLOBAL_COUNTERS
+DROP_REASONS = _C_DROP_REASONS
+PC = {name: i for i, name in enumerate(PORT_COUNTERS)}
+GC = {name: i for i, name in enumerate(GLOBAL_COUNTERS)}
+DEFAULTS = dict(_dpconst.DEFAULTS)
+FDB_DTYPE = _dpconst.FDB_DTYPE
+CT_DTYPE = _dpconst.CT_DTYPE
+MAX_NODE_ADDRESSES = 64
+# the C values, for tests/datapath/test_consts.py (the Python names above could be rebound)
+C_CONSTANTS = dict(
+    OUT_FLOOD=C_OUT_FLOOD, OUT_DROP=C_OUT_DROP, OUT_QUEUED=C_OUT_QUEUED,
+    PORT_POD=C_PORT_POD, PORT_HOST=C_PORT_HOST, PORT_UPLINK=C_PORT_UPLINK,
+    EGRESS=C_EGRESS, INGRESS=C_INGRESS, MAX_FRAME=C_MAX_FRAME,
+    MAX_IPS_PER_PORT=C_MAX_IPS_PER_PORT, MAX_IPV6_EXT_HEADERS=C_MAX_IPV6_EXT_HEADERS,
+    VNET_F_NEEDS_CSUM=C_VNET_F_NEEDS_CSUM,
+    CT_SYN_SENT=C_CT_SYN_SENT, CT_ESTABLISHED=C_CT_ESTABLISHED, CT_FIN=C_CT_FIN,
+    CT_CLOSE=C_CT_CLOSE, CT_UDP_NEW=C_CT_UDP_NEW, CT_UDP_REPLIED=C_CT_UDP_REPLIED,
+    SEC_NS=C_SEC_NS, SWEEP_INTERVAL_NS=C_SWEEP_INTERVAL_NS,
+    N_PORT_COUNTERS=N_PC, N_GLOBAL_COUNTERS=N_GC, N_DROP_REASONS=N_DR,
+)
+C_COUNTER_INDEX = dict(
+    rx_packets=PC_RX_PACKETS, rx_bytes=PC_RX_BYTES, tx_packets=PC_TX_PACKETS, tx_bytes=PC_TX_BYTES,
+    drop_malformed=PC_DROP_MALFORMED, drop_spoofed=PC_DROP_SPOOFED,
+    drop_queue_full=PC_DROP_QUEUE_FULL, drop_no_route=PC_DROP_NO_ROUTE, drop_loop=PC_DROP_LOOP,
+    drop_table_full=PC_DROP_TABLE_FULL, drop_nat_collision=PC_DROP_NAT_COLLISION, queued=PC_QUEUED,
+)
+C_GLOBAL_INDEX = dict(
+    packets=GC_PACKETS, bytes=GC_BYTES, malformed=GC_MALFORMED, spoofed=GC_SPOOFED,
+    queue_full=GC_QUEUE_FULL, no_route=GC_NO_ROUTE, loop=GC_LOOP, table_full=GC_TABLE_FULL,
+    nat_collision=GC_NAT_COLLISION, queued=GC_QUEUED, flooded=GC_FLOODED, mac_moves=GC_MAC_MOVES,
+    mac_table_full=GC_MAC_TABLE_FULL, mac_learned=GC_MAC_LEARNED, ct_created=GC_CT_CREATED,
+    ct_expired=GC_CT_EXPIRED, ct_deleted=GC_CT_DELETED, nat_translated=GC_NAT_TRANSLATED,
+)
+
+cdef uint64_t MAX_I63 = 0x7fffffffffffffffULL
+
+# ---------------------------------------------------------------- raw table dtypes
+cdef MacEntry _me
+cdef CtEntry _ce
+cdef CtKey _ck
+MAC_SLOT_DTYPE = np.dtype({
+    "names": ["key", "last_seen_ns", "port"],
+    "formats": ["<u8", "<u8", "<u2"],
+    "offsets": [<Py_ssize_t>(<char *>&_me.key - <char *>&_me),
+                <Py_ssize_t>(<char *>&_me.last_seen_ns - <char *>&_me),
+                <Py_ssize_t>(<char *>&_me.port - <char *>&_me)],
+    "itemsize": sizeof(MacEntry),
+})
+CT_KEY_DTYPE = np.dtype({
+    "names": ["src", "dst", "sport", "dport", "proto", "family"],
+    "formats": [("u1", (16,)), ("u1", (16,)), "<u2", "<u2", "u1", "u1"],
+    "offsets": [<Py_ssize_t>(<char *>&_ck.src - <char *>&_ck), <Py_ssize_t>(<char *>&_ck.dst - <char *>&_ck),
+                <Py_ssize_t>(<char *>&_ck.sport - <char *>&_ck), <Py_ssize_t>(<char *>&_ck.dport - <char *>&_ck),
+                <Py_ssize_t>(<char *>&_ck.proto - <char *>&_ck), <Py_ssize_t>(<char *>&_ck.family - <char *>&_ck)],
+    "itemsize": sizeof(CtKey),
+})
+CT_ENTRY_DTYPE = np.dtype({
+    "names": ["orig", "reply", "expires_ns", "packets", "bytes", "in_port", "out_port",
+              "orig_src_mac", "orig_dst_mac", "state", "hairpin", "fin_seen", "used"],
+    "formats": [CT_KEY_DTYPE, CT_KEY_DTYPE, "<u8", "<u8", "<u8", "<u2", "<u2", ("u1", (6,)),
+                ("u1", (6,)), "u1", "u1", "u1", "u1"],
+    "offsets": [<Py_ssize_t>(<char *>&_ce.orig - <char *>&_ce), <Py_ssize_t>(<char *>&_ce.reply - <char *>&_ce),
+                <Py_ssize_t>(<char *>&_ce.expires_ns - <char *>&_ce),
+                <Py_ssize_t>(<char *>&_ce.packets - <char *>&_ce), <Py_ssize_t>(<char *>&_ce.bytes - <char *>&_ce),
+                <Py_ssize_t>(<char *>&_ce.in_port - <char *>&_ce), <Py_ssize_t>(<char *>&_ce.out_port - <char *>&_ce),
+                <Py_ssize_t>(<char *>&_ce.orig_src_mac - <char *>&_ce),
+                <Py_ssize_t>(<char *>&_ce.orig_dst_mac - <char *>&_ce),
+                <Py_ssize_t>(<char *>&_ce.state - <char *>&_ce), <Py_ssize_t>(<char *>&_ce.hairpin - <char *>&_ce),
+                <Py_ssize_t>(<char *>&_ce.fin_seen - <char *>&_ce), <Py_ssize_t>(<char *>&_ce.used - <char *>&_ce)],
+    "itemsize": sizeof(CtEntry),
+})
+
+# ---------------------------------------------------------------- the pipeline
+
+cdef inline void count_drop(Core *c, int reason, uint32_t port) noexcept nogil:
+    c.pc[port * N_PC + DROP_PC[reason]] += 1
+    c.gc[DROP_GC[reason]] += 1
+    tr_add(c, TR_OUTPUT, C_OUT_DROP, reason)
+
+cdef inline void count_tx(Core *c, uint32_t port, uint32_t length) noexcept nogil:
+    cdef uint64_t *row = c.pc + port * N_PC
+    row[PC_TX_PACKETS] += 1
+    row[PC_TX_BYTES] += length
+
+cdef inline bint ip6_linklocal(const uint8_t *a) noexcept nogil:
+    return a[0] == 0xfe and (a[1] & 0xc0) == 0x80
+
+cdef inline bint ip6_zero(const uint8_t *a) noexcept nogil:
+    return (load_u64(a) | load_u64(a + 8)) == 0
+
+cdef inline bint ip4_bound(PortState *ps, uint32_t a) noexcept nogil:
+    cdef int i
+    if a == 0:
+        return True
+    for i in range(ps.n_ip4):
+        if ps.ip4[i] == a:
+            return True
+    return False
+
+cdef inline bint spoofed(PortState *ps, Pkt *k) noexcept nogil:
+    # stage 2 for a port with anti-spoofing on and a binding (D12)
+    cdef const uint8_t *l3 = k.p + k.l3_off
+    cdef int i
+    if ps.mac_bound:
+        if memcmp(k.p + 6, ps.mac, 6) != 0:
+            return True
+        if k.kind == K_ARP and memcmp(l3 + 8, ps.mac, 6) != 0:
+            return True
+    if ps.ips_bound:
+        if k.kind == K_ARP:
+            return not ip4_bound(ps, load_be32(l3 + 14))
+        if k.kind == K_IPV4:
+            return not ip4_bound(ps, load_be32(l3 + 12))
+        if k.kind == K_IPV6:
+            if ip6_zero(l3 + 8) or ip6_linklocal(l3 + 8):
+                return False
+            for i in range(ps.n_ip6):
+                if memcmp(ps.ip6[i], l3 + 8, 16) == 0:
+                    return False
+            return True
+    return False
+
+cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
+    # NAT, L2, ingress shaping, output for a parsed packet that passed stages 1-3
+    cdef uint64_t src_key = mac_key(k.vlan, k.p + 6)
+    cdef bint src_mcast = k.p[6] & 1
+    cdef int32_t out = C_OUT_FLOOD
+    cdef int r = NAT_NONE
+    cdef int port
+    cdef uint32_t j, q
+    cdef uint16_t in_port = k.in_port
+    cdef PortState *ps
+    cdef Shaper *sh
+    if k.nat_ok:
+        r = nat_stage(c, k, now, &out)
+        if r >= 0:
+            count_drop(c, r, in_port)
+            return C_OUT_DROP
+    if not src_mcast:
+        mac_learn(c, src_key, in_port, now)
+    if r == NAT_OUT:
+        ps = &c.ports[out]
+        if not ps.present or not ps.up:
+            count_drop(c, DR_NO_ROUTE, in_port)
+            return C_OUT_DROP
+        tr_add(c, TR_L2, 0, out)
+    elif k.p[0] & 1:
+        tr_add(c, TR_L2, 1, 0)
+    else:
+        port = mac_lookup(c, mac_key(k.vlan, k.p), now)
+        if port < 0:
+            tr_add(c, TR_L2, 2, 0)
+        elif port == in_port:
+            count_drop(c, DR_LOOP, in_port)
+            return C_OUT_DROP
+        else:
+            ps = &c.ports[port]
+            if not ps.present or not ps.up:
+                count_drop(c, DR_NO_ROUTE, in_port)
+                return C_OUT_DROP
+            tr_add(c, TR_L2, 3, port)
+            out = port
+    if out == C_OUT_FLOOD:
+        c.gc[GC_FLOODED] += 1
+        for j in range(c.n_up):
+            q = c.up_list[j]
+            if q != in_port:
+                count_tx(c, q, k.len)
+        tr_add(c, TR_OUTPUT, C_OUT_FLOOD, 0)
+        return C_OUT_FLOOD
+    sh = &c.shapers[out * 2 + C_INGRESS]
+    if sh.active:
+        r = shaper_admit(sh, k, c.vnet_hdr_len, out, now, c.drain_seq)
+        tr_add(c, TR_INGRESS, r, 0)
+        if r == SH_FULL:
+            count_drop(c, DR_QUEUE_FULL, out)
+            return C_OUT_DROP
+        if r == SH_QUEUED:
+            c.pc[out * N_PC + PC_QUEUED] += 1
+            c.gc[GC_QUEUED] += 1
+            tr_add(c, TR_OUTPUT, C_OUT_QUEUED, 0)
+            return C_OUT_QUEUED
+    count_tx(c, out, k.len)
+    tr_add(c, TR_OUTPUT, out, 0)
+    return out
+
+cdef inline int32_t process_one(Core *c, uint8_t *frame, uint32_t length, uint16_t in_port,
+                                uint64_t now) noexcept nogil:
+    # stages 1-7 for one received frame; returns its out_ports value
+    cdef Pkt k
+    cdef PortState *ps = &c.ports[in_port]
+    cdef uint64_t *row = c.pc + <uint64_t>in_port * N_PC
+    cdef Shaper *sh
+    cdef int v
+    row[PC_RX_PACKETS] += 1
+    row[PC_RX_BYTES] += length
+    c.gc[GC_PACKETS] += 1
+    c.gc[GC_BYTES] += length
+    tr_add(c, TR_RX, in_port, length)
+    if not ps.present:
+        count_drop(c, DR_NO_ROUTE, in_port)
+        return C_OUT_DROP
+    if parse_frame(&k, frame, length) < 0:
+        count_drop(c, DR_MALFORMED, in_port)
+        return C_OUT_DROP
+    k.in_port = in_port
+    k.vnet = frame - c.vnet_hdr_len if c.vnet_hdr_len else NULL
+    tr_add(c, TR_PARSE, 0, 0)
+    if ps.antispoof and (ps.mac_bound or ps.ips_bound):
+        if spoofed(ps, &k):
+            count_drop(c, DR_SPOOFED, in_port)
+            return C_OUT_DROP
+        tr_add(c, TR_ANTISPOOF, 0, 0)
+    sh = &c.shapers[<uint32_t>in_port * 2 + C_EGRESS]
+    if sh.active:
+        v = shaper_admit(sh, &k, c.vnet_hdr_len, -1, now, c.drain_seq)
+        if v == SH_FULL:
+            count_drop(c, DR_QUEUE_FULL, in_port)
+            return C_OUT_DROP
+        tr_add(c, TR_EGRESS, v, 0)
+        if v == SH_QUEUED:
+            row[PC_QUEUED] += 1
+            c.gc[GC_QUEUED] += 1
+            tr_add(c, TR_OUTPUT, C_OUT_QUEUED, 0)
+            return C_OUT_QUEUED
+    return stages4to7(c, &k, now)
+
+cdef inline uint64_t u128_lo(u128 v) noexcept nogil:
+    return <uint64_t>v
+
+cdef inline uint64_t u128_hi(u128 v) noexcept nogil:
+    return <uint64_t>(v >> 64)
+
+cdef Py_ssize_t drain_c(Core *c, uint64_t now, uint8_t *obuf, Py_ssize_t obuf_len,
+                        uint8_t *o_off, Py_ssize_t s_off, uint8_t *o_len, Py_ssize_t s_len,
+                        uint8_t *o_in, Py_ssize_t s_in, uint8_t *o_out, Py_ssize_t s_out,
+                        Py_ssize_t max_pkts) noexcept nogil:
+    # D16; returns the number of emitted entries
+    cdef Py_ssize_t emitted = 0
+    cdef uint64_t off = c.vnet_hdr_len
+    cdef uint32_t H = c.vnet_hdr_len
+    cdef uint32_t j, idx, best
+    cdef uint64_t t, best_t
+    cdef bint found
+    cdef Shaper *s
+    cdef QRec *r
+    cdef uint32_t length
+    cdef uint16_t in_port
+    cdef int32_t out
+    cdef Pkt k
+    c.drain_seq += 1
+    while emitted < max_pkts:
+        found = False
+        best = 0
+        best_t = 0
+        for j in range(c.n_active):
+            idx = c.active[j]
+            s = &c.shapers[idx]
+            if s.queue_packets == 0 or q_head(s).seq == c.drain_seq:
+                continue
+            t = shaper_t_dep(s)
+            if t <= now and (not found or t < best_t):
+                found = True
+                best = idx
+                best_t = t
+        if not found:
+            break
+        s = &c.shapers[best]
+        r = q_head(s)
+        length = r.len
+        if off + length > <uint64_t>obuf_len:
+            break
+        shaper_refill(s, now)
+        s.credit -= pkt_cost(length)
+        in_port = r.in_port
+        out = r.out_port
+        memcpy(obuf + off - H, (<uint8_t *>r) + sizeof(QRec), H + length)
+        q_pop(s)
+        if (best & 1) == C_EGRESS:
+            parse_frame(&k, obuf + off, length)
+            k.in_port = in_port
+            k.vnet = obuf + off - H if H else NULL
+            out = stages4to7(c, &k, now)
+            if out == C_OUT_QUEUED:
+                continue
+        else:
+            count_tx(c, <uint32_t>out, length)
+        (<uint32_t *>(o_off + emitted * s_off))[0] = <uint32_t>off
+        (<uint32_t *>(o_len + emitted * s_len))[0] = length
+        (<uint16_t *>(o_in + emitted * s_in))[0] = in_port
+        (<int32_t *>(o_out + emitted * s_out))[0] = out
+        emitted += 1
+        off += length + H
+    return emitted
+
+# ---------------------------------------------------------------- Core lifetime
+
+cdef uint64_t pow2_at_least(uint64_t n):
+    cdef uint64_t p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+cdef int log2_u64(uint64_t p):
+    cdef int b = 0
+    while (<uint64_t>1 << b) < p:
+        b += 1
+    return b
+
+cdef void core_free(Core *c) noexcept nogil:
+    cdef uint32_t i
+    if c == NULL:
+        return
+    if c.shapers != NULL:
+        for i in range(c.max_ports * 2):
+            free(c.shapers[i].qbuf)
+    free(c.ports)
+    free(c.pc)
+    free(c.up_list)
+    free(c.mac)
+    free(c.ct)
+    free(c.ct_slots)
+    free(c.ct_portcnt)
+    free(c.rules)
+    free(c.rule_slots)
+    free(c.shapers)
+    free(c.active)
+    free(c.tr)
+    free(c)
+
+cdef void *dup(const void *p, size_t n) noexcept nogil:
+    cdef void *q = malloc(n if n else 1)
+    if q != NULL and n:
+        memcpy(q, p, n)
+    return q
+
+cdef Core *core_clone(Core *c) noexcept nogil:
+    # a deep copy (for trace()); NULL when memory runs out
+    cdef Core *d = <Core *>calloc(1, sizeof(Core))
+    cdef uint32_t i
+    cdef Shaper *s
+    if d == NULL:
+        return NULL
+    memcpy(d, c, sizeof(Core))
+    d.ports = NULL; d.pc = NULL; d.up_list = NULL; d.mac = NULL; d.ct = NULL; d.ct_slots = NULL
+    d.ct_portcnt = NULL; d.rules = NULL; d.rule_slots = NULL; d.shapers = NULL; d.active = NULL
+    d.tr = NULL
+    d.ports = <PortState *>dup(c.ports, c.max_ports * sizeof(PortState))
+    d.pc = <uint64_t *>dup(c.pc, c.max_ports * N_PC * sizeof(uint64_t))
+    d.up_list = <uint16_t *>dup(c.up_list, c.max_ports * sizeof(uint16_t))
+    d.mac = <MacEntry *>dup(c.mac, (c.mac_mask + 1) * sizeof(MacEntry))
+    d.ct = <CtEntry *>dup(c.ct, c.conntrack_size * sizeof(CtEntry))
+    d.ct_slots = <CtSlot *>dup(c.ct_slots, (c.ct_mask + 1) * sizeof(CtSlot))
+    d.ct_portcnt = <uint32_t *>dup(c.ct_portcnt, 65536 * sizeof(uint32_t))
+    d.rules = <HpRule *>dup(c.rules, c.max_hostports * sizeof(HpRule))
+    d.rule_slots = <uint32_t *>dup(c.rule_slots, (c.rule_mask + 1) * sizeof(uint32_t))
+    d.active = <uint32_t *>dup(c.active, c.max_ports * 2 * sizeof(uint32_t))
+    d.shapers = <Shaper *>dup(c.shapers, c.max_ports * 2 * sizeof(Shaper))
+    if d.shapers != NULL:
+        for i in range(c.max_ports * 2):
+            s = &d.shapers[i]
+            if s.qbuf != NULL:
+                s.qbuf = <uint8_t *>dup(c.shapers[i].qbuf, s.qcap)
+                if s.qbuf == NULL:
+                    s.qcap = 0
+                    s.qhead = 0
+                    s.qtail = 0
+                    core_free(d)
+                    return NULL
+    if (d.ports == NULL or d.pc == NULL or d.up_list == NULL or d.mac == NULL or d.ct == NULL
+            or d.ct_slots == NULL or d.ct_portcnt == NULL or d.rules == NULL or d.rule_slots == NULL
+            or d.active == NULL or d.shapers == NULL):
+        core_free(d)
+        return NULL
+    return d
+
+# ---------------------------------------------------------------- argument checks (the twin's)
+
+cdef object _index(object value, str what, object lo, object hi):
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer in {lo}..{hi}, got {value!r}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{what} must be in {lo}..{hi}, got {v}")
+    return v
+
+cdef bytes _bytes_of(object value, str what, tuple lengths):
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{what} must be bytes of length {' or '.join(map(str, lengths))}, got {value!r}")
+    b = bytes(value)
+    if len(b) not in lengths:
+        raise ValueError(f"{what} must be {' or '.join(map(str, lengths))} bytes long, "
+                         f"got {len(b)} bytes: {b.hex()}")
+    return b
+
+cdef bytes _addr16(bytes raw):
+    return (b"\0" * 10 + b"\xff\xff" + raw) if len(raw) == 4 else raw
+
+cdef void _put_addr16(uint8_t *dst, bytes raw):
+    # raw (4 or 16 bytes) as the 16-byte table form (IPv4 as ::ffff:a.b.c.d)
+    cdef bytes b = _addr16(raw)
+    memcpy(dst, <const char *>b, 16)
+
+cdef cnp.ndarray _array(object a, str name, int typenum, bint writable):
+    cdef cnp.ndarray arr
+    if not isinstance(a, cnp.ndarray):
+        raise ValueError(f"{name} must be a 1-D {np.dtype(np.sctypeDict[_TYPENAMES[typenum]])} "
+                         f"numpy array, got {type(a).__name__}")
+    arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_ISNOTSWAPPED(arr) or cnp.PyArray_NDIM(arr) != 1:
+        raise ValueError(f"{name} must be a 1-D {np.dtype(_TYPENAMES[typenum])} numpy array, "
+                         f"got {arr.dtype}[{arr.ndim}-D]")
+    if writable and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{name} must be writable")
+    return arr
+
+_TYPENAMES = {cnp.NPY_UINT8: "uint8", cnp.NPY_UINT16: "uint16", cnp.NPY_UINT32: "uint32",
+              cnp.NPY_INT32: "int32"}
+
+cdef cnp.ndarray _check_buf(object buf, str name):
+    cdef cnp.ndarray arr = _array(buf, name, cnp.NPY_UINT8, True)
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        raise ValueError(f"{name} must be C-contiguous")
+    return arr
+
+cdef int _direction(object direction) except -1:
+    if isinstance(direction, bool) or direction not in (C_EGRESS, C_INGRESS):
+        raise ValueError(f"direction must be EGRESS (0) or INGRESS (1), got {direction!r}")
+    return int(direction)
+
+cdef int _proto(object proto) except -1:
+    if isinstance(proto, bool) or proto not in (6, 17):
+        raise ValueError(f"proto must be 6 (TCP) or 17 (UDP), got {proto!r}")
+    return int(proto)
+
+_TR_STAGE = {TR_RX: "rx", TR_PARSE: "parse", TR_ANTISPOOF: "antispoof", TR_EGRESS: "egress_shaper",
+             TR_NAT_NEW: "nat", TR_NAT_HIT: "nat", TR_NAT_NONE: "nat", TR_L2: "l2",
+             TR_INGRESS: "ingress_shaper", TR_OUTPUT: "output"}
+_SH_VERDICT = {SH_PASS: "pass", SH_QUEUED: "queue", SH_FULL: "full"}
+_L2_TEXT = {0: "NAT decided port {}", 1: "multicast/broadcast", 2: "unknown unicast",
+            3: "known unicast on port {}"}
+
+
+# ---------------------------------------------------------------- the class
+
+cdef class Datapath:
+    """The datapath contract of docs/datapath.md, in C. See the module docstring."""
+
+    cdef Core *c
+    cdef readonly uint32_t max_ports
+    cdef readonly uint64_t mac_table_size
+    cdef readonly uint64_t conntrack_size
+    cdef readonly uint64_t max_hostports
+    cdef readonly uint32_t vnet_hdr_len
+    cdef readonly uint64_t mac_aging_ns
+    cdef dict _node_ips_raw      # not used by the C path; keeps bind order irrelevant
+
+    def __cinit__(self):
+        self.c = NULL
+
+    def __init__(self, *, max_ports=DEFAULTS["max_ports"], mac_table_size=DEFAULTS["mac_table_size"],
+                 conntrack_size=DEFAULTS["conntrack_size"], max_hostports=DEFAULTS["max_hostports"],
+                 vnet_hdr_len=DEFAULTS["vnet_hdr_len"], mac_aging_ns=DEFAULTS["mac_aging_ns"],
+                 tcp_syn_timeout_ns=DEFAULTS["tcp_syn_timeout_ns"],
+                 tcp_est_timeout_ns=DEFAULTS["tcp_est_timeout_ns"],
+                 tcp_fin_timeout_ns=DEFAULTS["tcp_fin_timeout_ns"],
+                 tcp_close_timeout_ns=DEFAULTS["tcp_close_timeout_ns"],
+                 udp_timeout_ns=DEFAULTS["udp_timeout_ns"],
+                 udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"]):
+        cdef Core *c
+        cdef uint64_t mac_slots, ct_slots, rule_slots
+        if self.c != NULL:
+            raise RuntimeError("Datapath.__init__ called twice")
+        mp = _index(max_ports, "max_ports", 1, 65535)
+        mts = _index(mac_table_size, "mac_table_size", 1, MAX_I63)
+        cts = _index(conntrack_size, "conntrack_size", 1, MAX_I63)
+        mhp = _index(max_hostports, "max_hostports", 1, MAX_I63)
+        H = _index(vnet_hdr_len, "vnet_hdr_len", 0, 12)
+        if H not in (0, 10, 12):
+            raise ValueError(f"vnet_hdr_len must be 0, 10 or 12, got {vnet_hdr_len}")
+        aging = _index(mac_aging_ns, "mac_aging_ns", 0, MAX_I63)
+        timeouts = [0,
+                    _index(tcp_syn_timeout_ns, "tcp_syn_timeout_ns", 0, MAX_I63),
+                    _index(tcp_est_timeout_ns, "tcp_est_timeout_ns", 0, MAX_I63),
+                    _index(tcp_fin_timeout_ns, "tcp_fin_timeout_ns", 0, MAX_I63),
+                    _index(tcp_close_timeout_ns, "tcp_close_timeout_ns", 0, MAX_I63),
+                    _index(udp_timeout_ns, "udp_timeout_ns", 0, MAX_I63),
+                    _index(udp_replied_timeout_ns, "udp_replied_timeout_ns", 0, MAX_I63)]
+        # the C tables index entries with 32-bit references
+        if mts > (1 << 30):
+            raise ValueError(f"mac_table_size {mts} is beyond what this build supports (2**30)")
+        if cts > (1 << 29):
+            raise ValueError(f"conntrack_size {cts} is beyond what this build supports (2**29)")
+        if mhp > (1 << 24):
+            raise ValueError(f"max_hostports {mhp} is beyond what this build supports (2**24)")
+        c = <Core *>calloc(1, sizeof(Core))
+        if c == NULL:
+            raise MemoryError()
+        self.c = c
+        c.max_ports = mp
+        c.mac_table_size = mts
+        c.conntrack_size = cts
+        c.max_hostports = mhp
+        c.vnet_hdr_len = H
+        c.mac_aging_ns = aging
+        for i in range(7):
+            c.ct_timeout[i] = timeouts[i]
+        mac_slots = pow2_at_least(2 * <uint64_t>mts)
+        if mac_slots < 16:
+            mac_slots = 16
+        ct_slots = pow2_at_least(4 * <uint64_t>cts)
+        if ct_slots < 16:
+            ct_slots = 16
+        rule_slots = pow2_at_least(2 * <uint64_t>mhp)
+        if rule_slots < 16:
+            rule_slots = 16
+        c.mac_mask = mac_slots - 1
+        c.mac_shift = 64 - log2_u64(mac_slots)
+        c.ct_mask = ct_slots - 1
+        c.rule_mask = rule_slots - 1
+        c.ports = <PortState *>calloc(mp, sizeof(PortState))
+        c.pc = <uint64_t *>calloc(mp * N_PC, sizeof(uint64_t))
+        c.up_list = <uint16_t *>calloc(mp, sizeof(uint16_t))
+        c.mac = <MacEntry *>calloc(mac_slots, sizeof(MacEntry))
+        c.ct = <CtEntry *>calloc(cts, sizeof(CtEntry))
+        c.ct_slots = <CtSlot *>calloc(ct_slots, sizeof(CtSlot))
+        c.ct_portcnt = <uint32_t *>calloc(65536, sizeof(uint32_t))
+        c.rules = <HpRule *>calloc(mhp, sizeof(HpRule))
+        c.rule_slots = <uint32_t *>calloc(rule_slots, sizeof(uint32_t))
+        c.shapers = <Shaper *>calloc(mp * 2, sizeof(Shaper))
+        c.active = <uint32_t *>calloc(mp * 2, sizeof(uint32_t))
+        if (c.ports == NULL or c.pc == NULL or c.up_list == NULL or c.mac == NULL or c.ct == NULL
+                or c.ct_slots == NULL or c.ct_portcnt == NULL or c.rules == NULL
+                or c.rule_slots == NULL or c.shapers == NULL or c.active == NULL):
+            raise MemoryError("cannot allocate the datapath tables")
+        # free list of conntrack entries: 0, 1, 2, ...
+        for i in range(cts):
+            c.ct[i].next_free = i + 2 if i + 1 < cts else 0
+        c.ct_free = 1
+        self.max_ports = mp
+        self.mac_table_size = mts
+        self.conntrack_size = cts
+        self.max_hostports = mhp
+        self.vnet_hdr_len = H
+        self.mac_aging_ns = aging
+        self._node_ips_raw = {}
+
+    def __dealloc__(self):
+        core_free(self.c)
+        self.c = NULL
+
+    # ------------------------------------------------------------------ ports
+
+    cdef PortState *_port(self, port_id) except NULL:
+        pid = _index(port_id, "port_id", 0, self.max_ports - 1)
+        if not self.c.ports[pid].present:
+            raise ValueError(f"port {pid} is not added")
+        return &self.c.ports[pid]
+
+    cdef void _rebuild_up_list(self):
+        cdef uint32_t i, n = 0
+        for i in range(self.c.max_ports):
+            if self.c.ports[i].present and self.c.ports[i].up:
+                self.c.up_list[n] = i
+                n += 1
+        self.c.n_up = n
+
+    cdef void _rebuild_active(self):
+        cdef uint32_t i, n = 0
+        for i in range(self.c.max_ports * 2):
+            if self.c.shapers[i].active:
+                self.c.active[n] = i
+                n += 1
+        self.c.n_active = n
+
+    def add_port(self, port_id, kind):
+        pid = _index(port_id, "port_id", 0, self.max_ports - 1)
+        if self.c.ports[pid].present:
+            raise ValueError(f"port {pid} is already added")
+        if isinstance(kind, bool) or kind not in (C_PORT_POD, C_PORT_HOST, C_PORT_UPLINK):
+            raise ValueError(f"port kind must be PORT_POD, PORT_HOST or PORT_UPLINK (0, 1, 2), got {kind!r}")
+        cdef PortState *ps = &self.c.ports[pid]
+        memset(ps, 0, sizeof(PortState))
+        ps.present = 1
+        ps.kind = int(kind)
+        ps.up = 1
+        ps.antispoof = int(kind) == C_PORT_POD
+        memset(self.c.pc + <uint64_t>pid * N_PC, 0, N_PC * sizeof(uint64_t))
+        self._rebuild_up_list()
+
+    def remove_port(self, port_id):
+        cdef PortState *ps = self._port(port_id)
+        cdef uint32_t pid = _index(port_id, "port_id", 0, self.max_ports - 1)
+        cdef uint32_t i
+        self._drop_shaper(pid, C_EGRESS)
+        self._drop_shaper(pid, C_INGRESS)
+        mac_remove_port(self.c, pid)
+        for i in range(self.c.max_hostports):
+            if self.c.rules[i].used and self.c.rules[i].pod_port_id == pid:
+                self._remove_rule(i)
+        for i in range(self.c.conntrack_size):
+            if self.c.ct[i].used and (self.c.ct[i].in_port == pid or self.c.ct[i].out_port == pid):
+                ct_delete(self.c, i)
+                self.c.gc[GC_CT_DELETED] += 1
+        memset(ps, 0, sizeof(PortState))
+        self._rebuild_up_list()
+
+    def set_port_up(self, port_id, up):
+        cdef PortState *ps = self._port(port_id)
+        ps.up = bool(up)
+        self._rebuild_up_list()
+
+    def bind_port(self, port_id, mac=None, ips=None):
+        cdef PortState *ps = self._port(port_id)
+        mac_b = None if mac is None else _bytes_of(mac, "mac", (6,))
+        ips_set = None
+        if ips is not None:
+            try:
+                items = list(ips)
+            except TypeError:
+                raise ValueError(f"ips must be an iterable of addresses or None, got {ips!r}") from None
+            if len(items) > C_MAX_IPS_PER_PORT:
+                raise ValueError(f"at most {C_MAX_IPS_PER_PORT} ips per port, got {len(items)}")
+            ips_set = []
+            for a in items:
+                b = _bytes_of(a, "ip", (4, 16))
+                if b not in ips_set:
+                    ips_set.append(b)
+        ps.mac_bound = mac_b is not None
+        memset(ps.mac, 0, 6)
+        if mac_b is not None:
+            memcpy(ps.mac, <const char *>mac_b, 6)
+        ps.ips_bound = ips_set is not None
+        ps.n_ip4 = 0
+        ps.n_ip6 = 0
+        memset(ps.ip4, 0, sizeof(ps.ip4))
+        memset(ps.ip6, 0, sizeof(ps.ip6))
+        if ips_set is not None:
+            for b in ips_set:
+                if len(b) == 4:
+                    ps.ip4[ps.n_ip4] = int.from_bytes(b, "big")
+                    ps.n_ip4 += 1
+                else:
+                    memcpy(ps.ip6[ps.n_ip6], <const char *>b, 16)
+                    ps.n_ip6 += 1
+        ps.bound = ps.mac_bound or ps.ips_bound
+
+    def set_antispoof(self, port_id, enabled):
+        cdef PortState *ps = self._port(port_id)
+        ps.antispoof = bool(enabled)
+
+    def set_gateway(self, mac, ipv4=None, ipv6=None):
+        mac_b = _bytes_of(mac, "gateway mac", (6,))
+        v4 = None if ipv4 is None else _bytes_of(ipv4, "gateway ipv4", (4,))
+        v6 = None if ipv6 is None else _bytes_of(ipv6, "gateway ipv6", (16,))
+        cdef Core *c = self.c
+        c.gw_mac_set = 1
+        memcpy(c.gw_mac, <const char *>mac_b, 6)
+        c.gw_ip4_set = v4 is not None
+        memset(c.gw_ip4, 0, 16)
+        if v4 is not None:
+            _put_addr16(c.gw_ip4, v4)
+        c.gw_ip6_set = v6 is not None
+        memset(c.gw_ip6, 0, 16)
+        if v6 is not None:
+            memcpy(c.gw_ip6, <const char *>v6, 16)
+
+    def set_node_addresses(self, ips):
+        try:
+            items = list(ips)
+        except TypeError:
+            raise ValueError(f"ips must be an iterable of addresses, got {ips!r}") from None
+        if len(items) > MAX_NODE_ADDRESSES:
+            raise ValueError(f"at most {MAX_NODE_ADDRESSES} node addresses, got {len(items)}")
+        addrs = []
+        for a in items:
+            b = _bytes_of(a, "node address", (4, 16))
+            if b not in addrs:
+                addrs.append(b)
+        cdef Core *c = self.c
+        c.n_node = 0
+        for b in addrs:
+            c.node_family[c.n_node] = 4 if len(b) == 4 else 6
+            _put_addr16(c.node_ip[c.n_node], b)
+            c.n_node += 1
+
+    # ------------------------------------------------------------------ shapers
+
+    cdef void _drop_shaper(self, uint32_t pid, int direction):
+        cdef Shaper *s = &self.c.shapers[pid * 2 + direction]
+        if not s.active:
+            return
+        self.c.pc[pid * N_PC + PC_DROP_QUEUE_FULL] += s.queue_packets
+        self.c.gc[GC_QUEUE_FULL] += s.queue_packets
+        free(s.qbuf)
+        memset(s, 0, sizeof(Shaper))
+        self._rebuild_active()
+
+    def set_shaper(self, port_id, direction, rate_bps, burst_bits, queue_bytes=0):
+        self._port(port_id)
+        pid = _index(port_id, "port_id", 0, self.max_ports - 1)
+        d = _direction(direction)
+        rate = _index(rate_bps, "rate_bps", 0, MAX_I63)
+        burst = _index(burst_bits, "burst_bits", 0, MAX_I63)
+        qbytes = _index(queue_bytes, "queue_bytes", 0, MAX_I63)
+        if rate == 0:
+            self._drop_shaper(pid, d)
+            return
+        limit = qbytes or max(131106, rate // 320, min(burst // 8, 16777216))
+        cdef Shaper *s = &self.c.shapers[pid * 2 + d]
+        cdef u128 cap = <u128>(<uint64_t>burst) * NS_PER_S
+        if not s.active:
+            memset(s, 0, sizeof(Shaper))
+            s.active = 1
+            s.credit = cap
+        elif s.credit > cap:
+            s.credit = cap
+        s.rate_bps = rate
+        s.burst_bits = burst
+        s.queue_limit_bytes = limit
+        self._rebuild_active()
+
+    def clear_shaper(self, port_id, direction):
+        self._port(port_id)
+        pid = _index(port_id, "port_id", 0, self.max_ports - 1)
+        d = _direction(direction)
+        self._drop_shaper(pid, d)
+
+    def shaper_state(self, port_id, direction):
+        self._port(port_id)
+        pid = _index(port_id, "port_id", 0, self.max_ports - 1)
+        d = _direction(direction)
+        cdef Shaper *s = &self.c.shapers[pid * 2 + d]
+        if not s.active:
+            return None
+        credit = (int(u128_hi(s.credit)) << 64) | int(u128_lo(s.credit))
+        return dict(rate_bps=s.rate_bps, burst_bits=s.burst_bits, credit=credit,
+                    queue_bytes=s.queue_bytes, queue_packets=s.queue_packets,
+                    queue_limit_bytes=s.queue_limit_bytes)
+
+    def next_departure_ns(self):
+        cdef uint32_t j
+        cdef Shaper *s
+        cdef uint64_t t, best = 0
+        cdef bint found = False
+        for j in range(self.c.n_active):
+            s = &self.c.shapers[self.c.active[j]]
+            if s.queue_packets:
+                t = shaper_t_dep(s)
+                if not found or t < best:
+                    best = t
+                    found = True
+        return int(best) if found else -1
+
+    # ------------------------------------------------------------------ hostPort rules
+
+    cdef void _flush_udp(self, uint16_t host_port):
+        cdef uint32_t i
+        cdef Core *c = self.c
+        for i in range(c.conntrack_size):
+            if c.ct[i].used and c.ct[i].orig.proto == 17 and c.ct[i].orig.dport == host_port:
+                ct_delete(c, i)
+                c.gc[GC_CT_DELETED] += 1
+
+    cdef void _remove_rule(self, uint32_t rid):
+        cdef uint16_t hp = self.c.rules[rid].host_port
+        memset(&self.c.rules[rid], 0, sizeof(HpRule))
+        rules_reindex(self.c)
+        self._flush_udp(hp)
+
+    def add_hostport(self, proto, host_port, pod_ip, container_port, pod_port_id, host_ip=None):
+        pr = _proto(proto)
+        hport = _index(host_port, "host_port", 1, 65535)
+        cport = _index(container_port, "container_port", 1, 65535)
+        pod = _bytes_of(pod_ip, "pod_ip", (4, 16))
+        host = None if host_ip is None else _bytes_of(host_ip, "host_ip", (4, 16))
+        if host is not None and len(host) != len(pod):
+            raise ValueError(f"host_ip {host.hex()} and pod_ip {pod.hex()} are of different families")
+        self._port(pod_port_id)
+        pid = _index(pod_port_id, "port_id", 0, self.max_ports - 1)
+        cdef Core *c = self.c
+        cdef uint8_t family = 4 if len(pod) == 4 else 6
+        cdef bytes host16 = _addr16(host) if host is not None else bytes(16)
+        cdef int32_t rid = rule_find(c, pr, hport, family, host is None, <const uint8_t *><const char *>host16)
+        cdef uint32_t i, n = 0
+        if rid < 0:
+            for i in range(c.max_hostports):
+                if c.rules[i].used:
+                    n += 1
+                elif rid < 0:
+                    rid = i
+            if n >= c.max_hostports:
+                raise ValueError(f"hostPort table full: at most {c.max_hostports} rules")
+        cdef HpRule *r = &c.rules[rid]
+        memset(r, 0, sizeof(HpRule))
+        r.used = 1
+        r.proto = pr
+        r.any_ip = host is None
+        r.family = family
+        r.host_port = hport
+        r.container_port = cport
+        r.pod_port_id = pid
+        r.rid = rid
+        memcpy(r.host_ip, <const char *>host16, 16)
+        _put_addr16(r.pod_ip, pod)
+        rules_reindex(c)
+        self._flush_udp(hport)
+        return rid
+
+    def remove_hostport(self, proto, host_port, host_ip=None):
+        pr = _proto(proto)
+        hport = _index(host_port, "host_port", 1, 65535)
+        host = None if host_ip is None else _bytes_of(host_ip, "host_ip", (4, 16))
+        cdef Core *c = self.c
+        cdef int32_t rid
+        rids = []
+        cdef uint8_t h16[16]
+        if host is not None:
+            _put_addr16(h16, host)
+            rid = rule_find(c, pr, hport, 4 if len(host) == 4 else 6, 0, h16)
+            if rid >= 0:
+                rids.append(rid)
+        else:
+            for fam in (4, 6):
+                rid = rule_find(c, pr, hport, fam, 1, ZERO16)
+                if rid >= 0:
+                    rids.append(rid)
+        if not rids:
+            where = host.hex() if host is not None else "any node address"
+            raise ValueError(f"no hostPort rule for proto {pr} port {hport} on {where}")
+        for rid in rids:
+            self._remove_rule(rid)
+
+    def hostports(self):
+        out = []
+        cdef HpRule *r
+        cdef uint32_t i
+        for i in range(self.c.max_hostports):
+            r = &self.c.rules[i]
+            if not r.used:
+                continue
+            alen = 4 if r.family == 4 else 16
+            pod = bytes(r.pod_ip[16 - alen:16])
+            host = None if r.any_ip else bytes(r.host_ip[16 - alen:16])
+            out.append(dict(id=int(r.rid), proto=int(r.proto), host_port=int(r.host_port), host_ip=host,
+                            pod_ip=pod, container_port=int(r.container_port), pod_port_id=int(r.pod_port_id)))
+        return out
+
+    # ------------------------------------------------------------------ counters and tables
+
+    def port_counters(self):
+        cdef cnp.ndarray out = np.empty((self.max_ports, N_PC), dtype=np.uint64)
+        memcpy(cnp.PyArray_DATA(out), self.c.pc, self.max_ports * N_PC * sizeof(uint64_t))
+        return out
+
+    def global_counters(self):
+        cdef cnp.ndarray out = np.empty(N_GC, dtype=np.uint64)
+        memcpy(cnp.PyArray_DATA(out), self.c.gc, N_GC * sizeof(uint64_t))
+        return out
+
+    cdef object _wrap(self, void *ptr, Py_ssize_t count, object dtype):
+        cdef cnp.npy_intp shape[1]
+        shape[0] = count
+        cnp.Py_INCREF(dtype)          # PyArray_NewFromDescr steals a reference to the descr
+        arr = PyArray_NewFromDescr(<PyTypeObject *>np.ndarray, <cnp.dtype>dtype, 1, shape, NULL, ptr,
+                                   cnp.NPY_ARRAY_CARRAY_RO, None)
+        cnp.set_array_base(arr, self)  # the Datapath outlives the view
+        return arr
+
+    def mac_table_raw(self):
+        """The MAC table's slots (MAC_SLOT_DTYPE), a read-only view without copy. key == 0:
+        empty slot; else key = 1<<63 | vlan<<48 | MAC. Valid while this Datapath lives."""
+        return self._wrap(self.c.mac, self.c.mac_mask + 1, MAC_SLOT_DTYPE)
+
+    def conntrack_raw(self):
+        """The conntrack entries (CT_ENTRY_DTYPE; used == 0: free), a read-only view without copy."""
+        return self._wrap(self.c.ct, self.c.conntrack_size, CT_ENTRY_DTYPE)
+
+    def fdb(self):
+        raw = self.mac_table_raw()
+        keys = raw["key"]
+        sel = np.nonzero(keys)[0]
+        used = raw[sel]
+        order = np.argsort(used["key"], kind="stable")
+        used = used[order]
+        k = used["key"]
+        out = np.zeros(len(used), dtype=FDB_DTYPE)
+        out["vlan"] = (k >> np.uint64(48)) & np.uint64(0xfff)
+        shifts = np.array([40, 32, 24, 16, 8, 0], dtype=np.uint64)
+        out["mac"] = ((k[:, None] >> shifts[None, :]) & np.uint64(0xff)).astype(np.uint8)
+        out["port"] = used["port"]
+        out["last_seen_ns"] = used["last_seen_ns"]
+        return out
+
+    def conntrack(self):
+        raw = self.conntrack_raw()
+        e = raw[raw["used"] != 0]
+        o = e["orig"]
+        r = e["reply"]
+        keys = [e["orig"]["family"], o["dport"], o["sport"]]
+        keys += [o["dst"][:, i] for i in range(15, -1, -1)]
+        keys += [o["src"][:, i] for i in range(15, -1, -1)]
+        keys.append(o["proto"])
+        order = np.lexsort(keys) if len(e) else np.zeros(0, dtype=np.intp)
+        e = e[order]
+        o = e["orig"]
+        r = e["reply"]
+        out = np.zeros(len(e), dtype=CT_DTYPE)
+        out["proto"] = o["proto"]
+        out["state"] = e["state"]
+        out["hairpin"] = e["hairpin"]
+        out["family"] = o["family"]
+        out["orig_src"] = o["src"]
+        out["orig_dst"] = o["dst"]
+        out["orig_sport"] = o["sport"]
+        out["orig_dport"] = o["dport"]
+        out["reply_src"] = r["src"]
+        out["reply_dst"] = r["dst"]
+        out["reply_sport"] = r["sport"]
+        out["reply_dport"] = r["dport"]
+        out["in_port"] = e["in_port"]
+        out["out_port"] = e["out_port"]
+        out["orig_src_mac"] = e["orig_src_mac"]
+        out["orig_dst_mac"] = e["orig_dst_mac"]
+        out["expires_ns"] = e["expires_ns"]
+        out["packets"] = e["packets"]
+        out["bytes"] = e["bytes"]
+        return out
+
+    def mac_sweep(self, now_ns):
+        now = _index(now_ns, "now_ns", 0, MAX_I63)
+        return int(mac_sweep_c(self.c, now))
+
+    def conntrack_sweep(self, now_ns):
+        now = _index(now_ns, "now_ns", 0, MAX_I63)
+        return int(ct_sweep_c(self.c, now))
+
+    # ------------------------------------------------------------------ batches
+
+    cdef uint64_t _check_now(self, now_ns) except? 0:
+        now = _index(now_ns, "now_ns", 0, MAX_I63)
+        if self.c.have_now and now < self.c.last_now_ns:
+            raise ValueError(f"now_ns went backwards: {now} < {self.c.last_now_ns}")
+        return now
+
+    def process(self, buf, offsets, lengths, in_ports, out_ports, n, now_ns):
+        """Runs a batch through the pipeline (docs/datapath.md); fills out_ports[:n]."""
+        cdef cnp.ndarray a_buf = _check_buf(buf, "buf")
+        cdef cnp.ndarray a_off = _array(offsets, "offsets", cnp.NPY_UINT32, False)
+        cdef cnp.ndarray a_len = _array(lengths, "lengths", cnp.NPY_UINT32, False)
+        cdef cnp.ndarray a_in = _array(in_ports, "in_ports", cnp.NPY_UINT16, False)
+        cdef cnp.ndarray a_out = _array(out_ports, "out_ports", cnp.NPY_INT32, True)
+        cdef Py_ssize_t m = min(cnp.PyArray_DIM(a_off, 0), cnp.PyArray_DIM(a_len, 0),
+                                cnp.PyArray_DIM(a_in, 0), cnp.PyArray_DIM(a_out, 0))
+        cdef Py_ssize_t cnt = _index(n, "n", 0, m)
+        cdef uint64_t now = self._check_now(now_ns)
+        cdef Core *c = self.c
+        cdef uint8_t *base = <uint8_t *>cnp.PyArray_DATA(a_buf)
+        cdef uint64_t buflen = <uint64_t>cnp.PyArray_DIM(a_buf, 0)
+        cdef uint8_t *p_off = <uint8_t *>cnp.PyArray_DATA(a_off)
+        cdef uint8_t *p_len = <uint8_t *>cnp.PyArray_DATA(a_len)
+        cdef uint8_t *p_in = <uint8_t *>cnp.PyArray_DATA(a_in)
+        cdef uint8_t *p_out = <uint8_t *>cnp.PyArray_DATA(a_out)
+        cdef Py_ssize_t s_off = cnp.PyArray_STRIDE(a_off, 0)
+        cdef Py_ssize_t s_len = cnp.PyArray_STRIDE(a_len, 0)
+        cdef Py_ssize_t s_in = cnp.PyArray_STRIDE(a_in, 0)
+        cdef Py_ssize_t s_out = cnp.PyArray_STRIDE(a_out, 0)
+        cdef uint32_t H = c.vnet_hdr_len
+        cdef Py_ssize_t i, bad = -1
+        cdef int why = 0
+        cdef uint64_t off, length
+        cdef uint16_t ip
+        with nogil:
+            for i in range(cnt):
+                off = (<uint32_t *>(p_off + i * s_off))[0]
+                length = (<uint32_t *>(p_len + i * s_len))[0]
+                ip = (<uint16_t *>(p_in + i * s_in))[0]
+                if ip >= c.max_ports:
+                    why = 1
+                elif length > C_MAX_FRAME:
+                    why = 2
+                elif off < H or off + length > buflen:
+                    why = 3
+                if why:
+                    bad = i
+                    break
+        if bad >= 0:
+            off = offsets[bad]
+            length = lengths[bad]
+            if why == 1:
+                raise ValueError(f"in_ports[{bad}] = {in_ports[bad]} is not below max_ports {self.max_ports}")
+            if why == 2:
+                raise ValueError(f"lengths[{bad}] = {length} exceeds MAX_FRAME {C_MAX_FRAME}")
+            raise ValueError(f"packet {bad} (offset {off}, length {length}, vnet header {H}) "
+                             f"does not lie inside buf of {buflen} bytes")
+        c.last_now_ns = now
+        c.have_now = 1
+        with nogil:
+            for i in range(cnt):
+                off = (<uint32_t *>(p_off + i * s_off))[0]
+                (<int32_t *>(p_out + i * s_out))[0] = process_one(
+                    c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
+                    (<uint16_t *>(p_in + i * s_in))[0], now)
+
+    def drain(self, now_ns, out_buf, out_offsets, out_lengths, out_in_ports, out_ports, max_pkts):
+        """Releases due queued packets into out_buf (docs/datapath.md, D16); returns the count."""
+        cdef cnp.ndarray a_buf = _check_buf(out_buf, "out_buf")
+        cdef cnp.ndarray a_off = _array(out_offsets, "out_offsets", cnp.NPY_UINT32, True)
+        cdef cnp.ndarray a_len = _array(out_lengths, "out_lengths", cnp.NPY_UINT32, True)
+        cdef cnp.ndarray a_in = _array(out_in_ports, "out_in_ports", cnp.NPY_UINT16, True)
+        cdef cnp.ndarray a_out = _array(out_ports, "out_ports", cnp.NPY_INT32, True)
+        cdef Py_ssize_t m = min(cnp.PyArray_DIM(a_off, 0), cnp.PyArray_DIM(a_len, 0),
+                                cnp.PyArray_DIM(a_in, 0), cnp.PyArray_DIM(a_out, 0))
+        cdef Py_ssize_t mp = _index(max_pkts, "max_pkts", 0, m)
+        cdef uint64_t now = self._check_now(now_ns)
+        cdef Core *c = self.c
+        cdef Py_ssize_t got
+        c.last_now_ns = now
+        c.have_now = 1
+        with nogil:
+            got = drain_c(c, now, <uint8_t *>cnp.PyArray_DATA(a_buf), cnp.PyArray_DIM(a_buf, 0),
+                          <uint8_t *>cnp.PyArray_DATA(a_off), cnp.PyArray_STRIDE(a_off, 0),
+                          <uint8_t *>cnp.PyArray_DATA(a_len), cnp.PyArray_STRIDE(a_len, 0),
+                          <uint8_t *>cnp.PyArray_DATA(a_in), cnp.PyArray_STRIDE(a_in, 0),
+                          <uint8_t *>cnp.PyArray_DATA(a_out), cnp.PyArray_STRIDE(a_out, 0), mp)
+        return got
+
+    def trace(self, frame, in_port, now_ns):
+        """The stage-by-stage decisions for one frame, changing no state (D35)."""
+        if not isinstance(frame, (bytes, bytearray, memoryview)):
+            raise ValueError(f"frame must be bytes, got {type(frame).__name__}")
+        frame = bytes(frame)
+        if len(frame) > C_MAX_FRAME:
+            raise ValueError(f"frame of {len(frame)} bytes exceeds MAX_FRAME {C_MAX_FRAME}")
+        pid = _index(in_port, "in_port", 0, self.max_ports - 1)
+        cdef uint64_t now = self._check_now(now_ns)
+        cdef uint32_t H = self.vnet_hdr_len
+        cdef bytearray fb = bytearray(H) + bytearray(frame)
+        cdef uint8_t *fp = <uint8_t *>(<char *>fb)
+        cdef Core *d = core_clone(self.c)
+        cdef uint32_t length = len(frame)
+        cdef uint16_t ip16 = pid
+        cdef int i
+        if d == NULL:
+            raise MemoryError("cannot copy the datapath state for trace()")
+        d.tr = <TrRec *>calloc(TR_MAX, sizeof(TrRec))
+        if d.tr == NULL:
+            core_free(d)
+            raise MemoryError()
+        d.tr_n = 0
+        try:
+            with nogil:
+                process_one(d, fp + H, length, ip16, now)
+            steps = []
+            for i in range(d.tr_n):
+                steps.append(self._trace_text(d, &d.tr[i], frame))
+        finally:
+            core_free(d)
+        return steps
+
+    cdef tuple _trace_text(self, Core *d, TrRec *t, bytes frame):
+        cdef int st = t.stage
+        name = _TR_STAGE[st]
+        if st == TR_RX:
+            return (name, f"port {t.a}, {t.b} bytes")
+        if st == TR_PARSE:
+            return (name, f"{len(frame)}-byte frame parsed")
+        if st == TR_ANTISPOOF:
+            return (name, "pass")
+        if st == TR_EGRESS or st == TR_INGRESS:
+            return (name, _SH_VERDICT[t.a])
+        if st == TR_NAT_NEW:
+            return (name, f"new entry from rule {t.a}{' (hairpin)' if t.b else ''}")
+        if st == TR_NAT_HIT:
+            return (name, f"{'original' if t.a == 0 else 'reply'} direction, {CT_STATE_NAMES[t.b]}")
+        if st == TR_NAT_NONE:
+            return (name, "no entry, no rule")
+        if st == TR_L2:
+            return (name, _L2_TEXT[t.a].format(t.b))
+        # output
+        if t.a == C_OUT_DROP:
+            return (name, f"drop {_C_DROP_REASONS[t.b]}")
+        if t.a == C_OUT_FLOOD:
+            return (name, "flood")
+        if t.a == C_OUT_QUEUED:
+            return (name, "queued")
+        return (name, f"port {t.a}")
+
+
+include "io.pxi"

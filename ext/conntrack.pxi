@@ -1,0 +1,401 @@
+# Connection tracking and hostPort DNAT (pipeline stage 4).
+#
+# Entries live in a fixed array (conntrack_size, free list). One open-addressing index
+# (linear probing, power of two >= 4 * capacity slots, backward-shift deletion) holds
+# both tuples of every entry: a slot refers to (entry, direction) and keeps the full
+# 32-bit hash of its key so that most probes never touch an entry. A packet's 5-tuple
+# (addresses as 16 bytes, IPv4 as ::ffff:a.b.c.d, plus family) found as an entry's
+# original tuple is translated like the entry's first packet; found as its reply tuple
+# it is translated back (BESS nat.h keeps both directions in one table the same way).
+#
+# ct_portcnt[port] counts the live entries whose original destination port or reply
+# source port is `port`: a packet can match an original tuple only if its dport is
+# counted, a reply tuple only if its sport is, so most non-NAT traffic skips the hash.
+# rule_ports is the same idea for hostPort rules (a bitmap of host ports).
+#
+# Rules are found through a small open-addressing index rebuilt on every rule change:
+# key (proto, host_port, family, any, host_ip). Exact host_ip rules win over "any node
+# address" rules (twin's D19: any rules are keyed per family of the pod IP).
+#
+# Checksums follow the twin's D25/D26: every written field contributes ~m and m'.
+
+cdef inline uint32_t ct_hash(const CtKey *k) noexcept nogil:
+    cdef uint64_t h = 0x243F6A8885A308D3ULL
+    cdef const uint8_t *b = <const uint8_t *>k
+    h = (h ^ load_u64(b)) * 0x9E3779B97F4A7C15ULL
+    h ^= h >> 29
+    h = (h ^ load_u64(b + 8)) * 0x9E3779B97F4A7C15ULL
+    h ^= h >> 29
+    h = (h ^ load_u64(b + 16)) * 0x9E3779B97F4A7C15ULL
+    h ^= h >> 29
+    h = (h ^ load_u64(b + 24)) * 0x9E3779B97F4A7C15ULL
+    h ^= h >> 29
+    h = (h ^ load_u64(b + 32)) * 0x9E3779B97F4A7C15ULL
+    h ^= h >> 32
+    return <uint32_t>h
+
+cdef inline bint ct_key_eq(const CtKey *a, const CtKey *b) noexcept nogil:
+    cdef const uint8_t *x = <const uint8_t *>a
+    cdef const uint8_t *y = <const uint8_t *>b
+    return ((load_u64(x) ^ load_u64(y)) | (load_u64(x + 8) ^ load_u64(y + 8))
+            | (load_u64(x + 16) ^ load_u64(y + 16)) | (load_u64(x + 24) ^ load_u64(y + 24))
+            | (load_u64(x + 32) ^ load_u64(y + 32))) == 0
+
+cdef inline uint32_t ct_find(Core *c, const CtKey *k, uint32_t h) noexcept nogil:
+    # the slot ref ((entry << 1 | direction) + 1) whose key equals k, or 0
+    cdef uint64_t i = h & c.ct_mask
+    cdef CtSlot *s
+    cdef CtEntry *e
+    cdef uint32_t r
+    while True:
+        s = &c.ct_slots[i]
+        if s.ref == 0:
+            return 0
+        if s.hash == h:
+            r = s.ref - 1
+            e = &c.ct[r >> 1]
+            if ct_key_eq(k, &e.reply if (r & 1) else &e.orig):
+                return s.ref
+        i = (i + 1) & c.ct_mask
+
+cdef inline void ct_slot_insert(Core *c, uint32_t h, uint32_t ref) noexcept nogil:
+    cdef uint64_t i = h & c.ct_mask
+    while c.ct_slots[i].ref != 0:
+        i = (i + 1) & c.ct_mask
+    c.ct_slots[i].ref = ref
+    c.ct_slots[i].hash = h
+
+cdef inline void ct_slot_remove(Core *c, uint32_t h, uint32_t ref) noexcept nogil:
+    cdef uint64_t mask = c.ct_mask
+    cdef uint64_t i = h & mask
+    cdef uint64_t j, home
+    while c.ct_slots[i].ref != ref:
+        i = (i + 1) & mask
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if c.ct_slots[j].ref == 0:
+            break
+        home = c.ct_slots[j].hash & mask
+        if ((j - home) & mask) >= ((j - i) & mask):
+            c.ct_slots[i] = c.ct_slots[j]
+            i = j
+    c.ct_slots[i].ref = 0
+    c.ct_slots[i].hash = 0
+
+cdef inline void ct_delete(Core *c, uint32_t idx) noexcept nogil:
+    cdef CtEntry *e = &c.ct[idx]
+    ct_slot_remove(c, e.hash_orig, (idx << 1) + 1)
+    ct_slot_remove(c, e.hash_reply, (idx << 1 | 1) + 1)
+    c.ct_portcnt[e.orig.dport] -= 1
+    c.ct_portcnt[e.reply.sport] -= 1
+    memset(e, 0, sizeof(CtEntry))
+    e.next_free = c.ct_free
+    c.ct_free = idx + 1
+    c.ct_count -= 1
+
+cdef uint64_t ct_sweep_c(Core *c, uint64_t now) noexcept nogil:
+    # deletes every expired entry (counted ct_expired); returns the count
+    cdef uint32_t i
+    cdef uint64_t n = 0
+    for i in range(c.conntrack_size):
+        if c.ct[i].used and c.ct[i].expires_ns <= now:
+            ct_delete(c, i)
+            n += 1
+    c.gc[GC_CT_EXPIRED] += n
+    return n
+
+cdef inline void ct_key_from_pkt(CtKey *k, Pkt *p) noexcept nogil:
+    cdef const uint8_t *ip = p.p + p.l3_off
+    cdef const uint8_t *l4 = p.p + p.l4_off
+    if p.kind == K_IPV4:
+        memset(k.src, 0, 10)
+        k.src[10] = 0xff
+        k.src[11] = 0xff
+        memcpy(k.src + 12, ip + 12, 4)
+        memset(k.dst, 0, 10)
+        k.dst[10] = 0xff
+        k.dst[11] = 0xff
+        memcpy(k.dst + 12, ip + 16, 4)
+        k.family = 4
+    else:
+        memcpy(k.src, ip + 8, 16)
+        memcpy(k.dst, ip + 24, 16)
+        k.family = 6
+    k.sport = load_be16(l4)
+    k.dport = load_be16(l4 + 2)
+    k.proto = p.l4_proto
+    k.pad[0] = 0
+    k.pad[1] = 0
+
+# ---------------------------------------------------------------- hostPort rules
+
+cdef inline uint32_t rule_hash(uint8_t proto, uint16_t port, uint8_t family, uint8_t any_ip,
+                               const uint8_t *ip) noexcept nogil:
+    cdef uint64_t h = (<uint64_t>proto << 24) ^ (<uint64_t>port << 8) ^ (<uint64_t>family << 1) ^ any_ip
+    h = (h ^ load_u64(ip)) * 0x9E3779B97F4A7C15ULL
+    h ^= h >> 29
+    h = (h ^ load_u64(ip + 8)) * 0x9E3779B97F4A7C15ULL
+    h ^= h >> 32
+    return <uint32_t>h
+
+cdef inline int32_t rule_find(Core *c, uint8_t proto, uint16_t port, uint8_t family, uint8_t any_ip,
+                              const uint8_t *ip) noexcept nogil:
+    # rule id of the key, or -1 (ip is ignored for any_ip rules: pass zeros)
+    cdef uint64_t i = rule_hash(proto, port, family, any_ip, ip) & c.rule_mask
+    cdef uint32_t s
+    cdef HpRule *r
+    while True:
+        s = c.rule_slots[i]
+        if s == 0:
+            return -1
+        r = &c.rules[s - 1]
+        if (r.proto == proto and r.host_port == port and r.family == family and r.any_ip == any_ip
+                and memcmp(r.host_ip, ip, 16) == 0):
+            return <int32_t>(s - 1)
+        i = (i + 1) & c.rule_mask
+
+cdef void rules_reindex(Core *c) noexcept nogil:
+    cdef uint32_t rid
+    cdef uint64_t i
+    cdef HpRule *r
+    memset(c.rule_slots, 0, (c.rule_mask + 1) * sizeof(uint32_t))
+    memset(c.rule_ports, 0, sizeof(c.rule_ports))
+    for rid in range(c.max_hostports):
+        r = &c.rules[rid]
+        if not r.used:
+            continue
+        i = rule_hash(r.proto, r.host_port, r.family, r.any_ip, r.host_ip) & c.rule_mask
+        while c.rule_slots[i] != 0:
+            i = (i + 1) & c.rule_mask
+        c.rule_slots[i] = rid + 1
+        c.rule_ports[r.host_port >> 6] |= (<uint64_t>1) << (r.host_port & 63)
+
+cdef inline bint is_node_address(Core *c, uint8_t family, const uint8_t *ip) noexcept nogil:
+    cdef uint32_t i
+    for i in range(c.n_node):
+        if c.node_family[i] == family and memcmp(c.node_ip[i], ip, 16) == 0:
+            return True
+    return False
+
+cdef uint8_t ZERO16[16]
+memset(ZERO16, 0, 16)
+
+cdef inline int32_t rule_match(Core *c, CtKey *k) noexcept nogil:
+    # the rule for a packet's (proto, dst, dport): exact host_ip first, then any node address
+    cdef int32_t rid
+    if not (c.rule_ports[k.dport >> 6] >> (k.dport & 63)) & 1:
+        return -1
+    rid = rule_find(c, k.proto, k.dport, k.family, 0, k.dst)
+    if rid >= 0:
+        return rid
+    if is_node_address(c, k.family, k.dst):
+        return rule_find(c, k.proto, k.dport, k.family, 1, ZERO16)
+    return -1
+
+# ---------------------------------------------------------------- rewriting
+
+cdef inline uint32_t csum_delta(uint32_t acc, const uint8_t *old, const uint8_t *new, int nwords) noexcept nogil:
+    # adds ~m + m' for nwords big-endian words
+    cdef int i
+    cdef uint32_t m, m2
+    for i in range(nwords):
+        m = (<uint32_t>old[2 * i] << 8) | old[2 * i + 1]
+        m2 = (<uint32_t>new[2 * i] << 8) | new[2 * i + 1]
+        acc += (m ^ 0xffff) + m2
+    return acc
+
+cdef inline void nat_rewrite(Pkt *k, bint needs_csum, const uint8_t *new_src, const uint8_t *new_dst,
+                             int new_sport, int new_dport) noexcept nogil:
+    # writes the given fields (NULL / -1: not written) and patches the checksums (D25, D26).
+    # new_src / new_dst are 16-byte addresses (IPv4: ::ffff:a.b.c.d)
+    cdef uint8_t *ip = k.p + k.l3_off
+    cdef uint8_t *l4 = k.p + k.l4_off
+    cdef uint32_t addr_acc = 0, port_acc = 0
+    cdef uint8_t *cs
+    cdef uint16_t hc, nc
+    cdef uint8_t pw[2]
+    if k.kind == K_IPV4:
+        if new_src != NULL:
+            addr_acc = csum_delta(addr_acc, ip + 12, new_src + 12, 2)
+        if new_dst != NULL:
+            addr_acc = csum_delta(addr_acc, ip + 16, new_dst + 12, 2)
+        hc = load_be16(ip + 10)
+        nc = ~csum_fold((hc ^ 0xffff) + addr_acc)
+        store_be16(ip + 10, nc)
+        if new_src != NULL:
+            memcpy(ip + 12, new_src + 12, 4)
+        if new_dst != NULL:
+            memcpy(ip + 16, new_dst + 12, 4)
+    else:
+        if new_src != NULL:
+            addr_acc = csum_delta(addr_acc, ip + 8, new_src, 8)
+            memcpy(ip + 8, new_src, 16)
+        if new_dst != NULL:
+            addr_acc = csum_delta(addr_acc, ip + 24, new_dst, 8)
+            memcpy(ip + 24, new_dst, 16)
+    if new_sport >= 0:
+        store_be16(pw, <uint16_t>new_sport)
+        port_acc = csum_delta(port_acc, l4, pw, 1)
+        store_be16(l4, <uint16_t>new_sport)
+    if new_dport >= 0:
+        store_be16(pw, <uint16_t>new_dport)
+        port_acc = csum_delta(port_acc, l4 + 2, pw, 1)
+        store_be16(l4 + 2, <uint16_t>new_dport)
+    cs = l4 + (16 if k.l4_proto == 6 else 6)
+    hc = load_be16(cs)
+    if needs_csum:
+        store_be16(cs, csum_fold(hc + addr_acc))
+        return
+    if k.l4_proto == 17 and k.kind == K_IPV4 and hc == 0:
+        return
+    nc = ~csum_fold((hc ^ 0xffff) + addr_acc + port_acc)
+    if nc == 0 and k.l4_proto == 17:
+        nc = 0xffff
+    store_be16(cs, nc)
+
+# ---------------------------------------------------------------- the NAT stage
+
+cdef enum:
+    NAT_NONE = -1        # no NAT decision: the FDB decides
+    NAT_OUT = -2         # translated; *out holds the port
+
+cdef inline void ct_apply(Core *c, CtEntry *e, int direction, Pkt *k, uint64_t now) noexcept nogil:
+    # state machine (twin's D27), expiry, counters for one packet of the entry
+    cdef uint8_t flags
+    if e.orig.proto == 6:
+        flags = k.p[k.l4_off + 13]
+        if flags & TCP_RST:
+            e.state = C_CT_CLOSE
+        elif flags & TCP_FIN:
+            e.fin_seen |= <uint8_t>(1 << direction)
+            if e.fin_seen == 3 or e.state == C_CT_CLOSE:
+                e.state = C_CT_CLOSE
+            else:
+                e.state = C_CT_FIN
+        elif e.state == C_CT_SYN_SENT and direction == 1:
+            e.state = C_CT_ESTABLISHED
+    elif direction == 1:
+        e.state = C_CT_UDP_REPLIED
+    e.expires_ns = now + c.ct_timeout[e.state]
+    e.packets += 1
+    e.bytes += k.len
+
+cdef inline void ct_translate(Core *c, CtEntry *e, int direction, Pkt *k, int32_t *out) noexcept nogil:
+    cdef bint needs_csum = k.vnet != NULL and (k.vnet[0] & C_VNET_F_NEEDS_CSUM)
+    cdef PortState *ps
+    if direction == 0:
+        nat_rewrite(k, needs_csum, e.reply.dst if e.hairpin else NULL, e.reply.src, -1, e.reply.sport)
+        if c.gw_mac_set:
+            memcpy(k.p + 6, c.gw_mac, 6)
+        ps = &c.ports[e.out_port]
+        if ps.present and ps.mac_bound:
+            memcpy(k.p, ps.mac, 6)
+        out[0] = e.out_port
+    else:
+        nat_rewrite(k, needs_csum, e.orig.dst, e.orig.src if e.hairpin else NULL, e.orig.dport, -1)
+        memcpy(k.p + 6, e.orig_dst_mac, 6)
+        memcpy(k.p, e.orig_src_mac, 6)
+        out[0] = e.in_port
+    c.gc[GC_NAT_TRANSLATED] += 1
+
+cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
+    # NAT_NONE, NAT_OUT (out set) or a drop reason DR_*
+    cdef CtKey key
+    cdef CtKey rkey
+    cdef uint32_t ref, h, rh, idx
+    cdef int32_t rid
+    cdef CtEntry *e
+    cdef HpRule *r
+    cdef const uint8_t *l4 = k.p + k.l4_off
+    cdef uint16_t sport = load_be16(l4)
+    cdef uint16_t dport = load_be16(l4 + 2)
+    cdef bint hairpin
+    if c.ct_portcnt[sport] == 0 and c.ct_portcnt[dport] == 0 \
+            and not (c.rule_ports[dport >> 6] >> (dport & 63)) & 1:
+        tr_add(c, TR_NAT_NONE, 0, 0)
+        return NAT_NONE
+    ct_key_from_pkt(&key, k)
+    h = ct_hash(&key)
+    ref = ct_find(c, &key, h) if (c.ct_portcnt[sport] | c.ct_portcnt[dport]) else 0
+    if ref:
+        idx = (ref - 1) >> 1
+        e = &c.ct[idx]
+        if e.expires_ns <= now:
+            ct_delete(c, idx)
+            c.gc[GC_CT_EXPIRED] += 1
+        else:
+            ct_apply(c, e, (ref - 1) & 1, k, now)
+            ct_translate(c, e, (ref - 1) & 1, k, out)
+            tr_add(c, TR_NAT_HIT, (ref - 1) & 1, e.state)
+            return NAT_OUT
+    rid = rule_match(c, &key)
+    if rid < 0:
+        tr_add(c, TR_NAT_NONE, 0, 0)
+        return NAT_NONE
+    r = &c.rules[rid]
+    hairpin = memcmp(key.src, r.pod_ip, 16) == 0
+    if hairpin:
+        if key.family == 4 and c.gw_ip4_set:
+            memcpy(rkey.dst, c.gw_ip4, 16)
+        elif key.family == 6 and c.gw_ip6_set:
+            memcpy(rkey.dst, c.gw_ip6, 16)
+        else:
+            hairpin = False
+    if not hairpin:
+        memcpy(rkey.dst, key.src, 16)
+    memcpy(rkey.src, r.pod_ip, 16)
+    rkey.sport = r.container_port
+    rkey.dport = key.sport
+    rkey.proto = key.proto
+    rkey.family = key.family
+    rkey.pad[0] = 0
+    rkey.pad[1] = 0
+    if ct_key_eq(&rkey, &key):
+        return DR_NAT_COLLISION
+    rh = ct_hash(&rkey)
+    ref = ct_find(c, &rkey, rh)
+    if ref:
+        idx = (ref - 1) >> 1
+        if c.ct[idx].expires_ns <= now:
+            ct_delete(c, idx)
+            c.gc[GC_CT_EXPIRED] += 1
+        else:
+            return DR_NAT_COLLISION
+    if c.ct_count >= c.conntrack_size:
+        if not c.ct_swept or now - c.ct_sweep_ns >= C_SWEEP_INTERVAL_NS:
+            c.ct_swept = 1
+            c.ct_sweep_ns = now
+            ct_sweep_c(c, now)
+        if c.ct_count >= c.conntrack_size:
+            return DR_TABLE_FULL
+    idx = c.ct_free - 1
+    e = &c.ct[idx]
+    c.ct_free = e.next_free
+    e.next_free = 0
+    e.orig = key
+    e.reply = rkey
+    e.hash_orig = h
+    e.hash_reply = rh
+    e.expires_ns = 0
+    e.packets = 0
+    e.bytes = 0
+    e.in_port = k.in_port
+    e.out_port = r.pod_port_id
+    memcpy(e.orig_dst_mac, k.p, 6)
+    memcpy(e.orig_src_mac, k.p + 6, 6)
+    e.state = C_CT_SYN_SENT if key.proto == 6 else C_CT_UDP_NEW
+    e.hairpin = hairpin
+    e.fin_seen = 0
+    e.used = 1
+    ct_slot_insert(c, h, (idx << 1) + 1)
+    ct_slot_insert(c, rh, (idx << 1 | 1) + 1)
+    c.ct_portcnt[key.dport] += 1
+    c.ct_portcnt[rkey.sport] += 1
+    c.ct_count += 1
+    c.gc[GC_CT_CREATED] += 1
+    tr_add(c, TR_NAT_NEW, rid, hairpin)
+    ct_apply(c, e, 0, k, now)
+    ct_translate(c, e, 0, k, out)
+    tr_add(c, TR_NAT_HIT, 0, e.state)
+    return NAT_OUT

@@ -1,0 +1,343 @@
+# Declarations of the datapath core: constants (mirroring vswitch/dpconst.py, which
+# tests/datapath/test_consts.py checks), the C library functions we call, and every
+# struct, with a comment on each field. Included first by _datapath.pyx.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from libc.string cimport memcpy, memcmp, memset, memmove
+from libc.stdlib cimport malloc, calloc, realloc, free
+
+cdef extern from *:
+    """
+    typedef unsigned __int128 vsw_u128;
+    static inline void vsw_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+    static inline void vsw_prefetchw(const void *p) { __builtin_prefetch(p, 1, 3); }
+    static inline uint16_t vsw_load_be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+    static inline uint32_t vsw_load_be32(const uint8_t *p) {
+        return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+    }
+    static inline void vsw_store_be16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+    static inline uint64_t vsw_load_u64(const void *p) { uint64_t v; __builtin_memcpy(&v, p, 8); return v; }
+    static inline uint64_t vsw_mac48(const uint8_t *p) {
+        return ((uint64_t)p[0] << 40) | ((uint64_t)p[1] << 32) | ((uint64_t)p[2] << 24)
+             | ((uint64_t)p[3] << 16) | ((uint64_t)p[4] << 8) | (uint64_t)p[5];
+    }
+    """
+    # credit in bit*ns: 128-bit so that rate (< 2^63) * elapsed ns (< 2^64) never overflows
+    ctypedef unsigned long long u128 "vsw_u128"
+    void prefetch "vsw_prefetch"(const void *p) noexcept nogil
+    void prefetchw "vsw_prefetchw"(const void *p) noexcept nogil
+    uint16_t load_be16 "vsw_load_be16"(const uint8_t *p) noexcept nogil
+    uint32_t load_be32 "vsw_load_be32"(const uint8_t *p) noexcept nogil
+    void store_be16 "vsw_store_be16"(uint8_t *p, uint16_t v) noexcept nogil
+    uint64_t load_u64 "vsw_load_u64"(const void *p) noexcept nogil
+    uint64_t mac48 "vsw_mac48"(const uint8_t *p) noexcept nogil
+
+
+# ---------------------------------------------------------------- constants (dpconst.py)
+cdef enum:
+    C_OUT_FLOOD = -1
+    C_OUT_DROP = -2
+    C_OUT_QUEUED = -3
+
+    C_PORT_POD = 0
+    C_PORT_HOST = 1
+    C_PORT_UPLINK = 2
+
+    C_EGRESS = 0
+    C_INGRESS = 1
+
+    C_MAX_FRAME = 65535 + 14 + 4
+    C_MAX_IPS_PER_PORT = 8
+    C_MAX_IPV6_EXT_HEADERS = 8
+
+    C_VNET_F_NEEDS_CSUM = 1
+
+    C_CT_SYN_SENT = 1
+    C_CT_ESTABLISHED = 2
+    C_CT_FIN = 3
+    C_CT_CLOSE = 4
+    C_CT_UDP_NEW = 5
+    C_CT_UDP_REPLIED = 6
+
+cdef uint64_t C_SEC_NS = 1000000000ULL
+cdef uint64_t C_SWEEP_INTERVAL_NS = 1000000000ULL
+
+# per-port counters: index in port_counters()' second axis (order = dpconst.PORT_COUNTERS)
+cdef enum:
+    PC_RX_PACKETS = 0
+    PC_RX_BYTES
+    PC_TX_PACKETS
+    PC_TX_BYTES
+    PC_DROP_MALFORMED
+    PC_DROP_SPOOFED
+    PC_DROP_QUEUE_FULL
+    PC_DROP_NO_ROUTE
+    PC_DROP_LOOP
+    PC_DROP_TABLE_FULL
+    PC_DROP_NAT_COLLISION
+    PC_QUEUED
+    N_PC
+
+# global counters: index in global_counters() (order = dpconst.GLOBAL_COUNTERS)
+cdef enum:
+    GC_PACKETS = 0
+    GC_BYTES
+    GC_MALFORMED
+    GC_SPOOFED
+    GC_QUEUE_FULL
+    GC_NO_ROUTE
+    GC_LOOP
+    GC_TABLE_FULL
+    GC_NAT_COLLISION
+    GC_QUEUED
+    GC_FLOODED
+    GC_MAC_MOVES
+    GC_MAC_TABLE_FULL
+    GC_MAC_LEARNED
+    GC_CT_CREATED
+    GC_CT_EXPIRED
+    GC_CT_DELETED
+    GC_NAT_TRANSLATED
+    N_GC
+
+# drop reasons: index into DROP_PC / DROP_GC (order = dpconst.DROP_REASONS)
+cdef enum:
+    DR_MALFORMED = 0
+    DR_SPOOFED
+    DR_QUEUE_FULL
+    DR_NO_ROUTE
+    DR_LOOP
+    DR_TABLE_FULL
+    DR_NAT_COLLISION
+    N_DR
+
+cdef int DROP_PC[N_DR]
+DROP_PC[:] = [PC_DROP_MALFORMED, PC_DROP_SPOOFED, PC_DROP_QUEUE_FULL, PC_DROP_NO_ROUTE,
+              PC_DROP_LOOP, PC_DROP_TABLE_FULL, PC_DROP_NAT_COLLISION]
+cdef int DROP_GC[N_DR]
+DROP_GC[:] = [GC_MALFORMED, GC_SPOOFED, GC_QUEUE_FULL, GC_NO_ROUTE, GC_LOOP, GC_TABLE_FULL,
+              GC_NAT_COLLISION]
+
+# the names, in the order of the enums above (exported; must equal dpconst's tuples)
+_C_PORT_COUNTERS = (
+    "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
+    "drop_malformed", "drop_spoofed", "drop_queue_full", "drop_no_route",
+    "drop_loop", "drop_table_full", "drop_nat_collision", "queued",
+)
+_C_GLOBAL_COUNTERS = (
+    "packets", "bytes",
+    "malformed", "spoofed", "queue_full", "no_route", "loop", "table_full",
+    "nat_collision", "queued", "flooded",
+    "mac_moves", "mac_table_full", "mac_learned",
+    "ct_created", "ct_expired", "ct_deleted", "nat_translated",
+)
+_C_DROP_REASONS = ("malformed", "spoofed", "queue_full", "no_route", "loop", "table_full",
+                   "nat_collision")
+
+# parser result kinds (internal)
+cdef enum:
+    K_L2 = 0          # switched at L2 only (unknown ethertype)
+    K_ARP = 1
+    K_IPV4 = 2
+    K_IPV6 = 3
+
+cdef enum:
+    TCP_FIN = 0x01
+    TCP_SYN = 0x02
+    TCP_RST = 0x04
+
+# ---------------------------------------------------------------- structs
+
+ctypedef struct Pkt:
+    # what the parser learned about one frame; offsets count from the frame's first byte
+    uint8_t *p            # the Ethernet frame (in the caller's buffer or a queue)
+    uint8_t *vnet         # its virtio-net header (H bytes before p), or NULL when H == 0
+    uint32_t len          # frame length in bytes (vnet header excluded)
+    uint16_t in_port      # port it arrived on
+    uint16_t vlan         # 802.1Q VLAN id (TCI & 0xfff), 0 when untagged
+    uint8_t kind          # K_L2, K_ARP, K_IPV4 or K_IPV6
+    uint8_t has_l4        # 1: l4_proto/l4_off are valid (headers checked)
+    uint8_t nat_ok        # 1: TCP or UDP, not a fragment: may be NAT-tracked
+    uint8_t l4_proto      # IP protocol / IPv6 next header of the L4 header
+    uint32_t l3_off       # offset of the ARP/IPv4/IPv6 header
+    uint32_t l4_off       # offset of the TCP/UDP/ICMP header (when has_l4)
+    uint32_t l3_end       # offset one past the IP packet (total / payload length)
+
+ctypedef struct CtKey:
+    # one direction of a connection: the 5-tuple as it appears in a packet (40 bytes)
+    uint8_t src[16]       # source address; IPv4 as ::ffff:a.b.c.d
+    uint8_t dst[16]       # destination address; IPv4 as ::ffff:a.b.c.d
+    uint16_t sport        # source port, host byte order
+    uint16_t dport        # destination port, host byte order
+    uint8_t proto         # 6 TCP or 17 UDP
+    uint8_t family        # 4 or 6
+    uint8_t pad[2]        # zero (keys are compared as 5 words)
+
+ctypedef struct CtEntry:
+    # one tracked connection; indexed from two hash slots (original and reply tuple)
+    CtKey orig            # the tuple of the first packet, as received
+    CtKey reply           # the tuple replies carry (pod ip/port -> translated source)
+    uint64_t expires_ns   # deleted when now >= expires_ns
+    uint64_t packets      # packets matched, both directions, the first included
+    uint64_t bytes        # frame bytes of those packets
+    uint32_t hash_orig    # full hash of orig (finds its slot for deletion)
+    uint32_t hash_reply   # full hash of reply
+    uint32_t next_free    # free-list link (entry index + 1, 0 = end) while unused
+    uint16_t in_port      # port of the first packet (replies go there)
+    uint16_t out_port     # the pod port of the rule (original direction goes there)
+    uint8_t orig_src_mac[6]   # source MAC of the first frame (replies' destination MAC)
+    uint8_t orig_dst_mac[6]   # destination MAC of the first frame (replies' source MAC)
+    uint8_t state         # C_CT_* state
+    uint8_t hairpin       # 1: the source was SNATed to the gateway address
+    uint8_t fin_seen      # TCP: bit 0 FIN seen in original direction, bit 1 in reply
+    uint8_t used          # 1 while the entry is live
+
+ctypedef struct CtSlot:
+    # one slot of the conntrack hash index (open addressing, linear probing)
+    uint32_t ref          # 0 = empty, else (entry index << 1 | direction) + 1
+    uint32_t hash         # full 32-bit hash of the key (skips most key compares)
+
+ctypedef struct MacEntry:
+    # one slot of the MAC table (open addressing, linear probing, backward-shift delete)
+    uint64_t key          # 0 = empty; else 1<<63 | vlan<<48 | MAC as a 48-bit big-endian int
+    uint64_t last_seen_ns # the now_ns of the latest frame from this MAC
+    uint16_t port         # port the MAC was learned on
+    uint16_t pad[3]       # zero
+
+ctypedef struct PortState:
+    # one port's configuration, indexed by port id
+    uint8_t present       # 1 after add_port, 0 after remove_port
+    uint8_t kind          # C_PORT_POD / C_PORT_HOST / C_PORT_UPLINK
+    uint8_t up            # 1 while up (new ports start up)
+    uint8_t antispoof     # 1: check source MAC/IPs against the binding
+    uint8_t bound         # 1 after bind_port
+    uint8_t mac_bound     # 1: bound MAC set (checked, and NAT's destination MAC)
+    uint8_t ips_bound     # 1: IP set bound (checked); it may be empty
+    uint8_t n_ip4         # number of bound IPv4 addresses
+    uint8_t n_ip6         # number of bound IPv6 addresses
+    uint8_t mac[6]        # bound MAC
+    uint32_t ip4[8]       # bound IPv4 addresses, host byte order
+    uint8_t ip6[8][16]    # bound IPv6 addresses
+
+ctypedef struct HpRule:
+    # one hostPort DNAT rule
+    uint8_t used          # 1 while the rule exists
+    uint8_t proto         # 6 or 17
+    uint8_t any_ip        # 1: matches any node address (host_ip None)
+    uint8_t family        # 4 or 6: family of host_ip / pod_ip
+    uint16_t host_port    # destination port matched
+    uint16_t container_port   # port it is rewritten to
+    uint16_t pod_port_id  # the pod's port id (out port)
+    uint16_t pad          # zero
+    uint32_t rid          # rule id returned by add_hostport
+    uint8_t host_ip[16]   # destination address matched (when not any_ip), ::ffff: for IPv4
+    uint8_t pod_ip[16]    # address it is rewritten to, ::ffff: for IPv4
+
+ctypedef struct Shaper:
+    # one token bucket with its queue (per port and direction)
+    uint8_t active        # 1 after set_shaper, 0 after clear_shaper
+    uint8_t has_last      # 1 once last_ns was set by a packet or drain
+    uint64_t rate_bps     # refill rate in bit/s; 0 = off (pass all)
+    uint64_t burst_bits   # bucket size in bits
+    u128 credit           # tokens in bit*ns (bits * 10^9)
+    uint64_t last_ns      # time of the latest refill
+    uint64_t queue_limit_bytes  # sum of queued frame lengths may not exceed this
+    uint64_t queue_bytes  # sum of queued frame lengths
+    uint64_t queue_packets    # number of queued packets
+    uint8_t *qbuf         # FIFO storage: records [QRec][vnet header][frame], 8-aligned
+    uint64_t qcap         # bytes allocated at qbuf
+    uint64_t qhead        # offset of the oldest record
+    uint64_t qtail        # offset one past the newest record
+
+ctypedef struct QRec:
+    # header of one queued packet in a shaper FIFO
+    uint32_t len          # frame length (vnet header excluded)
+    uint16_t in_port      # port the packet arrived on
+    uint16_t pad          # zero
+    int32_t out_port      # ingress queues: the decided out port; egress queues: unused
+    uint32_t reclen       # bytes of this record including header and padding
+    uint64_t seq          # Core.drain_seq when queued (skipped by the drain() that queued it)
+
+ctypedef struct TrRec:
+    # one stage reached by a traced frame (trace() only)
+    int stage             # TR_* code
+    int64_t a             # stage-specific value (verdict, port, direction, rule id...)
+    int64_t b             # stage-specific value
+
+# trace() switches on Core.tr; the pipeline appends one record per stage it reaches
+cdef enum:
+    TR_RX = 1
+    TR_PARSE
+    TR_ANTISPOOF
+    TR_EGRESS
+    TR_NAT_NEW
+    TR_NAT_HIT
+    TR_NAT_NONE
+    TR_L2
+    TR_INGRESS
+    TR_OUTPUT
+    TR_MAX = 16
+
+ctypedef struct Core:
+    # all state of one Datapath, owned by the Python object, used without the GIL
+    uint32_t max_ports        # port ids are 0 .. max_ports-1
+    uint32_t mac_table_size   # MAC table capacity (entries)
+    uint32_t conntrack_size   # conntrack capacity (entries)
+    uint32_t max_hostports    # hostPort rule capacity
+    uint32_t vnet_hdr_len     # H: bytes of virtio-net header before each frame (0, 10, 12)
+    uint64_t mac_aging_ns     # MAC entries older than this are aged
+    uint64_t ct_timeout[7]    # conntrack timeout per C_CT_* state (index 0 unused), ns
+    uint64_t last_now_ns      # the latest now_ns of process()/drain() (monotonic check)
+    uint8_t have_now          # 1 once last_now_ns was set
+    PortState *ports          # [max_ports] configuration
+    uint64_t *pc              # [max_ports * N_PC] per-port counters
+    uint64_t gc[N_GC]         # global counters
+    uint16_t *up_list         # ids of the ports that are added and up, ascending
+    uint32_t n_up             # entries in up_list
+    # MAC table
+    MacEntry *mac             # [mac_mask + 1] slots
+    uint64_t mac_mask         # slots - 1 (slots: power of two >= 2 * mac_table_size)
+    int mac_shift             # 64 - log2(slots): multiplicative hash shift
+    uint32_t mac_count        # entries in use
+    uint8_t mac_swept         # 1 once the automatic sweep ran
+    uint64_t mac_sweep_ns     # now_ns of the latest automatic sweep
+    # conntrack
+    CtEntry *ct               # [conntrack_size] entries
+    CtSlot *ct_slots          # [ct_mask + 1] index slots (power of two >= 4 * conntrack_size)
+    uint64_t ct_mask          # slots - 1
+    uint32_t ct_count         # entries in use
+    uint32_t ct_free          # free list head (entry index + 1), 0 = none
+    uint32_t *ct_portcnt      # [65536] entries whose orig dport or reply sport is this port
+    uint8_t ct_swept          # 1 once the automatic sweep ran
+    uint64_t ct_sweep_ns      # now_ns of the latest automatic sweep
+    # hostPort rules
+    HpRule *rules             # [max_hostports] rules by id
+    uint32_t *rule_slots      # [rule_mask + 1] index: rule id + 1, 0 = empty (rebuilt on change)
+    uint64_t rule_mask        # slots - 1
+    uint64_t rule_ports[1024] # bitmap of host ports that have a rule (any proto)
+    # addresses
+    uint8_t gw_mac_set        # 1: gateway MAC set
+    uint8_t gw_mac[6]         # the host port's MAC (NAT source MAC)
+    uint8_t gw_ip4_set        # 1: IPv4 gateway set
+    uint8_t gw_ip4[16]        # IPv4 gateway as ::ffff:a.b.c.d (hairpin SNAT source)
+    uint8_t gw_ip6_set        # 1: IPv6 gateway set
+    uint8_t gw_ip6[16]        # IPv6 gateway
+    uint32_t n_node           # node addresses in use
+    uint8_t node_family[64]   # 4 or 6 per node address
+    uint8_t node_ip[64][16]   # node addresses (IPv4 as ::ffff:a.b.c.d)
+    # shapers
+    Shaper *shapers           # [max_ports * 2]: index port * 2 + direction
+    uint64_t drain_seq        # increments per drain() call (marks packets queued during it)
+    uint32_t *active          # [max_ports * 2] indexes of the shapers that exist, ascending
+    uint32_t n_active         # entries in active
+    TrRec *tr                 # trace() only: the stage recorder (NULL: off)
+    int tr_n                  # records in tr
+
+
+cdef inline void tr_add(Core *c, int stage, int64_t a, int64_t b) noexcept nogil:
+    # records a stage for trace(); one predictable branch when not tracing
+    if c.tr != NULL and c.tr_n < TR_MAX:
+        c.tr[c.tr_n].stage = stage
+        c.tr[c.tr_n].a = a
+        c.tr[c.tr_n].b = b
+        c.tr_n += 1
