@@ -143,9 +143,10 @@ def _receiver_intervals(data):
     return total_b, total_s
 
 
-def tcp_rate_bps(sender_ns, receiver_ns, sender_ip, seconds, streams=1, omit_s=0,
-                 port=IPERF_PORT):
-    """Receiver-measured TCP goodput in bit/s from ``sender_ns`` to ``receiver_ns``."""
+def tcp_goodput_and_mss(sender_ns, receiver_ns, sender_ip, seconds, omit_s=0, streams=1,
+                        port=IPERF_PORT):
+    """Receiver-measured TCP goodput in bit/s from ``sender_ns`` to ``receiver_ns`` over
+    the non-omitted intervals, and the connection's MSS in bytes (None if not reported)."""
     server = _start_server(sender_ns, port, sender_ip)
     try:
         data = _iperf_client(receiver_ns, sender_ip,
@@ -153,9 +154,17 @@ def tcp_rate_bps(sender_ns, receiver_ns, sender_ip, seconds, streams=1, omit_s=0
     finally:
         _stop(server)
     b, s = _receiver_intervals(data)
+    mss = data.get("start", {}).get("tcp_mss_default")
     if s > 0:
-        return 8 * b / s
-    return float(data["end"]["sum_received"]["bits_per_second"])
+        return 8 * b / s, mss
+    return float(data["end"]["sum_received"]["bits_per_second"]), mss
+
+
+def tcp_rate_bps(sender_ns, receiver_ns, sender_ip, seconds, streams=1, omit_s=0,
+                 port=IPERF_PORT):
+    """Receiver-measured TCP goodput in bit/s from ``sender_ns`` to ``receiver_ns``."""
+    return tcp_goodput_and_mss(sender_ns, receiver_ns, sender_ip, seconds, omit_s, streams,
+                               port)[0]
 
 
 # The 64-byte frame sender: sendmmsg(2) of 256 datagrams per call through ctypes (a

@@ -465,6 +465,13 @@ def fmt(v):
     return f"{v:.3g}"
 
 
+def fmt_value(v, unit):
+    """``fmt`` with the precision a unit needs (achieved/set: 4 decimals, 2% matters)."""
+    if unit == "achieved_ratio" and isinstance(v, (int, float)) and math.isfinite(v):
+        return f"{v:.4f}"
+    return fmt(v)
+
+
 def fmt_params(params):
     def one(k, v):
         if k == "rate_bps" and isinstance(v, (int, float)):
@@ -510,18 +517,18 @@ def render_targets(verdicts):
     for v in verdicts:
         t = v.target
         if v.row is None:
-            beside = "; ".join(f"{s}: {fmt(r.median)} {unit_label(r.unit)}"
+            beside = "; ".join(f"{s}: {fmt_value(r.median, r.unit)} {unit_label(r.unit)}"
                                for s, r in sorted(v.peer_rows.items(),
                                                   key=lambda kv: subject_order(kv[0])))
             lines.append([t.text, "–", "not measured", beside or "–", "–", "NOT MEASURED"])
             continue
-        mine = f"{fmt(v.row.median)} {unit_label(v.row.unit)}"
-        beside = "; ".join(f"{s}: {fmt(r.median)}" for s, r in
+        mine = f"{fmt_value(v.row.median, v.row.unit)} {unit_label(v.row.unit)}"
+        beside = "; ".join(f"{s}: {fmt_value(r.median, r.unit)}" for s, r in
                            sorted(v.peer_rows.items(), key=lambda kv: subject_order(kv[0])))
         if v.target.kind.startswith("ratio") and v.value is not None:
             judged = f"×{fmt(v.value)} vs {t.peer}"
         elif v.value is not None:
-            judged = fmt(v.value)
+            judged = fmt_value(v.value, v.target.unit)
         else:
             judged = "–"
         if v.met is None:
@@ -554,8 +561,8 @@ def render_groups(rows, plot_paths=None):
                 t = r.seconds["median"] / r.per_round
                 extra = f"{fmt(t * 1e9)} ns/item" if kind == "rate" else \
                     f"{fmt(1 / t / 1e6)} M items/s"
-            lines.append([fmt_params(r.params), r.subject, fmt(r.median), fmt(r.lo),
-                          fmt(r.hi), unit_label(r.unit), r.n, r.source,
+            lines.append([fmt_params(r.params), r.subject, fmt_value(r.median, r.unit),
+                          fmt_value(r.lo, r.unit), fmt_value(r.hi, r.unit), unit_label(r.unit), r.n, r.source,
                           _ratio_cells(r, table.get(r.key, {})), extra])
         parts.append(_md_table(["parameters", "subject", "median", "min", "max", "unit",
                                 "n", "from", "ratio (vswitch ÷ peer, medians)", "also"],
@@ -798,4 +805,5 @@ def render_compare(changes, old_label, new_label, old_info=None, new_info=None):
 def _cell(row):
     if row is None:
         return "–"
-    return f"{fmt(row.median)} [{fmt(row.lo)}–{fmt(row.hi)}]"
+    return (f"{fmt_value(row.median, row.unit)} "
+            f"[{fmt_value(row.lo, row.unit)}–{fmt_value(row.hi, row.unit)}]")
