@@ -204,6 +204,8 @@ class Switch:
         port = dataclasses.replace(port, port_mappings=mappings)
         self._ports[name] = port
         self._by_id[port_id] = name
+        if port_id == self._next_id:
+            self._next_id = (port_id + 1) % self.config.max_ports
         for key, _ in rules:
             self._rules[key] = (name, self._mapping_of_key(mappings, key))
         if kind == "pod":
@@ -424,8 +426,7 @@ class Switch:
         i = self._next_id
         while i in self._by_id:
             i = (i + 1) % n
-        self._next_id = (i + 1) % n
-        return i
+        return i    # add_port moves self._next_id past it once the port exists
 
     # ------------------------------------------------------------------ shaping
 
