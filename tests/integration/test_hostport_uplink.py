@@ -113,3 +113,16 @@ def test_hostport_from_outside_hairpin_and_pod_to_pod_via_node_ip(uplinked):
     # clean exit: the address is back on the NIC, vsw0 is gone
     assert NODE_IP in nsexec(node, "ip", "-4", "addr", "show", "dev", c.nic).stdout
     assert nsexec(node, "ip", "link", "show", "vsw0", check=False).returncode != 0
+
+
+def test_ip_masq_lets_a_pod_reach_beyond_the_node_and_goes_away_with_it(uplinked):
+    c = uplinked
+    plain = c.add_pod("plain", 3)
+    # the client has no route to the pod subnet: without masquerading, no answer comes back
+    assert ping(plain.ns, CLIENT_IP, count=2)["received"] == 0
+    masq = c.add_pod("masq", 2, ip_masq=True)
+    assert ping(masq.ns, CLIENT_IP)["received"] == 3
+    table = nsexec(c.node, "nft", "list", "table", "ip", "vswitch_masq").stdout
+    assert f"ip saddr 10.{c.octet}.0.0/24" in table and "masquerade" in table
+    c.daemon.call("detach", container_id=masq.cid, ifname="eth0")
+    assert nsexec(c.node, "nft", "list", "tables").stdout.strip() == ""
