@@ -162,6 +162,10 @@ class Chain:
             problems.append(f"iptables rules still name {pod_ip}: {hits}")
         return problems
 
+    def pod_links(self) -> list[str]:
+        """The node's interfaces that belong to pods (none where pods hold their own)."""
+        return []
+
     def describe(self) -> str:
         return f"{self.name} chain, network {self.network_name}, subnet {self.subnet}"
 
@@ -194,6 +198,12 @@ class ReferenceChain(Chain):
         with open(os.path.join(self.conf_dir, "10-reference.conflist"), "w") as f:
             json.dump(conf, f, indent=2)
         return self
+
+    def pod_links(self) -> list[str]:
+        """The node's interfaces that belong to pods: the veths on the bridge."""
+        out = subprocess.run(["ip", "-o", "link", "show", "master", self.bridge],
+                             capture_output=True, text=True).stdout
+        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
 
     def stop(self) -> None:
         # The bridge is the chain's, not a pod's: the bridge plugin never deletes it.

@@ -25,6 +25,21 @@ import time
 from dataclasses import dataclass
 
 
+WEB_PAGE = "hello from the web pod"   # what the pods' httpd serves at /
+
+
+def free_host_port() -> int:
+    for _ in range(50):
+        port = random.randrange(20000, 30000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-29999")
+
+
 def sh(*cmd: str, check: bool = True, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
     res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s)
     if check and res.returncode != 0:

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import random
 from dataclasses import dataclass
 
 import pytest
 
 from rt_chains import require_tools
 from rt_containerd import IMAGE, Containerd, wait_for
-from rt_net import stream_rate_bps, wait_tcp
+from rt_net import WEB_PAGE, free_host_port, stream_rate_bps, wait_tcp
 from tools.cri import PodSpec, PortMapping
 
 pytestmark = pytest.mark.integration
@@ -29,24 +27,11 @@ pytestmark = pytest.mark.integration
 RATE_BPS = 10_000_000            # the bandwidth annotations: "10M" (bit/s) each way
 BANDWIDTH_ANNOTATIONS = {"kubernetes.io/ingress-bandwidth": "10M",
                          "kubernetes.io/egress-bandwidth": "10M"}
-WEB_PAGE = "hello from the web pod"
 # /www/zero: a sparse 2 GiB file that httpd sends with sendfile (the egress source);
 # port 5001 discards what it gets (the ingress sink).
 WEB_SCRIPT = (f"echo '{WEB_PAGE}' > /www/index.html; truncate -s 2G /www/zero; "
               "(while true; do nc -l -p 5001 > /dev/null; done) & "
               "exec httpd -f -p 80 -h /www")
-
-
-def free_host_port() -> int:
-    for _ in range(50):
-        port = random.randrange(20000, 30000)
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free TCP port in 20000-29999")
 
 
 @dataclass
