@@ -15,7 +15,8 @@ Ports and hosts
     answer ARP (and IPv6 neighbour solicitations) and ICMP echo for their addresses,
     answer SYN with SYN-ACK on listening TCP ports (RST-ACK on closed ones), ACK data,
     FIN-ACK a FIN (hosts keep no TCP state: other segments to closed ports are ignored,
-    so a client does not reset the SYN-ACK it asked for), echo UDP on listening ports (ICMP port unreachable otherwise, IPv4). A pod listens
+    so a client does not reset the SYN-ACK it asked for), echo UDP on listening ports
+    and ignore UDP to closed ones (for the same reason: no ICMP unreachable). A pod listens
     on the container ports of its hostPort mappings. Hosts never ARP: they resolve
     next hops from the simulation's own tables (on-link: the peer's MAC; else the gateway).
 
@@ -420,13 +421,6 @@ class Endpoint:
         if p.proto == 17:
             if (17, p.dport) in self.listening:
                 return [self._reply(p, F.l4_packet(src, dst, 17, p.dport, p.sport, p.payload))]
-            if p.ip_version == 4:   # ICMP port unreachable, quoting the header and 8 bytes
-                off = p.l3_offset
-                ihl = (frame[off] & 0xF) * 4
-                quote = frame[off:off + ihl + 8]
-                icmp = struct.pack("!BBHI", 3, 3, 0, 0) + quote
-                icmp = icmp[:2] + struct.pack("!H", F.csum(icmp)) + icmp[4:]
-                return [self._reply(p, F.ipv4(src, dst, 1, icmp))]
         return []
 
     def _answer_tcp(self, p: F.Parsed) -> list:

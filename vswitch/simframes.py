@@ -127,7 +127,7 @@ def na_body(target: bytes, mac: bytes, solicited: bool = True) -> bytes:
 
 def solicited_node(ip6: bytes) -> tuple[bytes, bytes]:
     """(solicited-node multicast IPv6, its MAC) of an IPv6 address."""
-    grp = bytes.fromhex("ff020000000000000000000001ff") + ip6[13:]
+    grp = b"\xff\x02" + b"\0" * 9 + b"\x01\xff" + ip6[13:]
     return grp, b"\x33\x33" + grp[12:]
 
 
