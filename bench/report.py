@@ -462,7 +462,7 @@ def fmt(v):
         return f"{v:.1f}"
     if a >= 1:
         return f"{v:.2f}"
-    return f"{v:.3g}"
+    return f"{v:#.3g}"
 
 
 def fmt_value(v, unit):

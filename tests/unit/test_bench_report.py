@@ -1,0 +1,383 @@
+"""The benchmark report and comparison logic, on synthetic pytest-benchmark JSON.
+
+What is proved: rows come out of every headline form of the convention (samples,
+per_round, one value) and out of files that ignore it (time statistics); peers pair only
+on equal group and parameters; each target of issue 6 is judged met / missed with the
+right margin, or "not measured"; a comparison calls a change only when the noise
+intervals do not overlap, in the unit's direction; the runner turns a run directory into
+report.md and plots, and runs a real pytest child with the progress plugin. With
+VSWITCH_BENCH_SMOKE=1, ``python -m bench --quick`` runs end to end.
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bench import report, runner
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bench(name, group=None, extra=None, params=None, median=1.0, lo=None, hi=None,
+          rounds=5, q1=None, q3=None):
+    lo = median if lo is None else lo
+    hi = median if hi is None else hi
+    return {
+        "group": group, "name": name, "fullname": f"bench/bench_x.py::{name}",
+        "params": params, "extra_info": extra or {},
+        "stats": {"min": lo, "max": hi, "median": median, "mean": median, "rounds": rounds,
+                  "q1": lo if q1 is None else q1, "q3": hi if q3 is None else q3,
+                  "iqr": 0.0, "stddev": 0.0},
+    }
+
+
+def doc(*benches):
+    return {"machine_info": {}, "commit_info": {}, "benchmarks": list(benches),
+            "datetime": "2026-01-01T00:00:00", "version": "5.2.3"}
+
+
+def rows_of(*benches):
+    return report.results_from_json(doc(*benches)).rows
+
+
+# ----------------------------------------------------------------------- rows
+
+
+def test_samples_give_median_min_max_and_quartiles():
+    (row,) = rows_of(bench("t", "real-tcp", {"subject": "vswitch", "unit": "gbps",
+                                             "samples": [10, 12, 11, 30, 9], "streams": 1}))
+    assert (row.median, row.lo, row.hi, row.n, row.source) == (11, 9, 30, 5, "samples")
+    assert row.params == {"streams": 1}
+    assert row.q1 == 10 and row.q3 == 12
+
+
+def test_per_round_derives_rate_from_timing_with_min_and_max_swapped():
+    # 1000 packets per call; median 20 µs per call -> 50 Mpps; the slowest call is the min
+    (row,) = rows_of(bench("t", "core-mixed-64B",
+                           {"subject": "vswitch", "unit": "mpps", "per_round": 1000,
+                            "batch": 1000}, median=20e-6, lo=10e-6, hi=40e-6))
+    assert row.median == pytest.approx(50.0)
+    assert row.lo == pytest.approx(25.0) and row.hi == pytest.approx(100.0)
+    assert row.source == "per_round"
+
+
+def test_per_round_derives_time_per_item():
+    (row,) = rows_of(bench("t", "core", {"subject": "vswitch", "unit": "ns_per_packet",
+                                         "per_round": 100}, median=2e-6, lo=1e-6, hi=4e-6))
+    assert (row.median, row.lo, row.hi) == pytest.approx((20.0, 10.0, 40.0))
+
+
+def test_single_value_headline():
+    (row,) = rows_of(bench("t", "sim-fps", {"subject": "vswitch", "unit": "fps", "fps": 1e6}))
+    assert (row.median, row.lo, row.hi, row.source) == (1e6, 1e6, 1e6, "value")
+
+
+def test_file_without_convention_falls_back_to_seconds_and_is_listed():
+    res = report.results_from_json(doc(bench("test_forward[c-32]", None, {},
+                                             params={"impl": "c", "batch": 32}, median=0.5)))
+    (row,) = res.rows
+    assert row.unit == "s" and row.median == 0.5 and row.source == "time"
+    assert row.subject == "vswitch" and row.params == {"batch": 32}
+    assert row.group == "bench_x"
+    assert res.nonconforming == ["bench/bench_x.py::test_forward[c-32]"]
+
+
+def test_non_benchmark_json_is_rejected_with_a_reason():
+    with pytest.raises(ValueError, match="benchmarks"):
+        report.results_from_json({"hello": 1})
+
+
+# ----------------------------------------------------------------------- record()
+
+
+def fake_benchmark():
+    return SimpleNamespace(group=None, extra_info={})
+
+
+def test_record_fills_the_convention():
+    b = fake_benchmark()
+    report.record(b, group="real-tcp", subject="ovs", unit="gbps", samples=[1.0],
+                  target="tap-tcp", info={"tool": "iperf3"}, streams=4, queue="x")
+    assert b.group == "real-tcp"
+    assert b.extra_info == {"subject": "ovs", "unit": "gbps", "samples": [1.0],
+                            "target": "tap-tcp", "info": {"tool": "iperf3"},
+                            "param_keys": ["queue"], "streams": 4, "queue": "x"}
+    (row,) = rows_of(bench("t", b.group, b.extra_info))
+    assert row.params == {"streams": 4, "queue": "x"}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(unit="furlongs", value=1), "unknown unit 'furlongs'"),
+    (dict(unit="mpps"), "exactly one of"),
+    (dict(unit="mpps", value=1, samples=[1]), "exactly one of"),
+    (dict(unit="gbps", per_round=10), "cannot derive unit 'gbps'"),
+    (dict(unit="mpps", per_round=0), "per_round=0"),
+    (dict(unit="mpps", value=1, batch=[1, 2]), r"batch=\[1, 2\] must be a number"),
+    (dict(unit="mpps", value=1, param_keys="x"), "'param_keys' is reserved"),
+    (dict(subject="", unit="mpps", value=1), "subject must be a non-empty string"),
+])
+def test_record_rejects_bad_input_naming_the_value(kwargs, match):
+    kwargs = {"subject": "vswitch", **kwargs}
+    b = fake_benchmark()
+    with pytest.raises(ValueError, match=match):
+        report.record(b, group="g", **kwargs)
+    assert b.group is None and b.extra_info == {}
+
+
+def test_quick_mode_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("VSWITCH_BENCH_QUICK", "1")
+    assert report.quick_mode()
+    monkeypatch.setenv("VSWITCH_BENCH_QUICK", "0")
+    assert not report.quick_mode()
+    monkeypatch.delenv("VSWITCH_BENCH_QUICK")
+    assert not report.quick_mode()
+
+
+# ----------------------------------------------------------------------- peers, targets
+
+
+def tcp(subject, gbps, streams=1, **extra):
+    return bench(f"tcp_{subject}_{streams}", "real-tcp",
+                 {"subject": subject, "unit": "gbps", "samples": gbps, "streams": streams,
+                  **extra})
+
+
+def test_peers_pair_only_on_equal_group_and_parameters():
+    rows = rows_of(tcp("vswitch", [9.0]), tcp("bridge", [10.0]), tcp("bridge", [20.0], 4),
+                   tcp("ovs", [5.0], pods=2))
+    table = report.peers(rows)
+    one = table[("real-tcp", (("streams", 1),))]
+    assert set(one) == {"vswitch", "bridge"}
+    assert report.ratio(one["vswitch"], one["bridge"]) == pytest.approx(0.9)
+
+
+def verdicts_for(tid, *benches):
+    return [v for v in report.evaluate_targets(rows_of(*benches)) if v.target.tid == tid]
+
+
+def test_ratio_target_met_and_missed_with_margin():
+    (v1, v4) = verdicts_for("tap-tcp", tcp("vswitch", [9.5]), tcp("bridge", [10.0]),
+                            tcp("vswitch", [6.0], 4), tcp("bridge", [10.0], 4))
+    assert v1.met and v1.value == pytest.approx(0.95)
+    assert "5.6% above" in v1.margin
+    assert v4.met is False and v4.value == pytest.approx(0.6)
+    assert "missed by 33.3%" in v4.margin and "1.50× more" in v4.margin
+
+
+def test_max_ratio_target_for_rtt():
+    rtt = lambda s, v: bench(f"p_{s}", "real-ping", {"subject": s, "unit": "rtt_ms",
+                                                     "samples": v})
+    (v,) = verdicts_for("ping-rtt", rtt("vswitch", [0.2, 0.2, 0.2]),
+                        rtt("bridge", [0.1, 0.1, 0.1]))
+    assert v.met is False and v.value == pytest.approx(2.0)
+    assert "33.3% over the limit" in v.margin
+
+
+def test_absolute_target_with_aim_shows_peer_beside_it():
+    core = lambda s, mpps, batch: bench(f"c_{s}_{batch}", "core-mixed-64B",
+                                        {"subject": s, "unit": "mpps", "mpps": mpps,
+                                         "batch": batch})
+    vs = verdicts_for("core-mpps", core("vswitch", 40.0, 32), core("vswitch-py", 1.0, 32))
+    absolute, versus_py = vs
+    assert absolute.met and "short of the aim 50" in absolute.margin
+    assert set(absolute.peer_rows) == {"vswitch-py"}
+    assert versus_py.met and versus_py.value == pytest.approx(40.0)
+
+
+def test_tagged_rows_win_over_the_default_group():
+    core = lambda s, mpps, batch, **kw: bench(f"c_{s}_{batch}", "core-mixed-64B",
+                                              {"subject": s, "unit": "mpps", "mpps": mpps,
+                                               "batch": batch, **kw})
+    vs = verdicts_for("core-mpps", core("vswitch", 3.0, 1), core("vswitch", 60.0, 256,
+                                                                 target="core-mpps"))
+    assert [v.row.params["batch"] for v in vs] == [256, 256]
+
+
+def test_shaping_within_two_percent_either_side():
+    shp = lambda s, r, rate: bench(f"s_{s}_{rate}", "shaping",
+                                   {"subject": s, "unit": "achieved_ratio", "samples": r,
+                                    "rate_bps": rate, "direction": "egress"})
+    vs = verdicts_for("shaping", shp("vswitch", [0.99], 20e6), shp("vswitch", [1.03], 2e9),
+                      shp("bandwidth-plugin", [0.98], 20e6))
+    met, missed = vs
+    assert met.met and "off by 1.0%" in met.margin and "bandwidth-plugin" in met.peer_rows
+    assert missed.met is False and "off by 3.0%" in missed.margin
+
+
+def test_unmeasured_target_lists_the_peers_that_were_measured():
+    (v,) = verdicts_for("tap-tcp", tcp("bridge", [10.0]), tcp("ovs", [8.0]))
+    assert v.met is None and v.row is None
+    assert set(v.peer_rows) == {"bridge", "ovs"}
+
+
+def test_ratio_target_without_its_peer_is_not_judged():
+    (v,) = verdicts_for("tap-tcp", tcp("vswitch", [10.0]))
+    assert v.met is None and "no bridge row" in v.margin
+
+
+def test_threshold_inside_the_range_is_flagged_as_noise():
+    (v,) = verdicts_for("tap-tcp", tcp("vswitch", [8.0, 9.5, 8.5]), tcp("bridge", [10.0]))
+    assert v.met is False and v.uncertain
+
+
+# ----------------------------------------------------------------------- rendering
+
+
+def test_report_shows_targets_ratios_skips_and_nonconforming():
+    res = report.results_from_json(doc(
+        tcp("vswitch", [6.0]), tcp("bridge", [10.0]), tcp("ovs", [5.0]),
+        bench("test_legacy", None, {}, median=0.25)))
+    outcomes = [{"nodeid": "bench/bench_cni.py::test_add", "outcome": "skipped",
+                 "message": "needs root"}]
+    text = report.render_report(res, sysinfo={"cpu": {"model": "Zen", "count": 2},
+                                               "kernel": "6.1", "loadavg_start": [1.5, 1, 1]},
+                                outcomes=outcomes, plot_paths={"real-tcp": ["plots/x.png"]})
+    assert "| TAP TCP ≥ 0.9 × the Linux bridge | streams=1 | 6.00 Gbit/s |" in text
+    assert "**MISSED**: missed by 33.3%" in text
+    assert "×0.600 vs bridge, ×1.20 vs ovs" in text
+    assert "needs root" in text and "test_legacy" in text
+    assert "![real-tcp](plots/x.png)" in text
+    assert "load average at start was 1.50 on 2 cores" in text
+    assert "NOT MEASURED" in text
+
+
+def test_fmt_keeps_three_significant_digits():
+    assert [report.fmt(v) for v in (0.08123, 1.234, 12.34, 1234.5, 2.5e7)] == \
+        ["0.0812", "1.23", "12.3", "1,234", "2.5e+07"]
+    assert report.fmt(0.6) == "0.600"
+    assert report.fmt_value(0.98765, "achieved_ratio") == "0.9877"
+
+
+# ----------------------------------------------------------------------- compare
+
+
+def test_compare_calls_changes_only_beyond_the_noise():
+    old = rows_of(tcp("vswitch", [10.0, 10.5, 11.0]),
+                  tcp("bridge", [10.0, 11.0, 12.0]),
+                  bench("r", "real-ping", {"subject": "vswitch", "unit": "rtt_ms",
+                                           "samples": [0.1, 0.11, 0.12]}),
+                  tcp("ovs", [5.0]))
+    new = rows_of(tcp("vswitch", [12.0, 12.5, 13.0]),     # faster, no overlap
+                  tcp("bridge", [11.5, 12.5, 13.0]),      # overlaps: same
+                  bench("r", "real-ping", {"subject": "vswitch", "unit": "rtt_ms",
+                                           "samples": [0.2, 0.21, 0.22]}),  # RTT up: slower
+                  tcp("vswitch", [1.0], 4))
+    got = {(c.key[0], c.subject, dict(c.key[1]).get("streams")): c.verdict
+           for c in report.compare(old, new)}
+    assert got == {("real-tcp", "vswitch", 1): "faster", ("real-tcp", "bridge", 1): "same",
+                   ("real-ping", "vswitch", None): "slower", ("real-tcp", "ovs", 1): "gone",
+                   ("real-tcp", "vswitch", 4): "new"}
+
+
+def test_compare_uses_quartiles_when_both_sides_have_five_rounds():
+    # min..max overlap (one outlier each) but the quartiles do not
+    old = rows_of(tcp("vswitch", [10, 10.1, 10.2, 10.3, 20]))
+    new = rows_of(tcp("vswitch", [5, 11, 11.1, 11.2, 11.3]))
+    (c,) = report.compare(old, new)
+    assert c.verdict == "faster" and c.change == pytest.approx(11.1 / 10.2 - 1)
+
+
+def test_compare_shaping_is_judged_by_distance_from_one():
+    shp = lambda r: rows_of(bench("s", "shaping", {"subject": "vswitch",
+                                                   "unit": "achieved_ratio", "samples": r}))
+    (c,) = report.compare(shp([0.90, 0.91]), shp([1.0, 1.01]))
+    assert c.verdict == "better"
+    text = report.render_compare([c], "old", "new")
+    assert "better" in text and "Summary: 1 better" in text
+
+
+# ----------------------------------------------------------------------- runner
+
+
+def write_run(tmp_path, *benches, sysinfo=None):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "benchmark.json").write_text(json.dumps(doc(*benches)))
+    if sysinfo:
+        (d / "sysinfo.json").write_text(json.dumps(sysinfo))
+    return d
+
+
+def test_report_only_rebuilds_report_plots_and_compare(tmp_path):
+    pytest.importorskip("matplotlib")
+    old = write_run(tmp_path, tcp("vswitch", [5.0]), tcp("bridge", [10.0]))
+    new = tmp_path / "new"
+    new.mkdir()
+    core = [bench(f"c{b}", "core-mixed-64B", {"subject": s, "unit": "mpps",
+                                              "per_round": b, "batch": b}, median=b * k)
+            for b in (1, 32, 1024) for s, k in (("vswitch", 1e-8), ("vswitch-py", 5e-7))]
+    (new / "benchmark.json").write_text(json.dumps(doc(tcp("vswitch", [9.5]),
+                                                       tcp("bridge", [10.0]), *core)))
+    assert runner.main(["--report-only", str(new), "--compare", str(old)]) == 0
+    text = (new / "report.md").read_text()
+    assert "core ≥ 25 × the pure-Python twin | batch=32" in text
+    assert (new / "plots" / "core-mixed-64B.png").stat().st_size > 1000
+    assert (new / "plots" / "real-tcp.png").exists()
+    assert "faster" in (new / "compare.md").read_text()
+
+
+def test_progress_draws_one_line_per_finished_test():
+    out = io.StringIO()
+    p = runner.Progress(out, tty=False)
+    p.feed({"event": "collected", "n": 2, "t": 0})
+    p.feed({"event": "start", "nodeid": "bench/b.py::test_a", "t": 10.0})
+    p.feed({"event": "done", "nodeid": "bench/b.py::test_a", "outcome": "passed", "t": 12.5})
+    p.feed({"event": "start", "nodeid": "bench/b.py::test_b", "t": 12.5})
+    p.feed({"event": "done", "nodeid": "bench/b.py::test_b", "outcome": "skipped",
+            "message": "needs root", "t": 12.6})
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "[1/2] ok      2.5s bench/b.py::test_a"
+    assert lines[2].startswith("[2/2] skip") and "(needs root)" in lines[2]
+    assert [o["outcome"] for o in p.outcomes] == ["passed", "skipped"]
+
+
+def test_runner_runs_pytest_benchmark_and_reports(tmp_path):
+    """A real pytest child on a synthetic benchmark file: JSON, outcomes with the skip
+    reason, and a report that pairs the two subjects."""
+    f = tmp_path / "bench_fake.py"
+    f.write_text(textwrap.dedent('''
+        import pytest
+        from bench.report import quick_mode, record
+
+        @pytest.mark.parametrize("subject, per_call", [("vswitch", 10), ("bridge", 20)])
+        def test_fake(benchmark, subject, per_call):
+            record(benchmark, group="real-udp-64B", subject=subject, unit="mpps",
+                   samples=[0.3 if subject == "vswitch" else 0.6], quick=quick_mode())
+            benchmark.pedantic(lambda: sum(range(per_call)), rounds=2, iterations=1)
+
+        def test_skipped(benchmark):
+            pytest.skip("no such tool here")
+    '''))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--no-plots",
+                           "--files", str(f), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + (out / "pytest.log").read_text()
+    assert "[3/3]" in proc.stderr
+    outcomes = json.loads((out / "outcomes.json").read_text())
+    assert {o["outcome"] for o in outcomes} == {"passed", "skipped"}
+    assert any(o["message"] == "no such tool here" for o in outcomes)
+    text = (out / "report.md").read_text()
+    assert "×0.500 vs bridge" in text
+    assert "| 64-byte frames ≥ 0.25 Mpps | quick=True | 0.300 Mpps | bridge: 0.600 |" in text
+    assert json.loads((out / "sysinfo.json").read_text())["kernel"]
+
+
+@pytest.mark.skipif(os.environ.get("VSWITCH_BENCH_SMOKE") != "1",
+                    reason="end-to-end `python -m bench --quick` runs only with "
+                           "VSWITCH_BENCH_SMOKE=1")
+def test_quick_suite_end_to_end(tmp_path):
+    out = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    log = (out / "pytest.log").read_text() if (out / "pytest.log").exists() else ""
+    assert proc.returncode == 0, proc.stderr[-3000:] + log[-5000:]
+    text = (out / "report.md").read_text()
+    assert "## Targets (issue 6)" in text
+    assert json.loads((out / "benchmark.json").read_text())["benchmarks"]
