@@ -10,7 +10,8 @@ Version negotiation: Debian 12's host-local speaks at most 1.0.0, while our conf
 say 1.1.0. When the IPAM plugin answers code 1 (incompatible version) to ADD, CHECK or
 DEL, the plugin asks it for VERSION, rewrites ``cniVersion`` in the stdin to the highest
 version both support that is not newer than the requested one, and runs it again. GC and
-STATUS exist only from 1.1.0, so an IPAM plugin without them raises :class:`Unsupported`
+STATUS exist only from 1.1.0; older plugins answer them with unrelated errors, so the
+plugin asks VERSION first, and an IPAM plugin without 1.1.0 raises :class:`Unsupported`
 and the caller decides (plugin.py: GC falls back to IPAM DEL per removed attachment,
 STATUS treats it as ready).
 """
@@ -107,13 +108,18 @@ class Ipam:
                 env[k] = v
         return env
 
-    def _negotiate(self):
-        """Pick the highest version both speak, not above the requested one; False if none."""
+    def supported_versions(self):
+        """The IPAM plugin's VERSION answer (an empty list when it gives none)."""
         rc, out = _run(self.exe(), self._env("VERSION", None), b"")
         try:
-            theirs = json.loads(out).get("supportedVersions") or []
+            versions = json.loads(out).get("supportedVersions") or []
         except (ValueError, AttributeError):
-            return False
+            return []
+        return [v for v in versions if isinstance(v, str)]
+
+    def _negotiate(self):
+        """Pick the highest version both speak, not above the requested one; False if none."""
+        theirs = self.supported_versions()
         want = version_tuple(self.stdin_obj.get("cniVersion"))
         common = [v for v in SUPPORTED_VERSIONS if v in theirs and version_tuple(v) <= want]
         if not common or common[-1] == self._version:
@@ -125,6 +131,11 @@ class Ipam:
     def call(self, command, env_overrides=None):
         """Run ``command``; the parsed stdout (None when empty) or :class:`CniError`."""
         exe = self.exe()
+        if command in ("GC", "STATUS") and self._version not in self.supported_versions():
+            # plugins older than 1.1.0 do not know these commands and answer them with
+            # unrelated errors ("missing containerID"): ask first
+            raise Unsupported(f"IPAM plugin {self.type} does not support {command} "
+                              f"(cniVersion {self._version} is not in its VERSION list)")
         for attempt in range(2):
             rc, out = _run(exe, self._env(command, env_overrides), self._stdin_bytes())
             result = _parse_output(self.type, command, rc, out)

@@ -182,6 +182,7 @@ class Node:
         self.socket = str(self.workdir / "vswitchd.sock")
         self.state_dir = str(self.workdir / "state")
         self.log_file = str(self.workdir / "vswitchd.log")
+        self.subnet = f"10.{random.randrange(16, 250)}.{random.randrange(0, 250)}.0/24"
         self.proc = None
 
     def start(self, timeout_s=30.0):
