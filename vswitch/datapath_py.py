@@ -71,14 +71,17 @@ Shaping
      above the new limit nothing is dropped; new packets are refused until it fits.
  D15 t_dep of a head = last_ns + max(0, ceil((cost - credit) / rate_bps)), computed
      without refilling. next_departure_ns() is the minimum over non-empty queues (it may
-     be in the past). The refill that releases a packet in drain() is done at drain's
-     now_ns. Every packet that reaches a shaper in process() (or in drain(), for an
-     ingress shaper) refills it at now_ns first, whatever then happens to the packet.
+     be in the past). drain() releases a head at its own t_dep (<= now_ns): the refill
+     that releases it is done at t_dep, not at now_ns, so last_ns becomes t_dep and the
+     next head's t_dep follows from it; a late drain() thus releases the packets that
+     were due by now_ns instead of losing the credit above the cap. Every packet that
+     reaches a shaper in process() (or an ingress shaper in drain(), at stage 6) refills
+     it at now_ns first, whatever then happens to the packet.
  D16 drain(): repeat { if emitted == max_pkts: stop; among non-empty queues whose head
      was not enqueued during this drain() call and has t_dep <= now_ns pick the smallest
      (t_dep, port id, direction EGRESS=0 before INGRESS=1); if out_off + L > len(out_buf)
      (out_off starts at H, header at out_off-H): stop, the packet stays queued; refill at
-     now_ns, credit -= cost, pop it; copy header+frame to out_buf; egress packets run
+     its t_dep, credit -= cost, pop it; copy header+frame to out_buf; egress packets run
      stages 4-6 in out_buf (re-parsed, learnt with now_ns); if the ingress shaper queues
      it again it takes no slot and the loop goes on, otherwise it is emitted (a drop is
      emitted too, as OUT_DROP, and takes its slot) }. An ingress-queue packet is emitted
@@ -533,8 +536,9 @@ class _Shaper:
         self.queue.append(item)
         self.queue_bytes += item.length
 
-    def release(self, now_ns):
-        self.refill(now_ns)
+    def release(self):
+        """Pops the head at its departure time (D15)."""
+        self.refill(self.head_departure_ns())
         item = self.queue.popleft()
         self.credit -= item.length * 8 * SEC_NS
         self.queue_bytes -= item.length
@@ -904,7 +908,7 @@ class Datapath:
                 (_, pid, direction), shaper = best
                 if off + shaper.queue[0].length > len(out_buf):
                     break
-                item = shaper.release(now)
+                item = shaper.release()
                 length = item.length
                 out_buf[off - H:off + length] = np.frombuffer(item.data, dtype=np.uint8)
                 if direction == EGRESS:
