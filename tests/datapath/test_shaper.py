@@ -265,10 +265,10 @@ def test_drain_orders_oldest_departure_first(dp):
     assert [int.from_bytes(f[14:18], "big") for _, _, f, _ in got] == [2, 4, 3, 1, 5]
     assert [o for _, o, _, _ in got] == [HOST, C.OUT_DROP, HOST, HOST, HOST]
     assert dp.next_departure_ns() == -1
-    # the next packet of A finds A's clock at its last departure (350 ms): at 1 s the
-    # bucket is full again (cap 0 bits + the packet's cost while it waits)
+    # the next packet of A finds an empty queue: the refill at 1 s is capped at the burst
+    # (0 bits), so it waits its full cost
     assert send1(dp, frame(MAC_A, MAC_H, 100, 6), A, SEC)[0] == C.OUT_QUEUED
-    assert dp.next_departure_ns() == SEC
+    assert dp.next_departure_ns() == SEC + 100_000_000
 
 
 def test_drain_respects_max_pkts_and_the_buffer_size(dp_impl):
