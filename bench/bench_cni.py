@@ -1,0 +1,288 @@
+"""CNI ADD and DEL latency: the vswitch plugin against the reference chain, same run.
+
+Theory of operation
+-------------------
+Both subjects are network configuration lists executed the way libcni executes them
+(``bench.bench_shaping.CniChain``: ADD through every plugin in order with ``prevResult``
+and the runtimeConfig of the capabilities each declares, DEL in reverse with the cached
+result), with the same runtimeConfig per pod (one hostPort mapping, bandwidth in both
+directions) and the same IPAM (host-local):
+
+- ``reference-cni``: bridge (isGateway, hairpin) + host-local + portmap + bandwidth from
+  /usr/lib/cni: a veth, iptables DNAT chains, tc tbf and an ifb device per pod.
+- ``vswitch``: the installed ``vswitch`` plugin (host-local) talking to a vswitchd that
+  this benchmark started.
+
+Everything happens inside a node namespace created here: vswitchd runs in it, and the
+benchmark thread enters it (setns) while it executes the chains, so the reference
+plugins' bridge, iptables chains and ifb devices never touch the machine's own namespace.
+Pod namespaces are created per pod and removed afterwards. Figures: ``cni-add`` and
+``cni-del`` in ms per pod, ``parallel`` = 1 (pods one after another) and 20 (20 pods at
+once; each pod's own latency is a sample, the wall time is in ``info``). The reference
+chain has no ipMasq here, since the vswitch plugin does not ask for it either.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import nettools
+from bench.bench_shaping import CniChain
+from bench.report import quick_mode, record
+
+pytestmark = pytest.mark.integration
+
+REF_CNI = Path(os.environ.get("VSWITCH_BENCH_CNI_PATH", "/usr/lib/cni"))
+REPO = Path(__file__).resolve().parents[1]
+QUICK = quick_mode()
+SERIAL_PODS = 5 if QUICK else 20
+PARALLEL = (20,)
+ROUNDS = 1 if QUICK else 3
+CLONE_NEWNET = 0x40000000
+SUBJECTS = ("vswitch", "reference-cni")
+
+
+def _setns(path):
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class Bed:
+    """The node namespace, vswitchd in it, and both chains' bin dirs and configs."""
+
+    def __init__(self, workdir):
+        self.dir = Path(workdir)
+        self.u = nettools.uid()
+        self.node = f"bcn{self.u}"
+        self.proc = None
+        self.pods = []
+
+    def start(self):
+        nettools.run(["ip", "netns", "add", self.node])
+        nettools.run(["ip", "link", "set", "lo", "up"], ns=self.node)
+        self.socket = str(self.dir / "vswitchd.sock")
+        self._err = open(self.dir / "vswitchd.stderr", "ab")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.node, sys.executable, "-m", "vswitch.daemon",
+             "--socket", self.socket, "--state-dir", str(self.dir / "state")],
+            cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)),
+            stdout=subprocess.DEVNULL, stderr=self._err)
+        from vswitch import rpc
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                rpc.call(self.socket, "status", timeout_s=2)
+                break
+            except rpc.RpcError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("vswitchd did not start: "
+                                       + (self.dir / "vswitchd.stderr").read_text()[-2000:])
+                time.sleep(0.05)
+        # our bin dir: the installed launcher, host-local linked from the reference dir
+        from cni.install import install
+        self.vsw_bin = self.dir / "vsw-bin"
+        install(str(self.vsw_bin), str(self.dir / "net.d"), socket_path=self.socket)
+        os.symlink(REF_CNI / "host-local", self.vsw_bin / "host-local")
+        octet = random.randrange(16, 250)
+        self.chains = {
+            "vswitch": CniChain({
+                "cniVersion": "1.0.0", "name": f"bvsw{self.u}",
+                "plugins": [{"type": "vswitch", "socket": self.socket,
+                             "capabilities": {"portMappings": True, "bandwidth": True},
+                             "ipam": self._ipam(f"10.{octet}.0.0/16", "vsw")}]},
+                cni_path=self.vsw_bin),
+            "reference-cni": CniChain({
+                "cniVersion": "1.0.0", "name": f"bref{self.u}",
+                "plugins": [
+                    {"type": "bridge", "bridge": f"bref{self.u}", "isGateway": True,
+                     "ipMasq": False, "hairpinMode": True,
+                     "ipam": self._ipam(f"10.{octet + 1}.0.0/16", "ref")},
+                    {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
+                    {"type": "bandwidth", "capabilities": {"bandwidth": True}}]},
+                cni_path=REF_CNI),
+        }
+        return self
+
+    def _ipam(self, subnet, tag):
+        return {"type": "host-local", "dataDir": str(self.dir / f"ipam-{tag}"),
+                "ranges": [[{"subnet": subnet}]], "routes": [{"dst": "0.0.0.0/0"}]}
+
+    def new_pod(self, i):
+        name = f"bcp{self.u}{i}x{random.randrange(1 << 20):05x}"
+        nettools.run(["ip", "netns", "add", name])
+        self.pods.append(name)
+        return name
+
+    def drop_pods(self):
+        for name in self.pods:
+            nettools.run(["ip", "netns", "del", name], check=False)
+        self.pods.clear()
+
+    def stop(self):
+        self.drop_pods()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        nettools.run(["ip", "netns", "del", self.node], check=False)
+
+
+@contextlib.contextmanager
+def bed_context():
+    """A started :class:`Bed`, with this thread inside its node namespace until exit."""
+    nettools.require("ip", "iptables", "tc")
+    for plugin in ("bridge", "host-local", "portmap", "bandwidth"):
+        if not (REF_CNI / plugin).exists():
+            pytest.skip(f"reference CNI plugin {REF_CNI / plugin} not installed "
+                        "(containernetworking-plugins)")
+    workdir = tempfile.mkdtemp(prefix="bench-cni-")
+    b = Bed(workdir)
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        b.start()
+        _setns(f"/run/netns/{b.node}")    # this thread, and threads it starts, run there
+        yield b
+    finally:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.setns(own, CLONE_NEWNET)
+        finally:
+            os.close(own)
+            b.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bed():
+    with bed_context() as b:
+        yield b
+
+
+def _runtime_config(i):
+    return {"portMappings": [{"hostPort": 20000 + i, "containerPort": 80, "protocol": "tcp"}],
+            "bandwidth": {"ingressRate": 100_000_000, "ingressBurst": 10_000_000,
+                          "egressRate": 100_000_000, "egressBurst": 10_000_000}}
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return (time.perf_counter() - t0) * 1000.0, out
+
+
+def _run_round(bed, subject, parallel, n_pods, base):
+    """ADD then DEL of ``n_pods`` pods; returns (add_ms, del_ms, add_wall_ms, del_wall_ms)."""
+    chain = bed.chains[subject]
+    pods = [(base + i, bed.new_pod(base + i)) for i in range(n_pods)]
+
+    def add(p):
+        i, ns = p
+        return _timed(chain.add, f"bench-{ns}", f"/run/netns/{ns}", "eth0",
+                      _runtime_config(i))
+
+    def delete(p_res):
+        (i, ns), result = p_res
+        return _timed(chain.delete, f"bench-{ns}", f"/run/netns/{ns}", "eth0",
+                      _runtime_config(i), result)[0]
+
+    workers = max(1, parallel)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            t0 = time.perf_counter()
+            adds = list(pool.map(add, pods))
+            add_wall = (time.perf_counter() - t0) * 1000.0
+            t0 = time.perf_counter()
+            dels = list(pool.map(delete, zip(pods, [r for _, r in adds])))
+            del_wall = (time.perf_counter() - t0) * 1000.0
+    finally:
+        bed.drop_pods()
+    return [ms for ms, _ in adds], dels, add_wall, del_wall
+
+
+@pytest.mark.parametrize("parallel", (1,) + PARALLEL)
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_cni_add(benchmark, bed, subject, parallel):
+    n_pods = SERIAL_PODS if parallel == 1 else parallel
+    add_ms, walls = [], []
+    counter = iter(range(0, 1_000_000, 1000))
+
+    def one_round():
+        a, d, aw, dw = _run_round(bed, subject, parallel, n_pods, next(counter))
+        add_ms.extend(a)
+        walls.append({"add_wall_ms": round(aw, 1), "del_wall_ms": round(dw, 1)})
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    info = {"pods_per_round": n_pods, "rounds": ROUNDS, "walls": walls}
+    record(benchmark, group="cni-add", subject=subject, unit="ms", samples=add_ms,
+           target="cni-add", info=info, parallel=parallel)
+
+
+@pytest.mark.parametrize("parallel", (1,) + PARALLEL)
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_cni_del(benchmark, bed, subject, parallel):
+    n_pods = SERIAL_PODS if parallel == 1 else parallel
+    del_ms = []
+    counter = iter(range(500, 1_000_000, 1000))
+
+    def one_round():
+        _, d, _, _ = _run_round(bed, subject, parallel, n_pods, next(counter))
+        del_ms.extend(d)
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    record(benchmark, group="cni-del", subject=subject, unit="ms", samples=del_ms,
+           info={"pods_per_round": n_pods, "rounds": ROUNDS}, parallel=parallel)
+
+
+def summary(results):
+    """Median ratios vswitch ÷ reference-cni from {(group, parallel, subject): samples}."""
+    out = {}
+    for (group, parallel, subject), samples in results.items():
+        if subject != "vswitch":
+            continue
+        ref = results.get((group, parallel, "reference-cni"))
+        if ref:
+            med = lambda s: sorted(s)[len(s) // 2]   # noqa: E731
+            out[(group, parallel)] = (med(samples), med(ref), med(samples) / med(ref))
+    return out
+
+
+if __name__ == "__main__":
+    # python -m bench.bench_cni: the same measurement without pytest, printing the table
+    results = {}
+    with bed_context() as b:
+        for parallel in (1,) + PARALLEL:
+            for subject in SUBJECTS:
+                n = SERIAL_PODS if parallel == 1 else parallel
+                adds, dels = [], []
+                for r in range(ROUNDS):
+                    a, d, _, _ = _run_round(b, subject, parallel, n, r * 1000 + parallel)
+                    adds += a
+                    dels += d
+                results[("add", parallel, subject)] = adds
+                results[("del", parallel, subject)] = dels
+    print(json.dumps({f"{g} parallel={p}": {"vswitch_ms": round(v, 1),
+                                             "reference_ms": round(r, 1),
+                                             "ratio": round(v / r, 3)}
+                      for (g, p), (v, r, _) in summary(results).items()}, indent=2))
