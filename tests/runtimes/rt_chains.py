@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -99,6 +100,8 @@ class Chain:
     """Common shape: ``start()``, ``stop()``, dirs, network facts and leftover checks."""
     name = ""
     infra_ifnames: frozenset = frozenset()   # node interfaces of the chain, not of a pod
+    # A CHECK failure the chain shows on every healthy pod (a known bug), or None.
+    known_check_failure: str | None = None
 
     def __init__(self, base_dir: str, suffix: str, uplink: str | None = None):
         self.base_dir = base_dir
@@ -172,6 +175,9 @@ class Chain:
 
 class ReferenceChain(Chain):
     name = "reference"
+    # portmap 1.1.1 (Debian 12) CHECK looks for an IPv6 DNAT chain on IPv4-only pods:
+    # containernetworking/plugins#819 (closed upstream; Debian 12 ships 1.1.1).
+    known_check_failure = "could not check ipv6 dnat"
 
     def __init__(self, base_dir, suffix, uplink=None):
         super().__init__(base_dir, suffix, uplink)
@@ -252,16 +258,32 @@ class VswitchChain(Chain):
                 raise RuntimeError(f"vswitchd did not create {self.socket}: "
                                    f"{' '.join(cmd)}\n{self.log_tail()}")
             time.sleep(0.1)
-        install = [sys.executable, "-m", "vswitch.cli", "install-cni", "--bin-dir", self.bin_dir,
-                   "--conf-dir", self.conf_dir, "--socket", self.socket,
-                   "--subnet", str(self.subnet)]
+        args = ["--bin-dir", self.bin_dir, "--conf-dir", self.conf_dir,
+                "--socket", self.socket, "--subnet", str(self.subnet)]
+        install = [sys.executable, "-m", "vswitch.cli", "install-cni", *args]
         res = subprocess.run(install, cwd=REPO_ROOT, env=self._env(), capture_output=True,
                              text=True)
+        if res.returncode != 0 and "invalid choice: 'install-cni'" in res.stderr:
+            # vswitchctl does not route install-cni yet; cni/install.py is the same code.
+            warnings.warn("vswitchctl has no install-cni subcommand yet: the vswitch chain "
+                          "was installed with python -m cni.install")
+            install = [sys.executable, "-m", "cni.install", *args]
+            res = subprocess.run(install, cwd=REPO_ROOT, env=self._env(),
+                                 capture_output=True, text=True)
         if res.returncode != 0:
             self.stop()
             raise RuntimeError(f"{' '.join(install)} failed ({res.returncode}): "
                                f"{res.stdout}{res.stderr}")
+        self.install_cmd = install
+        # Isolation from other users of the node: a network name of our own and the IPAM
+        # leases under our directory. Nothing else of the installed conflist is changed.
         conf = self.conflist()
+        conf["name"] = f"vsrt-vsw-{self.suffix}"
+        for plugin in conf["plugins"]:
+            if (plugin.get("ipam") or {}).get("type") == "host-local":
+                plugin["ipam"]["dataDir"] = os.path.join(self.base_dir, "ipam")
+        with open(self.conflist_path, "w") as f:
+            json.dump(conf, f, indent=2)
         ipam = next((p.get("ipam") for p in conf["plugins"] if p.get("ipam")), {}) or {}
         for rng in (r for rs in ipam.get("ranges", []) for r in rs):
             if rng.get("gateway"):
