@@ -180,10 +180,12 @@ plain dicts. It is slow on purpose: every line should be obviously what docs/dat
 says, so that the Cython core (ext/) can be checked against it byte for byte
 (tests/datapath/test_differential.py).
 
-process() validates the batch, then for each packet in order: ``_receive`` (rx counters,
-the in port exists) -> ``_parse`` -> ``_antispoof`` -> the egress shaper of the in port ->
-``_stage4_on`` = ``_nat`` -> ``_l2`` -> the ingress shaper of the out port -> ``_output``.
-Each packet sees the state left by the ones before it (sequential semantics).
+process() validates the whole batch, then runs ``_process_one`` for each packet in order:
+rx counters, the in port must exist -> ``_parse`` (stage 1) -> ``_antispoof`` (2) -> the
+egress shaper of the in port (3) -> ``_stage4_on``: ``_nat`` (4) -> ``_l2`` (5) -> the
+ingress shaper of the out port (6) -> tx counters (7). A drop anywhere raises ``_Drop``,
+which names the reason and the port it is counted on. Each packet sees the state left by
+the ones before it (sequential semantics); drain() re-enters at ``_stage4_on``.
 
 Malformed-frame rule. The parser reads headers from the first ``lengths[i]`` bytes only.
 A frame is dropped and counted ``malformed`` when it is shorter than 14 bytes, or says
@@ -1084,7 +1086,7 @@ class Datapath:
                     tr.append(("nat", "no entry, no rule"))
                 return None
             direction = 0
-        self._ct_update(entry, direction, p, length, now, created=found is None)
+        self._ct_update(entry, direction, p, length, now)
         self._translate(buf, off, p, entry, direction)
         self._gc[GC["nat_translated"]] += 1
         if tr is not None:
@@ -1148,7 +1150,7 @@ class Datapath:
             tr.append(("nat", f"new entry from rule {rule.id}{' (hairpin)' if hairpin else ''}"))
         return e
 
-    def _ct_update(self, e, direction, p, length, now, created):
+    def _ct_update(self, e, direction, p, length, now):
         if e.proto == IPPROTO_TCP:
             flags = p.tcp_flags
             if flags & TCP_RST:

@@ -289,7 +289,7 @@ def test_random_mutations_never_crash_and_every_frame_is_accounted(dp_impl):
     dp = make_topo(dp_impl)
     names = sorted(TEMPLATES)
     frames = []
-    for i in range(1500):
+    for i in range(700):
         f = bytearray(bytes(TEMPLATES[names[i % len(names)]]))
         for _ in range(rng.randint(1, 4)):
             at = rng.randrange(min(len(f), 80))
@@ -305,4 +305,4 @@ def test_random_mutations_never_crash_and_every_frame_is_accounted(dp_impl):
     assert g["packets"] == len(frames) and g["bytes"] == sum(map(len, frames))
     drops = sum(g[r] for r in C.DROP_REASONS)
     assert outs.count(C.OUT_DROP) == drops
-    assert g["malformed"] > 100
+    assert g["malformed"] > 50
