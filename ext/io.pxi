@@ -67,98 +67,232 @@ cdef inline int _io_write_one(int fd, int hdr_len, unsigned char *frame, Py_ssiz
             return _io_errno
 
 
-def io_read_batch(const int[:] fds, const unsigned short[:] fd_ports, const unsigned char[:] fd_hdr_lens,
-                  int nfds, unsigned char[:] buf, unsigned int[:] offsets, unsigned int[:] lengths,
-                  unsigned short[:] in_ports, int max_pkts, int per_fd_max,
-                  unsigned long long[:] rx_errors):
+cdef int _io_read_all(const int *fds, const unsigned short *fd_ports, const unsigned char *fd_hdrs,
+                      int nfds, unsigned char *base, Py_ssize_t buflen, unsigned int *offsets,
+                      unsigned int *lengths, unsigned short *in_ports, int max_pkts, int per_fd_max,
+                      unsigned long long *rx_errors, Py_ssize_t nerr) noexcept nogil:
+    """The read loop of io_read_batch / BatchIO.read; returns the number of frames read."""
+    cdef Py_ssize_t pos = 0, r
+    cdef int n = 0, j, k, hdr, port
+    for j in range(nfds):
+        hdr = fd_hdrs[j]
+        port = fd_ports[j]
+        for k in range(per_fd_max):
+            if n >= max_pkts or pos + IO_SLOT_MAX > buflen:
+                break
+            r = _io_read_one(fds[j], hdr, base + pos)
+            if r < 0:
+                if r != -_IO_EAGAIN and port < nerr:
+                    rx_errors[port] += 1
+                break
+            if r < hdr:             # no header: nothing usable
+                if port < nerr:
+                    rx_errors[port] += 1
+                continue
+            if hdr != IO_HDR:
+                base[pos + hdr] = 0     # num_buffers, absent in the 10-byte header
+                base[pos + hdr + 1] = 0
+            offsets[n] = <unsigned int>(pos + IO_HDR)
+            lengths[n] = <unsigned int>(r - hdr)
+            in_ports[n] = <unsigned short>port
+            pos += (IO_HDR + (r - hdr) + 7) & ~(<Py_ssize_t>7)
+            n += 1
+        if n >= max_pkts or pos + IO_SLOT_MAX > buflen:
+            break
+    return n
+
+
+cdef int _io_write_all(unsigned char *base, Py_ssize_t buflen, const unsigned int *offsets,
+                       const unsigned int *lengths, const unsigned short *in_ports, const int *out_ports,
+                       int n, const int *port_fds, const unsigned char *port_hdrs,
+                       unsigned long long *tx_errors, int nports) noexcept nogil:
+    """The write loop of io_write_batch / BatchIO.write; returns the number of frames written."""
+    cdef int i, p, out, fd, err, written = 0
+    cdef Py_ssize_t off, length
+    for i in range(n):
+        out = out_ports[i]
+        off = offsets[i]
+        length = lengths[i]
+        if off < IO_HDR or off + length > buflen:
+            continue                # never write outside the buffer
+        if out >= 0:
+            if out < nports:
+                fd = port_fds[out]
+                if fd >= 0:
+                    err = _io_write_one(fd, port_hdrs[out], base + off, length)
+                    if err:
+                        tx_errors[out] += 1
+                    else:
+                        written += 1
+        elif out == -1:
+            for p in range(nports):
+                fd = port_fds[p]
+                if fd < 0 or p == in_ports[i]:
+                    continue
+                err = _io_write_one(fd, port_hdrs[p], base + off, length)
+                if err:
+                    tx_errors[p] += 1
+                else:
+                    written += 1
+    return written
+
+
+def io_read_batch(const int[::1] fds, const unsigned short[::1] fd_ports, const unsigned char[::1] fd_hdr_lens,
+                  int nfds, unsigned char[::1] buf, unsigned int[::1] offsets, unsigned int[::1] lengths,
+                  unsigned short[::1] in_ports, int max_pkts, int per_fd_max,
+                  unsigned long long[::1] rx_errors):
     """Read up to `max_pkts` frames from the `nfds` fds; returns how many were read.
 
     fds[j] belongs to port fd_ports[j] and has a fd_hdr_lens[j]-byte vnet header (12 or
     10). Fills offsets (frame start), lengths (frame length) and in_ports from index 0.
     A read error other than EAGAIN counts in rx_errors[port] and moves on.
     """
-    if nfds > fds.shape[0] or nfds > fd_ports.shape[0] or nfds > fd_hdr_lens.shape[0]:
+    if nfds < 0 or nfds > fds.shape[0] or nfds > fd_ports.shape[0] or nfds > fd_hdr_lens.shape[0]:
         raise ValueError(f"nfds={nfds} exceeds the fd arrays ({fds.shape[0]})")
-    if max_pkts > offsets.shape[0] or max_pkts > lengths.shape[0] or max_pkts > in_ports.shape[0]:
+    if max_pkts < 0 or max_pkts > offsets.shape[0] or max_pkts > lengths.shape[0] or max_pkts > in_ports.shape[0]:
         raise ValueError(f"max_pkts={max_pkts} exceeds the packet arrays ({offsets.shape[0]})")
     if buf.shape[0] < IO_SLOT_MAX:
         raise ValueError(f"buffer of {buf.shape[0]} bytes is smaller than one slot ({IO_SLOT_MAX})")
-    cdef Py_ssize_t buflen = buf.shape[0]
-    cdef unsigned char *base = &buf[0]
-    cdef Py_ssize_t pos = 0, r
-    cdef int n = 0, j, k, hdr, port
-    cdef Py_ssize_t nerr = rx_errors.shape[0]
+    if nfds == 0 or max_pkts == 0:
+        return 0
+    cdef int n
+    cdef unsigned long long dummy = 0
+    cdef unsigned long long *errs = &rx_errors[0] if rx_errors.shape[0] else &dummy
     with nogil:
-        for j in range(nfds):
-            hdr = fd_hdr_lens[j]
-            port = fd_ports[j]
-            for k in range(per_fd_max):
-                if n >= max_pkts or pos + IO_SLOT_MAX > buflen:
-                    break
-                r = _io_read_one(fds[j], hdr, base + pos)
-                if r < 0:
-                    if r != -_IO_EAGAIN and port < nerr:
-                        rx_errors[port] += 1
-                    break
-                if r < hdr:             # no header: nothing usable
-                    if port < nerr:
-                        rx_errors[port] += 1
-                    continue
-                if hdr != IO_HDR:
-                    base[pos + hdr] = 0     # num_buffers, absent in the 10-byte header
-                    base[pos + hdr + 1] = 0
-                offsets[n] = <unsigned int>(pos + IO_HDR)
-                lengths[n] = <unsigned int>(r - hdr)
-                in_ports[n] = <unsigned short>port
-                pos += (IO_HDR + (r - hdr) + 7) & ~(<Py_ssize_t>7)
-                n += 1
-            if n >= max_pkts or pos + IO_SLOT_MAX > buflen:
-                break
+        n = _io_read_all(&fds[0], &fd_ports[0], &fd_hdr_lens[0], nfds, &buf[0], buf.shape[0],
+                         &offsets[0], &lengths[0], &in_ports[0], max_pkts, per_fd_max,
+                         errs, rx_errors.shape[0])
     return n
 
 
-def io_write_batch(unsigned char[:] buf, const unsigned int[:] offsets, const unsigned int[:] lengths,
-                   const unsigned short[:] in_ports, const int[:] out_ports, int n,
-                   const int[:] port_fds, const unsigned char[:] port_hdr_lens,
-                   unsigned long long[:] tx_errors):
+def io_write_batch(unsigned char[::1] buf, const unsigned int[::1] offsets, const unsigned int[::1] lengths,
+                   const unsigned short[::1] in_ports, const int[::1] out_ports, int n,
+                   const int[::1] port_fds, const unsigned char[::1] port_hdr_lens,
+                   unsigned long long[::1] tx_errors):
     """Write the `n` outputs of a batch; returns the number of frames written.
 
     out_ports[i] >= 0: to that port; -1 (OUT_FLOOD): to every port with an fd except
     in_ports[i]; anything else is skipped. port_fds[p] is -1 for a port without an fd.
     """
-    if n > offsets.shape[0] or n > lengths.shape[0] or n > in_ports.shape[0] or n > out_ports.shape[0]:
+    if n < 0 or n > offsets.shape[0] or n > lengths.shape[0] or n > in_ports.shape[0] or n > out_ports.shape[0]:
         raise ValueError(f"n={n} exceeds the packet arrays ({offsets.shape[0]})")
     if port_hdr_lens.shape[0] < port_fds.shape[0] or tx_errors.shape[0] < port_fds.shape[0]:
         raise ValueError("port_hdr_lens and tx_errors must be as long as port_fds")
-    cdef unsigned char *base = &buf[0]
-    cdef Py_ssize_t buflen = buf.shape[0]
-    cdef int nports = port_fds.shape[0]
-    cdef int i, p, out, fd, err, written = 0
-    cdef Py_ssize_t off, length
+    if n == 0 or port_fds.shape[0] == 0 or buf.shape[0] == 0:
+        return 0
+    cdef int written
     with nogil:
-        for i in range(n):
-            out = out_ports[i]
-            off = offsets[i]
-            length = lengths[i]
-            if off < IO_HDR or off + length > buflen:
-                continue                # never write outside the buffer
-            if out >= 0:
-                if out < nports:
-                    fd = port_fds[out]
-                    if fd >= 0:
-                        err = _io_write_one(fd, port_hdr_lens[out], base + off, length)
-                        if err:
-                            tx_errors[out] += 1
-                        else:
-                            written += 1
-            elif out == -1:
-                for p in range(nports):
-                    fd = port_fds[p]
-                    if fd < 0 or p == in_ports[i]:
-                        continue
-                    err = _io_write_one(fd, port_hdr_lens[p], base + off, length)
-                    if err:
-                        tx_errors[p] += 1
-                    else:
-                        written += 1
+        written = _io_write_all(&buf[0], buf.shape[0], &offsets[0], &lengths[0], &in_ports[0], &out_ports[0],
+                                n, &port_fds[0], &port_hdr_lens[0], &tx_errors[0], port_fds.shape[0])
     return written
+
+
+cdef class BatchIO:
+    """The daemon's batch buffers and port table with their pointers taken once.
+
+    The arrays (attributes, numpy) are allocated here and never replaced; Python fills
+    `port_fds`, `port_hdr_lens` and the ready list (`rfds`, `rports`, `rhdrs`) by index and
+    passes `buf`, `offsets`, ... to the datapath. `read`, `write` and `write_drained` then
+    cost one call each, with no argument conversion (io_read_batch's memoryviews cost
+    microseconds per batch).
+    """
+    cdef readonly object buf, offsets, lengths, in_ports, out_ports
+    cdef readonly object dbuf, doffsets, dlengths, din_ports, dout_ports
+    cdef readonly object port_fds, port_hdr_lens, rx_errors, tx_errors, rfds, rports, rhdrs
+    cdef readonly int max_batch, per_fd_max, max_ports
+    cdef unsigned char *p_buf
+    cdef unsigned char *p_dbuf
+    cdef Py_ssize_t buflen, dbuflen
+    cdef unsigned int *p_off
+    cdef unsigned int *p_len
+    cdef unsigned short *p_in
+    cdef int *p_out
+    cdef unsigned int *p_doff
+    cdef unsigned int *p_dlen
+    cdef unsigned short *p_din
+    cdef int *p_dout
+    cdef int *p_fds
+    cdef unsigned char *p_hdrs
+    cdef unsigned long long *p_rxe
+    cdef unsigned long long *p_txe
+    cdef int *p_rfds
+    cdef unsigned short *p_rports
+    cdef unsigned char *p_rhdrs
+
+    def __init__(self, int max_ports, int max_batch=64, Py_ssize_t buf_bytes=4 << 20,
+                 Py_ssize_t out_buf_bytes=4 << 20, int per_fd_max=32):
+        import numpy
+        if max_ports < 1 or max_batch < 1 or per_fd_max < 1:
+            raise ValueError(f"max_ports={max_ports}, max_batch={max_batch}, per_fd_max={per_fd_max}: "
+                             f"each must be at least 1")
+        self.max_ports, self.max_batch, self.per_fd_max = max_ports, max_batch, per_fd_max
+        self.buf = numpy.zeros(max(buf_bytes, 2 * IO_SLOT_MAX), numpy.uint8)
+        self.dbuf = numpy.zeros(max(out_buf_bytes, 2 * IO_SLOT_MAX), numpy.uint8)
+        self.offsets = numpy.zeros(max_batch, numpy.uint32)
+        self.lengths = numpy.zeros(max_batch, numpy.uint32)
+        self.in_ports = numpy.zeros(max_batch, numpy.uint16)
+        self.out_ports = numpy.zeros(max_batch, numpy.int32)
+        self.doffsets = numpy.zeros(max_batch, numpy.uint32)
+        self.dlengths = numpy.zeros(max_batch, numpy.uint32)
+        self.din_ports = numpy.zeros(max_batch, numpy.uint16)
+        self.dout_ports = numpy.zeros(max_batch, numpy.int32)
+        self.port_fds = numpy.full(max_ports, -1, numpy.int32)
+        self.port_hdr_lens = numpy.full(max_ports, IO_HDR, numpy.uint8)
+        self.rx_errors = numpy.zeros(max_ports, numpy.uint64)
+        self.tx_errors = numpy.zeros(max_ports, numpy.uint64)
+        self.rfds = numpy.zeros(max_ports, numpy.int32)
+        self.rports = numpy.zeros(max_ports, numpy.uint16)
+        self.rhdrs = numpy.zeros(max_ports, numpy.uint8)
+        cdef unsigned char[::1] u8
+        cdef unsigned int[::1] u32
+        cdef unsigned short[::1] u16
+        cdef int[::1] i32
+        cdef unsigned long long[::1] u64
+        u8 = self.buf; self.p_buf = &u8[0]; self.buflen = u8.shape[0]
+        u8 = self.dbuf; self.p_dbuf = &u8[0]; self.dbuflen = u8.shape[0]
+        u32 = self.offsets; self.p_off = &u32[0]
+        u32 = self.lengths; self.p_len = &u32[0]
+        u16 = self.in_ports; self.p_in = &u16[0]
+        i32 = self.out_ports; self.p_out = &i32[0]
+        u32 = self.doffsets; self.p_doff = &u32[0]
+        u32 = self.dlengths; self.p_dlen = &u32[0]
+        u16 = self.din_ports; self.p_din = &u16[0]
+        i32 = self.dout_ports; self.p_dout = &i32[0]
+        i32 = self.port_fds; self.p_fds = &i32[0]
+        u8 = self.port_hdr_lens; self.p_hdrs = &u8[0]
+        u64 = self.rx_errors; self.p_rxe = &u64[0]
+        u64 = self.tx_errors; self.p_txe = &u64[0]
+        i32 = self.rfds; self.p_rfds = &i32[0]
+        u16 = self.rports; self.p_rports = &u16[0]
+        u8 = self.rhdrs; self.p_rhdrs = &u8[0]
+
+    def read(self, int nfds):
+        """Read from the first `nfds` entries of (rfds, rports, rhdrs) into buf; returns n."""
+        if nfds < 0 or nfds > self.max_ports:
+            raise ValueError(f"nfds={nfds}; accepted: 0 .. {self.max_ports}")
+        cdef int n
+        with nogil:
+            n = _io_read_all(self.p_rfds, self.p_rports, self.p_rhdrs, nfds, self.p_buf, self.buflen,
+                             self.p_off, self.p_len, self.p_in, self.max_batch, self.per_fd_max,
+                             self.p_rxe, self.max_ports)
+        return n
+
+    def write(self, int n):
+        """Write the first `n` outputs of the read batch (out_ports as the datapath set them)."""
+        if n < 0 or n > self.max_batch:
+            raise ValueError(f"n={n}; accepted: 0 .. {self.max_batch}")
+        cdef int w
+        with nogil:
+            w = _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out, n,
+                              self.p_fds, self.p_hdrs, self.p_txe, self.max_ports)
+        return w
+
+    def write_drained(self, int n):
+        """Write the first `n` outputs of a drain into dbuf."""
+        if n < 0 or n > self.max_batch:
+            raise ValueError(f"n={n}; accepted: 0 .. {self.max_batch}")
+        cdef int w
+        with nogil:
+            w = _io_write_all(self.p_dbuf, self.dbuflen, self.p_doff, self.p_dlen, self.p_din, self.p_dout, n,
+                              self.p_fds, self.p_hdrs, self.p_txe, self.max_ports)
+        return w

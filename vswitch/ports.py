@@ -169,42 +169,69 @@ def py_write_batch(buf, offsets, lengths, in_ports, out_ports, n, port_fds, port
     return written
 
 
-def _io_functions():
-    try:
-        from vswitch import _datapath
-        return _datapath.io_read_batch, _datapath.io_write_batch, "c"
-    except (ImportError, AttributeError):
-        return py_read_batch, py_write_batch, "py"
+class _PyBatchIO:
+    """The pure-Python twin of ``BatchIO`` (ext/io.pxi): same arrays, same methods."""
 
+    impl = "py"
 
-class PacketIO:
-    """Batch buffers and the port fd table of the daemon's I/O loop."""
-
-    def __init__(self, max_ports: int, max_batch: int = 64, buf_bytes: int = 4 << 20,
-                 out_buf_bytes: int = 4 << 20, per_fd_max: int = 32):
-        self.read_batch, self.write_batch, self.impl = _io_functions()
-        self.max_batch = max_batch
-        self.per_fd_max = per_fd_max
+    def __init__(self, max_ports, max_batch=64, buf_bytes=4 << 20, out_buf_bytes=4 << 20, per_fd_max=32):
+        self.max_ports, self.max_batch, self.per_fd_max = max_ports, max_batch, per_fd_max
         self.buf = np.zeros(max(buf_bytes, 2 * SLOT_MAX), np.uint8)
-        self.offsets = np.zeros(max_batch, np.uint32)
-        self.lengths = np.zeros(max_batch, np.uint32)
-        self.in_ports = np.zeros(max_batch, np.uint16)
-        self.out_ports = np.zeros(max_batch, np.int32)
-        # drain output (shaper queues)
         self.dbuf = np.zeros(max(out_buf_bytes, 2 * SLOT_MAX), np.uint8)
-        self.doffsets = np.zeros(max_batch, np.uint32)
-        self.dlengths = np.zeros(max_batch, np.uint32)
-        self.din_ports = np.zeros(max_batch, np.uint16)
-        self.dout_ports = np.zeros(max_batch, np.int32)
-        # per port: fd (-1 none/down), header length, error counters
+        self.offsets, self.doffsets = np.zeros(max_batch, np.uint32), np.zeros(max_batch, np.uint32)
+        self.lengths, self.dlengths = np.zeros(max_batch, np.uint32), np.zeros(max_batch, np.uint32)
+        self.in_ports, self.din_ports = np.zeros(max_batch, np.uint16), np.zeros(max_batch, np.uint16)
+        self.out_ports, self.dout_ports = np.zeros(max_batch, np.int32), np.zeros(max_batch, np.int32)
         self.port_fds = np.full(max_ports, -1, np.int32)
         self.port_hdr_lens = np.full(max_ports, VNET_HDR_LEN, np.uint8)
         self.rx_errors = np.zeros(max_ports, np.uint64)
         self.tx_errors = np.zeros(max_ports, np.uint64)
-        # ready fds of one poll round
         self.rfds = np.zeros(max_ports, np.int32)
         self.rports = np.zeros(max_ports, np.uint16)
         self.rhdrs = np.zeros(max_ports, np.uint8)
+
+    def read(self, nfds):
+        return py_read_batch(self.rfds, self.rports, self.rhdrs, nfds, self.buf, self.offsets, self.lengths,
+                             self.in_ports, self.max_batch, self.per_fd_max, self.rx_errors)
+
+    def write(self, n):
+        return py_write_batch(self.buf, self.offsets, self.lengths, self.in_ports, self.out_ports, n,
+                              self.port_fds, self.port_hdr_lens, self.tx_errors)
+
+    def write_drained(self, n):
+        return py_write_batch(self.dbuf, self.doffsets, self.dlengths, self.din_ports, self.dout_ports, n,
+                              self.port_fds, self.port_hdr_lens, self.tx_errors)
+
+
+def _batch_io_class():
+    if os.environ.get("VSWITCH_PURE_PYTHON_IO", "") not in ("", "0"):
+        return _PyBatchIO, "py"
+    try:
+        from vswitch._datapath import BatchIO
+        return BatchIO, "c"
+    except (ImportError, AttributeError):
+        return _PyBatchIO, "py"
+
+
+class PacketIO:
+    """Batch buffers and the port fd table of the daemon's I/O loop.
+
+    Uses ``BatchIO`` of the Cython module (``ext/io.pxi``) when the build has it, else its
+    pure-Python twin (``VSWITCH_PURE_PYTHON_IO=1`` forces the twin).
+    """
+
+    def __init__(self, max_ports: int, max_batch: int = 64, buf_bytes: int = 4 << 20,
+                 out_buf_bytes: int = 4 << 20, per_fd_max: int = 32):
+        cls, self.impl = _batch_io_class()
+        b = self.b = cls(max_ports, max_batch, buf_bytes, out_buf_bytes, per_fd_max)
+        self.max_batch = max_batch
+        for name in ("buf", "offsets", "lengths", "in_ports", "out_ports", "dbuf", "doffsets", "dlengths",
+                     "din_ports", "dout_ports", "port_fds", "port_hdr_lens", "rx_errors", "tx_errors",
+                     "rfds", "rports", "rhdrs"):
+            setattr(self, name, getattr(b, name))
+        self.write = b.write
+        self.write_drained = b.write_drained
+        self._read = b.read
 
     def set_port(self, port: Port | None, port_id: int):
         if port is None:
@@ -212,21 +239,15 @@ class PacketIO:
         else:
             self.port_fds[port_id] = port.fd
             self.port_hdr_lens[port_id] = port.hdr_len
-        self.rx_errors[port_id] = 0 if port is None else self.rx_errors[port_id]
+            self.rx_errors[port_id] = 0
+            self.tx_errors[port_id] = 0
 
     def read(self, ready: list[Port]) -> int:
+        rfds, rports, rhdrs = self.rfds, self.rports, self.rhdrs
         k = 0
         for p in ready:
-            self.rfds[k], self.rports[k], self.rhdrs[k] = p.fd, p.port_id, p.hdr_len
+            rfds[k] = p.fd
+            rports[k] = p.port_id
+            rhdrs[k] = p.hdr_len
             k += 1
-        return self.read_batch(self.rfds, self.rports, self.rhdrs, k, self.buf, self.offsets,
-                               self.lengths, self.in_ports, self.max_batch, self.per_fd_max,
-                               self.rx_errors)
-
-    def write(self, n: int) -> int:
-        return self.write_batch(self.buf, self.offsets, self.lengths, self.in_ports, self.out_ports,
-                                n, self.port_fds, self.port_hdr_lens, self.tx_errors)
-
-    def write_drained(self, n: int) -> int:
-        return self.write_batch(self.dbuf, self.doffsets, self.dlengths, self.din_ports,
-                                self.dout_ports, n, self.port_fds, self.port_hdr_lens, self.tx_errors)
+        return self._read(k)
