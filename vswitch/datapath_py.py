@@ -4,6 +4,8 @@ Decisions beyond docs/datapath.md
 =================================
 The contract is silent on these points; both implementations follow them exactly.
 (Numbered so the Cython side can cite them. D-numbers are stable; new ones are appended.)
+Changes after the first version: D15/D16 (commit "drain releases each head at its own
+departure time"): drain() refills a shaper at the head's t_dep, not at now_ns.
 
 Arguments and validation
  D1  Constructor: keyword arguments exactly the keys of dpconst.DEFAULTS. max_ports in
