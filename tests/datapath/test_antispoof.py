@@ -5,7 +5,7 @@ from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from dp_helpers import (
-    A4, A6, B4, BCAST, CLIENT4, GW4, HOST, MAC_A, MAC_B, POD_A, POD_C, UPLINK, gc, ip4, ip6,
+    A4, A6, B4, GW4, HOST, MAC_A, MAC_B, POD_A, POD_C, UPLINK, gc, ip4, ip6,
     make_topo, mac_str, pc, send1,
 )
 from vswitch import dpconst as C

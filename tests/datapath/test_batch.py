@@ -10,7 +10,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from dp_helpers import (
     A4, BCAST, CLIENT4, GW_MAC, HOST, MAC_A, MAC_B, MAC_C, NODE4, NODE_MAC, POD_A, POD_B, POD_C,
     ROUTER_MAC, UPLINK, Batch, checksums_ok, drain, gcounters, make_topo, mac_str, pcounters,
-    pseudo_sum, send, send1, snapshot, tcp, udp, vnet, with_l4_check, ip4,
+    pseudo_sum, send, send1, snapshot, tcp, udp, vnet, with_l4_check,
 )
 from vswitch import dpconst as C
 

@@ -3,7 +3,7 @@ hostPort rule management."""
 import pytest
 
 from dp_helpers import (
-    A4, A6, B4, CLIENT4, GW_MAC, MAC_A, NODE4, NODE6, NODE_MAC, POD_A, POD_B, POD_C, ROUTER_MAC,
+    A4, A6, B4, CLIENT4, GW_MAC, MAC_A, NODE4, NODE6, NODE_MAC, POD_A, POD_B, ROUTER_MAC,
     UPLINK, gc, ip4, ip6, make_topo, send1, tcp, udp,
 )
 from vswitch import dpconst as C

@@ -2,7 +2,7 @@
 import pytest
 from scapy.layers.l2 import Dot1Q, Ether
 
-from dp_helpers import BCAST, Batch, gc, gcounters, mac_str, pc, pcounters, send, send1
+from dp_helpers import BCAST, gc, gcounters, mac_str, pc, pcounters, send, send1
 from vswitch import dpconst as C
 
 SEC = 10**9

@@ -1,11 +1,10 @@
 """Stage 1: the malformed-frame rule, 802.1Q, IPv6 extension headers, fragments.
 
-Frames are sent from pod C (anti-spoofing on, but no binding, so nothing is checked).
+Frames are sent from the uplink port (no anti-spoofing).
 Whether a frame got an L4 parse is observed through NAT: a TCP packet to the hostPort
 8080 of a node address is translated (a conntrack entry appears) only if its L4 was found.
 """
 import random
-import struct
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from scapy.layers.ipsec import AH
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from dp_helpers import (
-    A4, B4, BCAST, C4, CLIENT4, CLIENT6, MAC_A, MAC_C, NODE4, NODE6, NODE_MAC, POD_C, UPLINK,
+    A4, C4, CLIENT4, CLIENT6, MAC_C, NODE4, NODE6, NODE_MAC, UPLINK,
     Batch, gc, gcounters, make_topo, mac_str, pc, send1,
 )
 from vswitch import dpconst as C
