@@ -29,6 +29,7 @@ while the Datapath lives) and as sorted snapshots equal to the twin's (``fdb()``
 cimport cython
 cimport numpy as cnp
 from cpython.ref cimport PyObject
+from cpython.long cimport PyLong_CheckExact, PyLong_AsLongLongAndOverflow
 
 import operator
 
@@ -305,6 +306,63 @@ cdef inline int32_t process_one(Core *c, uint8_t *frame, uint32_t length, uint16
             return C_OUT_QUEUED
     return stages4to7(c, &k, now)
 
+# ---------------------------------------------------------------- prefetching
+# process() runs a software pipeline over the batch (VPP style): PF_DIST packets ahead it
+# reads the frame's MAC addresses (and, for an IPv4 TCP/UDP frame whose ports pass the
+# nat_ports filter, the conntrack key) and prefetches the hash slots; PF_DIST/2 packets
+# ahead it reads the (now cached) conntrack slot and prefetches its entry. Prefetches are
+# only hints: the packet itself is then processed by process_one with the table as it is.
+cdef enum:
+    PF_DIST = 8
+    PF_RING = 16            # power of two > PF_DIST
+
+cdef inline uint64_t prefetch_frame(Core *c, const uint8_t *p, uint32_t length) noexcept nogil:
+    # prefetches the MAC slots (and conntrack slot); returns 1<<32 | ct hash, or 0
+    cdef uint16_t vlan = 0, et, sport, dport
+    cdef uint32_t l3 = 14
+    cdef uint32_t h
+    cdef CtKey key
+    if length < 14:
+        return 0
+    et = load_be16(p + 12)
+    if et == 0x8100:
+        if length < 18:
+            return 0
+        vlan = load_be16(p + 14) & 0x0fff
+        et = load_be16(p + 16)
+        l3 = 18
+    prefetchw(&c.mac[mac_home(c, mac_key(vlan, p + 6))])
+    if not (p[0] & 1):
+        prefetchw(&c.mac[mac_home(c, mac_key(vlan, p))])
+    if et != 0x0800 or length < l3 + 24 or p[l3] != 0x45 or (p[l3 + 9] != 6 and p[l3 + 9] != 17):
+        return 0
+    sport = load_be16(p + l3 + 20)
+    dport = load_be16(p + l3 + 22)
+    if not (bit_test(c.nat_ports, sport) or bit_test(c.nat_ports, dport)):
+        return 0
+    memset(key.src, 0, 10)
+    key.src[10] = 0xff
+    key.src[11] = 0xff
+    memcpy(key.src + 12, p + l3 + 12, 4)
+    memset(key.dst, 0, 10)
+    key.dst[10] = 0xff
+    key.dst[11] = 0xff
+    memcpy(key.dst + 12, p + l3 + 16, 4)
+    key.sport = sport
+    key.dport = dport
+    key.proto = p[l3 + 9]
+    key.family = 4
+    key.pad[0] = 0
+    key.pad[1] = 0
+    h = ct_hash(&key)
+    prefetch(&c.ct_slots[h & c.ct_mask])
+    return (<uint64_t>1 << 32) | h
+
+cdef inline void prefetch_entry(Core *c, uint64_t hv) noexcept nogil:
+    cdef uint32_t ref = c.ct_slots[<uint32_t>hv & c.ct_mask].ref
+    if ref:
+        prefetchw(&c.ct[(ref - 1) >> 1])
+
 cdef inline uint64_t u128_lo(u128 v) noexcept nogil:
     return <uint64_t>v
 
@@ -350,7 +408,7 @@ cdef Py_ssize_t drain_c(Core *c, uint64_t now, uint8_t *obuf, Py_ssize_t obuf_le
         length = r.len
         if off + length > <uint64_t>obuf_len:
             break
-        shaper_refill(s, now)
+        shaper_refill(s, best_t)          # released at its own departure time (D15)
         s.credit -= pkt_cost(length)
         in_port = r.in_port
         out = r.out_port
@@ -464,6 +522,16 @@ cdef object _index(object value, str what, object lo, object hi):
     if not lo <= v <= hi:
         raise ValueError(f"{what} must be in {lo}..{hi}, got {v}")
     return v
+
+cdef inline int64_t _int_fast(object value, str what, int64_t lo, int64_t hi) except? -1:
+    # _index for the hot entry points: exact ints in range without a Python call
+    cdef long long v
+    cdef int overflow = 0
+    if PyLong_CheckExact(value):
+        v = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if not overflow and lo <= v <= hi:
+            return v
+    return _index(value, what, lo, hi)
 
 cdef bytes _bytes_of(object value, str what, tuple lengths):
     if not isinstance(value, (bytes, bytearray, memoryview)):
@@ -1019,7 +1087,7 @@ cdef class Datapath:
     # ------------------------------------------------------------------ batches
 
     cdef uint64_t _check_now(self, now_ns) except? 0:
-        now = _index(now_ns, "now_ns", 0, MAX_I63)
+        cdef uint64_t now = <uint64_t>_int_fast(now_ns, "now_ns", 0, MAX_I63)
         if self.c.have_now and now < self.c.last_now_ns:
             raise ValueError(f"now_ns went backwards: {now} < {self.c.last_now_ns}")
         return now
@@ -1031,9 +1099,14 @@ cdef class Datapath:
         cdef cnp.ndarray a_len = _array(lengths, "lengths", cnp.NPY_UINT32, False)
         cdef cnp.ndarray a_in = _array(in_ports, "in_ports", cnp.NPY_UINT16, False)
         cdef cnp.ndarray a_out = _array(out_ports, "out_ports", cnp.NPY_INT32, True)
-        cdef Py_ssize_t m = min(cnp.PyArray_DIM(a_off, 0), cnp.PyArray_DIM(a_len, 0),
-                                cnp.PyArray_DIM(a_in, 0), cnp.PyArray_DIM(a_out, 0))
-        cdef Py_ssize_t cnt = _index(n, "n", 0, m)
+        cdef Py_ssize_t m = cnp.PyArray_DIM(a_off, 0)
+        if cnp.PyArray_DIM(a_len, 0) < m:
+            m = cnp.PyArray_DIM(a_len, 0)
+        if cnp.PyArray_DIM(a_in, 0) < m:
+            m = cnp.PyArray_DIM(a_in, 0)
+        if cnp.PyArray_DIM(a_out, 0) < m:
+            m = cnp.PyArray_DIM(a_out, 0)
+        cdef Py_ssize_t cnt = _int_fast(n, "n", 0, m)
         cdef uint64_t now = self._check_now(now_ns)
         cdef Core *c = self.c
         cdef uint8_t *base = <uint8_t *>cnp.PyArray_DATA(a_buf)
@@ -1047,11 +1120,13 @@ cdef class Datapath:
         cdef Py_ssize_t s_in = cnp.PyArray_STRIDE(a_in, 0)
         cdef Py_ssize_t s_out = cnp.PyArray_STRIDE(a_out, 0)
         cdef uint32_t H = c.vnet_hdr_len
-        cdef Py_ssize_t i, bad = -1
+        cdef Py_ssize_t i, j, bad = -1
         cdef int why = 0
         cdef uint64_t off, length
         cdef uint16_t ip
+        cdef uint64_t ring[PF_RING]
         with nogil:
+            # D2: the whole batch is checked before any state changes
             for i in range(cnt):
                 off = (<uint32_t *>(p_off + i * s_off))[0]
                 length = (<uint32_t *>(p_len + i * s_len))[0]
@@ -1065,6 +1140,24 @@ cdef class Datapath:
                 if why:
                     bad = i
                     break
+            if bad < 0:
+                c.last_now_ns = now
+                c.have_now = 1
+                for j in range(PF_DIST if PF_DIST < cnt else cnt):
+                    ring[j] = prefetch_frame(c, base + (<uint32_t *>(p_off + j * s_off))[0],
+                                             (<uint32_t *>(p_len + j * s_len))[0])
+                for i in range(cnt):
+                    j = i + PF_DIST
+                    if j < cnt:
+                        ring[j & (PF_RING - 1)] = prefetch_frame(
+                            c, base + (<uint32_t *>(p_off + j * s_off))[0], (<uint32_t *>(p_len + j * s_len))[0])
+                    j = i + PF_DIST // 2
+                    if j < cnt and ring[j & (PF_RING - 1)]:
+                        prefetch_entry(c, ring[j & (PF_RING - 1)])
+                    off = (<uint32_t *>(p_off + i * s_off))[0]
+                    (<int32_t *>(p_out + i * s_out))[0] = process_one(
+                        c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
+                        (<uint16_t *>(p_in + i * s_in))[0], now)
         if bad >= 0:
             off = offsets[bad]
             length = lengths[bad]
@@ -1074,14 +1167,6 @@ cdef class Datapath:
                 raise ValueError(f"lengths[{bad}] = {length} exceeds MAX_FRAME {C_MAX_FRAME}")
             raise ValueError(f"packet {bad} (offset {off}, length {length}, vnet header {H}) "
                              f"does not lie inside buf of {buflen} bytes")
-        c.last_now_ns = now
-        c.have_now = 1
-        with nogil:
-            for i in range(cnt):
-                off = (<uint32_t *>(p_off + i * s_off))[0]
-                (<int32_t *>(p_out + i * s_out))[0] = process_one(
-                    c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
-                    (<uint16_t *>(p_in + i * s_in))[0], now)
 
     def drain(self, now_ns, out_buf, out_offsets, out_lengths, out_in_ports, out_ports, max_pkts):
         """Releases due queued packets into out_buf (docs/datapath.md, D16); returns the count."""

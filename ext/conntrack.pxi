@@ -10,8 +10,9 @@
 #
 # ct_portcnt[port] counts the live entries whose original destination port or reply
 # source port is `port`: a packet can match an original tuple only if its dport is
-# counted, a reply tuple only if its sport is, so most non-NAT traffic skips the hash.
-# rule_ports is the same idea for hostPort rules (a bitmap of host ports).
+# counted, a reply tuple only if its sport is. rule_ports is a bitmap of the rules' host
+# ports. nat_ports (8 KiB, stays in L1) is their union: a packet whose sport and dport
+# are both clear there cannot be NAT'ed, so most non-NAT traffic skips the hash.
 #
 # Rules are found through a small open-addressing index rebuilt on every rule change:
 # key (proto, host_port, family, any, host_ip). Exact host_ip rules win over "any node
@@ -83,12 +84,24 @@ cdef inline void ct_slot_remove(Core *c, uint32_t h, uint32_t ref) noexcept nogi
     c.ct_slots[i].ref = 0
     c.ct_slots[i].hash = 0
 
+cdef inline bint bit_test(const uint64_t *bits, uint16_t i) noexcept nogil:
+    return (bits[i >> 6] >> (i & 63)) & 1
+
+cdef inline void portcnt_inc(Core *c, uint16_t port) noexcept nogil:
+    c.ct_portcnt[port] += 1
+    c.nat_ports[port >> 6] |= (<uint64_t>1) << (port & 63)
+
+cdef inline void portcnt_dec(Core *c, uint16_t port) noexcept nogil:
+    c.ct_portcnt[port] -= 1
+    if c.ct_portcnt[port] == 0 and not bit_test(c.rule_ports, port):
+        c.nat_ports[port >> 6] &= ~((<uint64_t>1) << (port & 63))
+
 cdef inline void ct_delete(Core *c, uint32_t idx) noexcept nogil:
     cdef CtEntry *e = &c.ct[idx]
     ct_slot_remove(c, e.hash_orig, (idx << 1) + 1)
     ct_slot_remove(c, e.hash_reply, (idx << 1 | 1) + 1)
-    c.ct_portcnt[e.orig.dport] -= 1
-    c.ct_portcnt[e.reply.sport] -= 1
+    portcnt_dec(c, e.orig.dport)
+    portcnt_dec(c, e.reply.sport)
     memset(e, 0, sizeof(CtEntry))
     e.next_free = c.ct_free
     c.ct_free = idx + 1
@@ -170,6 +183,10 @@ cdef void rules_reindex(Core *c) noexcept nogil:
             i = (i + 1) & c.rule_mask
         c.rule_slots[i] = rid + 1
         c.rule_ports[r.host_port >> 6] |= (<uint64_t>1) << (r.host_port & 63)
+    memcpy(c.nat_ports, c.rule_ports, sizeof(c.nat_ports))
+    for i in range(65536):
+        if c.ct_portcnt[i]:
+            c.nat_ports[i >> 6] |= (<uint64_t>1) << (i & 63)
 
 cdef inline bint is_node_address(Core *c, uint8_t family, const uint8_t *ip) noexcept nogil:
     cdef uint32_t i
@@ -184,7 +201,7 @@ memset(ZERO16, 0, 16)
 cdef inline int32_t rule_match(Core *c, CtKey *k) noexcept nogil:
     # the rule for a packet's (proto, dst, dport): exact host_ip first, then any node address
     cdef int32_t rid
-    if not (c.rule_ports[k.dport >> 6] >> (k.dport & 63)) & 1:
+    if not bit_test(c.rule_ports, k.dport):
         return -1
     rid = rule_find(c, k.proto, k.dport, k.family, 0, k.dst)
     if rid >= 0:
@@ -311,8 +328,7 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
     cdef uint16_t sport = load_be16(l4)
     cdef uint16_t dport = load_be16(l4 + 2)
     cdef bint hairpin
-    if c.ct_portcnt[sport] == 0 and c.ct_portcnt[dport] == 0 \
-            and not (c.rule_ports[dport >> 6] >> (dport & 63)) & 1:
+    if not (bit_test(c.nat_ports, sport) or bit_test(c.nat_ports, dport)):
         tr_add(c, TR_NAT_NONE, 0, 0)
         return NAT_NONE
     ct_key_from_pkt(&key, k)
@@ -390,8 +406,8 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
     e.used = 1
     ct_slot_insert(c, h, (idx << 1) + 1)
     ct_slot_insert(c, rh, (idx << 1 | 1) + 1)
-    c.ct_portcnt[key.dport] += 1
-    c.ct_portcnt[rkey.sport] += 1
+    portcnt_inc(c, key.dport)
+    portcnt_inc(c, rkey.sport)
     c.ct_count += 1
     c.gc[GC_CT_CREATED] += 1
     tr_add(c, TR_NAT_NEW, rid, hairpin)

@@ -315,6 +315,7 @@ ctypedef struct Core:
     uint32_t *rule_slots      # [rule_mask + 1] index: rule id + 1, 0 = empty (rebuilt on change)
     uint64_t rule_mask        # slots - 1
     uint64_t rule_ports[1024] # bitmap of host ports that have a rule (any proto)
+    uint64_t nat_ports[1024]  # bitmap: rule_ports | ports with ct_portcnt > 0 (the hot filter)
     # addresses
     uint8_t gw_mac_set        # 1: gateway MAC set
     uint8_t gw_mac[6]         # the host port's MAC (NAT source MAC)
@@ -334,10 +335,15 @@ ctypedef struct Core:
     int tr_n                  # records in tr
 
 
-cdef inline void tr_add(Core *c, int stage, int64_t a, int64_t b) noexcept nogil:
-    # records a stage for trace(); one predictable branch when not tracing
-    if c.tr != NULL and c.tr_n < TR_MAX:
+cdef void tr_rec(Core *c, int stage, int64_t a, int64_t b) noexcept nogil:
+    # records a stage for trace() (only called when c.tr is set)
+    if c.tr_n < TR_MAX:
         c.tr[c.tr_n].stage = stage
         c.tr[c.tr_n].a = a
         c.tr[c.tr_n].b = b
         c.tr_n += 1
+
+cdef inline void tr_add(Core *c, int stage, int64_t a, int64_t b) noexcept nogil:
+    # one predictable branch when not tracing
+    if c.tr != NULL:
+        tr_rec(c, stage, a, b)

@@ -16,7 +16,9 @@
 # the live records to the front when the tail reaches the end.
 #
 # The head leaves at t_dep = last_ns + max(0, ceil((cost - credit) / rate_bps)), which
-# next_departure_ns() reports and drain() uses (twin's D15, D16).
+# next_departure_ns() reports; drain() refills at each released head's own t_dep (not at
+# its now_ns), so a late drain releases what was due instead of losing credit above the
+# cap (twin's D15, D16).
 
 cdef u128 NS_PER_S = 1000000000
 
@@ -32,12 +34,11 @@ cdef inline void shaper_refill(Shaper *s, uint64_t now) noexcept nogil:
         s.has_last = 1
         s.last_ns = now
         return
-    if now > s.last_ns:
-        cap = <u128>s.burst_bits * NS_PER_S
-        if s.queue_packets > 0 and pkt_cost(q_head(s).len) > cap:
-            cap = pkt_cost(q_head(s).len)
-        credit = s.credit + <u128>(now - s.last_ns) * s.rate_bps
-        s.credit = cap if credit > cap else credit
+    cap = <u128>s.burst_bits * NS_PER_S
+    if s.queue_packets > 0 and pkt_cost(q_head(s).len) > cap:
+        cap = pkt_cost(q_head(s).len)
+    credit = s.credit + <u128>(now - s.last_ns) * s.rate_bps     # now >= last_ns always
+    s.credit = cap if credit > cap else credit
     s.last_ns = now
 
 cdef inline uint64_t shaper_t_dep(Shaper *s) noexcept nogil:
