@@ -30,6 +30,12 @@ def _matplotlib():
     return plt, None
 
 
+AXIS_LABELS = {"batch": "batch (packets per call)", "frame_bytes": "frame (bytes)",
+               "segment_bytes": "segment (bytes)", "rate_bps": "rate set (bit/s)",
+               "macs": "MAC table entries", "conns": "connections", "pods": "pods",
+               "parallel": "pods in parallel"}
+
+
 def x_key(rows):
     """The parameter to plot against, or None."""
     for key in report.X_KEYS:
@@ -106,13 +112,34 @@ def _line_plot(ax, rows, xk):
     xs_all = [r.params[xk] for r in rows if xk in r.params]
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 100:
         ax.set_xscale("log")
+    distinct = sorted(set(xs_all))
+    if len(distinct) <= 12:
+        ax.set_xticks(distinct)
+        ax.set_xticklabels([_tick(x) for x in distinct], fontsize=8)
+        ax.minorticks_off()
     ys_all = [r.median for r in rows if r.median > 0]
     if ys_all and max(ys_all) / min(ys_all) >= 100:
         ax.set_yscale("log")
-    if any(r.unit == "achieved_ratio" for r in rows):
+    elif any(r.unit == "achieved_ratio" for r in rows):
         ax.axhspan(0.98, 1.02, color="tab:green", alpha=0.12, label="±2% of the setting")
-    ax.set_xlabel(xk.replace("_", " "))
+        ax.axhline(1.0, color="tab:green", lw=0.8)
+    else:
+        ax.set_ylim(bottom=0)          # a ratio reads true only from zero
+    ax.set_xlabel(AXIS_LABELS.get(xk, xk.replace("_", " ")))
     ax.legend(fontsize=8)
+
+
+def _tick(x):
+    """1000000 -> 1M, 1048576 -> 1Mi, 2e9 -> 2G; below 100,000 as is."""
+    if x < 100_000:
+        return f"{x:g}"
+    for div, suffix in ((1 << 20, "Mi"), (1 << 10, "Ki")):
+        if x >= div and x % div == 0 and x != 1000 * (x // 1000):
+            return f"{x // div}{suffix}"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= div and (x / div) == int(x / div):
+            return f"{int(x / div)}{suffix}"
+    return f"{x:g}"
 
 
 def _bar_plot(ax, rows):
@@ -124,5 +151,8 @@ def _bar_plot(ax, rows):
     err = [[max(0.0, r.median - r.lo) for r in rows], [max(0.0, r.hi - r.median) for r in rows]]
     colors = [f"C{report.subject_order(r.subject)[0] % 10}" for r in rows]
     ax.bar(range(len(rows)), ys, yerr=err, capsize=4, color=colors)
+    if any(r.unit == "achieved_ratio" for r in rows):
+        ax.axhspan(0.98, 1.02, color="tab:green", alpha=0.12)
+        ax.set_ylim(min(0.9, min(ys) - 0.02), max(1.1, max(ys) + 0.02))
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, fontsize=8)

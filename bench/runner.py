@@ -133,7 +133,7 @@ class Progress:
         if self.tty:
             self.stream.write("\r\x1b[K" + self.status(now))
             self.stream.flush()
-        elif self.current and now - self.last_heartbeat >= 60:
+        elif self.current and now - max(self.last_heartbeat, self.current[1]) >= 60:
             self.last_heartbeat = now
             self._line(f"      ... {self.current[0]} running for {_clock(now - self.current[1])}")
 
@@ -290,7 +290,12 @@ def print_targets(out_dir, stream=sys.stderr):
         status = "–" if v.met is None else ("met" if v.met else "MISSED")
         val = "" if v.value is None else f" {report.fmt_value(v.value, v.target.unit)}"
         where = f" [{report.fmt_params(v.row.params)}]" if v.row else ""
-        stream.write(f"  {status:7} {v.target.text}{where}:{val} — {v.margin}\n")
+        margin = v.margin
+        if v.row is None and v.peer_rows:
+            margin += " (measured: " + ", ".join(
+                f"{s} {report.fmt_value(r.median, r.unit)} {report.unit_label(r.unit)}"
+                for s, r in sorted(v.peer_rows.items())) + ")"
+        stream.write(f"  {status:7} {v.target.text}{where}:{val} — {margin}\n")
 
 
 def print_compare_summary(changes, stream=sys.stderr):
@@ -334,8 +339,13 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     stream = sys.stderr
     notes_text = Path(args.notes).read_text() if args.notes else None
-    if args.compare and not Path(args.compare).exists():
-        raise SystemExit(f"bench: --compare {args.compare!r}: no such directory or file")
+    if args.compare:
+        from bench import report
+        try:
+            report.load_results(args.compare)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"bench: --compare {args.compare!r}: not a benchmark run "
+                             f"directory or pytest-benchmark JSON ({exc})")
     if args.report_only:
         out_dir = Path(args.report_only)
         if not (out_dir / "benchmark.json").exists():

@@ -381,3 +381,9 @@ def test_quick_suite_end_to_end(tmp_path):
     text = (out / "report.md").read_text()
     assert "## Targets (issue 6)" in text
     assert json.loads((out / "benchmark.json").read_text())["benchmarks"]
+
+
+def test_compare_with_something_that_is_not_a_run_is_refused(tmp_path):
+    run = write_run(tmp_path, tcp("vswitch", [5.0]))
+    with pytest.raises(SystemExit, match="not a benchmark run directory"):
+        runner.main(["--report-only", str(run), "--compare", str(tmp_path / "nothing")])
