@@ -14,7 +14,8 @@ pod is still on the node.
   daemon serves hostPorts only for traffic that crosses the switch), and
   ``python -m vswitch.cli install-cni --bin-dir B --conf-dir C --socket S --subnet N``
   writing the plugin launcher and ``10-vswitch.conflist``. The reference plugins are
-  linked into the same bin dir, since the conflist delegates IPAM to host-local.
+  linked into the same bin dir, since the conflist delegates IPAM to host-local. Its
+  ``leftovers`` also asks the daemon (``list``) for attachments still holding the pod IP.
 
 ``CHAIN_NAMES`` lists them; ``vswitch_unavailable()`` gives the precise reason the vswitch
 chain cannot run yet (missing entry points), or None.
@@ -306,6 +307,32 @@ class VswitchChain(Chain):
                 return "".join(f.readlines()[-lines:])
         except OSError:
             return ""
+
+    def request(self, op: str, **args) -> dict:
+        """One control request (docs/control.md: JSON lines on the unix socket)."""
+        import socket
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(self.socket)
+            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        reply = json.loads(buf)
+        if not reply.get("ok"):
+            raise RuntimeError(f"vswitchd {op} failed: {reply}")
+        return reply
+
+    def leftovers(self, pod_ip: str, host_ifnames: list[str]) -> list[str]:
+        problems = super().leftovers(pod_ip, host_ifnames)
+        attachments = self.request("list").get("attachments", [])
+        stale = [a for a in attachments if pod_ip in json.dumps(a)]
+        if stale:
+            problems.append(f"vswitchd still holds attachments with {pod_ip}: {stale}")
+        return problems
 
 
 def make_chain(name: str, base_dir: str, suffix: str, uplink: str | None = None) -> Chain:

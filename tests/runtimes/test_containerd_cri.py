@@ -154,6 +154,8 @@ def test_stop_then_remove_leave_nothing_behind(ctd, chain, client_link):
         assert client_link.http_get(client_link.node_ip,
                                     spec.port_mappings[0].host_port).strip() == WEB_PAGE
         assert pod.ip in chain.leased_ips()
+        live = chain.leftovers(pod.ip, pod.host_ifnames)  # the detector sees a live pod
+        assert any(pod.ip in p for p in live), live
         if chain.name == "reference":  # the bridge plugin's veth and bandwidth's ifb
             assert len(pod.host_ifnames) == 2, pod.host_ifnames
 

@@ -138,6 +138,8 @@ def test_add_check_del_with_capability_args(libcni_client, chain, client_link, n
                 "CHECK passed although the pod's address was removed behind its back"
             assert pod_ip in tampered.stderr, tampered.stderr
 
+        live = chain.leftovers(pod_ip, host_ifnames)  # the detector sees a live pod
+        assert any(pod_ip in p for p in live), live
         cni("del")
         added = False
         assert chain.leftovers(pod_ip, host_ifnames) == []
