@@ -1,7 +1,7 @@
 """podman 4.3 with ``network_backend = "cni"`` on each CNI chain, containers from --rootfs.
 
 A private podman (rt_podman) runs two busybox containers on the chain's network: "web"
-(httpd on 80, published with ``-p HOSTPORT:80``) and "pinger". The pinger pings web, the
+(httpd on 80, published with ``-p HOSTPORT:80``) and "pinger". They ping each other, the
 client namespace gets web's page through node-IP:hostPort, and after ``podman rm -f`` the
 chain holds no lease, host interface, netns or iptables rule of either container.
 """
@@ -46,8 +46,9 @@ def test_containers_get_ips_of_the_chain_and_ping_each_other(podman, chain, cont
     import ipaddress
     for key in ("web_ip", "pinger_ip"):
         assert ipaddress.ip_address(containers[key]) in chain.subnet, (containers, chain.subnet)
-    out = podman("exec", "pinger", "ping", "-c", "3", "-W", "2", containers["web_ip"])
-    assert " 0% packet loss" in out, out
+    for src, dst in (("pinger", "web_ip"), ("web", "pinger_ip")):
+        out = podman("exec", src, "ping", "-c", "3", "-W", "2", containers[dst])
+        assert " 0% packet loss" in out, (src, out)
 
 
 def test_published_host_port_serves_a_client_outside(client_link, containers):
