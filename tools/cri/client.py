@@ -82,8 +82,8 @@ class CriClient:
     """A CRI v1 RuntimeService client over a unix socket."""
 
     def __init__(self, socket_path: str, timeout_s: float = 60.0):
+        self.pb, services = load_api()  # first: a clear error when grpcio is missing
         import grpc
-        self.pb, services = load_api()
         self.socket_path = socket_path
         self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(f"unix://{socket_path}")
