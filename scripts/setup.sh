@@ -22,9 +22,11 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-echo "setup: installing vswitch with its test and plot extras (builds the Cython core)"
-.venv/bin/python -m pip install -q -e '.[test,plot]'
+echo "setup: installing vswitch with its test, plot and runtimes extras (builds the Cython core)"
+.venv/bin/python -m pip install -q -e '.[test,plot,runtimes]'
 # The editable install builds the extension; build it in place too so the work tree
 # (which tests put first on sys.path) always holds the current core.
 .venv/bin/python setup.py -q build_ext --inplace >/dev/null
+# containerd, podman, Go + libcni and busybox for the real-runtime tests (tests/runtimes).
+scripts/setup-runtimes.sh .venv/bin/python
 echo "setup: done"
