@@ -782,6 +782,9 @@ class Simulation:
 
     # ------------------------------------------------------------------ sending and running
     def _port_id(self, port) -> int:
+        """The switch port id of a port name, a host's name (an external: the uplink) or a host."""
+        if isinstance(port, str) and port in self._endpoints:
+            port = self._endpoints[port]
         if isinstance(port, Endpoint):
             port = port.port_name
         if isinstance(port, str):

@@ -546,15 +546,17 @@ def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, rec
         if sim._events and sim._events[0][0] <= now:
             sim.run(until_ns=now)
 
+    # look-ahead per flow: the merged chunk stays near CHUNK frames however many flows
+    look = max(256, CHUNK // len(cursors))
     t_wall = time.perf_counter()
     stop = False
     while not stop:
-        peeks = [c.peek(CHUNK) for c in cursors]
+        peeks = [c.peek(look) for c in cursors]
         if all(len(t) == 0 for t, _ in peeks):
             break
         t_cut = None
         for (t, _), c in zip(peeks, cursors):
-            if len(t) == CHUNK:
+            if len(t) == look:
                 last = int(t[-1])
                 t_cut = last if t_cut is None else min(t_cut, last)
         if until_ns is not None and (t_cut is None or t_cut > until_ns):
