@@ -58,11 +58,10 @@ ETH_HDR_BYTES = 14
 def burst_bits_for(rate_bps):
     """100 ms at the rate, at least one 64 KiB segment with its headers (bits).
 
-    A shaper whose timer or loop runs late by more than the burst loses the tokens it
-    could not hold: with 10 ms bursts, tbf on this 2-core machine under a load of 6
-    delivered 0.87-0.89 of the rate in some runs and 1.000 in others. 100 ms covers
-    scheduling delays of a loaded machine; the initial burst it allows is spent within
-    the omitted first seconds."""
+    A burst a shaper must hold without losing tokens when its timer or loop runs a little
+    late on a loaded machine, and small enough to be spent within the omitted first
+    seconds of a run (runtimes send far larger ones, which no short run could measure
+    past)."""
     return max(rate_bps // 10, (65536 + 1514) * 8)
 
 

@@ -387,3 +387,15 @@ def test_compare_with_something_that_is_not_a_run_is_refused(tmp_path):
     run = write_run(tmp_path, tcp("vswitch", [5.0]))
     with pytest.raises(SystemExit, match="not a benchmark run directory"):
         runner.main(["--report-only", str(run), "--compare", str(tmp_path / "nothing")])
+
+
+def test_iperf_intervals_skip_omitted_and_the_misreported_one_after_them():
+    from bench import nettools
+    iv = lambda seconds, nbytes, omitted: {"sum": {"seconds": seconds, "bytes": nbytes,
+                                                   "omitted": omitted}}
+    # iperf3 3.12: the first interval after the omitted ones claims 2.0 s for 1 s of bytes
+    data = {"intervals": [iv(1.0, 2_600_000, True), iv(2.0, 2_400_000, False),
+                          iv(1.0, 2_400_000, False), iv(1.0, 2_400_000, False)]}
+    assert nettools._receiver_intervals(data) == (4_800_000, 2.0)
+    no_omit = {"intervals": [iv(1.0, 100, False), iv(0.5, 50, False)]}
+    assert nettools._receiver_intervals(no_omit) == (150, 1.5)
