@@ -946,11 +946,16 @@ class Simulation:
         return simgen.schedule(self, port, gen, start_ns)
 
     def run_bulk(self, flows, *, until_ns: int | None = None, batch_size: int = 256,
-                 batch_ns: int = 100_000, record: bool = False):
-        """Push generator traffic through the switch in numpy batches; see ``vswitch.simgen``."""
+                 batch_ns: int = 100_000, record: bool = False, chunk_frames: int = 65536):
+        """Push generator traffic [(port, generator), ...] through the switch in numpy batches.
+
+        A batch holds up to ``batch_size`` frames spanning at most ``batch_ns`` and is
+        processed at the time of its last frame; outputs are counted, not recorded (unless
+        ``record=True``: slow). Returns a ``vswitch.simgen.BulkResult``.
+        """
         from vswitch import simgen
         return simgen.run_bulk(self, flows, until_ns=until_ns, batch_size=batch_size,
-                               batch_ns=batch_ns, record=record)
+                               batch_ns=batch_ns, record=record, chunk_frames=chunk_frames)
 
     # ------------------------------------------------------------------ records
     def _rec(self, port) -> _PortRec:

@@ -461,8 +461,13 @@ class _Tally:
         return res
 
 
-def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, record=False) -> BulkResult:
-    """Run generator flows [(port, generator), ...] through the switch in numpy batches."""
+def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, record=False,
+             chunk_frames=CHUNK) -> BulkResult:
+    """Run generator flows [(port, generator), ...] through the switch in numpy batches.
+
+    Memory: the frame table plus about ``chunk_frames`` × 40 bytes of schedule, whatever
+    the number of frames.
+    """
     if isinstance(flows, tuple) and len(flows) == 2 and isinstance(flows[1], _Gen):
         flows = [flows]
     flows = list(flows)
@@ -471,6 +476,8 @@ def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, rec
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 65536:
         raise ValueError(f"batch_size: {batch_size!r}; accepted: 1 .. 65536")
     batch_ns = _pos_int("batch_ns", batch_ns, False)
+    if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+        raise ValueError(f"chunk_frames: {chunk_frames!r}; accepted: an integer ≥ 1")
     if until_ns is not None:
         until_ns = _pos_int("until_ns", until_ns, False)
         if until_ns < sim.now:
@@ -547,7 +554,7 @@ def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, rec
             sim.run(until_ns=now)
 
     # look-ahead per flow: the merged chunk stays near CHUNK frames however many flows
-    look = max(256, CHUNK // len(cursors))
+    look = max(min(256, chunk_frames), chunk_frames // len(cursors))
     t_wall = time.perf_counter()
     stop = False
     while not stop:
