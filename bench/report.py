@@ -75,7 +75,7 @@ PRIMARY = "vswitch"
 #: known subjects, in the order tables list them.
 SUBJECTS = ("vswitch", "vswitch-py", "bridge", "ovs", "reference-cni", "bandwidth-plugin",
             "portmap")
-RESERVED = ("subject", "unit", "samples", "per_round", "target", "note", "param_keys",
+RESERVED = ("group", "subject", "unit", "samples", "per_round", "target", "note", "param_keys",
             "info", "better")
 
 
@@ -114,6 +114,7 @@ def record(benchmark, *, group, subject, unit, value=None, samples=None, per_rou
             raise ValueError(f"parameter {key}={v!r} must be a number, string or bool")
     benchmark.group = group
     ei = benchmark.extra_info
+    ei["group"] = group       # pytest-benchmark keeps .group only if set before it runs
     ei["subject"] = subject
     ei["unit"] = unit
     if value is not None:
@@ -205,7 +206,8 @@ def row_from_benchmark(bench):
     ei = bench.get("extra_info") or {}
     stats = bench.get("stats") or {}
     name = bench.get("fullname") or bench.get("name", "?")
-    group = bench.get("group") or name.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    group = (ei.get("group") if isinstance(ei.get("group"), str) else None) \
+        or bench.get("group") or name.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
     unit = ei.get("unit")
     follows = isinstance(ei.get("subject"), str) and unit in UNITS
     if follows:
@@ -314,10 +316,11 @@ def ratio(a, b):
 
 
 def ratio_range(a, b):
-    """The widest ratio the two min..max ranges allow: (low, high)."""
-    if a.unit != b.unit or b.lo <= 0 or b.hi <= 0:
+    """The widest ratio the two rows' noise intervals allow: (low, high)."""
+    (alo, ahi), (blo, bhi) = a.interval(), b.interval()
+    if a.unit != b.unit or blo <= 0 or bhi <= 0:
         return None
-    return (a.lo / b.hi, a.hi / b.lo)
+    return (alo / bhi, ahi / blo)
 
 
 # --------------------------------------------------------------------------- targets
@@ -362,7 +365,7 @@ class Verdict:
     value: float | None          # what is judged (a value or a ratio)
     met: bool | None             # None: not measured
     margin: str                  # "by how much", in words
-    uncertain: bool = False      # the threshold lies inside the noise range
+    uncertain: bool = False      # the threshold lies inside the noise interval
 
 
 def _select_rows(rows, target):
@@ -404,10 +407,8 @@ def _pct(x):
 
 def _judge(t, row, beside):
     peer = beside.get(t.peer) if t.peer else None
-    if t.kind in ("min", "max"):
-        value, rng = row.median, (row.lo, row.hi)
-    elif t.kind == "within":
-        value, rng = row.median, (row.lo, row.hi)
+    if t.kind in ("min", "max", "within"):
+        value, rng = row.median, row.interval()
     else:
         if peer is None:
             return Verdict(t, row, beside, None, None,
@@ -420,11 +421,12 @@ def _judge(t, row, beside):
         met = value >= thr
         uncertain = rng is not None and rng[0] < thr <= rng[1]
         if met:
-            margin = f"{_pct(value / thr - 1)} above the target"
+            margin = (f"{value / thr:.1f}× the target" if value >= 2 * thr
+                      else f"{_pct(value / thr - 1)} above the target")
         else:
             margin = f"missed by {_pct(1 - value / thr)} (needs {thr / value:.2f}× more)" \
                 if value > 0 else "missed (zero)"
-        if t.aim and value < t.aim:
+        if t.aim and value < t.aim * (1 - 1e-9):
             margin += f"; {_pct(1 - value / t.aim)} short of the aim {t.aim:g}"
     elif t.kind in ("max", "ratio_max"):
         met = value <= thr
@@ -652,7 +654,7 @@ def render_closing(verdicts, rows, sysinfo=None, notes_text=None):
         for v in missed:
             why = []
             if v.uncertain:
-                why.append("the threshold lies inside the measured min..max range, so the "
+                why.append("the threshold lies inside the measured noise interval, so the "
                            "miss may be noise")
             if v.row and v.row.note:
                 why.append(f"benchmark note: {v.row.note}")
