@@ -46,6 +46,7 @@ vsw0 is deleted and the state file removed, so nothing remains.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import errno
 import hashlib
@@ -58,10 +59,9 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
-
-import numpy as np
 
 from vswitch import __version__, netlink, rpc
 from vswitch import dpconst as C
@@ -74,6 +74,8 @@ ATTACH_STEPS = ("tap_create", "netns_move", "link_config", "addresses", "routes"
                 "switch_port", "hostports", "shaper", "state_save")
 STATE_VERSION = 1
 SWEEP_INTERVAL_NS = 10 * C.SEC_NS
+SWITCH_INTERVAL_S = 0.0005      # the loop thread waits at most this long for the GIL
+MAX_GATEWAYS = C.MAX_IPS_PER_PORT   # addresses of the host port in the switch (Switch.add_port)
 EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 
 
@@ -128,6 +130,70 @@ class PcapWriter:
 
 class Fault(Exception):
     pass
+
+
+class StepFailed(Exception):
+    """An attach step failed on the kernel thread (after undoing its own work)."""
+
+    def __init__(self, step: str, exc: BaseException):
+        super().__init__(f"{step}: {exc}")
+        self.step, self.exc = step, exc
+
+
+class KernelWorker:
+    """One thread that runs the kernel work of control operations, in submission order.
+
+    ``submit(fn, args)`` runs ``fn(*args)`` on the thread; its result (or exception) is
+    queued and the eventfd ``fd`` (registered in the loop's epoll) becomes readable;
+    ``completions()``, on the loop thread, yields them as ``(ok, value)``. The thread
+    blocks in syscalls (netlink, TAP close, fsync) without the GIL, so the packet loop
+    keeps forwarding; the daemon lowers the interpreter's switch interval so that the
+    loop gets the GIL back quickly when the thread runs Python.
+    """
+
+    def __init__(self):
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._jobs = collections.deque()
+        self._cv = threading.Condition()
+        self._done = collections.deque()
+        self._thread = threading.Thread(target=self._run, name="vswitchd-kernel", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, args=()):
+        with self._cv:
+            self._jobs.append((fn, args))
+            self._cv.notify()
+
+    def _run(self):
+        while True:
+            with self._cv:
+                while not self._jobs:
+                    self._cv.wait()
+                job = self._jobs.popleft()
+            if job is None:
+                return
+            fn, args = job
+            try:
+                res = (True, fn(*args))
+            except BaseException as exc:   # handed to the operation that submitted it
+                res = (False, exc)
+            self._done.append(res)
+            os.eventfd_write(self.fd, 1)
+
+    def completions(self):
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        while self._done:
+            yield self._done.popleft()
+
+    def stop(self, timeout_s: float = 30.0):
+        with self._cv:
+            self._jobs.append(None)
+            self._cv.notify()
+        self._thread.join(timeout_s)
+        os.close(self.fd)
 
 
 def _err(code: int, msg: str) -> RpcError:
@@ -289,6 +355,10 @@ class Daemon:
         self.last_sweep_ns = 0
         self.lsock = None
         self.adopted = False           # the state's attachments were re-adopted (safe to rewrite it)
+        self.kernel: KernelWorker | None = None
+        self.ops = collections.deque()  # control operations waiting for their turn
+        self.active_op = None           # (generator, op name, reply callback, t0) of the running one
+        self.host_index = 0             # ifindex of the host TAP
 
     # ----------------------------------------------------------------- state
 
@@ -303,10 +373,20 @@ class Daemon:
                              f"move it away to start empty")
         self.state = st
 
-    def save_state(self):
+    def state_bytes(self) -> bytes:
+        """The state as it is now (taken on the loop thread; written by the kernel thread)."""
         self.state["attachments"] = [{k: v for k, v in a.items() if not k.startswith("_")}
                                      for a in self.attachments.values()]
-        data = json.dumps(self.state, indent=1, sort_keys=True).encode()
+        return json.dumps(self.state, indent=1, sort_keys=True).encode()
+
+    def save_state(self):
+        self.write_state(self.state_bytes())
+
+    def state_job(self):
+        """A kernel job writing the state as it is now (for ``yield`` in an operation)."""
+        return (self.write_state, self.state_bytes())
+
+    def write_state(self, data: bytes):
         tmp = self.state_path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -328,6 +408,9 @@ class Daemon:
         self.load_state()
         self.ep = select.epoll()
         self._signals()
+        self.kernel = KernelWorker()
+        self.ep.register(self.kernel.fd, EPOLLIN)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._host_port_up()
         if self.uplink_name:
             self._uplink_up()
@@ -336,6 +419,7 @@ class Daemon:
             self._uplink_restore(self.state["uplink"])
             self.state["uplink"] = None
         self._readopt()
+        self._prune_gateways()
         self.adopted = True
         self.save_state()
         self._listen()
@@ -386,6 +470,7 @@ class Daemon:
             raise SystemExit(f"vswitchd: --switch {name!r} exists and is not a TAP ({info.get('kind')})")
         fd = netlink.tap_open(name, create=info is None, persist=True)
         netlink.link_set_up(name, mac=mac, mtu=mtu)
+        self.host_index = socket.if_nametoindex(name)
         hs.update(name=name, mac=mac)
         gateways = hs.setdefault("gateways", [])
         for g in gateways:
@@ -422,23 +507,104 @@ class Daemon:
         if cap:
             cap.close()
 
-    def _add_gateway(self, cidr: str):
-        """Give the host port a pod gateway address (a new one re-adds the switch's host port)."""
+    # ----------------------------------------------------------------- gateways
+    # The host port holds one gateway address per pod subnet (``gw/prefixlen``) while an
+    # attachment of that subnet exists. The bookkeeping (state, the switch's host port)
+    # happens on the loop thread; the kernel side (the address on the host TAP) is a
+    # job of the kernel thread, so adds and removals reach the kernel in decision order.
+
+    @staticmethod
+    def _gateways_of(rec: dict) -> list[str]:
+        out = []
+        for e in rec["ips"]:
+            if e.get("gateway"):
+                cidr = f"{e['gateway']}/{ipaddress.ip_interface(e['address']).network.prefixlen}"
+                if cidr not in out:
+                    out.append(cidr)
+        return out
+
+    def _gateways_in_use(self) -> set[str]:
+        return {g for a in self.attachments.values() for g in self._gateways_of(a)}
+
+    def _gateways_take(self, rec: dict) -> list[str]:
+        """Add the gateways ``rec`` needs to the state and the switch; returns the new ones.
+
+        The switch binds at most MAX_GATEWAYS addresses to the host port: one more subnet
+        is refused with an error naming the limit and the subnets in use; nothing changes.
+        """
         hs = self.state["host"]
-        if cidr in hs["gateways"]:
-            return False
-        netlink.address_add_if_missing(self.host_name, cidr)
-        hs["gateways"].append(cidr)
-        self._ip_forward()
-        self._refresh_host_port()
-        return True
+        new = [g for g in self._gateways_of(rec) if g not in hs["gateways"]]
+        if not new:
+            return []
+        if len(hs["gateways"]) + len(new) > MAX_GATEWAYS:
+            raise _err(rpc.E_INVALID_CONFIG,
+                       f"gateway {', '.join(new)}: the host port {self.host_name} holds at most "
+                       f"{MAX_GATEWAYS} gateway addresses (one per pod subnet) and has "
+                       f"{len(hs['gateways'])}: {', '.join(hs['gateways'])}; detach the pods of a "
+                       f"subnet no longer used, or use fewer subnets on this node")
+        old = list(hs["gateways"])
+        hs["gateways"] = old + new
+        try:
+            self._refresh_host_port()
+        except BaseException:
+            hs["gateways"] = old
+            raise
+        return new
+
+    def _gateways_release(self, rec: dict) -> list[str]:
+        """Drop the gateways of ``rec`` that no attachment uses any more; returns them.
+
+        Call after ``rec`` left ``self.attachments``. The caller removes them from the
+        kernel (``_gateways_kernel``)."""
+        hs = self.state["host"]
+        used = self._gateways_in_use()
+        gone = [g for g in self._gateways_of(rec) if g in hs["gateways"] and g not in used]
+        if gone:
+            hs["gateways"] = [g for g in hs["gateways"] if g not in gone]
+            self._refresh_host_port()
+        return gone
+
+    def _prune_gateways(self):
+        """At start: gateways no re-adopted attachment uses (a crash mid-detach) go away."""
+        hs = self.state["host"]
+        used = self._gateways_in_use()
+        gone = [g for g in hs.get("gateways", []) if g not in used]
+        if gone:
+            hs["gateways"] = [g for g in hs["gateways"] if g in used]
+            self._refresh_host_port()
+            self._gateways_kernel([], gone)
+            self.log("gateways_pruned", gateways=gone)
+
+    def _gateways_kernel(self, add: list[str], remove: list[str]):
+        """Kernel thread: gateway addresses on the host TAP (an uplink's address stays)."""
+        keep = set((self.state.get("uplink") or {}).get("addresses") or [])
+        msgs = [(f"add {g}", netlink.msg_addr(self.host_index, g, replace=True)) for g in add]
+        msgs += [(f"del {g}", netlink.msg_addr(self.host_index, g, add=False)) for g in remove if g not in keep]
+        if not msgs:
+            return
+        if add:
+            self._ip_forward()
+        with netlink.RtnlSocket() as nl:
+            for label, m in msgs:       # one by one: a gateway already gone is not an error
+                try:
+                    nl.run(f"gateway on {self.host_name}", [(label, m)])
+                except netlink.NetlinkError as exc:
+                    if label.startswith("add") or exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT):
+                        raise
 
     def _refresh_host_port(self):
+        """Re-add the switch's host port with the current gateways (its datapath binding)."""
         gws = [str(ipaddress.ip_interface(g).ip) for g in self.state["host"]["gateways"]]
         sw = self.switch
-        if sw.host_port is not None:
+        old = sw.host_port
+        if old is not None:
             sw.remove_port(self.host_name)
-        sw.add_port(self.host_name, "host", mac=self.state["host"]["mac"], ips=gws or (), port_id=0)
+        try:
+            sw.add_port(self.host_name, "host", mac=self.state["host"]["mac"], ips=gws or (), port_id=0)
+        except BaseException:
+            if old is not None:
+                sw.add_port(self.host_name, "host", mac=old.mac, ips=old.ips or (), port_id=0)
+            raise
 
     # ----------------------------------------------------------------- uplink
 
@@ -585,7 +751,7 @@ class Daemon:
                 return
             c.setblocking(False)
             self.conns[c.fileno()] = {"sock": c, "kind": kind, "in": rpc.LineBuffer() if kind == "ctl" else bytearray(),
-                                      "out": bytearray()}
+                                      "out": bytearray(), "waiting": False, "lines": collections.deque()}
             self.ep.register(c.fileno(), EPOLLIN)
 
     def _close_conn(self, fd):
@@ -600,7 +766,7 @@ class Daemon:
     def _conn_event(self, fd, ev):
         conn = self.conns[fd]
         sock = conn["sock"]
-        if ev & EPOLLIN:
+        if ev & EPOLLIN and not conn.get("eof"):
             try:
                 data = sock.recv(1 << 16)
             except BlockingIOError:
@@ -608,23 +774,43 @@ class Daemon:
             except OSError:
                 data = b""
             if data == b"":
-                if not conn["out"]:
-                    self._close_conn(fd)
-                    return
-                conn["closing"] = True
+                conn["eof"] = True          # answer what was asked, then close
             elif data:
                 if conn["kind"] == "ctl":
-                    for line in conn["in"].feed(data):
-                        if line is None:
-                            reply = RpcError(rpc.E_BAD_REQUEST, f"request line exceeds {rpc.MAX_LINE_BYTES} bytes").reply()
-                        else:
-                            reply = self.handle_line(line)
-                        conn["out"] += rpc.encode(reply)
+                    conn["lines"].extend(conn["in"].feed(data))
+                    self._serve_lines(conn)
                 else:
                     conn["in"] += data
                     if b"\r\n\r\n" in conn["in"] or b"\n\n" in conn["in"] or len(conn["in"]) > 8192:
                         conn["out"] += self._http_reply(bytes(conn["in"]))
-                        conn["closing"] = True
+                        conn["eof"] = True
+        self._flush_conn(fd, conn)
+
+    def _serve_lines(self, conn):
+        """Answer the connection's request lines in order; stop at one answered later."""
+        while conn["lines"] and not conn["waiting"]:
+            line = conn["lines"].popleft()
+            if line is None:
+                reply = RpcError(rpc.E_BAD_REQUEST, f"request line exceeds {rpc.MAX_LINE_BYTES} bytes").reply()
+            else:
+                reply = self.handle_line(line, lambda r, conn=conn: self._late_reply(conn, r))
+            if reply is None:
+                conn["waiting"] = True
+            else:
+                conn["out"] += rpc.encode(reply)
+
+    def _late_reply(self, conn, reply):
+        """The reply of an operation that ran on the kernel thread."""
+        conn["waiting"] = False
+        fd = conn["sock"].fileno()
+        if fd < 0 or self.conns.get(fd) is not conn:
+            return                          # the client went away
+        conn["out"] += rpc.encode(reply)
+        self._serve_lines(conn)
+        self._flush_conn(fd, conn)
+
+    def _flush_conn(self, fd, conn):
+        sock = conn["sock"]
         if conn["out"]:
             try:
                 sent = sock.send(conn["out"])
@@ -634,13 +820,13 @@ class Daemon:
             except OSError:
                 self._close_conn(fd)
                 return
-        if conn["out"]:
-            self.ep.modify(fd, EPOLLIN | EPOLLOUT)
-        else:
-            if conn.get("closing"):
-                self._close_conn(fd)
-                return
-            self.ep.modify(fd, EPOLLIN)
+        if conn.get("eof") and not conn["out"] and not conn["waiting"] and not conn["lines"]:
+            self._close_conn(fd)
+            return
+        events = (0 if conn.get("eof") else EPOLLIN) | (EPOLLOUT if conn["out"] else 0)
+        if events != conn.get("events", EPOLLIN):
+            self.ep.modify(fd, events)
+            conn["events"] = events
 
     def _http_reply(self, req: bytes) -> bytes:
         first = req.split(b"\r\n", 1)[0].split(b" ")
@@ -652,8 +838,14 @@ class Daemon:
         return (b"HTTP/1.0 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
                 b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
 
-    def handle_line(self, line: bytes) -> dict:
-        """One request line -> one reply; never raises."""
+    def handle_line(self, line: bytes, late_reply=None) -> dict | None:
+        """One request line -> one reply; never raises.
+
+        Operations that touch the kernel (attach, detach, check, gc) are generators: they
+        run one at a time, in arrival order, yielding kernel jobs to the kernel thread
+        between loop-thread steps. For those this returns None and ``late_reply(reply)``
+        is called when the operation ends (without ``late_reply``, an error).
+        """
         op = None
         try:
             req = rpc.decode(line)
@@ -661,8 +853,12 @@ class Daemon:
             handler = self.OPS.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise RpcError(rpc.E_UNKNOWN_OP, f"unknown op {op!r}; accepted: {', '.join(sorted(self.OPS))}")
-            reply = handler(self, req)
-            return {"ok": True, **reply}
+            if op in self.KERNEL_OPS:
+                if late_reply is None:
+                    raise RpcError(rpc.E_INTERNAL, f"{op!r} needs the event loop")
+                self.ops.append((handler(self, req), op, late_reply))   # started by the loop
+                return None
+            return {"ok": True, **handler(self, req)}
         except RpcError as exc:
             self.log("request_failed", level="warning", op=op, code=exc.code, msg=exc.msg)
             return exc.reply()
@@ -670,9 +866,46 @@ class Daemon:
             self.log("request_crashed", level="error", op=op, error=repr(exc), tb=traceback.format_exc())
             return RpcError(rpc.E_INTERNAL, f"internal error in {op!r}: {exc!r}").reply()
 
+    def _next_op(self):
+        while self.active_op is None and self.ops:
+            gen, op, reply = self.ops.popleft()
+            if self.stop:
+                gen.close()
+                reply(RpcError(rpc.E_TRY_AGAIN, "vswitchd is shutting down; try again").reply())
+                continue
+            self.active_op = (gen, op, reply)
+            self._step_op(True, None)
+
+    def _step_op(self, ok, value):
+        """Advance the running operation with a kernel job's result (or exception)."""
+        gen, op, reply_cb = self.active_op
+        try:
+            job = gen.send(value) if ok else gen.throw(value)
+        except StopIteration as done:
+            reply = {"ok": True, **(done.value or {})}
+        except RpcError as exc:
+            self.log("request_failed", level="warning", op=op, code=exc.code, msg=exc.msg)
+            reply = exc.reply()
+        except Exception as exc:  # a bug: report it, keep running
+            self.log("request_crashed", level="error", op=op, error=repr(exc), tb=traceback.format_exc())
+            reply = RpcError(rpc.E_INTERNAL, f"internal error in {op!r}: {exc!r}").reply()
+        else:
+            self.kernel.submit(job[0], job[1:])
+            return
+        self.active_op = None
+        reply_cb(reply)
+        self._next_op()
+
+    def _kernel_done(self):
+        for ok, value in self.kernel.completions():
+            if self.active_op is not None:
+                self._step_op(ok, value)
+
     # ----------------------------------------------------------------- operations
 
     def op_attach(self, req):
+        """Generator (see handle_line): the pod's kernel steps on the kernel thread, then the
+        switch, hostPort rules, shapers and state; any failure undoes what was done."""
         rec = normalize_attach(req, self.test_faults)
         fault = rec.pop("_fault")
         key = (rec["container_id"], rec["ifname"])
@@ -691,49 +924,23 @@ class Daemon:
             raise _err(rpc.E_BAD_ARGS, f"netns: {rec['netns']!r} does not exist")
         name = port_name_for(*key)
         rec.update(port=name, tap=rec["ifname"])
-        undo = []
         t0 = time.monotonic()
-        step = None
         try:
-            step = "tap_create"
-            self._fault(fault, step)
-            try:
-                exists = netlink.link_exists(rec["ifname"], rec["netns"])
-            except netlink.TapError as exc:
-                raise _err(rpc.E_BAD_ARGS, str(exc)) from None
-            if exists:
-                raise _err(rpc.E_IF_EXISTS, f"interface {rec['ifname']!r} already exists in {rec['netns']}")
-            netlink.link_delete(name)             # a leftover of a crash mid-attach
-            fd = netlink.tap_open(name, create=True, persist=True)
-
-            def undo_tap(fd=fd):
-                try:
-                    netlink.tap_set_persist(fd, False)
-                finally:
-                    os.close(fd)
-            undo.append(undo_tap)
-            step = "netns_move"
-            self._fault(fault, step)
-            netlink.link_move_to_netns(name, rec["netns"])
-            step = "link_config"
-            self._fault(fault, step)
-            pod_if = netlink.link_configure(rec["netns"], name, rec["ifname"], rec["mac"], rec["mtu"])
-            step = "addresses"
-            self._fault(fault, step)
-            netlink.addresses_add(rec["netns"], rec["ifname"], [e["address"] for e in rec["ips"]])
-            step = "routes"
-            self._fault(fault, step)
-            netlink.routes_add(rec["netns"], rec["ifname"], rec["routes"])
+            fd = yield (self._attach_kernel, rec, fault)
+        except StepFailed as failed:
+            raise self._attach_error(key, failed.step, failed.exc, 1) from None
+        t_kernel = time.monotonic()
+        undo = ["TAP"]                  # the kernel thread releases it in the undo job
+        gateways, port, step = [], None, None
+        try:
             step = "switch_port"
             self._fault(fault, step)
-            for e in rec["ips"]:
-                if e["gateway"]:
-                    plen = ipaddress.ip_interface(e["address"]).network.prefixlen
-                    cidr = f"{e['gateway']}/{plen}"
-                    if self._add_gateway(cidr):
-                        undo.append(lambda cidr=cidr: self._remove_gateway(cidr))
+            gateways = self._gateways_take(rec)
+            if gateways:
+                undo.append("gateways")
+                yield (self._gateways_kernel, gateways, [])
             port = self._switch_port(rec, fd, bandwidth=False, mappings=False)
-            undo.append(lambda: (self._drop_fd_port(port), self.switch.remove_port(name)))
+            undo.append("switch port")
             step = "hostports"
             self._fault(fault, step)
             for m in rec["port_mappings"]:
@@ -744,42 +951,114 @@ class Daemon:
             step = "state_save"
             self._fault(fault, step)
             self.attachments[key] = rec
-            undo.append(lambda: self.attachments.pop(key, None))
+            undo.append("state entry")
             if rec["ip_masq"]:
-                self._apply_masq()
-            self.save_state()
+                yield (self._masq_apply, self._masq_subnets())
+            yield self.state_job()
         except BaseException as exc:
-            for u in reversed(undo):
-                try:
-                    u()
-                except Exception as uexc:
-                    self.log("undo_failed", level="error", step=step, error=repr(uexc))
-            if rec["ip_masq"]:
-                self._apply_masq()
-            if isinstance(exc, Fault):
-                raise _err(rpc.E_FAULT, f"injected fault at step {step!r} (undone: {len(undo)} actions)") from None
-            if isinstance(exc, RpcError):
+            if isinstance(exc, GeneratorExit):
                 raise
-            if isinstance(exc, ValueError):
-                raise _err(rpc.E_BAD_ARGS, f"attach {key[0]}/{key[1]} at {step}: {exc}") from None
-            if isinstance(exc, (OSError, netlink.NetlinkError)):
-                raise _err(rpc.E_NETLINK, f"attach {key[0]}/{key[1]} at {step}: {exc}") from None
-            raise
+            self.attachments.pop(key, None)
+            if port is not None:
+                self._drop_fd_port(port)
+            if name in self.switch:
+                self.switch.remove_port(name)
+            gone = self._gateways_release(rec)
+            masq = self._masq_subnets() if rec["ip_masq"] else None
+            try:
+                yield (self._undo_kernel, fd, gone, masq)
+            except Exception as uexc:
+                self.log("undo_failed", level="error", step=step, error=repr(uexc))
+            raise self._attach_error(key, step, exc, len(undo)) from None
+        t_end = time.monotonic()
         self.log("attached", container_id=key[0], ifname=key[1], netns=rec["netns"], port=name,
-                 port_id=rec["port_id"], ips=[e["address"] for e in rec["ips"]], mac=pod_if["mac"],
-                 ms=round((time.monotonic() - t0) * 1000, 1))
+                 port_id=rec["port_id"], ips=[e["address"] for e in rec["ips"]], mac=rec["mac"],
+                 ms=round((t_end - t0) * 1000, 2), kernel_ms=round((t_kernel - t0) * 1000, 2),
+                 after_kernel_ms=round((t_end - t_kernel) * 1000, 2))
         return self._attach_result(rec)
+
+    @staticmethod
+    def _attach_error(key, step, exc, undone) -> RpcError:
+        if isinstance(exc, Fault):
+            return _err(rpc.E_FAULT, f"injected fault at step {step!r} (undone: {undone} actions)")
+        if isinstance(exc, RpcError):
+            return exc
+        if isinstance(exc, ValueError):
+            return _err(rpc.E_BAD_ARGS, f"attach {key[0]}/{key[1]} at {step}: {exc}")
+        if isinstance(exc, (OSError, netlink.NetlinkError)):
+            return _err(rpc.E_NETLINK, f"attach {key[0]}/{key[1]} at {step}: {exc}")
+        return _err(rpc.E_INTERNAL, f"attach {key[0]}/{key[1]} at {step}: {exc!r}")
+
+    def _attach_kernel(self, rec, fault) -> int:
+        """Kernel thread: the pod's side of an attach; returns the TAP fd.
+
+        The TAP is created *inside* the pod's namespace under its final name (the fd is
+        opened there), so no move and no rename happen: each of those waits for an RCU
+        grace period (10-25 ms here). The step names stay those of the protocol:
+        ``netns_move`` is opening the namespace's netlink socket and finding the link.
+        On a failure the TAP is released and StepFailed(step, exc) raised.
+        """
+        ifname, netns = rec["ifname"], rec["netns"]
+        fd = None
+        nl = None
+        step = "tap_create"
+        try:
+            self._fault(fault, step)
+            try:
+                fd = netlink.tap_open(ifname, create=True, persist=True, netns=netns)
+            except netlink.TapError as exc:
+                if exc.errno == errno.EBUSY:
+                    raise _err(rpc.E_IF_EXISTS, f"interface {ifname!r} already exists in {netns}") from None
+                if exc.errno in (errno.ENOENT, errno.EINVAL) and "namespace" in str(exc):
+                    raise _err(rpc.E_BAD_ARGS, str(exc)) from None
+                raise
+            step = "netns_move"
+            self._fault(fault, step)
+            nl = netlink.RtnlSocket(netns)
+            idx = netlink.ifindex_in(ifname, netns)
+            lo = netlink.ifindex_in("lo", netns)
+            if idx is None:
+                raise netlink.TapError(errno.ENODEV, f"TAP {ifname!r} vanished from {netns}")
+            step = "link_config"
+            self._fault(fault, step)
+            msgs = [("mac and mtu", netlink.msg_link_set(idx, mac=rec["mac"], mtu=rec["mtu"])),
+                    ("up", netlink.msg_link_set(idx, up=True))]
+            if lo is not None:
+                msgs.append(("lo up", netlink.msg_link_set(lo, up=True)))
+            nl.run(step, msgs)
+            step = "addresses"
+            self._fault(fault, step)
+            nl.run(step, [(e["address"], netlink.msg_addr(idx, e["address"])) for e in rec["ips"]])
+            step = "routes"
+            self._fault(fault, step)
+            nl.run(step, [(f"{r['dst']} via {r.get('gw')}", netlink.msg_route(idx, r["dst"], r.get("gw")))
+                          for r in rec["routes"]])
+            return fd
+        except BaseException as exc:
+            if fd is not None:
+                try:
+                    netlink.tap_release(fd, f"TAP {ifname} in {netns}")
+                except OSError as uexc:
+                    self.log("undo_failed", level="error", step=step, error=repr(uexc))
+            raise StepFailed(step, exc) from None
+        finally:
+            if nl is not None:
+                nl.close()
+
+    def _undo_kernel(self, fd, gateways_gone, masq_subnets):
+        """Kernel thread: undo an attach after its kernel steps (TAP, gateways, ipMasq)."""
+        try:
+            netlink.tap_release(fd)
+        finally:
+            try:
+                self._gateways_kernel([], gateways_gone)
+            finally:
+                if masq_subnets is not None:
+                    self._masq_apply(masq_subnets)
 
     def _fault(self, fault, step):
         if fault == step:
             raise Fault(step)
-
-    def _remove_gateway(self, cidr):
-        hs = self.state["host"]
-        if cidr in hs["gateways"]:
-            hs["gateways"].remove(cidr)
-            netlink.address_del(self.host_name, cidr)
-            self._refresh_host_port()
 
     def _attach_result(self, rec):
         host = {"name": self.host_name, "mac": self.state["host"]["mac"]}
@@ -791,38 +1070,76 @@ class Daemon:
         return {k: v for k, v in rec.items() if not k.startswith("_")}
 
     def op_detach(self, req):
+        """Generator: release the attachment, then save the state. Unknown: success."""
         cid = _need_str(req, "container_id", 1024)
         ifname = _valid_ifname(req.get("ifname"))
         rec = self.attachments.get((cid, ifname))
         if rec is None:
             return {"existed": False}
-        self._detach(rec)
-        self.save_state()
-        return {"existed": True}
+        t0 = time.monotonic()
+        error = None
+        try:
+            tap_existed = yield from self._detach(rec)
+        except RpcError as exc:
+            error = exc
+        yield self.state_job()
+        if error is not None:
+            raise error
+        self.log("detach_done", container_id=cid, ifname=ifname, ms=round((time.monotonic() - t0) * 1000, 2))
+        return {"existed": True, "tap_existed": tap_existed}
 
     def _detach(self, rec):
+        """Generator: release an attachment's switch port (with its hostPort rules, shapers,
+        MACs and conntrack entries), state entry, gateways no one else uses, ipMasq rule,
+        and its TAP. A TAP already gone (namespace deleted, link deleted behind our back) is
+        success. Returns whether the TAP still existed; raises RpcError (after releasing
+        everything else) only if the TAP exists and could not be removed."""
         key = (rec["container_id"], rec["ifname"])
         port = self.ports.get(rec["port"])
         if rec["port"] in self.switch:
             self.switch.remove_port(rec["port"])
+        fd = -1
         if port is not None:
-            fd = port.fd
             self._drop_fd_port(port)
+            fd, port.fd = port.fd, -1      # the kernel thread closes it
+        self.attachments.pop(key, None)
+        gone = self._gateways_release(rec)
+        masq = self._masq_subnets() if rec.get("ip_masq") else None
+        existed, errors = yield (self._detach_kernel, fd, rec["ifname"], rec["netns"], gone, masq)
+        self.log("detached", container_id=key[0], ifname=key[1], port=rec["port"],
+                 tap="removed" if existed else "already gone", gateways_removed=gone, errors=errors)
+        if errors:
+            raise _err(rpc.E_NETLINK, f"detach {key[0]}/{key[1]}: released from the switch, but: "
+                                      + "; ".join(errors))
+        return existed
+
+    def _detach_kernel(self, fd, ifname, netns, gateways_gone, masq_subnets):
+        """Kernel thread: remove the TAP (by fd, or by name when never re-adopted), the
+        gateway addresses no one uses and the ipMasq rule; returns (tap existed, errors)."""
+        errors = []
+        existed = False
+        try:
+            if fd >= 0:
+                existed = netlink.tap_release(fd, f"TAP {ifname} in {netns}")
+            else:
+                existed = netlink.link_delete(ifname, netns)
+        except OSError as exc:
+            errors.append(f"TAP {ifname} in {netns}: {exc}")
+        except netlink.NetlinkError as exc:
+            errors.append(f"TAP {ifname} in {netns}: {exc}")
+        try:
+            self._gateways_kernel([], gateways_gone)
+        except (OSError, netlink.NetlinkError) as exc:
+            errors.append(f"gateways {gateways_gone}: {exc}")
+        if masq_subnets is not None:
             try:
-                netlink.tap_set_persist(fd, False)     # the TAP goes away with our fd
-            finally:
-                port.close()
-        else:
-            try:                                        # never re-adopted: remove it by name
-                netlink.link_delete(rec["ifname"], rec["netns"])
-            except OSError:
-                pass
-        del self.attachments[key]
-        if rec.get("ip_masq"):
-            self._apply_masq()
-        self.log("detached", container_id=key[0], ifname=key[1], port=rec["port"])
+                self._masq_apply(masq_subnets)
+            except OSError as exc:
+                errors.append(str(exc))
+        return existed, errors
 
     def op_check(self, req):
+        """Generator: read the pod's link, addresses and routes on the kernel thread."""
         cid = _need_str(req, "container_id", 1024)
         ifname = _valid_ifname(req.get("ifname"))
         rec = self.attachments.get((cid, ifname))
@@ -835,9 +1152,10 @@ class Daemon:
         if netns != rec["netns"]:
             fail(f"netns: attached in {rec['netns']}, expected {netns}")
         try:
-            info = netlink.link_info(ifname, netns)
-        except OSError as exc:
+            view = yield (netlink.pod_view, ifname, netns)
+        except (OSError, netlink.NetlinkError) as exc:
             fail(f"netns {netns}: {exc}")
+        info = view["link"]
         if info is None:
             fail(f"interface {ifname} is missing in {netns}")
         if req.get("mac") and format_mac(parse_mac(req["mac"])) != info["mac"]:
@@ -846,12 +1164,12 @@ class Daemon:
             fail(f"mac: {ifname} has {info['mac']}, attached with {rec['mac']}")
         if not info["up"]:
             fail(f"interface {ifname} in {netns} is down")
-        have = set(netlink.addresses_of(ifname, netns))
+        have = set(view["addresses"])
         for e in req.get("ips") or rec["ips"]:
             a = str(netlink.parse_cidr(e["address"]))
             if a not in have:
                 fail(f"address {a} is missing on {ifname} (has {sorted(have)})")
-        routes = netlink.routes_via(ifname, netns)
+        routes = view["routes"]
         for r in req.get("routes") or [r for r in rec["routes"] if r.get("gw")]:
             want = {"dst": str(ipaddress.ip_network(r["dst"], strict=False)), "gw": r.get("gw")}
             if r.get("gw") and want not in routes:
@@ -870,9 +1188,13 @@ class Daemon:
         return {}
 
     def op_gc(self, req):
+        """Generator: detach every attachment not in ``valid`` (of ``network`` only, if given)."""
         valid = req.get("valid", [])
         if not isinstance(valid, list):
             raise _err(rpc.E_BAD_ARGS, f"valid: expected a list of {{'containerID', 'ifname'}}, got {valid!r}")
+        network = req.get("network")
+        if network is not None and not isinstance(network, str):
+            raise _err(rpc.E_BAD_ARGS, f"network: expected a network name (string), got {network!r}")
         keep = set()
         for v in valid:
             if not isinstance(v, dict):
@@ -880,14 +1202,16 @@ class Daemon:
             keep.add((v.get("containerID", v.get("container_id")), v.get("ifname")))
         removed, errors = [], []
         for key, rec in list(self.attachments.items()):
-            if key in keep:
+            if key in keep or (network is not None and rec.get("network", "") != network):
                 continue
             try:
-                self._detach(rec)
+                yield from self._detach(rec)
                 removed.append({"container_id": key[0], "ifname": key[1]})
-            except Exception as exc:
-                errors.append(f"{key[0]}/{key[1]}: {exc}")
-        self.save_state()
+            except RpcError as exc:
+                removed.append({"container_id": key[0], "ifname": key[1]})
+                errors.append(exc.msg)
+        if removed:
+            yield self.state_job()
         return {"removed": removed, "errors": errors}
 
     def op_status(self, req):
@@ -995,6 +1319,7 @@ class Daemon:
     def op_metrics(self, req):
         return {"text": self.metrics_text()}
 
+    KERNEL_OPS = frozenset({"attach", "detach", "check", "gc"})
     OPS = {"attach": op_attach, "detach": op_detach, "check": op_check, "gc": op_gc,
            "status": op_status, "list": op_list, "show": op_show, "counters": op_counters,
            "fdb": op_fdb, "conntrack": op_conntrack, "hostports": op_hostports,
@@ -1022,10 +1347,17 @@ class Daemon:
 
     # ----------------------------------------------------------------- ipMasq
 
+    def _masq_subnets(self) -> list[str]:
+        """Loop thread: the IPv4 subnets of the pods attached with ip_masq."""
+        return sorted({str(ipaddress.ip_interface(e["address"]).network)
+                       for a in self.attachments.values() if a.get("ip_masq")
+                       for e in a["ips"] if ipaddress.ip_interface(e["address"]).version == 4})
+
     def _apply_masq(self):
-        subnets = sorted({str(ipaddress.ip_interface(e["address"]).network)
-                          for a in self.attachments.values() if a.get("ip_masq")
-                          for e in a["ips"] if ipaddress.ip_interface(e["address"]).version == 4})
+        self._masq_apply(self._masq_subnets())
+
+    def _masq_apply(self, subnets: list[str]):
+        """Make the nftables table hold one masquerade rule per subnet (none: no table)."""
         if not subnets and not self.masq_table_present:
             if not self._masq_table_exists():
                 return
@@ -1059,8 +1391,9 @@ class Daemon:
         lfd = self.lsock.fileno()
         mfd = self.msock.fileno() if self.metrics_port is not None else -2
         sfd = self._sig_r.fileno()
+        kfd = self.kernel.fd
         fd_ports = self.fd_ports
-        while not self.stop:
+        while not self.stop or self.active_op is not None:
             nd = sw.next_departure_ns()
             if nd < 0:
                 timeout = 1.0
@@ -1084,11 +1417,15 @@ class Daemon:
                     self._accept(self.lsock, "ctl")
                 elif fd == mfd:
                     self._accept(self.msock, "http")
+                elif fd == kfd:
+                    self._kernel_done()
                 elif fd == sfd:
                     try:
                         self._sig_r.recv(64)
                     except BlockingIOError:
                         pass
+            if self.ops and self.active_op is None:
+                self._next_op()
             now = time.monotonic_ns()
             if ready:
                 n = io.read(ready)
@@ -1144,6 +1481,10 @@ class Daemon:
     # ----------------------------------------------------------------- shutdown
 
     def shutdown(self):
+        while self.ops:                # never started: nothing to undo
+            self.ops.popleft()[0].close()
+        if self.kernel is not None:
+            self.kernel.stop()
         for pid in list(self.captures):
             self.captures.pop(pid).close()
         for fd in list(self.conns):
