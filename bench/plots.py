@@ -4,8 +4,10 @@ Theory of operation: rows (``bench.report.Row``) are grouped by figure (``group`
 unit. The x-axis is the first parameter of ``report.X_KEYS`` (batch, frame_bytes, pods,
 macs, flows, ...) that takes more than one numeric value in that figure; every other
 parameter that varies becomes part of the series label, so "vswitch, features=dnat" and
-"vswitch-py, features=dnat" are separate lines. Points are medians with min..max error
-bars. An axis spanning more than two decades is logarithmic (batch 1..1024, 16..1M MACs).
+"vswitch-py, features=dnat" are separate lines. Points are medians; error bars are
+quartiles when a point has ≥ 5 repetitions, else min..max (one cold first call must not
+hide the spread that matters). An axis spanning more than two decades is logarithmic
+(batch 1..1024, 16..1M MACs).
 A figure without a varying numeric parameter becomes a bar chart of its subjects, side by
 side. matplotlib is an optional extra (``pip install '.[plot]'``); without it
 ``make_plots`` returns no figures and says why.
@@ -101,14 +103,17 @@ def _line_plot(ax, rows, xk):
     series = {}
     for r in rows:
         series.setdefault(series_label(r, xk, varying), []).append(r)
+    styles = {}                       # one colour per subject, a line style per variant
     for label in sorted(series, key=lambda s: report.subject_order(s.split(",")[0])):
         pts = sorted((r for r in series[label] if xk in r.params), key=lambda r: r.params[xk])
         if not pts:
             continue
+        subject = pts[0].subject
+        n = styles[subject] = styles.get(subject, -1) + 1
         xs = [r.params[xk] for r in pts]
         ys = [r.median for r in pts]
-        err = [[max(0.0, r.median - r.lo) for r in pts], [max(0.0, r.hi - r.median) for r in pts]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=label)
+        ax.errorbar(xs, ys, yerr=_err(pts), marker="os^Dv"[n % 5], ms=4, capsize=3,
+                    label=label, color=_colour(subject), linestyle=("-", "--", ":", "-.")[n % 4])
     xs_all = [r.params[xk] for r in rows if xk in r.params]
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 100:
         ax.set_xscale("log")
@@ -129,6 +134,22 @@ def _line_plot(ax, rows, xk):
     ax.legend(fontsize=8)
 
 
+def _colour(subject):
+    """The same colour for a subject in every figure."""
+    order = report.subject_order(subject)[0]
+    if order >= len(report.SUBJECTS):
+        order += sum(map(ord, subject))      # stable for unknown subjects
+    return f"C{order % 10}"
+
+
+def _err(rows):
+    """Error bars: the noise interval of each row (quartiles with ≥ 5 repetitions, else
+    min..max), as matplotlib's [[below], [above]]."""
+    spans = [r.interval() for r in rows]
+    return [[max(0.0, r.median - lo) for r, (lo, hi) in zip(rows, spans)],
+            [max(0.0, hi - r.median) for r, (lo, hi) in zip(rows, spans)]]
+
+
 def _tick(x):
     """1000000 -> 1M, 1048576 -> 1Mi, 2e9 -> 2G; below 100,000 as is."""
     if x < 100_000:
@@ -145,14 +166,16 @@ def _tick(x):
 def _bar_plot(ax, rows):
     rows = sorted(rows, key=lambda r: (report.fmt_params(r.params),
                                        report.subject_order(r.subject)))
-    labels = [r.subject + ("" if not r.params else "\n" + report.fmt_params(r.params))
+    labels = [r.subject + ("" if not r.params
+                           else "\n" + report.fmt_params(r.params).replace(", ", "\n"))
               for r in rows]
     ys = [r.median for r in rows]
-    err = [[max(0.0, r.median - r.lo) for r in rows], [max(0.0, r.hi - r.median) for r in rows]]
-    colors = [f"C{report.subject_order(r.subject)[0] % 10}" for r in rows]
+    err = _err(rows)
+    colors = [_colour(r.subject) for r in rows]
     ax.bar(range(len(rows)), ys, yerr=err, capsize=4, color=colors)
     if any(r.unit == "achieved_ratio" for r in rows):
         ax.axhspan(0.98, 1.02, color="tab:green", alpha=0.12)
         ax.set_ylim(min(0.9, min(ys) - 0.02), max(1.1, max(ys) + 0.02))
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_xticklabels(labels, fontsize=7, rotation=20 if len(rows) > 4 else 0,
+                       ha="right" if len(rows) > 4 else "center")

@@ -288,7 +288,9 @@ def print_targets(out_dir, stream=sys.stderr):
     rows = report.load_results(out_dir).rows
     for v in report.evaluate_targets(rows):
         status = "–" if v.met is None else ("met" if v.met else "MISSED")
-        val = "" if v.value is None else f" {report.fmt_value(v.value, v.target.unit)}"
+        val = "" if v.value is None else \
+            (f" ×{report.fmt(v.value)}" if v.target.kind.startswith("ratio")
+             else f" {report.fmt_value(v.value, v.target.unit)}")
         where = f" [{report.fmt_params(v.row.params)}]" if v.row else ""
         margin = v.margin
         if v.row is None and v.peer_rows:
