@@ -110,6 +110,12 @@ class OvsUserspace:
     def add_tap_port(self, bridge, tap):
         self.vsctl("add-port", bridge, tap, "--", "set", "Interface", tap, "type=tap")
 
+    def tso_enabled(self):
+        """Whether ovs-vswitchd logged that userspace TSO is on."""
+        log = self.dir / "ovs-vswitchd.log"
+        return log.exists() and \
+            "Userspace TCP Segmentation Offloading support enabled" in log.read_text()
+
     def stop(self):
         for br in reversed(self.bridges):
             try:
@@ -131,9 +137,10 @@ class OvsUserspace:
 class Pods:
     """Two pods (namespaces) whose interfaces are TAP ports of one switch."""
 
-    def __init__(self, ns_a, ns_b, if_a, if_b, ip_a, ip_b):
+    def __init__(self, ns_a, ns_b, if_a, if_b, ip_a, ip_b, facts=None):
         self.ns_a, self.ns_b, self.if_a, self.if_b = ns_a, ns_b, if_a, if_b
         self.ip_a, self.ip_b = ip_a, ip_b
+        self.facts = facts or {}      # recorded in every row's info
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +174,10 @@ def ovs_pods():
         nettools.run(["ip", "link", "set", bridge, "up"], check=False)
         nettools.wait_reachable(ns_a, ip_b)
         nettools.wait_reachable(ns_b, ip_a)
-        yield Pods(ns_a, ns_b, tap_a, tap_b, ip_a, ip_b)
+        version = subprocess.run(["ovs-vswitchd", "--version"], capture_output=True,
+                                 text=True).stdout.split("\n")[0]
+        yield Pods(ns_a, ns_b, tap_a, tap_b, ip_a, ip_b,
+                   facts={"ovs": version, "userspace_tso": ovs.tso_enabled()})
     finally:
         for tap, ns in made_taps:
             cmd = ["ip", "link", "del", tap]
@@ -184,7 +194,8 @@ def test_ovs_tcp(benchmark, ovs_pods, streams):
     gbps = []
     record(benchmark, group="real-tcp", subject="ovs", unit="gbps", samples=gbps,
            target="tap-tcp", streams=streams,
-           info={"seconds": TCP_SECONDS, "omit_s": TCP_OMIT_S, "tool": "iperf3 -R"})
+           info={"seconds": TCP_SECONDS, "omit_s": TCP_OMIT_S, "tool": "iperf3 -R",
+                 **ovs_pods.facts})
 
     def once():
         gbps.append(nettools.tcp_rate_bps(ovs_pods.ns_a, ovs_pods.ns_b, ovs_pods.ip_a,
@@ -196,7 +207,8 @@ def test_ovs_ping(benchmark, ovs_pods):
     """Pod-to-pod ping RTT (ms): every reply is a sample."""
     rtts = []
     record(benchmark, group="real-ping", subject="ovs", unit="rtt_ms", samples=rtts,
-           target="ping-rtt", info={"count": PING_COUNT, "interval_s": PING_INTERVAL_S})
+           target="ping-rtt", info={"count": PING_COUNT, "interval_s": PING_INTERVAL_S,
+                                    **ovs_pods.facts})
 
     def once():
         rtts.extend(nettools.ping_rtts_ms(ovs_pods.ns_a, ovs_pods.ip_b, PING_COUNT,
@@ -209,7 +221,8 @@ def test_ovs_udp_64B(benchmark, ovs_pods):
     mpps, sent = [], []
     record(benchmark, group="real-udp-64B", subject="ovs", unit="mpps", samples=mpps,
            target="udp-64B", info={"seconds": UDP_SECONDS, "sent_mpps": sent,
-                                   "frame_bytes": 60, "counted_at": "receiver interface"})
+                                   "frame_bytes": 60, "counted_at": "receiver interface",
+                                   **ovs_pods.facts})
 
     def once():
         rx, tx = nettools.udp_flood_pps(ovs_pods.ns_a, ovs_pods.ns_b, ovs_pods.ip_b,
