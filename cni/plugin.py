@@ -16,7 +16,7 @@ CHECK: needs prevResult; IPAM CHECK -> the daemon compares interface, MAC, addre
        routes, attachment, shaper and hostPort rules with what prevResult and the
        configuration say.
 GC:    the daemon removes every attachment of this network not in
-       cni.dev/valid-attachments (other networks' are listed and kept); then IPAM GC,
+       cni.dev/valid-attachments (gc with ``network``: other networks' are kept); then IPAM GC,
        or, when the IPAM plugin has no GC (host-local before 1.1.0), IPAM DEL for each
        removed attachment. Errors are collected and reported after everything was tried.
 STATUS: the daemon answers (else 50), and the IPAM plugin's STATUS when it has one.
@@ -319,13 +319,9 @@ def cmd_gc(env, conf, obj, raw, log):
     errors = []
     removed = []
     try:
-        # the daemon's gc spans every network; keep the attachments of other networks
-        # (cni.dev/valid-attachments lists only this one's)
-        valid = list(conf.valid_attachments)
-        for a in daemon_call(conf, "list").get("attachments") or []:
-            if isinstance(a, dict) and a.get("network") != conf.name:
-                valid.append({"containerID": a.get("container_id"), "ifname": a.get("ifname")})
-        reply = daemon_call(conf, "gc", valid=valid)
+        # cni.dev/valid-attachments lists only this network's: the daemon considers only
+        # this network's attachments
+        reply = daemon_call(conf, "gc", valid=list(conf.valid_attachments), network=conf.name)
         removed = [r for r in reply.get("removed") or [] if isinstance(r, dict)]
         errors += [f"vswitchd: {e}" for e in reply.get("errors") or []]
     except CniError as err:
