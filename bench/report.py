@@ -666,8 +666,9 @@ def render_closing(verdicts, rows, sysinfo=None, notes_text=None):
             if load and cores and load[0] > 0.5 * cores:
                 why.append(f"load average at start was {load[0]:.2f} on {cores} cores: "
                            "other work competed for the CPU")
+            because = "; ".join(why)
             lines.append(f"- {v.target.text} ({fmt_params(v.row.params)}): {v.margin}."
-                         + (" " + "; ".join(why) + "." if why else
+                         + (" " + because[:1].upper() + because[1:] + "." if why else
                             " No automatic explanation: see the author's notes below."))
     if unmeasured:
         lines.append("")
