@@ -257,7 +257,7 @@ def test_report_shows_targets_ratios_skips_and_nonconforming():
     assert "×0.600 vs bridge, ×1.20 vs ovs" in text
     assert "needs root" in text and "test_legacy" in text
     assert "![real-tcp](plots/x.png)" in text
-    assert "load average at start was 1.50 on 2 cores" in text
+    assert "Load average at start was 1.50 on 2 cores" in text
     assert "NOT MEASURED" in text
 
 
