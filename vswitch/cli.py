@@ -3,7 +3,9 @@
 Theory of operation: every subcommand is one or two control requests (``vswitch/rpc.py``,
 ``docs/control.md``); the reply is printed as a human table, or as the raw JSON with
 ``--json``. Subcommands are rows of the ``COMMANDS`` table (name -> (add_arguments,
-run)); a new subcommand is a new row, nothing else changes. Exit status: 0 on success,
+run)); a new subcommand is a new row, nothing else changes. ``install-cni`` needs no
+daemon: it runs ``cni.install.main`` (the plugin launcher and ``10-vswitch.conflist``),
+with the daemon's socket defaulting to vswitchctl's own ``--socket``. Exit status: 0 on success,
 1 on an error reply (its message on stderr), 2 on bad usage.
 """
 from __future__ import annotations
@@ -164,6 +166,24 @@ def _list(c, a):
                   ["CONTAINER", "IFNAME", "NETNS", "PORT", "MAC", "IPS"])
 
 
+def _install_cni_args(p):
+    p.add_argument("--bin-dir", required=True, metavar="DIR", help="the runtime's CNI bin directory")
+    p.add_argument("--conf-dir", required=True, metavar="DIR", help="the runtime's CNI conf directory")
+    p.add_argument("--socket", dest="cni_socket", metavar="PATH",
+                   help="vswitchd's control socket written into the network list "
+                        "(default: vswitchctl's --socket)")
+    p.add_argument("--subnet", metavar="CIDR", help="pod subnet for host-local (default 10.88.0.0/16)")
+
+
+def _install_cni(c, a):
+    """cni.install.main with the same options; its exit status is vswitchctl's."""
+    from cni import install
+    argv = ["--bin-dir", a.bin_dir, "--conf-dir", a.conf_dir, "--socket", a.cni_socket or a.socket]
+    if a.subnet:
+        argv += ["--subnet", a.subnet]
+    return install.main(argv)
+
+
 def _none(p):
     pass
 
@@ -180,9 +200,11 @@ COMMANDS = {
     "trace": ("a described packet through the pipeline", _trace_args, _trace, True),
     "capture": ("write a pcap of one port while traffic runs", _capture_args, _capture, True),
     "metrics": ("Prometheus text", _none, _metrics, True),
-    # ---- more subcommands go here (e.g. install-cni, by the CNI plugin's owner): add a row
+    "install-cni": ("write the CNI plugin launcher and a network list (cni/install.py)",
+                    _install_cni_args, _install_cni, False),
+    # ---- more subcommands go here: add a row
     # ---- "name": (help, add_arguments, run, needs_daemon); run(None, args) when needs_daemon
-    # ---- is False. Nothing else in this file needs to change.
+    # ---- is False; run returns a str or dict to print, or an int exit status.
 }
 
 
@@ -205,6 +227,8 @@ def main(argv=None) -> int:
     except rpc.RpcError as exc:
         print(f"vswitchctl {a.cmd}: {exc.msg}" + (f" ({exc.details})" if exc.details else ""), file=sys.stderr)
         return 1
+    if isinstance(out, int) and not isinstance(out, bool):
+        return out
     if isinstance(out, dict):
         out = json.dumps(out, indent=1)
     if out:

@@ -1,10 +1,13 @@
 """vswitchctl and the metrics endpoint against a running daemon: every subcommand prints a
 table by default and JSON with --json; the daemon serves Prometheus text on 127.0.0.1."""
 import json
+import os
 import random
+import subprocess
+import sys
 import urllib.request
 
-from tests.integration.helpers import Cluster, nsexec, ping
+from tests.integration.helpers import REPO, Cluster, nsexec, ping
 
 
 def test_vswitchctl_subcommands(cluster):
@@ -47,3 +50,32 @@ def test_metrics_port_serves_prometheus_text_on_localhost(nss, tmp_path):
         assert "127.0.0.1:" in listening
     finally:
         c.daemon.stop()
+
+
+def _ctl(*args):
+    return subprocess.run([sys.executable, "-m", "vswitch.cli", *args], capture_output=True, text=True,
+                          cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+
+
+def test_install_cni_writes_a_runnable_launcher_and_a_valid_conflist(tmp_path):
+    bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
+    r = _ctl("--socket", "/run/test/vsw.sock", "install-cni", "--bin-dir", str(bin_dir),
+             "--conf-dir", str(conf_dir), "--subnet", "10.77.0.0/16")
+    assert r.returncode == 0, r.stderr
+    exe = bin_dir / "vswitch"
+    assert os.access(exe, os.X_OK)
+    v = subprocess.run([str(exe)], env={"CNI_COMMAND": "VERSION"}, capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0, v.stderr
+    assert "1.0.0" in json.loads(v.stdout)["supportedVersions"]
+    conf = json.loads((conf_dir / "10-vswitch.conflist").read_text())
+    plugin = conf["plugins"][0]
+    assert plugin["type"] == "vswitch" and plugin["socket"] == "/run/test/vsw.sock"   # vswitchctl's --socket
+    assert {"portMappings", "bandwidth"} <= {k for k, on in plugin["capabilities"].items() if on}
+    assert plugin["ipam"]["ranges"] == [[{"subnet": "10.77.0.0/16"}]]
+    r = _ctl("install-cni", "--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir), "--socket", "/other.sock")
+    assert r.returncode == 0 and json.loads((conf_dir / "10-vswitch.conflist").read_text())["plugins"][0][
+        "socket"] == "/other.sock"
+    bad = _ctl("install-cni", "--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir), "--subnet", "10.77.0.1/16")
+    assert bad.returncode == 2 and "10.77.0.1/16" in bad.stderr
+    missing = _ctl("install-cni", "--conf-dir", str(conf_dir))
+    assert missing.returncode == 2 and "--bin-dir" in missing.stderr
