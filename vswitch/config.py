@@ -80,6 +80,8 @@ def parse_ip(value: Any, key: str = "ip") -> ipaddress.IPv4Address | ipaddress.I
     if not isinstance(value, str):
         raise ValueError(f"{key}: expected an IP address string, got {value!r}")
     try:
+        if "/" not in value:
+            return ipaddress.ip_address(value)
         return ipaddress.ip_interface(value).ip
     except ValueError:
         raise ValueError(f"{key}: {value!r} is not an IPv4 or IPv6 address") from None
@@ -125,8 +127,8 @@ class Bandwidth:
         """From the CNI ``runtimeConfig.bandwidth`` dict (``ingressRate`` ... or ``IngressRate`` ...)."""
         if isinstance(d, Bandwidth):
             return d
-        if d is None:
-            return cls()
+        if d is None or (isinstance(d, Mapping) and not d):
+            return _NO_BANDWIDTH
         if not isinstance(d, Mapping):
             raise ValueError(f"bandwidth: expected a dict like {{'ingressRate': 10000000, "
                             f"'ingressBurst': 100000}}, got {d!r}")
@@ -154,6 +156,9 @@ class Bandwidth:
     @property
     def is_empty(self) -> bool:
         return not (self.ingress_rate_bps or self.egress_rate_bps)
+
+
+_NO_BANDWIDTH = Bandwidth()
 
 
 # --------------------------------------------------------------------------- PortMapping

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from vswitch import dpconst as C
-from vswitch.config import Bandwidth, PortMapping, SwitchConfig, format_mac, parse_ip, parse_mac
+from vswitch.config import _NO_BANDWIDTH, Bandwidth, PortMapping, SwitchConfig, format_mac, parse_ip, parse_mac
 
 __all__ = ["Switch", "Port", "PORT_KINDS"]
 
@@ -187,7 +187,7 @@ class Switch:
             dp.set_antispoof(port_id, bool(antispoof))
             if not up:
                 dp.set_port_up(port_id, False)
-            self._apply_bandwidth(port_id, Bandwidth(), bw)
+            self._apply_bandwidth(port_id, _NO_BANDWIDTH, bw)
             added = []
             try:
                 for key, args in rules:
