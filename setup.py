@@ -13,7 +13,7 @@ extensions = [
         ["ext/_datapath.pyx"],
         include_dirs=[numpy.get_include(), "ext"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3", "-fno-strict-aliasing"],
+        extra_compile_args=["-O3", "-fno-strict-aliasing", "--param", "max-inline-insns-single=2000", "--param", "inline-unit-growth=400", "--param", "large-function-growth=800"],
     )
 ]
 

@@ -312,9 +312,12 @@ cdef inline int32_t process_one(Core *c, uint8_t *frame, uint32_t length, uint16
 # nat_ports filter, the conntrack key) and prefetches the hash slots; PF_DIST/2 packets
 # ahead it reads the (now cached) conntrack slot and prefetches its entry. Prefetches are
 # only hints: the packet itself is then processed by process_one with the table as it is.
+# With small tables every slot a batch touches is already cached, so the pipeline is
+# switched on only when a table holds more than PF_MIN_ENTRIES entries.
 cdef enum:
-    PF_DIST = 8
-    PF_RING = 16            # power of two > PF_DIST
+    PF_DIST = 4             # default distance (Core.pf_dist; _tune() changes it)
+    PF_RING = 64            # power of two >= 2 * any pf_dist
+    PF_MIN_ENTRIES = 4096   # default Core.pf_min_entries
 
 cdef inline uint64_t prefetch_frame(Core *c, const uint8_t *p, uint32_t length) noexcept nogil:
     # prefetches the MAC slots (and conntrack slot); returns 1<<32 | ct hash, or 0
@@ -618,6 +621,7 @@ cdef class Datapath:
                  udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"]):
         cdef Core *c
         cdef uint64_t mac_slots, ct_slots, rule_slots
+        cdef uint32_t i, ncts
         if self.c != NULL:
             raise RuntimeError("Datapath.__init__ called twice")
         mp = _index(max_ports, "max_ports", 1, 65535)
@@ -652,6 +656,8 @@ cdef class Datapath:
         c.max_hostports = mhp
         c.vnet_hdr_len = H
         c.mac_aging_ns = aging
+        c.pf_dist = PF_DIST
+        c.pf_min_entries = PF_MIN_ENTRIES
         for i in range(7):
             c.ct_timeout[i] = timeouts[i]
         mac_slots = pow2_at_least(2 * <uint64_t>mts)
@@ -670,9 +676,9 @@ cdef class Datapath:
         c.ports = <PortState *>calloc(mp, sizeof(PortState))
         c.pc = <uint64_t *>calloc(mp * N_PC, sizeof(uint64_t))
         c.up_list = <uint16_t *>calloc(mp, sizeof(uint16_t))
-        c.mac = <MacEntry *>calloc(mac_slots, sizeof(MacEntry))
-        c.ct = <CtEntry *>calloc(cts, sizeof(CtEntry))
-        c.ct_slots = <CtSlot *>calloc(ct_slots, sizeof(CtSlot))
+        c.mac = <MacEntry *>table_alloc(mac_slots * sizeof(MacEntry))
+        c.ct = <CtEntry *>table_alloc(cts * sizeof(CtEntry))
+        c.ct_slots = <CtSlot *>table_alloc(ct_slots * sizeof(CtSlot))
         c.ct_portcnt = <uint32_t *>calloc(65536, sizeof(uint32_t))
         c.rules = <HpRule *>calloc(mhp, sizeof(HpRule))
         c.rule_slots = <uint32_t *>calloc(rule_slots, sizeof(uint32_t))
@@ -683,8 +689,9 @@ cdef class Datapath:
                 or c.rule_slots == NULL or c.shapers == NULL or c.active == NULL):
             raise MemoryError("cannot allocate the datapath tables")
         # free list of conntrack entries: 0, 1, 2, ...
-        for i in range(cts):
-            c.ct[i].next_free = i + 2 if i + 1 < cts else 0
+        ncts = cts
+        for i in range(ncts):
+            c.ct[i].next_free = i + 2 if i + 1 < ncts else 0
         c.ct_free = 1
         self.max_ports = mp
         self.mac_table_size = mts
@@ -1016,6 +1023,14 @@ cdef class Datapath:
         cnp.set_array_base(arr, self)  # the Datapath outlives the view
         return arr
 
+    def _tune(self, prefetch_distance=None, prefetch_min_entries=None):
+        """Benchmarking knob (not API): the prefetch pipeline's distance in packets (1..63)
+        and the table size above which it runs."""
+        if prefetch_distance is not None:
+            self.c.pf_dist = _index(prefetch_distance, "prefetch_distance", 1, PF_RING // 2)
+        if prefetch_min_entries is not None:
+            self.c.pf_min_entries = _index(prefetch_min_entries, "prefetch_min_entries", 0, 2**32 - 1)
+
     def mac_table_raw(self):
         """The MAC table's slots (MAC_SLOT_DTYPE), a read-only view without copy. key == 0:
         empty slot; else key = 1<<63 | vlan<<48 | MAC. Valid while this Datapath lives."""
@@ -1125,6 +1140,7 @@ cdef class Datapath:
         cdef uint64_t off, length
         cdef uint16_t ip
         cdef uint64_t ring[PF_RING]
+        cdef Py_ssize_t pfd = c.pf_dist
         with nogil:
             # D2: the whole batch is checked before any state changes
             for i in range(cnt):
@@ -1143,21 +1159,28 @@ cdef class Datapath:
             if bad < 0:
                 c.last_now_ns = now
                 c.have_now = 1
-                for j in range(PF_DIST if PF_DIST < cnt else cnt):
-                    ring[j] = prefetch_frame(c, base + (<uint32_t *>(p_off + j * s_off))[0],
-                                             (<uint32_t *>(p_len + j * s_len))[0])
-                for i in range(cnt):
-                    j = i + PF_DIST
-                    if j < cnt:
-                        ring[j & (PF_RING - 1)] = prefetch_frame(
-                            c, base + (<uint32_t *>(p_off + j * s_off))[0], (<uint32_t *>(p_len + j * s_len))[0])
-                    j = i + PF_DIST // 2
-                    if j < cnt and ring[j & (PF_RING - 1)]:
-                        prefetch_entry(c, ring[j & (PF_RING - 1)])
-                    off = (<uint32_t *>(p_off + i * s_off))[0]
-                    (<int32_t *>(p_out + i * s_out))[0] = process_one(
-                        c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
-                        (<uint16_t *>(p_in + i * s_in))[0], now)
+                if c.mac_count <= c.pf_min_entries and c.ct_count <= c.pf_min_entries:
+                    for i in range(cnt):
+                        off = (<uint32_t *>(p_off + i * s_off))[0]
+                        (<int32_t *>(p_out + i * s_out))[0] = process_one(
+                            c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
+                            (<uint16_t *>(p_in + i * s_in))[0], now)
+                else:
+                    # the software pipeline (the first pfd packets are not prefetched)
+                    memset(ring, 0, sizeof(ring))
+                    for i in range(cnt):
+                        j = i + pfd
+                        if j < cnt:
+                            ring[j & (PF_RING - 1)] = prefetch_frame(
+                                c, base + (<uint32_t *>(p_off + j * s_off))[0],
+                                (<uint32_t *>(p_len + j * s_len))[0])
+                        j = i + pfd // 2
+                        if j < cnt and ring[j & (PF_RING - 1)]:
+                            prefetch_entry(c, ring[j & (PF_RING - 1)])
+                        off = (<uint32_t *>(p_off + i * s_off))[0]
+                        (<int32_t *>(p_out + i * s_out))[0] = process_one(
+                            c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
+                            (<uint16_t *>(p_in + i * s_in))[0], now)
         if bad >= 0:
             off = offsets[bad]
             length = lengths[bad]

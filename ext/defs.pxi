@@ -17,9 +17,24 @@ cdef extern from *:
     }
     static inline void vsw_store_be16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
     static inline uint64_t vsw_load_u64(const void *p) { uint64_t v; __builtin_memcpy(&v, p, 8); return v; }
+    /* zeroed memory for a big table, on transparent huge pages where the kernel allows
+       (fewer TLB misses for random lookups in multi-MiB tables) */
+    #include <sys/mman.h>
+    static void *vsw_table_alloc(size_t n) {
+        void *p = NULL;
+        size_t align = n >= (1u << 21) ? (1u << 21) : 64;
+        if (n == 0) n = 1;
+        if (posix_memalign(&p, align, n) != 0) return NULL;
+    #ifdef MADV_HUGEPAGE
+        if (align == (1u << 21)) madvise(p, n & ~((size_t)(1u << 21) - 1), MADV_HUGEPAGE);
+    #endif
+        memset(p, 0, n);
+        return p;
+    }
+    /* the 6 bytes at p as a 48-bit big-endian integer; reads p[0..7] (callers pass a MAC
+       inside a frame of at least 14 bytes, so p[6], p[7] exist) */
     static inline uint64_t vsw_mac48(const uint8_t *p) {
-        return ((uint64_t)p[0] << 40) | ((uint64_t)p[1] << 32) | ((uint64_t)p[2] << 24)
-             | ((uint64_t)p[3] << 16) | ((uint64_t)p[4] << 8) | (uint64_t)p[5];
+        return __builtin_bswap64(vsw_load_u64(p)) >> 16;
     }
     """
     # credit in bit*ns: 128-bit so that rate (< 2^63) * elapsed ns (< 2^64) never overflows
@@ -31,6 +46,7 @@ cdef extern from *:
     void store_be16 "vsw_store_be16"(uint8_t *p, uint16_t v) noexcept nogil
     uint64_t load_u64 "vsw_load_u64"(const void *p) noexcept nogil
     uint64_t mac48 "vsw_mac48"(const uint8_t *p) noexcept nogil
+    void *table_alloc "vsw_table_alloc"(size_t n) noexcept nogil
 
 
 # ---------------------------------------------------------------- constants (dpconst.py)
@@ -331,6 +347,8 @@ ctypedef struct Core:
     uint64_t drain_seq        # increments per drain() call (marks packets queued during it)
     uint32_t *active          # [max_ports * 2] indexes of the shapers that exist, ascending
     uint32_t n_active         # entries in active
+    uint32_t pf_dist          # prefetch distance in packets (process())
+    uint32_t pf_min_entries   # prefetch only when the MAC or conntrack table holds more
     TrRec *tr                 # trace() only: the stage recorder (NULL: off)
     int tr_n                  # records in tr
 

@@ -472,11 +472,13 @@ def _control(rng, dps, now):
         _both(dps, "set_node_addresses", [nodes[i] for i in rng.permutation(4)[:k]])
 
 
-def run_scenario(both_impls, seed, n_frames, vnet_hdr_len):
+def run_scenario(both_impls, seed, n_frames, vnet_hdr_len, prefetch=False):
     rng = np.random.default_rng(seed)
     py_mod, c_mod = both_impls
     cfg = dict(CONFIG, vnet_hdr_len=vnet_hdr_len)
     py, c = py_mod.Datapath(**cfg), c_mod.Datapath(**cfg)
+    if prefetch:       # the core's prefetch pipeline, normally only for big tables
+        c._tune(prefetch_distance=int(rng.integers(1, 9)), prefetch_min_entries=0)
     dps = (py, c)
     setup(dps, vnet_hdr_len)
     traffic = Traffic(rng, vnet_hdr_len)
@@ -545,10 +547,12 @@ def run_scenario(both_impls, seed, n_frames, vnet_hdr_len):
     return sent
 
 
-@pytest.mark.parametrize("seed,vnet_hdr_len", [(1, 0), (2, 12), (3, 10), (4, 12)])
-def test_random_batches(both_impls, seed, vnet_hdr_len):
-    """26,000 frames per case, 104,000 in all: both implementations agree on everything."""
-    assert run_scenario(both_impls, seed, 26_000, vnet_hdr_len) >= 26_000
+@pytest.mark.parametrize("seed,vnet_hdr_len,prefetch", [(1, 0, False), (2, 12, True), (3, 10, False),
+                                                        (4, 12, False), (5, 0, True)])
+def test_random_batches(both_impls, seed, vnet_hdr_len, prefetch):
+    """30,000 frames per case, 150,000 in all: both implementations agree on everything
+    (two cases with the core's prefetch pipeline forced on, which only big tables use)."""
+    assert run_scenario(both_impls, seed, 30_000, vnet_hdr_len, prefetch) >= 30_000
 
 
 def test_validation_agrees(both_impls):
@@ -581,3 +585,21 @@ def test_validation_agrees(both_impls):
         with pytest.raises(ValueError):       # time never goes back
             dp.process(buf, ok["offsets"], ok["lengths"], ok["in_ports"], np.zeros(1, np.int32), 1, 99)
     assert _eq(dps[0].port_counters(), dps[1].port_counters())
+
+
+@pytest.mark.xfail(reason="the twin's _parse_l4 checks IPv4 protocol 58 as ICMP, which its own D9 "
+                          "excludes ('ICMP only protocol 1 in IPv4'); the core follows D9",
+                   strict=False)
+def test_ipv4_protocol_58_has_no_l4(both_impls):
+    """D9: protocol 58 inside IPv4 is not ICMP: a 2-byte payload is switched, not malformed."""
+    src, dst = pod_ip4(2), pod_ip4(3)
+    frame = eth(pod_mac(3), pod_mac(2), 0x0800, ipv4(src, dst, 58, b"\0\0"))
+    for mod in both_impls:
+        dp = mod.Datapath(max_ports=4)
+        dp.add_port(2, C.PORT_POD)
+        dp.add_port(3, C.PORT_POD)
+        buf = np.frombuffer(frame, np.uint8).copy()
+        out = np.zeros(1, np.int32)
+        dp.process(buf, np.zeros(1, np.uint32), np.array([len(frame)], np.uint32),
+                   np.array([2], np.uint16), out, 1, 1)
+        assert out[0] == C.OUT_FLOOD, mod.__name__
