@@ -51,7 +51,7 @@ import hashlib
 import heapq
 import ipaddress
 import struct
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from vswitch import dpconst as C
 from vswitch.config import _NO_BANDWIDTH, Bandwidth, PortMapping, SwitchConfig, format_mac, parse_ip, parse_mac

@@ -3,7 +3,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 from scapy.utils import rdpcap
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
