@@ -231,7 +231,7 @@ def test_write_pcap_read_by_scapy_and_tcpdump(sim, tmp_path):
         out = subprocess.run(["tcpdump", "-nn", "--nano", "-r", str(path)], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
-        assert len(lines) == 2 and "1.500000123" in lines[0] or "00:00:01.500000123" in lines[0]
+        assert len(lines) == 2 and "01.500000123" in lines[0]
         assert "ICMP echo request" in lines[0] and "ICMP echo reply" in lines[1]
 
 
