@@ -119,6 +119,7 @@ cdef uint64_t MAX_I63 = 0x7fffffffffffffffULL
 cdef MacEntry _me
 cdef CtEntry _ce
 cdef CtKey _ck
+assert sizeof(CtEntry) == 128, "CtEntry must stay two cache lines"
 MAC_SLOT_DTYPE = np.dtype({
     "names": ["key", "last_seen_ns", "port"],
     "formats": ["<u8", "<u8", "<u2"],
@@ -320,51 +321,50 @@ cdef enum:
     PF_MIN_ENTRIES = 4096   # default Core.pf_min_entries
 
 cdef inline uint64_t prefetch_frame(Core *c, const uint8_t *p, uint32_t length) noexcept nogil:
-    # prefetches the MAC slots (and conntrack slot); returns 1<<32 | ct hash, or 0
-    cdef uint16_t vlan = 0, et, sport, dport
-    cdef uint32_t l3 = 14
+    # prefetches the MAC slots (and, for an untagged IPv4 TCP/UDP frame without options
+    # whose ports pass nat_ports, the conntrack slot); returns 1<<32 | ct hash, or 0
+    cdef uint16_t vlan, sport, dport
     cdef uint32_t h
     cdef CtKey key
     if length < 14:
         return 0
-    et = load_be16(p + 12)
-    if et == 0x8100:
-        if length < 18:
-            return 0
-        vlan = load_be16(p + 14) & 0x0fff
-        et = load_be16(p + 16)
-        l3 = 18
-    prefetchw(&c.mac[mac_home(c, mac_key(vlan, p + 6))])
-    if not (p[0] & 1):
-        prefetchw(&c.mac[mac_home(c, mac_key(vlan, p))])
-    if et != 0x0800 or length < l3 + 24 or p[l3] != 0x45 or (p[l3 + 9] != 6 and p[l3 + 9] != 17):
+    if p[12] == 0x81 and p[13] == 0x00:
+        if length >= 18:
+            vlan = load_be16(p + 14) & 0x0fff
+            prefetchw(&c.mac[mac_home(c, mac_key(vlan, p + 6))])
+            prefetch(&c.mac[mac_home(c, mac_key(vlan, p))])
         return 0
-    sport = load_be16(p + l3 + 20)
-    dport = load_be16(p + l3 + 22)
+    prefetchw(&c.mac[mac_home(c, mac_key(0, p + 6))])
+    if not (p[0] & 1):
+        prefetch(&c.mac[mac_home(c, mac_key(0, p))])
+    if p[12] != 0x08 or p[13] != 0x00 or length < 38 or p[14] != 0x45 or (p[23] != 6 and p[23] != 17):
+        return 0
+    sport = load_be16(p + 34)
+    dport = load_be16(p + 36)
     if not (bit_test(c.nat_ports, sport) or bit_test(c.nat_ports, dport)):
         return 0
-    memset(key.src, 0, 10)
+    memset(&key, 0, sizeof(CtKey))
     key.src[10] = 0xff
     key.src[11] = 0xff
-    memcpy(key.src + 12, p + l3 + 12, 4)
-    memset(key.dst, 0, 10)
+    memcpy(key.src + 12, p + 26, 4)
     key.dst[10] = 0xff
     key.dst[11] = 0xff
-    memcpy(key.dst + 12, p + l3 + 16, 4)
+    memcpy(key.dst + 12, p + 30, 4)
     key.sport = sport
     key.dport = dport
-    key.proto = p[l3 + 9]
+    key.proto = p[23]
     key.family = 4
-    key.pad[0] = 0
-    key.pad[1] = 0
     h = ct_hash(&key)
     prefetch(&c.ct_slots[h & c.ct_mask])
     return (<uint64_t>1 << 32) | h
 
 cdef inline void prefetch_entry(Core *c, uint64_t hv) noexcept nogil:
     cdef uint32_t ref = c.ct_slots[<uint32_t>hv & c.ct_mask].ref
+    cdef const uint8_t *e
     if ref:
-        prefetchw(&c.ct[(ref - 1) >> 1])
+        e = <const uint8_t *>&c.ct[(ref - 1) >> 1]
+        prefetchw(e)
+        prefetchw(e + 64)
 
 cdef inline uint64_t u128_lo(u128 v) noexcept nogil:
     return <uint64_t>v

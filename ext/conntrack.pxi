@@ -98,8 +98,8 @@ cdef inline void portcnt_dec(Core *c, uint16_t port) noexcept nogil:
 
 cdef inline void ct_delete(Core *c, uint32_t idx) noexcept nogil:
     cdef CtEntry *e = &c.ct[idx]
-    ct_slot_remove(c, e.hash_orig, (idx << 1) + 1)
-    ct_slot_remove(c, e.hash_reply, (idx << 1 | 1) + 1)
+    ct_slot_remove(c, ct_hash(&e.orig), (idx << 1) + 1)
+    ct_slot_remove(c, ct_hash(&e.reply), (idx << 1 | 1) + 1)
     portcnt_dec(c, e.orig.dport)
     portcnt_dec(c, e.reply.sport)
     memset(e, 0, sizeof(CtEntry))
@@ -391,8 +391,6 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
     e.next_free = 0
     e.orig = key
     e.reply = rkey
-    e.hash_orig = h
-    e.hash_reply = rh
     e.expires_ns = 0
     e.packets = 0
     e.bytes = 0

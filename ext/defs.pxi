@@ -190,14 +190,13 @@ ctypedef struct CtKey:
     uint8_t pad[2]        # zero (keys are compared as 5 words)
 
 ctypedef struct CtEntry:
-    # one tracked connection; indexed from two hash slots (original and reply tuple)
+    # one tracked connection; indexed from two hash slots (original and reply tuple).
+    # Exactly 128 bytes: an entry is two cache lines (the table is 64-byte aligned)
     CtKey orig            # the tuple of the first packet, as received
     CtKey reply           # the tuple replies carry (pod ip/port -> translated source)
     uint64_t expires_ns   # deleted when now >= expires_ns
     uint64_t packets      # packets matched, both directions, the first included
     uint64_t bytes        # frame bytes of those packets
-    uint32_t hash_orig    # full hash of orig (finds its slot for deletion)
-    uint32_t hash_reply   # full hash of reply
     uint32_t next_free    # free-list link (entry index + 1, 0 = end) while unused
     uint16_t in_port      # port of the first packet (replies go there)
     uint16_t out_port     # the pod port of the rule (original direction goes there)
