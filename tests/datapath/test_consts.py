@@ -95,3 +95,47 @@ def test_raw_table_views_match_the_c_structs(both_impls):
     assert ct.dtype == core.CT_ENTRY_DTYPE and len(ct) == 4 and not ct["used"].any()
     del dp
     assert not raw["key"].any()          # still readable: the view keeps the Datapath alive
+
+
+def test_nogil_code_has_no_python_interaction(tmp_path):
+    """`cython -a` scores every line of the nogil helpers and of process()'s nogil block 0.
+
+    A non-zero score is a line that touches the Python C-API (a yellow line in the HTML).
+    Only the `with nogil:` line itself may score (it releases the GIL).
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("Cython")
+    ext = Path(__file__).resolve().parents[2] / "ext"
+    for f in list(ext.glob("*.pyx")) + list(ext.glob("*.pxi")):
+        shutil.copy(f, tmp_path / f.name)
+    subprocess.run([sys.executable, "-m", "cython", "-3", "-a", "-I", ".", "-X", "boundscheck=False",
+                    "-X", "wraparound=False", "-X", "cdivision=True", "_datapath.pyx", "-o", "_datapath.c"],
+                   cwd=tmp_path, check=True, capture_output=True)
+
+    def scores(name):
+        html = (tmp_path / f"{name}.html").read_text()
+        return [int(s) for s in re.findall(r'<pre class="cython line score-(\d+)"', html)]
+
+    problems = []
+    for name, suffix in [("parse", "pxi"), ("mactable", "pxi"), ("conntrack", "pxi"), ("shaper", "pxi"),
+                         ("defs", "pxi"), ("_datapath", "pyx")]:
+        src = (tmp_path / f"{name}.{suffix}").read_text().splitlines()
+        sc = scores(name)
+        inside = False
+        for i, line in enumerate(src):
+            if line.startswith(("cdef ", "def ")):
+                inside = "nogil" in line
+            elif line and not line.startswith((" ", "#")):
+                inside = False
+            if inside and i < len(sc) and sc[i] > 0 and not line.strip().startswith("cdef "):
+                problems.append(f"{name}.{suffix}:{i + 1}: {line.strip()}")
+    src = (tmp_path / "_datapath.pyx").read_text().splitlines()
+    sc = scores("_datapath")
+    start = next(i for i, line in enumerate(src) if "def process(self" in line)
+    block = next(i for i in range(start, len(src)) if "with nogil:" in src[i])
+    end = next(i for i in range(block + 1, len(src)) if src[i].startswith("        if bad >= 0:"))
+    problems += [f"_datapath.pyx:{i + 1}: {src[i].strip()}" for i in range(block + 1, end) if sc[i] > 0]
+    assert not problems, "Python interaction in nogil code:\n" + "\n".join(problems)
