@@ -120,6 +120,7 @@ cdef MacEntry _me
 cdef CtEntry _ce
 cdef CtKey _ck
 assert sizeof(CtEntry) == 128, "CtEntry must stay two cache lines"
+assert sizeof(MacEntry) == 32, "MacEntry must stay half a cache line"
 MAC_SLOT_DTYPE = np.dtype({
     "names": ["key", "last_seen_ns", "port"],
     "formats": ["<u8", "<u8", "<u2"],
@@ -320,12 +321,15 @@ cdef enum:
     PF_RING = 64            # power of two >= 2 * any pf_dist
     PF_MIN_ENTRIES = 4096   # default Core.pf_min_entries
 
-cdef inline uint64_t prefetch_frame(Core *c, const uint8_t *p, uint32_t length) noexcept nogil:
+cdef inline uint64_t prefetch_frame(Core *c, const uint8_t *p, uint32_t length, uint16_t in_port) noexcept nogil:
     # prefetches the MAC slots (and, for an untagged IPv4 TCP/UDP frame without options
-    # whose ports pass nat_ports, the conntrack slot); returns 1<<32 | ct hash, or 0
+    # whose ports pass nat_ports, the conntrack slot); returns 1<<32 | ct hash, or 0.
+    # The source MAC's slot is skipped for a pod port whose anti-spoofing pins its one
+    # MAC (that slot is touched by every frame of the port: it is cached)
     cdef uint16_t vlan, sport, dport
     cdef uint32_t h
     cdef CtKey key
+    cdef PortState *ps = &c.ports[in_port]
     if length < 14:
         return 0
     if p[12] == 0x81 and p[13] == 0x00:
@@ -334,7 +338,8 @@ cdef inline uint64_t prefetch_frame(Core *c, const uint8_t *p, uint32_t length) 
             prefetchw(&c.mac[mac_home(c, mac_key(vlan, p + 6))])
             prefetch(&c.mac[mac_home(c, mac_key(vlan, p))])
         return 0
-    prefetchw(&c.mac[mac_home(c, mac_key(0, p + 6))])
+    if not (ps.antispoof and ps.mac_bound):
+        prefetchw(&c.mac[mac_home(c, mac_key(0, p + 6))])
     if not (p[0] & 1):
         prefetch(&c.mac[mac_home(c, mac_key(0, p))])
     if p[12] != 0x08 or p[13] != 0x00 or length < 38 or p[14] != 0x45 or (p[23] != 6 and p[23] != 17):
@@ -1173,7 +1178,7 @@ cdef class Datapath:
                         if j < cnt:
                             ring[j & (PF_RING - 1)] = prefetch_frame(
                                 c, base + (<uint32_t *>(p_off + j * s_off))[0],
-                                (<uint32_t *>(p_len + j * s_len))[0])
+                                (<uint32_t *>(p_len + j * s_len))[0], (<uint16_t *>(p_in + j * s_in))[0])
                         j = i + pfd // 2
                         if j < cnt and ring[j & (PF_RING - 1)]:
                             prefetch_entry(c, ring[j & (PF_RING - 1)])

@@ -213,11 +213,12 @@ ctypedef struct CtSlot:
     uint32_t hash         # full 32-bit hash of the key (skips most key compares)
 
 ctypedef struct MacEntry:
-    # one slot of the MAC table (open addressing, linear probing, backward-shift delete)
+    # one slot of the MAC table (open addressing, linear probing, backward-shift delete);
+    # 32 bytes so that a slot never straddles two cache lines
     uint64_t key          # 0 = empty; else 1<<63 | vlan<<48 | MAC as a 48-bit big-endian int
     uint64_t last_seen_ns # the now_ns of the latest frame from this MAC
     uint16_t port         # port the MAC was learned on
-    uint16_t pad[3]       # zero
+    uint16_t pad[7]       # zero
 
 ctypedef struct PortState:
     # one port's configuration, indexed by port id
