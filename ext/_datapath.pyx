@@ -21,6 +21,9 @@ shapers) run between batches, with the GIL, and validate like the twin (ValueErr
 the value, nothing changed). ``trace()`` runs one frame through the same C pipeline on a
 deep copy of the Core with a stage recorder switched on, so it changes nothing.
 
+One thread at a time: process() and drain() release the GIL, and a call from another
+thread while they run raises RuntimeError instead of corrupting a batch.
+
 Tables are inspectable without copies (``mac_table_raw()``, ``conntrack_raw()``: numpy
 structured arrays over the C slots, scikit-learn _tree.pyx style, read-only and valid
 while the Datapath lives) and as sorted snapshots equal to the twin's (``fdb()``,
@@ -610,7 +613,7 @@ cdef class Datapath:
     cdef readonly uint64_t max_hostports
     cdef readonly uint32_t vnet_hdr_len
     cdef readonly uint64_t mac_aging_ns
-    cdef dict _node_ips_raw      # not used by the C path; keeps bind order irrelevant
+    cdef bint busy               # True while process()/drain() run without the GIL
 
     def __cinit__(self):
         self.c = NULL
@@ -704,13 +707,20 @@ cdef class Datapath:
         self.max_hostports = mhp
         self.vnet_hdr_len = H
         self.mac_aging_ns = aging
-        self._node_ips_raw = {}
 
     def __dealloc__(self):
         core_free(self.c)
         self.c = NULL
 
     # ------------------------------------------------------------------ ports
+
+    cdef int _idle(self) except -1:
+        # one call at a time: process()/drain() run without the GIL, so a second thread
+        # calling in meanwhile would see (and change) tables in the middle of a batch
+        if self.busy:
+            raise RuntimeError("Datapath is busy in process()/drain() on another thread; "
+                               "calls must be serialized")
+        return 0
 
     cdef PortState *_port(self, port_id) except NULL:
         pid = _index(port_id, "port_id", 0, self.max_ports - 1)
@@ -735,6 +745,7 @@ cdef class Datapath:
         self.c.n_active = n
 
     def add_port(self, port_id, kind):
+        self._idle()
         pid = _index(port_id, "port_id", 0, self.max_ports - 1)
         if self.c.ports[pid].present:
             raise ValueError(f"port {pid} is already added")
@@ -750,6 +761,7 @@ cdef class Datapath:
         self._rebuild_up_list()
 
     def remove_port(self, port_id):
+        self._idle()
         cdef PortState *ps = self._port(port_id)
         cdef uint32_t pid = _index(port_id, "port_id", 0, self.max_ports - 1)
         cdef uint32_t i
@@ -767,11 +779,13 @@ cdef class Datapath:
         self._rebuild_up_list()
 
     def set_port_up(self, port_id, up):
+        self._idle()
         cdef PortState *ps = self._port(port_id)
         ps.up = bool(up)
         self._rebuild_up_list()
 
     def bind_port(self, port_id, mac=None, ips=None):
+        self._idle()
         cdef PortState *ps = self._port(port_id)
         mac_b = None if mac is None else _bytes_of(mac, "mac", (6,))
         ips_set = None
@@ -807,10 +821,12 @@ cdef class Datapath:
         ps.bound = ps.mac_bound or ps.ips_bound
 
     def set_antispoof(self, port_id, enabled):
+        self._idle()
         cdef PortState *ps = self._port(port_id)
         ps.antispoof = bool(enabled)
 
     def set_gateway(self, mac, ipv4=None, ipv6=None):
+        self._idle()
         mac_b = _bytes_of(mac, "gateway mac", (6,))
         v4 = None if ipv4 is None else _bytes_of(ipv4, "gateway ipv4", (4,))
         v6 = None if ipv6 is None else _bytes_of(ipv6, "gateway ipv6", (16,))
@@ -827,6 +843,7 @@ cdef class Datapath:
             memcpy(c.gw_ip6, <const char *>v6, 16)
 
     def set_node_addresses(self, ips):
+        self._idle()
         try:
             items = list(ips)
         except TypeError:
@@ -858,6 +875,7 @@ cdef class Datapath:
         self._rebuild_active()
 
     def set_shaper(self, port_id, direction, rate_bps, burst_bits, queue_bytes=0):
+        self._idle()
         self._port(port_id)
         pid = _index(port_id, "port_id", 0, self.max_ports - 1)
         d = _direction(direction)
@@ -882,12 +900,14 @@ cdef class Datapath:
         self._rebuild_active()
 
     def clear_shaper(self, port_id, direction):
+        self._idle()
         self._port(port_id)
         pid = _index(port_id, "port_id", 0, self.max_ports - 1)
         d = _direction(direction)
         self._drop_shaper(pid, d)
 
     def shaper_state(self, port_id, direction):
+        self._idle()
         self._port(port_id)
         pid = _index(port_id, "port_id", 0, self.max_ports - 1)
         d = _direction(direction)
@@ -900,6 +920,7 @@ cdef class Datapath:
                     queue_limit_bytes=s.queue_limit_bytes)
 
     def next_departure_ns(self):
+        self._idle()
         cdef uint32_t j
         cdef Shaper *s
         cdef uint64_t t, best = 0
@@ -930,6 +951,7 @@ cdef class Datapath:
         self._flush_udp(hp)
 
     def add_hostport(self, proto, host_port, pod_ip, container_port, pod_port_id, host_ip=None):
+        self._idle()
         pr = _proto(proto)
         hport = _index(host_port, "host_port", 1, 65535)
         cport = _index(container_port, "container_port", 1, 65535)
@@ -969,6 +991,7 @@ cdef class Datapath:
         return rid
 
     def remove_hostport(self, proto, host_port, host_ip=None):
+        self._idle()
         pr = _proto(proto)
         hport = _index(host_port, "host_port", 1, 65535)
         host = None if host_ip is None else _bytes_of(host_ip, "host_ip", (4, 16))
@@ -993,6 +1016,7 @@ cdef class Datapath:
             self._remove_rule(rid)
 
     def hostports(self):
+        self._idle()
         out = []
         cdef HpRule *r
         cdef uint32_t i
@@ -1010,11 +1034,13 @@ cdef class Datapath:
     # ------------------------------------------------------------------ counters and tables
 
     def port_counters(self):
+        self._idle()
         cdef cnp.ndarray out = np.empty((self.max_ports, N_PC), dtype=np.uint64)
         memcpy(cnp.PyArray_DATA(out), self.c.pc, self.max_ports * N_PC * sizeof(uint64_t))
         return out
 
     def global_counters(self):
+        self._idle()
         cdef cnp.ndarray out = np.empty(N_GC, dtype=np.uint64)
         memcpy(cnp.PyArray_DATA(out), self.c.gc, N_GC * sizeof(uint64_t))
         return out
@@ -1031,6 +1057,7 @@ cdef class Datapath:
     def _tune(self, prefetch_distance=None, prefetch_min_entries=None):
         """Benchmarking knob (not API): the prefetch pipeline's distance in packets (1..63)
         and the table size above which it runs."""
+        self._idle()
         if prefetch_distance is not None:
             self.c.pf_dist = _index(prefetch_distance, "prefetch_distance", 1, PF_RING // 2)
         if prefetch_min_entries is not None:
@@ -1046,6 +1073,7 @@ cdef class Datapath:
         return self._wrap(self.c.ct, self.c.conntrack_size, CT_ENTRY_DTYPE)
 
     def fdb(self):
+        self._idle()
         raw = self.mac_table_raw()
         keys = raw["key"]
         sel = np.nonzero(keys)[0]
@@ -1062,6 +1090,7 @@ cdef class Datapath:
         return out
 
     def conntrack(self):
+        self._idle()
         raw = self.conntrack_raw()
         e = raw[raw["used"] != 0]
         o = e["orig"]
@@ -1097,10 +1126,12 @@ cdef class Datapath:
         return out
 
     def mac_sweep(self, now_ns):
+        self._idle()
         now = _index(now_ns, "now_ns", 0, MAX_I63)
         return int(mac_sweep_c(self.c, now))
 
     def conntrack_sweep(self, now_ns):
+        self._idle()
         now = _index(now_ns, "now_ns", 0, MAX_I63)
         return int(ct_sweep_c(self.c, now))
 
@@ -1114,6 +1145,7 @@ cdef class Datapath:
 
     def process(self, buf, offsets, lengths, in_ports, out_ports, n, now_ns):
         """Runs a batch through the pipeline (docs/datapath.md); fills out_ports[:n]."""
+        self._idle()
         cdef cnp.ndarray a_buf = _check_buf(buf, "buf")
         cdef cnp.ndarray a_off = _array(offsets, "offsets", cnp.NPY_UINT32, False)
         cdef cnp.ndarray a_len = _array(lengths, "lengths", cnp.NPY_UINT32, False)
@@ -1146,6 +1178,7 @@ cdef class Datapath:
         cdef uint16_t ip
         cdef uint64_t ring[PF_RING]
         cdef Py_ssize_t pfd = c.pf_dist
+        self.busy = True
         with nogil:
             # D2: the whole batch is checked before any state changes
             for i in range(cnt):
@@ -1186,6 +1219,7 @@ cdef class Datapath:
                         (<int32_t *>(p_out + i * s_out))[0] = process_one(
                             c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
                             (<uint16_t *>(p_in + i * s_in))[0], now)
+        self.busy = False
         if bad >= 0:
             off = offsets[bad]
             length = lengths[bad]
@@ -1198,6 +1232,7 @@ cdef class Datapath:
 
     def drain(self, now_ns, out_buf, out_offsets, out_lengths, out_in_ports, out_ports, max_pkts):
         """Releases due queued packets into out_buf (docs/datapath.md, D16); returns the count."""
+        self._idle()
         cdef cnp.ndarray a_buf = _check_buf(out_buf, "out_buf")
         cdef cnp.ndarray a_off = _array(out_offsets, "out_offsets", cnp.NPY_UINT32, True)
         cdef cnp.ndarray a_len = _array(out_lengths, "out_lengths", cnp.NPY_UINT32, True)
@@ -1211,16 +1246,19 @@ cdef class Datapath:
         cdef Py_ssize_t got
         c.last_now_ns = now
         c.have_now = 1
+        self.busy = True
         with nogil:
             got = drain_c(c, now, <uint8_t *>cnp.PyArray_DATA(a_buf), cnp.PyArray_DIM(a_buf, 0),
                           <uint8_t *>cnp.PyArray_DATA(a_off), cnp.PyArray_STRIDE(a_off, 0),
                           <uint8_t *>cnp.PyArray_DATA(a_len), cnp.PyArray_STRIDE(a_len, 0),
                           <uint8_t *>cnp.PyArray_DATA(a_in), cnp.PyArray_STRIDE(a_in, 0),
                           <uint8_t *>cnp.PyArray_DATA(a_out), cnp.PyArray_STRIDE(a_out, 0), mp)
+        self.busy = False
         return got
 
     def trace(self, frame, in_port, now_ns):
         """The stage-by-stage decisions for one frame, changing no state (D35)."""
+        self._idle()
         if not isinstance(frame, (bytes, bytearray, memoryview)):
             raise ValueError(f"frame must be bytes, got {type(frame).__name__}")
         frame = bytes(frame)
