@@ -364,8 +364,9 @@ class _Parsed:
         return " ".join(parts)
 
 
-def _parse_l4(b, p, proto, start, end):
-    """Checks the L4 header at b[start:end] (end = end of the IP payload). None or a reason."""
+def _parse_l4(b, p, proto, start, end, icmp_proto):
+    """Checks the L4 header at b[start:end] (end = end of the IP payload). None or a reason.
+    icmp_proto: the family's ICMP (1 in IPv4, 58 in IPv6; D9)."""
     avail = end - start
     if proto == IPPROTO_TCP:
         if avail < 20:
@@ -383,7 +384,7 @@ def _parse_l4(b, p, proto, start, end):
         if ulen < 8 or ulen > avail:
             return "udp length inconsistent"
         p.sport, p.dport = _be16(b, start), _be16(b, start + 2)
-    elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+    elif proto == icmp_proto:
         if avail < 4:
             return "icmp header truncated"
     else:
@@ -432,7 +433,7 @@ def _parse(b):
         offset, more = frag & 0x1FFF, frag & 0x2000
         p.fragment = bool(offset or more)
         if offset == 0:
-            return _parse_l4(b, p, b[l3 + 9], l3 + ihl, l3 + total) or p
+            return _parse_l4(b, p, b[l3 + 9], l3 + ihl, l3 + total, IPPROTO_ICMP) or p
     elif et == ETH_P_IPV6:
         if avail < 40:
             return "ipv6 header truncated"
@@ -465,7 +466,7 @@ def _parse(b):
             if nh in IPV6_EXT_HEADERS:
                 return p                           # more than 8 extension headers: no L4
         if nh in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6):
-            return _parse_l4(b, p, nh, pos, end) or p
+            return _parse_l4(b, p, nh, pos, end, IPPROTO_ICMPV6) or p
     return p
 
 

@@ -587,9 +587,6 @@ def test_validation_agrees(both_impls):
     assert _eq(dps[0].port_counters(), dps[1].port_counters())
 
 
-@pytest.mark.xfail(reason="the twin's _parse_l4 checks IPv4 protocol 58 as ICMP, which its own D9 "
-                          "excludes ('ICMP only protocol 1 in IPv4'); the core follows D9",
-                   strict=False)
 def test_ipv4_protocol_58_has_no_l4(both_impls):
     """D9: protocol 58 inside IPv4 is not ICMP: a 2-byte payload is switched, not malformed."""
     src, dst = pod_ip4(2), pod_ip4(3)
