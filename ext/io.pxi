@@ -18,10 +18,39 @@
 # every port with an fd except the ingress one for OUT_FLOOD; OUT_DROP / OUT_QUEUED and
 # ports without an fd (-1) are skipped. A failed write is counted in `tx_errors[port]`
 # (a pod whose link is down, a full socket buffer) and never stops the batch.
+#
+# `BatchIO.poll(timeout_ms)` is the daemon's whole wait-and-read step in one call without
+# the GIL: BatchIO owns an epoll instance holding every port fd (`watch`, the event's
+# data is port id + 1) and one "control" fd (`watch_control`, data 0: the daemon's own
+# epoll of sockets, timers and the kernel thread's eventfd). It waits, reads a batch from
+# the ports that are readable, and leaves in `failed[:n_failed]` the ports whose fd
+# reported an error or hang-up without data (a TAP whose device was deleted), and in
+# `control_ready` whether the control fd is readable. Python then runs once per wakeup,
+# not once per ready fd.
 
 from posix.uio cimport iovec, readv, writev
-from posix.unistd cimport read as _io_read, write as _io_write
+from posix.unistd cimport read as _io_read, write as _io_write, close as _io_close
 from libc.errno cimport errno as _io_errno, EAGAIN as _IO_EAGAIN, EINTR as _IO_EINTR
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    cdef struct epoll_event:
+        uint32_t events           # EPOLLIN, EPOLLERR, EPOLLHUP, ...
+        epoll_data_t data         # u32: port id + 1, or 0 for the control fd
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLLIN
+        EPOLLERR
+        EPOLLHUP
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
 
 cdef enum:
     IO_HDR = 12                       # virtio_net_hdr_mrg_rxbuf, the datapath's layout
@@ -198,8 +227,13 @@ cdef class BatchIO:
     """
     cdef readonly object buf, offsets, lengths, in_ports, out_ports
     cdef readonly object dbuf, doffsets, dlengths, din_ports, dout_ports
-    cdef readonly object port_fds, port_hdr_lens, rx_errors, tx_errors, rfds, rports, rhdrs
+    cdef readonly object port_fds, port_hdr_lens, rx_errors, tx_errors, rfds, rports, rhdrs, failed
     cdef readonly int max_batch, per_fd_max, max_ports
+    cdef readonly int n_failed             # ports in failed[:n_failed] after poll()
+    cdef readonly bint control_ready       # the control fd was readable in poll()
+    cdef int epfd                          # epoll of the port fds and the control fd
+    cdef epoll_event *evs
+    cdef unsigned short *p_failed
     cdef unsigned char *p_buf
     cdef unsigned char *p_dbuf
     cdef Py_ssize_t buflen, dbuflen
@@ -243,6 +277,13 @@ cdef class BatchIO:
         self.rfds = numpy.zeros(max_ports, numpy.int32)
         self.rports = numpy.zeros(max_ports, numpy.uint16)
         self.rhdrs = numpy.zeros(max_ports, numpy.uint8)
+        self.failed = numpy.zeros(max_ports + 1, numpy.uint16)
+        self.evs = <epoll_event *>calloc(max_ports + 1, sizeof(epoll_event))
+        if self.evs == NULL:
+            raise MemoryError()
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(_io_errno, "epoll_create1 failed")
         cdef unsigned char[::1] u8
         cdef unsigned int[::1] u32
         cdef unsigned short[::1] u16
@@ -265,6 +306,73 @@ cdef class BatchIO:
         i32 = self.rfds; self.p_rfds = &i32[0]
         u16 = self.rports; self.p_rports = &u16[0]
         u8 = self.rhdrs; self.p_rhdrs = &u8[0]
+        u16 = self.failed; self.p_failed = &u16[0]
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            _io_close(self.epfd)
+            self.epfd = -1
+        free(self.evs)
+        self.evs = NULL
+
+    def _epoll_ctl(self, int op, int fd, uint32_t data):
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        ev.data.u32 = data
+        if epoll_ctl(self.epfd, op, fd, &ev) != 0:
+            err = _io_errno
+            raise OSError(err, f"epoll_ctl({'add' if op == EPOLL_CTL_ADD else 'del'}, fd {fd}) failed")
+
+    def watch(self, int fd, int port_id):
+        """Poll `fd` as port `port_id` (whose port_fds / port_hdr_lens entries are set)."""
+        if port_id < 0 or port_id >= self.max_ports:
+            raise ValueError(f"port_id={port_id}; accepted: 0 .. {self.max_ports - 1}")
+        self._epoll_ctl(EPOLL_CTL_ADD, fd, <uint32_t>(port_id + 1))
+
+    def watch_control(self, int fd):
+        """Poll `fd` as the control fd (poll() sets control_ready when it is readable)."""
+        self._epoll_ctl(EPOLL_CTL_ADD, fd, 0)
+
+    def unwatch(self, int fd):
+        """Stop polling `fd` (no error if it was not polled or is closed)."""
+        cdef epoll_event ev
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, &ev)
+
+    def poll(self, int timeout_ms):
+        """Wait up to `timeout_ms` (-1: forever) and read a batch from the ready ports.
+
+        Returns the number of frames read into buf/offsets/lengths/in_ports (as read());
+        sets n_failed / failed and control_ready. Runs without the GIL.
+        """
+        cdef int r, i, k = 0, nf = 0, n = 0, pid
+        cdef bint ctl = False
+        cdef uint32_t evbits
+        with nogil:
+            r = epoll_wait(self.epfd, self.evs, self.max_ports + 1, timeout_ms)
+            for i in range(r):
+                if self.evs[i].data.u32 == 0:
+                    ctl = True
+                    continue
+                pid = <int>self.evs[i].data.u32 - 1
+                if pid >= self.max_ports or self.p_fds[pid] < 0:
+                    continue
+                evbits = self.evs[i].events
+                if evbits & (EPOLLERR | EPOLLHUP) and not evbits & EPOLLIN:
+                    self.p_failed[nf] = <unsigned short>pid
+                    nf += 1
+                    continue
+                self.p_rfds[k] = self.p_fds[pid]
+                self.p_rports[k] = <unsigned short>pid
+                self.p_rhdrs[k] = self.p_hdrs[pid]
+                k += 1
+            if k:
+                n = _io_read_all(self.p_rfds, self.p_rports, self.p_rhdrs, k, self.p_buf, self.buflen,
+                                 self.p_off, self.p_len, self.p_in, self.max_batch, self.per_fd_max,
+                                 self.p_rxe, self.max_ports)
+        self.n_failed = nf
+        self.control_ready = ctl
+        return n
 
     def read(self, int nfds):
         """Read from the first `nfds` entries of (rfds, rports, rhdrs) into buf; returns n."""

@@ -2,34 +2,49 @@
 
 Theory of operation
 -------------------
-**One thread, one epoll.** The loop waits on every port fd (pod TAPs, the host TAP
-``vsw0``, the uplink's AF_PACKET socket), the control socket and its connections, the
-metrics socket and a signal wake-up pipe. When port fds are ready, one ``PacketIO.read``
-(Cython, no GIL) fills a batch from all of them, one ``Switch.process`` decides it, one
-``PacketIO.write`` sends it (FLOOD to every port with an fd except the ingress one).
-Shaper queues are drained when due: the epoll timeout is the time until
-``next_departure_ns`` (the monotonic clock is read once per round and passed in). Python
-runs per batch, per control request and per timer, never per packet (except while a
-capture is running on a port).
+**The loop thread.** ``PacketIO.poll`` (Cython, no GIL) waits on an epoll holding every
+port fd (pod TAPs, the host TAP ``vsw0``, the uplink's AF_PACKET socket) and one more fd,
+the daemon's control epoll (control socket and connections, metrics socket, signal
+wake-up, the kernel thread's eventfd); it reads a batch from the ready ports in the same
+call. Then one ``Datapath.process`` decides the batch and one ``PacketIO.write`` sends it
+(FLOOD to every port with an fd except the ingress one). Control events are handled after
+the packets, and only when the control epoll is readable. Shaper queues are drained when
+due: the wait's timeout is the time until ``next_departure_ns`` (the monotonic clock is
+read once per wakeup and passed in). Python runs once per wakeup, per control request and
+per timer, never per packet or per ready fd (except while a capture runs on a port).
+
+**The kernel thread.** ``attach``, ``detach``, ``check`` and ``gc`` run one at a time, in
+arrival order, as generators: their loop-thread steps (validation, switch ports, hostPort
+rules, shapers, state bookkeeping) run on the loop thread, and each kernel job they
+``yield`` (netlink, TAP creation and release, the state file write with its fsync, nft)
+runs on one ``KernelWorker`` thread, in submission order, while the loop keeps
+forwarding; the result comes back through an eventfd. Other requests are answered at
+once. Replies on one connection keep the order of its requests.
 
 **Attach** (``docs/control.md``) runs named steps — ``tap_create``, ``netns_move``,
-``link_config``, ``addresses``, ``routes``, ``switch_port``, ``hostports``, ``shaper``,
-``state_save`` — pushing an undo action after each; a failure (or an injected fault with
-``--test-faults``) runs the undo stack and replies with an error. Attach and detach are
-idempotent by (container id, ifname).
+``link_config``, ``addresses``, ``routes`` (kernel thread), ``switch_port``,
+``hostports``, ``shaper``, ``state_save`` — and undoes what was done on a failure (or an
+injected fault with ``--test-faults``) before it replies with an error. The TAP is
+created inside the pod's namespace under its final name, configured through one raw
+rtnetlink socket of that namespace, one batch of requests per step (``vswitch.netlink``).
+Attach and detach are idempotent by (container id, ifname). **Detach** releases the
+switch port with its hostPort rules, shapers, MAC and conntrack entries, the state
+entry, the gateways no other attachment uses and the ipMasq rule, then the TAP; a TAP
+already gone (namespace deleted, link deleted behind our back: EBADFD) is success.
 
 **State** lives in ``STATE_DIR/state.json``, written atomically (temp file, fsync,
-rename, fsync of the directory) after every change: the host port's MAC and gateways,
-the uplink's original addresses and sysctls, and every attachment with its switch port
-id. On start the daemon re-adopts each attachment: it reopens the persistent TAP by name
+rename, fsync of the directory; on the kernel thread, before the reply) after every
+change: the host port's MAC and gateways, the uplink's original addresses and sysctls,
+and every attachment with its switch port id. On start the daemon re-adopts each attachment: it reopens the persistent TAP by name
 inside the pod's namespace, re-adds the switch port with the same id, hostPort rules and
 shapers. Datapath tables (MAC, conntrack) start empty: flows re-learn at once; NATed TCP
 connections through a hostPort do not survive a restart.
 
 **The host port** is a persistent TAP in the daemon's namespace (``--switch``, default
-``vsw0``) that gets every pod gateway address (the bridge plugin's ``isGateway``), and
-IPv4 forwarding is enabled. **The uplink** (``--uplink NIC``): vsw0 takes the NIC's MAC
-and MTU, the NIC's addresses and gateway routes move to vsw0 (saved in the state first),
+``vsw0``) that holds one gateway address per pod subnet while a pod of that subnet is
+attached (the bridge plugin's ``isGateway``; at most 8, the switch's limit of addresses
+per port, beyond which attach fails with code 7), and IPv4 forwarding is enabled.
+**The uplink** (``--uplink NIC``): vsw0 takes the NIC's MAC and MTU, the NIC's addresses and gateway routes move to vsw0 (saved in the state first),
 the NIC gets ``rp_filter=1``, ``arp_ignore=8`` and ``disable_ipv6=1`` so its own stack
 ignores what it receives (the switch delivers that to vsw0), and an AF_PACKET socket
 becomes the uplink port. A clean exit (SIGTERM/SIGINT) moves everything back.
@@ -341,7 +356,7 @@ class Daemon:
         self.started = time.monotonic()
         self.attachments: dict[tuple, dict] = {}
         self.ports: dict[str, object] = {}          # switch port name -> ports.Port
-        self.fd_ports: dict[int, object] = {}       # fd -> ports.Port
+        self.id_ports: dict[int, object] = {}       # port id -> ports.Port with a polled fd
         self.conns: dict[int, dict] = {}            # control / metrics connections
         self.captures: dict[int, PcapWriter] = {}   # port id -> writer
         self.host = None
@@ -406,7 +421,8 @@ class Daemon:
     def start(self):
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.load_state()
-        self.ep = select.epoll()
+        self.ep = select.epoll()       # control: sockets, signals, the kernel thread (ports: self.io)
+        self.io.watch_control(self.ep.fileno())
         self._signals()
         self.kernel = KernelWorker()
         self.ep.register(self.kernel.fd, EPOLLIN)
@@ -490,18 +506,13 @@ class Daemon:
 
     def _add_fd_port(self, port):
         self.ports[port.name] = port
-        self.fd_ports[port.fd] = port
-        self.io.set_port(port, port.port_id)
-        self.ep.register(port.fd, EPOLLIN)
+        self.id_ports[port.port_id] = port
+        self.io.set_port(port, port.port_id)     # polled by io.poll from now on
 
     def _drop_fd_port(self, port):
-        if port.fd in self.fd_ports:
-            try:
-                self.ep.unregister(port.fd)
-            except OSError:
-                pass
-            del self.fd_ports[port.fd]
-        self.io.set_port(None, port.port_id)
+        if self.id_ports.get(port.port_id) is port:
+            del self.id_ports[port.port_id]
+            self.io.set_port(None, port.port_id)
         self.ports.pop(port.name, None)
         cap = self.captures.pop(port.port_id, None)
         if cap:
@@ -1386,64 +1397,64 @@ class Daemon:
     # ----------------------------------------------------------------- the loop
 
     def run(self):
+        """The loop: one ``io.poll`` (wait and read, no GIL) per wakeup, then one datapath
+        call and one write for the batch; control events and timers after the packets."""
         io, sw = self.io, self.switch
-        ep = self.ep
-        lfd = self.lsock.fileno()
-        mfd = self.msock.fileno() if self.metrics_port is not None else -2
-        sfd = self._sig_r.fileno()
-        kfd = self.kernel.fd
-        fd_ports = self.fd_ports
+        dp = sw.dp
+        poll, write, process = io.poll, io.write, dp.process
+        next_departure_ns = dp.next_departure_ns
+        monotonic_ns = time.monotonic_ns
+        buf, offsets, lengths, in_ports, out_ports = io.buf, io.offsets, io.lengths, io.in_ports, io.out_ports
         while not self.stop or self.active_op is not None:
-            nd = sw.next_departure_ns()
+            nd = next_departure_ns()
             if nd < 0:
-                timeout = 1.0
+                timeout_ms = 1000
             else:
-                timeout = max(0.0, (nd - time.monotonic_ns()) / 1e9)
-            try:
-                events = ep.poll(timeout, 256)
-            except InterruptedError:
-                continue
-            ready = []
-            for fd, ev in events:
-                p = fd_ports.get(fd)
-                if p is not None:
-                    if ev & (EPOLLERR | EPOLLHUP) and not ev & EPOLLIN:
-                        self._port_failed(p, ev)
-                    else:
-                        ready.append(p)
-                elif fd in self.conns:
-                    self._conn_event(fd, ev)
-                elif fd == lfd:
-                    self._accept(self.lsock, "ctl")
-                elif fd == mfd:
-                    self._accept(self.msock, "http")
-                elif fd == kfd:
-                    self._kernel_done()
-                elif fd == sfd:
-                    try:
-                        self._sig_r.recv(64)
-                    except BlockingIOError:
-                        pass
-            if self.ops and self.active_op is None:
-                self._next_op()
-            now = time.monotonic_ns()
-            if ready:
-                n = io.read(ready)
-                if n:
-                    if self.captures:
-                        self._capture(io.buf, io.offsets, io.lengths, io.in_ports, None, n)
-                    sw.process(io.buf, io.offsets, io.lengths, io.in_ports, io.out_ports, n, now)
-                    if self.captures:
-                        self._capture(io.buf, io.offsets, io.lengths, io.in_ports, io.out_ports, n)
-                    io.write(n)
-                    self.batches += 1
-            nd = sw.next_departure_ns()
+                timeout_ms = max(0, -((monotonic_ns() - nd) // 1_000_000))   # rounded up
+            n = poll(timeout_ms)
+            now = monotonic_ns()
+            if n:
+                if self.captures:
+                    self._capture(buf, offsets, lengths, in_ports, None, n)
+                process(buf, offsets, lengths, in_ports, out_ports, n, now)
+                if self.captures:
+                    self._capture(buf, offsets, lengths, in_ports, out_ports, n)
+                write(n)
+                self.batches += 1
+            if io.n_failed:
+                for pid in io.failed[:io.n_failed].tolist():
+                    p = self.id_ports.get(pid)
+                    if p is not None:
+                        self._port_failed(p)
+            if io.control_ready:
+                self._control_events()
+            nd = next_departure_ns()
             if 0 <= nd <= now:
                 self._drain(now)
             if now - self.last_sweep_ns > SWEEP_INTERVAL_NS:
                 self.last_sweep_ns = now
-                sw.dp.conntrack_sweep(now)
-                sw.dp.mac_sweep(now)
+                dp.conntrack_sweep(now)
+                dp.mac_sweep(now)
+
+    def _control_events(self):
+        lfd = self.lsock.fileno()
+        mfd = self.msock.fileno() if self.metrics_port is not None else -2
+        for fd, ev in self.ep.poll(0):
+            if fd in self.conns:
+                self._conn_event(fd, ev)
+            elif fd == self.kernel.fd:
+                self._kernel_done()
+            elif fd == lfd:
+                self._accept(self.lsock, "ctl")
+            elif fd == mfd:
+                self._accept(self.msock, "http")
+            elif fd == self._sig_r.fileno():
+                try:
+                    self._sig_r.recv(64)
+                except BlockingIOError:
+                    pass
+        if self.ops and self.active_op is None:
+            self._next_op()
 
     def _drain(self, now):
         io, sw = self.io, self.switch
@@ -1470,9 +1481,9 @@ class Daemon:
                     off = int(offsets[i])
                     w.write(bytes(buf[off:off + int(lengths[i])]))
 
-    def _port_failed(self, port, ev):
-        """A TAP whose device vanished (its namespace deleted): stop polling it."""
-        self.log("port_failed", level="warning", port=port.name, events=ev)
+    def _port_failed(self, port):
+        """A TAP whose device vanished (link deleted behind our back): stop polling it."""
+        self.log("port_failed", level="warning", port=port.name)
         self._drop_fd_port(port)
         self.ports[port.name] = port     # keep it known; detach closes it
         if port.name in self.switch:

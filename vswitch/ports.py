@@ -12,15 +12,18 @@ Each switch port of the daemon has one file descriptor:
   when the socket closes).
 
 :class:`PacketIO` owns the batch buffers (one preallocated numpy buffer, the datapath's
-layout: header then frame per slot) and the per-port fd table, and calls the Cython
-``io_read_batch`` / ``io_write_batch`` of ``vswitch._datapath`` (``ext/io.pxi``, no GIL)
-when the build has them, else the pure-Python functions below with the same signatures
-(slow, for development without a build).
+layout: header then frame per slot), the per-port fd table and the epoll of the port fds
+(``set_port`` adds and removes them). ``poll(timeout_ms)`` waits, reads a batch from the
+ready ports and reports failed ports and whether the daemon's control epoll (one fd,
+``watch_control``) is readable, in one call of the Cython ``BatchIO`` of
+``vswitch._datapath`` (``ext/io.pxi``, no GIL) when the build has it, else of the
+pure-Python twin below with the same methods (slow, for development without a build).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import select
 import socket
 import struct
 
@@ -189,6 +192,50 @@ class _PyBatchIO:
         self.rfds = np.zeros(max_ports, np.int32)
         self.rports = np.zeros(max_ports, np.uint16)
         self.rhdrs = np.zeros(max_ports, np.uint8)
+        self.failed = np.zeros(max_ports + 1, np.uint16)
+        self.n_failed = 0
+        self.control_ready = False
+        self._ep = select.epoll()
+        self._fd_port = {}                   # fd -> port id, -1 for the control fd
+
+    def watch(self, fd, port_id):
+        if not 0 <= port_id < self.max_ports:
+            raise ValueError(f"port_id={port_id}; accepted: 0 .. {self.max_ports - 1}")
+        self._ep.register(fd, select.EPOLLIN)
+        self._fd_port[fd] = port_id
+
+    def watch_control(self, fd):
+        self._ep.register(fd, select.EPOLLIN)
+        self._fd_port[fd] = -1
+
+    def unwatch(self, fd):
+        try:
+            self._ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        self._fd_port.pop(fd, None)
+
+    def poll(self, timeout_ms):
+        events = self._ep.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1, self.max_ports + 1)
+        k = nf = 0
+        ctl = False
+        for fd, ev in events:
+            pid = self._fd_port.get(fd)
+            if pid is None:
+                continue
+            if pid < 0:
+                ctl = True
+                continue
+            if self.port_fds[pid] < 0:
+                continue
+            if ev & (select.EPOLLERR | select.EPOLLHUP) and not ev & select.EPOLLIN:
+                self.failed[nf] = pid
+                nf += 1
+                continue
+            self.rfds[k], self.rports[k], self.rhdrs[k] = self.port_fds[pid], pid, self.port_hdr_lens[pid]
+            k += 1
+        self.n_failed, self.control_ready = nf, ctl
+        return self.read(k) if k else 0
 
     def read(self, nfds):
         return py_read_batch(self.rfds, self.rports, self.rhdrs, nfds, self.buf, self.offsets, self.lengths,
@@ -227,20 +274,35 @@ class PacketIO:
         self.max_batch = max_batch
         for name in ("buf", "offsets", "lengths", "in_ports", "out_ports", "dbuf", "doffsets", "dlengths",
                      "din_ports", "dout_ports", "port_fds", "port_hdr_lens", "rx_errors", "tx_errors",
-                     "rfds", "rports", "rhdrs"):
+                     "rfds", "rports", "rhdrs", "failed"):
             setattr(self, name, getattr(b, name))
         self.write = b.write
         self.write_drained = b.write_drained
+        self.poll = b.poll                   # wait + read: n frames; then n_failed, control_ready
+        self.watch_control = b.watch_control
         self._read = b.read
 
+    @property
+    def n_failed(self) -> int:
+        return self.b.n_failed
+
+    @property
+    def control_ready(self) -> bool:
+        return self.b.control_ready
+
     def set_port(self, port: Port | None, port_id: int):
+        """Add (and poll) a port's fd, or (None) forget the port's fd and stop polling it."""
         if port is None:
+            fd = int(self.port_fds[port_id])
+            if fd >= 0:
+                self.b.unwatch(fd)
             self.port_fds[port_id] = -1
         else:
             self.port_fds[port_id] = port.fd
             self.port_hdr_lens[port_id] = port.hdr_len
             self.rx_errors[port_id] = 0
             self.tx_errors[port_id] = 0
+            self.b.watch(port.fd, port_id)
 
     def read(self, ready: list[Port]) -> int:
         rfds, rports, rhdrs = self.rfds, self.rports, self.rhdrs
