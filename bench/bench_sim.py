@@ -11,7 +11,11 @@ known MACs; ``mixed``: 80 % known unicast, 10 % hostPort DNAT from an external c
 10 % into a pod's ingress shaper that has tokens (the core benchmark's mix). Subjects:
 ``vswitch`` (the Cython core) and ``vswitch-py`` (the pure-Python twin, fewer frames).
 
-``sim-setup``: the wall time to build a Simulation and add N pods (10, 1,000, 10,000),
+Growth: ``sim-fps`` with traffic ``north-south`` against 1, 10, 100 and 250 pods: every
+pod sends to the node (90 %) and an external client reaches every pod through its own
+hostPort (10 %, DNAT), so MACs, rules and flows grow with the pods.
+
+``sim-setup``: the wall time to build a Simulation and add N pods (1 .. 10,000),
 each with its own port, MAC, IP and anti-spoofing binding (one call = one fresh switch).
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ from vswitch.sim import Simulation
 from vswitch.simgen import CBR
 
 QUICK = quick_mode()
+GROWTH_HOSTPORT0 = 30000
 
 
 def _impl(name):
@@ -47,7 +52,14 @@ def build(impl, pods, traffic):
     if traffic == "unicast":
         for src, dst in pairs:
             flows.append((src, dst, 10))
-    else:
+    elif traffic == "north-south":
+        # every pod talks to the node, and the client reaches every pod through its own
+        # hostPort (DNAT): defined for any number of pods, 1 included
+        for i, p in enumerate(ps):
+            sim.add_port_mapping(p.name, host_port=GROWTH_HOSTPORT0 + i, container_port=80, protocol="udp")
+            flows.append((p, "gateway", 9))
+            flows.append((client, GROWTH_HOSTPORT0 + i, 1))
+    elif traffic == "mixed":
         sim.add_port_mapping(ps[0].name, host_port=8080, container_port=80, protocol="udp")
         sim.set_bandwidth(ps[1].name, {"ingressRate": 10 ** 12, "ingressBurst": 10 ** 12})
         for src, dst in pairs:
@@ -55,6 +67,8 @@ def build(impl, pods, traffic):
                 flows.append((src, dst, 8))
         flows.append((ps[2 % pods], ps[1], 1))       # shaped, tokens available
         flows.append((client, None, 1))              # hostPort DNAT
+    else:
+        raise ValueError(f"traffic {traffic!r}: accepted unicast, mixed, north-south")
     total_w = sum(w for _, _, w in flows)
     return sim, ps, client, flows, total_w
 
@@ -65,6 +79,10 @@ def make_gens(sim, flows, total_w, frames):
         n = max(1, frames * w // total_w)
         if dst is None:
             f = src.udp_to(sim.node_ip, 8080, b"\0" * 18)
+        elif dst == "gateway":
+            f = src.udp_to(sim.gateway, 9, b"\0" * 18)
+        elif isinstance(dst, int):                   # a hostPort of the node
+            f = src.udp_to(sim.node_ip, dst, b"\0" * 18)
         else:
             f = src.udp_to(dst, 9, b"\0" * 18)
         assert len(f) == 60
@@ -101,7 +119,22 @@ def test_sim_fps(benchmark, impl, pods, traffic):
                                         flooded=res.flooded)
 
 
-SETUP_GRID = [10, 1000] if QUICK else [10, 1000, 10_000]
+GROWTH_PODS = [1, 10, 100, 250]
+GROWTH_CASES = [(p, i) for p in GROWTH_PODS for i in ("c", "py") if i == "c" or not QUICK]
+
+
+@pytest.mark.parametrize("pods,impl", GROWTH_CASES, ids=[f"{p}-{i}" for p, i in GROWTH_CASES])
+def test_sim_fps_growth(benchmark, pods, impl):
+    """Frames/s of wall time against the number of pods (1, 10, 100, 250), traffic
+    ``north-south``: 90 % from the pods to the node, 10 % from an external client to each
+    pod's own hostPort (DNAT); every pod has a port, a MAC, an IP, a hostPort rule and a
+    conntrack entry."""
+    test_sim_fps(benchmark, impl, pods, "north-south")
+    info = benchmark.extra_info["info"]
+    assert info["dropped"] == 0 and info["flooded"] == 0 and info["queued"] == 0, info
+
+
+SETUP_GRID = [10, 1000] if QUICK else [1, 10, 100, 250, 1000, 10_000]
 
 
 @pytest.mark.parametrize("impl", ["c", "py"])
