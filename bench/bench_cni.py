@@ -3,23 +3,33 @@
 Theory of operation
 -------------------
 Both subjects are network configuration lists executed the way libcni executes them
-(``bench.bench_shaping.CniChain``: ADD through every plugin in order with ``prevResult``
-and the runtimeConfig of the capabilities each declares, DEL in reverse with the cached
-result), with the same runtimeConfig per pod (one hostPort mapping, bandwidth in both
-directions) and the same IPAM (host-local):
+(``vswitch.lab.CniChain``: ADD through every plugin in order with ``prevResult`` and the
+runtimeConfig of the capabilities each declares, DEL in reverse with the cached result),
+with the same pod spec (``POD_SPEC``: one hostPort mapping and bandwidth in both
+directions, through the ``portMappings`` and ``bandwidth`` capabilities both configs
+declare) and the same IPAM (host-local):
 
 - ``reference-cni``: bridge (isGateway, hairpin) + host-local + portmap + bandwidth from
   /usr/lib/cni: a veth, iptables DNAT chains, tc tbf and an ifb device per pod.
-- ``vswitch``: the installed ``vswitch`` plugin (host-local) talking to a vswitchd that
-  this benchmark started.
+- ``vswitch``: the installed ``vswitch`` plugin (host-local from the reference dir, found
+  through CNI_PATH) talking to a vswitchd that this benchmark started (``vswitch.lab.Daemon``).
 
-Everything happens inside a node namespace created here: vswitchd runs in it, and the
-benchmark thread enters it (setns) while it executes the chains, so the reference
-plugins' bridge, iptables chains and ifb devices never touch the machine's own namespace.
-Pod namespaces are created per pod and removed afterwards. Figures: ``cni-add`` and
-``cni-del`` in ms per pod, ``parallel`` = 1 (pods one after another) and 20 (20 pods at
-once; each pod's own latency is a sample, the wall time is in ``info``). The reference
+Everything happens inside a node namespace created here (``vswitch.lab.Namespaces``):
+vswitchd runs in it, and the benchmark thread enters it (setns) while it executes the
+chains, so the reference plugins' bridge, iptables chains and ifb devices never touch the
+machine's own namespace; the pool threads it starts inherit it. Pod namespaces are
+created per round before the clock starts and removed afterwards. Before the first DEL of
+each subject and pod count the benchmark checks that the pod spec took effect (vswitchd
+lists the pods' port mappings and bandwidth; the reference chain left a DNAT rule per
+hostPort and two tbf qdiscs per pod), so a figure never times a chain that skipped work.
+
+Figures: ``cni-add`` and ``cni-del`` in ms per pod, ``parallel`` = 1 (pods one after
+another), 20 and 50 (that many pods at once, 50 in the full run only; each pod's own
+latency is a sample, the wall time of the whole batch is in ``info``). The reference
 chain has no ipMasq here, since the vswitch plugin does not ask for it either.
+
+    python -m bench --files bench_cni.py      # as root, containernetworking-plugins installed
+    python -m bench.bench_cni                 # the same table without pytest
 """
 from __future__ import annotations
 
@@ -30,9 +40,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,19 +47,19 @@ from pathlib import Path
 import pytest
 
 from bench import nettools
-from bench.bench_shaping import CniChain
 from bench.report import quick_mode, record
+from vswitch import lab
 
 pytestmark = pytest.mark.integration
 
-REF_CNI = Path(os.environ.get("VSWITCH_BENCH_CNI_PATH", "/usr/lib/cni"))
-REPO = Path(__file__).resolve().parents[1]
+REF_CNI = Path(os.environ.get("VSWITCH_BENCH_CNI_PATH", lab.SYSTEM_CNI_PATH))
 QUICK = quick_mode()
 SERIAL_PODS = 5 if QUICK else 20
-PARALLEL = (20,)
+PARALLEL = (20,) if QUICK else (20, 50)
 ROUNDS = 1 if QUICK else 3
 CLONE_NEWNET = 0x40000000
 SUBJECTS = ("vswitch", "reference-cni")
+CAPABILITIES = {"portMappings": True, "bandwidth": True}
 
 
 def _setns(path):
@@ -67,50 +74,32 @@ def _setns(path):
 
 
 class Bed:
-    """The node namespace, vswitchd in it, and both chains' bin dirs and configs."""
+    """The node namespace, vswitchd in it, and both chains' configs."""
 
     def __init__(self, workdir):
         self.dir = Path(workdir)
         self.u = nettools.uid()
-        self.node = f"bcn{self.u}"
-        self.proc = None
+        self.ns = lab.Namespaces(prefix="bcn")
         self.pods = []
+        self.daemon = None
+        self.verified = set()
 
     def start(self):
-        nettools.run(["ip", "netns", "add", self.node])
-        nettools.run(["ip", "link", "set", "lo", "up"], ns=self.node)
-        self.socket = str(self.dir / "vswitchd.sock")
-        self._err = open(self.dir / "vswitchd.stderr", "ab")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.node, sys.executable, "-m", "vswitch.daemon",
-             "--socket", self.socket, "--state-dir", str(self.dir / "state")],
-            cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)),
-            stdout=subprocess.DEVNULL, stderr=self._err)
-        from vswitch import rpc
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                rpc.call(self.socket, "status", timeout_s=2)
-                break
-            except rpc.RpcError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("vswitchd did not start: "
-                                       + (self.dir / "vswitchd.stderr").read_text()[-2000:])
-                time.sleep(0.05)
-        # our bin dir: the installed launcher, host-local linked from the reference dir
+        self.node = self.ns.new("node")
+        self.daemon = lab.Daemon(self.node, self.dir / "vswitchd").start(timeout_s=30)
+        self.socket = self.daemon.socket
         from cni.install import install
         self.vsw_bin = self.dir / "vsw-bin"
         install(str(self.vsw_bin), str(self.dir / "net.d"), socket_path=self.socket)
-        os.symlink(REF_CNI / "host-local", self.vsw_bin / "host-local")
         octet = random.randrange(16, 250)
         self.chains = {
-            "vswitch": CniChain({
+            "vswitch": lab.CniChain({
                 "cniVersion": "1.0.0", "name": f"bvsw{self.u}",
                 "plugins": [{"type": "vswitch", "socket": self.socket,
-                             "capabilities": {"portMappings": True, "bandwidth": True},
+                             "capabilities": dict(CAPABILITIES),
                              "ipam": self._ipam(f"10.{octet}.0.0/16", "vsw")}]},
-                cni_path=self.vsw_bin),
-            "reference-cni": CniChain({
+                cni_path=(self.vsw_bin, REF_CNI)),
+            "reference-cni": lab.CniChain({
                 "cniVersion": "1.0.0", "name": f"bref{self.u}",
                 "plugins": [
                     {"type": "bridge", "bridge": f"bref{self.u}", "isGateway": True,
@@ -118,8 +107,12 @@ class Bed:
                      "ipam": self._ipam(f"10.{octet + 1}.0.0/16", "ref")},
                     {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
                     {"type": "bandwidth", "capabilities": {"bandwidth": True}}]},
-                cni_path=REF_CNI),
+                cni_path=(REF_CNI,)),
         }
+        # the same pod spec reaches both: every capability of the spec is declared by a plugin
+        for subject, chain in self.chains.items():
+            declared = {k for p in chain.conflist["plugins"] for k, on in p.get("capabilities", {}).items() if on}
+            assert declared >= set(_runtime_config(0)), (subject, declared)
         return self
 
     def _ipam(self, subnet, tag):
@@ -127,6 +120,7 @@ class Bed:
                 "ranges": [[{"subnet": subnet}]], "routes": [{"dst": "0.0.0.0/0"}]}
 
     def new_pod(self, i):
+        # a bare namespace (no "lo up": one subprocess less per pod, and CNI needs none)
         name = f"bcp{self.u}{i}x{random.randrange(1 << 20):05x}"
         nettools.run(["ip", "netns", "add", name])
         self.pods.append(name)
@@ -137,16 +131,30 @@ class Bed:
             nettools.run(["ip", "netns", "del", name], check=False)
         self.pods.clear()
 
+    def verify(self, subject, pods):
+        """The pod spec took effect for every pod of ``pods`` [(i, ns)] (checked once per
+        subject and pod count, between ADD and DEL, outside the per-pod timings)."""
+        if subject == "vswitch":
+            att = {a.get("container_id"): a for a in self.daemon.call("list")["attachments"]}
+            for i, ns in pods:
+                a = att.get(f"bench-{ns}")
+                assert a is not None, f"vswitchd has no attachment for pod {ns}"
+                assert [m.get("hostPort") for m in a.get("port_mappings") or []] == [20000 + i], a
+                assert (a.get("bandwidth") or {}).get("ingressRate") == POD_SPEC["bandwidth"]["ingressRate"], a
+        else:
+            nat = nettools.run(["iptables", "-t", "nat", "-S"])
+            for i, _ in pods:
+                assert f"--dport {20000 + i} " in nat, f"portmap left no DNAT rule for hostPort {20000 + i}"
+            tbf = nettools.run(["tc", "qdisc", "show"]).count("qdisc tbf")
+            assert tbf >= 2 * len(pods), f"bandwidth left {tbf} tbf qdiscs for {len(pods)} pods"
+
     def stop(self):
-        self.drop_pods()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        nettools.run(["ip", "netns", "del", self.node], check=False)
+        try:
+            self.drop_pods()
+            if self.daemon is not None:
+                self.daemon.stop()
+        finally:
+            self.ns.cleanup()
 
 
 @contextlib.contextmanager
@@ -162,7 +170,7 @@ def bed_context():
     own = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
         b.start()
-        _setns(f"/run/netns/{b.node}")    # this thread, and threads it starts, run there
+        _setns(lab.Namespaces.path(b.node))   # this thread, and threads it starts, run there
         yield b
     finally:
         try:
@@ -180,10 +188,15 @@ def bed():
         yield b
 
 
-def _runtime_config(i):
-    return {"portMappings": [{"hostPort": 20000 + i, "containerPort": 80, "protocol": "tcp"}],
+POD_SPEC = {"portMappings": [{"hostPort": 20000, "containerPort": 80, "protocol": "tcp"}],
             "bandwidth": {"ingressRate": 100_000_000, "ingressBurst": 10_000_000,
                           "egressRate": 100_000_000, "egressBurst": 10_000_000}}
+
+
+def _runtime_config(i):
+    """Pod i's runtimeConfig: POD_SPEC with its own hostPort (20000 + i)."""
+    return {"portMappings": [dict(POD_SPEC["portMappings"][0], hostPort=20000 + i)],
+            "bandwidth": dict(POD_SPEC["bandwidth"])}
 
 
 def _timed(fn, *args):
@@ -213,6 +226,9 @@ def _run_round(bed, subject, parallel, n_pods, base):
             t0 = time.perf_counter()
             adds = list(pool.map(add, pods))
             add_wall = (time.perf_counter() - t0) * 1000.0
+            if (subject, n_pods) not in bed.verified:
+                bed.verify(subject, pods)
+                bed.verified.add((subject, n_pods))
             t0 = time.perf_counter()
             dels = list(pool.map(delete, zip(pods, [r for _, r in adds])))
             del_wall = (time.perf_counter() - t0) * 1000.0
