@@ -1,127 +1,142 @@
-"""Real-kernel benchmark: pods on vswitch (TAP + vswitchd) against the same pods on a Linux
-bridge with veths (the reference bridge plugin's data path), side by side in one run.
+"""Pod to pod through vswitch against the Linux bridge, in the real kernel, same run.
 
-Measures, for each path: iperf3 TCP throughput between two pods with 1 and 4 streams,
-ping RTT (100 pings, 10 ms apart), and 64-byte UDP frames per second received
-(iperf3 -u -l 18 -b 0: 14 + 20 + 8 + 18 = 60 bytes + FCS). Needs root, /dev/net/tun,
-iperf3. Every namespace it creates is removed at the end, whatever happens.
+Theory of operation
+-------------------
+Two pods on one node, the way a runtime makes them (``bench.podnet.Node``: a node
+namespace of our own, pods added through a CNI chain run with the thread inside it):
 
-    python bench/bench_real.py [--seconds 5] [--json out.json]
+- ``vswitch``: vswitchd in the node namespace, pods added through the vswitch CNI plugin
+  (host-local IPAM): each pod's eth0 is a TAP whose other end is the daemon;
+- ``bridge``: the reference bridge plugin (+ host-local): a Linux bridge and veths, the
+  kernel's own data path, which the ``tap-tcp`` and ``ping-rtt`` targets compare with.
 
-Prints a Markdown table with the ratios vswitch / bridge (aims: TCP >= 0.9, RTT <= 1.5,
-UDP >= 0.25 Mpps) and which datapath and I/O implementation the daemon used.
+Measured with the tools of ``bench.nettools``, the same as ``bench_ovs.py`` (whose rows
+sit beside these: same groups, same parameters, same durations):
+
+- ``real-tcp``: iperf3 TCP from pod A to pod B, 1 and 4 streams, Gbit/s counted by the
+  receiver (omitted slow-start seconds excluded); one sample per iperf3 run;
+- ``real-ping``: ping from A to B at a 10 ms interval (5 ms in the full run), every
+  reply's RTT a sample, after ARP and MAC learning settled;
+- ``real-udp-64B``: 60-byte frames (64 with the FCS) sent flat out by nettools'
+  ``sendmmsg`` flooder in A, counted at B's eth0 (``rx_packets``): Mpps the path
+  delivers; the sent rate is in ``info``.
+
+Each subject's node is a module-scoped fixture, made once and removed at the end
+whatever happens; a subject that cannot run here (not root, a tool or the reference
+plugins missing) skips with the reason.
+
+    python -m bench --files bench_real.py        # as root: iperf3, ping, containernetworking-plugins
 """
 from __future__ import annotations
 
-import argparse
-import json
-import re
-import sys
-import tempfile
-from pathlib import Path
+import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import nettools, podnet
+from bench.report import quick_mode, record
 
-from tests.integration.helpers import (Cluster, Namespaces, iperf3, nsexec, nspopen,  # noqa: E402
-                                       received_bps, sh, skip_reason, uid, wait_listening)
+pytestmark = pytest.mark.integration
 
-
-def _ping_rtt_ms(ns, ip, count=100):
-    r = nsexec(ns, "ping", "-q", "-c", str(count), "-i", "0.01", ip, timeout=60)
-    m = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", r.stdout)
-    return float(m.group(2))
+QUICK = quick_mode()
+# the same durations as bench_ovs.py, so its rows are comparable with these
+TCP_SECONDS, TCP_OMIT_S, TCP_ROUNDS = (2, 0, 1) if QUICK else (8, 1, 3)
+UDP_SECONDS, UDP_ROUNDS = (1, 1) if QUICK else (3, 3)
+PING_COUNT, PING_INTERVAL_S = (100, 0.01) if QUICK else (1000, 0.005)
+TOOLS = ("iperf3", "ping")
 
 
-def _udp_pps(server_ns, server_ip, client_ns, seconds):
-    srv = nspopen(server_ns, "iperf3", "-s", "-1", "-p", "5301")
-    try:
-        wait_listening(server_ns, 5301)
-        r = nsexec(client_ns, "iperf3", "-u", "-c", server_ip, "-p", "5301", "-l", "18", "-b", "0",
-                   "-t", str(seconds), "--json", timeout=seconds + 60)
-        res = json.loads(r.stdout)
-        s = res["end"]["sum"]
-        received = s["packets"] - s["lost_packets"]
-        return received / s["seconds"]
-    finally:
-        if srv.poll() is None:
-            srv.kill()
-        srv.wait(10)
+class PodPair:
+    """Two pods of one node that reach each other: A sends, B receives."""
+
+    def __init__(self, node, a, b):
+        self.node, self.a, self.b = node, a, b
+        self.facts = node.facts()
 
 
-def measure(a_ns, b_ip, b_ns, a_ip, seconds):
-    out = {}
-    for streams in (1, 4):
-        out[f"tcp_{streams}_gbps"] = received_bps(iperf3(b_ns, b_ip, a_ns, seconds=seconds,
-                                                         streams=streams, omit=1)) / 1e9
-    _ping_rtt_ms(a_ns, b_ip, count=5)          # ARP and MAC learning settled
-    out["rtt_ms"] = _ping_rtt_ms(a_ns, b_ip)
-    out["udp64_mpps"] = _udp_pps(b_ns, b_ip, a_ns, seconds) / 1e6
-    return out
+def make_pair(node):
+    """Adds two pods to ``node`` and waits until each reaches the other."""
+    a, b = node.add_pod(), node.add_pod()
+    nettools.wait_reachable(a.ns, b.ip)
+    nettools.wait_reachable(b.ns, a.ip)
+    return PodPair(node, a, b)
 
 
-def run_bridge(nss, seconds):
-    node = nss.new("bn")
-    br = "br" + uid()
-    nsexec(node, "ip", "link", "add", br, "type", "bridge")
-    nsexec(node, "ip", "addr", "add", "10.250.0.1/24", "dev", br)
-    nsexec(node, "ip", "link", "set", br, "up")
-    pods = []
-    for i, host in ((0, 2), (1, 3)):
-        ns = nss.new(f"bp{i}")
-        h, p = f"vh{uid()}", f"vc{uid()}"
-        sh("ip", "link", "add", h, "netns", node, "type", "veth", "peer", "name", p, "netns", ns)
-        nsexec(node, "ip", "link", "set", h, "master", br, "up")
-        nsexec(ns, "ip", "link", "set", p, "name", "eth0")
-        nsexec(ns, "ip", "addr", "add", f"10.250.0.{host}/24", "dev", "eth0")
-        nsexec(ns, "ip", "link", "set", "eth0", "up")
-        nsexec(ns, "ip", "route", "add", "default", "via", "10.250.0.1")
-        pods.append((ns, f"10.250.0.{host}"))
-    (a_ns, a_ip), (b_ns, b_ip) = pods
-    return measure(a_ns, b_ip, b_ns, a_ip, seconds)
+@pytest.fixture(scope="module")
+def pair_vswitch():
+    podnet.require_subject("vswitch", tools=TOOLS)
+    with podnet.Node("vswitch", tag="brv") as node:
+        yield make_pair(node)
 
 
-def run_vswitch(nss, seconds, workdir):
-    c = Cluster(nss, workdir, subnet_octet=251)
-    c.daemon.start()
-    try:
-        a = c.add_pod("a", 2)
-        b = c.add_pod("b", 3)
-        status = c.daemon.call("status")
-        out = measure(a.ns, b.ip, b.ns, a.ip, seconds)
-        out["datapath"], out["io"] = status["datapath"], status["io"]
-        c.detach_all()
-        return out
-    finally:
-        c.daemon.stop()
+@pytest.fixture(scope="module")
+def pair_bridge():
+    podnet.require_subject("bridge", tools=TOOLS)
+    with podnet.Node("bridge", tag="brb") as node:
+        yield make_pair(node)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--json", help="write the results here")
-    a = ap.parse_args(argv)
-    reason = skip_reason()
-    if reason:
-        print(f"bench_real: {reason}", file=sys.stderr)
-        return 2
-    nss = Namespaces()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            results = {"bridge": run_bridge(nss, a.seconds), "vswitch": run_vswitch(nss, a.seconds, Path(tmp))}
-    finally:
-        nss.cleanup()
-    br, vs = results["bridge"], results["vswitch"]
-    rows = [("TCP 1 stream (Gbit/s)", "tcp_1_gbps", ">= 0.9"), ("TCP 4 streams (Gbit/s)", "tcp_4_gbps", ">= 0.9"),
-            ("ping RTT (ms)", "rtt_ms", "<= 1.5"), ("UDP 64 B (Mpps received)", "udp64_mpps", "")]
-    print(f"vswitch datapath: {vs['datapath']}, I/O: {vs['io']}\n")
-    print("| metric | Linux bridge | vswitch | vswitch / bridge | aim |")
-    print("|---|---|---|---|---|")
-    for label, key, aim in rows:
-        print(f"| {label} | {br[key]:.3f} | {vs[key]:.3f} | {vs[key] / br[key]:.2f} | {aim} |")
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
-    return 0
+# ---------------------------------------------------------------- measurements (also growth)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def measure_tcp(benchmark, pair, group, subject, streams, seconds, omit_s, rounds, target=None,
+                **params):
+    gbps = []
+    record(benchmark, group=group, subject=subject, unit="gbps", samples=gbps, target=target,
+           info={"seconds": seconds, "omit_s": omit_s, "tool": "iperf3 -R", **pair.facts},
+           streams=streams, **params)
+
+    def once():
+        gbps.append(nettools.tcp_rate_bps(pair.a.ns, pair.b.ns, pair.a.ip, seconds, streams,
+                                          omit_s) / 1e9)
+    benchmark.pedantic(once, rounds=rounds, iterations=1)
+
+
+def measure_ping(benchmark, pair, group, subject, count, interval_s, target=None, **params):
+    rtts = []
+    record(benchmark, group=group, subject=subject, unit="rtt_ms", samples=rtts, target=target,
+           info={"count": count, "interval_s": interval_s, **pair.facts}, **params)
+    nettools.ping_rtts_ms(pair.a.ns, pair.b.ip, 5, 0.01)        # ARP, MAC learning settled
+
+    def once():
+        rtts.extend(nettools.ping_rtts_ms(pair.a.ns, pair.b.ip, count, interval_s))
+    benchmark.pedantic(once, rounds=1, iterations=1)
+
+
+def measure_udp(benchmark, pair, group, subject, seconds, rounds, target=None, **params):
+    mpps, sent = [], []
+    record(benchmark, group=group, subject=subject, unit="mpps", samples=mpps, target=target,
+           info={"seconds": seconds, "sent_mpps": sent, "frame_bytes": 60,
+                 "counted_at": "receiver interface", **pair.facts}, **params)
+
+    def once():
+        rx, tx = nettools.udp_flood_pps(pair.a.ns, pair.b.ns, pair.b.ip, pair.b.ifname, seconds)
+        mpps.append(rx / 1e6)
+        sent.append(round(tx / 1e6, 4))
+    benchmark.pedantic(once, rounds=rounds, iterations=1)
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("streams", [1, 4])
+@pytest.mark.parametrize("subject", podnet.SUBJECTS)
+def test_real_tcp(benchmark, request, subject, streams):
+    """Pod-to-pod TCP goodput (Gbit/s, receiver side)."""
+    pair = request.getfixturevalue(f"pair_{subject}")
+    measure_tcp(benchmark, pair, "real-tcp", subject, streams, TCP_SECONDS, TCP_OMIT_S,
+                TCP_ROUNDS, target="tap-tcp")
+
+
+@pytest.mark.parametrize("subject", podnet.SUBJECTS)
+def test_real_ping(benchmark, request, subject):
+    """Pod-to-pod ping RTT (ms): every reply is a sample."""
+    pair = request.getfixturevalue(f"pair_{subject}")
+    measure_ping(benchmark, pair, "real-ping", subject, PING_COUNT, PING_INTERVAL_S,
+                 target="ping-rtt")
+
+
+@pytest.mark.parametrize("subject", podnet.SUBJECTS)
+def test_real_udp_64B(benchmark, request, subject):
+    """64-byte UDP frames per second (Mpps) arriving at the receiving pod's interface."""
+    pair = request.getfixturevalue(f"pair_{subject}")
+    measure_udp(benchmark, pair, "real-udp-64B", subject, UDP_SECONDS, UDP_ROUNDS,
+                target="udp-64B")
