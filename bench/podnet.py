@@ -21,8 +21,8 @@ veths' host ends, the ifb devices and the iptables chains the reference plugins 
 in the node namespace, and vanish with it. Pod namespaces are made with
 ``vswitch.lab.Namespaces`` (unique names: prefix, pid, random suffix). ``close()`` stops
 vswitchd (the PID we started) and deletes every namespace we made, whatever happened
-before; a ``setup`` callback runs in between creating the node namespace and starting
-the daemon (e.g. an uplink veth to a client namespace).
+before; a ``setup(node)`` callback runs in between creating the node namespace and
+starting the daemon (e.g. an uplink veth to a client namespace made with ``node.nss``).
 
 Imports pytest only in :func:`require_subject`, which turns a missing tool or plugin into a
 skip with the reason.
@@ -122,7 +122,7 @@ class Node:
     portmap: bool = False
     bandwidth: bool = False
     daemon_args: tuple = ()
-    setup: object = None            # callable(node_ns) run before the daemon starts
+    setup: object = None            # callable(node) run before the daemon starts
     tag: str = "bn"                 # namespace name prefix (short: IFNAMSIZ is not involved)
     pods: list = field(default_factory=list)
 
@@ -146,7 +146,7 @@ class Node:
             self.workdir = Path(tempfile.mkdtemp(prefix=f"bench-{self.subject}-{self.u}-"))
             self.node = self.nss.new("node")
             if self.setup is not None:
-                self.setup(self.node)
+                self.setup(self)
             ipam = {"type": "host-local", "dataDir": str(self.workdir / "ipam"),
                     "ranges": [[{"subnet": self.subnet}]], "routes": [{"dst": "0.0.0.0/0"}]}
             caps = {}

@@ -1,0 +1,231 @@
+"""The hostPort path: a client outside the node reaches a pod through node-IP:hostPort,
+vswitch against the reference portmap plugin, same run.
+
+Theory of operation
+-------------------
+Per subject, a node namespace of our own (``bench.podnet.Node``) with a veth to a
+client namespace (the node's end ``up0`` holds the node IP 192.0.2.1/24, the client is
+192.0.2.10/24 and has no route to the pod subnet), and one pod added through a CNI chain
+with ``runtimeConfig.portMappings``:
+
+- ``vswitch``: vswitchd started with ``--uplink up0`` (the node IP moves to its host
+  port; the uplink is read with AF_PACKET) and the vswitch CNI plugin: the switch does the
+  DNAT and its reverse, with no iptables rule;
+- ``portmap``: the reference chain bridge (isGateway, hairpin) + host-local + portmap
+  (``snat``, as Kubernetes configures it): iptables DNAT in the node namespace, the kernel
+  routing between ``up0`` and the bridge.
+
+Mappings: hostPort 15201 → 5201 (iperf3), 18080 → 80 (TCP request/response), 15353 → 53
+(UDP echo). The pod runs iperf3 and a small Python server (TCP: read a request, answer
+``ok``, close; UDP: echo); a Python client in the client namespace times each exchange.
+Figures, group ``real-hostport``, parameter ``traffic``:
+
+- ``tcp-stream``: iperf3 from the pod to the client (client with ``-R``, counted by the
+  receiver, omitted seconds excluded), Gbit/s per run;
+- ``tcp-crr``: connect + request + response + close, sequentially, one TCP connection
+  each; ms per request, every request a sample (the connection rate is 1000 / median);
+- ``udp-rr``: a 18-byte UDP request and its echo, sequentially; ms per round trip, every
+  exchange a sample (a lost one waits 1 s, is counted in ``info`` and not sampled).
+
+Both pod servers are the same code for both subjects, so their own cost (Python's) is in
+both figures alike; the difference is the path. Everything is removed at the end
+whatever happens (the node and client namespaces with the pod's); skips with the reason
+when not root or iperf3, iptables or the reference plugins are missing.
+
+    python -m bench --files bench_hostport.py
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+import pytest
+
+from bench import nettools, podnet
+from bench.report import quick_mode, record
+from vswitch import lab
+
+pytestmark = pytest.mark.integration
+
+QUICK = quick_mode()
+TCP_SECONDS, TCP_OMIT_S, TCP_ROUNDS = (2, 0, 1) if QUICK else (8, 1, 3)
+CRR_COUNT, RR_COUNT, WARMUP = (200, 500, 20) if QUICK else (2000, 5000, 50)
+SUBJECTS = ("vswitch", "portmap")
+NODE_IP, CLIENT_IP = "192.0.2.1", "192.0.2.10"
+UPLINK = "up0"
+IPERF_HOSTPORT, IPERF_PORT = 15201, 5201
+CRR_HOSTPORT, CRR_PORT = 18080, 80
+RR_HOSTPORT, RR_PORT = 15353, 53
+PORT_MAPPINGS = [
+    {"hostPort": IPERF_HOSTPORT, "containerPort": IPERF_PORT, "protocol": "tcp"},
+    {"hostPort": CRR_HOSTPORT, "containerPort": CRR_PORT, "protocol": "tcp"},
+    {"hostPort": RR_HOSTPORT, "containerPort": RR_PORT, "protocol": "udp"},
+]
+
+SERVER = r"""
+import socket, sys, threading
+tcp_port, udp_port = int(sys.argv[1]), int(sys.argv[2])
+def tcp():
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", tcp_port))
+    s.listen(256)
+    while True:
+        c, _ = s.accept()
+        try:
+            if c.recv(64):
+                c.sendall(b"ok")
+        except OSError:
+            pass
+        finally:
+            c.close()
+threading.Thread(target=tcp, daemon=True).start()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("0.0.0.0", udp_port))
+while True:
+    data, peer = u.recvfrom(2048)
+    u.sendto(data, peer)
+"""
+
+CLIENT = r"""
+import json, socket, sys, time
+mode, ip, port, count, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+clock = time.perf_counter
+ms, lost = [], 0
+if mode == "tcp":
+    for i in range(warmup + count):
+        t0 = clock()
+        c = socket.create_connection((ip, port), timeout=5)
+        c.sendall(b"q")
+        reply = c.recv(64)
+        c.close()
+        t = (clock() - t0) * 1e3
+        if reply != b"ok":
+            sys.exit("request %d: reply %r" % (i, reply))
+        if i >= warmup:
+            ms.append(t)
+else:
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(1.0)
+    u.connect((ip, port))
+    payload = b"x" * 18
+    for i in range(warmup + count):
+        t0 = clock()
+        u.send(payload)
+        try:
+            reply = u.recv(2048)
+        except socket.timeout:
+            lost += 1
+            continue
+        t = (clock() - t0) * 1e3
+        if i >= warmup:
+            ms.append(t)
+print(json.dumps({"ms": ms, "lost": lost}))
+"""
+
+
+def _uplinked(node):
+    """The client namespace and the node's uplink veth (setup of podnet.Node)."""
+    node.client = node.nss.new("cl")
+    lab.veth(node.node, UPLINK, f"{NODE_IP}/24", node.client, "eth0", f"{CLIENT_IP}/24")
+    if node.subject == "bridge":
+        lab.nsexec(node.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+
+class HostPortBed:
+    def __init__(self, node, pod, server):
+        self.node, self.pod, self.server = node, pod, server
+        self.client = node.client
+        self.facts = node.facts()
+
+
+def _bed(subject):
+    kind = "vswitch" if subject == "vswitch" else "bridge"
+    podnet.require_subject(kind, portmap=True, tools=("iperf3",))
+    args = ("--uplink", UPLINK) if kind == "vswitch" else ()
+    with podnet.Node(kind, portmap=True, daemon_args=args, setup=_uplinked,
+                     tag="bhv" if kind == "vswitch" else "bhp") as node:
+        pod = node.add_pod({"portMappings": PORT_MAPPINGS})
+        server = lab.nspopen(pod.ns, sys.executable, "-c", SERVER, CRR_PORT, RR_PORT)
+        try:
+            lab.wait_listening(pod.ns, CRR_PORT)
+            lab.wait_listening(pod.ns, RR_PORT, "udp")
+            _exchange(node.client, "tcp", CRR_HOSTPORT, 1, 0)    # the path works end to end
+            yield HostPortBed(node, pod, server)
+        finally:
+            if server.poll() is None:
+                server.kill()                 # the PID we started
+            server.wait(10)
+
+
+@pytest.fixture(scope="module")
+def bed_vswitch():
+    yield from _bed("vswitch")
+
+
+@pytest.fixture(scope="module")
+def bed_portmap():
+    yield from _bed("portmap")
+
+
+def _exchange(client_ns, mode, port, count, warmup):
+    """Runs CLIENT in the client namespace: {"ms": [...], "lost": n}."""
+    out = nettools.run([sys.executable, "-c", CLIENT, mode, NODE_IP, str(port), str(count),
+                        str(warmup)], ns=client_ns, timeout_s=60 + count * 0.05)
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_hostport_tcp_stream(benchmark, request, subject):
+    """TCP goodput (Gbit/s) from the pod to the client through node-IP:hostPort."""
+    bed = request.getfixturevalue(f"bed_{subject}")
+    gbps = []
+    record(benchmark, group="real-hostport", subject=subject, unit="gbps", samples=gbps,
+           traffic="tcp-stream",
+           info={"seconds": TCP_SECONDS, "omit_s": TCP_OMIT_S, "streams": 1,
+                 "tool": "iperf3 -R to node-IP:hostPort", **bed.facts})
+
+    def once():
+        server = nettools._start_server(bed.pod.ns, IPERF_PORT)
+        try:
+            data = nettools._iperf_client(bed.client, NODE_IP, ["-P", "1", "-O", str(TCP_OMIT_S)],
+                                          TCP_SECONDS, IPERF_HOSTPORT)
+        finally:
+            nettools._stop(server)
+        b, s = nettools._receiver_intervals(data)
+        bps = 8 * b / s if s > 0 else float(data["end"]["sum_received"]["bits_per_second"])
+        gbps.append(bps / 1e9)
+    benchmark.pedantic(once, rounds=TCP_ROUNDS, iterations=1)
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_hostport_tcp_crr(benchmark, request, subject):
+    """TCP connect + request + response + close through node-IP:hostPort (ms each)."""
+    bed = request.getfixturevalue(f"bed_{subject}")
+    ms = []
+
+    def once():
+        ms.extend(_exchange(bed.client, "tcp", CRR_HOSTPORT, CRR_COUNT, WARMUP)["ms"])
+    benchmark.pedantic(once, rounds=1, iterations=1)
+    record(benchmark, group="real-hostport", subject=subject, unit="ms", samples=ms,
+           traffic="tcp-crr",
+           info={"requests": CRR_COUNT, "warmup": WARMUP,
+                 "connections_per_s": round(1000.0 / statistics.median(ms), 1), **bed.facts})
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_hostport_udp_rr(benchmark, request, subject):
+    """A small UDP request and its echo through node-IP:hostPort (ms each)."""
+    bed = request.getfixturevalue(f"bed_{subject}")
+    ms, lost = [], []
+
+    def once():
+        r = _exchange(bed.client, "udp", RR_HOSTPORT, RR_COUNT, WARMUP)
+        ms.extend(r["ms"])
+        lost.append(r["lost"])
+    benchmark.pedantic(once, rounds=1, iterations=1)
+    record(benchmark, group="real-hostport", subject=subject, unit="rtt_ms", samples=ms,
+           traffic="udp-rr",
+           info={"exchanges": RR_COUNT, "warmup": WARMUP, "payload_bytes": 18,
+                 "lost": sum(lost), **bed.facts})
