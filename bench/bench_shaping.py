@@ -15,9 +15,11 @@ unshaped, and removes them on exit. ``measure_shaping(benchmark, make_pair, subj
 rate_bps, direction)`` then runs iperf3 from B to A (``ingress``: towards the pod) or from
 A to B (``egress``) and records achieved/set. ``reference_pair`` runs the reference chain
 bridge + host-local + bandwidth from /usr/lib/cni as a runtime would (ADD in order with
-``prevResult``, DEL in reverse with the cached result). A vswitch variant is one more
-factory (the daemon's engineer: ``vswitch_pair``, attaching through the vswitch CNI
-plugin) and one more test calling ``measure_shaping`` with ``subject="vswitch"``.
+``prevResult``, DEL in reverse with the cached result), with the thread inside a node
+namespace of its own (``bench.podnet.in_netns``). ``vswitch_pair`` is the vswitch
+variant: a vswitchd of its own in a node namespace (``bench.podnet.Node``), both pods
+added through the vswitch CNI plugin, pod A with the same ``runtimeConfig.bandwidth``;
+``test_shaping_vswitch`` measures it like the plugin's, so the rows sit side by side.
 
 What is compared with the setting: shapers count Ethernet frames on the wire, iperf3
 reports TCP payload (goodput). A bulk TCP stream fills every frame to the MTU, so the wire
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import nettools
+from bench import nettools, podnet
 from bench.report import quick_mode, record
 
 pytestmark = pytest.mark.integration
@@ -145,7 +147,9 @@ def _ipv4_of(result):
 @contextlib.contextmanager
 def reference_pair(bandwidth):
     """Two pods on the reference bridge plugin (host-local IPAM), pod A shaped by the
-    bandwidth plugin with ``bandwidth``; everything removed on exit."""
+    bandwidth plugin with ``bandwidth``; the chain runs with this thread inside a node
+    namespace made here (the bridge, the host veths, the ifb device and the tc qdiscs land
+    there, never in the machine's own namespace); everything removed on exit."""
     nettools.require("iperf3")
     for plugin in ("bridge", "host-local", "bandwidth"):
         if not (CNI_PATH / plugin).exists():
@@ -154,6 +158,7 @@ def reference_pair(bandwidth):
     u = nettools.uid()
     datadir = tempfile.mkdtemp(prefix=f"bench-shaping-ipam-{u}-")
     bridge = f"bsh{u}"
+    node = f"bench-shp-n-{u}"
     chain = CniChain({
         "cniVersion": "1.0.0", "name": f"bench-shaping-{u}",
         "plugins": [
@@ -166,10 +171,12 @@ def reference_pair(bandwidth):
     made = []                      # (ns, runtime_config, result)
     stack = contextlib.ExitStack()
     try:
+        stack.enter_context(nettools.Netns(node))
         for ns, rc in pods:
             stack.enter_context(nettools.Netns(ns))
             made.append([ns, rc, None])
-            made[-1][2] = chain.add(f"bench-{ns}", f"/var/run/netns/{ns}", "eth0", rc)
+            with podnet.in_netns(node):
+                made[-1][2] = chain.add(f"bench-{ns}", f"/var/run/netns/{ns}", "eth0", rc)
         (ns_a, _, res_a), (ns_b, _, res_b) = made
         pair = PodPair(ns_a, ns_b, "eth0", "eth0", _ipv4_of(res_a), _ipv4_of(res_b))
         nettools.wait_reachable(ns_a, pair.ip_b)
@@ -178,14 +185,27 @@ def reference_pair(bandwidth):
         errors = []
         for ns, rc, result in reversed(made):
             try:
-                chain.delete(f"bench-{ns}", f"/var/run/netns/{ns}", "eth0", rc, result)
+                with podnet.in_netns(node):
+                    chain.delete(f"bench-{ns}", f"/var/run/netns/{ns}", "eth0", rc, result)
             except Exception as exc:
                 errors.append(str(exc))
-        stack.close()
-        nettools.run(["ip", "link", "del", bridge], check=False)
+        stack.close()                  # the pods' namespaces, then the node's (and its bridge)
         shutil.rmtree(datadir, ignore_errors=True)
         if errors:
             raise RuntimeError(f"reference chain DEL failed: {'; '.join(errors)}")
+
+
+@contextlib.contextmanager
+def vswitch_pair(bandwidth):
+    """Two pods attached through the vswitch CNI plugin to a vswitchd of their own (in a
+    node namespace made here, host-local IPAM), pod A with ``runtimeConfig.bandwidth``
+    (vswitch shapes in its core); everything removed on exit."""
+    podnet.require_subject("vswitch", bandwidth=True, tools=("iperf3",))
+    with podnet.Node("vswitch", bandwidth=True, tag="bsv") as node:
+        a = node.add_pod({"bandwidth": bandwidth})
+        b = node.add_pod()
+        nettools.wait_reachable(a.ns, b.ip)
+        yield PodPair(a.ns, b.ns, a.ifname, b.ifname, a.ip, b.ip)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -231,3 +251,10 @@ def measure_shaping(benchmark, make_pair, subject, rate_bps, direction):
 def test_shaping_bandwidth_plugin(benchmark, rate_bps, direction):
     """The reference bandwidth plugin (tc tbf) on the reference bridge plugin's veths."""
     measure_shaping(benchmark, reference_pair, "bandwidth-plugin", rate_bps, direction)
+
+
+@pytest.mark.parametrize("direction", ["egress", "ingress"])
+@pytest.mark.parametrize("rate_bps", RATES_BPS, ids=lambda r: f"{r // 1_000_000}Mbit")
+def test_shaping_vswitch(benchmark, rate_bps, direction):
+    """vswitch's own shapers (pod attached through the vswitch CNI plugin)."""
+    measure_shaping(benchmark, vswitch_pair, "vswitch", rate_bps, direction)
