@@ -135,6 +135,7 @@ class Node:
         self.daemon = None
         self.chain = None
         self.node = None
+        self.made = 0                   # pod namespaces made so far
         self.octet = random.randrange(16, 250)
         self.subnet = f"10.{self.octet}.0.0/16"
         self.gateway = f"10.{self.octet}.0.1"
@@ -202,7 +203,9 @@ class Node:
     # ------------------------------------------------------------------ pods
 
     def new_pod_ns(self):
-        return self.nss.new("p")
+        # a counter in the name: lab.uid()'s random part alone collides among hundreds
+        self.made += 1
+        return self.nss.new(f"p{self.made}x")
 
     def add_pod(self, runtime_config=None, ns=None):
         """A new pod (its namespace made first, outside the timing), ADDed through the
