@@ -29,10 +29,13 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# The build requirements live in the venv too (no build isolation), so that
+# `setup.py build_ext --inplace` can rebuild the core in the work tree.
+.venv/bin/python -m pip install -q "setuptools>=77" wheel "cython>=3.0" "numpy>=1.24"
 echo "setup: installing vswitch with its test, plot and runtimes extras (builds the Cython core)"
-.venv/bin/python -m pip install -q -e '.[test,plot,runtimes]'
-# The editable install builds the extension; build it in place too so the work tree
-# (which tests put first on sys.path) always holds the current core.
+.venv/bin/python -m pip install -q --no-build-isolation -e '.[test,plot,runtimes]'
+# Build the extension in place as well: the work tree, which pytest puts first on
+# sys.path, then always holds the current core.
 .venv/bin/python setup.py -q build_ext --inplace >/dev/null
 # containerd, podman, Go + libcni and busybox for the real-runtime tests (tests/runtimes).
 scripts/setup-runtimes.sh .venv/bin/python
