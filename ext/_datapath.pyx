@@ -380,6 +380,75 @@ cdef inline uint64_t u128_lo(u128 v) noexcept nogil:
 cdef inline uint64_t u128_hi(u128 v) noexcept nogil:
     return <uint64_t>(v >> 64)
 
+cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
+                                uint8_t *p_off, Py_ssize_t s_off, uint8_t *p_len, Py_ssize_t s_len,
+                                uint8_t *p_in, Py_ssize_t s_in, uint8_t *p_out, Py_ssize_t s_out,
+                                Py_ssize_t cnt, uint64_t now, int *why) noexcept nogil:
+    """The batch of process() (and of the daemon's loop, ext/io.pxi): -1 when done, else
+    the index of the first invalid packet (why: 1 in_port, 2 length, 3 outside buf), with
+    nothing changed (D2). `now` must not be below c.last_now_ns (the caller checks)."""
+    cdef uint32_t H = c.vnet_hdr_len
+    cdef Py_ssize_t i, j
+    cdef uint64_t off, length
+    cdef uint16_t ip
+    cdef uint64_t ring[PF_RING]
+    cdef Py_ssize_t pfd = c.pf_dist
+    # D2: the whole batch is checked before any state changes
+    for i in range(cnt):
+        off = (<uint32_t *>(p_off + i * s_off))[0]
+        length = (<uint32_t *>(p_len + i * s_len))[0]
+        ip = (<uint16_t *>(p_in + i * s_in))[0]
+        if ip >= c.max_ports:
+            why[0] = 1
+        elif length > C_MAX_FRAME:
+            why[0] = 2
+        elif off < H or off + length > buflen:
+            why[0] = 3
+        if why[0]:
+            return i
+    c.last_now_ns = now
+    c.have_now = 1
+    if c.mac_count <= c.pf_min_entries and c.ct_count <= c.pf_min_entries:
+        for i in range(cnt):
+            off = (<uint32_t *>(p_off + i * s_off))[0]
+            (<int32_t *>(p_out + i * s_out))[0] = process_one(
+                c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
+                (<uint16_t *>(p_in + i * s_in))[0], now)
+    else:
+        # the software pipeline (the first pfd packets are not prefetched)
+        memset(ring, 0, sizeof(ring))
+        for i in range(cnt):
+            j = i + pfd
+            if j < cnt:
+                ring[j & (PF_RING - 1)] = prefetch_frame(
+                    c, base + (<uint32_t *>(p_off + j * s_off))[0],
+                    (<uint32_t *>(p_len + j * s_len))[0], (<uint16_t *>(p_in + j * s_in))[0])
+            j = i + pfd // 2
+            if j < cnt and ring[j & (PF_RING - 1)]:
+                prefetch_entry(c, ring[j & (PF_RING - 1)])
+            off = (<uint32_t *>(p_off + i * s_off))[0]
+            (<int32_t *>(p_out + i * s_out))[0] = process_one(
+                c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
+                (<uint16_t *>(p_in + i * s_in))[0], now)
+    return -1
+
+
+cdef int64_t next_departure_c(Core *c) noexcept nogil:
+    """The earliest departure time of a queued packet, or -1 with every queue empty."""
+    cdef uint32_t j
+    cdef Shaper *s
+    cdef uint64_t t, best = 0
+    cdef bint found = False
+    for j in range(c.n_active):
+        s = &c.shapers[c.active[j]]
+        if s.queue_packets:
+            t = shaper_t_dep(s)
+            if not found or t < best:
+                best = t
+                found = True
+    return <int64_t>best if found else -1
+
+
 cdef Py_ssize_t drain_c(Core *c, uint64_t now, uint8_t *obuf, Py_ssize_t obuf_len,
                         uint8_t *o_off, Py_ssize_t s_off, uint8_t *o_len, Py_ssize_t s_len,
                         uint8_t *o_in, Py_ssize_t s_in, uint8_t *o_out, Py_ssize_t s_out,
@@ -921,18 +990,7 @@ cdef class Datapath:
 
     def next_departure_ns(self):
         self._idle()
-        cdef uint32_t j
-        cdef Shaper *s
-        cdef uint64_t t, best = 0
-        cdef bint found = False
-        for j in range(self.c.n_active):
-            s = &self.c.shapers[self.c.active[j]]
-            if s.queue_packets:
-                t = shaper_t_dep(s)
-                if not found or t < best:
-                    best = t
-                    found = True
-        return int(best) if found else -1
+        return next_departure_c(self.c)
 
     # ------------------------------------------------------------------ hostPort rules
 
@@ -1171,54 +1229,14 @@ cdef class Datapath:
         cdef Py_ssize_t s_len = cnp.PyArray_STRIDE(a_len, 0)
         cdef Py_ssize_t s_in = cnp.PyArray_STRIDE(a_in, 0)
         cdef Py_ssize_t s_out = cnp.PyArray_STRIDE(a_out, 0)
-        cdef uint32_t H = c.vnet_hdr_len
-        cdef Py_ssize_t i, j, bad = -1
+        cdef Py_ssize_t bad
         cdef int why = 0
         cdef uint64_t off, length
-        cdef uint16_t ip
-        cdef uint64_t ring[PF_RING]
-        cdef Py_ssize_t pfd = c.pf_dist
+        cdef uint32_t H = c.vnet_hdr_len
         self.busy = True
         with nogil:
-            # D2: the whole batch is checked before any state changes
-            for i in range(cnt):
-                off = (<uint32_t *>(p_off + i * s_off))[0]
-                length = (<uint32_t *>(p_len + i * s_len))[0]
-                ip = (<uint16_t *>(p_in + i * s_in))[0]
-                if ip >= c.max_ports:
-                    why = 1
-                elif length > C_MAX_FRAME:
-                    why = 2
-                elif off < H or off + length > buflen:
-                    why = 3
-                if why:
-                    bad = i
-                    break
-            if bad < 0:
-                c.last_now_ns = now
-                c.have_now = 1
-                if c.mac_count <= c.pf_min_entries and c.ct_count <= c.pf_min_entries:
-                    for i in range(cnt):
-                        off = (<uint32_t *>(p_off + i * s_off))[0]
-                        (<int32_t *>(p_out + i * s_out))[0] = process_one(
-                            c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
-                            (<uint16_t *>(p_in + i * s_in))[0], now)
-                else:
-                    # the software pipeline (the first pfd packets are not prefetched)
-                    memset(ring, 0, sizeof(ring))
-                    for i in range(cnt):
-                        j = i + pfd
-                        if j < cnt:
-                            ring[j & (PF_RING - 1)] = prefetch_frame(
-                                c, base + (<uint32_t *>(p_off + j * s_off))[0],
-                                (<uint32_t *>(p_len + j * s_len))[0], (<uint16_t *>(p_in + j * s_in))[0])
-                        j = i + pfd // 2
-                        if j < cnt and ring[j & (PF_RING - 1)]:
-                            prefetch_entry(c, ring[j & (PF_RING - 1)])
-                        off = (<uint32_t *>(p_off + i * s_off))[0]
-                        (<int32_t *>(p_out + i * s_out))[0] = process_one(
-                            c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
-                            (<uint16_t *>(p_in + i * s_in))[0], now)
+            bad = process_batch_c(c, base, buflen, p_off, s_off, p_len, s_len, p_in, s_in, p_out, s_out,
+                                  cnt, now, &why)
         self.busy = False
         if bad >= 0:
             off = offsets[bad]

@@ -27,6 +27,15 @@
 # reported an error or hang-up without data (a TAP whose device was deleted), and in
 # `control_ready` whether the control fd is readable. Python then runs once per wakeup,
 # not once per ready fd.
+#
+# `BatchIO.run(dp, deadline_ns, poll_ns)` is the daemon's whole packet loop without the
+# GIL: per round it reads CLOCK_MONOTONIC, drains the datapath's due shaping queues into
+# dbuf and writes them, waits (epoll_pwait2: ns timeout up to the deadline or the next
+# departure), reads a batch, runs it through `process_batch_c` (the body of
+# Datapath.process, same checks and state) and writes it. It returns only for Python's
+# work: the control fd readable, a port failed, the deadline, a signal (EINTR). After a
+# batch it polls (timeout 0, sched_yield between empty polls) for `poll_ns` before it
+# blocks again: bounded polling per burst, none when idle. `loop_*` count what it did.
 
 from posix.uio cimport iovec, readv, writev
 from posix.unistd cimport read as _io_read, write as _io_write, close as _io_close
@@ -51,6 +60,53 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLL_CTL_ADD
         EPOLL_CTL_DEL
         EPOLL_CLOEXEC
+
+cdef extern from *:
+    """
+    #include <time.h>
+    #include <errno.h>
+    #include <sys/epoll.h>
+    /* CLOCK_MONOTONIC in ns: the clock of time.monotonic_ns(), read through the vDSO. */
+    static inline long long vsw_now_ns(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    }
+    /* epoll_wait with a timeout in ns (-1: forever, 0: do not block): epoll_pwait2 where
+       glibc and the kernel have it (5.11+), else epoll_wait in ms rounded up. */
+    static int vsw_epoll_wait_ns(int epfd, struct epoll_event *evs, int max, long long timeout_ns) {
+        if (timeout_ns <= 0)
+            return epoll_wait(epfd, evs, max, timeout_ns < 0 ? -1 : 0);
+        if (timeout_ns > 3600LL * 1000000000LL)
+            timeout_ns = 3600LL * 1000000000LL;
+    #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35))
+        static int no_pwait2 = 0;
+        if (!no_pwait2) {
+            struct timespec ts;
+            int r;
+            ts.tv_sec = timeout_ns / 1000000000LL;
+            ts.tv_nsec = timeout_ns % 1000000000LL;
+            r = epoll_pwait2(epfd, evs, max, &ts, NULL);
+            if (r >= 0 || errno != ENOSYS)
+                return r;
+            no_pwait2 = 1;
+        }
+    #endif
+        return epoll_wait(epfd, evs, max, (int)((timeout_ns + 999999LL) / 1000000LL));
+    }
+    """
+    long long vsw_now_ns() noexcept nogil
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+    int vsw_epoll_wait_ns(int epfd, epoll_event *evs, int maxevents, long long timeout_ns) noexcept nogil
+
+cdef enum:
+    RUN_CONTROL = 1                   # BatchIO.run returned: the control fd is readable
+    RUN_FAILED = 2                    # ... a port fd reported an error or hang-up
+    RUN_DEADLINE = 4                  # ... the deadline passed
+    RUN_SIGNAL = 8                    # ... epoll_wait was interrupted by a signal (EINTR)
+    RUN_ERROR = 16                    # ... epoll_wait failed (errno in run_errno)
 
 cdef enum:
     IO_HDR = 12                       # virtio_net_hdr_mrg_rxbuf, the datapath's layout
@@ -231,6 +287,14 @@ cdef class BatchIO:
     cdef readonly int max_batch, per_fd_max, max_ports
     cdef readonly int n_failed             # ports in failed[:n_failed] after poll()
     cdef readonly bint control_ready       # the control fd was readable in poll()
+    cdef readonly unsigned long long loop_batches    # batches processed by run()
+    cdef readonly unsigned long long loop_frames     # frames read by run()
+    cdef readonly unsigned long long loop_sleeps     # blocking waits of run()
+    cdef readonly unsigned long long loop_polls      # non-blocking waits of run() in its polling window
+    cdef readonly unsigned long long loop_poll_hits  # ... that found a ready fd (a sleep and wakeup saved)
+    cdef readonly unsigned long long loop_poll_ns    # time in polls that found nothing: the polling's CPU cost
+    cdef readonly unsigned long long loop_drained    # frames released from shaping queues by run()
+    cdef readonly int run_errno                      # errno of epoll_wait when run() returned RUN_ERROR
     cdef int epfd                          # epoll of the port fds and the control fd
     cdef epoll_event *evs
     cdef unsigned short *p_failed
@@ -373,6 +437,141 @@ cdef class BatchIO:
         self.n_failed = nf
         self.control_ready = ctl
         return n
+
+    def run(self, Datapath dp, long long deadline_ns, long long poll_ns=0):
+        """The daemon's packet loop, without the GIL, until there is work for Python.
+
+        Each round: read the monotonic clock (the `now_ns` of the datapath); release the
+        shaping queues' due packets (dp's drain into dbuf, written at once); wait on the
+        epoll for the ports and the control fd, at most until `deadline_ns` (monotonic) or
+        the next departure of a queued packet; read a batch from the ready ports; run it
+        through `dp` (the code of `Datapath.process`); write it (flood included). After a
+        batch the wait does not block for `poll_ns` nanoseconds (adaptive polling: the
+        answer to a just-forwarded request is caught without a sleep and a wakeup); with
+        no traffic it blocks, so idle costs nothing and a burst costs at most `poll_ns`
+        of polling after its last batch.
+
+        Returns (a bit set of RUN_*) when the control fd is readable (control_ready), a
+        port fd failed (failed[:n_failed]), the deadline passed, a signal interrupted the
+        wait, or epoll_wait failed (run_errno). `dp` must be the Datapath of this
+        buffer layout (12-byte vnet header, at least max_ports ports).
+        """
+        if dp.vnet_hdr_len != IO_HDR:
+            raise ValueError(f"run: the datapath's vnet_hdr_len is {dp.vnet_hdr_len}; BatchIO needs {IO_HDR}")
+        if <uint32_t>self.max_ports > dp.max_ports:
+            raise ValueError(f"run: BatchIO has {self.max_ports} ports, the datapath only {dp.max_ports}")
+        if poll_ns < 0:
+            raise ValueError(f"poll_ns={poll_ns}; accepted: 0 (no polling) or more")
+        dp._idle()
+        cdef Core *c = dp.c
+        cdef int reason
+        dp.busy = True
+        try:
+            with nogil:
+                reason = self._run(c, deadline_ns, poll_ns)
+        finally:
+            dp.busy = False
+        return reason
+
+    cdef void _drain_due(self, Core *c, uint64_t now) noexcept nogil:
+        """Release the due packets of the shaping queues and write them."""
+        cdef Py_ssize_t k
+        c.last_now_ns = now
+        c.have_now = 1
+        while True:
+            k = drain_c(c, now, self.p_dbuf, self.dbuflen, <uint8_t *>self.p_doff, 4,
+                        <uint8_t *>self.p_dlen, 4, <uint8_t *>self.p_din, 2, <uint8_t *>self.p_dout, 4,
+                        self.max_batch)
+            if k <= 0:
+                return
+            _io_write_all(self.p_dbuf, self.dbuflen, self.p_doff, self.p_dlen, self.p_din, self.p_dout,
+                          <int>k, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports)
+            self.loop_drained += <unsigned long long>k
+            if k < self.max_batch:
+                return
+
+    cdef int _run(self, Core *c, long long deadline, long long poll_ns) noexcept nogil:
+        cdef long long now, nd, timeout, t_poll, poll_until = 0
+        cdef int r, i, k, nf, n, pid, why
+        cdef bint ctl, polling
+        cdef uint32_t evbits
+        cdef Py_ssize_t bad
+        self.n_failed = 0
+        self.control_ready = False
+        while True:
+            now = vsw_now_ns()
+            if c.have_now and <uint64_t>now < c.last_now_ns:
+                now = <long long>c.last_now_ns     # never backwards for the datapath
+            nd = next_departure_c(c)
+            if 0 <= nd <= now:
+                self._drain_due(c, <uint64_t>now)
+                nd = next_departure_c(c)
+            if now >= deadline:
+                return RUN_DEADLINE
+            polling = now < poll_until
+            if polling:
+                timeout = 0
+            else:
+                timeout = deadline - now
+                if nd >= 0 and nd - now < timeout:
+                    timeout = nd - now
+            r = vsw_epoll_wait_ns(self.epfd, self.evs, self.max_ports + 1, timeout)
+            if r < 0:
+                if _io_errno == _IO_EINTR:
+                    return RUN_SIGNAL
+                self.run_errno = _io_errno
+                return RUN_ERROR
+            if polling:
+                self.loop_polls += 1
+                if r == 0:
+                    sched_yield()           # a task woken on this CPU (the peer of the traffic) runs first
+                    t_poll = vsw_now_ns()
+                    self.loop_poll_ns += <unsigned long long>(t_poll - now)
+                    continue
+                self.loop_poll_hits += 1
+            else:
+                self.loop_sleeps += 1
+            k = 0
+            nf = 0
+            ctl = False
+            for i in range(r):
+                if self.evs[i].data.u32 == 0:
+                    ctl = True
+                    continue
+                pid = <int>self.evs[i].data.u32 - 1
+                if pid >= self.max_ports or self.p_fds[pid] < 0:
+                    continue
+                evbits = self.evs[i].events
+                if evbits & (EPOLLERR | EPOLLHUP) and not evbits & EPOLLIN:
+                    self.p_failed[nf] = <unsigned short>pid
+                    nf += 1
+                    continue
+                self.p_rfds[k] = self.p_fds[pid]
+                self.p_rports[k] = <unsigned short>pid
+                self.p_rhdrs[k] = self.p_hdrs[pid]
+                k += 1
+            if k:
+                n = _io_read_all(self.p_rfds, self.p_rports, self.p_rhdrs, k, self.p_buf, self.buflen,
+                                 self.p_off, self.p_len, self.p_in, self.max_batch, self.per_fd_max,
+                                 self.p_rxe, self.max_ports)
+                if n:
+                    now = vsw_now_ns()
+                    if <uint64_t>now < c.last_now_ns:
+                        now = <long long>c.last_now_ns
+                    why = 0
+                    bad = process_batch_c(c, self.p_buf, <uint64_t>self.buflen, <uint8_t *>self.p_off, 4,
+                                          <uint8_t *>self.p_len, 4, <uint8_t *>self.p_in, 2,
+                                          <uint8_t *>self.p_out, 4, n, <uint64_t>now, &why)
+                    if bad < 0:             # reads never make an invalid batch; if so, nothing is sent
+                        _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out,
+                                      n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports)
+                    self.loop_batches += 1
+                    self.loop_frames += <unsigned long long>n
+                    poll_until = now + poll_ns
+            if ctl or nf:
+                self.n_failed = nf
+                self.control_ready = ctl
+                return (RUN_CONTROL if ctl else 0) | (RUN_FAILED if nf else 0)
 
     def read(self, int nfds):
         """Read from the first `nfds` entries of (rfds, rports, rhdrs) into buf; returns n."""

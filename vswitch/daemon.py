@@ -2,16 +2,24 @@
 
 Theory of operation
 -------------------
-**The loop thread.** ``PacketIO.poll`` (Cython, no GIL) waits on an epoll holding every
-port fd (pod TAPs, the host TAP ``vsw0``, the uplink's AF_PACKET socket) and one more fd,
-the daemon's control epoll (control socket and connections, metrics socket, signal
-wake-up, the kernel thread's eventfd); it reads a batch from the ready ports in the same
-call. Then one ``Datapath.process`` decides the batch and one ``PacketIO.write`` sends it
-(FLOOD to every port with an fd except the ingress one). Control events are handled after
-the packets, and only when the control epoll is readable. Shaper queues are drained when
-due: the wait's timeout is the time until ``next_departure_ns`` (the monotonic clock is
-read once per wakeup and passed in). Python runs once per wakeup, per control request and
-per timer, never per packet or per ready fd (except while a capture runs on a port).
+**The loop thread.** ``PacketIO.run`` (Cython, ``ext/io.pxi``, no GIL) is the packet
+loop: it waits on an epoll holding every port fd (pod TAPs, the host TAP ``vsw0``, the
+uplink's AF_PACKET socket) and one more fd, the daemon's control epoll (control socket
+and connections, metrics socket, signal wake-up, the kernel thread's eventfd); reads a
+batch from the ready ports, runs it through the datapath (the C code of
+``Datapath.process``, the monotonic clock read once per batch and passed in), writes it
+(FLOOD to every port with an fd except the ingress one), and releases the shaping queues'
+packets when due (the wait's timeout is the next departure, in ns). It returns to Python
+only when the control epoll is readable, a port fd failed, a signal arrived, or the
+conntrack/MAC sweep is due, so Python runs per control request and timer, never per
+packet or per batch. **Adaptive polling** (``--poll-us``, default 100 µs): after a
+batch the loop polls the ports without blocking for that long before it sleeps, so the
+answer to a just-forwarded request is read without a sleep and a thread wakeup (polls
+that find nothing yield the CPU to any task waiting for it). Its CPU cost is at most
+``poll_us`` per burst of traffic (measured: ``status`` → ``loop.poll_ns``); with no
+traffic the loop blocks and costs nothing. While a capture runs (and with the Python
+twins) the loop is ``_step``: one ``PacketIO.poll`` per wakeup, the datapath called from
+Python so the capture sees each batch before and after processing.
 
 **The kernel thread.** ``attach``, ``detach``, ``check`` and ``gc`` run one at a time, in
 arrival order, as generators: their loop-thread steps (validation, switch ports, hostPort
@@ -90,6 +98,8 @@ ATTACH_STEPS = ("tap_create", "netns_move", "link_config", "addresses", "routes"
 STATE_VERSION = 1
 SWEEP_INTERVAL_NS = 10 * C.SEC_NS
 SWITCH_INTERVAL_S = 0.0005      # the loop thread waits at most this long for the GIL
+DEFAULT_POLL_US = 100           # --poll-us: polling window after a batch (0: always sleep)
+MAX_POLL_US = 100_000           # the bound of --poll-us (0.1 s of polling per burst at most)
 MAX_GATEWAYS = C.MAX_IPS_PER_PORT   # addresses of the host port in the switch (Switch.add_port)
 EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 
@@ -343,7 +353,7 @@ def _same_attach(a: dict, b: dict) -> str | None:
 class Daemon:
     def __init__(self, socket_path: str, state_dir: str, switch: str = "vsw0", uplink: str | None = None,
                  log_file: str | None = None, metrics_port: int | None = None, test_faults: bool = False,
-                 max_ports: int = 256):
+                 max_ports: int = 256, poll_us: int = DEFAULT_POLL_US):
         self.socket_path = socket_path
         self.state_dir = state_dir
         self.state_path = os.path.join(state_dir, "state.json")
@@ -352,6 +362,9 @@ class Daemon:
         self.metrics_port = metrics_port
         self.test_faults = test_faults
         self.max_ports = max_ports
+        if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
+            raise ValueError(f"poll_us={poll_us!r}; accepted: an integer 0 .. {MAX_POLL_US} (microseconds)")
+        self.poll_ns = poll_us * 1000
         self.log = Log(log_file)
         self.started = time.monotonic()
         self.attachments: dict[tuple, dict] = {}
@@ -1228,7 +1241,8 @@ class Daemon:
     def op_status(self, req):
         return {"pods": len(self.attachments), "uptime_s": round(time.monotonic() - self.started, 3),
                 "version": __version__, "switch": self.host_name, "uplink": self.uplink_name,
-                "datapath": type(self.switch.dp).__module__, "io": self.io.impl}
+                "datapath": type(self.switch.dp).__module__, "io": self.io.impl,
+                "poll_us": self.poll_ns // 1000, "loop": self.io.loop_stats()}
 
     def op_list(self, req):
         return {"attachments": [self._public(a) for a in self.attachments.values()]}
@@ -1258,7 +1272,7 @@ class Daemon:
             pid = self.switch.port_id(name)
             row["rx_errors"] = int(self.io.rx_errors[pid])
             row["tx_errors"] = int(self.io.tx_errors[pid])
-        out["global"]["batches"] = self.batches
+        out["global"]["batches"] = self.batches + self.io.loop_stats()["batches"]
         return out
 
     def op_fdb(self, req):
@@ -1397,30 +1411,21 @@ class Daemon:
     # ----------------------------------------------------------------- the loop
 
     def run(self):
-        """The loop: one ``io.poll`` (wait and read, no GIL) per wakeup, then one datapath
-        call and one write for the batch; control events and timers after the packets."""
+        """The loop: while no capture runs, ``io.run`` (Cython, no GIL) forwards, drains
+        the shaping queues and polls until Python has work (a control event, a failed
+        port, the sweep timer); else one ``io.poll`` per wakeup with the datapath called
+        from here (captures see each batch; the Python twins use this path)."""
         io, sw = self.io, self.switch
         dp = sw.dp
-        poll, write, process = io.poll, io.write, dp.process
-        next_departure_ns = dp.next_departure_ns
+        fast = io.impl == "c" and type(dp).__module__ == "vswitch._datapath"
+        run, poll_ns = io.run, self.poll_ns
         monotonic_ns = time.monotonic_ns
-        buf, offsets, lengths, in_ports, out_ports = io.buf, io.offsets, io.lengths, io.in_ports, io.out_ports
         while not self.stop or self.active_op is not None:
-            nd = next_departure_ns()
-            if nd < 0:
-                timeout_ms = 1000
+            if fast and not self.captures:
+                run(dp, self.last_sweep_ns + SWEEP_INTERVAL_NS, poll_ns)
+                now = monotonic_ns()
             else:
-                timeout_ms = max(0, -((monotonic_ns() - nd) // 1_000_000))   # rounded up
-            n = poll(timeout_ms)
-            now = monotonic_ns()
-            if n:
-                if self.captures:
-                    self._capture(buf, offsets, lengths, in_ports, None, n)
-                process(buf, offsets, lengths, in_ports, out_ports, n, now)
-                if self.captures:
-                    self._capture(buf, offsets, lengths, in_ports, out_ports, n)
-                write(n)
-                self.batches += 1
+                now = self._step()
             if io.n_failed:
                 for pid in io.failed[:io.n_failed].tolist():
                     p = self.id_ports.get(pid)
@@ -1428,13 +1433,36 @@ class Daemon:
                         self._port_failed(p)
             if io.control_ready:
                 self._control_events()
-            nd = next_departure_ns()
-            if 0 <= nd <= now:
-                self._drain(now)
-            if now - self.last_sweep_ns > SWEEP_INTERVAL_NS:
+            if now - self.last_sweep_ns >= SWEEP_INTERVAL_NS:
                 self.last_sweep_ns = now
                 dp.conntrack_sweep(now)
                 dp.mac_sweep(now)
+
+    def _step(self) -> int:
+        """One wakeup in Python: wait and read (``io.poll``), process, capture, write,
+        drain when due; returns the clock it passed to the datapath."""
+        io, sw = self.io, self.switch
+        dp = sw.dp
+        nd = dp.next_departure_ns()
+        now = time.monotonic_ns()
+        until = self.last_sweep_ns + SWEEP_INTERVAL_NS
+        if 0 <= nd < until:
+            until = nd
+        n = io.poll(max(0, -((now - until) // 1_000_000)))       # ms, rounded up
+        now = time.monotonic_ns()
+        if n:
+            buf, offsets, lengths, in_ports, out_ports = io.buf, io.offsets, io.lengths, io.in_ports, io.out_ports
+            if self.captures:
+                self._capture(buf, offsets, lengths, in_ports, None, n)
+            dp.process(buf, offsets, lengths, in_ports, out_ports, n, now)
+            if self.captures:
+                self._capture(buf, offsets, lengths, in_ports, out_ports, n)
+            io.write(n)
+            self.batches += 1
+        nd = dp.next_departure_ns()
+        if 0 <= nd <= now:
+            self._drain(now)
+        return now
 
     def _control_events(self):
         lfd = self.lsock.fileno()
@@ -1566,12 +1594,20 @@ def main(argv=None):
     ap.add_argument("--log-file", help="also append the structured log lines to this file")
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus text on 127.0.0.1:PORT/metrics")
     ap.add_argument("--max-ports", type=int, default=256)
+    ap.add_argument("--poll-us", type=int, default=DEFAULT_POLL_US,
+                    help=f"after forwarding a batch, poll the ports without sleeping for this many "
+                         f"microseconds before blocking (0 .. {MAX_POLL_US}; 0 disables; default "
+                         f"{DEFAULT_POLL_US}): catches a reply without a thread wakeup, at the cost of "
+                         f"at most this much CPU per burst of traffic; idle costs nothing")
     ap.add_argument("--test-faults", action="store_true", help="accept 'fault' in attach (tests only)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("vswitchd: must run as root (TAP devices, namespaces)", file=sys.stderr)
         return 2
-    d = Daemon(a.socket, a.state_dir, a.switch, a.uplink, a.log_file, a.metrics_port, a.test_faults, a.max_ports)
+    if not 0 <= a.poll_us <= MAX_POLL_US:
+        ap.error(f"--poll-us {a.poll_us}: accepted 0 .. {MAX_POLL_US} (microseconds)")
+    d = Daemon(a.socket, a.state_dir, a.switch, a.uplink, a.log_file, a.metrics_port, a.test_faults, a.max_ports,
+               a.poll_us)
     try:
         d.start()
         d.run()

@@ -18,6 +18,9 @@ ready ports and reports failed ports and whether the daemon's control epoll (one
 ``watch_control``) is readable, in one call of the Cython ``BatchIO`` of
 ``vswitch._datapath`` (``ext/io.pxi``, no GIL) when the build has it, else of the
 pure-Python twin below with the same methods (slow, for development without a build).
+``run(datapath, deadline_ns, poll_ns)`` (BatchIO only) is the daemon's whole packet loop in
+Cython: wait, read, process, write, drain shaping queues, poll briefly after a batch, and
+return only when Python has work (``ext/io.pxi``).
 """
 from __future__ import annotations
 
@@ -279,8 +282,14 @@ class PacketIO:
         self.write = b.write
         self.write_drained = b.write_drained
         self.poll = b.poll                   # wait + read: n frames; then n_failed, control_ready
+        self.run = getattr(b, "run", None)   # the whole loop in Cython (BatchIO only)
         self.watch_control = b.watch_control
         self._read = b.read
+
+    def loop_stats(self) -> dict:
+        """Counters of ``run`` (zero for the Python twin, which has no ``run``)."""
+        return {k: int(getattr(self.b, "loop_" + k, 0))
+                for k in ("batches", "frames", "sleeps", "polls", "poll_hits", "poll_ns", "drained")}
 
     @property
     def n_failed(self) -> int:
