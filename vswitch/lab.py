@@ -2,9 +2,11 @@
 
 Theory of operation: everything here runs real things and cleans up after itself.
 ``Namespaces`` creates network namespaces with unique names (a prefix, the pid and a
-random suffix) and deletes every one it made in ``cleanup`` (also as a context manager).
-``Daemon`` is vswitchd as a subprocess inside a node namespace, with its own socket, state
-dir and log under a work dir; only the PID it started is ever signalled. ``CniChain`` runs
+random suffix), with ``lo`` up unless asked not to (a test of a plugin that must bring
+``lo`` up itself), and deletes every one it made in ``cleanup`` (also as a context
+manager). ``Daemon`` is vswitchd as a subprocess inside a node namespace (or, with
+``ns=None``, in the namespace of the caller), with its own socket, state dir and log
+under a work dir; only the PID it started is ever signalled. ``CniChain`` runs
 a CNI network configuration list as libcni does (ADD through every plugin in order with
 ``prevResult`` and the runtimeConfig of the capabilities each declares; DEL in reverse),
 executing the plugin binaries found in its CNI path with ``CNI_*`` variables and the
@@ -66,17 +68,22 @@ def nspopen(ns: str, *args, **kw) -> subprocess.Popen:
 
 
 class Namespaces:
-    """Creates network namespaces; ``cleanup`` (or leaving the ``with`` block) deletes them."""
+    """Creates network namespaces; ``cleanup`` (or leaving the ``with`` block) deletes them.
 
-    def __init__(self, prefix: str = "vs"):
+    ``lo_up=False`` leaves each new namespace's ``lo`` down, as a container runtime does.
+    """
+
+    def __init__(self, prefix: str = "vs", lo_up: bool = True):
         self.prefix = prefix
+        self.lo_up = lo_up
         self.names: list[str] = []
 
     def new(self, role: str) -> str:
         name = f"{self.prefix}{role}{uid()}"
         sh("ip", "netns", "add", name)
         self.names.append(name)
-        nsexec(name, "ip", "link", "set", "lo", "up")
+        if self.lo_up:
+            nsexec(name, "ip", "link", "set", "lo", "up")
         return name
 
     @staticmethod
@@ -112,9 +119,12 @@ def veth(ns_a: str, name_a: str, addr_a: str | None, ns_b: str, name_b: str, add
 
 
 class Daemon:
-    """vswitchd in the node namespace ``ns``: start, call, kill -9, stop (SIGTERM)."""
+    """vswitchd in the node namespace ``ns``: start, call, kill -9, stop (SIGTERM).
 
-    def __init__(self, ns: str, workdir: Path, extra_args=(), env=None):
+    ``ns=None`` runs it in the caller's own namespace (a node that is this machine).
+    """
+
+    def __init__(self, ns: str | None, workdir: Path, extra_args=(), env=None):
         self.ns = ns
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +136,8 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 20.0) -> "Daemon":
-        cmd = ["ip", "netns", "exec", self.ns, sys.executable, "-m", "vswitch.daemon",
+        netns = ["ip", "netns", "exec", self.ns] if self.ns is not None else []
+        cmd = [*netns, sys.executable, "-m", "vswitch.daemon",
                "--socket", self.socket, "--state-dir", self.state_dir, "--log-file", self.log_file,
                *self.extra_args]
         with open(self.workdir / "stderr.txt", "ab") as err:

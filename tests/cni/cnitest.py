@@ -3,39 +3,29 @@
 Theory of operation: ``install_plugin`` writes the real ``vswitch`` launcher (cni.install)
 into a temporary bin dir; :class:`Runner` executes it with ``CNI_*`` variables and the
 configuration on stdin, exactly like libcni's RawExec (CNI_PATH = that bin dir, then
-Debian's /usr/lib/cni for host-local), and returns the exit status with stdout parsed.
-:class:`Node` is vswitchd in a node namespace created for the test, with its own socket
-and state dir; only the PID it started is ever signalled. :class:`Netns` creates pod
-namespaces with unique names and removes them in every outcome.
+Debian's /usr/lib/cni for host-local), and returns the exit status with stdout parsed;
+unlike ``vswitch.lab.CniChain`` it runs one plugin and lets a test leave out or garble any
+variable. The kernel plumbing is ``vswitch.lab``'s: :class:`Node` is ``lab.Daemon`` (with
+--test-faults) in a node namespace created for the test, with its own socket and state
+dir, and only the PID it started is ever signalled; :class:`Netns` is ``lab.Namespaces``
+naming pod namespaces ``vc<role>`` plus the pid and a random suffix, with ``lo`` left
+down as a runtime leaves it (the plugin must bring it up), removed in every outcome.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import shutil
-import signal
 import subprocess
-import sys
-import time
+import warnings
 from pathlib import Path
 
 from cni.install import install
-from vswitch import rpc
+from vswitch import lab
+from vswitch.lab import nsexec, sh, uid  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[2]
-SYSTEM_CNI = "/usr/lib/cni"
-
-
-def skip_reason():
-    """Why the kernel-backed tests cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, TAP devices)"
-    if not os.path.exists("/dev/net/tun"):
-        return "needs /dev/net/tun"
-    if shutil.which("ip") is None:
-        return "needs iproute2 (ip)"
-    return None
+SYSTEM_CNI = lab.SYSTEM_CNI_PATH
+skip_reason = lab.kernel_unavailable
 
 
 def host_local_missing():
@@ -43,17 +33,6 @@ def host_local_missing():
         return ("needs host-local in /usr/lib/cni "
                 "(apt-get install -y containernetworking-plugins)")
     return None
-
-
-def uid():
-    return f"{os.getpid() % 10000}{random.randrange(36 ** 4):04x}"
-
-
-def sh(*args, check=True, **kw):
-    r = subprocess.run(list(args), capture_output=True, text=True, timeout=60, **kw)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(args)}: {r.returncode} {r.stderr.strip()}")
-    return r
 
 
 def install_plugin(bin_dir):
@@ -136,34 +115,14 @@ def reservations(data_dir, name):
                   if p.name[0].isdigit() and not p.name.startswith("last_reserved_ip"))
 
 
-class Netns:
-    """Pod namespaces with unique names; ``cleanup`` removes them all."""
+class Netns(lab.Namespaces):
+    """Pod namespaces ``vc<role><uid>``, ``lo`` down; ``cleanup`` removes them all."""
 
     def __init__(self):
-        self.names = []
+        super().__init__("vc", lo_up=False)
 
     def new(self, prefix="p"):
-        name = f"vc{prefix}{uid()}"
-        sh("ip", "netns", "add", name)
-        self.names.append(name)
-        return name
-
-    @staticmethod
-    def path(name):
-        return f"/run/netns/{name}"
-
-    def delete(self, name):
-        sh("ip", "netns", "del", name, check=False)
-        if name in self.names:
-            self.names.remove(name)
-
-    def cleanup(self):
-        for name in list(self.names):
-            self.delete(name)
-
-
-def nsexec(ns, *args, check=True):
-    return sh("ip", "netns", "exec", ns, *args, check=check)
+        return super().new(prefix)
 
 
 def links_in(ns):
@@ -171,42 +130,16 @@ def links_in(ns):
     return {link["ifname"]: link for link in json.loads(out or "[]")}
 
 
-class Node:
+class Node(lab.Daemon):
     """vswitchd (with --test-faults) in a node namespace of its own."""
 
     def __init__(self, workdir, nets):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.nets = nets
-        self.ns = nets.new("n")
-        self.socket = str(self.workdir / "vswitchd.sock")
-        self.state_dir = str(self.workdir / "state")
-        self.log_file = str(self.workdir / "vswitchd.log")
+        super().__init__(nets.new("n"), workdir, ["--test-faults"])
         self.subnet = f"10.{random.randrange(16, 250)}.{random.randrange(0, 250)}.0/24"
-        self.proc = None
 
     def start(self, timeout_s=30.0):
-        cmd = ["ip", "netns", "exec", self.ns, sys.executable, "-m", "vswitch.daemon",
-               "--socket", self.socket, "--state-dir", self.state_dir,
-               "--log-file", self.log_file, "--test-faults"]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self._stderr = open(self.workdir / "stderr.txt", "ab")
-        self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.DEVNULL,
-                                     stderr=self._stderr)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vswitchd exited with {self.proc.returncode}:\n"
-                                     f"{self.logs()}")
-            try:
-                rpc.call(self.socket, "status", timeout_s=2)
-                return self
-            except rpc.RpcError:
-                time.sleep(0.05)
-        raise AssertionError(f"vswitchd did not answer within {timeout_s} s:\n{self.logs()}")
-
-    def call(self, op, **args):
-        return rpc.call(self.socket, op, **args)
+        return super().start(timeout_s)
 
     def attachments(self):
         return self.call("list")["attachments"]
@@ -215,21 +148,8 @@ class Node:
         return self.call("hostports")["rules"]
 
     def stop(self):
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM; a daemon still running after 30 s is killed (-9) with a warning."""
         try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._stderr.close()
-
-    def logs(self):
-        out = []
-        for f in (self.log_file, self.workdir / "stderr.txt"):
-            try:
-                out.append(Path(f).read_text()[-4000:])
-            except OSError:
-                pass
-        return "\n".join(out)
+            super().stop()
+        except RuntimeError as exc:
+            warnings.warn(str(exc))

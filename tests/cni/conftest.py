@@ -1,4 +1,5 @@
 """Fixtures of the CNI conformance suite (see cnitest.py for the helpers)."""
+import contextlib
 import random
 import sys
 from pathlib import Path
@@ -49,40 +50,36 @@ def _skip_without_kernel():
         pytest.skip(reason)
 
 
+@contextlib.contextmanager
+def _running_node(workdir):
+    """A started Node in a namespace of its own; both removed in every outcome."""
+    _skip_without_kernel()
+    with Netns() as nets:
+        n = Node(workdir, nets)
+        try:
+            n.start()
+            yield n
+        finally:
+            n.stop()
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     """vswitchd in its own node namespace, shared by the tests of one module."""
-    _skip_without_kernel()
-    nets = Netns()
-    n = Node(tmp_path_factory.mktemp("node"), nets)
-    try:
-        n.start()
+    with _running_node(tmp_path_factory.mktemp("node")) as n:
         yield n
-    finally:
-        n.stop()
-        nets.cleanup()
 
 
 @pytest.fixture
 def fresh_node(tmp_path):
     """A node of this test alone (for tests that stop or restart the daemon)."""
-    _skip_without_kernel()
-    nets = Netns()
-    n = Node(tmp_path / "node", nets)
-    try:
-        n.start()
+    with _running_node(tmp_path / "node") as n:
         yield n
-    finally:
-        n.stop()
-        nets.cleanup()
 
 
 @pytest.fixture
 def pods():
     """Pod namespaces of this test, removed in every outcome."""
     _skip_without_kernel()
-    nets = Netns()
-    try:
+    with Netns() as nets:
         yield nets
-    finally:
-        nets.cleanup()

@@ -2,14 +2,10 @@
 import pytest
 
 from tests.integration.conftest import nss, pytest_collection_modifyitems  # noqa: F401
-from tests.integration.helpers import Cluster
+from tests.integration.helpers import running_cluster
 
 
 @pytest.fixture
 def cluster(nss, tmp_path):
-    c = Cluster(nss, tmp_path, daemon_args=["--test-faults"])
-    c.daemon.start()
-    try:
+    with running_cluster(nss, tmp_path, daemon_args=["--test-faults"]) as c:
         yield c
-    finally:
-        c.daemon.stop()

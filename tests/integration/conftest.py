@@ -5,7 +5,7 @@ reason) only where root or /dev/net/tun is missing. Namespaces and the daemon ar
 """
 import pytest
 
-from tests.integration.helpers import Cluster, Namespaces, skip_reason
+from tests.integration.helpers import NS_PREFIX, Namespaces, running_cluster, skip_reason
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,21 +21,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def nss():
-    n = Namespaces()
-    try:
+    with Namespaces(NS_PREFIX) as n:
         yield n
-    finally:
-        n.cleanup()
 
 
 @pytest.fixture
 def cluster(nss, tmp_path):
     """A node namespace running vswitchd (no uplink); pods come from cluster.add_pod."""
-    c = Cluster(nss, tmp_path)
-    c.daemon.start()
-    try:
+    with running_cluster(nss, tmp_path) as c:
         yield c
-    finally:
-        rc = c.daemon.stop()
-        if rc not in (0, None, -9):
-            print(c.daemon.logs())

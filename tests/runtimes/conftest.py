@@ -17,12 +17,12 @@ one runtime per test module and chain, removed in every outcome.
 from __future__ import annotations
 
 import os
-import uuid
 
 import pytest
 
 from rt_chains import CHAIN_NAMES, make_chain, vswitch_unavailable
 from rt_net import ClientLink
+from vswitch.lab import uid
 
 
 def _selected_chains():
@@ -42,10 +42,6 @@ def _needs_root():
                     "network namespaces, bridges and iptables rules")
 
 
-def new_suffix() -> str:
-    return f"{os.getpid() % 10000:04d}{uuid.uuid4().hex[:3]}"
-
-
 @pytest.fixture(scope="module", params=_selected_chains())
 def chain_name(request):
     if request.param == "vswitch":
@@ -58,7 +54,7 @@ def chain_name(request):
 @pytest.fixture(scope="module")
 def client_link():
     """A client namespace joined to the node by a veth pair (the hostPort client)."""
-    link = ClientLink(new_suffix()).create()
+    link = ClientLink(uid()).create()
     try:
         yield link
     finally:

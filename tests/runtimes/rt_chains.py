@@ -10,8 +10,10 @@ pod is still on the node.
   bridge (a bridge named per test, gateway, ipMasq, hairpin) + host-local + portmap +
   bandwidth. The bin dir holds symlinks to every reference plugin.
 - ``vswitch``: ``python -m vswitch.daemon --socket S --state-dir D`` started from the
-  repository, with ``--uplink`` on the node end of the client link when one is given (the
-  daemon serves hostPorts only for traffic that crosses the switch), and
+  repository in the node's own namespace (``vswitch.lab.Daemon`` with ``ns=None``, which
+  waits until the daemon answers on its socket), with ``--uplink`` on the node end of the
+  client link when one is given (the daemon serves hostPorts only for traffic that
+  crosses the switch), and
   ``python -m vswitch.cli install-cni --bin-dir B --conf-dir C --socket S --subnet N``
   writing the plugin launcher and ``10-vswitch.conflist``. The reference plugins are
   linked into the same bin dir, since the conflist delegates IPAM to host-local. Its
@@ -27,16 +29,16 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
 
-REFERENCE_BIN_DIR = "/usr/lib/cni"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vswitch import lab
+
+REFERENCE_BIN_DIR = lab.SYSTEM_CNI_PATH
+REPO_ROOT = str(lab.REPO)
 CHAIN_NAMES = ("reference", "vswitch")
 DEFAULT_HOST_LOCAL_DIR = "/var/lib/cni/networks"
 
@@ -222,17 +224,11 @@ class VswitchChain(Chain):
 
     def __init__(self, base_dir, suffix, uplink=None):
         super().__init__(base_dir, suffix, uplink)
-        self.socket = os.path.join(base_dir, "vswitchd.sock")
-        self.state_dir = os.path.join(base_dir, "vswitchd-state")
         self.switch_name = f"vsw{suffix}"[:15]
         self.infra_ifnames = frozenset({self.switch_name})
-        self.log_path = os.path.join(base_dir, "vswitchd.log")
-        self.proc: subprocess.Popen | None = None
-
-    def _env(self) -> dict:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        return env
+        args = ["--switch", self.switch_name] + (["--uplink", uplink] if uplink else [])
+        self.daemon = lab.Daemon(None, base_dir, args)   # in the node's own namespace
+        self.socket = self.daemon.socket
 
     def start(self) -> "VswitchChain":
         reason = vswitch_unavailable()
@@ -240,36 +236,22 @@ class VswitchChain(Chain):
             raise RuntimeError(reason)
         _link_reference_plugins(self.bin_dir)
         os.makedirs(self.conf_dir, exist_ok=True)
-        os.makedirs(self.state_dir, exist_ok=True)
-        cmd = [sys.executable, "-m", "vswitch.daemon", "--socket", self.socket,
-               "--state-dir", self.state_dir, "--switch", self.switch_name]
-        if self.uplink:
-            cmd += ["--uplink", self.uplink]
-        log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=self._env(), stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        finally:
-            log.close()
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"vswitchd did not create {self.socket}: "
-                                   f"{' '.join(cmd)}\n{self.log_tail()}")
-            time.sleep(0.1)
+            self.daemon.start(timeout_s=30)
+        except RuntimeError:
+            self.stop()
+            raise
         args = ["--bin-dir", self.bin_dir, "--conf-dir", self.conf_dir,
                 "--socket", self.socket, "--subnet", str(self.subnet)]
         install = [sys.executable, "-m", "vswitch.cli", "install-cni", *args]
-        res = subprocess.run(install, cwd=REPO_ROOT, env=self._env(), capture_output=True,
+        res = subprocess.run(install, cwd=REPO_ROOT, env=self.daemon.env, capture_output=True,
                              text=True)
         if res.returncode != 0 and "invalid choice: 'install-cni'" in res.stderr:
             # vswitchctl does not route install-cni yet; cni/install.py is the same code.
             warnings.warn("vswitchctl has no install-cni subcommand yet: the vswitch chain "
                           "was installed with python -m cni.install")
             install = [sys.executable, "-m", "cni.install", *args]
-            res = subprocess.run(install, cwd=REPO_ROOT, env=self._env(),
+            res = subprocess.run(install, cwd=REPO_ROOT, env=self.daemon.env,
                                  capture_output=True, text=True)
         if res.returncode != 0:
             self.stop()
@@ -292,43 +274,16 @@ class VswitchChain(Chain):
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        subprocess.run(["ip", "link", "del", "dev", self.switch_name], capture_output=True)
-
-    def log_tail(self, lines: int = 40) -> str:
+        """SIGTERM to the daemon (SIGKILL after 15 s, with a warning), then its switch link."""
         try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
-
-    def request(self, op: str, **args) -> dict:
-        """One control request (docs/control.md: JSON lines on the unix socket)."""
-        import socket
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(self.socket)
-            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        reply = json.loads(buf)
-        if not reply.get("ok"):
-            raise RuntimeError(f"vswitchd {op} failed: {reply}")
-        return reply
+            self.daemon.stop(timeout_s=15)
+        except RuntimeError as exc:
+            warnings.warn(str(exc))
+        subprocess.run(["ip", "link", "del", "dev", self.switch_name], capture_output=True)
 
     def leftovers(self, pod_ip: str, host_ifnames: list[str]) -> list[str]:
         problems = super().leftovers(pod_ip, host_ifnames)
-        attachments = self.request("list").get("attachments", [])
+        attachments = self.daemon.call("list").get("attachments", [])
         stale = [a for a in attachments if pod_ip in json.dumps(a)]
         if stale:
             problems.append(f"vswitchd still holds attachments with {pod_ip}: {stale}")

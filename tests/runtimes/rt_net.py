@@ -6,7 +6,8 @@ by a veth pair (node end ``vsrth<suffix>`` with 198.18.N.1/30, client end with .
 default route via .1; 198.18.0.0/15 is the benchmarking range, used by nothing else here).
 The client reaches ``198.18.N.1:hostPort``; with the reference chain that is portmap's DNAT
 in PREROUTING, with vswitch the node end is the daemon's uplink and the DNAT is in the
-switch.
+switch. Commands run through ``vswitch.lab``'s ``sh`` and ``nsexec`` (RuntimeError naming
+the command and its output on failure).
 
 ``stream_rate_bps`` measures a shaped direction: it streams over TCP until the token
 bucket the runtime configured is spent (containerd sends a burst of 2^32-1 bits with the
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 import random
 import socket
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+
+from vswitch.lab import nsexec, sh
 
 
 WEB_PAGE = "hello from the web pod"   # what the pods' httpd serves at /
@@ -38,14 +40,6 @@ def free_host_port() -> int:
                 continue
             return port
     raise RuntimeError("no free TCP port in 20000-29999")
-
-
-def sh(*cmd: str, check: bool = True, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
-    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s)
-    if check and res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): "
-                           f"{res.stderr.strip() or res.stdout.strip()}")
-    return res
 
 
 def _free_link_net() -> int:
@@ -88,7 +82,7 @@ class ClientLink:
         return self
 
     def ns(self, *cmd: str, check: bool = True, timeout_s: float = 60.0):
-        return sh("ip", "netns", "exec", self.netns, *cmd, check=check, timeout_s=timeout_s)
+        return nsexec(self.netns, *cmd, check=check, timeout=timeout_s)
 
     def http_get(self, host: str, port: int, path: str = "/", timeout_s: int = 10) -> str:
         """The body of http://host:port/path fetched from the client namespace.
@@ -108,8 +102,8 @@ class ClientLink:
         return res.stdout
 
     def remove(self) -> None:
-        subprocess.run(["ip", "link", "del", "dev", self.node_ifname], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+        sh("ip", "link", "del", "dev", self.node_ifname, check=False)
+        sh("ip", "netns", "del", self.netns, check=False)
 
 
 def pod_iface_bytes(pid: int, ifname: str = "eth0") -> tuple[int, int]:
