@@ -1,9 +1,14 @@
 """PacketIO.poll, the daemon's wait-and-read step, with the Cython BatchIO and its Python
 twin: frames of ready ports land in the batch with their port ids, the control fd is
 reported, a port fd in error is reported as failed, and a forgotten port is not polled.
+PacketIO.run (the whole loop in Cython: wait, read, datapath, write, drain shaping queues,
+adaptive polling) forwards and floods, releases shaped frames, polls only after traffic,
+and returns for the control fd, a failed port and the deadline.
 Ports here are SOCK_SEQPACKET socket pairs (one frame per message), so no root is needed."""
 import os
 import socket
+import threading
+import time
 
 import pytest
 
@@ -86,3 +91,151 @@ def test_watch_refuses_a_port_id_out_of_range(io):
     with pytest.raises(ValueError, match="port_id=8"):
         io.b.watch(0, 8)
 
+
+
+# --------------------------------------------------------------------------- run(): the loop in Cython
+
+RUN_CONTROL, RUN_FAILED, RUN_DEADLINE = 1, 2, 4       # BatchIO.run's reasons (ext/io.pxi)
+
+
+@pytest.fixture
+def loop(monkeypatch):
+    """A Cython BatchIO with a Switch (C datapath, 12-byte vnet header) of the same size."""
+    monkeypatch.setenv("VSWITCH_PURE_PYTHON_IO", "0")
+    from vswitch.config import SwitchConfig
+    from vswitch.switch import Switch
+    pio = PacketIO(max_ports=8, max_batch=16)
+    sw = Switch(SwitchConfig(vnet_hdr_len=VNET_HDR_LEN, max_ports=8))
+    if pio.run is None or type(sw.dp).__module__ != "vswitch._datapath":
+        pytest.skip("the Cython build is missing (BatchIO.run needs it)")
+    return pio, sw
+
+
+def _run_until(pio, sw, done, poll_ns=0, limit_s=10.0):
+    """Calls run() with short deadlines until done() holds (or limit_s passes)."""
+    deadline = time.monotonic() + limit_s
+    while not done() and time.monotonic() < deadline:
+        pio.run(sw.dp, time.monotonic_ns() + 20_000_000, poll_ns)
+
+
+def _recv_all(sock):
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(65536))
+        except BlockingIOError:
+            return out
+
+
+def test_run_forwards_floods_and_returns_at_the_deadline(loop):
+    pio, sw = loop
+    socks = {pid: _pair() for pid in (1, 2, 3)}
+    try:
+        for pid, (ours, peer) in socks.items():
+            sw.add_port(f"p{pid}", "uplink", port_id=pid)
+            pio.set_port(Port(f"p{pid}", pid, ours.fileno()), pid)
+            peer.setblocking(False)
+        bcast = bytes(VNET_HDR_LEN) + b"\xff" * 6 + bytes([2, 0, 0, 0, 0, 1]) + b"\x88\xb5" + bytes(46)
+        socks[1][1].send(bcast)
+        got = {2: [], 3: []}
+        _run_until(pio, sw, lambda: all(got[p] or got[p].extend(_recv_all(socks[p][1])) for p in (2, 3)))
+        assert got == {2: [bcast], 3: [bcast]}          # flooded, not back to port 1
+        assert _recv_all(socks[1][1]) == []
+        # port 1's MAC was learned: a unicast reply from port 3 goes to port 1 only
+        reply = bytes(VNET_HDR_LEN) + bytes([2, 0, 0, 0, 0, 1]) + bytes([2, 0, 0, 0, 0, 3]) + b"\x88\xb5" + bytes(46)
+        socks[3][1].send(reply)
+        got1 = []
+        _run_until(pio, sw, lambda: got1 or got1.extend(_recv_all(socks[1][1])))
+        assert got1 == [reply] and _recv_all(socks[2][1]) == []
+        st = pio.loop_stats()
+        assert st["frames"] == 2 and st["batches"] == 2
+        assert pio.run(sw.dp, time.monotonic_ns(), 0) == RUN_DEADLINE       # a deadline already passed
+        assert not pio.control_ready and pio.n_failed == 0
+        assert sw.counters()["ports"]["p1"]["rx_packets"] == 1
+    finally:
+        for ours, peer in socks.values():
+            ours.close()
+            peer.close()
+
+
+def test_run_returns_for_the_control_fd_and_a_failed_port(loop):
+    pio, sw = loop
+    ours, peer = _pair()
+    ctl_r, ctl_w = socket.socketpair()
+    r_fd, w_fd = os.pipe()
+    try:
+        sw.add_port("p1", "uplink", port_id=1)
+        pio.set_port(Port("p1", 1, ours.fileno()), 1)
+        pio.set_port(Port("w", 5, w_fd), 5)
+        pio.watch_control(ctl_r.fileno())
+        far = time.monotonic_ns() + 60 * 10**9
+        threading.Timer(0.05, ctl_w.send, (b"x",)).start()       # while run() blocks
+        assert pio.run(sw.dp, far, 0) == RUN_CONTROL
+        assert pio.control_ready and pio.n_failed == 0
+        ctl_r.recv(16)
+        os.close(r_fd)                       # the pipe's write end reports EPOLLERR
+        r_fd = -1
+        assert pio.run(sw.dp, far, 0) == RUN_FAILED
+        assert pio.failed[:pio.n_failed].tolist() == [5] and not pio.control_ready
+    finally:
+        for s in (ours, peer, ctl_r, ctl_w):
+            s.close()
+        os.close(w_fd)
+        if r_fd >= 0:
+            os.close(r_fd)
+
+
+def test_run_polls_only_after_traffic(loop):
+    """Adaptive polling: no poll while idle, whatever poll_ns; polls after a batch."""
+    pio, sw = loop
+    ours, peer = _pair()
+    try:
+        sw.add_port("p1", "uplink", port_id=1)
+        pio.set_port(Port("p1", 1, ours.fileno()), 1)
+        assert pio.run(sw.dp, time.monotonic_ns() + 30_000_000, 10_000_000) == RUN_DEADLINE
+        assert pio.loop_stats()["polls"] == 0
+        peer.send(_frame(1))
+        _run_until(pio, sw, lambda: pio.loop_stats()["frames"] == 1, poll_ns=5_000_000)
+        st = pio.loop_stats()
+        assert st["batches"] == 1 and st["polls"] >= 1
+        assert pio.run(sw.dp, time.monotonic_ns() + 30_000_000, 0) == RUN_DEADLINE
+        assert pio.loop_stats()["polls"] == st["polls"]       # poll_ns=0: never polls
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_run_releases_shaped_frames(loop):
+    """Frames queued by an egress shaper leave through run(), in order, at their time."""
+    pio, sw = loop
+    socks = {pid: _pair() for pid in (1, 2)}
+    try:
+        sw.add_port("p1", "pod", port_id=1, antispoof=False,
+                    bandwidth={"egressRate": 8_000_000, "egressBurst": 600_000})
+        sw.add_port("p2", "uplink", port_id=2)
+        for pid, (o, p) in socks.items():
+            pio.set_port(Port(f"p{pid}", pid, o.fileno()), pid)
+            p.setblocking(False)
+        frames = [bytes(VNET_HDR_LEN) + b"\xff" * 6 + bytes([2, 0, 0, 0, 0, 1]) + b"\x88\xb5" + bytes([i]) * 1486
+                  for i in range(60)]                        # 90 KB at 1 MB/s: most are queued
+        for f in frames:
+            socks[1][1].send(f)
+        got = []
+        _run_until(pio, sw, lambda: len(got) == len(frames) or got.extend(_recv_all(socks[2][1])))
+        assert got == frames
+        assert pio.loop_stats()["drained"] > 0
+    finally:
+        for o, p in socks.values():
+            o.close()
+            p.close()
+
+
+def test_run_refuses_a_datapath_of_another_layout(loop):
+    pio, _ = loop
+    from vswitch._datapath import Datapath
+    with pytest.raises(ValueError, match="vnet_hdr_len is 0"):
+        pio.run(Datapath(max_ports=8, vnet_hdr_len=0), 0, 0)
+    with pytest.raises(ValueError, match="the datapath only 4"):
+        pio.run(Datapath(max_ports=4, vnet_hdr_len=VNET_HDR_LEN), 0, 0)
+    with pytest.raises(ValueError, match="poll_ns=-1"):
+        pio.run(Datapath(max_ports=8, vnet_hdr_len=VNET_HDR_LEN), 0, -1)
