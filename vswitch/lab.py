@@ -17,6 +17,7 @@ Needs root, ``ip`` (iproute2), and for the probes ping and iperf3. Imports no py
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -44,9 +45,14 @@ def kernel_unavailable() -> str | None:
     return None
 
 
+_UID_COUNTER = itertools.count(random.randrange(16 ** 3))
+
+
 def uid() -> str:
-    """A short name suffix unique to this process and call."""
-    return f"{os.getpid() % 10000}{random.randrange(36 ** 3):03x}"
+    """A short name suffix (at most 7 characters, so interface names stay within 15):
+    the pid and a per-process counter starting at a random value, so no two calls of one
+    process collide for 4096 calls, and processes rarely do."""
+    return f"{os.getpid() % 10000}{next(_UID_COUNTER) % 16 ** 3:03x}"
 
 
 def sh(*args, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
