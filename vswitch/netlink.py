@@ -11,16 +11,14 @@ and TSO_ECN lets the pod's kernel hand us 64 KiB TCP segments with a partial che
 lets us hand them back unsegmented: the switch never segments or checksums anything.
 ``TUNSETPERSIST`` keeps the device when our fd closes (daemon restart, kill -9).
 
-Creation follows the reference bridge plugin's order: the TAP is created in the node's
-namespace under a unique temporary name (the switch port name), moved into the pod's
-namespace and renamed there to the requested ifname by one ``RTM_NEWLINK`` (its fd stays
-valid: the fd names the device, not the namespace; a name already taken in the pod fails
-with EEXIST), then given its MAC, MTU, addresses and routes, and set up with the
-namespace's ``lo``. The fd's socket belongs to the node's namespace, so deleting the
+A pod's TAP is created *inside* the pod's namespace under its final name: the calling
+thread ``setns``-es into the namespace for the ``TUNSETIFF`` ioctl and back (no move and
+no rename, each of which waits for an RCU grace period), then the TAP gets its MAC, MTU,
+addresses and routes and is set up with the namespace's ``lo``. The fd stays valid in
+the daemon's namespace (the fd names the device, not the namespace), so deleting the
 pod's namespace deletes the TAP (our fd then reports EPOLLERR) instead of being kept
-alive by us. A restarted daemon reopens a persistent TAP *by name inside its
-namespace*: TUNSETIFF attaches to an existing device of the calling thread's namespace,
-so we ``setns`` the calling thread into the pod's namespace for that one ioctl and back.
+alive by us. A restarted daemon reopens a persistent TAP *by name inside its namespace*
+the same way: TUNSETIFF attaches to an existing device of the calling thread's namespace.
 
 **Netlink sockets of another namespace** are opened by the calling thread after
 ``setns`` into it (``netns_entered``), then it returns to its own namespace: a netlink
@@ -39,6 +37,9 @@ come from ``if_nametoindex`` (an ioctl) while the thread is inside the namespace
 deleted (its namespace removed, or ``ip link del`` behind our back: the fd is detached and
 ``TUNSETPERSIST`` fails with EBADFD) as gone, and ``link_delete`` does the same for a
 missing link or namespace.
+
+Two sysctl helpers live here too (``sysctl``, ``ip_forward``): the rest of the node
+plumbing the daemon does (``/proc/sys/net``).
 """
 from __future__ import annotations
 
@@ -62,10 +63,10 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 __all__ = [
     "NetlinkError", "VNET_HDR_LEN", "TapError",
     "netns_entered", "tap_open", "tap_set_persist", "ipr_for",
-    "link_info", "link_exists", "link_delete", "pod_view",
+    "link_info", "link_delete", "pod_view",
     "addresses_of", "routes_via", "address_add_if_missing",
     "address_del", "route_add", "link_set_up", "parse_cidr", "tap_release", "RtnlSocket",
-    "ifindex_in", "msg_link_set", "msg_addr", "msg_route",
+    "ifindex_in", "msg_link_set", "msg_addr", "msg_route", "sysctl", "ip_forward",
 ]
 
 # linux/if_tun.h
@@ -257,15 +258,12 @@ class RtnlSocket:
 
 # ---- requests for RtnlSocket.run (pyroute2 message classes, encoded there)
 
-def msg_link_set(index: int, *, ifname: str | None = None, mac: str | None = None, mtu: int | None = None,
-                 up: bool | None = None, netns_fd: int | None = None) -> ifinfmsg:
+def msg_link_set(index: int, *, mac: str | None = None, mtu: int | None = None,
+                 up: bool | None = None) -> ifinfmsg:
+    """Set a link's MAC, MTU, and up or down."""
     m = ifinfmsg()
     m["index"] = index
     attrs = []
-    if netns_fd is not None:
-        attrs.append(("IFLA_NET_NS_FD", netns_fd))
-    if ifname:
-        attrs.append(("IFLA_IFNAME", ifname))
     if mac:
         attrs.append(("IFLA_ADDRESS", mac))
     if mtu:
@@ -316,37 +314,35 @@ def msg_route(index: int, dst: str, gw: str | None = None) -> rtmsg:
     return m
 
 
-def _index(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
+@contextlib.contextmanager
+def _link(name: str, netns: str | None = None):
+    """An IPRoute socket in ``netns`` and the index of link ``name`` there (None: no link)."""
+    with ipr_for(netns) as ipr:
+        found = ipr.link_lookup(ifname=name)
+        yield ipr, (found[0] if found else None)
+
+
+def _no_link(name: str, netns: str | None = None) -> TapError:
+    return TapError(errno.ENODEV, f"no link {name!r}{' in ' + netns if netns else ''}")
+
+
+def _link_dict(ipr: IPRoute, idx: int) -> dict:
+    link = ipr.get_links(idx)[0]
+    info = link.get("IFLA_LINKINFO")
+    return {"index": idx, "mac": link.get("IFLA_ADDRESS"), "mtu": link.get("IFLA_MTU"),
+            "up": bool(link["flags"] & 1), "kind": info.get("IFLA_INFO_KIND") if info else None}
 
 
 def link_info(name: str, netns: str | None = None) -> dict | None:
-    """{index, mac, mtu, up} of a link, or None when it does not exist."""
-    with ipr_for(netns) as ipr:
-        idx = _index(ipr, name)
-        if idx is None:
-            return None
-        link = ipr.get_links(idx)[0]
-        return {"index": idx, "mac": link.get("IFLA_ADDRESS"), "mtu": link.get("IFLA_MTU"),
-                "up": bool(link["flags"] & 1), "kind": _link_kind(link)}
-
-
-def _link_kind(link) -> str | None:
-    info = link.get("IFLA_LINKINFO")
-    return info.get("IFLA_INFO_KIND") if info else None
-
-
-def link_exists(name: str, netns: str | None = None) -> bool:
-    with ipr_for(netns) as ipr:
-        return _index(ipr, name) is not None
+    """{index, mac, mtu, up, kind} of a link, or None when it does not exist."""
+    with _link(name, netns) as (ipr, idx):
+        return None if idx is None else _link_dict(ipr, idx)
 
 
 def link_delete(name: str, netns: str | None = None) -> bool:
     """Delete a link; True if it existed. A gone namespace or link counts as gone."""
     try:
-        with ipr_for(netns) as ipr:
-            idx = _index(ipr, name)
+        with _link(name, netns) as (ipr, idx):
             if idx is None:
                 return False
             ipr.link("del", index=idx)
@@ -363,10 +359,9 @@ def link_delete(name: str, netns: str | None = None) -> bool:
 
 def link_set_up(name: str, netns: str | None = None, mac: str | None = None,
                 mtu: int | None = None) -> None:
-    with ipr_for(netns) as ipr:
-        idx = _index(ipr, name)
+    with _link(name, netns) as (ipr, idx):
         if idx is None:
-            raise TapError(errno.ENODEV, f"no link {name!r}{' in ' + netns if netns else ''}")
+            raise _no_link(name, netns)
         kw = {}
         if mac:
             kw["address"] = mac
@@ -377,8 +372,6 @@ def link_set_up(name: str, netns: str | None = None, mac: str | None = None,
         ipr.link("set", index=idx, state="up")
 
 
-
-
 def parse_cidr(text: str):
     """'10.0.0.5/24' -> IPv4Interface; raises ValueError naming the value."""
     try:
@@ -387,14 +380,12 @@ def parse_cidr(text: str):
         raise ValueError(f"not an address with prefix: {text!r} (expected like 10.0.0.5/24)") from None
 
 
-
 def address_add_if_missing(ifname: str, cidr: str, netns: str | None = None) -> bool:
     """Add ``cidr`` to ``ifname`` unless that address is there already; True if added."""
     iface = parse_cidr(cidr)
-    with ipr_for(netns) as ipr:
-        idx = _index(ipr, ifname)
+    with _link(ifname, netns) as (ipr, idx):
         if idx is None:
-            raise TapError(errno.ENODEV, f"no link {ifname!r}")
+            raise _no_link(ifname, netns)
         for a in ipr.get_addr(index=idx):
             if a.get("IFA_ADDRESS") == str(iface.ip):
                 return False
@@ -404,9 +395,9 @@ def address_add_if_missing(ifname: str, cidr: str, netns: str | None = None) -> 
 
 
 def address_del(ifname: str, cidr: str, netns: str | None = None) -> bool:
+    """Remove ``cidr`` from ``ifname``; True if it was there."""
     iface = parse_cidr(cidr)
-    with ipr_for(netns) as ipr:
-        idx = _index(ipr, ifname)
+    with _link(ifname, netns) as (ipr, idx):
         if idx is None:
             return False
         try:
@@ -419,17 +410,16 @@ def address_del(ifname: str, cidr: str, netns: str | None = None) -> bool:
 
 
 def route_add(netns: str | None, ifname: str, dst: str, gw: str | None = None) -> None:
+    """Add or replace a main-table route to ``dst`` through ``ifname`` (via ``gw``)."""
     net = ipaddress.ip_network(dst, strict=False)
-    with ipr_for(netns) as ipr:
-        idx = _index(ipr, ifname)
+    with _link(ifname, netns) as (ipr, idx):
         if idx is None:
-            raise TapError(errno.ENODEV, f"no link {ifname!r}")
+            raise _no_link(ifname, netns)
         kw = {"dst": str(net.network_address), "dst_len": net.prefixlen, "oif": idx,
               "family": 10 if net.version == 6 else 2}
         if gw:
             kw["gateway"] = gw
         ipr.route("replace", **kw)
-
 
 
 def _addresses(ipr: IPRoute, idx: int) -> list[str]:
@@ -459,26 +449,43 @@ def _routes(ipr: IPRoute, idx: int) -> list[dict]:
 
 def addresses_of(ifname: str, netns: str | None = None) -> list[str]:
     """Global (non link-local) addresses of a link as 'a.b.c.d/len', IPv4 first."""
-    with ipr_for(netns) as ipr:
-        idx = _index(ipr, ifname)
+    with _link(ifname, netns) as (ipr, idx):
         return [] if idx is None else _addresses(ipr, idx)
 
 
 def routes_via(ifname: str, netns: str | None = None) -> list[dict]:
     """Routes of the main table through ``ifname`` that have a gateway: [{dst, gw}]."""
-    with ipr_for(netns) as ipr:
-        idx = _index(ipr, ifname)
+    with _link(ifname, netns) as (ipr, idx):
         return [] if idx is None else _routes(ipr, idx)
 
 
 def pod_view(ifname: str, netns: str) -> dict:
     """What CHECK compares, read through one socket in ``netns``:
     {"link": link_info or None, "addresses": [...], "routes": [{dst, gw}]}."""
-    with ipr_for(netns) as ipr:
-        idx = _index(ipr, ifname)
+    with _link(ifname, netns) as (ipr, idx):
         if idx is None:
             return {"link": None, "addresses": [], "routes": []}
-        link = ipr.get_links(idx)[0]
-        info = {"index": idx, "mac": link.get("IFLA_ADDRESS"), "mtu": link.get("IFLA_MTU"),
-                "up": bool(link["flags"] & 1), "kind": _link_kind(link)}
-        return {"link": info, "addresses": _addresses(ipr, idx), "routes": _routes(ipr, idx)}
+        return {"link": _link_dict(ipr, idx), "addresses": _addresses(ipr, idx), "routes": _routes(ipr, idx)}
+
+
+# --------------------------------------------------------------------------- sysctls
+
+def sysctl(key: str, value: str | None = None) -> str | None:
+    """Read (``value`` None) or write ``/proc/sys/net/KEY``; None when that fails (no
+    such key, as ``disable_ipv6`` without IPv6), else the value."""
+    path = "/proc/sys/net/" + key
+    try:
+        if value is None:
+            with open(path) as f:
+                return f.read().strip()
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError:
+        return None
+    return value
+
+
+def ip_forward() -> None:
+    """Enable IPv4 forwarding (the host port routes for the pods); raises if it cannot."""
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1")

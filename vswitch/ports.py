@@ -284,7 +284,6 @@ class PacketIO:
         self.poll = b.poll                   # wait + read: n frames; then n_failed, control_ready
         self.run = getattr(b, "run", None)   # the whole loop in Cython (BatchIO only)
         self.watch_control = b.watch_control
-        self._read = b.read
 
     def loop_stats(self) -> dict:
         """Counters of ``run`` (zero for the Python twin, which has no ``run``)."""
@@ -313,12 +312,43 @@ class PacketIO:
             self.tx_errors[port_id] = 0
             self.b.watch(port.fd, port_id)
 
-    def read(self, ready: list[Port]) -> int:
-        rfds, rports, rhdrs = self.rfds, self.rports, self.rhdrs
-        k = 0
-        for p in ready:
-            rfds[k] = p.fd
-            rports[k] = p.port_id
-            rhdrs[k] = p.hdr_len
-            k += 1
-        return self._read(k)
+
+class PortTable:
+    """The daemon's ports with an fd: by switch port name, and by id while polled.
+
+    ``add`` starts polling a port's fd (``PacketIO.set_port``); ``drop`` stops it, forgets
+    the port and calls ``on_drop(port_id)`` (the daemon closes that port's capture). A
+    port whose fd failed (``failed``) is no longer polled but stays known by name until
+    detach closes it.
+    """
+
+    def __init__(self, io: PacketIO, on_drop=lambda port_id: None):
+        self.io = io
+        self.on_drop = on_drop
+        self.by_name: dict[str, Port] = {}
+        self.polled: dict[int, Port] = {}
+
+    def get(self, name: str) -> Port | None:
+        return self.by_name.get(name)
+
+    def add(self, port: Port):
+        self.by_name[port.name] = port
+        self.polled[port.port_id] = port
+        self.io.set_port(port, port.port_id)
+
+    def drop(self, port: Port):
+        if self.polled.get(port.port_id) is port:
+            del self.polled[port.port_id]
+            self.io.set_port(None, port.port_id)
+        self.by_name.pop(port.name, None)
+        self.on_drop(port.port_id)
+
+    def failed(self, port: Port):
+        self.drop(port)
+        self.by_name[port.name] = port
+
+    def close_taps(self):
+        """Close every pod TAP's fd (persistent: the pods keep their interfaces)."""
+        for p in list(self.by_name.values()):
+            if isinstance(p, TapPort):
+                p.close()

@@ -1,0 +1,104 @@
+"""The daemon's state: what it holds in memory, and the file that survives a restart.
+
+Theory of operation
+-------------------
+``STATE_DIR/state.json`` holds one JSON object: ``version``, ``host`` (the host port's
+name, MAC and gateway addresses), ``uplink`` (the NIC's original addresses, gateway
+routes and sysctls, or null) and ``attachments`` (every attachment record with its
+switch port id). In memory, ``State.data`` is that object and ``State.attachments`` maps
+(container id, ifname) to the live records; a snapshot puts the live records into the
+object.
+
+Writes are atomic: the bytes go to ``state.json.tmp``, which is fsynced, renamed over
+``state.json``, and the directory is fsynced, so a crash leaves the old file or the new
+one, never a mix. An operation takes the snapshot on the loop thread and hands the write
+to the kernel thread (``job()``), which does it before the operation replies.
+
+Until the daemon has re-adopted the saved attachments at start (``adopted``), a
+snapshot keeps the saved ones as they were: a write during start-up (the uplink saves
+the NIC's addresses before it moves them) must not drop pods not yet re-adopted.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from vswitch.attachment import public
+
+STATE_VERSION = 1
+
+
+class State:
+    def __init__(self, state_dir: str):
+        self.dir = state_dir
+        self.path = os.path.join(state_dir, "state.json")
+        self.data = {"version": STATE_VERSION, "host": {}, "uplink": None, "attachments": []}
+        self.attachments: dict[tuple, dict] = {}    # (container id, ifname) -> record
+        self.adopted = False      # the saved attachments were re-adopted (safe to rewrite them)
+
+    @property
+    def host(self) -> dict:
+        """The host port's entry: ``name``, ``mac``, ``gateways`` (``gw/prefixlen``)."""
+        return self.data.setdefault("host", {})
+
+    @property
+    def uplink(self) -> dict | None:
+        """The uplink's saved originals (``name``, ``addresses``, ``routes``, ``sysctl``)."""
+        return self.data.get("uplink")
+
+    @uplink.setter
+    def uplink(self, saved: dict | None):
+        self.data["uplink"] = saved
+
+    def saved_attachments(self) -> list[dict]:
+        """The attachment records of the file read at start (to re-adopt)."""
+        return self.data.get("attachments", [])
+
+    def load(self):
+        """Read the file if there is one; an unknown format stops the daemon."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        try:
+            with open(self.path) as f:
+                st = json.load(f)
+        except FileNotFoundError:
+            return
+        if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
+            raise SystemExit(f"vswitchd: state file {self.path} has an unknown format; "
+                             f"move it away to start empty")
+        self.data = st
+
+    def snapshot(self) -> bytes:
+        """The state as it is now (taken on the loop thread; written by the kernel thread)."""
+        if self.adopted:
+            self.data["attachments"] = [public(a) for a in self.attachments.values()]
+        return json.dumps(self.data, indent=1, sort_keys=True).encode()
+
+    def save(self):
+        self.write(self.snapshot())
+
+    def job(self):
+        """A kernel job writing the state as it is now (for ``yield`` in an operation)."""
+        return (self.write, self.snapshot())
+
+    def write(self, data: bytes):
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def remove(self):
+        """No attachment left: no file either."""
+        for path in (self.path, self.path + ".tmp"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
