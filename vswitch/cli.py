@@ -2,8 +2,9 @@
 
 Theory of operation: every subcommand is one or two control requests (``vswitch/rpc.py``,
 ``docs/control.md``); the reply is printed as a human table, or as the raw JSON with
-``--json``. Subcommands are rows of the ``COMMANDS`` table (name -> (add_arguments,
-run)); a new subcommand is a new row, nothing else changes. ``install-cni`` needs no
+``--json``. Subcommands are rows of the ``COMMANDS`` table (name -> (help, add_arguments,
+run, text, needs the daemon)): ``run`` makes the requests and returns the reply, ``text``
+renders it; a new subcommand is a new row, nothing else changes. ``install-cni`` needs no
 daemon: it runs ``cni.install.main`` (the plugin launcher and ``10-vswitch.conflist``),
 with the daemon's socket defaulting to vswitchctl's own ``--socket``. Exit status: 0 on success,
 1 on an error reply (its message on stderr), 2 on bad usage.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -37,11 +39,10 @@ def _bw_text(bw: dict) -> str:
 
 
 # --------------------------------------------------------------------------- subcommands
+# Each subcommand is a ``run(client, args)`` that returns the daemon's reply, and a
+# ``text(reply)`` that renders it (``--json`` prints the reply itself).
 
-def _show(c, a):
-    r = c.call("show")
-    if a.json:
-        return r
+def _show(r):
     lines = [f"switch {r['switch']}  uplink {r['uplink'] or '-'}  node addresses "
              f"{', '.join(r['node_addresses']) or '-'}"]
     rows = []
@@ -60,18 +61,12 @@ def _show(c, a):
     return "\n".join(lines)
 
 
-def _fdb(c, a):
-    r = c.call("fdb")
-    if a.json:
-        return r
+def _fdb(r):
     return _table([[e["vlan"], e["mac"], e["port"], e["age_s"]] for e in r["entries"]],
                   ["VLAN", "MAC", "PORT", "AGE(s)"])
 
 
-def _conntrack(c, a):
-    r = c.call("conntrack")
-    if a.json:
-        return r
+def _conntrack(r):
     return _table([[e["proto"], e["state"], f"{e['orig_src']}:{e['orig_sport']}",
                     f"{e['orig_dst']}:{e['orig_dport']}", f"{e['reply_src']}:{e['reply_sport']}",
                     "yes" if e["hairpin"] else "", e["in_port"], e["out_port"], e["packets"],
@@ -83,10 +78,11 @@ def _counters_args(p):
     p.add_argument("port", nargs="?", help="one port only")
 
 
-def _counters(c, a):
-    r = c.call("counters", **({"port": a.port} if a.port else {}))
-    if a.json:
-        return r
+def _counters_run(c, a):
+    return c.call("counters", **({"port": a.port} if a.port else {}))
+
+
+def _counters(r):
     g = r["global"]
     out = ["global: " + "  ".join(f"{k}={v}" for k, v in g.items())]
     cols = ["rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "queued", "rx_errors", "tx_errors"]
@@ -108,19 +104,15 @@ def _trace_args(p):
     p.add_argument("--dport", type=int, default=80)
 
 
-def _trace(c, a):
+def _trace_run(c, a):
     in_port = int(a.in_port) if a.in_port.isdigit() else a.in_port
     if a.frame_hex:
-        r = c.call("trace", in_port=in_port, frame_hex=a.frame_hex)
-    else:
-        if not (a.src_ip and a.dst_ip):
-            raise rpc.RpcError(rpc.E_BAD_ARGS, "trace: give --frame-hex, or --src-ip and --dst-ip")
-        desc = {k: v for k, v in dict(src_mac=a.src_mac, dst_mac=a.dst_mac, src_ip=a.src_ip, dst_ip=a.dst_ip,
-                                      proto=a.proto, sport=a.sport, dport=a.dport).items() if v is not None}
-        r = c.call("trace", in_port=in_port, packet=desc)
-    if a.json:
-        return r
-    return _table(r["stages"], ["STAGE", "DECISION"])
+        return c.call("trace", in_port=in_port, frame_hex=a.frame_hex)
+    if not (a.src_ip and a.dst_ip):
+        raise rpc.RpcError(rpc.E_BAD_ARGS, "trace: give --frame-hex, or --src-ip and --dst-ip")
+    desc = {k: v for k, v in dict(src_mac=a.src_mac, dst_mac=a.dst_mac, src_ip=a.src_ip, dst_ip=a.dst_ip,
+                                  proto=a.proto, sport=a.sport, dport=a.dport).items() if v is not None}
+    return c.call("trace", in_port=in_port, packet=desc)
 
 
 def _capture_args(p):
@@ -129,11 +121,9 @@ def _capture_args(p):
     p.add_argument("-d", "--duration", type=float, help="stop after this many seconds (default: Ctrl-C)")
 
 
-def _capture(c, a):
-    import os
+def _capture_run(c, a):
     port = int(a.port) if a.port.isdigit() else a.port
-    path = os.path.abspath(a.write)
-    c.call("capture_start", port=port, path=path)
+    c.call("capture_start", port=port, path=os.path.abspath(a.write))
     done = threading.Event()
     old = signal.signal(signal.SIGINT, lambda *_: done.set())
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -142,25 +132,14 @@ def _capture(c, a):
     finally:
         signal.signal(signal.SIGINT, old)
         r = c.call("capture_stop", port=port)
-    if a.json:
-        return r
-    return f"{r['packets']} packets written to {r['path']}"
+    return r
 
 
-def _metrics(c, a):
-    r = c.call("metrics")
-    return r if a.json else r["text"].rstrip("\n")
+def _status(r):
+    return "  ".join(f"{k}={v}" for k, v in r.items() if k != "ok")
 
 
-def _status(c, a):
-    r = c.call("status")
-    return r if a.json else "  ".join(f"{k}={v}" for k, v in r.items() if k != "ok")
-
-
-def _list(c, a):
-    r = c.call("list")
-    if a.json:
-        return r
+def _list(r):
     return _table([[x["container_id"][:12], x["ifname"], x["netns"], x["port"], x["mac"],
                     ",".join(e["address"] for e in x["ips"])] for x in r["attachments"]],
                   ["CONTAINER", "IFNAME", "NETNS", "PORT", "MAC", "IPS"])
@@ -188,23 +167,31 @@ def _none(p):
     pass
 
 
+def _call(op):
+    """run for a subcommand that is one request without arguments."""
+    return lambda c, a: c.call(op)
+
+
 # --------------------------------------------------------------------------- the table
-# name: (help, add_arguments(parser), run(client, args) -> str or dict, needs the daemon)
+# name: (help, add_arguments(parser), run(client, args) -> reply dict or exit status,
+#        text(reply) -> str or None (print the reply as JSON), needs the daemon)
 COMMANDS = {
-    "show": ("ports, pods, IPs, shaping, hostPorts", _none, _show, True),
-    "status": ("daemon status", _none, _status, True),
-    "list": ("attachments", _none, _list, True),
-    "fdb": ("the MAC table", _none, _fdb, True),
-    "conntrack": ("hostPort connection tracking", _none, _conntrack, True),
-    "counters": ("packet and drop counters by reason", _counters_args, _counters, True),
-    "trace": ("a described packet through the pipeline", _trace_args, _trace, True),
-    "capture": ("write a pcap of one port while traffic runs", _capture_args, _capture, True),
-    "metrics": ("Prometheus text", _none, _metrics, True),
+    "show": ("ports, pods, IPs, shaping, hostPorts", _none, _call("show"), _show, True),
+    "status": ("daemon status", _none, _call("status"), _status, True),
+    "list": ("attachments", _none, _call("list"), _list, True),
+    "fdb": ("the MAC table", _none, _call("fdb"), _fdb, True),
+    "conntrack": ("hostPort connection tracking", _none, _call("conntrack"), _conntrack, True),
+    "counters": ("packet and drop counters by reason", _counters_args, _counters_run, _counters, True),
+    "trace": ("a described packet through the pipeline", _trace_args, _trace_run,
+              lambda r: _table(r["stages"], ["STAGE", "DECISION"]), True),
+    "capture": ("write a pcap of one port while traffic runs", _capture_args, _capture_run,
+                lambda r: f"{r['packets']} packets written to {r['path']}", True),
+    "metrics": ("Prometheus text", _none, _call("metrics"), lambda r: r["text"].rstrip("\n"), True),
     "install-cni": ("write the CNI plugin launcher and a network list (cni/install.py)",
-                    _install_cni_args, _install_cni, False),
+                    _install_cni_args, _install_cni, None, False),
     # ---- more subcommands go here: add a row
-    # ---- "name": (help, add_arguments, run, needs_daemon); run(None, args) when needs_daemon
-    # ---- is False; run returns a str or dict to print, or an int exit status.
+    # ---- "name": (help, add_arguments, run, text, needs_daemon); run(None, args) when needs_daemon
+    # ---- is False; run returns a reply dict (rendered by text unless --json) or an int exit status.
 }
 
 
@@ -214,10 +201,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the raw JSON reply")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, (help_, add_args, _, _) in COMMANDS.items():
+    for name, (help_, add_args, _, _, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_))
     a = ap.parse_args(argv)
-    _, _, run, needs_daemon = COMMANDS[a.cmd]
+    _, _, run, text, needs_daemon = COMMANDS[a.cmd]
     try:
         if needs_daemon:
             with rpc.Client(a.socket, a.timeout) as c:
@@ -229,6 +216,8 @@ def main(argv=None) -> int:
         return 1
     if isinstance(out, int) and not isinstance(out, bool):
         return out
+    if isinstance(out, dict) and text is not None and not a.json:
+        out = text(out)
     if isinstance(out, dict):
         out = json.dumps(out, indent=1)
     if out:

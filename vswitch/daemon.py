@@ -219,25 +219,13 @@ class Daemon:
 
     def op_capture_start(self, req):
         path = need_str(req, "path")
-        sp = self._port_arg(req.get("port"))
-        try:
-            return self.captures.start(sp, path)
-        except ValueError as exc:
-            raise RpcError(rpc.E_BAD_ARGS, str(exc)) from None
+        return self.captures.start(self._port_arg(req.get("port")), path)
 
     def op_capture_stop(self, req):
-        sp = self._port_arg(req.get("port"))
-        try:
-            return self.captures.stop(sp)
-        except ValueError as exc:
-            raise RpcError(rpc.E_BAD_ARGS, str(exc)) from None
+        return self.captures.stop(self._port_arg(req.get("port")))
 
     def op_trace(self, req):
-        sp = self._port_arg(req.get("in_port"))
-        try:
-            return trace(self.switch, sp, req, time.monotonic_ns())
-        except ValueError as exc:
-            raise RpcError(rpc.E_BAD_ARGS, str(exc)) from None
+        return trace(self.switch, self._port_arg(req.get("in_port")), req, time.monotonic_ns())
 
     def op_metrics(self, req):
         return {"text": self.metrics_text()}

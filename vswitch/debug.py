@@ -23,7 +23,9 @@ import struct
 import time
 
 from vswitch import dpconst as C
+from vswitch import rpc
 from vswitch.config import parse_mac
+from vswitch.rpc import RpcError
 
 
 class PcapWriter:
@@ -62,18 +64,18 @@ class Captures:
     def start(self, sp, path: str) -> dict:
         """Capture switch port ``sp`` into a new pcap file at ``path``."""
         if sp.port_id in self.writers:
-            raise ValueError(f"port {sp.name!r} is already captured to {self.writers[sp.port_id].path}")
+            raise RpcError(rpc.E_BAD_ARGS, f"port {sp.name!r} is already captured to {self.writers[sp.port_id].path}")
         try:
             self.writers[sp.port_id] = PcapWriter(path)
         except OSError as exc:
-            raise ValueError(f"path: cannot write {path!r}: {exc.strerror}") from None
+            raise RpcError(rpc.E_BAD_ARGS, f"path: cannot write {path!r}: {exc.strerror}") from None
         self.log("capture_start", port=sp.name, path=path)
         return {"port": sp.name, "path": path}
 
     def stop(self, sp) -> dict:
         w = self.writers.pop(sp.port_id, None)
         if w is None:
-            raise ValueError(f"port {sp.name!r} has no capture running")
+            raise RpcError(rpc.E_BAD_ARGS, f"port {sp.name!r} has no capture running")
         n = w.close()
         self.log("capture_stop", port=sp.name, path=w.path, packets=n)
         return {"packets": n, "path": w.path}
@@ -107,19 +109,21 @@ class Captures:
 
 
 def trace(switch, sp, req: dict, now_ns: int) -> dict:
-    """The ``trace`` reply for a frame entering switch port ``sp``; ValueError on bad input."""
-    if "frame_hex" in req:
-        try:
-            frame = bytes.fromhex(req["frame_hex"])
-        except (TypeError, ValueError):
-            raise ValueError(f"frame_hex: not hexadecimal: {req['frame_hex']!r:.80}") from None
-    else:
-        desc = req.get("packet", req)
-        try:
-            frame = build_frame(desc)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"packet description: {exc}") from None
-    stages = switch.trace(frame, sp.name, now_ns)
+    """The ``trace`` reply for a frame entering switch port ``sp``; code 4 on bad input."""
+    try:
+        if "frame_hex" in req:
+            try:
+                frame = bytes.fromhex(req["frame_hex"])
+            except (TypeError, ValueError):
+                raise ValueError(f"frame_hex: not hexadecimal: {req['frame_hex']!r:.80}") from None
+        else:
+            try:
+                frame = build_frame(req.get("packet", req))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"packet description: {exc}") from None
+        stages = switch.trace(frame, sp.name, now_ns)
+    except ValueError as exc:
+        raise RpcError(rpc.E_BAD_ARGS, str(exc)) from None
     return {"stages": [list(s) for s in stages], "frame_hex": frame.hex()}
 
 
