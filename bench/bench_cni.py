@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -46,31 +44,19 @@ from pathlib import Path
 
 import pytest
 
-from bench import nettools
+from bench import nettools, podnet
 from bench.report import quick_mode, record
 from vswitch import lab
 
 pytestmark = pytest.mark.integration
 
-REF_CNI = Path(os.environ.get("VSWITCH_BENCH_CNI_PATH", lab.SYSTEM_CNI_PATH))
+REF_CNI = podnet.REF_CNI
 QUICK = quick_mode()
 SERIAL_PODS = 5 if QUICK else 20
 PARALLEL = (20,) if QUICK else (20, 50)
 ROUNDS = 1 if QUICK else 3
-CLONE_NEWNET = 0x40000000
 SUBJECTS = ("vswitch", "reference-cni")
 CAPABILITIES = {"portMappings": True, "bandwidth": True}
-
-
-def _setns(path):
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 class Bed:
@@ -78,7 +64,7 @@ class Bed:
 
     def __init__(self, workdir):
         self.dir = Path(workdir)
-        self.u = nettools.uid()
+        self.u = lab.uid()
         self.ns = lab.Namespaces(prefix="bcn")
         self.pods = []
         self.daemon = None
@@ -122,13 +108,13 @@ class Bed:
     def new_pod(self, i):
         # a bare namespace (no "lo up": one subprocess less per pod, and CNI needs none)
         name = f"bcp{self.u}{i}x{random.randrange(1 << 20):05x}"
-        nettools.run(["ip", "netns", "add", name])
+        lab.sh("ip", "netns", "add", name)
         self.pods.append(name)
         return name
 
     def drop_pods(self):
         for name in self.pods:
-            nettools.run(["ip", "netns", "del", name], check=False)
+            lab.sh("ip", "netns", "del", name, check=False)
         self.pods.clear()
 
     def verify(self, subject, pods):
@@ -142,10 +128,10 @@ class Bed:
                 assert [m.get("hostPort") for m in a.get("port_mappings") or []] == [20000 + i], a
                 assert (a.get("bandwidth") or {}).get("ingressRate") == POD_SPEC["bandwidth"]["ingressRate"], a
         else:
-            nat = nettools.run(["iptables", "-t", "nat", "-S"])
+            nat = lab.sh("iptables", "-t", "nat", "-S").stdout
             for i, _ in pods:
                 assert f"--dport {20000 + i} " in nat, f"portmap left no DNAT rule for hostPort {20000 + i}"
-            tbf = nettools.run(["tc", "qdisc", "show"]).count("qdisc tbf")
+            tbf = lab.sh("tc", "qdisc", "show").stdout.count("qdisc tbf")
             assert tbf >= 2 * len(pods), f"bandwidth left {tbf} tbf qdiscs for {len(pods)} pods"
 
     def stop(self):
@@ -167,19 +153,13 @@ def bed_context():
                         "(containernetworking-plugins)")
     workdir = tempfile.mkdtemp(prefix="bench-cni-")
     b = Bed(workdir)
-    own = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
         b.start()
-        _setns(lab.Namespaces.path(b.node))   # this thread, and threads it starts, run there
-        yield b
+        with podnet.in_netns(b.node):    # this thread, and threads it starts, run there
+            yield b
     finally:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.setns(own, CLONE_NEWNET)
-        finally:
-            os.close(own)
-            b.stop()
-            shutil.rmtree(workdir, ignore_errors=True)
+        b.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,8 @@ import statistics
 
 import pytest
 
-from bench import nettools, podnet
-from bench.bench_real import PodPair, measure_ping, measure_tcp, measure_udp
+from bench import podnet
+from bench.bench_real import connected_pair, measure_ping, measure_tcp, measure_udp
 from bench.report import quick_mode, record
 
 pytestmark = pytest.mark.integration
@@ -92,10 +92,7 @@ class Growth:
     def pair(self, subject, pods):
         node, added = self.at(subject, pods)
         if subject not in self.pairs:
-            a, b = node.pods[0], node.pods[1]
-            nettools.wait_reachable(a.ns, b.ip)
-            nettools.wait_reachable(b.ns, a.ip)
-            self.pairs[subject] = PodPair(node, a, b)
+            self.pairs[subject] = connected_pair(node.pods[0], node.pods[1], node.facts())
         return self.pairs[subject]
 
     def close(self):

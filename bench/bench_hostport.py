@@ -154,9 +154,7 @@ def _bed(subject):
             _exchange(node.client, "tcp", CRR_HOSTPORT, 1, 0)    # the path works end to end
             yield HostPortBed(node, pod, server)
         finally:
-            if server.poll() is None:
-                server.kill()                 # the PID we started
-            server.wait(10)
+            nettools.stop_process(server)     # the PID we started
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +169,8 @@ def bed_portmap():
 
 def _exchange(client_ns, mode, port, count, warmup):
     """Runs CLIENT in the client namespace: {"ms": [...], "lost": n}."""
-    out = nettools.run([sys.executable, "-c", CLIENT, mode, NODE_IP, str(port), str(count),
-                        str(warmup)], ns=client_ns, timeout_s=60 + count * 0.05)
+    out = lab.nsexec(client_ns, sys.executable, "-c", CLIENT, mode, NODE_IP, port, count,
+                     warmup, timeout=60 + count * 0.05).stdout
     return json.loads(out)
 
 
@@ -187,15 +185,14 @@ def test_hostport_tcp_stream(benchmark, request, subject):
                  "tool": "iperf3 -R to node-IP:hostPort", **bed.facts})
 
     def once():
-        server = nettools._start_server(bed.pod.ns, IPERF_PORT)
+        # the two halves apart: the server listens on IPERF_PORT, the client dials the hostPort
+        server = nettools.start_iperf_server(bed.pod.ns, IPERF_PORT)
         try:
-            data = nettools._iperf_client(bed.client, NODE_IP, ["-P", "1", "-O", str(TCP_OMIT_S)],
-                                          TCP_SECONDS, IPERF_HOSTPORT)
+            data = nettools.iperf_client(bed.client, NODE_IP, IPERF_HOSTPORT, TCP_SECONDS,
+                                         ["-P", "1", "-O", str(TCP_OMIT_S)])
         finally:
-            nettools._stop(server)
-        b, s = nettools._receiver_intervals(data)
-        bps = 8 * b / s if s > 0 else float(data["end"]["sum_received"]["bits_per_second"])
-        gbps.append(bps / 1e9)
+            nettools.stop_process(server)
+        gbps.append(nettools.goodput_bps(data) / 1e9)
     benchmark.pedantic(once, rounds=TCP_ROUNDS, iterations=1)
 
 

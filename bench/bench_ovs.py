@@ -15,13 +15,14 @@ sockets, pid files and logs in a temporary directory (``OVS_RUNDIR`` etc. point 
 too), and stopped by the PIDs we started. Two TAP devices are created persistent, added to
 a netdev bridge as ``type=tap`` ports, then moved into two namespaces we create ("pods",
 OVS keeps the file descriptors it opened; it logs that it can no longer query the devices
-by name, which is harmless). Measurements are those of bench_real.py with the same tools
-(``bench.nettools``): iperf3 TCP with 1 and 4 streams, ping RTT, 64-byte UDP frames per
-second counted at the receiving pod's interface. Rows use the figures (``group``) and
-parameters of bench_real.py with subject ``ovs``, so the report puts them beside
-vswitch and the bridge measured in the same run.
+by name, which is harmless). Measurements are bench_real.py's own (``measure_*``, with
+its durations): iperf3 TCP with 1 and 4 streams, ping RTT, 64-byte UDP frames per second
+to a UDP socket in the receiving pod, counted at its interface. Rows use the figures
+(``group``) and parameters of bench_real.py with subject ``ovs``, so the report puts them
+beside vswitch and the bridge measured in the same run.
 
-Skips with the reason when not root, or OVS, iperf3 or ping is not installed.
+Skips with the reason when not root, /dev/net/tun is missing, or OVS, iperf3 or ping is
+not installed.
 """
 from __future__ import annotations
 
@@ -35,18 +36,16 @@ from pathlib import Path
 
 import pytest
 
-from bench import nettools
-from bench.report import quick_mode, record
+from bench import bench_real, nettools
+from bench.bench_real import (PING_COUNT, PING_INTERVAL_S, TCP_OMIT_S, TCP_ROUNDS,
+                              TCP_SECONDS, UDP_ROUNDS, UDP_SECONDS)
+from vswitch import lab
 
 pytestmark = pytest.mark.integration
 
 OVS_BINARIES = ("ovsdb-tool", "ovsdb-server", "ovs-vswitchd", "ovs-vsctl")
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 
-QUICK = quick_mode()
-TCP_SECONDS, TCP_OMIT_S, TCP_ROUNDS = (2, 0, 1) if QUICK else (8, 1, 3)
-UDP_SECONDS, UDP_ROUNDS = (1, 1) if QUICK else (3, 3)
-PING_COUNT, PING_INTERVAL_S = (100, 0.01) if QUICK else (1000, 0.005)
 
 
 class OvsUserspace:
@@ -134,56 +133,41 @@ class OvsUserspace:
             subprocess.run(["ip", "link", "del", br], capture_output=True)
 
 
-class Pods:
-    """Two pods (namespaces) whose interfaces are TAP ports of one switch."""
-
-    def __init__(self, ns_a, ns_b, if_a, if_b, ip_a, ip_b, facts=None):
-        self.ns_a, self.ns_b, self.if_a, self.if_b = ns_a, ns_b, if_a, if_b
-        self.ip_a, self.ip_b = ip_a, ip_b
-        self.facts = facts or {}      # recorded in every row's info
-
-
 @pytest.fixture(scope="module")
 def ovs_pods():
     nettools.require("iperf3", "ping", *OVS_BINARIES)
     if not SCHEMA.exists():
         pytest.skip(f"Open vSwitch schema {SCHEMA} missing (openvswitch-common)")
-    if not Path("/dev/net/tun").exists():
-        pytest.skip("/dev/net/tun missing")
-    u = nettools.uid()
+    u = lab.uid()
     workdir = tempfile.mkdtemp(prefix=f"bench-ovs-{u}-")
     ovs = OvsUserspace(workdir)
-    bridge, tap_a, tap_b = f"bo{u}", f"toa{u}", f"tob{u}"
-    ns_a, ns_b = f"bench-ovs-a-{u}", f"bench-ovs-b-{u}"
+    nss = lab.Namespaces(prefix="bo")
+    bridge = f"bo{u}"
     net = random.randint(0, 255)
-    ip_a, ip_b = f"10.233.{net}.1", f"10.233.{net}.2"
-    made_taps, made_ns = [], []
+    made_taps = []                  # (tap, the namespace it is in, or None)
     try:
         ovs.start()
         ovs.add_bridge(bridge)
-        for tap, ns, ip in ((tap_a, ns_a, ip_a), (tap_b, ns_b, ip_b)):
-            nettools.run(["ip", "tuntap", "add", "mode", "tap", "name", tap])
+        ends = []
+        for side in "ab":
+            tap, ip = f"to{side}{u}", f"10.233.{net}.{len(ends) + 1}"
+            lab.sh("ip", "tuntap", "add", "mode", "tap", "name", tap)
             made_taps.append((tap, None))
             ovs.add_tap_port(bridge, tap)
-            nettools.Netns(ns).__enter__()
-            made_ns.append(ns)
-            nettools.run(["ip", "link", "set", tap, "netns", ns])
+            ns = nss.new(side)
+            lab.sh("ip", "link", "set", tap, "netns", ns)
             made_taps[-1] = (tap, ns)
-            nettools.run(["ip", "addr", "add", f"{ip}/24", "dev", tap], ns=ns)
-            nettools.run(["ip", "link", "set", tap, "up"], ns=ns)
-        nettools.run(["ip", "link", "set", bridge, "up"], check=False)
-        nettools.wait_reachable(ns_a, ip_b)
-        nettools.wait_reachable(ns_b, ip_a)
-        version = subprocess.run(["ovs-vswitchd", "--version"], capture_output=True,
-                                 text=True).stdout.split("\n")[0]
-        yield Pods(ns_a, ns_b, tap_a, tap_b, ip_a, ip_b,
-                   facts={"ovs": version, "userspace_tso": ovs.tso_enabled()})
+            lab.nsexec(ns, "ip", "addr", "add", f"{ip}/24", "dev", tap)
+            lab.nsexec(ns, "ip", "link", "set", tap, "up")
+            ends.append(bench_real.Endpoint(ns, ip, tap))
+        lab.sh("ip", "link", "set", bridge, "up", check=False)
+        version = lab.sh("ovs-vswitchd", "--version").stdout.split("\n")[0]
+        yield bench_real.connected_pair(*ends, {"ovs": version,
+                                                "userspace_tso": ovs.tso_enabled()})
     finally:
         for tap, ns in made_taps:
-            cmd = ["ip", "link", "del", tap]
-            nettools.run(cmd if ns is None else ["ip", "-n", ns, *cmd[1:]], check=False)
-        for ns in made_ns:
-            nettools.run(["ip", "netns", "del", ns], check=False)
+            lab.sh("ip", *(["-n", ns] if ns else []), "link", "del", tap, check=False)
+        nss.cleanup()
         ovs.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -191,42 +175,17 @@ def ovs_pods():
 @pytest.mark.parametrize("streams", [1, 4])
 def test_ovs_tcp(benchmark, ovs_pods, streams):
     """Pod-to-pod TCP goodput (Gbit/s, receiver side) through OVS userspace with TSO."""
-    gbps = []
-    record(benchmark, group="real-tcp", subject="ovs", unit="gbps", samples=gbps,
-           target="tap-tcp", streams=streams,
-           info={"seconds": TCP_SECONDS, "omit_s": TCP_OMIT_S, "tool": "iperf3 -R",
-                 **ovs_pods.facts})
-
-    def once():
-        gbps.append(nettools.tcp_rate_bps(ovs_pods.ns_a, ovs_pods.ns_b, ovs_pods.ip_a,
-                                          TCP_SECONDS, streams, TCP_OMIT_S) / 1e9)
-    benchmark.pedantic(once, rounds=TCP_ROUNDS, iterations=1)
+    bench_real.measure_tcp(benchmark, ovs_pods, "real-tcp", "ovs", streams, TCP_SECONDS,
+                           TCP_OMIT_S, TCP_ROUNDS, target="tap-tcp")
 
 
 def test_ovs_ping(benchmark, ovs_pods):
     """Pod-to-pod ping RTT (ms): every reply is a sample."""
-    rtts = []
-    record(benchmark, group="real-ping", subject="ovs", unit="rtt_ms", samples=rtts,
-           target="ping-rtt", info={"count": PING_COUNT, "interval_s": PING_INTERVAL_S,
-                                    **ovs_pods.facts})
-
-    def once():
-        rtts.extend(nettools.ping_rtts_ms(ovs_pods.ns_a, ovs_pods.ip_b, PING_COUNT,
-                                          PING_INTERVAL_S))
-    benchmark.pedantic(once, rounds=1, iterations=1)
+    bench_real.measure_ping(benchmark, ovs_pods, "real-ping", "ovs", PING_COUNT,
+                            PING_INTERVAL_S, target="ping-rtt")
 
 
 def test_ovs_udp_64B(benchmark, ovs_pods):
     """64-byte UDP frames per second (Mpps) arriving at the receiving pod's interface."""
-    mpps, sent = [], []
-    record(benchmark, group="real-udp-64B", subject="ovs", unit="mpps", samples=mpps,
-           target="udp-64B", info={"seconds": UDP_SECONDS, "sent_mpps": sent,
-                                   "frame_bytes": 60, "counted_at": "receiver interface",
-                                   **ovs_pods.facts})
-
-    def once():
-        rx, tx = nettools.udp_flood_pps(ovs_pods.ns_a, ovs_pods.ns_b, ovs_pods.ip_b,
-                                        ovs_pods.if_b, UDP_SECONDS)
-        mpps.append(rx / 1e6)
-        sent.append(round(tx / 1e6, 4))
-    benchmark.pedantic(once, rounds=UDP_ROUNDS, iterations=1)
+    bench_real.measure_udp(benchmark, ovs_pods, "real-udp-64B", "ovs", UDP_SECONDS,
+                           UDP_ROUNDS, target="udp-64B")

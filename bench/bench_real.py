@@ -10,16 +10,19 @@ namespace of our own, pods added through a CNI chain run with the thread inside 
 - ``bridge``: the reference bridge plugin (+ host-local): a Linux bridge and veths, the
   kernel's own data path, which the ``tap-tcp`` and ``ping-rtt`` targets compare with.
 
-Measured with the tools of ``bench.nettools``, the same as ``bench_ovs.py`` (whose rows
-sit beside these: same groups, same parameters, same durations):
+Measured with the tools of ``bench.nettools`` by the ``measure_*`` functions here, which
+``bench_ovs.py`` and ``bench_growth.py`` call too (OVS's rows sit beside these: same
+groups, same parameters, same durations, the same code):
 
 - ``real-tcp``: iperf3 TCP from pod A to pod B, 1 and 4 streams, Gbit/s counted by the
   receiver (omitted slow-start seconds excluded); one sample per iperf3 run;
 - ``real-ping``: ping from A to B at a 10 ms interval (5 ms in the full run), every
   reply's RTT a sample, after ARP and MAC learning settled;
 - ``real-udp-64B``: 60-byte frames (64 with the FCS) sent flat out by nettools'
-  ``sendmmsg`` flooder in A, counted at B's eth0 (``rx_packets``): Mpps the path
-  delivers; the sent rate is in ``info``.
+  ``sendmmsg`` flooder in A to a UDP socket bound in B (never read: a full buffer drops
+  silently, where no socket would make B's kernel answer each datagram with an ICMP port
+  unreachable), counted at B's eth0 (``rx_packets``): Mpps the path delivers; the sent
+  rate, the socket's drops and any ICMP unreachables B sent are in ``info``.
 
 Each subject's node is a module-scoped fixture, made once and removed at the end
 whatever happens; a subject that cannot run here (not root, a tool or the reference
@@ -29,6 +32,9 @@ plugins missing) skips with the reason.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import pytest
 
 from bench import nettools, podnet
@@ -37,27 +43,41 @@ from bench.report import quick_mode, record
 pytestmark = pytest.mark.integration
 
 QUICK = quick_mode()
-# the same durations as bench_ovs.py, so its rows are comparable with these
+# bench_ovs.py imports these: its rows are measured exactly as these
 TCP_SECONDS, TCP_OMIT_S, TCP_ROUNDS = (2, 0, 1) if QUICK else (8, 1, 3)
 UDP_SECONDS, UDP_ROUNDS = (1, 1) if QUICK else (3, 3)
 PING_COUNT, PING_INTERVAL_S = (100, 0.01) if QUICK else (1000, 0.005)
 TOOLS = ("iperf3", "ping")
 
 
-class PodPair:
-    """Two pods of one node that reach each other: A sends, B receives."""
+class Endpoint(NamedTuple):
+    """One end of a pair: its namespace, IPv4 address and interface (a ``podnet.Pod``
+    has these too)."""
+    ns: str
+    ip: str
+    ifname: str
 
-    def __init__(self, node, a, b):
-        self.node, self.a, self.b = node, a, b
-        self.facts = node.facts()
+
+@dataclass
+class PodPair:
+    """Two pods that reach each other (A sends, B receives; each with ``ns``, ``ip`` and
+    ``ifname``) and the facts every row of theirs records in ``info``."""
+    a: object
+    b: object
+    facts: dict
+
+
+def connected_pair(a, b, facts):
+    """A :class:`PodPair` of ``a`` and ``b`` once each reaches the other."""
+    nettools.wait_reachable(a.ns, b.ip)
+    nettools.wait_reachable(b.ns, a.ip)
+    return PodPair(a, b, facts)
 
 
 def make_pair(node):
     """Adds two pods to ``node`` and waits until each reaches the other."""
     a, b = node.add_pod(), node.add_pod()
-    nettools.wait_reachable(a.ns, b.ip)
-    nettools.wait_reachable(b.ns, a.ip)
-    return PodPair(node, a, b)
+    return connected_pair(a, b, node.facts())
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +122,21 @@ def measure_ping(benchmark, pair, group, subject, count, interval_s, target=None
 
 
 def measure_udp(benchmark, pair, group, subject, seconds, rounds, target=None, **params):
-    mpps, sent = [], []
+    mpps, sent, dropped, unreach = [], [], [], []
     record(benchmark, group=group, subject=subject, unit="mpps", samples=mpps, target=target,
            info={"seconds": seconds, "sent_mpps": sent, "frame_bytes": 60,
-                 "counted_at": "receiver interface", **pair.facts}, **params)
+                 "counted_at": "receiver interface",
+                 "receiver": f"UDP socket on port {nettools.FLOOD_PORT}, not read",
+                 "socket_drops": dropped, "icmp_unreach_sent": unreach, **pair.facts},
+           **params)
 
     def once():
-        rx, tx = nettools.udp_flood_pps(pair.a.ns, pair.b.ns, pair.b.ip, pair.b.ifname, seconds)
-        mpps.append(rx / 1e6)
-        sent.append(round(tx / 1e6, 4))
+        flood = nettools.udp_flood_pps(pair.a.ns, pair.b.ns, pair.b.ip, pair.b.ifname,
+                                       seconds)
+        mpps.append(flood.rx_pps / 1e6)
+        sent.append(round(flood.tx_pps / 1e6, 4))
+        dropped.append(flood.udp_rcvbuf_errors)
+        unreach.append(flood.icmp_unreach_sent)
     benchmark.pedantic(once, rounds=rounds, iterations=1)
 
 

@@ -15,11 +15,12 @@ unshaped, and removes them on exit. ``measure_shaping(benchmark, make_pair, subj
 rate_bps, direction)`` then runs iperf3 from B to A (``ingress``: towards the pod) or from
 A to B (``egress``) and records achieved/set. ``reference_pair`` runs the reference chain
 bridge + host-local + bandwidth from /usr/lib/cni as a runtime would (ADD in order with
-``prevResult``, DEL in reverse with the cached result), with the thread inside a node
-namespace of its own (``bench.podnet.in_netns``). ``vswitch_pair`` is the vswitch
-variant: a vswitchd of its own in a node namespace (``bench.podnet.Node``), both pods
-added through the vswitch CNI plugin, pod A with the same ``runtimeConfig.bandwidth``;
-``test_shaping_vswitch`` measures it like the plugin's, so the rows sit side by side.
+``prevResult``, DEL in reverse), with the thread inside a node namespace of its own;
+``vswitch_pair`` is the vswitch variant: a vswitchd of its own in a node namespace, both
+pods added through the vswitch CNI plugin, pod A with the same
+``runtimeConfig.bandwidth``. Both are a ``bench.podnet.Node`` (whose chains are
+``vswitch.lab.CniChain``, also importable from here as ``CniChain``);
+``test_shaping_vswitch`` measures vswitch like the plugin, so the rows sit side by side.
 
 What is compared with the setting: shapers count Ethernet frames on the wire, iperf3
 reports TCP payload (goodput). A bulk TCP stream fills every frame to the MTU, so the wire
@@ -33,24 +34,18 @@ enough to be spent within the omitted seconds.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import random
-import shutil
 import statistics
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from bench import nettools, podnet
 from bench.report import quick_mode, record
+from vswitch import lab
 
 pytestmark = pytest.mark.integration
 
-CNI_PATH = Path(os.environ.get("VSWITCH_BENCH_CNI_PATH", "/usr/lib/cni"))
+CNI_PATH = podnet.REF_CNI
 QUICK = quick_mode()
 RATES_BPS = (200_000_000,) if QUICK else (20_000_000, 200_000_000, 2_000_000_000)
 SECONDS, OMIT_S, ROUNDS = (3, 1, 1) if QUICK else (8, 2, 3)
@@ -86,134 +81,44 @@ class PodPair:
     ip_b: str
 
 
-# --------------------------------------------------------------------------- reference chain
+# --------------------------------------------------------------------------- the pairs
 
-
-class CniChain:
-    """Runs a CNI network configuration list like libcni: ADD through every plugin in
-    order (each gets the previous result as ``prevResult`` and the runtimeConfig of the
-    capabilities it declares), DEL in reverse order with the cached ADD result."""
-
-    def __init__(self, conflist, cni_path=CNI_PATH):
-        self.conflist = conflist
-        self.cni_path = Path(cni_path)
-
-    def _exec(self, plugin, command, container_id, netns, ifname, runtime_config, prev):
-        conf = dict(plugin)
-        conf["cniVersion"] = self.conflist["cniVersion"]
-        conf["name"] = self.conflist["name"]
-        caps = {k for k, on in plugin.get("capabilities", {}).items() if on}
-        rc = {k: v for k, v in (runtime_config or {}).items() if k in caps}
-        if rc:
-            conf["runtimeConfig"] = rc
-        if prev is not None:
-            conf["prevResult"] = prev
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-               "CNI_COMMAND": command, "CNI_CONTAINERID": container_id,
-               "CNI_NETNS": netns, "CNI_IFNAME": ifname, "CNI_PATH": str(self.cni_path)}
-        binary = self.cni_path / plugin["type"]
-        proc = subprocess.run([str(binary)], input=json.dumps(conf), capture_output=True,
-                              text=True, env=env, timeout=60)
-        if proc.returncode != 0:
-            raise RuntimeError(f"CNI {plugin['type']} {command} failed "
-                               f"({proc.returncode}): {proc.stdout.strip() or proc.stderr.strip()}")
-        return json.loads(proc.stdout) if proc.stdout.strip() else None
-
-    def add(self, container_id, netns, ifname, runtime_config=None):
-        prev = None
-        for plugin in self.conflist["plugins"]:
-            prev = self._exec(plugin, "ADD", container_id, netns, ifname, runtime_config,
-                              prev)
-        return prev
-
-    def delete(self, container_id, netns, ifname, runtime_config=None, result=None):
-        errors = []
-        for plugin in reversed(self.conflist["plugins"]):
-            try:
-                self._exec(plugin, "DEL", container_id, netns, ifname, runtime_config, result)
-            except Exception as exc:          # DEL goes on through the chain, like libcni
-                errors.append(str(exc))
-        if errors:
-            raise RuntimeError("; ".join(errors))
-
-
-def _ipv4_of(result):
-    for ip in (result or {}).get("ips", []):
-        addr = ip.get("address", "")
-        if "." in addr:
-            return addr.split("/")[0]
-    raise RuntimeError(f"CNI result has no IPv4 address: {json.dumps(result)[:300]}")
+#: The CNI chain runner both pairs use (through ``podnet.Node``): ``vswitch.lab``'s, kept
+#: importable from here under its old name.
+CniChain = lab.CniChain
 
 
 @contextlib.contextmanager
-def reference_pair(bandwidth):
-    """Two pods on the reference bridge plugin (host-local IPAM), pod A shaped by the
-    bandwidth plugin with ``bandwidth``; the chain runs with this thread inside a node
-    namespace made here (the bridge, the host veths, the ifb device and the tc qdiscs land
-    there, never in the machine's own namespace); everything removed on exit."""
-    nettools.require("iperf3")
-    for plugin in ("bridge", "host-local", "bandwidth"):
-        if not (CNI_PATH / plugin).exists():
-            pytest.skip(f"reference CNI plugin {CNI_PATH / plugin} not installed "
-                        f"(containernetworking-plugins)")
-    u = nettools.uid()
-    datadir = tempfile.mkdtemp(prefix=f"bench-shaping-ipam-{u}-")
-    bridge = f"bsh{u}"
-    node = f"bench-shp-n-{u}"
-    chain = CniChain({
-        "cniVersion": "1.0.0", "name": f"bench-shaping-{u}",
-        "plugins": [
-            {"type": "bridge", "bridge": bridge, "isGateway": False, "ipMasq": False,
-             "ipam": {"type": "host-local", "dataDir": datadir,
-                      "ranges": [[{"subnet": f"10.234.{random.randint(0, 255)}.0/24"}]]}},
-            {"type": "bandwidth", "capabilities": {"bandwidth": True}},
-        ]})
-    pods = [(f"bench-shp-a-{u}", {"bandwidth": bandwidth}), (f"bench-shp-b-{u}", None)]
-    made = []                      # (ns, runtime_config, result)
-    stack = contextlib.ExitStack()
-    try:
-        stack.enter_context(nettools.Netns(node))
-        for ns, rc in pods:
-            stack.enter_context(nettools.Netns(ns))
-            made.append([ns, rc, None])
-            with podnet.in_netns(node):
-                made[-1][2] = chain.add(f"bench-{ns}", f"/var/run/netns/{ns}", "eth0", rc)
-        (ns_a, _, res_a), (ns_b, _, res_b) = made
-        pair = PodPair(ns_a, ns_b, "eth0", "eth0", _ipv4_of(res_a), _ipv4_of(res_b))
-        nettools.wait_reachable(ns_a, pair.ip_b)
-        yield pair
-    finally:
-        errors = []
-        for ns, rc, result in reversed(made):
-            try:
-                with podnet.in_netns(node):
-                    chain.delete(f"bench-{ns}", f"/var/run/netns/{ns}", "eth0", rc, result)
-            except Exception as exc:
-                errors.append(str(exc))
-        stack.close()                  # the pods' namespaces, then the node's (and its bridge)
-        shutil.rmtree(datadir, ignore_errors=True)
-        if errors:
-            raise RuntimeError(f"reference chain DEL failed: {'; '.join(errors)}")
-
-
-@contextlib.contextmanager
-def vswitch_pair(bandwidth):
-    """Two pods attached through the vswitch CNI plugin to a vswitchd of their own (in a
-    node namespace made here, host-local IPAM), pod A with ``runtimeConfig.bandwidth``
-    (vswitch shapes in its core); everything removed on exit."""
-    podnet.require_subject("vswitch", bandwidth=True, tools=("iperf3",))
-    with podnet.Node("vswitch", bandwidth=True, tag="bsv") as node:
+def _node_pair(subject, bandwidth, tag):
+    podnet.require_subject(subject, bandwidth=True, tools=("iperf3", "ping"))
+    with podnet.Node(subject, bandwidth=True, tag=tag) as node:
         a = node.add_pod({"bandwidth": bandwidth})
         b = node.add_pod()
         nettools.wait_reachable(a.ns, b.ip)
         yield PodPair(a.ns, b.ns, a.ifname, b.ifname, a.ip, b.ip)
 
 
+def reference_pair(bandwidth):
+    """Two pods on the reference chain bridge + host-local + bandwidth from /usr/lib/cni
+    (``podnet.Node("bridge", bandwidth=True)``: run as a runtime would, with this thread
+    inside a node namespace of its own, so the bridge, the host veths, the ifb device and
+    the tc qdiscs land there, never in the machine's own namespace), pod A shaped by the
+    bandwidth plugin with ``bandwidth``; everything removed on exit."""
+    return _node_pair("bridge", bandwidth, "bsb")
+
+
+def vswitch_pair(bandwidth):
+    """Two pods attached through the vswitch CNI plugin to a vswitchd of their own (in a
+    node namespace made here, host-local IPAM), pod A with ``runtimeConfig.bandwidth``
+    (vswitch shapes in its core); everything removed on exit."""
+    return _node_pair("vswitch", bandwidth, "bsv")
+
+
 # --------------------------------------------------------------------------- measurement
 
 
 def _mtu(ns, ifname):
-    return int(nettools.run(["cat", f"/sys/class/net/{ifname}/mtu"], ns=ns))
+    return int(lab.nsexec(ns, "cat", f"/sys/class/net/{ifname}/mtu").stdout)
 
 
 def measure_shaping(benchmark, make_pair, subject, rate_bps, direction):

@@ -1,138 +1,113 @@
-"""Measuring tools for the real-network benchmarks: namespaces, iperf3, ping.
+"""What the real-network benchmarks measure with, beyond ``vswitch.lab``.
 
 Theory of operation
 -------------------
-Every measurement runs between network namespaces the benchmark created itself (unique
-names with the pid and a random suffix, removed in ``finally``), with the stock tools a
-performance engineer would use by hand, so the numbers are comparable with theirs:
+Namespaces, commands inside them, unique names, ``ping`` and ``iperf3`` are
+``vswitch.lab``'s (``Namespaces``, ``sh``/``nsexec``/``nspopen``, ``uid``, ``ping``,
+``iperf3``, ``wait_listening``); this module adds only what a benchmark needs on top, so
+every figure is taken the same way whichever subject carries the traffic:
 
-- TCP throughput, any number of streams: ``iperf3``. The
-  iperf3 *server* runs in the sending namespace and the *client* in the receiving one with
-  ``-R``, so the client's own per-interval figures are receiver-side counts; intervals
-  marked omitted (``--omit``: slow start, the shaper's initial burst) are excluded, and
-  so is the first one after them (iperf3 3.12 misreports its duration);
-- 64-byte UDP frames per second: a ``sendmmsg`` flooder (iperf3 3.12 cannot send fast
-  enough here) in the sending namespace, counted at the receiving interface;
-- round-trip time: ``ping`` at a short interval, every reply's time kept as a sample.
+- TCP throughput, any number of streams: ``lab.iperf3`` with the server in the sending
+  namespace and the client in the receiving one with ``-R``, so the client's own
+  per-interval figures are receiver-side counts (:func:`tcp_goodput_and_mss`); intervals
+  marked omitted (``--omit``: slow start, the shaper's initial burst) are excluded, and so
+  is the first one after them (iperf3 3.12 misreports its duration:
+  :func:`receiver_intervals`). Where the client reaches the server on another port than
+  the one it listens on (a hostPort mapping), :func:`start_iperf_server` and
+  :func:`iperf_client` run the two halves separately;
+- 64-byte UDP frames per second: a ``sendmmsg`` flooder in the sending namespace (iperf3
+  3.12 cannot send fast enough here) towards a UDP socket bound in the receiving one
+  (:func:`udp_sink`), counted at the receiving interface (``rx_packets``). The socket is
+  never read: once its buffer is full the kernel drops each further datagram silently
+  (``RcvbufErrors``), the cheapest thing a receiver can do, and the same on every
+  subject. Without it the receiver's kernel would answer every datagram with an ICMP port
+  unreachable, work that lands on the switch's thread (a TAP write runs the receiver's
+  stack in the writer's context) and whose replies cross the switch again;
+- round-trip time: ``lab.ping`` at a short interval, every reply's time kept as a sample.
 
-Nothing here imports pyroute2 (only ``vswitch/netlink.py`` does); links and namespaces
-are made with ``ip``. Tools and privileges missing on the machine turn into
-``pytest.skip`` with the reason, through ``require()``.
+Nothing here imports pyroute2 (only ``vswitch/netlink.py`` does). Tools and privileges
+missing on the machine turn into ``pytest.skip`` with the reason, through ``require()``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
-import secrets
-import select
 import shutil
 import subprocess
+import sys
 import time
+from typing import NamedTuple
+
+from vswitch import lab
 
 IPERF_PORT = 5201
 #: UDP payload making a 60-byte frame (64 on the wire with the FCS):
 #: 14 Ethernet + 20 IPv4 + 8 UDP + 18 = 60.
 UDP_64B_PAYLOAD = 18
-
-
-def uid():
-    """A short unique suffix for interface and namespace names (IFNAMSIZ is 16)."""
-    return f"{os.getpid() % 10000}{secrets.token_hex(2)}"
+#: The flood's destination port (discard), where :func:`udp_sink` binds in the receiver.
+FLOOD_PORT = 9
 
 
 def require(*binaries, root=True):
-    """Skip the calling benchmark unless root (when asked) and every binary is on PATH."""
+    """Skip the calling benchmark unless namespaces and TAP devices can be used here
+    (``lab.kernel_unavailable``; when ``root``) and every binary is on PATH."""
     import pytest
-    if root and os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, TAP/veth devices)")
+    why = lab.kernel_unavailable() if root else None
+    if why:
+        pytest.skip(why)
     missing = [b for b in binaries if shutil.which(b) is None]
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)}")
 
 
-def run(cmd, ns=None, check=True, timeout_s=60.0, input_text=None, env=None):
-    """Runs a command (a list), inside namespace ``ns`` when given; returns stdout."""
-    if ns:
-        cmd = ["ip", "netns", "exec", ns, *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                          input=input_text, env=env)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}: "
-                           f"{(proc.stderr or proc.stdout).strip()[:500]}")
-    return proc.stdout
+# ---------------------------------------------------------------- TCP (iperf3)
 
 
-class Netns:
-    """A network namespace with loopback up; removed on exit (context manager)."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __enter__(self):
-        run(["ip", "netns", "add", self.name])
-        try:
-            run(["ip", "link", "set", "lo", "up"], ns=self.name)
-        except Exception:
-            self.close()
-            raise
-        return self
-
-    def close(self):
-        run(["ip", "netns", "del", self.name], check=False)
-
-    def __exit__(self, *exc):
-        self.close()
+def start_iperf_server(ns, port=IPERF_PORT):
+    """An iperf3 server for one test (``-1``) in namespace ``ns``, listening on ``port``
+    when this returns; end it with :func:`stop_process`."""
+    proc = lab.nspopen(ns, "iperf3", "-s", "-1", "-p", port,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lab.wait_listening(ns, port)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
 
 
-def _start_server(ns, port, bind_ip=None):
-    cmd = ["ip", "netns", "exec", ns, "iperf3", "-s", "-1", "-p", str(port), "--forceflush"]
-    if bind_ip:
-        cmd += ["-B", bind_ip]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + 10.0
-    seen = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            chunk = os.read(fd, 4096)
-            seen += chunk
-            if b"listening" in seen.lower():
-                return proc
-            if not chunk:
-                break
-    _stop(proc)
-    raise RuntimeError(f"iperf3 server in {ns} did not start: "
-                       f"{seen.decode(errors='replace').strip()[:300]}")
-
-
-def _stop(proc):
+def stop_process(proc, timeout_s=5.0):
+    """Ends a child we started (``proc``, e.g. ``ip netns exec`` → iperf3): SIGTERM,
+    then SIGKILL after ``timeout_s``; closes its pipes."""
     if proc.poll() is None:
-        proc.terminate()               # our own child (ip netns exec → iperf3)
+        proc.terminate()
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    if proc.stdout:
-        proc.stdout.close()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe:
+            pipe.close()
 
 
-def _iperf_client(receiver_ns, sender_ip, args, seconds, port):
-    cmd = ["iperf3", "-c", sender_ip, "-p", str(port), "-R", "-J", "-t", str(seconds),
-           *args]
-    out = run(cmd, ns=receiver_ns, check=False, timeout_s=seconds + 30)
+def iperf_client(ns, server_ip, port, seconds, args=()):
+    """iperf3's client in namespace ``ns`` towards ``server_ip``:``port`` with ``-R``
+    (the server sends, this side counts) for ``seconds``; its JSON result."""
+    r = lab.nsexec(ns, "iperf3", "-c", server_ip, "-p", port, "-R", "-J", "-t", seconds,
+                   *args, check=False, timeout=seconds + 30)
     try:
-        data = json.loads(out)
+        data = json.loads(r.stdout)
     except ValueError:
-        raise RuntimeError(f"iperf3 client in {receiver_ns}: no JSON: {out.strip()[:300]}")
+        raise RuntimeError(f"iperf3 client in {ns}: no JSON: "
+                           f"{(r.stdout or r.stderr).strip()[:300]}") from None
     if data.get("error"):
-        raise RuntimeError(f"iperf3 client in {receiver_ns}: {data['error']}")
+        raise RuntimeError(f"iperf3 client in {ns}: {data['error']}")
     return data
 
 
-def _receiver_intervals(data):
+def receiver_intervals(data):
     """(bytes, seconds) summed over the client's non-omitted intervals.
 
     The first interval after omitted ones is left out too: iperf3 3.12 sometimes reports
@@ -153,21 +128,22 @@ def _receiver_intervals(data):
     return total_b, total_s
 
 
+def goodput_bps(data):
+    """Receiver-counted goodput of an iperf3 ``-R`` result in bit/s over
+    :func:`receiver_intervals` (iperf3's own end-of-run figure when none are left)."""
+    b, s = receiver_intervals(data)
+    if s > 0:
+        return 8 * b / s
+    return float(data["end"]["sum_received"]["bits_per_second"])
+
+
 def tcp_goodput_and_mss(sender_ns, receiver_ns, sender_ip, seconds, omit_s=0, streams=1,
                         port=IPERF_PORT):
     """Receiver-measured TCP goodput in bit/s from ``sender_ns`` to ``receiver_ns`` over
     the non-omitted intervals, and the connection's MSS in bytes (None if not reported)."""
-    server = _start_server(sender_ns, port, sender_ip)
-    try:
-        data = _iperf_client(receiver_ns, sender_ip,
-                             ["-P", str(streams), "-O", str(omit_s)], seconds, port)
-    finally:
-        _stop(server)
-    b, s = _receiver_intervals(data)
-    mss = data.get("start", {}).get("tcp_mss_default")
-    if s > 0:
-        return 8 * b / s, mss
-    return float(data["end"]["sum_received"]["bits_per_second"]), mss
+    data = lab.iperf3(sender_ns, sender_ip, receiver_ns, seconds=seconds, streams=streams,
+                      reverse=True, omit_s=omit_s, port=port)
+    return goodput_bps(data), data.get("start", {}).get("tcp_mss_default")
 
 
 def tcp_rate_bps(sender_ns, receiver_ns, sender_ip, seconds, streams=1, omit_s=0,
@@ -175,6 +151,9 @@ def tcp_rate_bps(sender_ns, receiver_ns, sender_ip, seconds, streams=1, omit_s=0
     """Receiver-measured TCP goodput in bit/s from ``sender_ns`` to ``receiver_ns``."""
     return tcp_goodput_and_mss(sender_ns, receiver_ns, sender_ip, seconds, omit_s, streams,
                                port)[0]
+
+
+# ---------------------------------------------------------------- 64-byte UDP frames
 
 
 # The 64-byte frame sender: sendmmsg(2) of 256 datagrams per call through ctypes (a
@@ -213,40 +192,99 @@ while clock() < end:
 print(sent, clock() - t0)
 """
 
+# The receiver's socket: bound, never read, held until stdin closes (see the module
+# docstring: a full buffer drops silently, where no socket would mean an ICMP reply each).
+_SINK_SRC = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def udp_sink(ns, port=FLOOD_PORT):
+    """A UDP socket bound to ``port`` in namespace ``ns`` for the ``with`` block, never
+    read (the kernel drops what its full buffer cannot take, silently)."""
+    proc = lab.nspopen(ns, sys.executable, "-c", _SINK_SRC, port, stdin=subprocess.PIPE,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        try:
+            lab.wait_listening(ns, port, "udp")
+        except RuntimeError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"UDP sink in {ns} exited with {proc.returncode}: "
+                                   f"{proc.stderr.read().strip()[-300:]}") from None
+            raise
+        yield proc
+    finally:
+        stop_process(proc)
+
 
 def rx_packets(ns, ifname):
     """The rx_packets counter of ``ifname`` inside namespace ``ns``."""
-    return int(run(["cat", f"/sys/class/net/{ifname}/statistics/rx_packets"], ns=ns))
+    return int(lab.nsexec(ns, "cat", f"/sys/class/net/{ifname}/statistics/rx_packets").stdout)
+
+
+def snmp_counters(ns):
+    """``/proc/net/snmp`` of namespace ``ns`` as {"Udp": {"NoPorts": n, ...}, "Icmp": ...}."""
+    lines = lab.nsexec(ns, "cat", "/proc/net/snmp").stdout.splitlines()
+    out = {}
+    for names, values in zip(lines[::2], lines[1::2]):
+        proto, names = names.split(":", 1)
+        out[proto] = dict(zip(names.split(), map(int, values.split(":", 1)[1].split())))
+    return out
+
+
+class Flood(NamedTuple):
+    """One flood: frames per second received at the interface and sent, and what the
+    receiver's kernel did with the datagrams (deltas over the flood)."""
+    rx_pps: float
+    tx_pps: float
+    udp_rcvbuf_errors: int       # dropped silently at the sink's full buffer
+    udp_no_ports: int            # arrived with no socket on the port (0 with the sink)
+    icmp_unreach_sent: int       # ICMP destination unreachable sent back (≈ 0 with the sink)
 
 
 def udp_flood_pps(sender_ns, receiver_ns, dst_ip, receiver_ifname, seconds,
-                  payload_bytes=UDP_64B_PAYLOAD, port=9):
+                  payload_bytes=UDP_64B_PAYLOAD, port=FLOOD_PORT, sink=True):
     """64-byte frames per second arriving at ``receiver_ifname`` (in ``receiver_ns``)
-    while ``sender_ns`` sends UDP to ``dst_ip`` flat out for ``seconds``; returns
-    (received pps, sent pps). Counted at the receiving interface, so the result is what
-    the path delivers, not what a receiving application keeps up with."""
-    import sys
-    before = rx_packets(receiver_ns, receiver_ifname)
-    out = run([sys.executable, "-c", _FLOOD_SRC, dst_ip, str(port), str(payload_bytes),
-               str(seconds)], ns=sender_ns, timeout_s=seconds + 30)
-    after = rx_packets(receiver_ns, receiver_ifname)
+    while ``sender_ns`` sends UDP to ``dst_ip``:``port`` flat out for ``seconds``, with a
+    :func:`udp_sink` on that port in the receiver (``sink=False``: none, the receiver
+    answers ICMP port unreachable; for comparison only); a :class:`Flood`. Counted at the
+    receiving interface, so the result is what the path delivers, not what a receiving
+    application keeps up with."""
+    with udp_sink(receiver_ns, port) if sink else contextlib.nullcontext():
+        snmp0 = snmp_counters(receiver_ns)
+        before = rx_packets(receiver_ns, receiver_ifname)
+        out = lab.nsexec(sender_ns, sys.executable, "-c", _FLOOD_SRC, dst_ip, port,
+                         payload_bytes, seconds, timeout=seconds + 30).stdout
+        after = rx_packets(receiver_ns, receiver_ifname)
+        snmp1 = snmp_counters(receiver_ns)
     sent, took = out.split()
     took = float(took)
-    return (after - before) / took, int(sent) / took
+
+    def delta(proto, name):
+        return snmp1.get(proto, {}).get(name, 0) - snmp0.get(proto, {}).get(name, 0)
+    return Flood((after - before) / took, int(sent) / took, delta("Udp", "RcvbufErrors"),
+                 delta("Udp", "NoPorts"), delta("Icmp", "OutDestUnreachs"))
+
+
+# ---------------------------------------------------------------- ping
 
 
 _RTT = re.compile(r"time[=<]([0-9.]+) ms")
 
 
 def ping_rtts_ms(ns, dst_ip, count, interval_s=0.01, timeout_s=None):
-    """Every echo reply's round-trip time in ms, from namespace ``ns`` to ``dst_ip``."""
+    """Every echo reply's round-trip time in ms, from namespace ``ns`` to ``dst_ip``
+    (``lab.ping``'s output, each reply's ``time=``)."""
     if count <= 0:
         raise ValueError(f"count must be > 0, got {count}")
-    out = run(["ping", "-n", "-c", str(count), "-i", f"{interval_s:g}", "-W", "1", dst_ip],
-              ns=ns, check=False, timeout_s=timeout_s or count * interval_s + 15)
-    rtts = [float(m.group(1)) for m in _RTT.finditer(out)]
+    r = lab.ping(ns, dst_ip, count, interval_s, timeout_s=timeout_s or count * interval_s + 15)
+    rtts = [float(t) for t in _RTT.findall(r["out"])]
     if not rtts:
-        raise RuntimeError(f"ping from {ns} to {dst_ip} got no reply: {out.strip()[-300:]}")
+        raise RuntimeError(f"ping from {ns} to {dst_ip} got no reply: {r['out'].strip()[-300:]}")
     return rtts
 
 
@@ -254,8 +292,7 @@ def wait_reachable(ns, dst_ip, timeout_s=10.0):
     """Pings until ``dst_ip`` answers (ARP resolved, switch learned), or raises."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        out = run(["ping", "-n", "-c", "1", "-W", "1", dst_ip], ns=ns, check=False)
-        if _RTT.search(out):
+        if lab.ping(ns, dst_ip, count=1, timeout_s=10)["received"]:
             return
         time.sleep(0.1)
     raise RuntimeError(f"{dst_ip} not reachable from {ns} within {timeout_s} s")

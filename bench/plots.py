@@ -7,9 +7,10 @@ parameter that varies becomes part of the series label, so "vswitch, features=dn
 "vswitch-py, features=dnat" are separate lines. Points are medians; error bars are
 quartiles when a point has ≥ 5 repetitions, else min..max (one cold first call must not
 hide the spread that matters). An axis spanning more than two decades is logarithmic
-(batch 1..1024, 16..1M MACs).
+(batch 1..1024, 16..1M MACs), and so is a value axis whose medians span more than two
+decades (``LOG_SPAN``), in line and bar charts alike, its label saying "log scale".
 A figure without a varying numeric parameter becomes a bar chart of its subjects, side by
-side. matplotlib is an optional extra (``pip install '.[plot]'``); without it
+side, each bar's median printed on it. matplotlib is an optional extra (``pip install '.[plot]'``); without it
 ``make_plots`` returns no figures and says why.
 """
 from __future__ import annotations
@@ -81,7 +82,8 @@ def make_plots(rows, out_dir):
             else:
                 _bar_plot(ax, grows)
             ax.set_title(f"{group}", fontsize=11)
-            ax.set_ylabel(report.unit_label(unit))
+            ax.set_ylabel(report.unit_label(unit)
+                          + (", log scale" if ax.get_yscale() == "log" else ""))
             better = report.UNITS.get(unit, ("", "", None))[1]
             hint = {"higher": "higher is better", "lower": "lower is better",
                     "one": "1.0 is exact"}.get(better)
@@ -122,13 +124,11 @@ def _line_plot(ax, rows, xk):
         ax.set_xticks(distinct)
         ax.set_xticklabels([_tick(x) for x in distinct], fontsize=8)
         ax.minorticks_off()
-    ys_all = [r.median for r in rows if r.median > 0]
-    if ys_all and max(ys_all) / min(ys_all) >= 100:
-        ax.set_yscale("log")
-    elif any(r.unit == "achieved_ratio" for r in rows):
+    log = _log_y(ax, [r.median for r in rows])   # then a ratio reads as a distance
+    if not log and any(r.unit == "achieved_ratio" for r in rows):
         ax.axhspan(0.98, 1.02, color="tab:green", alpha=0.12, label="±2% of the setting")
         ax.axhline(1.0, color="tab:green", lw=0.8)
-    else:
+    elif not log:
         ax.set_ylim(bottom=0)          # a ratio reads true only from zero
     ax.set_xlabel(AXIS_LABELS.get(xk, xk.replace("_", " ")))
     ax.legend(fontsize=8)
@@ -172,10 +172,40 @@ def _bar_plot(ax, rows):
     ys = [r.median for r in rows]
     err = _err(rows)
     colors = [_colour(r.subject) for r in rows]
-    ax.bar(range(len(rows)), ys, yerr=err, capsize=4, color=colors)
-    if any(r.unit == "achieved_ratio" for r in rows):
+    bars = ax.bar(range(len(rows)), ys, yerr=err, capsize=4, color=colors)
+    ax.bar_label(bars, labels=[_value(y) for y in ys], fontsize=7, padding=2)
+    if _log_y(ax, ys):
+        # the smallest bar stands a factor 5 above the axis' foot, so it is seen
+        ax.set_ylim(bottom=min(y for y in ys if y > 0) / 5)
+    elif any(r.unit == "achieved_ratio" for r in rows):
         ax.axhspan(0.98, 1.02, color="tab:green", alpha=0.12)
         ax.set_ylim(min(0.9, min(ys) - 0.02), max(1.1, max(ys) + 0.02))
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, fontsize=7, rotation=20 if len(rows) > 4 else 0,
                        ha="right" if len(rows) > 4 else "center")
+
+
+#: Values spanning more than this factor (two decades) get a logarithmic value axis, so a
+#: 0.1 Mpps bar beside a 40 Mpps one is still seen.
+LOG_SPAN = 100.0
+
+
+def value_scale(values):
+    """"log" when the positive, finite ``values`` (a figure's medians) span more than
+    ``LOG_SPAN``, else "linear"."""
+    pos = [v for v in values if v > 0 and math.isfinite(v)]
+    return "log" if len(pos) >= 2 and max(pos) / min(pos) > LOG_SPAN else "linear"
+
+
+def _log_y(ax, values):
+    """Makes the value axis logarithmic when :func:`value_scale` says so; returns whether
+    it did (``make_plots`` then says so in the axis label)."""
+    if value_scale(values) != "log":
+        return False
+    ax.set_yscale("log", nonpositive="clip")
+    return True
+
+
+def _value(y):
+    """A bar's value printed on it: three significant digits."""
+    return f"{y:.3g}"

@@ -50,12 +50,8 @@ POD_IFNAME = "eth0"
 def require_subject(subject, *, portmap=False, bandwidth=False, tools=()):
     """Skip the calling test (with the reason) unless ``subject`` can run here."""
     import pytest
-    why = lab.kernel_unavailable()
-    if why:
-        pytest.skip(why)
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)}")
+    from bench import nettools
+    nettools.require(*tools)
     needed = ["host-local"]
     if subject == "bridge":
         needed.append("bridge")
@@ -71,25 +67,28 @@ def require_subject(subject, *, portmap=False, bandwidth=False, tools=()):
         pytest.skip("not installed: iptables (the portmap plugin needs it)")
 
 
+def _setns(fd, what):
+    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns({what}): {os.strerror(err)}")
+
+
 @contextlib.contextmanager
 def in_netns(name):
-    """This thread (and processes it starts) inside network namespace ``name`` until exit."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    """This thread (and threads and processes it starts) inside network namespace
+    ``name`` until exit."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        fd = os.open(lab.Namespaces.path(name), os.O_RDONLY)
+        path = lab.Namespaces.path(name)
+        fd = os.open(path, os.O_RDONLY)
         try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns({lab.Namespaces.path(name)}): {os.strerror(err)}")
+            _setns(fd, path)
         finally:
             os.close(fd)
         try:
             yield
         finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns back to this process's namespace: {os.strerror(err)}")
+            _setns(own, "back to this thread's own namespace")
     finally:
         os.close(own)
 

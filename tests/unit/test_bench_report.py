@@ -413,6 +413,44 @@ def test_iperf_intervals_skip_omitted_and_the_misreported_one_after_them():
     # iperf3 3.12: the first interval after the omitted ones claims 2.0 s for 1 s of bytes
     data = {"intervals": [iv(1.0, 2_600_000, True), iv(2.0, 2_400_000, False),
                           iv(1.0, 2_400_000, False), iv(1.0, 2_400_000, False)]}
-    assert nettools._receiver_intervals(data) == (4_800_000, 2.0)
+    assert nettools.receiver_intervals(data) == (4_800_000, 2.0)
+    assert nettools.goodput_bps(data) == 8 * 4_800_000 / 2.0
     no_omit = {"intervals": [iv(1.0, 100, False), iv(0.5, 50, False)]}
-    assert nettools._receiver_intervals(no_omit) == (150, 1.5)
+    assert nettools.receiver_intervals(no_omit) == (150, 1.5)
+    # nothing left after the omitted ones: iperf3's own end-of-run figure
+    only_omitted = {"intervals": [iv(1.0, 100, True)],
+                    "end": {"sum_received": {"bits_per_second": 800.0}}}
+    assert nettools.goodput_bps(only_omitted) == 800.0
+
+
+def test_a_value_axis_spanning_more_than_two_decades_is_logarithmic():
+    from bench import plots
+    # core-features: the core near 40 Mpps beside the twin near 0.1 Mpps
+    assert plots.value_scale([40.0, 0.1]) == "log"
+    assert plots.value_scale([40.0, 0.5]) == "linear"        # 80×: bars still visible
+    assert plots.value_scale([0.95, 1.01]) == "linear"
+    # zeros, NaN and a lone value do not decide it
+    assert plots.value_scale([0.0, 5.0, float("nan")]) == "linear"
+
+
+def test_bar_chart_of_a_wide_span_is_drawn_on_a_log_axis_with_a_label(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+    from bench import plots
+    rows = rows_of(*(bench(f"f{s}", "core-features",
+                           {"subject": s, "unit": "mpps", "mpps": v, "features": "none"})
+                     for s, v in (("vswitch", 40.0), ("vswitch-py", 0.1))))
+    drawn = {}                     # each figure's axis as it is written to its PNG
+    savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, path, *a, **kw):
+        ax = fig.axes[0]
+        drawn[Path(path).name] = (ax.get_yscale(), ax.get_ylabel(),
+                                  {t.get_text() for t in ax.texts})
+        return savefig(fig, path, *a, **kw)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    figures, note = plots.make_plots(rows, tmp_path / "plots")
+    assert note is None and figures == {"core-features": ["plots/core-features.png"]}
+    scale, label, texts = drawn["core-features.png"]
+    assert scale == "log" and "log scale" in label
+    assert {"40", "0.1"} <= texts                # each bar's median printed on it
