@@ -11,7 +11,7 @@ under ``with nogil:`` through ``process_one`` - parse (parse.pxi) -> anti-spoofi
 egress shaper -> NAT/conntrack -> L2 learn/lookup -> ingress shaper -> output - one
 packet after the other, so each packet sees the state the previous one left (the same
 sequential semantics as the pure-Python twin, vswitch/datapath_py.py, which is the
-executable spec; its "Decisions beyond docs/datapath.md" D1..D35 are followed here and
+executable spec; its "Decisions beyond docs/datapath.md" D1..D36 are followed here and
 cited by number). The loop allocates no Python object and reads no clock: time is the
 ``now_ns`` argument. Every helper it calls is ``cdef inline ... noexcept nogil``.
 
@@ -489,10 +489,10 @@ cdef Py_ssize_t drain_c(Core *c, uint64_t now, uint8_t *obuf, Py_ssize_t obuf_le
         if off + length > <uint64_t>obuf_len:
             break
         shaper_refill(s, best_t)          # released at its own departure time (D15)
-        s.credit -= pkt_cost(length)
+        s.credit -= pkt_cost(q_charged(r))
         in_port = r.in_port
         out = r.out_port
-        memcpy(obuf + off - H, (<uint8_t *>r) + sizeof(QRec), H + length)
+        memcpy(obuf + off - H, q_data(r), H + length)
         q_pop(s)
         if (best & 1) == C_EGRESS:
             parse_frame(&k, obuf + off, length)

@@ -5,7 +5,9 @@ Decisions beyond docs/datapath.md
 The contract is silent on these points; both implementations follow them exactly.
 (Numbered so the Cython side can cite them. D-numbers are stable; new ones are appended.)
 Changes after the first version: D15/D16 (commit "drain releases each head at its own
-departure time"): drain() refills a shaper at the head's t_dep, not at now_ns.
+departure time"): drain() refills a shaper at the head's t_dep, not at now_ns. D7/D36:
+a GSO frame is charged the bytes its segments take on the wire (Linux's
+qdisc_pkt_len_init), not its own length.
 
 Arguments and validation
  D1  Constructor: keyword arguments exactly the keys of dpconst.DEFAULTS. max_ports in
@@ -37,8 +39,9 @@ Arguments and validation
      an added port; host_ip, when given, must have the same length as pod_ip.
 
 Parsing
- D7  Checksums are never verified. csum_start/csum_offset and gso_type of the vnet header
-     are never read; only flags bit 0 (NEEDS_CSUM), and only when vnet_hdr_len > 0.
+ D7  Checksums are never verified. csum_start/csum_offset/hdr_len of the vnet header are
+     never read; flags bit 0 (NEEDS_CSUM) is read for NAT (D26), gso_type and gso_size
+     only for the shaping cost (D36), and only when vnet_hdr_len > 0.
  D8  The VLAN id is TCI & 0x0FFF (0 when untagged; priority-tagged frames share vlan 0).
      An inner ethertype 0x8100 after one tag is "any other ethertype": L2 only. Ethertypes
      below 0x0600 (802.3 lengths) are "any other": L2 only. ARP's 28 bytes are counted after
@@ -163,6 +166,32 @@ L2
  D33 A flood goes to every added port that is up except the in port (VLANs are not
      membership-checked). `flooded` += 1 per flooded frame; tx counts on each port.
 
+ D36 Shaping cost of a GSO frame (Linux's qdisc_pkt_len_init, net/core/dev.c): a shaper
+     charges a packet its *charged length* C (cost C*8*10^9 bit*ns), which is the frame
+     length L except for a GSO frame, which becomes several frames on the wire, each with
+     its own headers. With vnet_hdr_len > 0, gso_type = header byte 1 & 0x7F (the ECN bit
+     0x80 ignored), gso_size = bytes 4-5 (little endian) > 0, and the parser found L4
+     (not an ICMP, not a non-first fragment), the header length h is:
+       gso_type 1 (TCPV4) or 4 (TCPV6), L4 is TCP: L4 offset + TCP data offset * 4;
+       gso_type 5 (UDP_L4, segmentation), L4 is UDP: L4 offset + 8;
+       gso_type 3 (UDP, UFO: IP fragments, the UDP header only in the first), L4 is UDP:
+         the L4 offset (Linux adds the UDP header only for UDP_L4);
+     L4 offset = from the frame's first byte (802.1Q tag, IP options and IPv6 extension
+     headers included). Then payload = L - h; if payload > 0:
+       segs = ceil(payload / gso_size), C = min(L + (segs - 1) * h, 2 * L),
+     otherwise (any other gso_type, a type that does not match the L4 protocol, payload
+     <= 0) C = L. The cap 2*L is ours, not Linux's: it is above the wire length of every
+     frame whose segments carry at least as much payload as headers (gso_size >= h, every
+     real TSO/USO frame), and keeps a crafted header (gso_size 1 on a 64 KiB frame would
+     be ~1 GB on the wire) from holding a shaper for minutes: a frame never costs more
+     than twice its length, so C <= 2 * MAX_FRAME. Only the cost uses C: admission
+     (credit >= cost), the cap's head cost (oversized packets), t_dep and the credit taken
+     on release. Everything else stays in frame bytes: queue_bytes and the queue limit
+     (memory), counters (rx/tx bytes, conntrack bytes). C is computed when the packet
+     reaches the shaper (from its vnet header and the parse of that frame; NAT does not
+     change it) and a queued packet keeps it. trace() uses an all-zero vnet header (D35),
+     so it charges L.
+
 Counters, trace
  D34 packets/bytes (global) and rx (per port) count each frame once, when process()
      receives it. tx counts when a frame is output (process or drain), never for
@@ -199,13 +228,18 @@ fragments are never NAT-tracked. Nothing is ever read past the frame's length, b
 ``_parse`` reads a ``bytes`` copy of exactly the frame and checks every length first.
 
 Shaping. A token bucket per (port, direction) with credit in bit*ns (bits x 10^9, exact
-Python ints): a packet of L bytes costs L*8*10^9; refill adds elapsed_ns * rate_bps. A
-packet leaves at once if its queue is empty and the credit covers it, otherwise it waits
-in a FIFO bounded in bytes. Oversized packets (cost > burst): while such a packet is the
-head of the queue the credit cap rises to its cost, so it leaves (L*8 - burst)/rate
-seconds after the bucket was full, and the released bytes still never exceed
-burst + rate*t. No packet stalls forever. drain() releases due heads oldest departure
-first; an egress packet then continues at stage 4.
+Python ints): a packet costs C*8*10^9 where C is its charged length; refill adds
+elapsed_ns * rate_bps. C is the frame length L, except for an offloaded GSO frame (a TSO
+segment of up to 64 KiB from a TAP): on a wire it becomes ceil(payload / gso_size) frames,
+each with its own Ethernet/IP/TCP headers, so it is charged those headers once per extra
+segment, as Linux's qdiscs charge it (``_charged_len``, D36). Without that a shaped TCP
+stream got 4-5% more than its rate on the wire. Queue limits and counters stay in frame
+bytes. A packet leaves at once if its queue is empty and the credit covers it, otherwise
+it waits in a FIFO bounded in (frame) bytes. Oversized packets (cost > burst): while such
+a packet is the head of the queue the credit cap rises to its cost, so it leaves
+(C*8 - burst)/rate seconds after the bucket was full, and the charged bytes released
+still never exceed burst + rate*t. No packet stalls forever. drain() releases due heads
+oldest departure first; an egress packet then continues at stage 4.
 
 Conntrack. One entry per connection holds both directions (BESS nat.h style): one index
 maps the original tuple and the reply tuple to the same entry, so a reply is found with
@@ -247,6 +281,12 @@ IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
 IPV6_EXT_HEADERS = (0, 43, 60, 44, 51)   # hop-by-hop, routing, dest opts, fragment, AH
 TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
+# virtio-net header gso_type values (linux/virtio_net.h); D36
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5
+VIRTIO_NET_HDR_GSO_ECN = 0x80
 
 _ZERO4 = bytes(4)
 _ZERO16 = bytes(16)
@@ -484,12 +524,38 @@ class _Port:
         self.shapers = [None, None]   # indexed by EGRESS / INGRESS
 
 
-class _Queued:
-    __slots__ = ("data", "length", "in_port", "out_port", "fresh")
+def _charged_len(vnet, b, p):
+    """D36: the bytes a shaper charges for a frame. vnet: its virtio-net header (b"" when
+    vnet_hdr_len is 0), b: the frame, p: its _Parsed."""
+    length = len(b)
+    if not vnet or p.l4 < 0:
+        return length
+    gso_type = vnet[1] & ~VIRTIO_NET_HDR_GSO_ECN
+    gso_size = vnet[4] | (vnet[5] << 8)
+    if gso_size == 0:
+        return length
+    if gso_type in (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6) and p.l4_proto == IPPROTO_TCP:
+        hdr_len = p.l4 + (b[p.l4 + 12] >> 4) * 4
+    elif gso_type == VIRTIO_NET_HDR_GSO_UDP_L4 and p.l4_proto == IPPROTO_UDP:
+        hdr_len = p.l4 + 8
+    elif gso_type == VIRTIO_NET_HDR_GSO_UDP and p.l4_proto == IPPROTO_UDP:
+        hdr_len = p.l4                     # IP fragments: the UDP header only in the first
+    else:
+        return length
+    payload = length - hdr_len
+    if payload <= 0:
+        return length
+    segs = -(-payload // gso_size)
+    return min(length + (segs - 1) * hdr_len, 2 * length)
 
-    def __init__(self, data, length, in_port, out_port, fresh):
+
+class _Queued:
+    __slots__ = ("data", "length", "charged", "in_port", "out_port", "fresh")
+
+    def __init__(self, data, length, charged, in_port, out_port, fresh):
         self.data = data         # vnet header + frame, as bytes
         self.length = length     # frame length (header excluded)
+        self.charged = charged   # the length the shaper charges (D36)
         self.in_port = in_port
         self.out_port = out_port  # ingress queues: the decided out port
         self.fresh = fresh       # enqueued during the current drain() call
@@ -512,7 +578,7 @@ class _Shaper:
     def cap(self):
         cap = self.burst_bits * SEC_NS
         if self.queue:
-            cap = max(cap, self.queue[0].length * 8 * SEC_NS)
+            cap = max(cap, self.queue[0].charged * 8 * SEC_NS)
         return cap
 
     def refill(self, now_ns):
@@ -521,15 +587,16 @@ class _Shaper:
         self.last_ns = now_ns
 
     def head_departure_ns(self):
-        cost = self.queue[0].length * 8 * SEC_NS
+        cost = self.queue[0].charged * 8 * SEC_NS
         need = cost - self.credit
         wait = -(-need // self.rate_bps) if need > 0 else 0
         return self.last_ns + wait
 
-    def offer(self, now_ns, length):
-        """'pass' (credit taken), 'queue' (caller appends) or 'full'."""
+    def offer(self, now_ns, length, charged):
+        """'pass' (credit taken), 'queue' (caller appends) or 'full'. length: frame bytes
+        (the queue limit), charged: the bytes the credit pays for (D36)."""
         self.refill(now_ns)
-        cost = length * 8 * SEC_NS
+        cost = charged * 8 * SEC_NS
         if not self.queue and self.credit >= cost:
             self.credit -= cost
             return "pass"
@@ -545,7 +612,7 @@ class _Shaper:
         """Pops the head at its departure time (D15)."""
         self.refill(self.head_departure_ns())
         item = self.queue.popleft()
-        self.credit -= item.length * 8 * SEC_NS
+        self.credit -= item.charged * 8 * SEC_NS
         self.queue_bytes -= item.length
         return item
 
@@ -983,15 +1050,16 @@ class Datapath:
             # 3. egress shaping
             shaper = port.shapers[EGRESS]
             if shaper is not None:
-                verdict = shaper.offer(now, length)
+                charged = self._charged_len(buf, off, b, p)
+                verdict = shaper.offer(now, length, charged)
                 if verdict == "full":
                     raise _Drop("queue_full", in_port, "egress queue full")
                 if tr is not None:
                     tr.append(("egress_shaper", verdict))
                 if verdict == "queue":
                     H = self.vnet_hdr_len
-                    shaper.append(_Queued(buf[off - H:off + length].tobytes(), length, in_port, -1,
-                                          self._draining))
+                    shaper.append(_Queued(buf[off - H:off + length].tobytes(), length, charged, in_port,
+                                          -1, self._draining))
                     self._count_queued(in_port)
                     if tr is not None:
                         tr.append(("output", "queued"))
@@ -999,6 +1067,11 @@ class Datapath:
         except _Drop as drop:
             return self._dropped(drop, tr)
         return self._stage4_on(buf, off, length, in_port, p, now, tr)
+
+    def _charged_len(self, buf, off, b, p):
+        """D36 for the frame b at buf[off:]; its vnet header is the H bytes before it."""
+        H = self.vnet_hdr_len
+        return _charged_len(buf[off - H:off].tobytes() if H else b"", b, p)
 
     def _dropped(self, drop, tr):
         self._count_drop(drop.reason, drop.port)
@@ -1029,15 +1102,16 @@ class Datapath:
             return OUT_FLOOD
         shaper = self._ports[out].shapers[INGRESS]
         if shaper is not None:
-            verdict = shaper.offer(now, length)
+            charged = self._charged_len(buf, off, buf[off:off + length].tobytes(), p)
+            verdict = shaper.offer(now, length, charged)
             if tr is not None:
                 tr.append(("ingress_shaper", verdict))
             if verdict == "full":
                 return self._dropped(_Drop("queue_full", out, "ingress queue full"), tr)
             if verdict == "queue":
                 H = self.vnet_hdr_len
-                shaper.append(_Queued(buf[off - H:off + length].tobytes(), length, in_port, out,
-                                      self._draining))
+                shaper.append(_Queued(buf[off - H:off + length].tobytes(), length, charged, in_port,
+                                      out, self._draining))
                 self._count_queued(out)
                 if tr is not None:
                     tr.append(("output", "queued"))

@@ -383,3 +383,165 @@ def test_next_departure_is_minus_one_when_nothing_waits(dp):
     assert dp.next_departure_ns() == -1
     dp.set_shaper(A, C.EGRESS, 1000, 10**6)
     assert dp.next_departure_ns() == -1
+
+
+# --------------------------------------------------------------------------- GSO frames (D36)
+# An offloaded TCP segment from a TAP becomes ceil(payload / gso_size) frames on a wire,
+# each with its own headers; a shaper charges it those bytes, as Linux's
+# qdisc_pkt_len_init does, so the rate on the wire is the rate set. Queue bytes and
+# counters stay frame bytes.
+
+GSO_TCPV4, GSO_UDP, GSO_TCPV6, GSO_UDP_L4, GSO_ECN = 1, 3, 4, 5, 0x80
+H12 = 12
+
+
+def vnet_hdr(gso_type=0, gso_size=0, flags=0):
+    """struct virtio_net_hdr_mrg_rxbuf (12 bytes, little endian); hdr_len and csum_* are
+    deliberately nonsense: the datapath does not read them."""
+    import struct
+    return struct.pack("<BBHHHHH", flags, gso_type, 7, gso_size, 3, 5, 0)
+
+
+def tcp_frame(src, dst, payload_bytes, family=4, vlan=None):
+    """Ethernet + IPv4/IPv6 + TCP with 12 bytes of options (timestamps): headers of
+    14 + 20 + 32 = 66 bytes (IPv4) or 14 + 40 + 32 = 86 (IPv6), plus 4 with a tag."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Dot1Q
+    l3 = IP(src="10.0.0.2", dst="10.0.0.9") if family == 4 else IPv6(src="fd00::2", dst="fd00::9")
+    eth = Ether(src=mac_str(src), dst=mac_str(dst))
+    if vlan is not None:
+        eth = eth / Dot1Q(vlan=vlan)
+    tcp = TCP(sport=40000, dport=5201, flags="A", options=[("NOP", None), ("NOP", None),
+                                                            ("Timestamp", (1, 2))])
+    return bytes(eth / l3 / tcp / bytes(payload_bytes))
+
+
+def udp_frame(src, dst, payload_bytes):
+    """Ethernet + IPv4 + UDP: headers of 14 + 20 + 8 = 42 bytes."""
+    from scapy.layers.inet import IP, UDP
+    return bytes(Ether(src=mac_str(src), dst=mac_str(dst)) / IP(src="10.0.0.2", dst="10.0.0.9")
+                 / UDP(sport=4000, dport=4001) / bytes(payload_bytes))
+
+
+def gso_dp(dp_impl, direction, rate_bps, burst_bits):
+    dp = make(dp_impl, vnet_hdr_len=H12)
+    learn(dp, vnet_hdr_len=H12)
+    from scapy.layers.l2 import Dot1Q       # the same MACs in VLAN 5
+    send(dp, [bytes(Ether(src=mac_str(m), dst=mac_str(BCAST)) / Dot1Q(vlan=5)) + bytes(42) for m in (MAC_A, MAC_H)],
+         [A, HOST], 0, vnet_hdr_len=H12)
+    dp.set_shaper(A, direction, rate_bps, burst_bits, queue_bytes=10**6)
+    return dp
+
+
+def through(dp, direction, frames, hdrs, now_ns):
+    """Sends frames (each with its vnet header) through pod A's shaper of `direction`."""
+    src, dst, port = (MAC_A, MAC_H, A) if direction == C.EGRESS else (MAC_H, MAC_A, HOST)
+    frames = [f(src, dst) for f in frames]
+    outs, _ = send(dp, frames, [port] * len(frames), now_ns, vnet_hdr_len=H12, vnet_hdrs=hdrs)
+    return outs, frames
+
+
+def charged(dp_impl, direction, make_frame, hdr):
+    """The bytes the shaper took from its credit for one frame that passed at once."""
+    burst = 8 * 200_000
+    dp = gso_dp(dp_impl, direction, 8_000_000, burst)
+    outs, frames = through(dp, direction, [make_frame], [hdr], 1000)
+    assert outs == [HOST if direction == C.EGRESS else A]
+    taken = burst * SEC - dp.shaper_state(A, direction)["credit"]
+    assert taken % (8 * SEC) == 0
+    return taken // (8 * SEC), len(frames[0])
+
+
+@pytest.mark.parametrize("direction", [C.EGRESS, C.INGRESS])
+@pytest.mark.parametrize("gso_type", [GSO_TCPV4, GSO_TCPV4 | GSO_ECN])
+def test_a_tso_frame_is_charged_the_bytes_of_its_segments_on_the_wire(dp_impl, direction, gso_type):
+    # 10 segments of 1448 bytes: 9 more copies of the 66 header bytes on the wire
+    cost, length = charged(dp_impl, direction, lambda s, d: tcp_frame(s, d, 14480), vnet_hdr(gso_type, 1448))
+    assert length == 66 + 14480
+    assert cost == length + 9 * 66 == 15140
+
+
+@pytest.mark.parametrize("direction", [C.EGRESS, C.INGRESS])
+def test_the_next_packet_waits_for_the_wire_bytes_of_a_tso_frame(dp_impl, direction):
+    """A GSO frame at the head of a queue: its departure time, the credit after it, and
+    the next packet's departure all follow from its wire bytes; the queue counts frame bytes."""
+    rate = 8_000_000                                  # one byte per microsecond
+    dp = gso_dp(dp_impl, direction, rate, 0)
+    t0 = 10**6
+    big = lambda s, d: tcp_frame(s, d, 14480)        # 14546 bytes, 15140 on the wire
+    small = lambda s, d: frame(s, d, 1000, 7)
+    outs, frames = through(dp, direction, [big, small], [vnet_hdr(GSO_TCPV4, 1448), vnet_hdr()], t0)
+    assert outs == [C.OUT_QUEUED] * 2
+    state = dp.shaper_state(A, direction)
+    assert (state["queue_bytes"], state["queue_packets"]) == (14546 + 1000, 2)
+    assert dp.next_departure_ns() == t0 + 15140 * 1000          # 15140 bytes at 1 byte/us
+    assert drain(dp, t0 + 15140 * 1000 - 1, vnet_hdr_len=H12) == []
+    got = drain(dp, t0 + 15140 * 1000, vnet_hdr_len=H12)
+    assert [(len(f), h) for _, _, f, h in got] == [(14546, vnet_hdr(GSO_TCPV4, 1448))]
+    assert dp.shaper_state(A, direction)["credit"] == 0
+    assert dp.next_departure_ns() == t0 + (15140 + 1000) * 1000
+    got = drain(dp, t0 + (15140 + 1000) * 1000, vnet_hdr_len=H12)
+    assert [len(f) for _, _, f, _ in got] == [1000]
+    assert dp.shaper_state(A, direction)["queue_bytes"] == 0
+
+
+@pytest.mark.parametrize("direction", [C.EGRESS, C.INGRESS])
+def test_counters_count_the_frame_bytes_of_a_tso_frame(dp_impl, direction):
+    dp = gso_dp(dp_impl, direction, 8_000_000, 8 * 200_000)
+    in_port, out_port = (A, HOST) if direction == C.EGRESS else (HOST, A)
+    before = (pcounters(dp, in_port), pcounters(dp, out_port), gc(dp, "bytes"))
+    through(dp, direction, [lambda s, d: tcp_frame(s, d, 14480)], [vnet_hdr(GSO_TCPV4, 1448)], 1000)
+    assert pc(dp, in_port, "rx_bytes") - before[0]["rx_bytes"] == 14546
+    assert pc(dp, out_port, "tx_bytes") - before[1]["tx_bytes"] == 14546
+    assert gc(dp, "bytes") - before[2] == 14546
+
+
+@pytest.mark.parametrize("name,make_frame,hdr,expect", [
+    # IPv6: 86 header bytes per segment
+    ("tcpv6", lambda s, d: tcp_frame(s, d, 4 * 1428, family=6), vnet_hdr(GSO_TCPV6, 1428), 86 + 4 * 1428 + 3 * 86),
+    # an 802.1Q tag is part of every segment's headers
+    ("vlan", lambda s, d: tcp_frame(s, d, 3000, vlan=5), vnet_hdr(GSO_TCPV4, 1448), 70 + 3000 + 2 * 70),
+    # a last partial segment counts: ceil(3000 / 1000) = 3
+    ("partial", lambda s, d: tcp_frame(s, d, 2001), vnet_hdr(GSO_TCPV4, 1000), 66 + 2001 + 2 * 66),
+    # UDP segmentation (USO): every segment carries Ethernet + IPv4 + UDP, 42 bytes
+    ("uso", lambda s, d: udp_frame(s, d, 5 * 1200), vnet_hdr(GSO_UDP_L4, 1200), 42 + 6000 + 4 * 42),
+    # UFO: IP fragments, only the first carries the UDP header: 34 more bytes per extra one
+    # (the payload that is split is UDP header + data: ceil(6008 / 1480) = 5)
+    ("ufo", lambda s, d: udp_frame(s, d, 6000), vnet_hdr(GSO_UDP, 1480), 42 + 6000 + 4 * 34),
+    # the cap: a crafted gso_size of 1 would be 14480 segments; at most twice the frame
+    ("cap", lambda s, d: tcp_frame(s, d, 14480), vnet_hdr(GSO_TCPV4, 1), 2 * (66 + 14480)),
+])
+def test_gso_wire_bytes_by_kind(dp_impl, name, make_frame, hdr, expect):
+    for direction in (C.EGRESS, C.INGRESS):
+        assert charged(dp_impl, direction, make_frame, hdr)[0] == expect, (name, direction)
+
+
+@pytest.mark.parametrize("name,make_frame,hdr", [
+    ("no gso", lambda s, d: tcp_frame(s, d, 14480), vnet_hdr(0, 1448)),
+    ("ecn bit alone", lambda s, d: tcp_frame(s, d, 14480), vnet_hdr(GSO_ECN, 1448)),
+    ("gso_size 0", lambda s, d: tcp_frame(s, d, 14480), vnet_hdr(GSO_TCPV4, 0)),
+    ("payload fits one segment", lambda s, d: tcp_frame(s, d, 1448), vnet_hdr(GSO_TCPV4, 1448)),
+    ("no payload", lambda s, d: tcp_frame(s, d, 0), vnet_hdr(GSO_TCPV4, 1448)),
+    ("tcp type on udp", lambda s, d: udp_frame(s, d, 6000), vnet_hdr(GSO_TCPV4, 1200)),
+    ("udp type on tcp", lambda s, d: tcp_frame(s, d, 6000), vnet_hdr(GSO_UDP_L4, 1200)),
+    ("unknown type", lambda s, d: tcp_frame(s, d, 6000), vnet_hdr(2, 1200)),
+    ("not ip", lambda s, d: frame(s, d, 6000), vnet_hdr(GSO_TCPV4, 1200)),
+])
+def test_other_frames_are_charged_their_length(dp_impl, name, make_frame, hdr):
+    for direction in (C.EGRESS, C.INGRESS):
+        cost, length = charged(dp_impl, direction, make_frame, hdr)
+        assert cost == length, (name, direction)
+
+
+@pytest.mark.parametrize("direction", [C.EGRESS, C.INGRESS])
+def test_without_vnet_headers_a_tso_sized_frame_is_charged_its_length(dp_impl, direction):
+    """vnet_hdr_len=0: there is no GSO metadata, the frame is one frame."""
+    dp = make(dp_impl)
+    learn(dp)
+    burst = 8 * 200_000
+    dp.set_shaper(A, direction, 8_000_000, burst)
+    src, dst, port = (MAC_A, MAC_H, A) if direction == C.EGRESS else (MAC_H, MAC_A, HOST)
+    f = tcp_frame(src, dst, 14480)
+    assert send1(dp, f, port, 1000)[0] != C.OUT_QUEUED
+    assert dp.shaper_state(A, direction)["credit"] == (burst - len(f) * 8) * SEC
