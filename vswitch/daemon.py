@@ -96,8 +96,8 @@ class Daemon:
         self.ports = PortTable(self.io, on_drop=self.captures.close)
         self.gateways = Gateways(switch, self.state, self.log)
         self.masq = Masq(self.log)
-        self.host = None                # ports.HostPort
-        self.uplink = None              # ports.UplinkPort
+        self.host_port = None           # ports.HostPort
+        self.uplink_port = None         # ports.UplinkPort
         self.switch: Switch | None = None
         self.pods: Pods | None = None
         self.kernel: KernelWorker | None = None
@@ -117,12 +117,12 @@ class Daemon:
         self.ep.register(self.kernel.fd, select.EPOLLIN)
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         uplink = Uplink(self.uplink_name, self.host_name, self.state, self.log) if self.uplink_name else None
-        self.host = self.gateways.open(self.max_ports, nic=uplink.nic() if uplink else None)
+        self.host_port = self.gateways.open(self.max_ports, nic=uplink.nic() if uplink else None)
         self.switch = self.gateways.switch
-        self.ports.add(self.host)
+        self.ports.add(self.host_port)
         if uplink:
-            self.uplink = uplink.up(self.switch)
-            self.ports.add(self.uplink)
+            self.uplink_port = uplink.up(self.switch)
+            self.ports.add(self.uplink_port)
         elif self.state.uplink:
             # started without --uplink but a crashed run had one: give the NIC its addresses back
             uplink_restore(self.state.uplink, self.host_name, self.log)
@@ -332,15 +332,15 @@ class Daemon:
             self.control.close_conns()
         self.ports.close_taps()        # persistent: the pods keep their interfaces
         st = self.state
-        if self.uplink is not None:
-            self.uplink.close()
+        if self.uplink_port is not None:
+            self.uplink_port.close()
             uplink_restore(st.uplink, self.host_name, self.log)
             st.uplink = None
-        if self.host is not None:
+        if self.host_port is not None:
             if not st.attachments and st.adopted:
-                netlink.tap_set_persist(self.host.fd, False)
+                netlink.tap_set_persist(self.host_port.fd, False)
                 st.host["gateways"] = []
-            self.host.close()
+            self.host_port.close()
         if not st.adopted:
             pass                       # start failed early: leave the state as it was
         elif st.attachments:

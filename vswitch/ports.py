@@ -21,6 +21,10 @@ pure-Python twin below with the same methods (slow, for development without a bu
 ``run(datapath, deadline_ns, poll_ns)`` (BatchIO only) is the daemon's whole packet loop in
 Cython: wait, read, process, write, drain shaping queues, poll briefly after a batch, and
 return only when Python has work (``ext/io.pxi``).
+
+:class:`PortTable` is the daemon's view of its ports with an fd: by switch port name
+(what detach and ``show`` look up) and by port id while the fd is polled (what a failed
+fd reported by the loop maps back to).
 """
 from __future__ import annotations
 
