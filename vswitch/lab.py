@@ -282,7 +282,9 @@ def iperf3(server_ns: str, server_ip: str, client_ns: str, seconds: float = 3, s
            reverse: bool = False, omit_s: int = 0, port: int = 5201, udp_bps: int | None = None,
            length: int | None = None) -> dict:
     """One iperf3 run between namespaces; the client's JSON result."""
-    srv = nspopen(server_ns, "iperf3", "-s", "-1", "-p", port)
+    # the server's output is not read: DEVNULL, so a long run never blocks on a full pipe
+    srv = nspopen(server_ns, "iperf3", "-s", "-1", "-p", port, stdout=subprocess.DEVNULL,
+                  stderr=subprocess.DEVNULL)
     try:
         wait_listening(server_ns, port)
         args = ["iperf3", "-c", server_ip, "-p", port, "-t", seconds, "-P", streams, "--json"]
