@@ -260,7 +260,7 @@ ctypedef struct Shaper:
     uint64_t queue_limit_bytes  # sum of queued frame lengths may not exceed this
     uint64_t queue_bytes  # sum of queued frame lengths
     uint64_t queue_packets    # number of queued packets
-    uint8_t *qbuf         # FIFO storage: records [QRec][vnet header][frame], 8-aligned
+    uint8_t *qbuf         # FIFO storage: records [QRec][charged length, 8 bytes][vnet header][frame], 8-aligned (shaper.pxi q_charged/q_data)
     uint64_t qcap         # bytes allocated at qbuf
     uint64_t qhead        # offset of the oldest record
     uint64_t qtail        # offset one past the newest record
