@@ -25,25 +25,9 @@ if [ -z "$python" ]; then
     if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
 fi
 
-need_apt=()
-for pkg in containerd runc podman containernetworking-plugins golang-go \
-           golang-github-appc-cni-dev busybox-static iptables iproute2; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
-done
-if [ "${#need_apt[@]}" -gt 0 ]; then
-    echo "setup-runtimes: installing Debian packages: ${need_apt[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # policy-rc.d: do not start the packages' services (there may be no init system, and
-    # the tests run their own containerd with a private configuration).
-    policy=/usr/sbin/policy-rc.d
-    created_policy=0
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created_policy=1
-    fi
-    trap 'if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi' EXIT
-    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-fi
+. scripts/apt-need.sh
+apt_need setup-runtimes containerd runc podman containernetworking-plugins golang-go \
+    golang-github-appc-cni-dev busybox-static iptables iproute2
 
 if ! "$python" -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
     echo "setup-runtimes: installing grpcio and grpcio-tools into $python"

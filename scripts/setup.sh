@@ -5,24 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
+. scripts/apt-need.sh
 # openvswitch-switch: the benchmark's Open vSwitch peer (bench/bench_ovs.py starts its own
-# daemons; the package's services are not started, see policy-rc.d below).
-for pkg in python3 python3-venv python3-dev gcc iproute2 iputils-ping iperf3 tcpdump \
-           containernetworking-plugins iptables nftables procps openvswitch-switch; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
-done
-if [ "${#need_apt[@]}" -gt 0 ]; then
-    echo "setup: installing Debian packages: ${need_apt[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # policy-rc.d: do not start the packages' services (there may be no init system).
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-fi
+# daemons).
+apt_need setup python3 python3-venv python3-dev gcc iproute2 iputils-ping iperf3 tcpdump \
+    containernetworking-plugins iptables nftables procps openvswitch-switch
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
