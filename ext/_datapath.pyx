@@ -622,6 +622,22 @@ cdef bytes _bytes_of(object value, str what, tuple lengths):
                          f"got {len(b)} bytes: {b.hex()}")
     return b
 
+cdef list _unique_addrs(object ips, str or_none, long limit, str noun, str what):
+    # the addresses of ips (4 or 16 bytes each) in order without repeats; refuses a
+    # non-iterable and more than limit items (the same messages as datapath_py)
+    try:
+        items = list(ips)
+    except TypeError:
+        raise ValueError(f"ips must be an iterable of addresses{or_none}, got {ips!r}") from None
+    if len(items) > limit:
+        raise ValueError(f"at most {limit} {noun}, got {len(items)}")
+    addrs = []
+    for a in items:
+        b = _bytes_of(a, what, (4, 16))
+        if b not in addrs:
+            addrs.append(b)
+    return addrs
+
 cdef bytes _addr16(bytes raw):
     return (b"\0" * 10 + b"\xff\xff" + raw) if len(raw) == 4 else raw
 
@@ -859,17 +875,7 @@ cdef class Datapath:
         mac_b = None if mac is None else _bytes_of(mac, "mac", (6,))
         ips_set = None
         if ips is not None:
-            try:
-                items = list(ips)
-            except TypeError:
-                raise ValueError(f"ips must be an iterable of addresses or None, got {ips!r}") from None
-            if len(items) > C_MAX_IPS_PER_PORT:
-                raise ValueError(f"at most {C_MAX_IPS_PER_PORT} ips per port, got {len(items)}")
-            ips_set = []
-            for a in items:
-                b = _bytes_of(a, "ip", (4, 16))
-                if b not in ips_set:
-                    ips_set.append(b)
+            ips_set = _unique_addrs(ips, " or None", C_MAX_IPS_PER_PORT, "ips per port", "ip")
         ps.mac_bound = mac_b is not None
         memset(ps.mac, 0, 6)
         if mac_b is not None:
@@ -913,17 +919,7 @@ cdef class Datapath:
 
     def set_node_addresses(self, ips):
         self._idle()
-        try:
-            items = list(ips)
-        except TypeError:
-            raise ValueError(f"ips must be an iterable of addresses, got {ips!r}") from None
-        if len(items) > MAX_NODE_ADDRESSES:
-            raise ValueError(f"at most {MAX_NODE_ADDRESSES} node addresses, got {len(items)}")
-        addrs = []
-        for a in items:
-            b = _bytes_of(a, "node address", (4, 16))
-            if b not in addrs:
-                addrs.append(b)
+        addrs = _unique_addrs(ips, "", MAX_NODE_ADDRESSES, "node addresses", "node address")
         cdef Core *c = self.c
         c.n_node = 0
         for b in addrs:

@@ -337,6 +337,17 @@ def _mac(value, what):
     return _bytes_of(value, what, (6,))
 
 
+def _addr_items(ips, or_none, limit, noun):
+    """list(ips), refusing a non-iterable and more than ``limit`` items."""
+    try:
+        items = list(ips)
+    except TypeError:
+        raise ValueError(f"ips must be an iterable of addresses{or_none}, got {ips!r}") from None
+    if len(items) > limit:
+        raise ValueError(f"at most {limit} {noun}, got {len(items)}")
+    return items
+
+
 def _words(raw):
     return [(raw[i] << 8) | raw[i + 1] for i in range(0, len(raw), 2)]
 
@@ -753,12 +764,7 @@ class Datapath:
         mac_b = None if mac is None else _mac(mac, "mac")
         ips_set = None
         if ips is not None:
-            try:
-                items = list(ips)
-            except TypeError:
-                raise ValueError(f"ips must be an iterable of addresses or None, got {ips!r}") from None
-            if len(items) > MAX_IPS_PER_PORT:
-                raise ValueError(f"at most {MAX_IPS_PER_PORT} ips per port, got {len(items)}")
+            items = _addr_items(ips, " or None", MAX_IPS_PER_PORT, "ips per port")
             ips_set = frozenset(_ip(a, "ip") for a in items)
         port.mac, port.ips = mac_b, ips_set
 
@@ -773,12 +779,7 @@ class Datapath:
         self._gw_mac, self._gw_ip = mac_b, {4: v4, 6: v6}
 
     def set_node_addresses(self, ips):
-        try:
-            items = list(ips)
-        except TypeError:
-            raise ValueError(f"ips must be an iterable of addresses, got {ips!r}") from None
-        if len(items) > MAX_NODE_ADDRESSES:
-            raise ValueError(f"at most {MAX_NODE_ADDRESSES} node addresses, got {len(items)}")
+        items = _addr_items(ips, "", MAX_NODE_ADDRESSES, "node addresses")
         self._node_ips = frozenset(_ip(a, "node address") for a in items)
 
     # ------------------------------------------------------------------ shapers
