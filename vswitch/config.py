@@ -95,6 +95,21 @@ def _pick(d: Mapping, names: tuple[str, ...], where: str):
     return (found[0], d[found[0]]) if found else (None, None)
 
 
+def _cni_kwargs(d: Mapping, cni_keys: dict, where: str, accepted: str, convert=lambda key, value: value) -> dict:
+    """The constructor's keyword arguments from a CNI dict: ``cni_keys`` maps each attribute to
+    its accepted spellings; an unknown key is an error; ``convert(key, value)`` per key found."""
+    known = {k for keys in cni_keys.values() for k in keys}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} in {dict(d)!r}; accepted: {accepted}")
+    kwargs = {}
+    for attr, names in cni_keys.items():
+        key, value = _pick(d, names, where)
+        if key is not None:
+            kwargs[attr] = convert(key, value)
+    return kwargs
+
+
 # --------------------------------------------------------------------------- Bandwidth
 
 @dataclass(frozen=True)
@@ -132,17 +147,9 @@ class Bandwidth:
         if not isinstance(d, Mapping):
             raise ValueError(f"bandwidth: expected a dict like {{'ingressRate': 10000000, "
                             f"'ingressBurst': 100000}}, got {d!r}")
-        known = {k for keys in cls._CNI_KEYS.values() for k in keys}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"bandwidth: unknown key(s) {unknown} in {dict(d)!r}; accepted: "
-                             f"ingressRate, ingressBurst, egressRate, egressBurst (bits/s, bits)")
-        kwargs = {}
-        for attr, names in cls._CNI_KEYS.items():
-            key, value = _pick(d, names, "bandwidth")
-            if key is not None:
-                kwargs[attr] = _int(f"bandwidth {key}", value)
-        return cls(**kwargs)
+        return cls(**_cni_kwargs(d, cls._CNI_KEYS, "bandwidth",
+                                 "ingressRate, ingressBurst, egressRate, egressBurst (bits/s, bits)",
+                                 lambda key, value: _int(f"bandwidth {key}", value)))
 
     def to_cni(self) -> dict:
         """The camelCase dict, only the directions that are set."""
@@ -201,16 +208,7 @@ class PortMapping:
         if not isinstance(d, Mapping):
             raise ValueError(f"portMapping: expected a dict like {{'hostPort': 8080, "
                             f"'containerPort': 80, 'protocol': 'tcp'}}, got {d!r}")
-        known = {k for keys in cls._CNI_KEYS.values() for k in keys}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"portMapping: unknown key(s) {unknown} in {dict(d)!r}; accepted: "
-                             f"hostPort, containerPort, protocol, hostIP")
-        kwargs = {}
-        for attr, names in cls._CNI_KEYS.items():
-            key, value = _pick(d, names, "portMapping")
-            if key is not None:
-                kwargs[attr] = value
+        kwargs = _cni_kwargs(d, cls._CNI_KEYS, "portMapping", "hostPort, containerPort, protocol, hostIP")
         for attr, cni in (("host_port", "hostPort"), ("container_port", "containerPort")):
             if attr not in kwargs:
                 raise ValueError(f"portMapping: {cni} is missing in {dict(d)!r}")
