@@ -5,7 +5,6 @@ import os
 import random
 import subprocess
 import sys
-import urllib.request
 
 from tests.integration.helpers import REPO, Cluster, nsexec, ping
 

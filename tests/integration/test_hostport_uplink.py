@@ -2,7 +2,6 @@
 rule in the node namespace; hairpin; pod-to-pod via node-IP:hostPort; addresses go back
 to the NIC on a clean exit."""
 import sys
-import time
 
 import pytest
 

@@ -96,7 +96,7 @@ def test_hostport_dnat_and_back(sim):
 
 
 def test_hostport_with_cni_dict_udp_echo(sim):
-    a, client = sim["a"], sim["client"]
+    client = sim["client"]
     sim.add_port_mapping("a", {"hostPort": 5353, "containerPort": 53, "protocol": "udp"})
     client.send(client.udp_to(sim.node_ip, 5353, b"query", sport=3333))
     sim.run()

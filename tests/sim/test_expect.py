@@ -23,8 +23,7 @@ def test_expect_exact_frame_returns_time_and_consumes(sim):
 
 
 def test_expect_with_mask_ignoring_fields(sim):
-    a, b = sim["a"], sim["b"]
-    client = sim["client"]
+    a, client = sim["a"], sim["client"]
     client.listen(53, "udp")
     a.send(a.udp_to(client, 53, b"m"))
     # the uplink first sees a flooded copy (the switch has not learnt the node's MAC yet),
