@@ -108,11 +108,6 @@ class _Cursor:
     def advance(self, k: int):
         self._t, self._i = self._t[k:], self._i[k:]
 
-    @property
-    def next_ns(self):
-        t, _ = self.peek(1)
-        return int(t[0]) if len(t) else None
-
 
 class _CumCursor(_Cursor):
     """t_k = start + floor(cum(k) · 10^9 / rate) with cum from a cycle of frame weights."""
