@@ -29,7 +29,8 @@ Figures:
 - ``core-tables`` against ``macs`` (16, 256, 4096, 65536, 1,048,576 MAC entries, and as
   many conntrack entries: ``info["ct_entries"]``; one parameter, so the plot has one line
   per traffic): the mix at batch 256; traffic ``spread`` draws destinations
-  and flows from the whole table (every lookup a cache miss at 1M without prefetch),
+  and flows from the whole table (every lookup a cache miss at 1M without the batch
+  loop's prefetches),
   ``hot16`` uses only 16 of them (what the table size costs by itself). The issue-2
   figure "64k within 1.3x of 16" is in ``info``: ``cost_vs_16_entries`` (sequential) and
   ``cost_vs_16_entries_interleaved`` (both sides alternated round by round, so they share
@@ -524,8 +525,8 @@ def test_core_tables(benchmark, entries, traffic, impl):
     """The mix at batch 256 with 16 .. 1M MAC and conntrack entries.
 
     traffic "spread": destinations and flows drawn from the whole table (every lookup a
-    cache miss without the prefetch pipeline); "hot16": only 16 of them (what a bigger
-    table costs by itself: probe lengths, the prefetch pipeline's own work).
+    cache miss without the batch loop's prefetches); "hot16": only 16 of them (what a
+    bigger table costs by itself: probe lengths, the prefetch instructions).
     """
     s = _table(impl, entries)
     batches = 16 if impl == "c" else 1

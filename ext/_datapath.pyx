@@ -7,10 +7,11 @@ One ``Datapath`` object owns one C struct, ``Core`` (ext/defs.pxi), holding ever
 as a malloc'd, bounded C array: ports, counters, the MAC table (mactable.pxi), conntrack
 and hostPort rules (conntrack.pxi), token buckets with their packet queues (shaper.pxi).
 ``process()`` checks its arguments (numpy C API, no copies), then runs the whole batch
-under ``with nogil:`` through ``process_one`` - parse (parse.pxi) -> anti-spoofing ->
-egress shaper -> NAT/conntrack -> L2 learn/lookup -> ingress shaper -> output - one
-packet after the other, so each packet sees the state the previous one left (the same
-sequential semantics as the pure-Python twin, vswitch/datapath_py.py, which is the
+under ``with nogil:`` - parse (parse.pxi) -> anti-spoofing -> egress shaper ->
+NAT/conntrack -> L2 learn/lookup -> ingress shaper -> output - finishing one packet
+after the other, so each packet sees the state the previous one left (parsing and
+prefetching run a few packets ahead: "the batch loop" below), the same
+sequential semantics as the pure-Python twin (vswitch/datapath_py.py, which is the
 executable spec; its "Decisions beyond docs/datapath.md" D1..D36 are followed here and
 cited by number). The loop allocates no Python object and reads no clock: time is the
 ``now_ns`` argument. Every helper it calls is ``cdef inline ... noexcept nogil``.
@@ -208,7 +209,6 @@ cdef inline bint spoofed(PortState *ps, Pkt *k) noexcept nogil:
 
 cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
     # NAT, L2, ingress shaping, output for a parsed packet that passed stages 1-3
-    cdef uint64_t src_key = mac_key(k.vlan, k.p + 6)
     cdef bint src_mcast = k.p[6] & 1
     cdef int32_t out = C_OUT_FLOOD
     cdef int r = NAT_NONE
@@ -223,7 +223,7 @@ cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             count_drop(c, r, in_port)
             return C_OUT_DROP
     if not src_mcast:
-        mac_learn(c, src_key, in_port, now)
+        mac_learn(c, k.src_key, in_port, now)
     if r == NAT_OUT:
         ps = &c.ports[out]
         if not ps.present or not ps.up:
@@ -233,7 +233,7 @@ cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
     elif k.p[0] & 1:
         tr_add(c, TR_L2, 1, 0)
     else:
-        port = mac_lookup(c, mac_key(k.vlan, k.p), now)
+        port = mac_lookup(c, k.dst_key, now)
         if port < 0:
             tr_add(c, TR_L2, 2, 0)
         elif port == in_port:
@@ -270,10 +270,39 @@ cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
     tr_add(c, TR_OUTPUT, out, 0)
     return out
 
-cdef inline int32_t process_one(Core *c, uint8_t *frame, uint32_t length, uint16_t in_port,
-                                uint64_t now) noexcept nogil:
-    # stages 1-7 for one received frame; returns its out_ports value
-    cdef Pkt k
+cdef inline int pkt_prepare(Core *c, Pkt *k, uint8_t *frame, uint32_t length, uint16_t in_port,
+                            bint pf) noexcept nogil:
+    # stage 1 for one frame: parse_frame's result (0, or -1 malformed). It reads only the
+    # frame's own bytes and changes no state, so the batch loop runs it a few packets
+    # ahead; with pf it also prefetches the MAC slots the packet will touch and, for a
+    # TCP/UDP packet whose ports pass the nat_ports filter (as it stands now: nat_stage
+    # checks again), computes the conntrack key and hash and prefetches the index slot
+    cdef int r = parse_frame(k, frame, length)
+    cdef PortState *ps
+    cdef const uint8_t *l4
+    k.in_port = in_port
+    k.vnet = frame - c.vnet_hdr_len if c.vnet_hdr_len else NULL
+    if r < 0 or not pf:
+        return r
+    ps = &c.ports[in_port]
+    # a pod port whose anti-spoofing pins its one MAC touches that slot with every frame
+    if not (ps.antispoof and ps.mac_bound):
+        prefetchw(&c.mac[mac_home(c, k.src_key)])
+    if not (frame[0] & 1):
+        prefetch(&c.mac[mac_home(c, k.dst_key)])
+    if k.nat_ok:
+        l4 = frame + k.l4_off
+        if bit_test(c.nat_ports, load_be16(l4)) or bit_test(c.nat_ports, load_be16(l4 + 2)):
+            ct_key_from_pkt(&k.ct_key, k)
+            k.ct_hash = ct_hash(&k.ct_key)
+            k.ct_ready = 1
+            prefetch(&c.ct_slots[k.ct_hash & c.ct_mask])
+    return 0
+
+cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now) noexcept nogil:
+    # stages 1-7 for a frame pkt_prepare() has parsed; returns its out_ports value
+    cdef uint16_t in_port = k.in_port
+    cdef uint32_t length = k.len
     cdef PortState *ps = &c.ports[in_port]
     cdef uint64_t *row = c.pc + <uint64_t>in_port * N_PC
     cdef Shaper *sh
@@ -286,20 +315,18 @@ cdef inline int32_t process_one(Core *c, uint8_t *frame, uint32_t length, uint16
     if not ps.present:
         count_drop(c, DR_NO_ROUTE, in_port)
         return C_OUT_DROP
-    if parse_frame(&k, frame, length) < 0:
+    if parsed < 0:
         count_drop(c, DR_MALFORMED, in_port)
         return C_OUT_DROP
-    k.in_port = in_port
-    k.vnet = frame - c.vnet_hdr_len if c.vnet_hdr_len else NULL
     tr_add(c, TR_PARSE, 0, 0)
     if ps.antispoof and (ps.mac_bound or ps.ips_bound):
-        if spoofed(ps, &k):
+        if spoofed(ps, k):
             count_drop(c, DR_SPOOFED, in_port)
             return C_OUT_DROP
         tr_add(c, TR_ANTISPOOF, 0, 0)
     sh = &c.shapers[<uint32_t>in_port * 2 + C_EGRESS]
     if sh.active:
-        v = shaper_admit(sh, &k, c.vnet_hdr_len, -1, now, c.drain_seq)
+        v = shaper_admit(sh, k, c.vnet_hdr_len, -1, now, c.drain_seq)
         if v == SH_FULL:
             count_drop(c, DR_QUEUE_FULL, in_port)
             return C_OUT_DROP
@@ -309,70 +336,53 @@ cdef inline int32_t process_one(Core *c, uint8_t *frame, uint32_t length, uint16
             c.gc[GC_QUEUED] += 1
             tr_add(c, TR_OUTPUT, C_OUT_QUEUED, 0)
             return C_OUT_QUEUED
-    return stages4to7(c, &k, now)
+    return stages4to7(c, k, now)
 
-# ---------------------------------------------------------------- prefetching
-# process() runs a software pipeline over the batch (VPP style): PF_DIST packets ahead it
-# reads the frame's MAC addresses (and, for an IPv4 TCP/UDP frame whose ports pass the
-# nat_ports filter, the conntrack key) and prefetches the hash slots; PF_DIST/2 packets
-# ahead it reads the (now cached) conntrack slot and prefetches its entry. Prefetches are
-# only hints: the packet itself is then processed by process_one with the table as it is.
-# With small tables every slot a batch touches is already cached, so the pipeline is
-# switched on only when a table holds more than PF_MIN_ENTRIES entries.
+cdef inline int32_t process_one(Core *c, uint8_t *frame, uint32_t length, uint16_t in_port,
+                                uint64_t now) noexcept nogil:
+    # stages 1-7 for one received frame, nothing prefetched; returns its out_ports value
+    cdef Pkt k
+    cdef int parsed = pkt_prepare(c, &k, frame, length, in_port, False)
+    return pkt_finish(c, &k, parsed, now)
+
+# ---------------------------------------------------------------- the batch loop
+# process() runs a batch through a software pipeline over chunks of VEC packets (VPP
+# style): while chunk t is finished (pkt_finish, in order), chunk t+1's conntrack index
+# slots, fetched by then, are read and their entries prefetched, and chunk t+2 is parsed
+# (pkt_prepare: parse, MAC keys, conntrack key and hash, prefetches). Parsing and hashing
+# are work every packet needs anyway: done ahead, they are done once, and the pipeline
+# costs little more than the prefetch instructions. A prepared packet depends only on
+# its own bytes, and finishing a packet writes only its own bytes (NAT), so the result
+# equals finishing each packet right after parsing it, as long as no two frames of the
+# batch overlap in the buffer; a batch whose frames overlap (or are not in ascending
+# buffer order: checked with the arguments) runs packet by packet through process_one.
+# Prefetches are hints: with small tables every slot a batch touches is cached, so they
+# are issued only when a table holds more than pf_min_entries entries.
 cdef enum:
-    PF_DIST = 4             # default distance (Core.pf_dist; _tune() changes it)
-    PF_RING = 64            # power of two >= 2 * any pf_dist
-    PF_MIN_ENTRIES = 4096   # default Core.pf_min_entries
+    VEC = 8                 # packets per chunk
+    PF_MIN_ENTRIES = 64     # default Core.pf_min_entries (measured: the crossover)
 
-cdef inline uint64_t prefetch_frame(Core *c, const uint8_t *p, uint32_t length, uint16_t in_port) noexcept nogil:
-    # prefetches the MAC slots (and, for an untagged IPv4 TCP/UDP frame without options
-    # whose ports pass nat_ports, the conntrack slot); returns 1<<32 | ct hash, or 0.
-    # The source MAC's slot is skipped for a pod port whose anti-spoofing pins its one
-    # MAC (that slot is touched by every frame of the port: it is cached)
-    cdef uint16_t vlan, sport, dport
-    cdef uint32_t h
-    cdef CtKey key
-    cdef PortState *ps = &c.ports[in_port]
-    if length < 14:
-        return 0
-    if p[12] == 0x81 and p[13] == 0x00:
-        if length >= 18:
-            vlan = load_be16(p + 14) & 0x0fff
-            prefetchw(&c.mac[mac_home(c, mac_key(vlan, p + 6))])
-            prefetch(&c.mac[mac_home(c, mac_key(vlan, p))])
-        return 0
-    if not (ps.antispoof and ps.mac_bound):
-        prefetchw(&c.mac[mac_home(c, mac_key(0, p + 6))])
-    if not (p[0] & 1):
-        prefetch(&c.mac[mac_home(c, mac_key(0, p))])
-    if p[12] != 0x08 or p[13] != 0x00 or length < 38 or p[14] != 0x45 or (p[23] != 6 and p[23] != 17):
-        return 0
-    sport = load_be16(p + 34)
-    dport = load_be16(p + 36)
-    if not (bit_test(c.nat_ports, sport) or bit_test(c.nat_ports, dport)):
-        return 0
-    memset(&key, 0, sizeof(CtKey))
-    key.src[10] = 0xff
-    key.src[11] = 0xff
-    memcpy(key.src + 12, p + 26, 4)
-    key.dst[10] = 0xff
-    key.dst[11] = 0xff
-    memcpy(key.dst + 12, p + 30, 4)
-    key.sport = sport
-    key.dport = dport
-    key.proto = p[23]
-    key.family = 4
-    h = ct_hash(&key)
-    prefetch(&c.ct_slots[h & c.ct_mask])
-    return (<uint64_t>1 << 32) | h
+cdef inline void chunk_prepare(Core *c, Pkt *kv, int *pv, uint8_t *base, uint8_t *p_off, Py_ssize_t s_off,
+                               uint8_t *p_len, Py_ssize_t s_len, uint8_t *p_in, Py_ssize_t s_in,
+                               Py_ssize_t start, Py_ssize_t n, bint pf) noexcept nogil:
+    cdef Py_ssize_t i, j
+    for i in range(n):
+        j = start + i
+        pv[i] = pkt_prepare(c, &kv[i], base + (<uint32_t *>(p_off + j * s_off))[0],
+                            (<uint32_t *>(p_len + j * s_len))[0], (<uint16_t *>(p_in + j * s_in))[0], pf)
 
-cdef inline void prefetch_entry(Core *c, uint64_t hv) noexcept nogil:
-    cdef uint32_t ref = c.ct_slots[<uint32_t>hv & c.ct_mask].ref
+cdef inline void chunk_prefetch_entries(Core *c, Pkt *kv, Py_ssize_t n) noexcept nogil:
+    # the conntrack entries of the chunk's prepared packets (their index slots are cached)
+    cdef Py_ssize_t i
+    cdef uint32_t ref
     cdef const uint8_t *e
-    if ref:
-        e = <const uint8_t *>&c.ct[(ref - 1) >> 1]
-        prefetchw(e)
-        prefetchw(e + 64)
+    for i in range(n):
+        if kv[i].ct_ready:
+            ref = c.ct_slots[kv[i].ct_hash & c.ct_mask].ref
+            if ref:
+                e = <const uint8_t *>&c.ct[(ref - 1) >> 1]
+                prefetchw(e)
+                prefetchw(e + 64)
 
 cdef inline uint64_t u128_lo(u128 v) noexcept nogil:
     return <uint64_t>v
@@ -388,11 +398,14 @@ cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
     the index of the first invalid packet (why: 1 in_port, 2 length, 3 outside buf), with
     nothing changed (D2). `now` must not be below c.last_now_ns (the caller checks)."""
     cdef uint32_t H = c.vnet_hdr_len
-    cdef Py_ssize_t i, j
-    cdef uint64_t off, length
+    cdef Py_ssize_t i, t, nch, start, n
+    cdef uint64_t off, length, end = 0
     cdef uint16_t ip
-    cdef uint64_t ring[PF_RING]
-    cdef Py_ssize_t pfd = c.pf_dist
+    cdef bint disjoint = True, pf
+    cdef Pkt kv[3 * VEC]            # three chunks in flight: finished, entries, prepared
+    cdef int pv[3 * VEC]
+    cdef Pkt *kc
+    cdef int *pc
     # D2: the whole batch is checked before any state changes
     for i in range(cnt):
         off = (<uint32_t *>(p_off + i * s_off))[0]
@@ -406,30 +419,36 @@ cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
             why[0] = 3
         if why[0]:
             return i
+        if off < end:
+            disjoint = False
+        end = off + length
     c.last_now_ns = now
     c.have_now = 1
-    if c.mac_count <= c.pf_min_entries and c.ct_count <= c.pf_min_entries:
+    if not disjoint:
         for i in range(cnt):
             off = (<uint32_t *>(p_off + i * s_off))[0]
             (<int32_t *>(p_out + i * s_out))[0] = process_one(
                 c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
                 (<uint16_t *>(p_in + i * s_in))[0], now)
-    else:
-        # the software pipeline (the first pfd packets are not prefetched)
-        memset(ring, 0, sizeof(ring))
-        for i in range(cnt):
-            j = i + pfd
-            if j < cnt:
-                ring[j & (PF_RING - 1)] = prefetch_frame(
-                    c, base + (<uint32_t *>(p_off + j * s_off))[0],
-                    (<uint32_t *>(p_len + j * s_len))[0], (<uint16_t *>(p_in + j * s_in))[0])
-            j = i + pfd // 2
-            if j < cnt and ring[j & (PF_RING - 1)]:
-                prefetch_entry(c, ring[j & (PF_RING - 1)])
-            off = (<uint32_t *>(p_off + i * s_off))[0]
-            (<int32_t *>(p_out + i * s_out))[0] = process_one(
-                c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
-                (<uint16_t *>(p_in + i * s_in))[0], now)
+        return -1
+    pf = not c.pf_off and (c.mac_count > c.pf_min_entries or c.ct_count > c.pf_min_entries)
+    nch = (cnt + VEC - 1) // VEC
+    for t in range(-2, nch):
+        if t + 2 < nch:
+            start = (t + 2) * VEC
+            n = min(<Py_ssize_t>VEC, cnt - start)
+            chunk_prepare(c, kv + ((t + 2) % 3) * VEC, pv + ((t + 2) % 3) * VEC, base, p_off, s_off,
+                          p_len, s_len, p_in, s_in, start, n, pf)
+        if pf and 0 <= t + 1 < nch:
+            start = (t + 1) * VEC
+            chunk_prefetch_entries(c, kv + ((t + 1) % 3) * VEC, min(<Py_ssize_t>VEC, cnt - start))
+        if t >= 0:
+            start = t * VEC
+            n = min(<Py_ssize_t>VEC, cnt - start)
+            kc = kv + (t % 3) * VEC
+            pc = pv + (t % 3) * VEC
+            for i in range(n):
+                (<int32_t *>(p_out + (start + i) * s_out))[0] = pkt_finish(c, &kc[i], pc[i], now)
     return -1
 
 
@@ -749,7 +768,6 @@ cdef class Datapath:
         c.max_hostports = mhp
         c.vnet_hdr_len = H
         c.mac_aging_ns = aging
-        c.pf_dist = PF_DIST
         c.pf_min_entries = PF_MIN_ENTRIES
         for i in range(7):
             c.ct_timeout[i] = timeouts[i]
@@ -1108,12 +1126,12 @@ cdef class Datapath:
         cnp.set_array_base(arr, self)  # the Datapath outlives the view
         return arr
 
-    def _tune(self, prefetch_distance=None, prefetch_min_entries=None):
-        """Benchmarking knob (not API): the prefetch pipeline's distance in packets (1..63)
-        and the table size above which it runs."""
+    def _tune(self, prefetch=None, prefetch_min_entries=None):
+        """Benchmarking knob (not API): prefetch=False stops process() from prefetching at
+        all; prefetch_min_entries is the table size above which it prefetches."""
         self._idle()
-        if prefetch_distance is not None:
-            self.c.pf_dist = _index(prefetch_distance, "prefetch_distance", 1, PF_RING // 2)
+        if prefetch is not None:
+            self.c.pf_off = not prefetch
         if prefetch_min_entries is not None:
             self.c.pf_min_entries = _index(prefetch_min_entries, "prefetch_min_entries", 0, 2**32 - 1)
 

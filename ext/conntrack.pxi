@@ -318,7 +318,6 @@ cdef inline void ct_translate(Core *c, CtEntry *e, int direction, Pkt *k, int32_
 
 cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
     # NAT_NONE, NAT_OUT (out set) or a drop reason DR_*
-    cdef CtKey key
     cdef CtKey rkey
     cdef uint32_t ref, h, rh, idx
     cdef int32_t rid
@@ -331,9 +330,12 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
     if not (bit_test(c.nat_ports, sport) or bit_test(c.nat_ports, dport)):
         tr_add(c, TR_NAT_NONE, 0, 0)
         return NAT_NONE
-    ct_key_from_pkt(&key, k)
-    h = ct_hash(&key)
-    ref = ct_find(c, &key, h) if (c.ct_portcnt[sport] | c.ct_portcnt[dport]) else 0
+    if not k.ct_ready:                  # (the batch loop may have done this ahead)
+        ct_key_from_pkt(&k.ct_key, k)
+        k.ct_hash = ct_hash(&k.ct_key)
+        k.ct_ready = 1
+    h = k.ct_hash
+    ref = ct_find(c, &k.ct_key, h) if (c.ct_portcnt[sport] | c.ct_portcnt[dport]) else 0
     if ref:
         idx = (ref - 1) >> 1
         e = &c.ct[idx]
@@ -345,29 +347,29 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
             ct_translate(c, e, (ref - 1) & 1, k, out)
             tr_add(c, TR_NAT_HIT, (ref - 1) & 1, e.state)
             return NAT_OUT
-    rid = rule_match(c, &key)
+    rid = rule_match(c, &k.ct_key)
     if rid < 0:
         tr_add(c, TR_NAT_NONE, 0, 0)
         return NAT_NONE
     r = &c.rules[rid]
-    hairpin = memcmp(key.src, r.pod_ip, 16) == 0
+    hairpin = memcmp(k.ct_key.src, r.pod_ip, 16) == 0
     if hairpin:
-        if key.family == 4 and c.gw_ip4_set:
+        if k.ct_key.family == 4 and c.gw_ip4_set:
             memcpy(rkey.dst, c.gw_ip4, 16)
-        elif key.family == 6 and c.gw_ip6_set:
+        elif k.ct_key.family == 6 and c.gw_ip6_set:
             memcpy(rkey.dst, c.gw_ip6, 16)
         else:
             hairpin = False
     if not hairpin:
-        memcpy(rkey.dst, key.src, 16)
+        memcpy(rkey.dst, k.ct_key.src, 16)
     memcpy(rkey.src, r.pod_ip, 16)
     rkey.sport = r.container_port
-    rkey.dport = key.sport
-    rkey.proto = key.proto
-    rkey.family = key.family
+    rkey.dport = k.ct_key.sport
+    rkey.proto = k.ct_key.proto
+    rkey.family = k.ct_key.family
     rkey.pad[0] = 0
     rkey.pad[1] = 0
-    if ct_key_eq(&rkey, &key):
+    if ct_key_eq(&rkey, &k.ct_key):
         return DR_NAT_COLLISION
     rh = ct_hash(&rkey)
     ref = ct_find(c, &rkey, rh)
@@ -389,7 +391,7 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
     e = &c.ct[idx]
     c.ct_free = e.next_free
     e.next_free = 0
-    e.orig = key
+    e.orig = k.ct_key
     e.reply = rkey
     e.expires_ns = 0
     e.packets = 0
@@ -398,13 +400,13 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
     e.out_port = r.pod_port_id
     memcpy(e.orig_dst_mac, k.p, 6)
     memcpy(e.orig_src_mac, k.p + 6, 6)
-    e.state = C_CT_SYN_SENT if key.proto == 6 else C_CT_UDP_NEW
+    e.state = C_CT_SYN_SENT if k.ct_key.proto == 6 else C_CT_UDP_NEW
     e.hairpin = hairpin
     e.fin_seen = 0
     e.used = 1
     ct_slot_insert(c, h, (idx << 1) + 1)
     ct_slot_insert(c, rh, (idx << 1 | 1) + 1)
-    portcnt_inc(c, key.dport)
+    portcnt_inc(c, k.ct_key.dport)
     portcnt_inc(c, rkey.sport)
     c.ct_count += 1
     c.gc[GC_CT_CREATED] += 1

@@ -164,6 +164,16 @@ cdef enum:
 
 # ---------------------------------------------------------------- structs
 
+ctypedef struct CtKey:
+    # one direction of a connection: the 5-tuple as it appears in a packet (40 bytes)
+    uint8_t src[16]       # source address; IPv4 as ::ffff:a.b.c.d
+    uint8_t dst[16]       # destination address; IPv4 as ::ffff:a.b.c.d
+    uint16_t sport        # source port, host byte order
+    uint16_t dport        # destination port, host byte order
+    uint8_t proto         # 6 TCP or 17 UDP
+    uint8_t family        # 4 or 6
+    uint8_t pad[2]        # zero (keys are compared as 5 words)
+
 ctypedef struct Pkt:
     # what the parser learned about one frame; offsets count from the frame's first byte
     uint8_t *p            # the Ethernet frame (in the caller's buffer or a queue)
@@ -178,16 +188,13 @@ ctypedef struct Pkt:
     uint32_t l3_off       # offset of the ARP/IPv4/IPv6 header
     uint32_t l4_off       # offset of the TCP/UDP/ICMP header (when has_l4)
     uint32_t l3_end       # offset one past the IP packet (total / payload length)
-
-ctypedef struct CtKey:
-    # one direction of a connection: the 5-tuple as it appears in a packet (40 bytes)
-    uint8_t src[16]       # source address; IPv4 as ::ffff:a.b.c.d
-    uint8_t dst[16]       # destination address; IPv4 as ::ffff:a.b.c.d
-    uint16_t sport        # source port, host byte order
-    uint16_t dport        # destination port, host byte order
-    uint8_t proto         # 6 TCP or 17 UDP
-    uint8_t family        # 4 or 6
-    uint8_t pad[2]        # zero (keys are compared as 5 words)
+    # derived from the frame's own bytes at parse time (so the batch loop can compute
+    # them a few packets ahead and prefetch what they point at; ext/_datapath.pyx)
+    uint64_t src_key      # mac_key(vlan, source MAC); valid when the frame is >= 14 bytes
+    uint64_t dst_key      # mac_key(vlan, destination MAC)
+    uint8_t ct_ready      # 1: ct_key / ct_hash hold the packet's 5-tuple and its hash
+    uint32_t ct_hash      # ct_hash(&ct_key)
+    CtKey ct_key          # the 5-tuple (set by nat_stage, or ahead by the batch loop)
 
 ctypedef struct CtEntry:
     # one tracked connection; indexed from two hash slots (original and reply tuple).
@@ -347,8 +354,8 @@ ctypedef struct Core:
     uint64_t drain_seq        # increments per drain() call (marks packets queued during it)
     uint32_t *active          # [max_ports * 2] indexes of the shapers that exist, ascending
     uint32_t n_active         # entries in active
-    uint32_t pf_dist          # prefetch distance in packets (process())
     uint32_t pf_min_entries   # prefetch only when the MAC or conntrack table holds more
+    uint8_t pf_off            # 1: process() never prefetches (_tune(), benchmarks only)
     TrRec *tr                 # trace() only: the stage recorder (NULL: off)
     int tr_n                  # records in tr
 

@@ -12,8 +12,7 @@
 # once per SWEEP_INTERVAL_NS of now_ns, D23). An aged entry still counts against the
 # capacity until it is deleted.
 
-cdef inline uint64_t mac_key(uint16_t vlan, const uint8_t *mac) noexcept nogil:
-    return (<uint64_t>1 << 63) | (<uint64_t>vlan << 48) | mac48(mac)
+# mac_key() (parse.pxi: the parser computes both keys of every frame) packs a key.
 
 cdef inline uint64_t mac_home(Core *c, uint64_t key) noexcept nogil:
     return (key * <uint64_t>0x9E3779B97F4A7C15ULL) >> c.mac_shift

@@ -13,6 +13,10 @@
 # NEEDS_CSUM the L4 field holds the uncomplemented pseudo-header sum, so address changes
 # are added without complement and port changes leave it alone.
 
+cdef inline uint64_t mac_key(uint16_t vlan, const uint8_t *mac) noexcept nogil:
+    # the MAC table's key (mactable.pxi): top bit set, VLAN id, the 48-bit MAC
+    return (<uint64_t>1 << 63) | (<uint64_t>vlan << 48) | mac48(mac)
+
 cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
     cdef uint32_t l3, avail, ihl, tot, plen, off, l4avail, hlen
     cdef uint16_t et, frag
@@ -28,6 +32,7 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
     k.l4_proto = 0
     k.l4_off = 0
     k.l3_end = length
+    k.ct_ready = 0
     if length < 14:
         return -1
     if length > C_MAX_FRAME:
@@ -41,6 +46,8 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
         et = load_be16(p + 16)
         l3 = 18
     k.l3_off = l3
+    k.src_key = mac_key(k.vlan, p + 6)
+    k.dst_key = mac_key(k.vlan, p)
     avail = length - l3
     if et == 0x0806:
         if avail < 28:

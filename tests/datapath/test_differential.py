@@ -395,6 +395,18 @@ class Traffic:
             offsets[i], lengths[i], in_ports[i] = pos, len(f), ports[i]
             buf[pos:pos + len(f)] = np.frombuffer(f, np.uint8) if f else []
             pos += len(f) + int(gaps[i + 1])
+        # the core finishes a batch whose frames lie in ascending, disjoint order chunk by
+        # chunk, parsed ahead; any other layout packet by packet. Both must equal the twin:
+        # some batches list their frames out of order, some list a frame twice (the second
+        # time it is processed as the first left it, NAT rewrites included)
+        x = self.rng.random()
+        if n > 1 and x < 0.1:
+            perm = self.rng.permutation(n)
+            offsets[:n], lengths[:n], in_ports[:n] = offsets[perm], lengths[perm], in_ports[perm]
+        elif n > 1 and x < 0.2:
+            for i in self.rng.integers(1, n, size=1 + n // 8):
+                j = int(self.rng.integers(0, i))
+                offsets[i], lengths[i], in_ports[i] = offsets[j], lengths[j], in_ports[j]
         return buf, offsets, lengths, in_ports
 
 
@@ -490,7 +502,7 @@ def run_scenario(both_impls, seed, n_frames, vnet_hdr_len, prefetch=False):
     cfg = dict(CONFIG, vnet_hdr_len=vnet_hdr_len)
     py, c = py_mod.Datapath(**cfg), c_mod.Datapath(**cfg)
     if prefetch:       # the core's prefetch pipeline, normally only for big tables
-        c._tune(prefetch_distance=int(rng.integers(1, 9)), prefetch_min_entries=0)
+        c._tune(prefetch_min_entries=0)
     dps = (py, c)
     setup(dps, vnet_hdr_len)
     traffic = Traffic(rng, vnet_hdr_len)
