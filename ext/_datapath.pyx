@@ -222,6 +222,8 @@ cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         if r >= 0:
             count_drop(c, r, in_port)
             return C_OUT_DROP
+    elif k.icmp_ok:
+        r = nat_icmp_error(c, k, now, &out)
     if not src_mcast:
         mac_learn(c, k.src_key, in_port, now)
     if r == NAT_OUT:

@@ -298,11 +298,10 @@ cdef inline void ct_apply(Core *c, CtEntry *e, int direction, Pkt *k, uint64_t n
     e.packets += 1
     e.bytes += k.len
 
-cdef inline void ct_translate(Core *c, CtEntry *e, int direction, Pkt *k, int32_t *out) noexcept nogil:
-    cdef bint needs_csum = k.vnet != NULL and (k.vnet[0] & C_VNET_F_NEEDS_CSUM)
+cdef inline void ct_translate_macs(Core *c, CtEntry *e, int direction, Pkt *k, int32_t *out) noexcept nogil:
+    # the MACs and the out port of a translated packet of that direction (D24, D32)
     cdef PortState *ps
     if direction == 0:
-        nat_rewrite(k, needs_csum, e.reply.dst if e.hairpin else NULL, e.reply.src, -1, e.reply.sport)
         if c.gw_mac_set:
             memcpy(k.p + 6, c.gw_mac, 6)
         ps = &c.ports[e.out_port]
@@ -310,11 +309,18 @@ cdef inline void ct_translate(Core *c, CtEntry *e, int direction, Pkt *k, int32_
             memcpy(k.p, ps.mac, 6)
         out[0] = e.out_port
     else:
-        nat_rewrite(k, needs_csum, e.orig.dst, e.orig.src if e.hairpin else NULL, e.orig.dport, -1)
         memcpy(k.p + 6, e.orig_dst_mac, 6)
         memcpy(k.p, e.orig_src_mac, 6)
         out[0] = e.in_port
     c.gc[GC_NAT_TRANSLATED] += 1
+
+cdef inline void ct_translate(Core *c, CtEntry *e, int direction, Pkt *k, int32_t *out) noexcept nogil:
+    cdef bint needs_csum = k.vnet != NULL and (k.vnet[0] & C_VNET_F_NEEDS_CSUM)
+    if direction == 0:
+        nat_rewrite(k, needs_csum, e.reply.dst if e.hairpin else NULL, e.reply.src, -1, e.reply.sport)
+    else:
+        nat_rewrite(k, needs_csum, e.orig.dst, e.orig.src if e.hairpin else NULL, e.orig.dport, -1)
+    ct_translate_macs(c, e, direction, k, out)
 
 cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
     # NAT_NONE, NAT_OUT (out set) or a drop reason DR_*
@@ -414,4 +420,161 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
     ct_apply(c, e, 0, k, now)
     ct_translate(c, e, 0, k, out)
     tr_add(c, TR_NAT_HIT, 0, e.state)
+    return NAT_OUT
+
+# ---------------------------------------------------------------- ICMP errors (twin's D37)
+
+cdef inline uint32_t put_field(uint8_t *at, const uint8_t *value, int nwords, uint32_t *acc) noexcept nogil:
+    # writes nwords big-endian words at `at` and adds ~m + m' of each to *acc (also returned)
+    acc[0] = csum_delta(acc[0], at, value, nwords)
+    memcpy(at, value, nwords * 2)
+    return acc[0]
+
+cdef inline void put_csum(uint8_t *at, uint32_t delta, bint udp_rules, bint v4, uint32_t *icmp_acc) noexcept nogil:
+    # patches the checksum at `at` by delta (D26, not partial) and adds the change to icmp_acc
+    cdef uint16_t hc = load_be16(at)
+    cdef uint16_t nc
+    cdef uint8_t w[2]
+    if udp_rules and v4 and hc == 0:
+        return
+    nc = ~csum_fold((hc ^ 0xffff) + delta)
+    if udp_rules and nc == 0:
+        nc = 0xffff
+    store_be16(w, nc)
+    icmp_acc[0] = csum_delta(icmp_acc[0], at, w, 1)
+    store_be16(at, nc)
+
+cdef inline int nat_icmp_error(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
+    # NAT_NONE, or NAT_OUT with *out set: an ICMP error about a tracked flow is translated
+    # with it (D37); nothing is created and the entry does not change
+    cdef bint v4 = k.kind == K_IPV4
+    cdef uint8_t *p = k.p
+    cdef uint8_t *ip = p + k.l3_off
+    cdef uint8_t *icmp = p + k.l4_off
+    cdef uint8_t *q3
+    cdef uint8_t *q4
+    cdef uint8_t *end = p + k.l3_end
+    cdef uint8_t t = icmp[0]
+    cdef uint32_t ihl, ref, idx
+    cdef int alen, d
+    cdef CtKey key
+    cdef CtEntry *e
+    cdef uint8_t *q_src
+    cdef uint8_t *q_dst
+    cdef uint8_t *o_src
+    cdef uint8_t *o_dst
+    cdef const uint8_t *w_osrc = NULL
+    cdef const uint8_t *w_odst = NULL
+    cdef const uint8_t *w_qsrc = NULL
+    cdef const uint8_t *w_qdst = NULL
+    cdef int w_qsport = -1, w_qdport = -1
+    cdef uint32_t qa = 0, qp = 0, oa = 0, icmp_acc = 0
+    cdef uint8_t pw[2]
+    if k.vnet != NULL and (k.vnet[0] & C_VNET_F_NEEDS_CSUM):
+        return NAT_NONE
+    if v4:
+        if t != 3 and t != 11 and t != 12:
+            return NAT_NONE
+    elif t < 1 or t > 4:
+        return NAT_NONE
+    q3 = icmp + 8
+    if v4:
+        if end < q3 + 20 or (q3[0] >> 4) != 4:
+            return NAT_NONE
+        ihl = (q3[0] & 15) * 4
+        if ihl < 20 or (load_be16(q3 + 6) & 0x3fff) != 0:
+            return NAT_NONE
+        key.proto = q3[9]
+        q_src = q3 + 12
+        q_dst = q3 + 16
+        q4 = q3 + ihl
+        o_src = ip + 12
+        o_dst = ip + 16
+        alen = 4
+        memset(key.src, 0, 10)
+        key.src[10] = 0xff
+        key.src[11] = 0xff
+        memcpy(key.src + 12, q_dst, 4)
+        memset(key.dst, 0, 10)
+        key.dst[10] = 0xff
+        key.dst[11] = 0xff
+        memcpy(key.dst + 12, q_src, 4)
+        key.family = 4
+    else:
+        if end < q3 + 40 or (q3[0] >> 4) != 6:
+            return NAT_NONE
+        key.proto = q3[6]
+        q_src = q3 + 8
+        q_dst = q3 + 24
+        q4 = q3 + 40
+        o_src = ip + 8
+        o_dst = ip + 24
+        alen = 16
+        memcpy(key.src, q_dst, 16)
+        memcpy(key.dst, q_src, 16)
+        key.family = 6
+    if (key.proto != 6 and key.proto != 17) or end < q4 + 8:
+        return NAT_NONE
+    key.sport = load_be16(q4 + 2)
+    key.dport = load_be16(q4)
+    key.pad[0] = 0
+    key.pad[1] = 0
+    ref = ct_find(c, &key, ct_hash(&key))
+    if ref:
+        idx = (ref - 1) >> 1
+        e = &c.ct[idx]
+        if e.expires_ns <= now:
+            ct_delete(c, idx)
+            c.gc[GC_CT_EXPIRED] += 1
+            ref = 0
+    if not ref:
+        tr_add(c, TR_NAT_NONE, 0, 0)
+        return NAT_NONE
+    d = (ref - 1) & 1
+    if d == 0:
+        w_odst = e.reply.src
+        w_qsrc = e.reply.src
+        w_qsport = e.reply.sport
+        if e.hairpin:
+            w_osrc = e.reply.dst
+            w_qdst = e.reply.dst
+    else:
+        w_osrc = e.orig.dst
+        w_qdst = e.orig.dst
+        w_qdport = e.orig.dport
+        if e.hairpin:
+            w_odst = e.orig.src
+            w_qsrc = e.orig.src
+    # the quoted packet (IPv4 addresses are the last 4 of an entry's 16 bytes): addresses,
+    # ports, its IPv4 header checksum, its L4 checksum
+    if w_qsrc != NULL:
+        put_field(q_src, w_qsrc + 16 - alen, alen // 2, &qa)
+    if w_qdst != NULL:
+        put_field(q_dst, w_qdst + 16 - alen, alen // 2, &qa)
+    if w_qsport >= 0:
+        store_be16(pw, <uint16_t>w_qsport)
+        put_field(q4, pw, 1, &qp)
+    if w_qdport >= 0:
+        store_be16(pw, <uint16_t>w_qdport)
+        put_field(q4 + 2, pw, 1, &qp)
+    icmp_acc = qa + qp
+    if v4:
+        put_csum(q3 + 10, qa, False, v4, &icmp_acc)
+    if key.proto == 6:
+        if q4 + 18 <= end:
+            put_csum(q4 + 16, qa + qp, False, v4, &icmp_acc)
+    else:
+        put_csum(q4 + 6, qa + qp, True, v4, &icmp_acc)
+    # the outer header
+    if w_osrc != NULL:
+        put_field(o_src, w_osrc + 16 - alen, alen // 2, &oa)
+    if w_odst != NULL:
+        put_field(o_dst, w_odst + 16 - alen, alen // 2, &oa)
+    if v4:
+        store_be16(ip + 10, ~csum_fold((load_be16(ip + 10) ^ 0xffff) + oa))
+    else:
+        icmp_acc += oa                   # ICMPv6 covers the pseudo-header
+    store_be16(icmp + 2, ~csum_fold((load_be16(icmp + 2) ^ 0xffff) + icmp_acc))
+    ct_translate_macs(c, e, d, k, out)
+    tr_add(c, TR_NAT_HIT, d, e.state)
     return NAT_OUT

@@ -184,6 +184,7 @@ ctypedef struct Pkt:
     uint8_t kind          # K_L2, K_ARP, K_IPV4 or K_IPV6
     uint8_t has_l4        # 1: l4_proto/l4_off are valid (headers checked)
     uint8_t nat_ok        # 1: TCP or UDP, not a fragment: may be NAT-tracked
+    uint8_t icmp_ok       # 1: ICMP (IPv4) / ICMPv6 with L4, not a fragment: maybe an error (D37)
     uint8_t l4_proto      # IP protocol / IPv6 next header of the L4 header
     uint32_t l3_off       # offset of the ARP/IPv4/IPv6 header
     uint32_t l4_off       # offset of the TCP/UDP/ICMP header (when has_l4)

@@ -29,6 +29,7 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
     k.kind = K_L2
     k.has_l4 = 0
     k.nat_ok = 0
+    k.icmp_ok = 0
     k.l4_proto = 0
     k.l4_off = 0
     k.l3_end = length
@@ -77,8 +78,11 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
         k.l4_off = l3 + ihl
         if parse_l4(k, 4) < 0:
             return -1
-        if k.has_l4 and (frag & 0x2000) == 0 and (k.l4_proto == 6 or k.l4_proto == 17):
-            k.nat_ok = 1
+        if k.has_l4 and (frag & 0x2000) == 0:
+            if k.l4_proto == 6 or k.l4_proto == 17:
+                k.nat_ok = 1
+            elif k.l4_proto == 1:
+                k.icmp_ok = 1
         return 0
     if et == 0x86dd:
         if avail < 40:
@@ -123,8 +127,11 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
             return 0                      # unknown next header: L2 only
         if parse_l4(k, 6) < 0:
             return -1
-        if k.has_l4 and not is_frag and (nh == 6 or nh == 17):
-            k.nat_ok = 1
+        if k.has_l4 and not is_frag:
+            if nh == 6 or nh == 17:
+                k.nat_ok = 1
+            elif nh == 58:
+                k.icmp_ok = 1
         return 0
     return 0
 

@@ -7,7 +7,8 @@ The contract is silent on these points; both implementations follow them exactly
 Changes after the first version: D15/D16 (commit "drain releases each head at its own
 departure time"): drain() refills a shaper at the head's t_dep, not at now_ns. D7/D36:
 a GSO frame is charged the bytes its segments take on the wire (Linux's
-qdisc_pkt_len_init), not its own length.
+qdisc_pkt_len_init), not its own length. D29/D37: ICMP errors about a tracked flow are
+translated (they passed untranslated before).
 
 Arguments and validation
  D1  Constructor: keyword arguments exactly the keys of dpconst.DEFAULTS. max_ports in
@@ -152,7 +153,7 @@ NAT / conntrack
      frame length), even if a later stage drops it. nat_translated counts every
      translated packet (both directions). A packet dropped in stage 4 (nat_collision,
      table_full) is not learnt (stage 5 is not reached).
- D29 ICMP is never translated (ICMP errors about a NATed flow pass untranslated).
+ D29 ICMP that is not an error about a tracked flow (D37) is never translated.
  D30 conntrack() ties on the original tuple (possible only between families) are broken
      by family.
 
@@ -191,6 +192,35 @@ L2
      reaches the shaper (from its vnet header and the parse of that frame; NAT does not
      change it) and a queued packet keeps it. trace() uses an all-zero vnet header (D35),
      so it charges L.
+
+ D37 ICMP errors about a tracked flow are translated with it (Linux conntrack's RELATED
+     handling, nf_nat_icmp_reply_translation), so that, say, a client of a hostPort gets
+     "port unreachable" from node:hostPort, not from an address it never contacted.
+     A frame is such an error when it parsed to L4 as ICMP (IPv4, not a fragment; type
+     3, 11 or 12) or ICMPv6 (not a fragment; type 1, 2, 3 or 4), with vnet_hdr_len 0 or
+     NEEDS_CSUM clear, and the quoted packet, starting 8 bytes after the ICMP header's
+     start and read only up to the outer IP total / payload length ("end"), is: IPv4
+     (version 4, IHL >= 5, fragment offset 0 and MF clear) in an IPv4 error, or IPv6
+     (version 6, next header directly TCP or UDP: no extension headers) in an ICMPv6
+     error; protocol TCP or UDP; and at least 8 bytes of its L4 header before end. The
+     quoted packet is one the error's sender received, so the error belongs to the
+     reversed tuple: key = (family, proto, quoted dst, quoted src, quoted dport, quoted
+     sport), looked up like D22 (an expired entry is deleted, ct_expired; nothing is
+     ever created). Not found: untouched, the FDB decides. Found in direction d: the outer
+     header is written as a packet of direction d (D25: d=0 dst := reply_src, and src :=
+     reply_dst if hairpin; d=1 src := orig_dst, and dst := orig_src if hairpin), the
+     quoted packet as one of the other direction mirrored (d=0: quoted src := reply_src,
+     quoted sport := reply_sport, quoted dst := reply_dst if hairpin; d=1: quoted dst :=
+     orig_dst, quoted dport := orig_dport, quoted src := orig_src if hairpin), MACs and
+     the out port as for direction d (D24, D32). The entry itself does not change (no
+     state, expiry or packet counts); nat_translated += 1. Checksums (D26 arithmetic,
+     never partial): the quoted IPv4 header checksum over the quoted address words; the
+     quoted L4 checksum, only when its field lies before end (UDP always, TCP when 18
+     bytes are quoted), over quoted address and port words, with UDP's zero rules; the
+     outer IPv4 header checksum over the outer address words; the ICMP checksum over
+     every word written inside the ICMP message (quoted addresses, ports and both quoted
+     checksums, old and new) and, for ICMPv6 (pseudo-header), the outer address words.
+     trace: one "nat" stage whenever the lookup is made.
 
 Counters, trace
  D34 packets/bytes (global) and rx (per port) count each frame once, when process()
@@ -519,6 +549,34 @@ def _parse(b):
         if nh in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6):
             return _parse_l4(b, p, nh, pos, end, IPPROTO_ICMPV6) or p
     return p
+
+
+ICMP_ERROR_TYPES = {4: (3, 11, 12), 6: (1, 2, 3, 4)}   # D37
+
+
+def _icmp_quoted(b, p):
+    """D37: the packet an ICMP error quotes, as (quoted l3, quoted l4, end, proto, src,
+    dst, sport, dport) with offsets from the frame start, or None. p: b's _Parsed, an
+    ICMP / ICMPv6 packet with L4 and not a fragment."""
+    l3, l4 = p.l3, p.l4
+    end = l3 + _be16(b, l3 + 2) if p.family == 4 else l3 + 40 + _be16(b, l3 + 4)
+    if b[l4] not in ICMP_ERROR_TYPES[p.family]:
+        return None
+    q3 = l4 + 8
+    if p.family == 4:
+        if end - q3 < 20 or b[q3] >> 4 != 4:
+            return None
+        ihl = (b[q3] & 0x0F) * 4
+        if ihl < 20 or _be16(b, q3 + 6) & 0x3FFF:
+            return None
+        proto, src, dst, q4 = b[q3 + 9], b[q3 + 12:q3 + 16], b[q3 + 16:q3 + 20], q3 + ihl
+    else:
+        if end - q3 < 40 or b[q3] >> 4 != 6:
+            return None
+        proto, src, dst, q4 = b[q3 + 6], b[q3 + 8:q3 + 24], b[q3 + 24:q3 + 40], q3 + 40
+    if proto not in (IPPROTO_TCP, IPPROTO_UDP) or end - q4 < 8:
+        return None
+    return q3, q4, end, proto, src, dst, _be16(b, q4), _be16(b, q4 + 2)
 
 
 # --------------------------------------------------------------------------- state records
@@ -1151,7 +1209,11 @@ class Datapath:
 
     def _nat(self, buf, off, length, in_port, p, now, tr):
         """Returns the out port NAT decided, or None (untouched). Raises _Drop."""
-        if p.l4_proto not in (IPPROTO_TCP, IPPROTO_UDP) or p.l4 < 0 or p.fragment:
+        if p.l4 < 0 or p.fragment:
+            return None
+        if p.l4_proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            return self._nat_icmp_error(buf, off, length, p, now, tr)
+        if p.l4_proto not in (IPPROTO_TCP, IPPROTO_UDP):
             return None
         key = (p.family, p.l4_proto, _addr16(p.src), _addr16(p.dst), p.sport, p.dport)
         found = self._ct_lookup(key, now)
@@ -1252,16 +1314,102 @@ class Datapath:
         if direction == 0:
             self._rewrite(buf, off, p, src=e.reply_dst if e.hairpin else None,
                           dst=e.reply_src, dport=e.reply_sport)
+        else:
+            self._rewrite(buf, off, p, src=e.orig_dst, sport=e.orig_dport,
+                          dst=e.orig_src if e.hairpin else None)
+        self._translate_macs(buf, off, e, direction)
+
+    def _translate_macs(self, buf, off, e, direction):
+        """D24: the MACs of a translated packet of that direction."""
+        if direction == 0:
             if self._gw_mac is not None:
                 buf[off + 6:off + 12] = np.frombuffer(self._gw_mac, dtype=np.uint8)
             pod_mac = self._ports[e.out_port].mac
             if pod_mac is not None:
                 buf[off:off + 6] = np.frombuffer(pod_mac, dtype=np.uint8)
         else:
-            self._rewrite(buf, off, p, src=e.orig_dst, sport=e.orig_dport,
-                          dst=e.orig_src if e.hairpin else None)
             buf[off + 6:off + 12] = np.frombuffer(e.orig_dst_mac, dtype=np.uint8)
             buf[off:off + 6] = np.frombuffer(e.orig_src_mac, dtype=np.uint8)
+
+    def _nat_icmp_error(self, buf, off, length, p, now, tr):
+        """D37: an ICMP error about a tracked flow is translated with it."""
+        H = self.vnet_hdr_len
+        if H and buf[off - H] & VNET_F_NEEDS_CSUM:
+            return None
+        quoted = _icmp_quoted(buf[off:off + length].tobytes(), p)
+        if quoted is None:
+            return None
+        proto, q_src, q_dst, q_sport, q_dport = quoted[3:]
+        found = self._ct_lookup((p.family, proto, _addr16(q_dst), _addr16(q_src), q_dport, q_sport), now)
+        if found is None:
+            if tr is not None:
+                tr.append(("nat", "icmp error, no entry"))
+            return None
+        e, d = found
+        if d == 0:
+            outer = dict(src=e.reply_dst if e.hairpin else None, dst=e.reply_src)
+            inner = dict(src=e.reply_src, sport=e.reply_sport, dst=e.reply_dst if e.hairpin else None)
+        else:
+            outer = dict(src=e.orig_dst, dst=e.orig_src if e.hairpin else None)
+            inner = dict(dst=e.orig_dst, dport=e.orig_dport, src=e.orig_src if e.hairpin else None)
+        self._rewrite_icmp_error(buf, off, p, quoted[:3], proto, outer, inner)
+        self._translate_macs(buf, off, e, d)
+        self._gc[GC["nat_translated"]] += 1
+        if tr is not None:
+            tr.append(("nat", f"icmp error, {'original' if d == 0 else 'reply'} direction"))
+        return e.out_port if d == 0 else e.in_port
+
+    def _rewrite_icmp_error(self, buf, off, p, where, proto, outer, inner):
+        """D37's writes and checksums. where: (quoted l3, quoted l4, end), frame offsets."""
+        q3, q4, end = (off + x for x in where)
+        l3, l4 = off + p.l3, off + p.l4
+        alen = 4 if p.family == 4 else 16
+        icmp_old, icmp_new = [], []          # every word written inside the ICMP message
+
+        def put(at, nbytes, value, old, new):
+            old += _words(buf[at:at + nbytes].tobytes())
+            new += _words(value)
+            buf[at:at + nbytes] = np.frombuffer(value, dtype=np.uint8)
+
+        # the quoted packet: addresses, ports, its IPv4 header checksum, its L4 checksum
+        q_src_at, q_dst_at = (q3 + 12, q3 + 16) if p.family == 4 else (q3 + 8, q3 + 24)
+        qa_old, qa_new, qp_old, qp_new = [], [], [], []
+        for at, value in ((q_src_at, inner.get("src")), (q_dst_at, inner.get("dst"))):
+            if value is not None:
+                put(at, alen, value, qa_old, qa_new)
+        for at, value in ((q4, inner.get("sport")), (q4 + 2, inner.get("dport"))):
+            if value is not None:
+                put(at, 2, value.to_bytes(2, "big"), qp_old, qp_new)
+        icmp_old += qa_old + qp_old
+        icmp_new += qa_new + qp_new
+        if p.family == 4:
+            hc = _np16(buf, q3 + 10)
+            nc = _csum_patch(hc, qa_old, qa_new)
+            put(q3 + 10, 2, nc.to_bytes(2, "big"), icmp_old, icmp_new)
+        at = q4 + (16 if proto == IPPROTO_TCP else 6)
+        if at + 2 <= end:
+            hc = _np16(buf, at)
+            if not (proto == IPPROTO_UDP and p.family == 4 and hc == 0):
+                nc = _csum_patch(hc, qa_old + qp_old, qa_new + qp_new)
+                if proto == IPPROTO_UDP and nc == 0:
+                    nc = 0xFFFF
+                put(at, 2, nc.to_bytes(2, "big"), icmp_old, icmp_new)
+        # the outer header
+        src_at, dst_at = (l3 + 12, l3 + 16) if p.family == 4 else (l3 + 8, l3 + 24)
+        oa_old, oa_new = [], []
+        for at, value in ((src_at, outer.get("src")), (dst_at, outer.get("dst"))):
+            if value is not None:
+                put(at, alen, value, oa_old, oa_new)
+        if p.family == 4:
+            hc = _np16(buf, l3 + 10)
+            nc = _csum_patch(hc, oa_old, oa_new)
+            buf[l3 + 10], buf[l3 + 11] = nc >> 8, nc & 0xFF
+        else:                                # ICMPv6 covers the pseudo-header
+            icmp_old += oa_old
+            icmp_new += oa_new
+        hc = _np16(buf, l4 + 2)
+        nc = _csum_patch(hc, icmp_old, icmp_new)
+        buf[l4 + 2], buf[l4 + 3] = nc >> 8, nc & 0xFF
 
     def _rewrite(self, buf, off, p, src=None, dst=None, sport=None, dport=None):
         """Writes the given addresses and ports and patches the checksums, in one step (D26)."""

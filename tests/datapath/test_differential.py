@@ -200,6 +200,7 @@ class Traffic:
         self.clients = [client(i) for i in range(1, 7)]
         self.cports = [40000 + i for i in range(6)]
         self.recent = []                 # (frame, in_port) of valid frames, for mutations
+        self.flows = []                  # recent hostPort requests, for ICMP errors about them
 
     def pick(self, seq):
         return seq[int(self.rng.integers(len(seq)))]
@@ -261,6 +262,8 @@ class Traffic:
         r = rng.random()
         vlan = int(rng.integers(1, 4095)) if rng.random() < 0.05 else None
         family = 4 if rng.random() < 0.6 else 6
+        if r < 0.04:                                  # an ICMP error about a hostPort flow
+            return self.icmp_error()
         if r < 0.25:                                  # pod to pod
             a, b = self.pick(PODS), self.pick(PODS)
             src, dst = self.pod_addr(a, family), self.pod_addr(b, family)
@@ -273,6 +276,8 @@ class Traffic:
             src = c4 if fam == 4 else c6
             dst = self.pick((NODE4, GW4)) if fam == 4 else self.pick((NODE6, GW6))
             sport = self.pick(self.cports)
+            self.flows.append((proto, hp, fam, cmac, c4, c6, sport, dst))
+            del self.flows[:-16]
             proto2, pay = self.l4(fam, src, dst, sport, hp, proto)
             return self.ip_frame(NODE_MAC, cmac, fam, src, dst, proto2, pay), self.pick((UPLINK, UPLINK, HOST))
         if r < 0.62:                                  # a pod's reply to a client
@@ -352,6 +357,54 @@ class Traffic:
                     i = int(rng.integers(0, min(len(f), 80)))
                     f[i] ^= 1 << int(rng.integers(0, 8))
         return bytes(f), p
+
+    def icmp_error(self):
+        """(frame, in_port): an ICMP / ICMPv6 error (D37) quoting a packet of a hostPort
+        flow as one side received it: the pod about a request (from a client, or from
+        the gateway: hairpin), or a client about a reply. Quotes are whole or truncated
+        (8 L4 bytes, or fewer), checksums mostly right; some types are not errors."""
+        rng = self.rng
+        if self.flows and rng.random() < 0.8:         # mostly about a recent request
+            proto, hp, fam, cmac, c4, c6, sport, node = self.pick(self.flows)
+            pod, cp = RULE_TARGETS[(proto, hp, fam)]
+        else:
+            (proto, hp, fam), (pod, cp) = self.pick(list(RULE_TARGETS.items()))
+            cmac, c4, c6 = self.pick(self.clients)
+            sport = self.pick(self.cports)
+            node = self.pick((NODE4, GW4)) if fam == 4 else self.pick((NODE6, GW6))
+        client_ip = c4 if fam == 4 else c6
+        pod_ip = self.pod_addr(pod, fam)
+        x = rng.random()
+        if x < 0.45:                                  # the pod, about a client's request
+            q = (client_ip, pod_ip, sport, cp)
+            outer = (pod_ip, client_ip, pod_mac(pod), GW_MAC, pod)
+        elif x < 0.6:                                 # the pod, about a hairpin request
+            gw = GW4 if fam == 4 else GW6
+            q = (gw, pod_ip, 50000 + self.pick(PODS), cp)
+            outer = (pod_ip, gw, pod_mac(pod), GW_MAC, pod)
+        else:                                         # a client, about a reply from node:hostPort
+            q = (node, client_ip, hp, sport)
+            outer = (client_ip, node, cmac, NODE_MAC, UPLINK)
+        q_src, q_dst, qs, qd = q
+        qproto, ql4 = self.l4(fam, q_src, q_dst, qs, qd, proto)
+        quoted = ipv4(q_src, q_dst, qproto, ql4) if fam == 4 else ipv6(q_src, q_dst, qproto, ql4)
+        hdr = 20 if fam == 4 else 40
+        y = rng.random()
+        if y < 0.3:
+            quoted = quoted[:hdr + 8]
+        elif y < 0.4:
+            quoted = quoted[:hdr + int(rng.integers(0, 24))]
+        if rng.random() < 0.05:
+            quoted = bytearray(quoted)
+            quoted[int(rng.integers(0, len(quoted)))] ^= 1 << int(rng.integers(0, 8))
+            quoted = bytes(quoted)
+        o_src, o_dst, smac, dmac, in_port = outer
+        t = self.pick((3, 3, 11, 12, 8, 0) if fam == 4 else (1, 1, 2, 3, 4, 128))
+        body = struct.pack("!BBHI", t, int(rng.integers(0, 5)), 0, 0) + quoted
+        if rng.random() < 0.9:
+            c = _csum(body if fam == 4 else _pseudo(o_src, o_dst, 58, len(body)) + body)
+            body = body[:2] + struct.pack("!H", c) + body[4:]
+        return self.ip_frame(dmac, smac, fam, o_src, o_dst, 1 if fam == 4 else 58, body), in_port
 
     def vnet_header(self):
         """Random bytes with flags 0 or 1 (NEEDS_CSUM); half the time a GSO header: gso_type
@@ -596,6 +649,29 @@ def test_the_generator_makes_gso_frames_that_cost_more_than_their_length():
         more += c > len(f)
         capped += c == 2 * len(f) > 0
     assert more >= 50 and capped >= 10, (more, capped)
+
+
+def test_the_generator_makes_icmp_errors_that_get_translated():
+    """The random batches exercise D37: among ICMP errors run through the twin, some
+    find their flow and are rewritten, others do not."""
+    from vswitch import datapath_py
+    dp = datapath_py.Datapath(**CONFIG)
+    setup((dp, datapath_py.Datapath(**CONFIG)), 0)      # (setup wants a pair)
+    rng = np.random.default_rng(11)
+    traffic = Traffic(rng, 0)
+    translated = now = 0
+    for _ in range(40):
+        buf, offsets, lengths, in_ports = traffic.batch(100)
+        before = dp.global_counters()[C.GC["nat_translated"]]
+        icmp = [i for i in range(100) if lengths[i] > 34 and (
+            (buf[offsets[i] + 12:offsets[i] + 14].tobytes() == b"\x08\x00" and buf[offsets[i] + 23] == 1)
+            or (buf[offsets[i] + 12:offsets[i] + 14].tobytes() == b"\x86\xdd" and buf[offsets[i] + 20] == 58))]
+        original = [buf[offsets[i]:offsets[i] + lengths[i]].tobytes() for i in icmp]
+        dp.process(buf, offsets, lengths, in_ports, np.zeros(103, np.int32), 100, now)
+        translated += sum(buf[offsets[i]:offsets[i] + lengths[i]].tobytes() != o for i, o in zip(icmp, original))
+        assert dp.global_counters()[C.GC["nat_translated"]] >= before
+        now += C.SEC_NS // 2          # entries come and go (the table holds 40)
+    assert translated >= 10, translated
 
 
 def test_validation_agrees(both_impls):

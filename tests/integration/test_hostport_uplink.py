@@ -125,3 +125,46 @@ def test_ip_masq_lets_a_pod_reach_beyond_the_node_and_goes_away_with_it(uplinked
     assert f"ip saddr 10.{c.octet}.0.0/24" in table and "masquerade" in table
     c.daemon.call("detach", container_id=masq.cid, ifname="eth0")
     assert nsexec(c.node, "nft", "list", "tables").stdout.strip() == ""
+
+
+# a connected UDP socket that reports what became of one datagram: an answer, "port
+# unreachable" (ECONNREFUSED: the kernel matched an ICMP error to this very socket, so
+# the error came from the address the socket is connected to, quoting what it sent,
+# with valid checksums), or nothing
+UNREACHABLE_PROBE = r"""
+import socket, sys
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(1)
+c.connect((sys.argv[1], int(sys.argv[2])))
+for attempt in range(5):
+    try:
+        c.send(b"anyone?")
+        c.recv(100)
+        print("ANSWERED"); break
+    except ConnectionRefusedError:
+        print("REFUSED"); break
+    except socket.timeout:
+        continue
+else:
+    print("NO ANSWER")
+"""
+
+
+def test_port_unreachable_from_a_pod_comes_back_through_node_hostport(uplinked):
+    """A hostPort whose pod has nothing listening: the pod's ICMP port unreachable is
+    translated with the flow (like conntrack's RELATED), so the client's socket, connected
+    to node:hostPort, is refused instead of waiting; the same from a pod via the node IP
+    and on its own hostPort (hairpin)."""
+    c = uplinked
+    a = c.add_pod("a", 2, port_mappings=[{"hostPort": 5354, "containerPort": 54, "protocol": "udp"}])
+    b = c.add_pod("b", 3)
+
+    def probe(ns):
+        return nsexec(ns, sys.executable, "-c", UNREACHABLE_PROBE, NODE_IP, "5354").stdout.strip()
+
+    assert ping(c.client, NODE_IP)["received"] == 3
+    assert probe(c.client) == "REFUSED"
+    assert probe(b.ns) == "REFUSED"
+    assert probe(a.ns) == "REFUSED"
+    m = c.daemon.call("conntrack")["entries"]
+    assert {e["orig_src"] for e in m if e["orig_dport"] == 5354} == {CLIENT_IP, b.ip, a.ip}
+    c.detach_all()
