@@ -76,7 +76,7 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
             return 0                      # non-first fragment: no L4
         k.l4_proto = p[l3 + 9]
         k.l4_off = l3 + ihl
-        if parse_l4(k, 4) < 0:
+        if parse_l4(k, 4, (frag & 0x2000) != 0) < 0:
             return -1
         if k.has_l4 and (frag & 0x2000) == 0:
             if k.l4_proto == 6 or k.l4_proto == 17:
@@ -125,7 +125,7 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
         k.l4_off = off
         if nh != 6 and nh != 17 and nh != 58:
             return 0                      # unknown next header: L2 only
-        if parse_l4(k, 6) < 0:
+        if parse_l4(k, 6, is_frag) < 0:
             return -1
         if k.has_l4 and not is_frag:
             if nh == 6 or nh == 17:
@@ -136,8 +136,9 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
     return 0
 
 
-cdef inline int parse_l4(Pkt *k, int family) noexcept nogil:
-    # checks the L4 header at k.l4_off against the bytes up to k.l3_end; sets has_l4
+cdef inline int parse_l4(Pkt *k, int family, bint frag) noexcept nogil:
+    # checks the L4 header at k.l4_off against the bytes up to k.l3_end; sets has_l4.
+    # frag: a first fragment, whose UDP length counts the whole datagram (D38)
     cdef uint32_t avail = k.l3_end - k.l4_off
     cdef uint8_t *q = k.p + k.l4_off
     cdef uint32_t doff, ulen
@@ -154,7 +155,7 @@ cdef inline int parse_l4(Pkt *k, int family) noexcept nogil:
         if avail < 8:
             return -1
         ulen = load_be16(q + 4)
-        if ulen < 8 or ulen > avail:
+        if ulen < 8 or (ulen > avail and not frag):
             return -1
         k.has_l4 = 1
     elif (family == 4 and k.l4_proto == 1) or (family == 6 and k.l4_proto == 58):

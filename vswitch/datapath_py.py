@@ -8,7 +8,8 @@ Changes after the first version: D15/D16 (commit "drain releases each head at it
 departure time"): drain() refills a shaper at the head's t_dep, not at now_ns. D7/D36:
 a GSO frame is charged the bytes its segments take on the wire (Linux's
 qdisc_pkt_len_init), not its own length. D29/D37: ICMP errors about a tracked flow are
-translated (they passed untranslated before).
+translated (they passed untranslated before). D38: a first fragment's UDP length may
+exceed the fragment (it was malformed before).
 
 Arguments and validation
  D1  Constructor: keyword arguments exactly the keys of dpconst.DEFAULTS. max_ports in
@@ -60,6 +61,10 @@ Parsing
  D11 An IPv6 packet that has a fragment header (any offset, even 0 with M=0) is a
      fragment: its L4 is parsed and checked when the offset is 0, but it is never
      NAT-tracked, exactly like an IPv4 first fragment.
+ D38 The UDP length of a first fragment (IPv4 with MF set, or an IPv6 packet with a
+     fragment header of offset 0) counts the whole datagram, so it may exceed the bytes
+     available: only UDP length < 8 is malformed there. (Until this rule, the first
+     fragment of every UDP datagram bigger than the MTU was dropped as malformed.)
 
 Anti-spoofing
  D12 Applies to every frame of a port with anti-spoofing enabled and a binding (bind_port
@@ -462,7 +467,7 @@ def _parse_l4(b, p, proto, start, end, icmp_proto):
         if avail < 8:
             return "udp header truncated"
         ulen = _be16(b, start + 4)
-        if ulen < 8 or ulen > avail:
+        if ulen < 8 or (ulen > avail and not p.fragment):   # D38
             return "udp length inconsistent"
         p.sport, p.dport = _be16(b, start), _be16(b, start + 2)
     elif proto == icmp_proto:

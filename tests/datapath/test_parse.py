@@ -226,6 +226,27 @@ def test_ipv6_fragment_header_offset_zero_checks_l4_but_is_never_natted(dp):
     assert is_malformed(dp, truncated_frag_header)
 
 
+@pytest.mark.parametrize("family", [4, 6])
+def test_every_fragment_of_a_udp_datagram_bigger_than_the_mtu_is_switched(dp, family):
+    """D38: a first fragment's UDP length counts the whole datagram (3008 bytes here, in
+    a 1500-byte packet): not malformed. A UDP length below 8 still is."""
+    from scapy.layers.inet import fragment
+    from scapy.layers.inet6 import fragment6
+    if family == 4:
+        frags = fragment(IP(src=CLIENT4, dst=A4) / UDP(sport=1, dport=2) / (b"x" * 3000), fragsize=1480)
+    else:
+        frags = fragment6(IPv6(src=CLIENT6, dst=NODE6) / IPv6ExtHdrFragment() / UDP(sport=1, dport=2)
+                          / (b"x" * 3000), 1500)
+    frames = [bytes(Ether(src=SRC, dst=DST) / f) for f in frags]
+    assert len(frames) == 3 and UDP in Ether(frames[0]) and Ether(frames[0])[UDP].len == 3008
+    for f in frames:
+        out, rewritten = send1(dp, f, UPLINK, 1)
+        assert out == C.OUT_FLOOD and rewritten == f
+    assert gc(dp, "malformed") == 0
+    at = 14 + (20 if family == 4 else 48) + 4         # the UDP length field of the first fragment
+    assert is_malformed(dp, frames[0][:at] + b"\x00\x07" + frames[0][at + 2:])
+
+
 def _ext_chain(n, last_nh=6):
     """IPv6 with n destination-option headers, then TCP to hostPort 8080."""
     layers = IPv6(src=CLIENT6, dst=NODE6)
