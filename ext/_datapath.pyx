@@ -82,6 +82,8 @@ CT_STATE_NAMES = {
 }
 SEC_NS = C_SEC_NS
 SWEEP_INTERVAL_NS = C_SWEEP_INTERVAL_NS
+FRAG_SLOTS = C_FRAG_SLOTS
+FRAG_TIMEOUT_NS = C_FRAG_TIMEOUT_NS
 PORT_COUNTERS = _C_PORT_COUNTERS
 GLOBAL_COUNTERS = _C_GLOBAL_COUNTERS
 DROP_REASONS = _C_DROP_REASONS
@@ -101,6 +103,7 @@ C_CONSTANTS = dict(
     CT_SYN_SENT=C_CT_SYN_SENT, CT_ESTABLISHED=C_CT_ESTABLISHED, CT_FIN=C_CT_FIN,
     CT_CLOSE=C_CT_CLOSE, CT_UDP_NEW=C_CT_UDP_NEW, CT_UDP_REPLIED=C_CT_UDP_REPLIED,
     SEC_NS=C_SEC_NS, SWEEP_INTERVAL_NS=C_SWEEP_INTERVAL_NS,
+    FRAG_SLOTS=C_FRAG_SLOTS, FRAG_TIMEOUT_NS=C_FRAG_TIMEOUT_NS,
     N_PORT_COUNTERS=N_PC, N_GLOBAL_COUNTERS=N_GC, N_DROP_REASONS=N_DR,
 )
 C_COUNTER_INDEX = dict(
@@ -224,6 +227,8 @@ cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             return C_OUT_DROP
     elif k.icmp_ok:
         r = nat_icmp_error(c, k, now, &out)
+    elif k.frag == FRAG_LATER:
+        r = nat_fragment(c, k, now, &out)
     if not src_mcast:
         mac_learn(c, k.src_key, in_port, now)
     if r == NAT_OUT:
@@ -701,7 +706,7 @@ cdef int _proto(object proto) except -1:
 
 _TR_STAGE = {TR_RX: "rx", TR_PARSE: "parse", TR_ANTISPOOF: "antispoof", TR_EGRESS: "egress_shaper",
              TR_NAT_NEW: "nat", TR_NAT_HIT: "nat", TR_NAT_NONE: "nat", TR_L2: "l2",
-             TR_INGRESS: "ingress_shaper", TR_OUTPUT: "output"}
+             TR_INGRESS: "ingress_shaper", TR_OUTPUT: "output", TR_NAT_ICMP: "nat", TR_NAT_FRAG: "nat"}
 _SH_VERDICT = {SH_PASS: "pass", SH_QUEUED: "queue", SH_FULL: "full"}
 _L2_TEXT = {0: "NAT decided port {}", 1: "multicast/broadcast", 2: "unknown unicast",
             3: "known unicast on port {}"}
@@ -1339,6 +1344,9 @@ cdef class Datapath:
             return (name, f"new entry from rule {t.a}{' (hairpin)' if t.b else ''}")
         if st == TR_NAT_HIT:
             return (name, f"{'original' if t.a == 0 else 'reply'} direction, {CT_STATE_NAMES[t.b]}")
+        if st == TR_NAT_ICMP or st == TR_NAT_FRAG:
+            return (name, f"{'icmp error' if st == TR_NAT_ICMP else 'fragment'}, "
+                          f"{'original' if t.a == 0 else 'reply'} direction")
         if st == TR_NAT_NONE:
             return (name, "no entry, no rule")
         if st == TR_L2:

@@ -277,6 +277,90 @@ cdef enum:
     NAT_NONE = -1        # no NAT decision: the FDB decides
     NAT_OUT = -2         # translated; *out holds the port
 
+# ---------------------------------------------------------------- fragments (twin's D39)
+# A translated first fragment leaves its datagram's translation in c.frags (direct-mapped:
+# a new datagram replaces whatever its slot held); later fragments are translated from it.
+
+cdef inline void frag_remember(Core *c, Pkt *k, CtEntry *e, int d, uint64_t now) noexcept nogil:
+    # k.ct_key holds the first fragment's tuple as received (NAT has rewritten the frame)
+    cdef CtKey fk = k.ct_key
+    cdef FragRec *r
+    fk.sport = <uint16_t>(k.frag_id >> 16)
+    fk.dport = <uint16_t>(k.frag_id & 0xffff)
+    fk.proto = k.frag_proto
+    r = &c.frags[ct_hash(&fk) & (C_FRAG_SLOTS - 1)]
+    r.key = fk
+    r.used = 1
+    r.expires_ns = now + C_FRAG_TIMEOUT_NS
+    r.direction = d
+    if d == 0:
+        r.out_port = e.out_port
+        r.has_src = e.hairpin
+        memcpy(r.new_src, e.reply.dst, 16)
+        r.has_dst = 1
+        memcpy(r.new_dst, e.reply.src, 16)
+    else:
+        r.out_port = e.in_port
+        r.has_src = 1
+        memcpy(r.new_src, e.orig.dst, 16)
+        r.has_dst = e.hairpin
+        memcpy(r.new_dst, e.orig.src, 16)
+        memcpy(r.src_mac, e.orig_dst_mac, 6)
+        memcpy(r.dst_mac, e.orig_src_mac, 6)
+
+cdef inline int nat_fragment(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
+    # NAT_NONE, or NAT_OUT with *out set: a non-first fragment of a remembered datagram
+    cdef CtKey fk
+    cdef FragRec *r
+    cdef uint8_t *ip = k.p + k.l3_off
+    cdef uint32_t acc = 0
+    cdef PortState *ps
+    memset(&fk, 0, sizeof(CtKey))
+    if k.kind == K_IPV4:
+        fk.src[10] = 0xff
+        fk.src[11] = 0xff
+        memcpy(fk.src + 12, ip + 12, 4)
+        fk.dst[10] = 0xff
+        fk.dst[11] = 0xff
+        memcpy(fk.dst + 12, ip + 16, 4)
+        fk.family = 4
+    else:
+        memcpy(fk.src, ip + 8, 16)
+        memcpy(fk.dst, ip + 24, 16)
+        fk.family = 6
+    fk.sport = <uint16_t>(k.frag_id >> 16)
+    fk.dport = <uint16_t>(k.frag_id & 0xffff)
+    fk.proto = k.frag_proto
+    r = &c.frags[ct_hash(&fk) & (C_FRAG_SLOTS - 1)]
+    if not r.used or r.expires_ns <= now or not ct_key_eq(&r.key, &fk):
+        return NAT_NONE
+    if k.kind == K_IPV4:
+        if r.has_src:
+            acc = csum_delta(acc, ip + 12, r.new_src + 12, 2)
+            memcpy(ip + 12, r.new_src + 12, 4)
+        if r.has_dst:
+            acc = csum_delta(acc, ip + 16, r.new_dst + 12, 2)
+            memcpy(ip + 16, r.new_dst + 12, 4)
+        store_be16(ip + 10, ~csum_fold((load_be16(ip + 10) ^ 0xffff) + acc))
+    else:
+        if r.has_src:
+            memcpy(ip + 8, r.new_src, 16)
+        if r.has_dst:
+            memcpy(ip + 24, r.new_dst, 16)
+    if r.direction == 0:
+        if c.gw_mac_set:
+            memcpy(k.p + 6, c.gw_mac, 6)
+        ps = &c.ports[r.out_port]
+        if ps.present and ps.mac_bound:
+            memcpy(k.p, ps.mac, 6)
+    else:
+        memcpy(k.p + 6, r.src_mac, 6)
+        memcpy(k.p, r.dst_mac, 6)
+    out[0] = r.out_port
+    c.gc[GC_NAT_TRANSLATED] += 1
+    tr_add(c, TR_NAT_FRAG, r.direction, 0)
+    return NAT_OUT
+
 cdef inline void ct_apply(Core *c, CtEntry *e, int direction, Pkt *k, uint64_t now) noexcept nogil:
     # state machine (twin's D27), expiry, counters for one packet of the entry
     cdef uint8_t flags
@@ -352,6 +436,8 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
             ct_apply(c, e, (ref - 1) & 1, k, now)
             ct_translate(c, e, (ref - 1) & 1, k, out)
             tr_add(c, TR_NAT_HIT, (ref - 1) & 1, e.state)
+            if k.frag == FRAG_FIRST:
+                frag_remember(c, k, e, (ref - 1) & 1, now)
             return NAT_OUT
     rid = rule_match(c, &k.ct_key)
     if rid < 0:
@@ -420,6 +506,8 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
     ct_apply(c, e, 0, k, now)
     ct_translate(c, e, 0, k, out)
     tr_add(c, TR_NAT_HIT, 0, e.state)
+    if k.frag == FRAG_FIRST:
+        frag_remember(c, k, e, 0, now)
     return NAT_OUT
 
 # ---------------------------------------------------------------- ICMP errors (twin's D37)
@@ -576,5 +664,5 @@ cdef inline int nat_icmp_error(Core *c, Pkt *k, uint64_t now, int32_t *out) noex
         icmp_acc += oa                   # ICMPv6 covers the pseudo-header
     store_be16(icmp + 2, ~csum_fold((load_be16(icmp + 2) ^ 0xffff) + icmp_acc))
     ct_translate_macs(c, e, d, k, out)
-    tr_add(c, TR_NAT_HIT, d, e.state)
+    tr_add(c, TR_NAT_ICMP, d, 0)
     return NAT_OUT

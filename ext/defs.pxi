@@ -77,6 +77,7 @@ cdef enum:
 
 cdef uint64_t C_SEC_NS = 1000000000ULL
 cdef uint64_t C_SWEEP_INTERVAL_NS = 1000000000ULL
+cdef uint64_t C_FRAG_TIMEOUT_NS = 30000000000ULL   # twin D39 (Linux ipfrag_time)
 
 # per-port counters: index in port_counters()' second axis (order = dpconst.PORT_COUNTERS)
 cdef enum:
@@ -185,6 +186,9 @@ ctypedef struct Pkt:
     uint8_t has_l4        # 1: l4_proto/l4_off are valid (headers checked)
     uint8_t nat_ok        # 1: TCP or UDP, not a fragment: may be NAT-tracked
     uint8_t icmp_ok       # 1: ICMP (IPv4) / ICMPv6 with L4, not a fragment: maybe an error (D37)
+    uint8_t frag          # FRAG_NONE, FRAG_FIRST (more follow), FRAG_LATER, FRAG_ATOMIC (D39)
+    uint8_t frag_proto    # IPv4 protocol / the IPv6 fragment header's next header
+    uint32_t frag_id      # identification (IPv4 16 bits, IPv6 32 bits)
     uint8_t l4_proto      # IP protocol / IPv6 next header of the L4 header
     uint32_t l3_off       # offset of the ARP/IPv4/IPv6 header
     uint32_t l4_off       # offset of the TCP/UDP/ICMP header (when has_l4)
@@ -196,6 +200,28 @@ ctypedef struct Pkt:
     uint8_t ct_ready      # 1: ct_key / ct_hash hold the packet's 5-tuple and its hash
     uint32_t ct_hash      # ct_hash(&ct_key)
     CtKey ct_key          # the 5-tuple (set by nat_stage, or ahead by the batch loop)
+
+cdef enum:
+    FRAG_NONE = 0
+    FRAG_FIRST = 1
+    FRAG_LATER = 2
+    FRAG_ATOMIC = 3
+    C_FRAG_SLOTS = 256
+
+ctypedef struct FragRec:
+    # a fragmented datagram's translation, remembered from its first fragment (twin's D39)
+    CtKey key             # the fragment key: src, dst, sport = id >> 16, dport = id & 0xffff,
+                          # proto = fragment protocol, family
+    uint64_t expires_ns   # forgotten when now >= expires_ns
+    uint8_t used          # 0: empty slot
+    uint8_t direction     # 0 original, 1 reply
+    uint8_t has_src       # 1: new_src is written
+    uint8_t has_dst       # 1: new_dst is written
+    uint16_t out_port
+    uint8_t new_src[16]   # addresses as in the entry (IPv4: ::ffff:a.b.c.d)
+    uint8_t new_dst[16]
+    uint8_t src_mac[6]    # direction 1: the entry's orig_dst_mac and orig_src_mac
+    uint8_t dst_mac[6]
 
 ctypedef struct CtEntry:
     # one tracked connection; indexed from two hash slots (original and reply tuple).
@@ -300,6 +326,8 @@ cdef enum:
     TR_L2
     TR_INGRESS
     TR_OUTPUT
+    TR_NAT_ICMP
+    TR_NAT_FRAG
     TR_MAX = 16
 
 ctypedef struct Core:
@@ -357,6 +385,7 @@ ctypedef struct Core:
     uint32_t n_active         # entries in active
     uint32_t pf_min_entries   # prefetch only when the MAC or conntrack table holds more
     uint8_t pf_off            # 1: process() never prefetches (_tune(), benchmarks only)
+    FragRec frags[C_FRAG_SLOTS] # D39: fragmented datagrams' translations (slot = ct_hash & 255)
     TrRec *tr                 # trace() only: the stage recorder (NULL: off)
     int tr_n                  # records in tr
 

@@ -30,6 +30,7 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
     k.has_l4 = 0
     k.nat_ok = 0
     k.icmp_ok = 0
+    k.frag = FRAG_NONE
     k.l4_proto = 0
     k.l4_off = 0
     k.l3_end = length
@@ -72,16 +73,21 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
         k.kind = K_IPV4
         k.l3_end = l3 + tot
         frag = load_be16(p + l3 + 6)
+        k.frag_id = load_be16(p + l3 + 4)
+        k.frag_proto = p[l3 + 9]
         if (frag & 0x1fff) != 0:
+            k.frag = FRAG_LATER
             return 0                      # non-first fragment: no L4
+        if frag & 0x2000:
+            k.frag = FRAG_FIRST
         k.l4_proto = p[l3 + 9]
         k.l4_off = l3 + ihl
         if parse_l4(k, 4, (frag & 0x2000) != 0) < 0:
             return -1
-        if k.has_l4 and (frag & 0x2000) == 0:
+        if k.has_l4:
             if k.l4_proto == 6 or k.l4_proto == 17:
-                k.nat_ok = 1
-            elif k.l4_proto == 1:
+                k.nat_ok = 1              # first fragments too (D39)
+            elif k.l4_proto == 1 and k.frag == FRAG_NONE:
                 k.icmp_ok = 1
         return 0
     if et == 0x86dd:
@@ -106,8 +112,12 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
             if nh == 44:
                 if l4avail < 8:
                     return -1
+                k.frag_id = load_be32(p + off + 4)
+                k.frag_proto = p[off]
                 if (load_be16(p + off + 2) & 0xfff8) != 0:
+                    k.frag = FRAG_LATER
                     return 0              # non-first fragment: no L4
+                k.frag = FRAG_FIRST if (load_be16(p + off + 2) & 1) else FRAG_ATOMIC
                 is_frag = 1
                 hlen = 8
             else:
@@ -127,10 +137,10 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
             return 0                      # unknown next header: L2 only
         if parse_l4(k, 6, is_frag) < 0:
             return -1
-        if k.has_l4 and not is_frag:
+        if k.has_l4:
             if nh == 6 or nh == 17:
-                k.nat_ok = 1
-            elif nh == 58:
+                k.nat_ok = 1              # first and atomic fragments too (D39)
+            elif nh == 58 and not is_frag:
                 k.icmp_ok = 1
         return 0
     return 0

@@ -9,7 +9,8 @@ departure time"): drain() refills a shaper at the head's t_dep, not at now_ns. D
 a GSO frame is charged the bytes its segments take on the wire (Linux's
 qdisc_pkt_len_init), not its own length. D29/D37: ICMP errors about a tracked flow are
 translated (they passed untranslated before). D38: a first fragment's UDP length may
-exceed the fragment (it was malformed before).
+exceed the fragment (it was malformed before). D11/D39: fragments of hostPort flows are
+translated (they were never NAT-tracked before).
 
 Arguments and validation
  D1  Constructor: keyword arguments exactly the keys of dpconst.DEFAULTS. max_ports in
@@ -59,8 +60,8 @@ Parsing
      packet has no L4 (not malformed). A fragment header is first checked for truncation,
      then its offset: non-zero -> no L4 (the rest is not examined).
  D11 An IPv6 packet that has a fragment header (any offset, even 0 with M=0) is a
-     fragment: its L4 is parsed and checked when the offset is 0, but it is never
-     NAT-tracked, exactly like an IPv4 first fragment.
+     fragment: its L4 is parsed and checked when the offset is 0. Fragments are
+     NAT-tracked as D39 says (before D39: never).
  D38 The UDP length of a first fragment (IPv4 with MF set, or an IPv6 packet with a
      fragment header of offset 0) counts the whole datagram, so it may exceed the bytes
      available: only UDP length < 8 is malformed there. (Until this rule, the first
@@ -227,6 +228,30 @@ L2
      checksums, old and new) and, for ICMPv6 (pseudo-header), the outer address words.
      trace: one "nat" stage whenever the lookup is made.
 
+ D39 Fragments of hostPort flows are translated one by one, in arrival order, without
+     reassembly (Linux conntrack reassembles first). A TCP/UDP first fragment (IPv4
+     offset 0 with MF; IPv6 fragment header with offset 0 and M set) is NAT-tracked like
+     an unfragmented packet (lookup, creation, translation; its L4 checksum covers the
+     whole datagram, and the words NAT writes are all in this fragment, so D26 holds). If
+     it was translated, the datagram's translation is remembered under the fragment key
+     as received: (family, src, dst, fragment protocol, identification), where the
+     protocol is IPv4's protocol field or the IPv6 fragment header's next header, and the
+     identification is IPv4's 16 bits or the fragment header's 32 bits. Remembered: the
+     direction, the outer addresses written (D25), the out port and, for direction 1, the
+     entry's MACs; for FRAG_TIMEOUT_NS (30 s, Linux's ipfrag_time). A non-first fragment
+     (IPv4 offset != 0; IPv6 fragment header offset != 0) whose key is remembered and
+     not expired gets those addresses written (IPv4 header checksum patched, D26), its
+     MACs as a packet of that direction (direction 0: the current gateway MAC and the out
+     port's current bound MAC, D24) and that out port (D32); nat_translated += 1; the
+     entry is not touched (D28 counts only the first fragment). Otherwise it is
+     untouched: a non-first fragment that arrives before its first fragment is not
+     translated. An IPv6 atomic fragment (offset 0, M clear) is NAT-tracked and nothing
+     is remembered. The memory is FRAG_SLOTS (256) slots; a key's slot is
+     ct_hash(key) & 255 (the Cython core's hash of the 40-byte conntrack key layout:
+     src, dst, sport = id >> 16, dport = id & 0xFFFF, proto, family; _frag_slot), and a
+     new datagram replaces whatever its slot held. trace: one "nat" stage for a
+     translated non-first fragment.
+
 Counters, trace
  D34 packets/bytes (global) and rx (per port) count each frame once, when process()
      receives it. tx counts when a frame is output (process or drain), never for
@@ -298,7 +323,7 @@ from vswitch.dpconst import (
     CT_UDP_REPLIED, DEFAULTS, EGRESS, FDB_DTYPE, GC, GLOBAL_COUNTERS, INGRESS, MAX_FRAME,
     MAX_IPS_PER_PORT, MAX_IPV6_EXT_HEADERS, OUT_DROP, OUT_FLOOD, OUT_QUEUED, PC,
     PORT_COUNTERS, PORT_HOST, PORT_POD, PORT_UPLINK, SEC_NS, SWEEP_INTERVAL_NS,
-    VNET_F_NEEDS_CSUM,
+    VNET_F_NEEDS_CSUM, FRAG_SLOTS, FRAG_TIMEOUT_NS,
 )
 
 __all__ = ["Datapath", "MAX_NODE_ADDRESSES"]
@@ -314,6 +339,7 @@ IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
+FRAG_NONE, FRAG_FIRST, FRAG_LATER, FRAG_ATOMIC = 0, 1, 2, 3      # _Parsed.frag_kind (D39)
 IPV6_EXT_HEADERS = (0, 43, 60, 44, 51)   # hop-by-hop, routing, dest opts, fragment, AH
 TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
 # virtio-net header gso_type values (linux/virtio_net.h); D36
@@ -414,7 +440,8 @@ def _is_linklocal6(a):
 class _Parsed:
     """What the parser found in one frame. Offsets are relative to the frame start."""
     __slots__ = ("vlan", "ethertype", "l3", "family", "src", "dst", "is_arp",
-                 "l4", "l4_proto", "fragment", "sport", "dport", "tcp_flags")
+                 "l4", "l4_proto", "fragment", "sport", "dport", "tcp_flags",
+                 "frag_kind", "frag_id", "frag_proto")
 
     def __init__(self):
         self.vlan = 0
@@ -426,7 +453,10 @@ class _Parsed:
         self.is_arp = False
         self.l4 = -1             # offset of the L4 header, -1 = no L4
         self.l4_proto = 0        # 6, 17, 1, 58 when l4 >= 0
-        self.fragment = False    # any fragment (never NAT-tracked)
+        self.fragment = False    # any fragment
+        self.frag_kind = FRAG_NONE   # D39: FRAG_FIRST (more follow), FRAG_LATER, FRAG_ATOMIC
+        self.frag_id = 0         # identification (IPv4 16 bits, IPv6 32 bits)
+        self.frag_proto = 0      # IPv4 protocol / the IPv6 fragment header's next header
         self.sport = 0
         self.dport = 0
         self.tcp_flags = 0
@@ -518,6 +548,8 @@ def _parse(b):
         frag = _be16(b, l3 + 6)
         offset, more = frag & 0x1FFF, frag & 0x2000
         p.fragment = bool(offset or more)
+        p.frag_kind = FRAG_LATER if offset else FRAG_FIRST if more else FRAG_NONE
+        p.frag_id, p.frag_proto = _be16(b, l3 + 4), b[l3 + 9]
         if offset == 0:
             return _parse_l4(b, p, b[l3 + 9], l3 + ihl, l3 + total, IPPROTO_ICMP) or p
     elif et == ETH_P_IPV6:
@@ -538,8 +570,11 @@ def _parse(b):
                 if left < 8:
                     return "ipv6 fragment header truncated"
                 p.fragment = True
+                p.frag_id, p.frag_proto = int.from_bytes(b[pos + 4:pos + 8], "big"), b[pos]
                 if _be16(b, pos + 2) >> 3:
+                    p.frag_kind = FRAG_LATER
                     return p                       # non-first fragment: no L4
+                p.frag_kind = FRAG_FIRST if _be16(b, pos + 2) & 1 else FRAG_ATOMIC
                 hlen = 8
             else:
                 if left < 2:
@@ -557,6 +592,27 @@ def _parse(b):
 
 
 ICMP_ERROR_TYPES = {4: (3, 11, 12), 6: (1, 2, 3, 4)}   # D37
+
+_M64 = (1 << 64) - 1
+
+
+def _ct_hash(key40):
+    """The Cython core's conntrack hash (ext/conntrack.pxi ct_hash) of a 40-byte key."""
+    h = 0x243F6A8885A308D3
+    for i in range(5):
+        h = ((h ^ int.from_bytes(key40[8 * i:8 * i + 8], "little")) * 0x9E3779B97F4A7C15) & _M64
+        h ^= h >> (29 if i < 4 else 32)
+    return h & 0xFFFFFFFF
+
+
+def _frag_key(family, src, dst, proto, ident):
+    """D39: a datagram's fragment key, laid out as the core's 40-byte conntrack key."""
+    return (_addr16(src) + _addr16(dst) + (ident >> 16).to_bytes(2, "little")
+            + (ident & 0xFFFF).to_bytes(2, "little") + bytes([proto, family, 0, 0]))
+
+
+def _frag_slot(key40):
+    return _ct_hash(key40) & (FRAG_SLOTS - 1)
 
 
 def _icmp_quoted(b, p):
@@ -784,6 +840,7 @@ class Datapath:
         self._rule_ids = {}                    # rule id -> _Rule
         self._ct = {}                          # tuple -> (_Entry, 0 original | 1 reply)
         self._ct_entries = set()               # every live _Entry (by identity)
+        self._frags = {}                       # D39: slot -> a fragmented datagram's translation
         self._ct_auto_sweep_ns = None
         self._now_ns = 0                       # the latest now_ns of process() / drain()
         self._draining = False
@@ -1214,10 +1271,12 @@ class Datapath:
 
     def _nat(self, buf, off, length, in_port, p, now, tr):
         """Returns the out port NAT decided, or None (untouched). Raises _Drop."""
-        if p.l4 < 0 or p.fragment:
+        if p.frag_kind == FRAG_LATER:
+            return self._nat_fragment(buf, off, p, now, tr)
+        if p.l4 < 0:
             return None
         if p.l4_proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-            return self._nat_icmp_error(buf, off, length, p, now, tr)
+            return None if p.fragment else self._nat_icmp_error(buf, off, length, p, now, tr)
         if p.l4_proto not in (IPPROTO_TCP, IPPROTO_UDP):
             return None
         key = (p.family, p.l4_proto, _addr16(p.src), _addr16(p.dst), p.sport, p.dport)
@@ -1234,6 +1293,8 @@ class Datapath:
         self._ct_update(entry, direction, p, length, now)
         self._translate(buf, off, p, entry, direction)
         self._gc[GC["nat_translated"]] += 1
+        if p.frag_kind == FRAG_FIRST:
+            self._frag_remember(p, entry, direction, now)
         if tr is not None:
             tr.append(("nat", f"{'original' if direction == 0 else 'reply'} direction, "
                               f"{CT_STATE_NAMES[entry.state]}"))
@@ -1335,6 +1396,49 @@ class Datapath:
         else:
             buf[off + 6:off + 12] = np.frombuffer(e.orig_dst_mac, dtype=np.uint8)
             buf[off:off + 6] = np.frombuffer(e.orig_src_mac, dtype=np.uint8)
+
+    def _frag_remember(self, p, e, d, now):
+        """D39: a translated first fragment's translation, for the rest of its datagram."""
+        key = _frag_key(p.family, p.src, p.dst, p.frag_proto, p.frag_id)
+        if d == 0:
+            rec = (key, now + FRAG_TIMEOUT_NS, 0, e.out_port, e.reply_dst if e.hairpin else None,
+                   e.reply_src, None, None)
+        else:
+            rec = (key, now + FRAG_TIMEOUT_NS, 1, e.in_port, e.orig_dst,
+                   e.orig_src if e.hairpin else None, e.orig_dst_mac, e.orig_src_mac)
+        self._frags[_frag_slot(key)] = rec
+
+    def _nat_fragment(self, buf, off, p, now, tr):
+        """D39: a non-first fragment is translated as its datagram's first fragment was."""
+        key = _frag_key(p.family, p.src, p.dst, p.frag_proto, p.frag_id)
+        rec = self._frags.get(_frag_slot(key))
+        if rec is None or rec[0] != key or rec[1] <= now:
+            return None
+        _, _, d, out_port, new_src, new_dst, src_mac, dst_mac = rec
+        l3 = off + p.l3
+        src_at, dst_at, alen = (l3 + 12, l3 + 16, 4) if p.family == 4 else (l3 + 8, l3 + 24, 16)
+        old_words, new_words = [], []
+        for at, value in ((src_at, new_src), (dst_at, new_dst)):
+            if value is not None:
+                old_words += _words(buf[at:at + alen].tobytes())
+                new_words += _words(value)
+                buf[at:at + alen] = np.frombuffer(value, dtype=np.uint8)
+        if p.family == 4:
+            hc = _csum_patch(_np16(buf, l3 + 10), old_words, new_words)
+            buf[l3 + 10], buf[l3 + 11] = hc >> 8, hc & 0xFF
+        if d == 0:
+            if self._gw_mac is not None:
+                buf[off + 6:off + 12] = np.frombuffer(self._gw_mac, dtype=np.uint8)
+            port = self._ports.get(out_port)
+            if port is not None and port.mac is not None:
+                buf[off:off + 6] = np.frombuffer(port.mac, dtype=np.uint8)
+        else:
+            buf[off + 6:off + 12] = np.frombuffer(src_mac, dtype=np.uint8)
+            buf[off:off + 6] = np.frombuffer(dst_mac, dtype=np.uint8)
+        self._gc[GC["nat_translated"]] += 1
+        if tr is not None:
+            tr.append(("nat", f"fragment, {'original' if d == 0 else 'reply'} direction"))
+        return out_port
 
     def _nat_icmp_error(self, buf, off, length, p, now, tr):
         """D37: an ICMP error about a tracked flow is translated with it."""

@@ -56,6 +56,10 @@ DEFAULTS = dict(
 )
 # a full table is swept of expired entries at most this often (of now_ns)
 SWEEP_INTERVAL_NS = SEC_NS
+# fragments of hostPort flows (the twin's D39): slots of the memory of fragmented
+# datagrams' translations, and how long one is kept (Linux's ipfrag_time)
+FRAG_SLOTS = 256
+FRAG_TIMEOUT_NS = 30 * SEC_NS
 
 # per-port counters: the index in port_counters()' second axis
 PORT_COUNTERS = (

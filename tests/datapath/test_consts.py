@@ -22,7 +22,7 @@ def core(both_impls):
 SCALARS = ("OUT_FLOOD", "OUT_DROP", "OUT_QUEUED", "PORT_POD", "PORT_HOST", "PORT_UPLINK", "EGRESS",
            "INGRESS", "MAX_FRAME", "MAX_IPS_PER_PORT", "MAX_IPV6_EXT_HEADERS", "VNET_F_NEEDS_CSUM",
            "CT_SYN_SENT", "CT_ESTABLISHED", "CT_FIN", "CT_CLOSE", "CT_UDP_NEW", "CT_UDP_REPLIED",
-           "SEC_NS", "SWEEP_INTERVAL_NS")
+           "SEC_NS", "SWEEP_INTERVAL_NS", "FRAG_SLOTS", "FRAG_TIMEOUT_NS")
 
 
 @pytest.mark.parametrize("name", SCALARS)

@@ -201,6 +201,7 @@ class Traffic:
         self.cports = [40000 + i for i in range(6)]
         self.recent = []                 # (frame, in_port) of valid frames, for mutations
         self.flows = []                  # recent hostPort requests, for ICMP errors about them
+        self.pending = []                # (frame, in_port): later fragments of a datagram (D39)
 
     def pick(self, seq):
         return seq[int(self.rng.integers(len(seq)))]
@@ -259,6 +260,8 @@ class Traffic:
     def frame(self):
         """(frame bytes, in_port)."""
         rng = self.rng
+        if self.pending and rng.random() < 0.5:
+            return self.pending.pop(0)
         r = rng.random()
         vlan = int(rng.integers(1, 4095)) if rng.random() < 0.05 else None
         family = 4 if rng.random() < 0.6 else 6
@@ -279,13 +282,18 @@ class Traffic:
             self.flows.append((proto, hp, fam, cmac, c4, c6, sport, dst))
             del self.flows[:-16]
             proto2, pay = self.l4(fam, src, dst, sport, hp, proto)
-            return self.ip_frame(NODE_MAC, cmac, fam, src, dst, proto2, pay), self.pick((UPLINK, UPLINK, HOST))
+            in_port = self.pick((UPLINK, UPLINK, HOST))
+            if rng.random() < 0.15:
+                return self.fragmented(NODE_MAC, cmac, fam, src, dst, proto2, pay, in_port)
+            return self.ip_frame(NODE_MAC, cmac, fam, src, dst, proto2, pay), in_port
         if r < 0.62:                                  # a pod's reply to a client
             (proto, hp, fam), (pod, cp) = self.pick(list(RULE_TARGETS.items()))
             cmac, c4, c6 = self.pick(self.clients)
             src = self.pod_addr(pod, fam)
             dst = c4 if fam == 4 else c6
             proto2, pay = self.l4(fam, src, dst, cp, self.pick(self.cports), proto)
+            if rng.random() < 0.15:
+                return self.fragmented(GW_MAC, pod_mac(pod), fam, src, dst, proto2, pay, pod)
             return self.ip_frame(GW_MAC, pod_mac(pod), fam, src, dst, proto2, pay), pod
         if r < 0.72:                                  # hairpin / pod to another pod's hostPort
             (proto, hp, fam), (pod, cp) = self.pick(list(RULE_TARGETS.items()))
@@ -357,6 +365,30 @@ class Traffic:
                     i = int(rng.integers(0, min(len(f), 80)))
                     f[i] ^= 1 << int(rng.integers(0, 8))
         return bytes(f), p
+
+    def fragmented(self, dst_mac, src_mac, family, src, dst, proto, l4, in_port):
+        """(first fragment, in_port) of the datagram `l4` cut in 8-byte multiples; the later
+        fragments wait in self.pending (sometimes one is lost, sometimes one is duplicated)."""
+        rng = self.rng
+        l4 = l4 + bytes(int(rng.integers(0, 40)))
+        ident = int(rng.integers(0, 1 << (16 if family == 4 else 32)))
+        cuts = sorted({0, *(8 * int(x) for x in rng.integers(1, max(2, len(l4) // 8), size=3))})
+        cuts = [c for c in cuts if c < len(l4)] + [len(l4)]
+        frames = []
+        for a, b in zip(cuts, cuts[1:]):
+            more = int(b < len(l4))
+            if family == 4:
+                ip = ipv4(src, dst, proto, l4[a:b], frag=(0x2000 if more else 0) | (a // 8), ident=ident)
+            else:
+                ip = ipv6(src, dst, proto, l4[a:b], ext=[(44, struct.pack("!xHI", (a // 8) << 3 | more, ident))])
+            frames.append((eth(dst_mac, src_mac, 0x0800 if family == 4 else 0x86DD, ip), in_port))
+        later = frames[1:]
+        if later and rng.random() < 0.1:
+            later.pop(int(rng.integers(len(later))))
+        if later and rng.random() < 0.1:
+            later.append(later[0])
+        self.pending += later
+        return frames[0]
 
     def icmp_error(self):
         """(frame, in_port): an ICMP / ICMPv6 error (D37) quoting a packet of a hostPort
@@ -672,6 +704,32 @@ def test_the_generator_makes_icmp_errors_that_get_translated():
         assert dp.global_counters()[C.GC["nat_translated"]] >= before
         now += C.SEC_NS // 2          # entries come and go (the table holds 40)
     assert translated >= 10, translated
+
+
+def test_the_generator_makes_fragments_that_get_translated():
+    """The random batches exercise D39: later fragments of hostPort datagrams are
+    translated through what their first fragment left, in both directions."""
+    from vswitch import datapath_py
+    dp = datapath_py.Datapath(**CONFIG)
+    setup((dp, datapath_py.Datapath(**CONFIG)), 0)      # (setup wants a pair)
+    rng = np.random.default_rng(12)
+    traffic = Traffic(rng, 0)
+    seen = {0: 0, 1: 0}
+    translate = dp._nat_fragment
+
+    def counting(buf, off, p, now, tr):
+        out = translate(buf, off, p, now, tr)
+        if out is not None:
+            seen[dp._frags[datapath_py._frag_slot(datapath_py._frag_key(
+                p.family, p.src, p.dst, p.frag_proto, p.frag_id))][2]] += 1
+        return out
+    dp._nat_fragment = counting
+    now = 0
+    for _ in range(40):
+        buf, offsets, lengths, in_ports = traffic.batch(100)
+        dp.process(buf, offsets, lengths, in_ports, np.zeros(103, np.int32), 100, now)
+        now += C.SEC_NS // 2
+    assert seen[0] >= 30 and seen[1] >= 5, seen
 
 
 def test_validation_agrees(both_impls):

@@ -202,24 +202,24 @@ def test_tcp_in_an_ipv4_non_first_fragment_has_no_l4(dp):
     assert len(dp.conntrack()) == 0
 
 
-def test_ipv4_first_fragment_carries_l4_but_is_never_natted(dp):
+def test_ipv4_first_fragment_carries_l4_and_is_natted(dp):
+    """D39 (the fragment rows are in test_nat_fragments.py): a first fragment is tracked
+    like an unfragmented packet."""
     frame = bytes(Ether(src=SRC, dst=DST) / IP(src=CLIENT4, dst=NODE4, flags="MF")
                   / TCP(sport=1000, dport=8080))
-    out, rewritten = send1(dp, frame, UPLINK, 1)
-    assert rewritten == frame and out == C.OUT_FLOOD
-    assert len(dp.conntrack()) == 0
+    assert translated(dp, frame)
+    assert len(dp.conntrack()) == 1
     # its L4 is still checked: a truncated TCP header in a first fragment is malformed
     short = _fix_ipv4_total(frame[:34 + 10], 30)
     assert is_malformed(dp, short)
 
 
-def test_ipv6_fragment_header_offset_zero_checks_l4_but_is_never_natted(dp):
+def test_ipv6_fragment_header_offset_zero_checks_l4_and_is_natted(dp):
     frame = bytes(TEMPLATES["ipv6-frag-tcp"])
-    out, rewritten = send1(dp, frame, UPLINK, 1)
-    assert rewritten == frame and out == C.OUT_FLOOD and len(dp.conntrack()) == 0
+    assert translated(dp, frame) and len(dp.conntrack()) == 1
     atomic = bytes(Ether(src=SRC, dst=DST) / IPv6(src=CLIENT6, dst=NODE6) / IPv6ExtHdrFragment(m=0)
-                   / TCP(sport=1000, dport=8080))
-    assert not translated(dp, atomic)
+                   / TCP(sport=1001, dport=8080))
+    assert translated(dp, atomic) and len(dp.conntrack()) == 2
     short = _fix_ipv6_payload(frame[:54 + 8 + 12], 20)
     assert is_malformed(dp, short)
     truncated_frag_header = _fix_ipv6_payload(frame[:54 + 6], 6)

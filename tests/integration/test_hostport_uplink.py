@@ -25,7 +25,7 @@ UDP_SERVER = r"""
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
 while True:
-    data, peer = s.recvfrom(2000)
+    data, peer = s.recvfrom(65535)
     s.sendto(b"peer=" + peer[0].encode() + b" got=" + data, peer)
 """
 CLIENT = r"""
@@ -37,7 +37,7 @@ for attempt in range(20):
             c = socket.create_connection((ip, port), timeout=3); c.sendall(msg)
             print(c.recv(1000).decode()); break
         c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); c.settimeout(1); c.connect((ip, port))
-        c.send(msg); print(c.recv(1000).decode()); break
+        c.send(msg); print(c.recv(65535).decode()); break
     except OSError as e:
         err = e
 else:
@@ -97,6 +97,10 @@ def test_hostport_from_outside_hairpin_and_pod_to_pod_via_node_ip(uplinked):
     # pod B to pod A via node-IP:hostPort
     assert _client(b.ns, "tcp", NODE_IP, 8080, "from-b") == f"peer={b.ip} got=from-b"
     assert _client(b.ns, "udp", NODE_IP, 5353, "udp-b") == f"peer={b.ip} got=udp-b"
+    # a datagram bigger than the MTU crosses as IP fragments both ways (D39)
+    big = "x" * 4000
+    assert _client(c.client, "udp", NODE_IP, 5353, big) == f"peer={CLIENT_IP} got={big}"
+    assert _client(b.ns, "udp", NODE_IP, 5353, big) == f"peer={b.ip} got={big}"
 
     ct = c.daemon.call("conntrack")["entries"]
     assert any(e["orig_src"] == CLIENT_IP and e["orig_dport"] == 8080 for e in ct)
