@@ -283,8 +283,8 @@ A frame is dropped and counted ``malformed`` when it is shorter than 14 bytes, o
 802.1Q / ARP / IPv4 / IPv6 and its headers are truncated or inconsistent (the exact list
 is in docs/datapath.md, stage 1, and in ``_parse``). A frame that cannot be understood
 further but is not inconsistent (other ethertypes, unknown IP protocols, non-first
-fragments, more than 8 IPv6 extension headers) is switched at L2 only. IPv4 and IPv6
-fragments are never NAT-tracked. Nothing is ever read past the frame's length, because
+fragments, more than 8 IPv6 extension headers) is switched at L2 only (non-first
+fragments of a hostPort datagram are still translated, D39). Nothing is ever read past the frame's length, because
 ``_parse`` reads a ``bytes`` copy of exactly the frame and checks every length first.
 
 Shaping. A token bucket per (port, direction) with credit in bit*ns (bits x 10^9, exact
