@@ -26,6 +26,9 @@ Figures, group ``real-hostport``, parameter ``traffic``:
   each; ms per request, every request a sample (the connection rate is 1000 / median);
 - ``udp-rr``: a 18-byte UDP request and its echo, sequentially; ms per round trip, every
   exchange a sample (a lost one waits 1 s, is counted in ``info`` and not sampled).
+- ``udp-rr-4000B``: the same with 4000-byte datagrams, bigger than the 1500-byte MTU, so
+  each crosses as three IP fragments each way: portmap's kernel reassembles them before
+  its NAT; vswitch translates each fragment as it comes (docs/datapath.md, *Fragments*).
 
 Both pod servers are the same code for both subjects, so their own cost (Python's) is in
 both figures alike; the difference is the path. Everything is removed at the end
@@ -84,13 +87,14 @@ threading.Thread(target=tcp, daemon=True).start()
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.bind(("0.0.0.0", udp_port))
 while True:
-    data, peer = u.recvfrom(2048)
+    data, peer = u.recvfrom(65535)
     u.sendto(data, peer)
 """
 
 CLIENT = r"""
 import json, socket, sys, time
 mode, ip, port, count, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+size = int(sys.argv[6]) if len(sys.argv) > 6 else 18
 clock = time.perf_counter
 ms, lost = [], 0
 if mode == "tcp":
@@ -109,15 +113,17 @@ else:
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.settimeout(1.0)
     u.connect((ip, port))
-    payload = b"x" * 18
+    payload = b"x" * size
     for i in range(warmup + count):
         t0 = clock()
         u.send(payload)
         try:
-            reply = u.recv(2048)
+            reply = u.recv(65535)
         except socket.timeout:
             lost += 1
             continue
+        if reply != payload:
+            sys.exit("exchange %d: %d bytes back, %d sent" % (i, len(reply), size))
         t = (clock() - t0) * 1e3
         if i >= warmup:
             ms.append(t)
@@ -167,10 +173,10 @@ def bed_portmap():
     yield from _bed("portmap")
 
 
-def _exchange(client_ns, mode, port, count, warmup):
+def _exchange(client_ns, mode, port, count, warmup, size=18):
     """Runs CLIENT in the client namespace: {"ms": [...], "lost": n}."""
     out = lab.nsexec(client_ns, sys.executable, "-c", CLIENT, mode, NODE_IP, port, count,
-                     warmup, timeout=60 + count * 0.05).stdout
+                     warmup, size, timeout=60 + count * 0.05).stdout
     return json.loads(out)
 
 
@@ -211,18 +217,20 @@ def test_hostport_tcp_crr(benchmark, request, subject):
                  "connections_per_s": round(1000.0 / statistics.median(ms), 1), **bed.facts})
 
 
+@pytest.mark.parametrize("payload_bytes", [18, 4000])
 @pytest.mark.parametrize("subject", SUBJECTS)
-def test_hostport_udp_rr(benchmark, request, subject):
-    """A small UDP request and its echo through node-IP:hostPort (ms each)."""
+def test_hostport_udp_rr(benchmark, request, subject, payload_bytes):
+    """A UDP request and its echo through node-IP:hostPort (ms each): 18 bytes, and 4000
+    bytes (three IP fragments each way)."""
     bed = request.getfixturevalue(f"bed_{subject}")
     ms, lost = [], []
 
     def once():
-        r = _exchange(bed.client, "udp", RR_HOSTPORT, RR_COUNT, WARMUP)
+        r = _exchange(bed.client, "udp", RR_HOSTPORT, RR_COUNT, WARMUP, payload_bytes)
         ms.extend(r["ms"])
         lost.append(r["lost"])
     benchmark.pedantic(once, rounds=1, iterations=1)
     record(benchmark, group="real-hostport", subject=subject, unit="rtt_ms", samples=ms,
-           traffic="udp-rr",
-           info={"exchanges": RR_COUNT, "warmup": WARMUP, "payload_bytes": 18,
+           traffic="udp-rr" if payload_bytes == 18 else f"udp-rr-{payload_bytes}B",
+           info={"exchanges": RR_COUNT, "warmup": WARMUP, "payload_bytes": payload_bytes,
                  "lost": sum(lost), **bed.facts})
