@@ -118,23 +118,27 @@ cdef uint64_t ct_sweep_c(Core *c, uint64_t now) noexcept nogil:
     c.gc[GC_CT_EXPIRED] += n
     return n
 
-cdef inline void ct_key_from_pkt(CtKey *k, Pkt *p) noexcept nogil:
-    cdef const uint8_t *ip = p.p + p.l3_off
-    cdef const uint8_t *l4 = p.p + p.l4_off
-    if p.kind == K_IPV4:
-        memset(k.src, 0, 10)
-        k.src[10] = 0xff
-        k.src[11] = 0xff
-        memcpy(k.src + 12, ip + 12, 4)
-        memset(k.dst, 0, 10)
-        k.dst[10] = 0xff
-        k.dst[11] = 0xff
-        memcpy(k.dst + 12, ip + 16, 4)
-        k.family = 4
+cdef inline void set_addr16(uint8_t *to, const uint8_t *a, bint v4) noexcept nogil:
+    # an address as a key holds it: IPv6 as is, IPv4 as ::ffff:a.b.c.d
+    if v4:
+        memset(to, 0, 10)
+        to[10] = 0xff
+        to[11] = 0xff
+        memcpy(to + 12, a, 4)
     else:
-        memcpy(k.src, ip + 8, 16)
-        memcpy(k.dst, ip + 24, 16)
-        k.family = 6
+        memcpy(to, a, 16)
+
+cdef inline void ct_key_addrs(CtKey *k, Pkt *p) noexcept nogil:
+    # the packet's addresses and family into k
+    cdef const uint8_t *ip = p.p + p.l3_off
+    cdef bint v4 = p.kind == K_IPV4
+    set_addr16(k.src, ip + (12 if v4 else 8), v4)
+    set_addr16(k.dst, ip + (16 if v4 else 24), v4)
+    k.family = 4 if v4 else 6
+
+cdef inline void ct_key_from_pkt(CtKey *k, Pkt *p) noexcept nogil:
+    cdef const uint8_t *l4 = p.p + p.l4_off
+    ct_key_addrs(k, p)
     k.sport = load_be16(l4)
     k.dport = load_be16(l4 + 2)
     k.proto = p.l4_proto
@@ -224,8 +228,9 @@ cdef inline uint32_t csum_delta(uint32_t acc, const uint8_t *old, const uint8_t 
 
 cdef inline void nat_rewrite(Pkt *k, bint needs_csum, const uint8_t *new_src, const uint8_t *new_dst,
                              int new_sport, int new_dport) noexcept nogil:
-    # writes the given fields (NULL / -1: not written) and patches the checksums (D25, D26).
-    # new_src / new_dst are 16-byte addresses (IPv4: ::ffff:a.b.c.d)
+    # writes the given fields (NULL / -1: not written) and patches the checksums (D25, D26);
+    # a packet without L4 (a non-first fragment, D39) gets its addresses and the IPv4 header
+    # checksum only. new_src / new_dst are 16-byte addresses (IPv4: ::ffff:a.b.c.d)
     cdef uint8_t *ip = k.p + k.l3_off
     cdef uint8_t *l4 = k.p + k.l4_off
     cdef uint32_t addr_acc = 0, port_acc = 0
@@ -251,6 +256,8 @@ cdef inline void nat_rewrite(Pkt *k, bint needs_csum, const uint8_t *new_src, co
         if new_dst != NULL:
             addr_acc = csum_delta(addr_acc, ip + 24, new_dst, 8)
             memcpy(ip + 24, new_dst, 16)
+    if not k.has_l4:
+        return
     if new_sport >= 0:
         store_be16(pw, <uint16_t>new_sport)
         port_acc = csum_delta(port_acc, l4, pw, 1)
@@ -281,13 +288,19 @@ cdef enum:
 # A translated first fragment leaves its datagram's translation in c.frags (direct-mapped:
 # a new datagram replaces whatever its slot held); later fragments are translated from it.
 
+cdef inline void frag_key_ids(CtKey *fk, Pkt *k) noexcept nogil:
+    # a fragment key's non-address fields: sport, dport = the identification, proto
+    fk.sport = <uint16_t>(k.frag_id >> 16)
+    fk.dport = <uint16_t>(k.frag_id & 0xffff)
+    fk.proto = k.frag_proto
+    fk.pad[0] = 0
+    fk.pad[1] = 0
+
 cdef inline void frag_remember(Core *c, Pkt *k, CtEntry *e, int d, uint64_t now) noexcept nogil:
     # k.ct_key holds the first fragment's tuple as received (NAT has rewritten the frame)
     cdef CtKey fk = k.ct_key
     cdef FragRec *r
-    fk.sport = <uint16_t>(k.frag_id >> 16)
-    fk.dport = <uint16_t>(k.frag_id & 0xffff)
-    fk.proto = k.frag_proto
+    frag_key_ids(&fk, k)
     r = &c.frags[ct_hash(&fk) & (C_FRAG_SLOTS - 1)]
     r.key = fk
     r.used = 1
@@ -312,52 +325,13 @@ cdef inline int nat_fragment(Core *c, Pkt *k, uint64_t now, int32_t *out) noexce
     # NAT_NONE, or NAT_OUT with *out set: a non-first fragment of a remembered datagram
     cdef CtKey fk
     cdef FragRec *r
-    cdef uint8_t *ip = k.p + k.l3_off
-    cdef uint32_t acc = 0
-    cdef PortState *ps
-    memset(&fk, 0, sizeof(CtKey))
-    if k.kind == K_IPV4:
-        fk.src[10] = 0xff
-        fk.src[11] = 0xff
-        memcpy(fk.src + 12, ip + 12, 4)
-        fk.dst[10] = 0xff
-        fk.dst[11] = 0xff
-        memcpy(fk.dst + 12, ip + 16, 4)
-        fk.family = 4
-    else:
-        memcpy(fk.src, ip + 8, 16)
-        memcpy(fk.dst, ip + 24, 16)
-        fk.family = 6
-    fk.sport = <uint16_t>(k.frag_id >> 16)
-    fk.dport = <uint16_t>(k.frag_id & 0xffff)
-    fk.proto = k.frag_proto
+    ct_key_addrs(&fk, k)
+    frag_key_ids(&fk, k)
     r = &c.frags[ct_hash(&fk) & (C_FRAG_SLOTS - 1)]
     if not r.used or r.expires_ns <= now or not ct_key_eq(&r.key, &fk):
         return NAT_NONE
-    if k.kind == K_IPV4:
-        if r.has_src:
-            acc = csum_delta(acc, ip + 12, r.new_src + 12, 2)
-            memcpy(ip + 12, r.new_src + 12, 4)
-        if r.has_dst:
-            acc = csum_delta(acc, ip + 16, r.new_dst + 12, 2)
-            memcpy(ip + 16, r.new_dst + 12, 4)
-        store_be16(ip + 10, ~csum_fold((load_be16(ip + 10) ^ 0xffff) + acc))
-    else:
-        if r.has_src:
-            memcpy(ip + 8, r.new_src, 16)
-        if r.has_dst:
-            memcpy(ip + 24, r.new_dst, 16)
-    if r.direction == 0:
-        if c.gw_mac_set:
-            memcpy(k.p + 6, c.gw_mac, 6)
-        ps = &c.ports[r.out_port]
-        if ps.present and ps.mac_bound:
-            memcpy(k.p, ps.mac, 6)
-    else:
-        memcpy(k.p + 6, r.src_mac, 6)
-        memcpy(k.p, r.dst_mac, 6)
-    out[0] = r.out_port
-    c.gc[GC_NAT_TRANSLATED] += 1
+    nat_rewrite(k, False, r.new_src if r.has_src else NULL, r.new_dst if r.has_dst else NULL, -1, -1)
+    nat_finish(c, k, r.direction, r.out_port, r.src_mac, r.dst_mac, out)
     tr_add(c, TR_NAT_FRAG, r.direction, 0)
     return NAT_OUT
 
@@ -382,21 +356,26 @@ cdef inline void ct_apply(Core *c, CtEntry *e, int direction, Pkt *k, uint64_t n
     e.packets += 1
     e.bytes += k.len
 
-cdef inline void ct_translate_macs(Core *c, CtEntry *e, int direction, Pkt *k, int32_t *out) noexcept nogil:
-    # the MACs and the out port of a translated packet of that direction (D24, D32)
+cdef inline void nat_finish(Core *c, Pkt *k, int direction, uint16_t out_port, const uint8_t *src_mac,
+                            const uint8_t *dst_mac, int32_t *out) noexcept nogil:
+    # the MACs and out port of a translated packet of that direction (D24, D32): direction
+    # 0 the gateway MAC and the out port's bound MAC, direction 1 the MACs given
     cdef PortState *ps
     if direction == 0:
         if c.gw_mac_set:
             memcpy(k.p + 6, c.gw_mac, 6)
-        ps = &c.ports[e.out_port]
+        ps = &c.ports[out_port]
         if ps.present and ps.mac_bound:
             memcpy(k.p, ps.mac, 6)
-        out[0] = e.out_port
     else:
-        memcpy(k.p + 6, e.orig_dst_mac, 6)
-        memcpy(k.p, e.orig_src_mac, 6)
-        out[0] = e.in_port
+        memcpy(k.p + 6, src_mac, 6)
+        memcpy(k.p, dst_mac, 6)
+    out[0] = out_port
     c.gc[GC_NAT_TRANSLATED] += 1
+
+cdef inline void ct_translate_macs(Core *c, CtEntry *e, int direction, Pkt *k, int32_t *out) noexcept nogil:
+    nat_finish(c, k, direction, e.out_port if direction == 0 else e.in_port, e.orig_dst_mac,
+               e.orig_src_mac, out)
 
 cdef inline void ct_translate(Core *c, CtEntry *e, int direction, Pkt *k, int32_t *out) noexcept nogil:
     cdef bint needs_csum = k.vnet != NULL and (k.vnet[0] & C_VNET_F_NEEDS_CSUM)
@@ -579,15 +558,6 @@ cdef inline int nat_icmp_error(Core *c, Pkt *k, uint64_t now, int32_t *out) noex
         o_src = ip + 12
         o_dst = ip + 16
         alen = 4
-        memset(key.src, 0, 10)
-        key.src[10] = 0xff
-        key.src[11] = 0xff
-        memcpy(key.src + 12, q_dst, 4)
-        memset(key.dst, 0, 10)
-        key.dst[10] = 0xff
-        key.dst[11] = 0xff
-        memcpy(key.dst + 12, q_src, 4)
-        key.family = 4
     else:
         if end < q3 + 40 or (q3[0] >> 4) != 6:
             return NAT_NONE
@@ -598,11 +568,11 @@ cdef inline int nat_icmp_error(Core *c, Pkt *k, uint64_t now, int32_t *out) noex
         o_src = ip + 8
         o_dst = ip + 24
         alen = 16
-        memcpy(key.src, q_dst, 16)
-        memcpy(key.dst, q_src, 16)
-        key.family = 6
     if (key.proto != 6 and key.proto != 17) or end < q4 + 8:
         return NAT_NONE
+    set_addr16(key.src, q_dst, v4)        # the reversed quoted tuple
+    set_addr16(key.dst, q_src, v4)
+    key.family = 4 if v4 else 6
     key.sport = load_be16(q4 + 2)
     key.dport = load_be16(q4)
     key.pad[0] = 0

@@ -1383,19 +1383,23 @@ class Datapath:
         else:
             self._rewrite(buf, off, p, src=e.orig_dst, sport=e.orig_dport,
                           dst=e.orig_src if e.hairpin else None)
-        self._translate_macs(buf, off, e, direction)
+        self._entry_macs(buf, off, e, direction)
 
-    def _translate_macs(self, buf, off, e, direction):
-        """D24: the MACs of a translated packet of that direction."""
+    def _entry_macs(self, buf, off, e, direction):
+        self._set_macs(buf, off, direction, e.out_port, e.orig_dst_mac, e.orig_src_mac)
+
+    def _set_macs(self, buf, off, direction, out_port, src_mac, dst_mac):
+        """D24: the MACs of a translated packet of that direction: direction 0 the gateway
+        MAC and the out port's bound MAC, direction 1 src_mac and dst_mac."""
         if direction == 0:
             if self._gw_mac is not None:
                 buf[off + 6:off + 12] = np.frombuffer(self._gw_mac, dtype=np.uint8)
-            pod_mac = self._ports[e.out_port].mac
-            if pod_mac is not None:
-                buf[off:off + 6] = np.frombuffer(pod_mac, dtype=np.uint8)
+            port = self._ports.get(out_port)
+            if port is not None and port.mac is not None:
+                buf[off:off + 6] = np.frombuffer(port.mac, dtype=np.uint8)
         else:
-            buf[off + 6:off + 12] = np.frombuffer(e.orig_dst_mac, dtype=np.uint8)
-            buf[off:off + 6] = np.frombuffer(e.orig_src_mac, dtype=np.uint8)
+            buf[off + 6:off + 12] = np.frombuffer(src_mac, dtype=np.uint8)
+            buf[off:off + 6] = np.frombuffer(dst_mac, dtype=np.uint8)
 
     def _frag_remember(self, p, e, d, now):
         """D39: a translated first fragment's translation, for the rest of its datagram."""
@@ -1415,26 +1419,8 @@ class Datapath:
         if rec is None or rec[0] != key or rec[1] <= now:
             return None
         _, _, d, out_port, new_src, new_dst, src_mac, dst_mac = rec
-        l3 = off + p.l3
-        src_at, dst_at, alen = (l3 + 12, l3 + 16, 4) if p.family == 4 else (l3 + 8, l3 + 24, 16)
-        old_words, new_words = [], []
-        for at, value in ((src_at, new_src), (dst_at, new_dst)):
-            if value is not None:
-                old_words += _words(buf[at:at + alen].tobytes())
-                new_words += _words(value)
-                buf[at:at + alen] = np.frombuffer(value, dtype=np.uint8)
-        if p.family == 4:
-            hc = _csum_patch(_np16(buf, l3 + 10), old_words, new_words)
-            buf[l3 + 10], buf[l3 + 11] = hc >> 8, hc & 0xFF
-        if d == 0:
-            if self._gw_mac is not None:
-                buf[off + 6:off + 12] = np.frombuffer(self._gw_mac, dtype=np.uint8)
-            port = self._ports.get(out_port)
-            if port is not None and port.mac is not None:
-                buf[off:off + 6] = np.frombuffer(port.mac, dtype=np.uint8)
-        else:
-            buf[off + 6:off + 12] = np.frombuffer(src_mac, dtype=np.uint8)
-            buf[off:off + 6] = np.frombuffer(dst_mac, dtype=np.uint8)
+        self._rewrite(buf, off, p, src=new_src, dst=new_dst)
+        self._set_macs(buf, off, d, out_port, src_mac, dst_mac)
         self._gc[GC["nat_translated"]] += 1
         if tr is not None:
             tr.append(("nat", f"fragment, {'original' if d == 0 else 'reply'} direction"))
@@ -1462,7 +1448,7 @@ class Datapath:
             outer = dict(src=e.orig_dst, dst=e.orig_src if e.hairpin else None)
             inner = dict(dst=e.orig_dst, dport=e.orig_dport, src=e.orig_src if e.hairpin else None)
         self._rewrite_icmp_error(buf, off, p, quoted[:3], proto, outer, inner)
-        self._translate_macs(buf, off, e, d)
+        self._entry_macs(buf, off, e, d)
         self._gc[GC["nat_translated"]] += 1
         if tr is not None:
             tr.append(("nat", f"icmp error, {'original' if d == 0 else 'reply'} direction"))
@@ -1521,7 +1507,9 @@ class Datapath:
         buf[l4 + 2], buf[l4 + 3] = nc >> 8, nc & 0xFF
 
     def _rewrite(self, buf, off, p, src=None, dst=None, sport=None, dport=None):
-        """Writes the given addresses and ports and patches the checksums, in one step (D26)."""
+        """Writes the given addresses and ports and patches the checksums, in one step (D26);
+        a packet without L4 (a non-first fragment, D39) gets its addresses and the IPv4
+        header checksum only."""
         l3, l4 = off + p.l3, off + p.l4
         H = self.vnet_hdr_len
         partial = H > 0 and bool(buf[off - H] & VNET_F_NEEDS_CSUM)
@@ -1544,6 +1532,8 @@ class Datapath:
             hc = _np16(buf, l3 + 10)
             hc = _csum_patch(hc, old_addr, new_addr)
             buf[l3 + 10], buf[l3 + 11] = hc >> 8, hc & 0xFF
+        if p.l4 < 0:
+            return
         at = l4 + (16 if p.l4_proto == IPPROTO_TCP else 6)
         hc = _np16(buf, at)
         if partial:
