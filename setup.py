@@ -1,4 +1,4 @@
-"""Builds every Cython file of ext/ into one extension module, vswitch._datapath.
+"""Builds every Cython file of ext/ into one extension module, vswitch.datapath._core.
 
 ext/_datapath.pyx includes one .pxi per concept (uvloop/msgpack style), so there is
 exactly one compiled module and no ABI seam between the parts of the core.
@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension(
-        "vswitch._datapath",
+        "vswitch.datapath._core",
         ["ext/_datapath.pyx"],
         include_dirs=[numpy.get_include(), "ext"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

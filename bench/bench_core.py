@@ -66,7 +66,7 @@ import numpy as np
 import pytest
 
 from bench.report import quick_mode, record
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 QUICK = quick_mode()
 H = 12                        # vnet header bytes before each frame (vswitchd's layout)
@@ -379,9 +379,9 @@ def pod_ips(ports):
 
 def _impl(name):
     if name == "py":
-        from vswitch import datapath_py
+        from vswitch.datapath import pure as datapath_py
         return datapath_py
-    from vswitch import _datapath
+    from vswitch.datapath import _core as _datapath
     return _datapath
 
 

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 ``sim-fps``: ``Simulation.run_bulk`` pushes generator traffic through the real Switch and
-Datapath in numpy batches (vswitch/simgen.py). One benchmarked call runs ``FRAMES``
+Datapath in numpy batches (vswitch/sim/generators.py). One benchmarked call runs ``FRAMES``
 frames of 60 bytes (64 on the wire) from CBR generators — built before the timed region,
 times computed by numpy inside it, as a user's run would — and the headline is frames per
 second of wall time (``per_round`` = frames). Traffic ``unicast``: pod pairs talking to
@@ -24,7 +24,7 @@ import pytest
 
 from bench.report import quick_mode, record
 from vswitch.sim import Simulation
-from vswitch.simgen import CBR
+from vswitch.sim.generators import CBR
 
 QUICK = quick_mode()
 GROWTH_HOSTPORT0 = 30000
@@ -32,9 +32,9 @@ GROWTH_HOSTPORT0 = 30000
 
 def _impl(name):
     if name == "c":
-        from vswitch import _datapath
+        from vswitch.datapath import _core as _datapath
         return _datapath
-    from vswitch import datapath_py
+    from vswitch.datapath import pure as datapath_py
     return datapath_py
 
 

@@ -25,7 +25,7 @@ every figure is taken the same way whichever subject carries the traffic:
   stack in the writer's context) and whose replies cross the switch again;
 - round-trip time: ``lab.ping`` at a short interval, every reply's time kept as a sample.
 
-Nothing here imports pyroute2 (only ``vswitch/netlink.py`` does). Tools and privileges
+Nothing here imports pyroute2 (only ``vswitch/daemon/netlink.py`` does). Tools and privileges
 missing on the machine turn into ``pytest.skip`` with the reason, through ``require()``.
 """
 from __future__ import annotations

@@ -113,7 +113,7 @@ def collect():
         "python_packages": {p: python_version(p) for p in PYTHON_PACKAGES},
         "debian_packages": {p: debian_version(p) for p in DEBIAN_PACKAGES},
         "git": git_info(),
-        "cython_core_built": importlib.util.find_spec("vswitch._datapath") is not None
+        "cython_core_built": importlib.util.find_spec("vswitch.datapath._core") is not None
         if importlib.util.find_spec("vswitch") else False,
         "root": os.geteuid() == 0,
     }

@@ -18,7 +18,7 @@ from scapy.layers.l2 import Ether  # noqa: E402
 from scapy.utils import wrpcap  # noqa: E402
 
 from vswitch.sim import Simulation  # noqa: E402
-from vswitch.simgen import PcapReplay  # noqa: E402
+from vswitch.sim.generators import PcapReplay  # noqa: E402
 
 
 def record(path, impl):

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""vswitch._datapath: the Cython forwarding core (the fast implementation of docs/datapath.md).
+"""vswitch.datapath._core: the Cython forwarding core (the fast implementation of docs/datapath.md).
 
 Theory of operation
 -------------------
@@ -11,7 +11,7 @@ under ``with nogil:`` - parse (parse.pxi) -> anti-spoofing -> egress shaper ->
 NAT/conntrack -> L2 learn/lookup -> ingress shaper -> output - finishing one packet
 after the other, so each packet sees the state the previous one left (parsing and
 prefetching run a few packets ahead: "the batch loop" below), the same
-sequential semantics as the pure-Python twin (vswitch/datapath_py.py, which is the
+sequential semantics as the pure-Python twin (vswitch/datapath/pure.py, which is the
 executable spec; its "Decisions beyond docs/datapath.md" D1..D36 are followed here and
 cited by number). The loop allocates no Python object and reads no clock: time is the
 ``now_ns`` argument. Every helper it calls is ``cdef inline ... noexcept nogil``.
@@ -39,7 +39,7 @@ import operator
 
 import numpy as np
 
-from vswitch import dpconst as _dpconst
+from vswitch.datapath import consts as _dpconst
 
 cnp.import_array()
 

@@ -1,4 +1,4 @@
-# Declarations of the datapath core: constants (mirroring vswitch/dpconst.py, which
+# Declarations of the datapath core: constants (mirroring vswitch/datapath/consts.py, which
 # tests/datapath/test_consts.py checks), the C library functions we call, and every
 # struct, with a comment on each field. Included first by _datapath.pyx.
 

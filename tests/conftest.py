@@ -11,10 +11,10 @@ import pytest
 
 def _load(impl):
     if impl == "py":
-        from vswitch import datapath_py
+        from vswitch.datapath import pure as datapath_py
         return datapath_py
     try:
-        from vswitch import _datapath
+        from vswitch.datapath import _core as _datapath
     except ImportError as exc:
         if os.environ.get("VSWITCH_ALLOW_NO_BUILD") == "1":
             pytest.skip(f"Cython datapath not built: {exc}")

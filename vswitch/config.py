@@ -28,7 +28,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from vswitch.dpconst import DEFAULTS
+from vswitch.datapath.consts import DEFAULTS
 
 __all__ = ["Bandwidth", "PortMapping", "SwitchConfig", "parse_mac", "format_mac", "parse_ip"]
 

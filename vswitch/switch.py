@@ -30,7 +30,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 from vswitch.config import _NO_BANDWIDTH, Bandwidth, PortMapping, SwitchConfig, format_mac, parse_ip, parse_mac
 
 __all__ = ["Switch", "Port", "PORT_KINDS"]
@@ -70,10 +70,10 @@ def _load_impl(impl):
         return datapath
     if isinstance(impl, str):
         if impl == "py":
-            from vswitch import datapath_py
+            from vswitch.datapath import pure as datapath_py
             return datapath_py
         if impl == "c":
-            from vswitch import _datapath
+            from vswitch.datapath import _core as _datapath
             return _datapath
         raise ValueError(f"impl: {impl!r}; accepted: 'py', 'c', a module with a Datapath class, or None")
     if not hasattr(impl, "Datapath"):

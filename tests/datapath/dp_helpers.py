@@ -8,7 +8,7 @@ from scapy.layers.inet import IP, TCP, UDP, ICMP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 # addresses used across the tests
 GW_MAC = bytes.fromhex("02000000fe01")

@@ -8,7 +8,7 @@ from dp_helpers import (
     A4, A6, B4, GW4, HOST, MAC_A, MAC_B, POD_A, POD_C, UPLINK, gc, ip4, ip6,
     make_topo, mac_str, pc, send1,
 )
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 SA, SB = mac_str(MAC_A), mac_str(MAC_B)
 

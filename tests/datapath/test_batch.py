@@ -12,7 +12,7 @@ from dp_helpers import (
     ROUTER_MAC, UPLINK, Batch, checksums_ok, drain, gcounters, make_topo, mac_str, pcounters,
     pseudo_sum, send, send1, snapshot, tcp, udp, vnet, with_l4_check,
 )
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 SEC = 10**9
 

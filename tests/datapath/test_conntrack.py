@@ -6,7 +6,7 @@ from dp_helpers import (
     A4, A6, B4, CLIENT4, GW_MAC, MAC_A, NODE4, NODE6, NODE_MAC, POD_A, POD_B, ROUTER_MAC,
     UPLINK, gc, ip4, ip6, make_topo, send1, tcp, udp,
 )
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 SEC = 10**9
 

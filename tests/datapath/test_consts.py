@@ -1,4 +1,4 @@
-"""The Cython core's constants (ext/defs.pxi) agree with vswitch/dpconst.py.
+"""The Cython core's constants (ext/defs.pxi) agree with vswitch/datapath/consts.py.
 
 ``C_CONSTANTS``, ``C_COUNTER_INDEX`` and ``C_GLOBAL_INDEX`` are built in the module from the
 C enums of defs.pxi themselves, so these tests compare what the compiled code uses, not a
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vswitch import dpconst
+from vswitch.datapath import consts as dpconst
 
 
 

@@ -20,7 +20,7 @@ import struct
 import numpy as np
 import pytest
 
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 # --------------------------------------------------------------------------- frame builders
 
@@ -667,7 +667,7 @@ def test_random_batches(both_impls, seed, vnet_hdr_len, prefetch):
 def test_the_generator_makes_gso_frames_that_cost_more_than_their_length():
     """The random batches exercise D36: many frames are charged more than their length
     (and a few hit the 2x cap), measured with the twin's own rule."""
-    from vswitch import datapath_py
+    from vswitch.datapath import pure as datapath_py
     rng = np.random.default_rng(9)
     traffic = Traffic(rng, 12)
     more = capped = 0
@@ -686,7 +686,7 @@ def test_the_generator_makes_gso_frames_that_cost_more_than_their_length():
 def test_the_generator_makes_icmp_errors_that_get_translated():
     """The random batches exercise D37: among ICMP errors run through the twin, some
     find their flow and are rewritten, others do not."""
-    from vswitch import datapath_py
+    from vswitch.datapath import pure as datapath_py
     dp = datapath_py.Datapath(**CONFIG)
     setup((dp, datapath_py.Datapath(**CONFIG)), 0)      # (setup wants a pair)
     rng = np.random.default_rng(11)
@@ -709,7 +709,7 @@ def test_the_generator_makes_icmp_errors_that_get_translated():
 def test_the_generator_makes_fragments_that_get_translated():
     """The random batches exercise D39: later fragments of hostPort datagrams are
     translated through what their first fragment left, in both directions."""
-    from vswitch import datapath_py
+    from vswitch.datapath import pure as datapath_py
     dp = datapath_py.Datapath(**CONFIG)
     setup((dp, datapath_py.Datapath(**CONFIG)), 0)      # (setup wants a pair)
     rng = np.random.default_rng(12)

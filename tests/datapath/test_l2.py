@@ -3,7 +3,7 @@ import pytest
 from scapy.layers.l2 import Dot1Q, Ether
 
 from dp_helpers import BCAST, gc, gcounters, mac_str, pc, pcounters, send, send1
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 SEC = 10**9
 AGING = 300 * SEC

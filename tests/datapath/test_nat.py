@@ -17,7 +17,7 @@ from dp_helpers import (
     POD_A, POD_B, ROUTER_MAC, UPLINK, checksums_ok, gc, ip4, ipb, make_topo, mac_str,
     pseudo_sum, send1, tcp, udp, vnet, with_l4_check,
 )
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 
 def pkt(kind, smac, dmac, src, dst, sport, dport, **kw):

@@ -14,7 +14,7 @@ from dp_helpers import (
     A4, A6, CLIENT4, CLIENT6, GW_MAC, MAC_A, NODE4, NODE6, NODE_MAC, POD_A, ROUTER_MAC, UPLINK,
     eth, gc, send1,
 )
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 from test_nat import dp  # noqa: F401  (the topology fixture)
 

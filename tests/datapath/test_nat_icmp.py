@@ -16,7 +16,7 @@ from dp_helpers import (
     A4, A6, CLIENT4, CLIENT6, GW4, GW6, GW_MAC, MAC_A, NODE4, NODE6, NODE_MAC, POD_A,
     ROUTER_MAC, UPLINK, eth, gc, l3, send1, vnet,
 )
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 from test_nat import dp, run_table  # noqa: F401  (dp: the topology fixture)
 

@@ -20,7 +20,7 @@ from dp_helpers import (
     A4, C4, CLIENT4, CLIENT6, MAC_C, NODE4, NODE6, NODE_MAC, UPLINK,
     Batch, gc, gcounters, make_topo, mac_str, pc, send1,
 )
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 SRC = mac_str(MAC_C)
 DST = mac_str(NODE_MAC)

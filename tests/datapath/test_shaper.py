@@ -11,7 +11,7 @@ import pytest
 from scapy.layers.l2 import Ether
 
 from dp_helpers import BCAST, Batch, drain, gc, mac_str, pc, pcounters, send, send1
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 SEC = 10**9
 HOST, A, B, D = 0, 2, 3, 5
@@ -169,7 +169,7 @@ def test_2_to_the_32_bytes_pass_at_once_with_a_2_to_the_35_bit_burst(dp_impl):
     lengths[-1] = 60
     in_ports = np.full(n + 1, A, np.uint16)
     out_ports = np.zeros(n + 1, np.int32)
-    if getattr(dp_impl, "__name__", "").endswith("datapath_py"):
+    if getattr(dp_impl, "__name__", "").endswith(".pure"):
         pytest.skip("65537 maximal frames through the pure-Python twin take too long; the credit "
                     "arithmetic is covered by test_huge_bursts_are_exact")
     dp.process(buf, offsets, lengths, in_ports, out_ports, n + 1, 5)

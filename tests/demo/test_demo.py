@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _demo(*args, env=None):
-    r = subprocess.run([sys.executable, "-m", "vswitch.demo", *args], cwd=REPO, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "vswitch.lab.demo", *args], cwd=REPO, capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, **(env or {})))
     assert r.returncode == 0, r.stderr + r.stdout
     return r.stdout

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from tests.integration.helpers import Namespaces, nsexec, ping
-from vswitch.attachment import ATTACH_STEPS
+from vswitch.daemon.attachment import ATTACH_STEPS
 
 
 def _state(cluster):

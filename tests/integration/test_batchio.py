@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from vswitch.ports import VNET_HDR_LEN, PacketIO, Port
+from vswitch.daemon.ports import VNET_HDR_LEN, PacketIO, Port
 
 
 @pytest.fixture(params=["c", "py"])
@@ -106,7 +106,7 @@ def loop(monkeypatch):
     from vswitch.switch import Switch
     pio = PacketIO(max_ports=8, max_batch=16)
     sw = Switch(SwitchConfig(vnet_hdr_len=VNET_HDR_LEN, max_ports=8))
-    if pio.run is None or type(sw.dp).__module__ != "vswitch._datapath":
+    if pio.run is None or type(sw.dp).__module__ != "vswitch.datapath._core":
         pytest.skip("the Cython build is missing (BatchIO.run needs it)")
     return pio, sw
 
@@ -232,7 +232,7 @@ def test_run_releases_shaped_frames(loop):
 
 def test_run_refuses_a_datapath_of_another_layout(loop):
     pio, _ = loop
-    from vswitch._datapath import Datapath
+    from vswitch.datapath._core import Datapath
     with pytest.raises(ValueError, match="vnet_hdr_len is 0"):
         pio.run(Datapath(max_ports=8, vnet_hdr_len=0), 0, 0)
     with pytest.raises(ValueError, match="the datapath only 4"):

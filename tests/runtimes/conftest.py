@@ -4,7 +4,7 @@ Theory of operation: every test here runs a real container runtime (containerd t
 the CRI, podman, a libcni client) against a CNI plugin chain, parametrized by
 ``chain_name``: ``reference`` (Debian's plugins: bridge + host-local + portmap +
 bandwidth) and ``vswitch`` (our daemon and plugin, started from the repository). The
-vswitch chain is skipped, naming the missing files, until ``vswitch/daemon.py``,
+vswitch chain is skipped, naming the missing files, until ``vswitch/daemon/main.py``,
 ``vswitch/cli.py`` and ``cni/plugin.py`` exist; after that it runs and must pass.
 ``VSWITCH_RT_CHAINS=reference`` (comma-separated) limits the chains.
 

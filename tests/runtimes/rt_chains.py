@@ -45,7 +45,7 @@ DEFAULT_HOST_LOCAL_DIR = "/var/lib/cni/networks"
 
 def vswitch_unavailable() -> str | None:
     """Why the vswitch chain cannot run here, or None when its entry points exist."""
-    missing = [p for p in ("vswitch/daemon.py", "vswitch/cli.py", "cni/plugin.py")
+    missing = [p for p in ("vswitch/daemon/main.py", "vswitch/cli.py", "cni/plugin.py")
                if not os.path.isfile(os.path.join(REPO_ROOT, p))]
     if missing:
         return ("the vswitch chain needs " + ", ".join(missing) +

@@ -8,7 +8,7 @@ from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6ND_NA, IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap
 
-from vswitch import simframes as F
+from vswitch.sim import frames as F
 from vswitch.sim import Pod, Trace
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from vswitch.sim import Simulation
-from vswitch.simgen import CBR
+from vswitch.sim.generators import CBR
 
 
 def state(sim):

@@ -10,7 +10,7 @@ EX = ROOT / "examples"
 
 
 def impl_flag(dp_impl):
-    return "py" if dp_impl.__name__.endswith("datapath_py") else "c"
+    return "py" if dp_impl.__name__.endswith(".pure") else "c"
 
 
 def run(args, **kw):

@@ -1,6 +1,6 @@
 """The twin's RFC 1624 checksum patch against a full recomputation.
 
-``_csum_patch`` is the spec both datapaths follow (D26 in vswitch/datapath_py.py): an
+``_csum_patch`` is the spec both datapaths follow (D26 in vswitch/datapath/pure.py): an
 incremental update of a valid checksum must equal the checksum computed from scratch
 over the changed data, and a partial (pseudo-header) sum must move like a full sum
 that is not complemented.
@@ -8,7 +8,7 @@ that is not complemented.
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vswitch.datapath_py import _csum_patch, _fold
+from vswitch.datapath.pure import _csum_patch, _fold
 
 words = st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=40)
 

@@ -98,7 +98,7 @@ def test_switch_config_defaults_and_datapath_kwargs():
     c = SwitchConfig()
     assert c.subnet == "10.0.0.0/24" and c.gateway == "10.0.0.1"
     kw = c.datapath_kwargs()
-    from vswitch.dpconst import DEFAULTS
+    from vswitch.datapath.consts import DEFAULTS
     assert kw == DEFAULTS
     assert c.gateways == ("10.0.0.1",)
 

@@ -4,7 +4,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 from vswitch.config import Bandwidth, PortMapping, SwitchConfig
 from vswitch.switch import Switch
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 
 __all__ = ["CBR", "Poisson", "OnOff", "PcapReplay", "BulkResult", "schedule", "run_bulk"]
 
@@ -46,7 +46,7 @@ _I63 = (1 << 63) - 1
 
 
 def _frames(frame) -> list[bytes]:
-    from vswitch.sim import _frame_bytes
+    from vswitch.sim.engine import _frame_bytes
     if isinstance(frame, (list, tuple)):
         if not frame:
             raise ValueError("frames: an empty list")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 
-from vswitch.attachment import public
+from vswitch.daemon.attachment import public
 
 STATE_VERSION = 1
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 
-from vswitch import dpconst as C
-from vswitch import netlink, rpc
+from vswitch.datapath import consts as C
+from vswitch import rpc
+from vswitch.daemon import netlink
 from vswitch.config import Bandwidth, PortMapping, format_mac, parse_mac
 from vswitch.rpc import RpcError
 

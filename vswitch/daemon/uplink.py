@@ -5,7 +5,7 @@ Theory of operation
 With ``--uplink NIC`` the node's traffic goes through the switch: the host port takes the
 NIC's MAC and MTU (``nic()``, read before the host port opens), the NIC's addresses and
 its gateway routes move to the host port, and an AF_PACKET socket on the NIC becomes
-switch port 1 (``vswitch.ports.open_uplink_socket``). The NIC's own stack must ignore
+switch port 1 (``vswitch.daemon.ports.open_uplink_socket``). The NIC's own stack must ignore
 what arrives on it (the switch hands that to the host port), so the NIC gets
 ``rp_filter=1``, ``arp_ignore=8`` and ``disable_ipv6=1``; IPv4 forwarding is enabled. The
 NIC's addresses are also the switch's node addresses (hostPort rules match them).
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from vswitch import netlink
-from vswitch.ports import UplinkPort, open_uplink_socket
+from vswitch.daemon import netlink
+from vswitch.daemon.ports import UplinkPort, open_uplink_socket
 
 # the NIC's own stack must ignore what arrives on it: the switch hands that to vsw0
 UPLINK_SYSCTLS = {"ipv4/conf/{}/rp_filter": "1", "ipv4/conf/{}/arp_ignore": "8",

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The four operations are generators run by the control server (``vswitch.control``) one
+The four operations are generators run by the control server (``vswitch.daemon.control``) one
 at a time: their loop-thread steps (validation, switch ports, hostPort rules, shapers,
 gateways bookkeeping, the attachments) run between batches, and each kernel job they
 ``yield`` (netlink, TAP creation and release, nft, the state file) runs on the kernel
@@ -15,7 +15,7 @@ thread while the loop keeps forwarding.
 injected fault with ``--test-faults``) before it replies with an error. The TAP is
 created inside the pod's namespace under its final name, configured through one raw
 rtnetlink socket of that namespace, one batch of requests per step
-(``vswitch.netlink``); the switch port is added without shaping or mappings first, so
+(``vswitch.daemon.netlink``); the switch port is added without shaping or mappings first, so
 that each of those is its own step. Attach is idempotent by (container id, ifname): the
 same arguments again return the stored result, others are an error.
 
@@ -41,10 +41,11 @@ import json
 import os
 import time
 
-from vswitch import netlink, rpc
-from vswitch.attachment import attachment_key, normalize_attach, port_name_for, public, same_attach
+from vswitch import rpc
+from vswitch.daemon import netlink
+from vswitch.daemon.attachment import attachment_key, normalize_attach, port_name_for, public, same_attach
 from vswitch.config import Bandwidth, PortMapping, format_mac, parse_mac
-from vswitch.ports import TapPort
+from vswitch.daemon.ports import TapPort
 from vswitch.rpc import RpcError
 
 

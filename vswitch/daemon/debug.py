@@ -22,7 +22,7 @@ import ipaddress
 import struct
 import time
 
-from vswitch import dpconst as C
+from vswitch.datapath import consts as C
 from vswitch import rpc
 from vswitch.config import parse_mac
 from vswitch.rpc import RpcError

@@ -318,7 +318,7 @@ from collections import deque
 
 import numpy as np
 
-from vswitch.dpconst import (
+from vswitch.datapath.consts import (
     CT_CLOSE, CT_DTYPE, CT_ESTABLISHED, CT_FIN, CT_STATE_NAMES, CT_SYN_SENT, CT_UDP_NEW,
     CT_UDP_REPLIED, DEFAULTS, EGRESS, FDB_DTYPE, GC, GLOBAL_COUNTERS, INGRESS, MAX_FRAME,
     MAX_IPS_PER_PORT, MAX_IPV6_EXT_HEADERS, OUT_DROP, OUT_FLOOD, OUT_QUEUED, PC,

@@ -37,7 +37,7 @@ Records and checks
     frame before it on that port.
 
 Bulk traffic
-    ``run_bulk`` (``vswitch/simgen.py``) pushes generator traffic through the same switch
+    ``run_bulk`` (``vswitch/sim/generators.py``) pushes generator traffic through the same switch
     with numpy-built batches and no per-packet Python (frames are counted, not recorded).
 
 Determinism: MACs come from a hash of (seed, name), random generators from the seed; the
@@ -55,8 +55,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from vswitch import dpconst as C
-from vswitch import simframes as F
+from vswitch.datapath import consts as C
+from vswitch.sim import frames as F
 from vswitch.config import Bandwidth, PortMapping, SwitchConfig, format_mac, parse_ip, parse_mac
 from vswitch.switch import Switch
 
@@ -340,7 +340,7 @@ class Endpoint:
 
     def tcp_to(self, dst, dport: int, payload: bytes = b"", sport: int = 40000, *,
                flags: int = F.TCP_ACK | F.TCP_PSH, seq: int = 0, ack: int = 0) -> bytes:
-        """Any TCP segment to ``dst`` (flags from ``vswitch.simframes``: TCP_SYN, TCP_ACK ...)."""
+        """Any TCP segment to ``dst`` (flags from ``vswitch.sim.frames``: TCP_SYN, TCP_ACK ...)."""
         dip = self._dst(dst)
         src = self._src_for(dip)
         return self._ip_frame(dip, F.l4_packet(src, dip, 6, sport, dport, bytes(payload),
@@ -938,11 +938,11 @@ class Simulation:
 
     # ------------------------------------------------------------------ generators
     def generate(self, port, gen, start_ns: int | None = None) -> int:
-        """Schedule every frame of a generator (``vswitch.simgen``) as events; returns the count.
+        """Schedule every frame of a generator (``vswitch.sim.generators``) as events; returns the count.
 
         Use for modest rates where replies and records matter; ``run_bulk`` for volume.
         """
-        from vswitch import simgen
+        from vswitch.sim import generators as simgen
         return simgen.schedule(self, port, gen, start_ns)
 
     def run_bulk(self, flows, *, until_ns: int | None = None, batch_size: int = 256,
@@ -951,9 +951,9 @@ class Simulation:
 
         A batch holds up to ``batch_size`` frames spanning at most ``batch_ns`` and is
         processed at the time of its last frame; outputs are counted, not recorded (unless
-        ``record=True``: slow). Returns a ``vswitch.simgen.BulkResult``.
+        ``record=True``: slow). Returns a ``vswitch.sim.generators.BulkResult``.
         """
-        from vswitch import simgen
+        from vswitch.sim import generators as simgen
         return simgen.run_bulk(self, flows, until_ns=until_ns, batch_size=batch_size,
                                batch_ns=batch_ns, record=record, chunk_frames=chunk_frames)
 

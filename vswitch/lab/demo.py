@@ -1,6 +1,6 @@
 """The demo: three pods talking through vswitch, printed as a table.
 
-As root (``python -m vswitch.demo``): a private node namespace runs vswitchd with an uplink
+As root (``python -m vswitch.lab.demo``): a private node namespace runs vswitchd with an uplink
 veth to a client namespace; three pods (network namespaces) are added through the real
 CNI plugin exactly as a container runtime adds them (the ``vswitch`` executable, CNI_*
 variables, the network list on stdin, host-local IPAM from Debian's
@@ -148,7 +148,7 @@ def run_sim(seconds: float) -> list[tuple[str, str, str]]:
 
     from vswitch.datapath import IMPLEMENTATION
     from vswitch.sim import Simulation
-    from vswitch.simgen import CBR
+    from vswitch.sim.generators import CBR
 
     rows = [("check", "result", "detail")]
     sim = Simulation(subnet=SUBNET, seed=0, node_ips=[NODE_IP])
@@ -188,7 +188,7 @@ def run_sim(seconds: float) -> list[tuple[str, str, str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vswitch.demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m vswitch.lab.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--sim", action="store_true", help="run the simulated scenario even as root")
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each rate measurement")
     args = ap.parse_args(argv)

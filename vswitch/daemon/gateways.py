@@ -24,11 +24,12 @@ import errno
 import ipaddress
 import socket
 
-from vswitch import dpconst as C
-from vswitch import netlink, rpc
-from vswitch.attachment import gateways_of, mac_for
+from vswitch.datapath import consts as C
+from vswitch import rpc
+from vswitch.daemon import netlink
+from vswitch.daemon.attachment import gateways_of, mac_for
 from vswitch.config import SwitchConfig
-from vswitch.ports import HostPort
+from vswitch.daemon.ports import HostPort
 from vswitch.rpc import RpcError
 from vswitch.switch import Switch
 

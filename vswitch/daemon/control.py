@@ -14,7 +14,7 @@ it and looks the op up in the daemon's table of handlers. Most ops answer at onc
 The ops that touch the kernel (``attach``, ``detach``, ``check``, ``gc``) are generator
 functions: they are queued and run one at a time, in arrival order; their steps run on
 the loop thread and each job they ``yield`` — ``(fn, *args)`` — runs on the
-``KernelWorker`` (``vswitch.worker``), whose result is sent back into the generator
+``KernelWorker`` (``vswitch.daemon.worker``), whose result is sent back into the generator
 (an exception is thrown into it). The generator's return value is the reply. A
 connection waiting for such a reply reads its next request only after it, so replies
 on one connection keep the order of its requests. During shutdown a queued operation
@@ -24,7 +24,7 @@ Errors: an ``RpcError`` is the reply (logged as ``request_failed``); any other e
 is a bug, logged with its traceback as ``request_crashed`` and answered with code 999.
 The daemon survives every request.
 
-An HTTP connection reads one request head and gets one response (``vswitch.metrics``),
+An HTTP connection reads one request head and gets one response (``vswitch.daemon.metrics``),
 then closes. A connection closed by the client is answered first, then closed.
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ import select
 import socket
 import traceback
 
-from vswitch import metrics, rpc
+from vswitch import rpc
+from vswitch.daemon import metrics
 from vswitch.rpc import RpcError
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT

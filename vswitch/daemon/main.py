@@ -52,21 +52,23 @@ import sys
 import time
 import traceback
 
-from vswitch import __version__, metrics, netlink, rpc
-from vswitch import dpconst as C
-from vswitch.attachment import need_str, public
-from vswitch.control import ControlServer
-from vswitch.debug import Captures, trace
-from vswitch.gateways import Gateways
-from vswitch.log import Log
-from vswitch.masq import Masq
-from vswitch.pods import Pods
-from vswitch.ports import PacketIO, PortTable
+from vswitch import __version__, rpc
+from vswitch.daemon import metrics
+from vswitch.daemon import netlink
+from vswitch.datapath import consts as C
+from vswitch.daemon.attachment import need_str, public
+from vswitch.daemon.control import ControlServer
+from vswitch.daemon.debug import Captures, trace
+from vswitch.daemon.gateways import Gateways
+from vswitch.daemon.log import Log
+from vswitch.daemon.masq import Masq
+from vswitch.daemon.pods import Pods
+from vswitch.daemon.ports import PacketIO, PortTable
 from vswitch.rpc import RpcError
-from vswitch.state import State
+from vswitch.daemon.state import State
 from vswitch.switch import Switch
-from vswitch.uplink import Uplink, restore as uplink_restore
-from vswitch.worker import KernelWorker
+from vswitch.daemon.uplink import Uplink, restore as uplink_restore
+from vswitch.daemon.worker import KernelWorker
 
 SWEEP_INTERVAL_NS = 10 * C.SEC_NS
 SWITCH_INTERVAL_S = 0.0005      # the loop thread waits at most this long for the GIL
@@ -158,7 +160,7 @@ class Daemon:
     # ----------------------------------------------------------------- the ops table
 
     def _handlers(self) -> dict:
-        """op name -> fn(req) -> reply fields; the KERNEL_OPS are generators (vswitch.control)."""
+        """op name -> fn(req) -> reply fields; the KERNEL_OPS are generators (vswitch.daemon.control)."""
         return {"attach": self.pods.attach, "detach": self.pods.detach, "check": self.pods.check, "gc": self.pods.gc,
                 "status": self.op_status, "list": self.op_list, "show": self.op_show,
                 "counters": self.op_counters, "fdb": self.op_fdb, "conntrack": self.op_conntrack,
@@ -242,7 +244,7 @@ class Daemon:
         port, the sweep timer); else one ``io.poll`` per wakeup with the datapath called
         from here (captures see each batch; the Python twins use this path)."""
         io, dp = self.io, self.switch.dp
-        fast = io.impl == "c" and type(dp).__module__ == "vswitch._datapath"
+        fast = io.impl == "c" and type(dp).__module__ == "vswitch.datapath._core"
         run, poll_ns = io.run, self.poll_ns
         monotonic_ns = time.monotonic_ns
         while not self.stop or self.control.busy:

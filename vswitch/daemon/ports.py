@@ -16,7 +16,7 @@ layout: header then frame per slot), the per-port fd table and the epoll of the 
 (``set_port`` adds and removes them). ``poll(timeout_ms)`` waits, reads a batch from the
 ready ports and reports failed ports and whether the daemon's control epoll (one fd,
 ``watch_control``) is readable, in one call of the Cython ``BatchIO`` of
-``vswitch._datapath`` (``ext/io.pxi``, no GIL) when the build has it, else of the
+``vswitch.datapath._core`` (``ext/io.pxi``, no GIL) when the build has it, else of the
 pure-Python twin below with the same methods (slow, for development without a build).
 ``run(datapath, deadline_ns, poll_ns)`` (BatchIO only) is the daemon's whole packet loop in
 Cython: wait, read, process, write, drain shaping queues, poll briefly after a batch, and
@@ -36,7 +36,7 @@ import struct
 
 import numpy as np
 
-from vswitch.dpconst import MAX_FRAME, OUT_FLOOD
+from vswitch.datapath.consts import MAX_FRAME, OUT_FLOOD
 
 VNET_HDR_LEN = 12
 SLOT_MAX = VNET_HDR_LEN + MAX_FRAME
@@ -261,7 +261,7 @@ def _batch_io_class():
     if os.environ.get("VSWITCH_PURE_PYTHON_IO", "") not in ("", "0"):
         return _PyBatchIO, "py"
     try:
-        from vswitch._datapath import BatchIO
+        from vswitch.datapath._core import BatchIO
         return BatchIO, "c"
     except (ImportError, AttributeError):
         return _PyBatchIO, "py"

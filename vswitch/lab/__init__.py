@@ -30,7 +30,7 @@ from pathlib import Path
 
 from vswitch import rpc
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYSTEM_CNI_PATH = "/usr/lib/cni"
 
 

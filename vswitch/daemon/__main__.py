@@ -1,0 +1,6 @@
+"""``python -m vswitch.daemon``: vswitchd."""
+import sys
+
+from vswitch.daemon.main import main
+
+sys.exit(main())
