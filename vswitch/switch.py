@@ -464,6 +464,28 @@ class Switch:
     def drain(self, now_ns, out_buf, out_offsets, out_lengths, out_in_ports, out_ports, max_pkts) -> int:
         return self.dp.drain(now_ns, out_buf, out_offsets, out_lengths, out_in_ports, out_ports, max_pkts)
 
+    def drain_due(self, now_ns: int, out_buf, out_offsets, out_lengths, out_in_ports, out_ports,
+                  max_pkts: int, deliver) -> int:
+        """Release the shaping queues' packets due at ``now_ns`` and hand them on; returns the count.
+
+        Calls ``drain`` (up to ``max_pkts`` packets into the ``out_*`` arrays) and then
+        ``deliver(k)`` with the number ``k`` it released, again and again until a call
+        releases fewer than ``max_pkts``: then nothing more is due, or what is due did not
+        fit ``out_buf``, or entered a queue during that call (a frame that left an egress
+        queue into an ingress queue); the caller's next drain releases those. The daemon
+        and the simulation both drain through here; ``ext/io.pxi``'s ``_drain_due`` is the
+        same loop in Cython without the GIL (it writes to the TAP devices itself).
+        """
+        total = 0
+        while True:
+            k = self.dp.drain(now_ns, out_buf, out_offsets, out_lengths, out_in_ports, out_ports, max_pkts)
+            if k <= 0:
+                return total
+            total += k
+            deliver(k)
+            if k < max_pkts:
+                return total
+
     def next_departure_ns(self) -> int:
         return self.dp.next_departure_ns()
 
