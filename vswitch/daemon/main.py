@@ -291,16 +291,16 @@ class Daemon:
         return now
 
     def _drain(self, now):
-        io, sw = self.io, self.switch
-        while True:
-            k = sw.drain(now, io.dbuf, io.doffsets, io.dlengths, io.din_ports, io.dout_ports, io.max_batch)
-            if k <= 0:
-                return
+        """Write the shaping queues' due packets (``Switch.drain_due``; captures see them)."""
+        io = self.io
+
+        def write(k):
             if self.captures:
                 self.captures.frames(io.dbuf, io.doffsets, io.dlengths, io.din_ports, io.dout_ports, k, io.port_fds)
             io.write_drained(k)
-            if k < io.max_batch:
-                return
+
+        self.switch.drain_due(now, io.dbuf, io.doffsets, io.dlengths, io.din_ports, io.dout_ports,
+                              io.max_batch, write)
 
     def _control_events(self):
         for fd, ev in self.ep.poll(0):
