@@ -25,7 +25,10 @@ Figures, group ``real-hostport``, parameter ``traffic``:
 - ``tcp-crr``: connect + request + response + close, sequentially, one TCP connection
   each; ms per request, every request a sample (the connection rate is 1000 / median);
 - ``udp-rr``: a 18-byte UDP request and its echo, sequentially; ms per round trip, every
-  exchange a sample (a lost one waits 1 s, is counted in ``info`` and not sampled).
+  exchange a sample. Each request carries its sequence number and a reply counts only for
+  its own request: one not back within 1 s is lost (counted in ``info``, not sampled), and
+  its reply, if it comes later, is discarded and counted (``late_discarded``), never timed
+  as the answer to a later request.
 - ``udp-rr-4000B``: the same with 4000-byte datagrams, bigger than the 1500-byte MTU, so
   each crosses as three IP fragments each way: portmap's kernel reassembles them before
   its NAT; vswitch translates each fragment as it comes (docs/datapath.md, *Fragments*).
@@ -96,7 +99,7 @@ import json, socket, sys, time
 mode, ip, port, count, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 size = int(sys.argv[6]) if len(sys.argv) > 6 else 18
 clock = time.perf_counter
-ms, lost = [], 0
+ms, lost, late = [], 0, 0
 if mode == "tcp":
     for i in range(warmup + count):
         t0 = clock()
@@ -110,24 +113,41 @@ if mode == "tcp":
         if i >= warmup:
             ms.append(t)
 else:
+    # every request carries its sequence number; a reply is matched to its request by it,
+    # so a late reply (to a request already counted lost) is discarded and counted, never
+    # timed as the answer to a later request
+    import struct
+    if size < 8:
+        sys.exit("size %d: at least 8 bytes (the sequence number)" % size)
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.settimeout(1.0)
     u.connect((ip, port))
-    payload = b"x" * size
     for i in range(warmup + count):
+        payload = struct.pack("!Q", i) + b"x" * (size - 8)
         t0 = clock()
+        deadline = t0 + 1.0
         u.send(payload)
-        try:
-            reply = u.recv(65535)
-        except socket.timeout:
-            lost += 1
-            continue
-        if reply != payload:
-            sys.exit("exchange %d: %d bytes back, %d sent" % (i, len(reply), size))
-        t = (clock() - t0) * 1e3
-        if i >= warmup:
-            ms.append(t)
-print(json.dumps({"ms": ms, "lost": lost}))
+        while True:
+            left = deadline - clock()
+            if left <= 0:
+                lost += 1
+                break
+            u.settimeout(left)
+            try:
+                reply = u.recv(65535)
+            except socket.timeout:
+                lost += 1
+                break
+            t = (clock() - t0) * 1e3
+            seq = struct.unpack("!Q", reply[:8])[0] if len(reply) >= 8 else -1
+            if seq < i and reply[8:] == payload[8:]:
+                late += 1                 # the answer to an earlier request: not this one
+                continue
+            if reply != payload:
+                sys.exit("exchange %d: %d bytes back (sequence %d), %d sent" % (i, len(reply), seq, size))
+            if i >= warmup:
+                ms.append(t)
+            break
+print(json.dumps({"ms": ms, "lost": lost, "late": late}))
 """
 
 
@@ -174,7 +194,7 @@ def bed_portmap():
 
 
 def _exchange(client_ns, mode, port, count, warmup, size=18):
-    """Runs CLIENT in the client namespace: {"ms": [...], "lost": n}."""
+    """Runs CLIENT in the client namespace: {"ms": [...], "lost": n, "late": n}."""
     out = lab.nsexec(client_ns, sys.executable, "-c", CLIENT, mode, NODE_IP, port, count,
                      warmup, size, timeout=60 + count * 0.05).stdout
     return json.loads(out)
@@ -223,14 +243,15 @@ def test_hostport_udp_rr(benchmark, request, subject, payload_bytes):
     """A UDP request and its echo through node-IP:hostPort (ms each): 18 bytes, and 4000
     bytes (three IP fragments each way)."""
     bed = request.getfixturevalue(f"bed_{subject}")
-    ms, lost = [], []
+    ms, lost, late = [], [], []
 
     def once():
         r = _exchange(bed.client, "udp", RR_HOSTPORT, RR_COUNT, WARMUP, payload_bytes)
         ms.extend(r["ms"])
         lost.append(r["lost"])
+        late.append(r["late"])
     benchmark.pedantic(once, rounds=1, iterations=1)
     record(benchmark, group="real-hostport", subject=subject, unit="rtt_ms", samples=ms,
            traffic="udp-rr" if payload_bytes == 18 else f"udp-rr-{payload_bytes}B",
            info={"exchanges": RR_COUNT, "warmup": WARMUP, "payload_bytes": payload_bytes,
-                 "lost": sum(lost), **bed.facts})
+                 "lost": sum(lost), "late_discarded": sum(late), **bed.facts})

@@ -454,3 +454,46 @@ def test_bar_chart_of_a_wide_span_is_drawn_on_a_log_axis_with_a_label(tmp_path, 
     scale, label, texts = drawn["core-features.png"]
     assert scale == "log" and "log scale" in label
     assert {"40", "0.1"} <= texts                # each bar's median printed on it
+
+
+def test_udp_request_response_client_discards_a_late_reply_and_counts_it():
+    """bench_hostport's UDP client against a local echo server that answers the first
+    request after 1.05 s (the client has given up on it after 1 s) and every other one
+    after 10 ms: the late reply arrives while a later request waits, and must not be
+    taken as that request's answer."""
+    import socket
+    import threading
+    from bench import bench_hostport
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def serve():
+        first = True
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                data, peer = srv.recvfrom(65535)
+            except socket.timeout:
+                continue
+            delay = 1.05 if first else 0.01
+            first = False
+            threading.Timer(delay, srv.sendto, (data, peer)).start()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        count = 30
+        proc = subprocess.run([sys.executable, "-c", bench_hostport.CLIENT, "udp", "127.0.0.1",
+                               str(port), str(count), "0", "18"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["lost"] == 1 and r["late"] == 1, r
+    assert len(r["ms"]) == count - 1
+    # every sample is one request's own round trip (~10 ms), none a stale pairing
+    assert all(5 <= ms < 500 for ms in r["ms"]), r["ms"]
