@@ -112,13 +112,14 @@ class Namespaces:
         self.cleanup()
 
 
-def veth(ns_a: str, name_a: str, addr_a: str | None, ns_b: str, name_b: str, addr_b: str | None) -> None:
-    """A veth pair between two namespaces, up, with optional addresses ("198.18.0.1/24")."""
-    tmp_a, tmp_b = f"va{uid()}", f"vb{uid()}"
-    sh("ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
-    for tmp, ns, name, addr in ((tmp_a, ns_a, name_a, addr_a), (tmp_b, ns_b, name_b, addr_b)):
-        sh("ip", "link", "set", tmp, "netns", ns)
-        nsexec(ns, "ip", "link", "set", tmp, "name", name)
+def veth(ns_a: str, name_a: str, addr_a: str | None, ns_b: str, name_b: str, addr_b: str | None,
+         mtu: int | None = None) -> None:
+    """A veth pair between two namespaces, up, with optional addresses ("198.18.0.1/24")
+    and MTU. Each end is created directly in its namespace under its final name (one
+    netlink request), so nothing is ever left in the caller's namespace."""
+    sh("ip", "link", "add", name_a, "netns", ns_a, *(("mtu", mtu) if mtu else ()), "type", "veth",
+       "peer", "name", name_b, "netns", ns_b, *(("mtu", mtu) if mtu else ()))
+    for ns, name, addr in ((ns_a, name_a, addr_a), (ns_b, name_b, addr_b)):
         if addr:
             nsexec(ns, "ip", "addr", "add", addr, "dev", name)
         nsexec(ns, "ip", "link", "set", name, "up")
