@@ -1,12 +1,14 @@
 """The in-process simulation: the real Switch and Datapath on a virtual clock.
 
 ``engine`` (the event loop, endpoints, expectations, traces, pcap), ``generators``
-(traffic sources and the bulk numpy mode), ``frames`` (frame builders without scapy).
-``docs/simulation.md`` is the guide; the names below are the public API.
+(traffic sources and the bulk numpy mode, built on the engine's ``ENGINE_PROTOCOL``),
+``simulation`` (``Simulation``: the engine with ``generate`` and ``run_bulk``), ``frames``
+(frame builders without scapy). Imports point one way: simulation → generators → engine
+→ frames. ``docs/simulation.md`` is the guide; the names below are the public API.
 """
-from vswitch.sim.engine import (ExpectationFailed, External, Mask, Node, Pod, Simulation,
-                                Trace)
+from vswitch.sim.engine import ExpectationFailed, External, Mask, Node, Pod, Trace
 from vswitch.sim.generators import CBR, BulkResult, OnOff, PcapReplay, Poisson
+from vswitch.sim.simulation import Simulation
 
 __all__ = ["Simulation", "Pod", "External", "Node", "Mask", "Trace", "ExpectationFailed",
            "CBR", "Poisson", "OnOff", "PcapReplay", "BulkResult"]

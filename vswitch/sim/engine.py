@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A ``Simulation`` owns one ``vswitch.switch.Switch`` — the very object the daemon drives —
+An ``Engine`` owns one ``vswitch.switch.Switch`` — the very object the daemon drives —
 and replaces TAP devices by Python objects and the monotonic clock by an integer,
 ``sim.now`` (ns). Nothing waits: time jumps from one event to the next.
 
@@ -36,9 +36,14 @@ Records and checks
     ``now + within_ns`` and then looks at what arrived; a match consumes it and every
     frame before it on that port.
 
-Bulk traffic
-    ``run_bulk`` (``vswitch/sim/generators.py``) pushes generator traffic through the same switch
-    with numpy-built batches and no per-packet Python (frames are counted, not recorded).
+Traffic sources and the engine protocol
+    ``vswitch/sim/generators.py`` (``CBR``, ``Poisson``, ... ``schedule``, ``run_bulk``) is
+    built on the engine and uses only the names in ``ENGINE_PROTOCOL``: the clock
+    (``now``, ``set_clock``, ``next_event_ns``, ``run``), ports (``port_id``,
+    ``port_names``), ``send``, ``deliver`` (outputs of a batch to their ports and hosts),
+    ``capture_sent``, ``new_rng``, ``count_frames``, and ``switch``/``config``. The engine
+    imports nothing of it; ``vswitch.sim.Simulation`` (``simulation.py``) is the engine
+    with the generators' two entry points, ``generate`` and ``run_bulk``.
 
 Determinism: MACs come from a hash of (seed, name), random generators from the seed; the
 datapath is deterministic; so the same seed and inputs give byte-identical pcaps and
@@ -60,7 +65,7 @@ from vswitch.sim import frames as F
 from vswitch.config import Bandwidth, PortMapping, SwitchConfig, format_mac, parse_ip, parse_mac
 from vswitch.switch import Switch
 
-__all__ = ["Simulation", "Pod", "External", "Node", "Mask", "Trace", "ExpectationFailed"]
+__all__ = ["Engine", "ENGINE_PROTOCOL", "Pod", "External", "Node", "Mask", "Trace", "ExpectationFailed"]
 
 MAX_ROUNDS_PER_INSTANT = 100_000
 
@@ -70,21 +75,6 @@ class ExpectationFailed(AssertionError):
 
 
 # =============================================================================== helpers
-
-def _frame_bytes(frame, what="frame") -> bytes:
-    """bytes of a frame given as bytes-like or a scapy packet; ValueError naming the value."""
-    if isinstance(frame, bytes):
-        return frame
-    if isinstance(frame, (bytearray, memoryview)):
-        return bytes(frame)
-    try:
-        from scapy.packet import Packet
-    except ImportError:  # pragma: no cover
-        Packet = ()
-    if Packet and isinstance(frame, Packet):
-        return bytes(frame)
-    raise ValueError(f"{what}: expected bytes or a scapy packet, got {type(frame).__name__} {frame!r:.80}")
-
 
 def _check_time(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -122,7 +112,7 @@ class Mask:
     """
 
     def __init__(self, frame, ignore: Iterable = ()):
-        self.frame = _frame_bytes(frame, "Mask frame")
+        self.frame = F.frame_bytes(frame, "Mask frame")
         self._care = bytearray(b"\xff" * len(self.frame))
         self.ignored: list[str] = []
         for item in ignore:
@@ -230,7 +220,7 @@ class Endpoint:
     """A simulated host: a MAC, IPs, listening ports; answers ARP, ND, ICMP echo, TCP, UDP."""
     kind = "endpoint"
 
-    def __init__(self, sim: "Simulation", name: str, mac: bytes, ips: list):
+    def __init__(self, sim: "Engine", name: str, mac: bytes, ips: list):
         self.sim = sim
         self.name = name
         self.mac_bytes = mac
@@ -516,10 +506,20 @@ class _Segment:
         return replies
 
 
-# =============================================================================== Simulation
+# =============================================================================== Engine
 
-class Simulation:
-    """A switch with virtual ports and a virtual clock; see the module docstring."""
+# What a traffic source built on the engine (``vswitch/sim/generators.py``) may use of it;
+# tests/sim/test_engine_protocol.py holds generators.py to these names.
+ENGINE_PROTOCOL = ("now", "config", "switch", "port_id", "port_names", "send", "run",
+                   "next_event_ns", "set_clock", "deliver", "capture_sent", "new_rng",
+                   "count_frames")
+
+
+class Engine:
+    """A switch with virtual ports and a virtual clock; see the module docstring.
+
+    ``vswitch.sim.Simulation`` is this class plus ``generate`` and ``run_bulk``.
+    """
 
     def __init__(self, subnet: str = "10.0.0.0/24", seed: int = 0, *, impl=None,
                  subnet6: str | None = None, node_ips: Iterable[str] = (), reply_delay_ns: int = 0,
@@ -781,7 +781,7 @@ class Simulation:
         return owner.mac_bytes
 
     # ------------------------------------------------------------------ sending and running
-    def _port_id(self, port) -> int:
+    def port_id(self, port) -> int:
         """The switch port id of a port name, a host's name (an external: the uplink) or a host."""
         if isinstance(port, str) and port in self._endpoints:
             port = self._endpoints[port]
@@ -793,13 +793,13 @@ class Simulation:
 
     def send(self, port, frame, at_ns: int | None = None) -> bytes:
         """Queue ``frame`` into the switch on ``port`` (a name or an Endpoint) at ``at_ns``."""
-        data = _frame_bytes(frame)
+        data = F.frame_bytes(frame)
         if len(data) > C.MAX_FRAME:
             raise ValueError(f"frame: {len(data)} bytes; at most {C.MAX_FRAME}")
         t = self._now if at_ns is None else _check_time("at_ns", at_ns)
         if t < self._now:
             raise ValueError(f"at_ns: {t} is before the current time {self._now}")
-        pid = self._port_id(port)
+        pid = self.port_id(port)
         heapq.heappush(self._events, (t, self._seq, pid, data))
         self._seq += 1
         return data
@@ -875,7 +875,7 @@ class Simulation:
                 rec.cap_seen += 1
         self.switch.process(buf, offsets, lengths, in_ports, out_ports, n, t)
         self._stats["frames_in"] += n
-        self._deliver_all(t, buf, offsets, lengths, in_ports, out_ports, n)
+        self.deliver(t, buf, offsets, lengths, in_ports, out_ports, n)
         return n
 
     def _drain(self, t: int) -> int:
@@ -885,15 +885,8 @@ class Simulation:
             self._out = (np.zeros(max(1 << 20, 2 * (C.MAX_FRAME + H)), np.uint8), np.empty(cap, np.uint32),
                          np.empty(cap, np.uint32), np.empty(cap, np.uint16), np.empty(cap, np.int32), cap)
         buf, offs, lens, ins, outs, cap = self._out
-        total = 0
-        while True:
-            k = self.switch.drain(t, buf, offs, lens, ins, outs, cap)
-            if k == 0:
-                break
-            total += k
-            self._deliver_all(t, buf, offs, lens, ins, outs, k)
-            if k < cap and self.switch.next_departure_ns() > t:
-                break
+        total = self.switch.drain_due(t, buf, offs, lens, ins, outs, cap,
+                                      lambda k: self.deliver(t, buf, offs, lens, ins, outs, k))
         self._stats["drained"] += total
         return total
 
@@ -902,7 +895,13 @@ class Simulation:
             self._flood_targets = [p.port_id for p in self.switch.ports() if p.up and p.port_id in self._ports]
         return self._flood_targets
 
-    def _deliver_all(self, t, buf, offsets, lengths, in_ports, out_ports, n):
+    def deliver(self, t, buf, offsets, lengths, in_ports, out_ports, n) -> None:
+        """Hand the first ``n`` outputs of a ``process``/``drain`` at time ``t`` to their ports.
+
+        Each frame (``buf[offsets[i]:][:lengths[i]]``) is recorded on its output port (a
+        flood: every up port but its input) and given to the host behind it, whose replies
+        are queued at ``t + reply_delay_ns``.
+        """
         outs = out_ports[:n].tolist()
         offs = offsets[:n].tolist()
         lens = lengths[:n].tolist()
@@ -936,30 +935,48 @@ class Simulation:
                     self._seq += 1
                     self._stats["replies"] += 1
 
-    # ------------------------------------------------------------------ generators
-    def generate(self, port, gen, start_ns: int | None = None) -> int:
-        """Schedule every frame of a generator (``vswitch.sim.generators``) as events; returns the count.
+    # ------------------------------------------------------------------ engine protocol
+    # For traffic sources built on the engine (vswitch/sim/generators.py): see ENGINE_PROTOCOL.
 
-        Use for modest rates where replies and records matter; ``run_bulk`` for volume.
-        """
-        from vswitch.sim import generators as simgen
-        return simgen.schedule(self, port, gen, start_ns)
+    def port_names(self) -> dict[int, str]:
+        """{port id: port name} of every port the simulation attached, in the order added."""
+        return {pid: rec.name for pid, rec in self._ports.items()}
 
-    def run_bulk(self, flows, *, until_ns: int | None = None, batch_size: int = 256,
-                 batch_ns: int = 100_000, record: bool = False, chunk_frames: int = 65536):
-        """Push generator traffic [(port, generator), ...] through the switch in numpy batches.
+    def next_event_ns(self) -> int | None:
+        """The time of the earliest queued event (a sent frame, a reply), or None."""
+        return self._events[0][0] if self._events else None
 
-        A batch holds up to ``batch_size`` frames spanning at most ``batch_ns`` and is
-        processed at the time of its last frame; outputs are counted, not recorded (unless
-        ``record=True``: slow). Returns a ``vswitch.sim.generators.BulkResult``.
-        """
-        from vswitch.sim import generators as simgen
-        return simgen.run_bulk(self, flows, until_ns=until_ns, batch_size=batch_size,
-                               batch_ns=batch_ns, record=record, chunk_frames=chunk_frames)
+    def set_clock(self, now_ns: int) -> None:
+        """Move the clock to ``now_ns`` without processing anything (a source that calls the
+        switch itself, at that time, does the processing). ValueError if it is in the past."""
+        now_ns = _check_time("now_ns", now_ns)
+        if now_ns < self._now:
+            raise ValueError(f"now_ns: {now_ns} is before the current time {self._now}")
+        self._now = now_ns
+
+    def capture_sent(self, t, buf, offsets, lengths, in_ports, n) -> None:
+        """Record the first ``n`` frames of a batch in the captures of their input ports at ``t``."""
+        ports = self._ports
+        offs, lens, ins = offsets[:n].tolist(), lengths[:n].tolist(), in_ports[:n].tolist()
+        for i in range(n):
+            rec = ports.get(ins[i])
+            if rec is not None:
+                rec.capture.append((t, buf[offs[i]:offs[i] + lens[i]].tobytes()))
+                rec.cap_seen += 1
+
+    def new_rng(self) -> np.random.Generator:
+        """A numpy random Generator seeded from (seed, how many were made before this one)."""
+        self._gen_count += 1
+        return np.random.default_rng([self.seed, self._gen_count])
+
+    def count_frames(self, frames_in: int, drained: int) -> None:
+        """Add frames a source put through the switch itself to ``counters()["sim"]``."""
+        self._stats["frames_in"] += frames_in
+        self._stats["drained"] += drained
 
     # ------------------------------------------------------------------ records
     def _rec(self, port) -> _PortRec:
-        return self._ports[self._port_id(port)]
+        return self._ports[self.port_id(port)]
 
     def received(self, port) -> list:
         """[(t_ns, frame)] delivered to a switch port (for a pod: ``pod.received``)."""
@@ -1002,7 +1019,7 @@ class Simulation:
 
     def trace(self, frame, in_port) -> Trace:
         """Each pipeline stage's decision for ``frame`` arriving on ``in_port`` now (no state change)."""
-        data = _frame_bytes(frame)
+        data = F.frame_bytes(frame)
         name = in_port.port_name if isinstance(in_port, Endpoint) else in_port
         return Trace(self.switch.trace(data, name, self._now))
 

@@ -10,9 +10,11 @@ seconds, so frames are packed with ``struct`` here, with checksums computed in f
 no padding to 60 bytes (TAP devices do not pad). ``tests/sim`` checks each builder's
 checksums and fields against scapy.
 
-``parse`` reads just what a responder needs (MACs, ethertype, ARP fields, IP
-addresses, protocol, ports, TCP flags/seq/ack, ICMP type/id/seq and payload) and returns
-``None`` for anything it cannot read; it never raises on bad input.
+``frame_bytes`` accepts what users pass as a frame (bytes-like or a scapy packet; scapy
+is imported only when the value is neither). ``parse`` reads just what a responder needs
+(MACs, ethertype, ARP fields, IP addresses, protocol, ports, TCP flags/seq/ack, ICMP
+type/id/seq and payload) and returns ``None`` for anything it cannot read; it never
+raises on bad input.
 """
 from __future__ import annotations
 
@@ -23,6 +25,21 @@ from dataclasses import dataclass
 ETH_IP4, ETH_ARP, ETH_IP6, ETH_VLAN = 0x0800, 0x0806, 0x86DD, 0x8100
 BROADCAST = b"\xff" * 6
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+
+
+def frame_bytes(frame, what: str = "frame") -> bytes:
+    """bytes of a frame given as bytes-like or a scapy packet; ValueError naming the value."""
+    if isinstance(frame, bytes):
+        return frame
+    if isinstance(frame, (bytearray, memoryview)):
+        return bytes(frame)
+    try:
+        from scapy.packet import Packet
+    except ImportError:  # pragma: no cover
+        Packet = ()
+    if Packet and isinstance(frame, Packet):
+        return bytes(frame)
+    raise ValueError(f"{what}: expected bytes or a scapy packet, got {type(frame).__name__} {frame!r:.80}")
 
 
 def ip_bytes(ip) -> bytes:

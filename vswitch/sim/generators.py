@@ -17,17 +17,22 @@ with numpy, a chunk at a time, through a *cursor* (``gen.cursor(start_ns, rng)``
 - ``PcapReplay``: the frames of a pcap, at their captured spacing (``speed`` scales it)
   or retimed to a constant rate.
 
-``Simulation.generate`` turns a finite generator into ordinary events (per frame, so
-hosts answer and ports record). ``Simulation.run_bulk`` is the fast path: the flows'
-cursors are merged a chunk at a time by time (ties: the order of the flows), frames are
-copied into a preallocated buffer from a padded frame table with one ``numpy.take`` per
-batch, each batch is one ``Datapath.process`` call at the time of its last frame (a
-batch holds at most ``batch_size`` frames spanning at most ``batch_ns``, as a daemon
-reads a batch and then the clock once), shaper queues are drained between batches at
-their departure times (no more often than every ``batch_ns``), and outputs are counted
-per port with ``numpy.bincount``. No Python runs per packet, nothing is recorded
-per packet (``record=True`` records and answers, slowly), and memory is bounded by the
-chunk size and the frame table, whatever the number of frames.
+``schedule`` (``Simulation.generate``) turns a finite generator into ordinary events (per
+frame, so hosts answer and ports record). ``run_bulk`` (``Simulation.run_bulk``) is the
+fast path: the flows' cursors are merged a chunk at a time by time (ties: the order of
+the flows), frames are copied into a preallocated buffer from a padded frame table with
+one ``numpy.take`` per batch, each batch is one ``Datapath.process`` call at the time of
+its last frame (a batch holds at most ``batch_size`` frames spanning at most
+``batch_ns``, as a daemon reads a batch and then the clock once), shaper queues are
+drained (``Switch.drain_due``) between batches at their departure times (no more often
+than every ``batch_ns``), and outputs are counted per port with ``numpy.bincount``. No
+Python runs per packet, nothing is recorded per packet (``record=True`` records and
+answers, slowly), and memory is bounded by the chunk size and the frame table, whatever
+the number of frames.
+
+Both take the simulation as an ``engine.Engine`` and use only the names listed in
+``engine.ENGINE_PROTOCOL`` (the clock, port ids, ``send``, ``deliver``, ...), never its
+private state; the engine imports nothing from here.
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vswitch.datapath import consts as C
+from vswitch.sim import frames as F
+from vswitch.sim.engine import Engine
 
 __all__ = ["CBR", "Poisson", "OnOff", "PcapReplay", "BulkResult", "schedule", "run_bulk"]
 
@@ -46,13 +53,12 @@ _I63 = (1 << 63) - 1
 
 
 def _frames(frame) -> list[bytes]:
-    from vswitch.sim.engine import _frame_bytes
     if isinstance(frame, (list, tuple)):
         if not frame:
             raise ValueError("frames: an empty list")
-        out = [_frame_bytes(f) for f in frame]
+        out = [F.frame_bytes(f) for f in frame]
     else:
-        out = [_frame_bytes(frame)]
+        out = [F.frame_bytes(frame)]
     for f in out:
         if not 0 < len(f) <= C.MAX_FRAME:
             raise ValueError(f"frame: {len(f)} bytes; accepted: 1 .. {C.MAX_FRAME}")
@@ -370,19 +376,14 @@ def _start(sim, gen, start_ns):
     return start
 
 
-def _rng(sim):
-    sim._gen_count += 1
-    return np.random.default_rng([sim.seed, sim._gen_count])
-
-
-def schedule(sim, port, gen, start_ns=None) -> int:
+def schedule(sim: Engine, port, gen, start_ns=None) -> int:
     """Queue every frame of a finite generator as a simulation event; returns the count."""
     if not isinstance(gen, _Gen):
         raise ValueError(f"generator: {gen!r}; accepted: CBR, Poisson, OnOff, PcapReplay")
     if not gen.finite:
         raise ValueError(f"{type(gen).__name__}: endless; give count= or duration_ns= to schedule it")
-    sim._port_id(port)   # unknown port: KeyError before anything is queued
-    cur = gen.cursor(_start(sim, gen, start_ns), _rng(sim))
+    sim.port_id(port)   # unknown port: KeyError before anything is queued
+    cur = gen.cursor(_start(sim, gen, start_ns), sim.new_rng())
     n = 0
     while True:
         t, idx = cur.peek(CHUNK)
@@ -418,7 +419,7 @@ class BulkResult:
 
 
 class _Tally:
-    def __init__(self, sim):
+    def __init__(self, sim: Engine):
         self.sim = sim
         self.max_ports = sim.config.max_ports
         self.out = np.zeros(self.max_ports, np.int64)
@@ -446,17 +447,17 @@ class _Tally:
     def delivered(self) -> dict:
         sim = self.sim
         res = {}
-        up = set(sim._flood())
-        for pid, rec in sim._ports.items():
+        up = {p.port_id for p in sim.switch.ports() if p.up}     # flood targets
+        for pid, name in sim.port_names().items():
             n = int(self.out[pid])
             if pid in up:
                 n += self.floods - int(self.flood_from[pid])
             if n:
-                res[rec.name] = n
+                res[name] = n
         return res
 
 
-def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, record=False,
+def run_bulk(sim: Engine, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, record=False,
              chunk_frames=CHUNK) -> BulkResult:
     """Run generator flows [(port, generator), ...] through the switch in numpy batches.
 
@@ -486,7 +487,7 @@ def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, rec
             raise ValueError(f"run_bulk: generator {gen!r}; accepted: CBR, Poisson, OnOff, PcapReplay")
         if not gen.finite and until_ns is None:
             raise ValueError(f"run_bulk: {type(gen).__name__} is endless; give until_ns= or count=/duration_ns=")
-        ports.append(sim._port_id(port))
+        ports.append(sim.port_id(port))
         gens.append(gen)
 
     # the padded frame table: every flow's frames, header room in front of each
@@ -506,7 +507,7 @@ def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, rec
     buf2d = np.zeros((B, stride), np.uint8)
     buf = buf2d.reshape(-1)
     offsets = (np.arange(B, dtype=np.uint32) * stride + H).astype(np.uint32)
-    cursors = [g.cursor(_start(sim, g, None), _rng(sim)) for g in gens]
+    cursors = [g.cursor(_start(sim, g, None), sim.new_rng()) for g in gens]
     flow_port = np.asarray(ports, np.uint16)
     flow_base = np.asarray(base, np.int32)
 
@@ -522,7 +523,7 @@ def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, rec
             nd = sw.next_departure_ns()
             if nd < 0 or nd > now:
                 return
-            td = max(nd, sim._now)
+            td = max(nd, sim.now)
             if batch_ns and state["last_drain"] >= 0:
                 td = max(td, min(now, state["last_drain"] + batch_ns))
             if dout is None:
@@ -530,22 +531,17 @@ def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, rec
                 dout = (np.zeros(max(1 << 20, 2 * (C.MAX_FRAME + H)), np.uint8), np.empty(cap, np.uint32),
                         np.empty(cap, np.uint32), np.empty(cap, np.uint16), np.empty(cap, np.int32), cap)
             b, o, l_, i_, p_, cap = dout
-            sim._now = td
+            sim.set_clock(td)
             state["last_drain"] = td
-            while True:
-                k = sw.drain(td, b, o, l_, i_, p_, cap)
-                if k == 0:
-                    break
-                res.drained += k
-                if record:
-                    sim._deliver_all(td, b, o, l_, i_, p_, k)
-                else:
-                    tally.add(p_[:k], i_[:k])
-                if k < cap:
-                    break
+            if record:
+                res.drained += sw.drain_due(td, b, o, l_, i_, p_, cap,
+                                            lambda k: sim.deliver(td, b, o, l_, i_, p_, k))
+            else:
+                res.drained += sw.drain_due(td, b, o, l_, i_, p_, cap, lambda k: tally.add(p_[:k], i_[:k]))
 
     def run_events(now):
-        if sim._events and sim._events[0][0] <= now:
+        t_ev = sim.next_event_ns()
+        if t_ev is not None and t_ev <= now:
             sim.run(until_ns=now)
 
     # look-ahead per flow: the merged chunk stays near CHUNK frames however many flows
@@ -597,17 +593,12 @@ def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, rec
             run_events(now)
             m = j - i
             np.take(table, idx[i:j], axis=0, out=buf2d[:m])
-            sim._now = now
+            sim.set_clock(now)
             sw.process(buf, offsets, lens[i:j], inp[i:j], outs[i:j], m, now)
             res.batches += 1
             if record:
-                for k in range(m):
-                    rec = sim._ports.get(int(inp[i + k]))
-                    if rec is not None:
-                        o = int(offsets[k])
-                        rec.capture.append((now, buf[o:o + int(lens[i + k])].tobytes()))
-                        rec.cap_seen += 1
-                sim._deliver_all(now, buf, offsets, lens[i:j], inp[i:j], outs[i:j], m)
+                sim.capture_sent(now, buf, offsets, lens[i:j], inp[i:j], m)
+                sim.deliver(now, buf, offsets, lens[i:j], inp[i:j], outs[i:j], m)
             i = j
         res.frames += n
         if not record:
@@ -620,16 +611,15 @@ def run_bulk(sim, flows, *, until_ns=None, batch_size=256, batch_ns=100_000, rec
         nd = sw.next_departure_ns()
         if nd < 0 or (horizon is not None and nd > horizon):
             break
-        drain_until(max(nd, sim._now) if horizon is None else min(horizon, max(nd, sim._now) + batch_ns))
+        drain_until(max(nd, sim.now) if horizon is None else min(horizon, max(nd, sim.now) + batch_ns))
     if until_ns is not None:
         run_events(until_ns)
-        sim._now = max(sim._now, until_ns)
-    elif sim._events:
+        sim.set_clock(max(sim.now, until_ns))
+    elif sim.next_event_ns() is not None:
         sim.run()
     res.wall_s = time.perf_counter() - t_wall
-    res.end_ns = sim._now
+    res.end_ns = sim.now
     res.delivered = tally.delivered() if not record else {}
     res.dropped, res.queued, res.flooded = tally.drops, tally.queued, tally.floods
-    sim._stats["frames_in"] += res.frames
-    sim._stats["drained"] += res.drained
+    sim.count_frames(res.frames, res.drained)
     return res
