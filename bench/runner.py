@@ -8,7 +8,10 @@ with ``--benchmark-only --benchmark-json=<run dir>/benchmark.json``, and the chi
 output going to ``<run dir>/pytest.log``. This module is also loaded into that child as a
 pytest plugin (``-p bench.runner``): its hooks append one JSON line per event (collected,
 test started, test finished with outcome and skip/fail reason) to the file named by
-``VSWITCH_BENCH_PROGRESS``. The parent tails that file and draws a progress line (count,
+``VSWITCH_BENCH_PROGRESS``; and a test that fails (a validity check after its
+benchmarked call, or its teardown) has its benchmark marked as an error, so
+pytest-benchmark leaves it out of the JSON: a row exists only for a test that passed.
+The parent tails that file and draws a progress line (count,
 percentage, elapsed, estimated time left, the test running and for how long); on a
 terminal it redraws one line, elsewhere it prints one line per finished test.
 
@@ -63,7 +66,28 @@ def pytest_runtest_logstart(nodeid, location):
     _emit({"event": "start", "nodeid": nodeid})
 
 
+_benchmarks = {}   # nodeid -> the test's pytest-benchmark fixture, while the test runs
+
+
+def pytest_runtest_call(item):
+    fixture = getattr(item, "funcargs", {}).get("benchmark")
+    if fixture is not None:
+        _benchmarks[item.nodeid] = fixture
+
+
+def _discard_benchmark(nodeid):
+    """A failed test keeps no row: pytest-benchmark leaves out of its JSON every fixture
+    marked ``has_error``, and by its own rule only marks those whose *benchmarked call*
+    raised; a validity check after the call (no frame dropped, every address rewritten)
+    fails the test but would leave the timing behind as a normal row."""
+    fixture = _benchmarks.get(nodeid)
+    if fixture is not None:
+        fixture.has_error = True
+
+
 def pytest_runtest_logreport(report):
+    if report.failed:
+        _discard_benchmark(report.nodeid)
     prev = _outcomes.get(report.nodeid)
     if report.skipped:
         lr = report.longrepr
@@ -82,6 +106,7 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_runtest_logfinish(nodeid, location):
+    _benchmarks.pop(nodeid, None)
     outcome, msg = _outcomes.get(nodeid, ("passed", ""))
     _emit({"event": "done", "nodeid": nodeid, "outcome": outcome, "message": msg})
 

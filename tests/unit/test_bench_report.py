@@ -383,6 +383,49 @@ def test_runner_runs_pytest_benchmark_and_reports(tmp_path):
     assert json.loads((out / "sysinfo.json").read_text())["kernel"]
 
 
+def test_a_row_exists_only_when_its_validity_checks_passed(tmp_path):
+    """A benchmark whose check after the benchmarked call fails (frames dropped) leaves no
+    row in benchmark.json, whether it recorded before the check or not; the passing one
+    beside it does."""
+    f = tmp_path / "bench_checked.py"
+    f.write_text(textwrap.dedent('''
+        import pytest
+        from bench.report import record
+
+        @pytest.mark.parametrize("dropped", [0, 5])
+        def test_checked(benchmark, dropped):
+            record(benchmark, group="sim-fps", subject="vswitch", unit="fps", per_round=10,
+                   dropped_case=dropped)
+            benchmark.pedantic(lambda: sum(range(10)), rounds=2, iterations=1)
+            assert dropped == 0, f"{dropped} frames dropped: the figure is invalid"
+
+        def test_unrecorded_then_failed(benchmark):
+            benchmark.pedantic(lambda: None, rounds=2, iterations=1)
+            assert False, "checked after the call"
+    '''))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--no-plots",
+                           "--files", str(f), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0                     # pytest failed, and the runner says so
+    outcomes = {o["nodeid"].split("::")[-1]: o["outcome"]
+                for o in json.loads((out / "outcomes.json").read_text())}
+    assert outcomes == {"test_checked[0]": "passed", "test_checked[5]": "failed",
+                        "test_unrecorded_then_failed": "failed"}
+    names = [b["name"] for b in json.loads((out / "benchmark.json").read_text())["benchmarks"]]
+    assert names == ["test_checked[0]"]
+
+
+def test_sim_fps_check_refuses_a_run_that_dropped_or_flooded():
+    from bench.bench_sim import check_delivered
+    ok = SimpleNamespace(frames=100, dropped=0, queued=0, flooded=0)
+    check_delivered(ok, 100)
+    for bad, match in ((dict(dropped=3), "'dropped': 3"), (dict(flooded=1), "'flooded': 1"),
+                       (dict(queued=2), "'queued': 2"), (dict(frames=99), "99 of 100")):
+        with pytest.raises(AssertionError, match=match):
+            check_delivered(SimpleNamespace(**{**vars(ok), **bad}), 100)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("VSWITCH_BENCH_SMOKE") == "0",
                     reason="VSWITCH_BENCH_SMOKE=0 turns off the end-to-end `python -m bench --quick`")
