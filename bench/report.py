@@ -340,10 +340,11 @@ class Target:
 
 #: The targets of issue 6, each beside its peer.
 TARGETS = (
-    Target("core-mpps", "core ≥ 30 Mpps on mixed traffic (aim 50)", ("core-mixed-64B",),
-           "mpps", "min", 30.0, peer="vswitch-py", aim=50.0),
-    Target("core-mpps", "core ≥ 25 × the pure-Python twin", ("core-mixed-64B",),
-           "mpps", "ratio_min", 25.0, peer="vswitch-py"),
+    # judged at the batch the daemon forms (bench_core tags it), not at a kinder one
+    Target("core-mpps", "core ≥ 30 Mpps on mixed traffic at the daemon's batch (aim 50)",
+           ("core-mixed-64B",), "mpps", "min", 30.0, peer="vswitch-py", aim=50.0),
+    Target("core-mpps", "core ≥ 25 × the pure-Python twin at the daemon's batch",
+           ("core-mixed-64B",), "mpps", "ratio_min", 25.0, peer="vswitch-py"),
     Target("tap-tcp", "TAP TCP ≥ 0.9 × the Linux bridge", ("real-tcp",),
            "gbps", "ratio_min", 0.9, peer="bridge"),
     Target("udp-64B", "64-byte frames ≥ 0.25 Mpps", ("real-udp-64B",),
@@ -663,7 +664,8 @@ def render_closing(verdicts, rows, sysinfo=None, notes_text=None):
                     why.append(f"{s} note: {r.note}")
             load = (sysinfo or {}).get("loadavg_start")
             cores = (sysinfo or {}).get("cpu", {}).get("count")
-            if load and cores and load[0] > 0.5 * cores:
+            # load excuses only an absolute figure: a ratio's peer ran under the same load
+            if not v.target.kind.startswith("ratio") and load and cores and load[0] > 0.5 * cores:
                 why.append(f"load average at start was {load[0]:.2f} on {cores} cores: "
                            "other work competed for the CPU")
             because = "; ".join(why)

@@ -257,8 +257,49 @@ def test_report_shows_targets_ratios_skips_and_nonconforming():
     assert "×0.600 vs bridge, ×1.20 vs ovs" in text
     assert "needs root" in text and "test_legacy" in text
     assert "![real-tcp](plots/x.png)" in text
-    assert "Load average at start was 1.50 on 2 cores" in text
+    # a ratio's peer ran under the same load: load explains nothing there
+    assert "load average" not in text.split("## Closing note")[1].lower()
     assert "NOT MEASURED" in text
+
+
+def udp64(subject, mpps):
+    return bench(f"udp_{subject}", "real-udp-64B", {"subject": subject, "unit": "mpps",
+                                                    "samples": mpps, "target": "udp-64B"})
+
+
+def test_report_says_missed_when_vswitch_is_below_a_target_beside_its_peer():
+    """Issue 17: the report can say "missed". vswitch at 0.20 Mpps of 64-byte frames
+    (target 0.25) with the bridge measured beside it at 0.75; the core at 20 Mpps at the
+    daemon's batch with its twin beside it (its 40 Mpps at batch 256 judges nothing); the
+    TAP TCP ratio at 0.5 of the bridge. Under load, only the absolute misses get the load
+    sentence."""
+    core = lambda s, mpps, batch, tagged: bench(
+        f"c_{s}_{batch}", "core-mixed-64B",
+        {"subject": s, "unit": "mpps", "mpps": mpps, "batch": batch,
+         **({"target": "core-mpps"} if tagged else {})})
+    res = report.results_from_json(doc(
+        udp64("vswitch", [0.19, 0.20, 0.21]), udp64("bridge", [0.74, 0.75, 0.76]),
+        core("vswitch", 20.0, 64, True), core("vswitch-py", 0.1, 64, True),
+        core("vswitch", 40.0, 256, False), core("vswitch-py", 0.1, 256, False),
+        tcp("vswitch", [5.0]), tcp("bridge", [10.0])))
+    by = {(v.target.text, v.row.params.get("batch")): v for v in report.evaluate_targets(res.rows)
+          if v.row is not None}
+    udp = by[("64-byte frames ≥ 0.25 Mpps", None)]
+    assert udp.met is False and "bridge" in udp.peer_rows and not udp.uncertain
+    assert udp.margin.startswith("missed by 20.0%")
+    absolute = by[("core ≥ 30 Mpps on mixed traffic at the daemon's batch (aim 50)", 64)]
+    assert absolute.met is False and "vswitch-py" in absolute.peer_rows
+    assert not any(b == 256 for _, b in by)             # batch 256 is reported, not judged
+    text = report.render_report(res, sysinfo={"cpu": {"count": 2}, "loadavg_start": [3.0, 2, 1]})
+    assert ("| 64-byte frames ≥ 0.25 Mpps | – | 0.200 Mpps | bridge: 0.750 | 0.200 | "
+            "**MISSED**: missed by 20.0% (needs 1.25× more) |") in text
+    assert "| core ≥ 30 Mpps on mixed traffic at the daemon's batch (aim 50) | batch=64 | " \
+           "20.0 Mpps | vswitch-py: 0.100 | 20.0 | **MISSED**" in text
+    closing = text.split("## Closing note")[1]
+    assert "0 target line(s) met" not in closing and "3 missed" in closing
+    lines = {ln.split(" (")[0]: ln for ln in closing.splitlines() if ln.startswith("- ")}
+    assert "load average at start was 3.00" in lines["- 64-byte frames ≥ 0.25 Mpps"].lower()
+    assert "load average" not in lines["- TAP TCP ≥ 0.9 × the Linux bridge"].lower()
 
 
 def test_fmt_keeps_three_significant_digits():
@@ -330,7 +371,7 @@ def test_report_only_rebuilds_report_plots_and_compare(tmp_path):
                                                        tcp("bridge", [10.0]), *core)))
     assert runner.main(["--report-only", str(new), "--compare", str(old)]) == 0
     text = (new / "report.md").read_text()
-    assert "core ≥ 25 × the pure-Python twin | batch=32" in text
+    assert "core ≥ 25 × the pure-Python twin at the daemon's batch | batch=32" in text
     assert (new / "plots" / "core-mixed-64B.png").stat().st_size > 1000
     assert (new / "plots" / "real-tcp.png").exists()
     assert "faster" in (new / "compare.md").read_text()
