@@ -22,6 +22,12 @@ A benchmark that follows none of this still appears: its row is the pytest-bench
 (median, min, max in seconds), its subject the test name, and the report lists it under
 "not following the convention" so its author can align it.
 
+A run fails when a subject it was to measure left no row (``missing_subjects``): every
+benchmark test names its subject (its ``subject`` or ``impl`` parameter, or its function
+name), the runner's plugin passes that on with each outcome, and each (file, subject)
+among the selected tests must have a row, unless that subject is allowed to be missing.
+A skipped peer is therefore a loud failure, not a quiet gap in a ratio column.
+
 Every row carries median, min, max and, where it has enough repetitions, the quartiles.
 A comparison between two runs (``compare``) calls a change real only when the two
 intervals (quartiles with ≥ 5 repetitions on both sides, else min..max) do not overlap.
@@ -323,6 +329,93 @@ def ratio_range(a, b):
     return (alo / bhi, ahi / blo)
 
 
+# --------------------------------------------------------------------------- subjects
+
+#: Subjects a machine set up by scripts/setup.sh measures: the reference CNI plugins
+#: (containernetworking-plugins: bridge, portmap, bandwidth, the whole chain), Open
+#: vSwitch (openvswitch-switch), and ours. Each is required wherever a selected test
+#: measures it, unless allowed to be missing (``--allow-missing-peer NAME`` or
+#: ``ALLOW_MISSING_ENV``).
+REQUIRED_SUBJECTS = SUBJECTS
+ALLOW_MISSING_ENV = "VSWITCH_BENCH_ALLOW_MISSING_PEER"
+_IMPL_SUBJECT = {"c": "vswitch", "py": "vswitch-py"}
+
+
+def subject_of_test(params, function_name):
+    """The subject a benchmark test measures: its ``subject`` parameter, else its ``impl``
+    parameter (``c``: vswitch, ``py``: vswitch-py), else the known subject its function
+    name ends with or contains as a word (``test_ovs_tcp``: ovs,
+    ``test_shaping_bandwidth_plugin``: bandwidth-plugin); None when none says."""
+    params = params or {}
+    if isinstance(params.get("subject"), str):
+        return params["subject"]
+    if params.get("impl") in _IMPL_SUBJECT:
+        return _IMPL_SUBJECT[params["impl"]]
+    words = "_" + function_name.split("[")[0] + "_"
+    for subj in sorted(SUBJECTS, key=len, reverse=True):
+        if "_" + subj.replace("-", "_") + "_" in words:
+            return subj
+    return None
+
+
+def allowed_missing(names=(), environ=None):
+    """The set of subjects allowed to be missing: ``names`` (``--allow-missing-peer``)
+    and the comma-separated ``VSWITCH_BENCH_ALLOW_MISSING_PEER``; ``all`` allows every
+    subject. Unknown names are refused with the accepted ones."""
+    environ = os.environ if environ is None else environ
+    given = [n.strip() for n in list(names) + environ.get(ALLOW_MISSING_ENV, "").split(",")
+             if n.strip()]
+    bad = [n for n in given if n != "all" and n not in SUBJECTS]
+    if bad:
+        raise ValueError(f"--allow-missing-peer / {ALLOW_MISSING_ENV}: unknown subject(s) "
+                         f"{', '.join(map(repr, bad))}; accepted: all, {', '.join(SUBJECTS)}")
+    return set(SUBJECTS) if "all" in given else set(given)
+
+
+@dataclass
+class Missing:
+    """A subject that selected tests of one file were to measure and that left no row."""
+    subject: str
+    file: str
+    reasons: list           # the skip/fail messages of its tests (distinct, in order)
+    tests: int              # how many of its tests were selected
+    allowed: bool           # allowed to be missing (else the run fails)
+
+
+def missing_subjects(rows, outcomes, allowed=frozenset()):
+    """Per (benchmark file, subject) among the tests that ran (``outcomes``, each with
+    its ``subject``): those with no row in the results. A test's row carries its file in
+    ``Row.name`` (pytest's fullname), so a subject measured by one file does not cover
+    the same subject skipped in another."""
+    have = {(r.name.split("::")[0].rsplit("/", 1)[-1], r.subject) for r in rows}
+    wanted = {}
+    for o in outcomes or ():
+        subj = o.get("subject")
+        if subj not in REQUIRED_SUBJECTS:
+            continue
+        key = (o["nodeid"].split("::")[0].rsplit("/", 1)[-1], subj)
+        wanted.setdefault(key, []).append(o)
+    out = []
+    for (file, subj), tests in sorted(wanted.items()):
+        if (file, subj) in have:
+            continue
+        reasons = []
+        for o in tests:
+            why = (f"{o['outcome']}: {o.get('message') or 'no reason given'}"
+                   if o["outcome"] != "passed" else "passed but recorded no row")
+            if why not in reasons:
+                reasons.append(why)
+        out.append(Missing(subj, file, reasons, len(tests), subj in allowed))
+    return out
+
+
+def render_missing(missing):
+    lines = [[m.subject, m.file, m.tests, "; ".join(m.reasons),
+              "allowed (--allow-missing-peer)" if m.allowed else "**FAILS THE RUN**"]
+             for m in missing]
+    return _md_table(["subject", "file", "tests", "why", "verdict"], lines)
+
+
 # --------------------------------------------------------------------------- targets
 
 
@@ -584,10 +677,11 @@ def _sortable(key):
 
 
 def render_report(results, sysinfo=None, plot_paths=None, plot_note=None, outcomes=None,
-                  run_info=None, notes_text=None):
+                  run_info=None, notes_text=None, allowed=frozenset()):
     """The Markdown report of one run."""
     rows = results.rows
     verdicts = evaluate_targets(rows)
+    missing = missing_subjects(rows, outcomes, allowed)
     out = ["# vswitch benchmark report", ""]
     run_info = run_info or {}
     if run_info:
@@ -598,6 +692,18 @@ def render_report(results, sysinfo=None, plot_paths=None, plot_note=None, outcom
                "parameters. The machine is shared and noisy: trust medians and ratios within "
                "this run, not absolute numbers across runs.")
     out.append("")
+    if missing:
+        failing = [m for m in missing if not m.allowed]
+        out.append("## Subjects not measured" + (" — THE RUN FAILS" if failing else ""))
+        out.append("")
+        out.append("Selected benchmarks of these subjects left no row. The machine is taken to "
+                   "be set up for every subject (scripts/setup.sh installs the reference CNI "
+                   "plugins and Open vSwitch), so a missing one fails the run unless it was "
+                   "allowed with `--allow-missing-peer NAME` or "
+                   f"`{ALLOW_MISSING_ENV}`.")
+        out.append("")
+        out.append(render_missing(missing))
+        out.append("")
     if sysinfo:
         out.append("## Machine")
         out.append("")

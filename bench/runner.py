@@ -58,7 +58,15 @@ def _emit(event):
 
 
 def pytest_collection_finish(session):
-    _emit({"event": "collected", "n": len(session.items)})
+    from bench.report import subject_of_test
+    subjects = {}
+    for item in session.items:
+        callspec = getattr(item, "callspec", None)
+        subj = subject_of_test(callspec.params if callspec else {},
+                               getattr(item, "originalname", None) or item.name)
+        if subj:
+            subjects[item.nodeid] = subj
+    _emit({"event": "collected", "n": len(session.items), "subjects": subjects})
 
 
 def pytest_runtest_logstart(nodeid, location):
@@ -131,11 +139,13 @@ class Progress:
         self.t0 = time.time()
         self.last_heartbeat = self.t0
         self.outcomes = []         # dicts for the report
+        self.subjects = {}         # nodeid -> the subject the test measures
 
     def feed(self, ev):
         kind = ev.get("event")
         if kind == "collected":
             self.total = ev["n"]
+            self.subjects = ev.get("subjects") or {}
             self._line(f"bench: {self.total} benchmark(s) collected")
         elif kind == "start":
             self.current = (ev["nodeid"], ev["t"])
@@ -145,7 +155,8 @@ class Progress:
             took = ev["t"] - started
             self.done.append((ev["nodeid"], ev["outcome"], took))
             self.outcomes.append({"nodeid": ev["nodeid"], "outcome": ev["outcome"],
-                                  "message": ev.get("message", ""), "seconds": round(took, 3)})
+                                  "message": ev.get("message", ""), "seconds": round(took, 3),
+                                  "subject": self.subjects.get(ev["nodeid"])})
             self.current = None
             mark = {"passed": "ok  ", "skipped": "skip", "failed": "FAIL",
                     "error": "ERR "}.get(ev["outcome"], ev["outcome"])
@@ -266,7 +277,7 @@ def run_pytest(cmd, out_dir, env, stream=sys.stderr):
 
 
 def write_report(out_dir, sysinfo=None, outcomes=None, run_info=None, notes_text=None,
-                 plots=True, compare_dir=None, stream=sys.stderr):
+                 plots=True, compare_dir=None, stream=sys.stderr, allowed=frozenset()):
     """report.md (and compare.md) from the files in ``out_dir``; returns the report path."""
     from bench import report
     out_dir = Path(out_dir)
@@ -288,7 +299,7 @@ def write_report(out_dir, sysinfo=None, outcomes=None, run_info=None, notes_text
         plot_note = "plots skipped (--no-plots)"
     text = report.render_report(results, sysinfo=sysinfo, plot_paths=plot_paths,
                                 plot_note=plot_note, outcomes=outcomes, run_info=run_info,
-                                notes_text=notes_text)
+                                notes_text=notes_text, allowed=allowed)
     path = out_dir / "report.md"
     path.write_text(text)
     if compare_dir:
@@ -356,6 +367,11 @@ def parse_args(argv):
     p.add_argument("--notes", metavar="FILE",
                    help="Markdown appended to the report's closing note (why targets missed)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--allow-missing-peer", metavar="NAME", action="append", default=[],
+                   help="a subject (bridge, ovs, portmap, bandwidth-plugin, reference-cni, "
+                        "vswitch-py, vswitch; or 'all') this machine is not set up for: its "
+                        "missing rows are reported but do not fail the run (repeatable; also "
+                        "VSWITCH_BENCH_ALLOW_MISSING_PEER=a,b)")
     p.add_argument("--report-only", metavar="DIR",
                    help="do not run: rebuild DIR/report.md (and compare.md) from DIR's files")
     p.add_argument("pytest_args", nargs="*", help=argparse.SUPPRESS)
@@ -366,6 +382,11 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     stream = sys.stderr
     notes_text = Path(args.notes).read_text() if args.notes else None
+    from bench import report
+    try:
+        allowed = report.allowed_missing(args.allow_missing_peer)
+    except ValueError as exc:
+        raise SystemExit(f"bench: {exc}")
     if args.compare:
         from bench import report
         try:
@@ -378,10 +399,10 @@ def main(argv=None):
         if not (out_dir / "benchmark.json").exists():
             raise SystemExit(f"bench: --report-only {out_dir}: no benchmark.json there")
         path = write_report(out_dir, notes_text=notes_text, plots=not args.no_plots,
-                            compare_dir=args.compare, stream=stream)
+                            compare_dir=args.compare, stream=stream, allowed=allowed)
         stream.write(f"bench: report written: {path}\n")
         print_targets(out_dir, stream)
-        return 0
+        return 1 if print_missing(out_dir, allowed, stream) else 0
 
     from bench import sysinfo as sysmod
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -409,13 +430,14 @@ def main(argv=None):
     run_info = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
                 "duration": _clock(took), "mode": "quick" if args.quick else "full",
                 "pytest exit code": rc,
+                "allowed missing": ", ".join(sorted(allowed)) or "none",
                 "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     (out_dir / "sysinfo.json").write_text(json.dumps(info, indent=2))
     (out_dir / "outcomes.json").write_text(json.dumps(outcomes, indent=2))
     (out_dir / "run.json").write_text(json.dumps(run_info, indent=2))
     path = write_report(out_dir, sysinfo=info, outcomes=outcomes, run_info=run_info,
                         notes_text=notes_text, plots=not args.no_plots,
-                        compare_dir=args.compare, stream=stream)
+                        compare_dir=args.compare, stream=stream, allowed=allowed)
     if not args.out:
         latest = RESULTS_DIR / "latest"
         try:
@@ -430,8 +452,44 @@ def main(argv=None):
     stream.write(f"bench: {', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'nothing ran'}"
                  f" in {_clock(took)}; pytest exit code {rc}\n")
     print_targets(out_dir, stream)
+    failing = print_missing(out_dir, allowed, stream)
     stream.write(f"bench: report: {path}\n")
     if rc != 0:
         stream.write(f"bench: pytest failed (exit code {rc}); its output: "
                      f"{out_dir / 'pytest.log'}\n")
+    elif failing:
+        rc = MISSING_EXIT
     return rc
+
+
+#: exit code of a run whose tests passed but a required subject left no row
+MISSING_EXIT = 3
+
+
+def print_missing(out_dir, allowed, stream=sys.stderr):
+    """Says loudly which subjects the run could not measure and why; returns those
+    that fail the run (not allowed to be missing)."""
+    from bench import report
+    out_dir = Path(out_dir)
+    bj, oj = out_dir / "benchmark.json", out_dir / "outcomes.json"
+    if not oj.exists():
+        return []
+    outcomes = json.loads(oj.read_text())
+    rows = report.load_results(out_dir).rows if bj.exists() and bj.stat().st_size else []
+    missing = report.missing_subjects(rows, outcomes, allowed)
+    if not missing:
+        return []
+    failing = [m for m in missing if not m.allowed]
+    bar = "bench: " + "!" * 72 + "\n"
+    stream.write(bar)
+    stream.write("bench: NOT MEASURED — these subjects left no row:\n")
+    for m in missing:
+        stream.write(f"bench:   {m.subject} ({m.file}, {m.tests} test(s)"
+                     f"{', allowed' if m.allowed else ''}): {'; '.join(m.reasons)}\n")
+    if failing:
+        stream.write("bench: this machine is taken to be set up for them (scripts/setup.sh "
+                     "installs them): the run FAILS; run scripts/setup.sh, or pass "
+                     "--allow-missing-peer NAME for a subject this machine is not meant to "
+                     "measure\n")
+    stream.write(bar)
+    return failing

@@ -5,8 +5,11 @@ per_round, one value) and out of files that ignore it (time statistics); peers p
 on equal group and parameters; each target of issue 6 is judged met / missed with the
 right margin, or "not measured"; a comparison calls a change only when the noise
 intervals do not overlap, in the unit's direction; the runner turns a run directory into
-report.md and plots, and runs a real pytest child with the progress plugin. ``python -m bench --quick``
-runs end to end unless VSWITCH_BENCH_SMOKE=0.
+report.md and plots, and runs a real pytest child with the progress plugin; a failed
+benchmark keeps no row; a subject that left no row fails the run, by name and reason,
+unless allowed; the report can say "missed" (the core judged at the daemon's batch, load
+excusing only absolute misses). ``python -m bench --quick`` runs end to end unless
+VSWITCH_BENCH_SMOKE=0, and must measure every subject.
 """
 import io
 import json
@@ -457,6 +460,23 @@ def test_a_row_exists_only_when_its_validity_checks_passed(tmp_path):
     assert names == ["test_checked[0]"]
 
 
+def test_core_target_is_judged_at_the_batch_the_daemon_forms():
+    """Issue 17: the quick grid measures batches 32 and 64 (both implementations at the
+    judged one), and the core-mpps tag sits on the batch vswitchd really hands the core:
+    the max_batch of the PacketIO the daemon builds (``PacketIO(max_ports)``)."""
+    from vswitch.daemon.ports import PacketIO
+    daemon_batch = PacketIO(4).max_batch
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
+                           "bench/bench_core.py", "-k", "test_core_mixed"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, VSWITCH_BENCH_QUICK="1"))
+    ids = {ln.split("[", 1)[1].rstrip("]") for ln in proc.stdout.splitlines() if "[" in ln}
+    assert {"32-c", "64-c", "256-c", f"{daemon_batch}-c", f"{daemon_batch}-py"} <= ids, ids
+    from bench import bench_core
+    assert bench_core.DAEMON_BATCH == daemon_batch    # the tag (rows: the end-to-end test)
+
+
 def test_sim_fps_check_refuses_a_run_that_dropped_or_flooded():
     from bench.bench_sim import check_delivered
     ok = SimpleNamespace(frames=100, dropped=0, queued=0, flooded=0)
@@ -467,21 +487,116 @@ def test_sim_fps_check_refuses_a_run_that_dropped_or_flooded():
             check_delivered(SimpleNamespace(**{**vars(ok), **bad}), 100)
 
 
+def test_subject_of_a_test_from_its_parameters_or_name():
+    assert report.subject_of_test({"subject": "bridge", "streams": 1}, "test_real_tcp") == "bridge"
+    assert report.subject_of_test({"impl": "py", "batch": 32}, "test_core_mixed") == "vswitch-py"
+    assert report.subject_of_test({"streams": 4}, "test_ovs_tcp") == "ovs"
+    assert report.subject_of_test({}, "test_shaping_bandwidth_plugin") == "bandwidth-plugin"
+    assert report.subject_of_test({}, "test_shaping_vswitch") == "vswitch"
+    assert report.subject_of_test({}, "test_helper") is None
+
+
+def test_allowed_missing_names_subjects_or_all_and_refuses_others():
+    assert report.allowed_missing(["ovs"], {}) == {"ovs"}
+    assert report.allowed_missing([], {report.ALLOW_MISSING_ENV: "portmap, bridge"}) == \
+        {"portmap", "bridge"}
+    assert report.allowed_missing(["all"], {}) == set(report.SUBJECTS)
+    with pytest.raises(ValueError, match="unknown subject.*'obs'.*accepted: all, vswitch"):
+        report.allowed_missing(["obs"], {})
+
+
+PEER_SKIPPED = textwrap.dedent('''
+    import pytest
+    from bench.report import record
+
+    @pytest.mark.parametrize("subject", ["vswitch", "bridge"])
+    def test_pair(benchmark, subject):
+        if subject == "bridge":
+            pytest.skip("reference CNI plugin /usr/lib/cni/bridge not installed")
+        record(benchmark, group="real-udp-64B", subject=subject, unit="mpps", samples=[0.3])
+        benchmark.pedantic(lambda: None, rounds=2, iterations=1)
+
+    def test_ovs_udp(benchmark):
+        pytest.skip("not installed: ovs-vswitchd")
+''')
+
+
+def test_a_skipped_peer_fails_the_run_and_is_named_with_its_reason(tmp_path):
+    """Issue 17: a peer the machine is set up for that is skipped fails the run (exit
+    code 3, pytest itself passed), the runner says loudly which and why, and the report
+    leads with it; allowed with --allow-missing-peer, the run passes and still says so."""
+    f = tmp_path / "bench_peers.py"
+    f.write_text(PEER_SKIPPED)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--no-plots",
+                           "--files", str(f), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == runner.MISSING_EXIT, proc.stderr
+    assert "NOT MEASURED — these subjects left no row" in proc.stderr
+    assert ("bridge (bench_peers.py, 1 test(s)): skipped: reference CNI plugin "
+            "/usr/lib/cni/bridge not installed") in proc.stderr
+    assert "ovs (bench_peers.py, 1 test(s)): skipped: not installed: ovs-vswitchd" in proc.stderr
+    assert "the run FAILS" in proc.stderr
+    text = (out / "report.md").read_text()
+    assert "## Subjects not measured — THE RUN FAILS" in text
+    assert "| bridge | bench_peers.py | 1 | skipped: reference CNI plugin" in text
+    outcomes = json.loads((out / "outcomes.json").read_text())
+    assert {o["nodeid"].split("::")[1]: o["subject"] for o in outcomes} == \
+        {"test_pair[vswitch]": "vswitch", "test_pair[bridge]": "bridge", "test_ovs_udp": "ovs"}
+
+    out2 = tmp_path / "out2"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--no-plots",
+                           "--files", str(f), "--out", str(out2), "--allow-missing-peer",
+                           "bridge"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, **{report.ALLOW_MISSING_ENV: "ovs"}))
+    assert proc.returncode == 0, proc.stderr
+    assert "bridge (bench_peers.py, 1 test(s), allowed)" in proc.stderr
+    assert "the run FAILS" not in proc.stderr
+    assert "allowed (--allow-missing-peer)" in (out2 / "report.md").read_text()
+
+
+def test_a_subject_measured_in_one_file_is_still_missing_in_another():
+    rows = rows_of(tcp("bridge", [10.0]))          # from bench/bench_x.py
+    outcomes = [{"nodeid": "bench/bench_x.py::t[bridge]", "outcome": "passed",
+                 "subject": "bridge"},
+                {"nodeid": "bench/bench_growth.py::t[bridge-2]", "outcome": "skipped",
+                 "message": "no plugin", "subject": "bridge"},
+                {"nodeid": "bench/bench_growth.py::t[helper]", "outcome": "passed",
+                 "subject": None}]
+    (m,) = report.missing_subjects(rows, outcomes)
+    assert (m.subject, m.file, m.reasons, m.allowed) == \
+        ("bridge", "bench_growth.py", ["skipped: no plugin"], False)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("VSWITCH_BENCH_SMOKE") == "0",
                     reason="VSWITCH_BENCH_SMOKE=0 turns off the end-to-end `python -m bench --quick`")
 def test_quick_suite_end_to_end(tmp_path):
-    """Issue 6: CI runs `python -m bench --quick` to prove the suite works (no figure is judged)."""
+    """Issue 6: CI runs `python -m bench --quick` to prove the suite works (no figure is
+    judged). Issue 17: on a machine set up by scripts/setup.sh every peer is measured — a
+    missing one fails the run (exit code 3) and this test, unless the environment allows
+    it (VSWITCH_BENCH_ALLOW_MISSING_PEER) — and the core target is judged at the
+    daemon's batch."""
+    from vswitch.daemon.ports import PacketIO
     out = tmp_path / "quick"
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     log = (out / "pytest.log").read_text() if (out / "pytest.log").exists() else ""
     assert proc.returncode == 0, proc.stderr[-3000:] + log[-5000:]
     text = (out / "report.md").read_text()
-    assert "## Targets (issue 6)" in text
+    assert "## Targets (issue 6)" in text and "## Subjects not measured" not in text
     benchmarks = json.loads((out / "benchmark.json").read_text())["benchmarks"]
     subjects = {b.get("extra_info", {}).get("subject") for b in benchmarks}
-    assert {"vswitch", "vswitch-py"} <= subjects, subjects
+    allowed = report.allowed_missing()
+    assert set(report.SUBJECTS) - allowed <= subjects, subjects
+    tagged = {(b["extra_info"]["subject"], b["extra_info"]["batch"]) for b in benchmarks
+              if b["extra_info"].get("target") == "core-mpps"}
+    daemon_batch = PacketIO(4).max_batch
+    assert tagged == {("vswitch", daemon_batch), ("vswitch-py", daemon_batch)}, tagged
+    core = {b["extra_info"]["batch"] for b in benchmarks
+            if b["extra_info"].get("group") == "core-mixed-64B"
+            and b["extra_info"]["subject"] == "vswitch"}
+    assert {32, 64, 256} <= core, core
 
 
 def test_compare_with_something_that_is_not_a_run_is_refused(tmp_path):
