@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # openvswitch-switch: the benchmark's Open vSwitch peer (bench/bench_ovs.py starts its own
 # daemons).
 apt_need setup python3 python3-venv python3-dev gcc iproute2 iputils-ping iperf3 tcpdump \
-    containernetworking-plugins iptables nftables procps openvswitch-switch
+    containernetworking-plugins iptables nftables procps openvswitch-switch etcd-server
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
