@@ -17,7 +17,7 @@ cited by number). The loop allocates no Python object and reads no clock: time i
 ``now_ns`` argument. Every helper it calls is ``cdef inline ... noexcept nogil``.
 
 ``drain()`` releases queued packets in departure order (D16) and runs egress-released
-ones through stages 4-7 in the output buffer. Control calls (ports, bindings, rules,
+ones through ``forward`` (NAT, L2, ingress shaper, output) in the output buffer. Control calls (ports, bindings, rules,
 shapers) run between batches, with the GIL, and validate like the twin (ValueError naming
 the value, nothing changed). ``trace()`` runs one frame through the same C pipeline on a
 deep copy of the Core with a stage recorder switched on, so it changes nothing.
@@ -39,7 +39,8 @@ import operator
 
 import numpy as np
 
-from vswitch.datapath import consts as _dpconst
+from vswitch.datapath import consts as _consts
+from vswitch.datapath import gen_consts as _gen_consts
 
 cnp.import_array()
 
@@ -55,70 +56,14 @@ cdef extern from "numpy/arrayobject.h":
     ctypedef struct PyTypeObject:
         pass
 
-# ---------------------------------------------------------------- Python-level constants
-# (values from ext/defs.pxi; tests/datapath/test_consts.py checks them against dpconst)
-OUT_FLOOD = C_OUT_FLOOD
-OUT_DROP = C_OUT_DROP
-OUT_QUEUED = C_OUT_QUEUED
-PORT_POD = C_PORT_POD
-PORT_HOST = C_PORT_HOST
-PORT_UPLINK = C_PORT_UPLINK
-PORT_KINDS = {"pod": C_PORT_POD, "host": C_PORT_HOST, "uplink": C_PORT_UPLINK}
-EGRESS = C_EGRESS
-INGRESS = C_INGRESS
-MAX_FRAME = C_MAX_FRAME
-MAX_IPS_PER_PORT = C_MAX_IPS_PER_PORT
-MAX_IPV6_EXT_HEADERS = C_MAX_IPV6_EXT_HEADERS
-VNET_F_NEEDS_CSUM = C_VNET_F_NEEDS_CSUM
-CT_SYN_SENT = C_CT_SYN_SENT
-CT_ESTABLISHED = C_CT_ESTABLISHED
-CT_FIN = C_CT_FIN
-CT_CLOSE = C_CT_CLOSE
-CT_UDP_NEW = C_CT_UDP_NEW
-CT_UDP_REPLIED = C_CT_UDP_REPLIED
-CT_STATE_NAMES = {
-    C_CT_SYN_SENT: "SYN_SENT", C_CT_ESTABLISHED: "ESTABLISHED", C_CT_FIN: "FIN",
-    C_CT_CLOSE: "CLOSE", C_CT_UDP_NEW: "UDP_NEW", C_CT_UDP_REPLIED: "UDP_REPLIED",
-}
-SEC_NS = C_SEC_NS
-SWEEP_INTERVAL_NS = C_SWEEP_INTERVAL_NS
-FRAG_SLOTS = C_FRAG_SLOTS
-FRAG_TIMEOUT_NS = C_FRAG_TIMEOUT_NS
-PORT_COUNTERS = _C_PORT_COUNTERS
-GLOBAL_COUNTERS = _C_GLOBAL_COUNTERS
-DROP_REASONS = _C_DROP_REASONS
-PC = {name: i for i, name in enumerate(PORT_COUNTERS)}
-GC = {name: i for i, name in enumerate(GLOBAL_COUNTERS)}
-DEFAULTS = dict(_dpconst.DEFAULTS)
-FDB_DTYPE = _dpconst.FDB_DTYPE
-CT_DTYPE = _dpconst.CT_DTYPE
-MAX_NODE_ADDRESSES = 64
-# the C values, for tests/datapath/test_consts.py (the Python names above could be rebound)
-C_CONSTANTS = dict(
-    OUT_FLOOD=C_OUT_FLOOD, OUT_DROP=C_OUT_DROP, OUT_QUEUED=C_OUT_QUEUED,
-    PORT_POD=C_PORT_POD, PORT_HOST=C_PORT_HOST, PORT_UPLINK=C_PORT_UPLINK,
-    EGRESS=C_EGRESS, INGRESS=C_INGRESS, MAX_FRAME=C_MAX_FRAME,
-    MAX_IPS_PER_PORT=C_MAX_IPS_PER_PORT, MAX_IPV6_EXT_HEADERS=C_MAX_IPV6_EXT_HEADERS,
-    VNET_F_NEEDS_CSUM=C_VNET_F_NEEDS_CSUM,
-    CT_SYN_SENT=C_CT_SYN_SENT, CT_ESTABLISHED=C_CT_ESTABLISHED, CT_FIN=C_CT_FIN,
-    CT_CLOSE=C_CT_CLOSE, CT_UDP_NEW=C_CT_UDP_NEW, CT_UDP_REPLIED=C_CT_UDP_REPLIED,
-    SEC_NS=C_SEC_NS, SWEEP_INTERVAL_NS=C_SWEEP_INTERVAL_NS,
-    FRAG_SLOTS=C_FRAG_SLOTS, FRAG_TIMEOUT_NS=C_FRAG_TIMEOUT_NS,
-    N_PORT_COUNTERS=N_PC, N_GLOBAL_COUNTERS=N_GC, N_DROP_REASONS=N_DR,
-)
-C_COUNTER_INDEX = dict(
-    rx_packets=PC_RX_PACKETS, rx_bytes=PC_RX_BYTES, tx_packets=PC_TX_PACKETS, tx_bytes=PC_TX_BYTES,
-    drop_malformed=PC_DROP_MALFORMED, drop_spoofed=PC_DROP_SPOOFED,
-    drop_queue_full=PC_DROP_QUEUE_FULL, drop_no_route=PC_DROP_NO_ROUTE, drop_loop=PC_DROP_LOOP,
-    drop_table_full=PC_DROP_TABLE_FULL, drop_nat_collision=PC_DROP_NAT_COLLISION, queued=PC_QUEUED,
-)
-C_GLOBAL_INDEX = dict(
-    packets=GC_PACKETS, bytes=GC_BYTES, malformed=GC_MALFORMED, spoofed=GC_SPOOFED,
-    queue_full=GC_QUEUE_FULL, no_route=GC_NO_ROUTE, loop=GC_LOOP, table_full=GC_TABLE_FULL,
-    nat_collision=GC_NAT_COLLISION, queued=GC_QUEUED, flooded=GC_FLOODED, mac_moves=GC_MAC_MOVES,
-    mac_table_full=GC_MAC_TABLE_FULL, mac_learned=GC_MAC_LEARNED, ct_created=GC_CT_CREATED,
-    ct_expired=GC_CT_EXPIRED, ct_deleted=GC_CT_DELETED, nat_translated=GC_NAT_TRANSLATED,
-)
+# ---------------------------------------------------------------- the constants it was built with
+# The C side of consts.py is generated into consts.pxi at build time; a build whose values
+# differ from the consts.py it runs with (edited since, not rebuilt) must not load.
+if _CONSTS_DIGEST != _gen_consts.digest(_consts):
+    raise ImportError("vswitch.datapath._core was built from other constants than "
+                      "vswitch/datapath/consts.py holds now: rebuild it "
+                      "(python setup.py build_ext --inplace)")
+DEFAULTS = _consts.DEFAULTS
 
 cdef uint64_t MAX_I63 = 0x7fffffffffffffffULL
 
@@ -165,7 +110,7 @@ CT_ENTRY_DTYPE = np.dtype({
 cdef inline void count_drop(Core *c, int reason, uint32_t port) noexcept nogil:
     c.pc[port * N_PC + DROP_PC[reason]] += 1
     c.gc[DROP_GC[reason]] += 1
-    tr_add(c, TR_OUTPUT, C_OUT_DROP, reason)
+    tr_add(c, TR_OUT_DROP, 0, reason)
 
 cdef inline void count_tx(Core *c, uint32_t port, uint32_t length) noexcept nogil:
     cdef uint64_t *row = c.pc + port * N_PC
@@ -188,7 +133,7 @@ cdef inline bint ip4_bound(PortState *ps, uint32_t a) noexcept nogil:
     return False
 
 cdef inline bint spoofed(PortState *ps, Pkt *k) noexcept nogil:
-    # stage 2 for a port with anti-spoofing on and a binding (D12)
+    # anti-spoofing for a port with it on and a binding (D12)
     cdef const uint8_t *l3 = k.p + k.l3_off
     cdef int i
     if ps.mac_bound:
@@ -210,8 +155,9 @@ cdef inline bint spoofed(PortState *ps, Pkt *k) noexcept nogil:
             return True
     return False
 
-cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
-    # NAT, L2, ingress shaping, output for a parsed packet that passed stages 1-3
+cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
+    # NAT, L2, ingress shaper, output for a parsed packet that passed rx, parse, anti-spoofing
+    # and its egress shaper (also where drain() continues a packet released from an egress queue)
     cdef bint src_mcast = k.p[6] & 1
     cdef int32_t out = C_OUT_FLOOD
     cdef int r = NAT_NONE
@@ -236,13 +182,13 @@ cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         if not ps.present or not ps.up:
             count_drop(c, DR_NO_ROUTE, in_port)
             return C_OUT_DROP
-        tr_add(c, TR_L2, 0, out)
+        tr_add(c, TR_L2_NAT, 0, out)
     elif k.p[0] & 1:
-        tr_add(c, TR_L2, 1, 0)
+        tr_add(c, TR_L2_MULTICAST, 0, 0)
     else:
         port = mac_lookup(c, k.dst_key, now)
         if port < 0:
-            tr_add(c, TR_L2, 2, 0)
+            tr_add(c, TR_L2_UNKNOWN, 0, 0)
         elif port == in_port:
             count_drop(c, DR_LOOP, in_port)
             return C_OUT_DROP
@@ -251,7 +197,7 @@ cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             if not ps.present or not ps.up:
                 count_drop(c, DR_NO_ROUTE, in_port)
                 return C_OUT_DROP
-            tr_add(c, TR_L2, 3, port)
+            tr_add(c, TR_L2_KNOWN, 0, port)
             out = port
     if out == C_OUT_FLOOD:
         c.gc[GC_FLOODED] += 1
@@ -259,7 +205,7 @@ cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             q = c.up_list[j]
             if q != in_port:
                 count_tx(c, q, k.len)
-        tr_add(c, TR_OUTPUT, C_OUT_FLOOD, 0)
+        tr_add(c, TR_OUT_FLOOD, 0, 0)
         return C_OUT_FLOOD
     sh = &c.shapers[out * 2 + C_INGRESS]
     if sh.active:
@@ -268,18 +214,18 @@ cdef inline int32_t stages4to7(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         if r == SH_FULL:
             count_drop(c, DR_QUEUE_FULL, out)
             return C_OUT_DROP
-        if r == SH_QUEUED:
+        if r == SH_QUEUE:
             c.pc[out * N_PC + PC_QUEUED] += 1
             c.gc[GC_QUEUED] += 1
-            tr_add(c, TR_OUTPUT, C_OUT_QUEUED, 0)
+            tr_add(c, TR_OUT_QUEUED, 0, 0)
             return C_OUT_QUEUED
     count_tx(c, out, k.len)
-    tr_add(c, TR_OUTPUT, out, 0)
+    tr_add(c, TR_OUT_PORT, out, 0)
     return out
 
 cdef inline int pkt_prepare(Core *c, Pkt *k, uint8_t *frame, uint32_t length, uint16_t in_port,
                             bint pf) noexcept nogil:
-    # stage 1 for one frame: parse_frame's result (0, or -1 malformed). It reads only the
+    # parsing one frame: parse_frame's result (0, or -1 malformed). It reads only the
     # frame's own bytes and changes no state, so the batch loop runs it a few packets
     # ahead; with pf it also prefetches the MAC slots the packet will touch and, for a
     # TCP/UDP packet whose ports pass the nat_ports filter (as it stands now: nat_stage
@@ -307,7 +253,7 @@ cdef inline int pkt_prepare(Core *c, Pkt *k, uint8_t *frame, uint32_t length, ui
     return 0
 
 cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now) noexcept nogil:
-    # stages 1-7 for a frame pkt_prepare() has parsed; returns its out_ports value
+    # the whole pipeline for a frame pkt_prepare() has parsed; returns its out_ports value
     cdef uint16_t in_port = k.in_port
     cdef uint32_t length = k.len
     cdef PortState *ps = &c.ports[in_port]
@@ -338,16 +284,16 @@ cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now) noexce
             count_drop(c, DR_QUEUE_FULL, in_port)
             return C_OUT_DROP
         tr_add(c, TR_EGRESS, v, 0)
-        if v == SH_QUEUED:
+        if v == SH_QUEUE:
             row[PC_QUEUED] += 1
             c.gc[GC_QUEUED] += 1
-            tr_add(c, TR_OUTPUT, C_OUT_QUEUED, 0)
+            tr_add(c, TR_OUT_QUEUED, 0, 0)
             return C_OUT_QUEUED
-    return stages4to7(c, k, now)
+    return forward(c, k, now)
 
 cdef inline int32_t process_one(Core *c, uint8_t *frame, uint32_t length, uint16_t in_port,
                                 uint64_t now) noexcept nogil:
-    # stages 1-7 for one received frame, nothing prefetched; returns its out_ports value
+    # the whole pipeline for one received frame, nothing prefetched; returns its out_ports value
     cdef Pkt k
     cdef int parsed = pkt_prepare(c, &k, frame, length, in_port, False)
     return pkt_finish(c, &k, parsed, now)
@@ -524,7 +470,7 @@ cdef Py_ssize_t drain_c(Core *c, uint64_t now, uint8_t *obuf, Py_ssize_t obuf_le
             parse_frame(&k, obuf + off, length)
             k.in_port = in_port
             k.vnet = obuf + off - H if H else NULL
-            out = stages4to7(c, &k, now)
+            out = forward(c, &k, now)
             if out == C_OUT_QUEUED:
                 continue
         else:
@@ -703,13 +649,6 @@ cdef int _proto(object proto) except -1:
     if isinstance(proto, bool) or proto not in (6, 17):
         raise ValueError(f"proto must be 6 (TCP) or 17 (UDP), got {proto!r}")
     return int(proto)
-
-_TR_STAGE = {TR_RX: "rx", TR_PARSE: "parse", TR_ANTISPOOF: "antispoof", TR_EGRESS: "egress_shaper",
-             TR_NAT_NEW: "nat", TR_NAT_HIT: "nat", TR_NAT_NONE: "nat", TR_L2: "l2",
-             TR_INGRESS: "ingress_shaper", TR_OUTPUT: "output", TR_NAT_ICMP: "nat", TR_NAT_FRAG: "nat"}
-_SH_VERDICT = {SH_PASS: "pass", SH_QUEUED: "queue", SH_FULL: "full"}
-_L2_TEXT = {0: "NAT decided port {}", 1: "multicast/broadcast", 2: "unknown unicast",
-            3: "known unicast on port {}"}
 
 
 # ---------------------------------------------------------------- the class
@@ -944,7 +883,7 @@ cdef class Datapath:
 
     def set_node_addresses(self, ips):
         self._idle()
-        addrs = _unique_addrs(ips, "", MAX_NODE_ADDRESSES, "node addresses", "node address")
+        addrs = _unique_addrs(ips, "", C_MAX_NODE_ADDRESSES, "node addresses", "node address")
         cdef Core *c = self.c
         c.n_node = 0
         for b in addrs:
@@ -1160,7 +1099,7 @@ cdef class Datapath:
         order = np.argsort(used["key"], kind="stable")
         used = used[order]
         k = used["key"]
-        out = np.zeros(len(used), dtype=FDB_DTYPE)
+        out = np.zeros(len(used), dtype=_consts.FDB_DTYPE)
         out["vlan"] = (k >> np.uint64(48)) & np.uint64(0xfff)
         shifts = np.array([40, 32, 24, 16, 8, 0], dtype=np.uint64)
         out["mac"] = ((k[:, None] >> shifts[None, :]) & np.uint64(0xff)).astype(np.uint8)
@@ -1182,7 +1121,7 @@ cdef class Datapath:
         e = e[order]
         o = e["orig"]
         r = e["reply"]
-        out = np.zeros(len(e), dtype=CT_DTYPE)
+        out = np.zeros(len(e), dtype=_consts.CT_DTYPE)
         out["proto"] = o["proto"]
         out["state"] = e["state"]
         out["hairpin"] = e["hairpin"]
@@ -1314,7 +1253,7 @@ cdef class Datapath:
         cdef int i
         if d == NULL:
             raise MemoryError("cannot copy the datapath state for trace()")
-        d.tr = <TrRec *>calloc(TR_MAX, sizeof(TrRec))
+        d.tr = <TrRec *>calloc(TR_MAX_RECORDS, sizeof(TrRec))
         if d.tr == NULL:
             core_free(d)
             raise MemoryError()
@@ -1322,43 +1261,11 @@ cdef class Datapath:
         try:
             with nogil:
                 process_one(d, fp + H, length, ip16, now)
-            steps = []
-            for i in range(d.tr_n):
-                steps.append(self._trace_text(d, &d.tr[i], frame))
+            steps = [_consts.trace_step(d.tr[i].stage, d.tr[i].a, d.tr[i].b, length)
+                     for i in range(d.tr_n)]
         finally:
             core_free(d)
         return steps
-
-    cdef tuple _trace_text(self, Core *d, TrRec *t, bytes frame):
-        cdef int st = t.stage
-        name = _TR_STAGE[st]
-        if st == TR_RX:
-            return (name, f"port {t.a}, {t.b} bytes")
-        if st == TR_PARSE:
-            return (name, f"{len(frame)}-byte frame parsed")
-        if st == TR_ANTISPOOF:
-            return (name, "pass")
-        if st == TR_EGRESS or st == TR_INGRESS:
-            return (name, _SH_VERDICT[t.a])
-        if st == TR_NAT_NEW:
-            return (name, f"new entry from rule {t.a}{' (hairpin)' if t.b else ''}")
-        if st == TR_NAT_HIT:
-            return (name, f"{'original' if t.a == 0 else 'reply'} direction, {CT_STATE_NAMES[t.b]}")
-        if st == TR_NAT_ICMP or st == TR_NAT_FRAG:
-            return (name, f"{'icmp error' if st == TR_NAT_ICMP else 'fragment'}, "
-                          f"{'original' if t.a == 0 else 'reply'} direction")
-        if st == TR_NAT_NONE:
-            return (name, "no entry, no rule")
-        if st == TR_L2:
-            return (name, _L2_TEXT[t.a].format(t.b))
-        # output
-        if t.a == C_OUT_DROP:
-            return (name, f"drop {_C_DROP_REASONS[t.b]}")
-        if t.a == C_OUT_FLOOD:
-            return (name, "flood")
-        if t.a == C_OUT_QUEUED:
-            return (name, "queued")
-        return (name, f"port {t.a}")
 
 
 include "io.pxi"

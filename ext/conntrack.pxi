@@ -1,4 +1,4 @@
-# Connection tracking and hostPort DNAT (pipeline stage 4).
+# Connection tracking and hostPort DNAT (the pipeline's "nat" stage).
 #
 # Entries live in a fixed array (conntrack_size, free list). One open-addressing index
 # (linear probing, power of two >= 4 * capacity slots, backward-shift deletion) holds
@@ -284,9 +284,12 @@ cdef enum:
     NAT_NONE = -1        # no NAT decision: the FDB decides
     NAT_OUT = -2         # translated; *out holds the port
 
-# ---------------------------------------------------------------- fragments (twin's D39)
-# A translated first fragment leaves its datagram's translation in c.frags (direct-mapped:
-# a new datagram replaces whatever its slot held); later fragments are translated from it.
+# ---------------------------------------------------------------- fragments (D39)
+# A translated first fragment leaves its datagram's translation in c.frags; later fragments
+# are translated from it. At most C_FRAG_SLOTS datagrams are remembered; a new one takes a
+# free or expired record, else the oldest one's (FIFO, by c.frag_seq), exactly what the
+# twin's dict does. Records are found by a scan of their hashes (c.frag_hash), skipped
+# entirely while nothing remembered is still live (c.frag_live_until_ns).
 
 cdef inline void frag_key_ids(CtKey *fk, Pkt *k) noexcept nogil:
     # a fragment key's non-address fields: sport, dport = the identification, proto
@@ -296,15 +299,48 @@ cdef inline void frag_key_ids(CtKey *fk, Pkt *k) noexcept nogil:
     fk.pad[0] = 0
     fk.pad[1] = 0
 
+cdef inline int frag_find(Core *c, const CtKey *fk, uint32_t h, uint64_t now) noexcept nogil:
+    # the index of the live record of key fk, or -1
+    cdef int i
+    if now >= c.frag_live_until_ns:
+        return -1
+    for i in range(C_FRAG_SLOTS):
+        if (c.frag_hash[i] == h and c.frags[i].used and c.frags[i].expires_ns > now
+                and ct_key_eq(&c.frags[i].key, fk)):
+            return i
+    return -1
+
+cdef inline int frag_slot_for(Core *c, const CtKey *fk, uint32_t h, uint64_t now) noexcept nogil:
+    # where to remember key fk: its live record, else a free or expired one, else the oldest
+    cdef int i, oldest = 0
+    cdef int i_found = frag_find(c, fk, h, now)
+    if i_found >= 0:
+        return i_found
+    for i in range(C_FRAG_SLOTS):
+        if not c.frags[i].used or c.frags[i].expires_ns <= now:
+            return i
+        if c.frags[i].seq < c.frags[oldest].seq:
+            oldest = i
+    return oldest
+
 cdef inline void frag_remember(Core *c, Pkt *k, CtEntry *e, int d, uint64_t now) noexcept nogil:
     # k.ct_key holds the first fragment's tuple as received (NAT has rewritten the frame)
     cdef CtKey fk = k.ct_key
     cdef FragRec *r
+    cdef uint32_t h
+    cdef int i
     frag_key_ids(&fk, k)
-    r = &c.frags[ct_hash(&fk) & (C_FRAG_SLOTS - 1)]
+    h = ct_hash(&fk)
+    i = frag_slot_for(c, &fk, h, now)
+    r = &c.frags[i]
+    c.frag_hash[i] = h
+    c.frag_seq += 1
+    r.seq = c.frag_seq
     r.key = fk
     r.used = 1
     r.expires_ns = now + C_FRAG_TIMEOUT_NS
+    if r.expires_ns > c.frag_live_until_ns:
+        c.frag_live_until_ns = r.expires_ns
     r.direction = d
     if d == 0:
         r.out_port = e.out_port
@@ -325,14 +361,18 @@ cdef inline int nat_fragment(Core *c, Pkt *k, uint64_t now, int32_t *out) noexce
     # NAT_NONE, or NAT_OUT with *out set: a non-first fragment of a remembered datagram
     cdef CtKey fk
     cdef FragRec *r
+    cdef int i
+    if now >= c.frag_live_until_ns:
+        return NAT_NONE
     ct_key_addrs(&fk, k)
     frag_key_ids(&fk, k)
-    r = &c.frags[ct_hash(&fk) & (C_FRAG_SLOTS - 1)]
-    if not r.used or r.expires_ns <= now or not ct_key_eq(&r.key, &fk):
+    i = frag_find(c, &fk, ct_hash(&fk), now)
+    if i < 0:
         return NAT_NONE
+    r = &c.frags[i]
     nat_rewrite(k, False, r.new_src if r.has_src else NULL, r.new_dst if r.has_dst else NULL, -1, -1)
     nat_finish(c, k, r.direction, r.out_port, r.src_mac, r.dst_mac, out)
-    tr_add(c, TR_NAT_FRAG, r.direction, 0)
+    tr_add(c, TR_NAT_FRAGMENT, r.direction, 0)
     return NAT_OUT
 
 cdef inline void ct_apply(Core *c, CtEntry *e, int direction, Pkt *k, uint64_t now) noexcept nogil:
@@ -385,45 +425,18 @@ cdef inline void ct_translate(Core *c, CtEntry *e, int direction, Pkt *k, int32_
         nat_rewrite(k, needs_csum, e.orig.dst, e.orig.src if e.hairpin else NULL, e.orig.dport, -1)
     ct_translate_macs(c, e, direction, k, out)
 
-cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
-    # NAT_NONE, NAT_OUT (out set) or a drop reason DR_*
-    cdef CtKey rkey
-    cdef uint32_t ref, h, rh, idx
-    cdef int32_t rid
-    cdef CtEntry *e
-    cdef HpRule *r
-    cdef const uint8_t *l4 = k.p + k.l4_off
-    cdef uint16_t sport = load_be16(l4)
-    cdef uint16_t dport = load_be16(l4 + 2)
-    cdef bint hairpin
-    if not (bit_test(c.nat_ports, sport) or bit_test(c.nat_ports, dport)):
-        tr_add(c, TR_NAT_NONE, 0, 0)
-        return NAT_NONE
-    if not k.ct_ready:                  # (the batch loop may have done this ahead)
-        ct_key_from_pkt(&k.ct_key, k)
-        k.ct_hash = ct_hash(&k.ct_key)
-        k.ct_ready = 1
-    h = k.ct_hash
-    ref = ct_find(c, &k.ct_key, h) if (c.ct_portcnt[sport] | c.ct_portcnt[dport]) else 0
-    if ref:
-        idx = (ref - 1) >> 1
-        e = &c.ct[idx]
-        if e.expires_ns <= now:
-            ct_delete(c, idx)
-            c.gc[GC_CT_EXPIRED] += 1
-        else:
-            ct_apply(c, e, (ref - 1) & 1, k, now)
-            ct_translate(c, e, (ref - 1) & 1, k, out)
-            tr_add(c, TR_NAT_HIT, (ref - 1) & 1, e.state)
-            if k.frag == FRAG_FIRST:
-                frag_remember(c, k, e, (ref - 1) & 1, now)
-            return NAT_OUT
-    rid = rule_match(c, &k.ct_key)
-    if rid < 0:
-        tr_add(c, TR_NAT_NONE, 0, 0)
-        return NAT_NONE
-    r = &c.rules[rid]
-    hairpin = memcmp(k.ct_key.src, r.pod_ip, 16) == 0
+cdef inline void nat_hit(Core *c, CtEntry *e, int d, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
+    # a packet of entry e in direction d: state and expiry, translation, fragment memory
+    ct_apply(c, e, d, k, now)
+    ct_translate(c, e, d, k, out)
+    tr_add(c, TR_NAT_HIT, d, e.state)
+    if k.frag == FRAG_FIRST:
+        frag_remember(c, k, e, d, now)
+
+cdef inline bint reply_key(Core *c, Pkt *k, HpRule *r, CtKey *rkey) noexcept nogil:
+    # the tuple replies of k's new connection to rule r carry; True when it is hairpin
+    # (the source is the rule's pod: SNAT to the gateway of its family, when that is set)
+    cdef bint hairpin = memcmp(k.ct_key.src, r.pod_ip, 16) == 0
     if hairpin:
         if k.ct_key.family == 4 and c.gw_ip4_set:
             memcpy(rkey.dst, c.gw_ip4, 16)
@@ -440,6 +453,16 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
     rkey.family = k.ct_key.family
     rkey.pad[0] = 0
     rkey.pad[1] = 0
+    return hairpin
+
+cdef inline int ct_create(Core *c, Pkt *k, int32_t rid, uint64_t now, CtEntry **created) noexcept nogil:
+    # a new entry for k by rule rid in *created: -1, or a drop reason (DR_NAT_COLLISION when
+    # its reply tuple is taken, DR_TABLE_FULL when a sweep frees nothing)
+    cdef CtKey rkey
+    cdef HpRule *r = &c.rules[rid]
+    cdef bint hairpin = reply_key(c, k, r, &rkey)
+    cdef uint32_t rh, ref, idx
+    cdef CtEntry *e
     if ct_key_eq(&rkey, &k.ct_key):
         return DR_NAT_COLLISION
     rh = ct_hash(&rkey)
@@ -475,18 +498,49 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
     e.hairpin = hairpin
     e.fin_seen = 0
     e.used = 1
-    ct_slot_insert(c, h, (idx << 1) + 1)
+    ct_slot_insert(c, k.ct_hash, (idx << 1) + 1)
     ct_slot_insert(c, rh, (idx << 1 | 1) + 1)
     portcnt_inc(c, k.ct_key.dport)
     portcnt_inc(c, rkey.sport)
     c.ct_count += 1
     c.gc[GC_CT_CREATED] += 1
     tr_add(c, TR_NAT_NEW, rid, hairpin)
-    ct_apply(c, e, 0, k, now)
-    ct_translate(c, e, 0, k, out)
-    tr_add(c, TR_NAT_HIT, 0, e.state)
-    if k.frag == FRAG_FIRST:
-        frag_remember(c, k, e, 0, now)
+    created[0] = e
+    return -1
+
+cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
+    # a TCP/UDP packet: NAT_NONE, NAT_OUT (out set) or a drop reason DR_*
+    cdef uint32_t ref, idx
+    cdef int32_t rid
+    cdef int why
+    cdef CtEntry *e
+    cdef const uint8_t *l4 = k.p + k.l4_off
+    cdef uint16_t sport = load_be16(l4)
+    cdef uint16_t dport = load_be16(l4 + 2)
+    if not (bit_test(c.nat_ports, sport) or bit_test(c.nat_ports, dport)):
+        tr_add(c, TR_NAT_NONE, 0, 0)
+        return NAT_NONE
+    if not k.ct_ready:                  # (the batch loop may have done this ahead)
+        ct_key_from_pkt(&k.ct_key, k)
+        k.ct_hash = ct_hash(&k.ct_key)
+        k.ct_ready = 1
+    ref = ct_find(c, &k.ct_key, k.ct_hash) if (c.ct_portcnt[sport] | c.ct_portcnt[dport]) else 0
+    if ref:
+        idx = (ref - 1) >> 1
+        e = &c.ct[idx]
+        if e.expires_ns > now:
+            nat_hit(c, e, (ref - 1) & 1, k, now, out)
+            return NAT_OUT
+        ct_delete(c, idx)
+        c.gc[GC_CT_EXPIRED] += 1
+    rid = rule_match(c, &k.ct_key)
+    if rid < 0:
+        tr_add(c, TR_NAT_NONE, 0, 0)
+        return NAT_NONE
+    why = ct_create(c, k, rid, now, &e)
+    if why >= 0:
+        return why
+    nat_hit(c, e, 0, k, now, out)
     return NAT_OUT
 
 # ---------------------------------------------------------------- ICMP errors (twin's D37)
@@ -511,25 +565,78 @@ cdef inline void put_csum(uint8_t *at, uint32_t delta, bint udp_rules, bint v4, 
     icmp_acc[0] = csum_delta(icmp_acc[0], at, w, 1)
     store_be16(at, nc)
 
-cdef inline int nat_icmp_error(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
-    # NAT_NONE, or NAT_OUT with *out set: an ICMP error about a tracked flow is translated
-    # with it (D37); nothing is created and the entry does not change
+ctypedef struct IcmpQuote:
+    # where an ICMP error's quoted packet and its own addresses lie (pointers into the frame)
+    uint8_t *q3           # the quoted IP header
+    uint8_t *q4           # the quoted L4 header (at least 8 bytes of it in the frame)
+    uint8_t *q_src        # the quoted source / destination address
+    uint8_t *q_dst
+    uint8_t *o_src        # the error's own (outer) source / destination address
+    uint8_t *o_dst
+    int alen              # address length: 4 or 16
+    uint8_t proto         # the quoted protocol: 6 or 17
+
+cdef inline bint icmp_quote(Pkt *k, IcmpQuote *q, CtKey *key) noexcept nogil:
+    # True when k is an ICMP error (D37) quoting a TCP/UDP packet that is not a fragment:
+    # fills q and key, the reversed quoted tuple (the flow the error belongs to)
     cdef bint v4 = k.kind == K_IPV4
-    cdef uint8_t *p = k.p
-    cdef uint8_t *ip = p + k.l3_off
-    cdef uint8_t *icmp = p + k.l4_off
-    cdef uint8_t *q3
-    cdef uint8_t *q4
-    cdef uint8_t *end = p + k.l3_end
+    cdef uint8_t *ip = k.p + k.l3_off
+    cdef uint8_t *icmp = k.p + k.l4_off
+    cdef uint8_t *end = k.p + k.l3_end
     cdef uint8_t t = icmp[0]
-    cdef uint32_t ihl, ref, idx
-    cdef int alen, d
-    cdef CtKey key
-    cdef CtEntry *e
-    cdef uint8_t *q_src
-    cdef uint8_t *q_dst
-    cdef uint8_t *o_src
-    cdef uint8_t *o_dst
+    cdef uint32_t ihl
+    if k.vnet != NULL and (k.vnet[0] & C_VNET_F_NEEDS_CSUM):
+        return False
+    if v4:
+        if t != 3 and t != 11 and t != 12:
+            return False
+    elif t < 1 or t > 4:
+        return False
+    q.q3 = icmp + 8
+    if v4:
+        if end < q.q3 + 20 or (q.q3[0] >> 4) != 4:
+            return False
+        ihl = (q.q3[0] & 15) * 4
+        if ihl < 20 or (load_be16(q.q3 + 6) & 0x3fff) != 0:
+            return False
+        q.proto = q.q3[9]
+        q.q_src = q.q3 + 12
+        q.q_dst = q.q3 + 16
+        q.q4 = q.q3 + ihl
+        q.o_src = ip + 12
+        q.o_dst = ip + 16
+        q.alen = 4
+    else:
+        if end < q.q3 + 40 or (q.q3[0] >> 4) != 6:
+            return False
+        q.proto = q.q3[6]
+        q.q_src = q.q3 + 8
+        q.q_dst = q.q3 + 24
+        q.q4 = q.q3 + 40
+        q.o_src = ip + 8
+        q.o_dst = ip + 24
+        q.alen = 16
+    if (q.proto != 6 and q.proto != 17) or end < q.q4 + 8:
+        return False
+    set_addr16(key.src, q.q_dst, v4)
+    set_addr16(key.dst, q.q_src, v4)
+    key.family = 4 if v4 else 6
+    key.proto = q.proto
+    key.sport = load_be16(q.q4 + 2)
+    key.dport = load_be16(q.q4)
+    key.pad[0] = 0
+    key.pad[1] = 0
+    return True
+
+cdef inline void icmp_error_rewrite(Pkt *k, IcmpQuote *q, CtEntry *e, int d) noexcept nogil:
+    # D37's writes for an error about entry e's direction d: the outer header as a packet
+    # of direction d, the quoted packet as one of the other direction mirrored, and every
+    # checksum involved (outer IPv4 header, ICMP / ICMPv6, quoted IPv4 header, quoted L4)
+    cdef bint v4 = q.alen == 4
+    cdef uint8_t *ip = k.p + k.l3_off
+    cdef uint8_t *icmp = k.p + k.l4_off
+    cdef uint8_t *end = k.p + k.l3_end
+    cdef int alen = q.alen
     cdef const uint8_t *w_osrc = NULL
     cdef const uint8_t *w_odst = NULL
     cdef const uint8_t *w_qsrc = NULL
@@ -537,58 +644,6 @@ cdef inline int nat_icmp_error(Core *c, Pkt *k, uint64_t now, int32_t *out) noex
     cdef int w_qsport = -1, w_qdport = -1
     cdef uint32_t qa = 0, qp = 0, oa = 0, icmp_acc = 0
     cdef uint8_t pw[2]
-    if k.vnet != NULL and (k.vnet[0] & C_VNET_F_NEEDS_CSUM):
-        return NAT_NONE
-    if v4:
-        if t != 3 and t != 11 and t != 12:
-            return NAT_NONE
-    elif t < 1 or t > 4:
-        return NAT_NONE
-    q3 = icmp + 8
-    if v4:
-        if end < q3 + 20 or (q3[0] >> 4) != 4:
-            return NAT_NONE
-        ihl = (q3[0] & 15) * 4
-        if ihl < 20 or (load_be16(q3 + 6) & 0x3fff) != 0:
-            return NAT_NONE
-        key.proto = q3[9]
-        q_src = q3 + 12
-        q_dst = q3 + 16
-        q4 = q3 + ihl
-        o_src = ip + 12
-        o_dst = ip + 16
-        alen = 4
-    else:
-        if end < q3 + 40 or (q3[0] >> 4) != 6:
-            return NAT_NONE
-        key.proto = q3[6]
-        q_src = q3 + 8
-        q_dst = q3 + 24
-        q4 = q3 + 40
-        o_src = ip + 8
-        o_dst = ip + 24
-        alen = 16
-    if (key.proto != 6 and key.proto != 17) or end < q4 + 8:
-        return NAT_NONE
-    set_addr16(key.src, q_dst, v4)        # the reversed quoted tuple
-    set_addr16(key.dst, q_src, v4)
-    key.family = 4 if v4 else 6
-    key.sport = load_be16(q4 + 2)
-    key.dport = load_be16(q4)
-    key.pad[0] = 0
-    key.pad[1] = 0
-    ref = ct_find(c, &key, ct_hash(&key))
-    if ref:
-        idx = (ref - 1) >> 1
-        e = &c.ct[idx]
-        if e.expires_ns <= now:
-            ct_delete(c, idx)
-            c.gc[GC_CT_EXPIRED] += 1
-            ref = 0
-    if not ref:
-        tr_add(c, TR_NAT_NONE, 0, 0)
-        return NAT_NONE
-    d = (ref - 1) & 1
     if d == 0:
         w_odst = e.reply.src
         w_qsrc = e.reply.src
@@ -603,36 +658,59 @@ cdef inline int nat_icmp_error(Core *c, Pkt *k, uint64_t now, int32_t *out) noex
         if e.hairpin:
             w_odst = e.orig.src
             w_qsrc = e.orig.src
-    # the quoted packet (IPv4 addresses are the last 4 of an entry's 16 bytes): addresses,
-    # ports, its IPv4 header checksum, its L4 checksum
+    # the quoted packet (IPv4 addresses are the last 4 of an entry's 16 bytes)
     if w_qsrc != NULL:
-        put_field(q_src, w_qsrc + 16 - alen, alen // 2, &qa)
+        put_field(q.q_src, w_qsrc + 16 - alen, alen // 2, &qa)
     if w_qdst != NULL:
-        put_field(q_dst, w_qdst + 16 - alen, alen // 2, &qa)
+        put_field(q.q_dst, w_qdst + 16 - alen, alen // 2, &qa)
     if w_qsport >= 0:
         store_be16(pw, <uint16_t>w_qsport)
-        put_field(q4, pw, 1, &qp)
+        put_field(q.q4, pw, 1, &qp)
     if w_qdport >= 0:
         store_be16(pw, <uint16_t>w_qdport)
-        put_field(q4 + 2, pw, 1, &qp)
+        put_field(q.q4 + 2, pw, 1, &qp)
     icmp_acc = qa + qp
     if v4:
-        put_csum(q3 + 10, qa, False, v4, &icmp_acc)
-    if key.proto == 6:
-        if q4 + 18 <= end:
-            put_csum(q4 + 16, qa + qp, False, v4, &icmp_acc)
+        put_csum(q.q3 + 10, qa, False, v4, &icmp_acc)
+    if q.proto == 6:
+        if q.q4 + 18 <= end:
+            put_csum(q.q4 + 16, qa + qp, False, v4, &icmp_acc)
     else:
-        put_csum(q4 + 6, qa + qp, True, v4, &icmp_acc)
+        put_csum(q.q4 + 6, qa + qp, True, v4, &icmp_acc)
     # the outer header
     if w_osrc != NULL:
-        put_field(o_src, w_osrc + 16 - alen, alen // 2, &oa)
+        put_field(q.o_src, w_osrc + 16 - alen, alen // 2, &oa)
     if w_odst != NULL:
-        put_field(o_dst, w_odst + 16 - alen, alen // 2, &oa)
+        put_field(q.o_dst, w_odst + 16 - alen, alen // 2, &oa)
     if v4:
         store_be16(ip + 10, ~csum_fold((load_be16(ip + 10) ^ 0xffff) + oa))
     else:
         icmp_acc += oa                   # ICMPv6 covers the pseudo-header
     store_be16(icmp + 2, ~csum_fold((load_be16(icmp + 2) ^ 0xffff) + icmp_acc))
+
+cdef inline int nat_icmp_error(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
+    # NAT_NONE, or NAT_OUT with *out set: an ICMP error about a tracked flow is translated
+    # with it (D37); nothing is created and the entry does not change
+    cdef IcmpQuote q
+    cdef CtKey key
+    cdef CtEntry *e
+    cdef uint32_t ref, idx
+    cdef int d
+    if not icmp_quote(k, &q, &key):
+        return NAT_NONE
+    ref = ct_find(c, &key, ct_hash(&key))
+    if ref:
+        idx = (ref - 1) >> 1
+        e = &c.ct[idx]
+        if e.expires_ns <= now:
+            ct_delete(c, idx)
+            c.gc[GC_CT_EXPIRED] += 1
+            ref = 0
+    if not ref:
+        tr_add(c, TR_NAT_ICMP_NONE, 0, 0)
+        return NAT_NONE
+    d = (ref - 1) & 1
+    icmp_error_rewrite(k, &q, e, d)
     ct_translate_macs(c, e, d, k, out)
     tr_add(c, TR_NAT_ICMP, d, 0)
     return NAT_OUT

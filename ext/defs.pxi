@@ -1,5 +1,5 @@
-# Declarations of the datapath core: constants (mirroring vswitch/datapath/consts.py, which
-# tests/datapath/test_consts.py checks), the C library functions we call, and every
+# Declarations of the datapath core: the constants (generated from
+# vswitch/datapath/consts.py into consts.pxi), the C library functions we call, and every
 # struct, with a comment on each field. Included first by _datapath.pyx.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
@@ -49,107 +49,11 @@ cdef extern from *:
     void *table_alloc "vsw_table_alloc"(size_t n) noexcept nogil
 
 
-# ---------------------------------------------------------------- constants (dpconst.py)
-cdef enum:
-    C_OUT_FLOOD = -1
-    C_OUT_DROP = -2
-    C_OUT_QUEUED = -3
-
-    C_PORT_POD = 0
-    C_PORT_HOST = 1
-    C_PORT_UPLINK = 2
-
-    C_EGRESS = 0
-    C_INGRESS = 1
-
-    C_MAX_FRAME = 65535 + 14 + 4
-    C_MAX_IPS_PER_PORT = 8
-    C_MAX_IPV6_EXT_HEADERS = 8
-
-    C_VNET_F_NEEDS_CSUM = 1
-
-    C_CT_SYN_SENT = 1
-    C_CT_ESTABLISHED = 2
-    C_CT_FIN = 3
-    C_CT_CLOSE = 4
-    C_CT_UDP_NEW = 5
-    C_CT_UDP_REPLIED = 6
-
-cdef uint64_t C_SEC_NS = 1000000000ULL
-cdef uint64_t C_SWEEP_INTERVAL_NS = 1000000000ULL
-cdef uint64_t C_FRAG_TIMEOUT_NS = 30000000000ULL   # twin D39 (Linux ipfrag_time)
-
-# per-port counters: index in port_counters()' second axis (order = dpconst.PORT_COUNTERS)
-cdef enum:
-    PC_RX_PACKETS = 0
-    PC_RX_BYTES
-    PC_TX_PACKETS
-    PC_TX_BYTES
-    PC_DROP_MALFORMED
-    PC_DROP_SPOOFED
-    PC_DROP_QUEUE_FULL
-    PC_DROP_NO_ROUTE
-    PC_DROP_LOOP
-    PC_DROP_TABLE_FULL
-    PC_DROP_NAT_COLLISION
-    PC_QUEUED
-    N_PC
-
-# global counters: index in global_counters() (order = dpconst.GLOBAL_COUNTERS)
-cdef enum:
-    GC_PACKETS = 0
-    GC_BYTES
-    GC_MALFORMED
-    GC_SPOOFED
-    GC_QUEUE_FULL
-    GC_NO_ROUTE
-    GC_LOOP
-    GC_TABLE_FULL
-    GC_NAT_COLLISION
-    GC_QUEUED
-    GC_FLOODED
-    GC_MAC_MOVES
-    GC_MAC_TABLE_FULL
-    GC_MAC_LEARNED
-    GC_CT_CREATED
-    GC_CT_EXPIRED
-    GC_CT_DELETED
-    GC_NAT_TRANSLATED
-    N_GC
-
-# drop reasons: index into DROP_PC / DROP_GC (order = dpconst.DROP_REASONS)
-cdef enum:
-    DR_MALFORMED = 0
-    DR_SPOOFED
-    DR_QUEUE_FULL
-    DR_NO_ROUTE
-    DR_LOOP
-    DR_TABLE_FULL
-    DR_NAT_COLLISION
-    N_DR
-
-cdef int DROP_PC[N_DR]
-DROP_PC[:] = [PC_DROP_MALFORMED, PC_DROP_SPOOFED, PC_DROP_QUEUE_FULL, PC_DROP_NO_ROUTE,
-              PC_DROP_LOOP, PC_DROP_TABLE_FULL, PC_DROP_NAT_COLLISION]
-cdef int DROP_GC[N_DR]
-DROP_GC[:] = [GC_MALFORMED, GC_SPOOFED, GC_QUEUE_FULL, GC_NO_ROUTE, GC_LOOP, GC_TABLE_FULL,
-              GC_NAT_COLLISION]
-
-# the names, in the order of the enums above (exported; must equal dpconst's tuples)
-_C_PORT_COUNTERS = (
-    "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
-    "drop_malformed", "drop_spoofed", "drop_queue_full", "drop_no_route",
-    "drop_loop", "drop_table_full", "drop_nat_collision", "queued",
-)
-_C_GLOBAL_COUNTERS = (
-    "packets", "bytes",
-    "malformed", "spoofed", "queue_full", "no_route", "loop", "table_full",
-    "nat_collision", "queued", "flooded",
-    "mac_moves", "mac_table_full", "mac_learned",
-    "ct_created", "ct_expired", "ct_deleted", "nat_translated",
-)
-_C_DROP_REASONS = ("malformed", "spoofed", "queue_full", "no_route", "loop", "table_full",
-                   "nat_collision")
+# ---------------------------------------------------------------- constants and counters
+# C_* constants, the PC_* / GC_* counter indexes, the DR_* drop reasons with DROP_PC /
+# DROP_GC, the TR_* trace events and the SH_* shaper verdicts: generated from
+# vswitch/datapath/consts.py by the build (vswitch/datapath/gen_consts.py).
+include "consts.pxi"
 
 # parser result kinds (internal)
 cdef enum:
@@ -206,14 +110,14 @@ cdef enum:
     FRAG_FIRST = 1
     FRAG_LATER = 2
     FRAG_ATOMIC = 3
-    C_FRAG_SLOTS = 256
 
 ctypedef struct FragRec:
-    # a fragmented datagram's translation, remembered from its first fragment (twin's D39)
+    # a fragmented datagram's translation, remembered from its first fragment (D39)
     CtKey key             # the fragment key: src, dst, sport = id >> 16, dport = id & 0xffff,
                           # proto = fragment protocol, family
     uint64_t expires_ns   # forgotten when now >= expires_ns
-    uint8_t used          # 0: empty slot
+    uint64_t seq          # Core.frag_seq when remembered (the oldest is replaced first)
+    uint8_t used          # 0: empty record
     uint8_t direction     # 0 original, 1 reply
     uint8_t has_src       # 1: new_src is written
     uint8_t has_dst       # 1: new_dst is written
@@ -310,25 +214,14 @@ ctypedef struct QRec:
 
 ctypedef struct TrRec:
     # one stage reached by a traced frame (trace() only)
-    int stage             # TR_* code
+    int stage             # TR_* event (consts.TRACE_EVENTS index)
     int64_t a             # stage-specific value (verdict, port, direction, rule id...)
     int64_t b             # stage-specific value
 
-# trace() switches on Core.tr; the pipeline appends one record per stage it reaches
+# trace() switches on Core.tr; the pipeline appends one record (a TR_* event) per stage it
+# reaches, at most TR_MAX_RECORDS
 cdef enum:
-    TR_RX = 1
-    TR_PARSE
-    TR_ANTISPOOF
-    TR_EGRESS
-    TR_NAT_NEW
-    TR_NAT_HIT
-    TR_NAT_NONE
-    TR_L2
-    TR_INGRESS
-    TR_OUTPUT
-    TR_NAT_ICMP
-    TR_NAT_FRAG
-    TR_MAX = 16
+    TR_MAX_RECORDS = 16
 
 ctypedef struct Core:
     # all state of one Datapath, owned by the Python object, used without the GIL
@@ -385,14 +278,17 @@ ctypedef struct Core:
     uint32_t n_active         # entries in active
     uint32_t pf_min_entries   # prefetch only when the MAC or conntrack table holds more
     uint8_t pf_off            # 1: process() never prefetches (_tune(), benchmarks only)
-    FragRec frags[C_FRAG_SLOTS] # D39: fragmented datagrams' translations (slot = ct_hash & 255)
+    FragRec frags[C_FRAG_SLOTS] # D39: fragmented datagrams' translations (conntrack.pxi)
+    uint32_t frag_hash[C_FRAG_SLOTS]  # ct_hash of each record's key (what frag_find scans)
+    uint64_t frag_seq         # records remembered so far (FragRec.seq)
+    uint64_t frag_live_until_ns   # no record is live at or after this now_ns
     TrRec *tr                 # trace() only: the stage recorder (NULL: off)
     int tr_n                  # records in tr
 
 
 cdef void tr_rec(Core *c, int stage, int64_t a, int64_t b) noexcept nogil:
     # records a stage for trace() (only called when c.tr is set)
-    if c.tr_n < TR_MAX:
+    if c.tr_n < TR_MAX_RECORDS:
         c.tr[c.tr_n].stage = stage
         c.tr[c.tr_n].a = a
         c.tr[c.tr_n].b = b

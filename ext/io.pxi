@@ -156,7 +156,7 @@ cdef int _io_read_all(const int *fds, const unsigned short *fd_ports, const unsi
                       int nfds, unsigned char *base, Py_ssize_t buflen, unsigned int *offsets,
                       unsigned int *lengths, unsigned short *in_ports, int max_pkts, int per_fd_max,
                       unsigned long long *rx_errors, Py_ssize_t nerr) noexcept nogil:
-    """The read loop of io_read_batch / BatchIO.read; returns the number of frames read."""
+    """The read loop of BatchIO.poll and run; returns the number of frames read."""
     cdef Py_ssize_t pos = 0, r
     cdef int n = 0, j, k, hdr, port
     for j in range(nfds):
@@ -191,7 +191,7 @@ cdef int _io_write_all(unsigned char *base, Py_ssize_t buflen, const unsigned in
                        const unsigned int *lengths, const unsigned short *in_ports, const int *out_ports,
                        int n, const int *port_fds, const unsigned char *port_hdrs,
                        unsigned long long *tx_errors, int nports) noexcept nogil:
-    """The write loop of io_write_batch / BatchIO.write; returns the number of frames written."""
+    """The write loop of BatchIO.write, write_drained and run; returns the number of frames written."""
     cdef int i, p, out, fd, err, written = 0
     cdef Py_ssize_t off, length
     for i in range(n):
@@ -222,63 +222,13 @@ cdef int _io_write_all(unsigned char *base, Py_ssize_t buflen, const unsigned in
     return written
 
 
-def io_read_batch(const int[::1] fds, const unsigned short[::1] fd_ports, const unsigned char[::1] fd_hdr_lens,
-                  int nfds, unsigned char[::1] buf, unsigned int[::1] offsets, unsigned int[::1] lengths,
-                  unsigned short[::1] in_ports, int max_pkts, int per_fd_max,
-                  unsigned long long[::1] rx_errors):
-    """Read up to `max_pkts` frames from the `nfds` fds; returns how many were read.
-
-    fds[j] belongs to port fd_ports[j] and has a fd_hdr_lens[j]-byte vnet header (12 or
-    10). Fills offsets (frame start), lengths (frame length) and in_ports from index 0.
-    A read error other than EAGAIN counts in rx_errors[port] and moves on.
-    """
-    if nfds < 0 or nfds > fds.shape[0] or nfds > fd_ports.shape[0] or nfds > fd_hdr_lens.shape[0]:
-        raise ValueError(f"nfds={nfds} exceeds the fd arrays ({fds.shape[0]})")
-    if max_pkts < 0 or max_pkts > offsets.shape[0] or max_pkts > lengths.shape[0] or max_pkts > in_ports.shape[0]:
-        raise ValueError(f"max_pkts={max_pkts} exceeds the packet arrays ({offsets.shape[0]})")
-    if buf.shape[0] < IO_SLOT_MAX:
-        raise ValueError(f"buffer of {buf.shape[0]} bytes is smaller than one slot ({IO_SLOT_MAX})")
-    if nfds == 0 or max_pkts == 0:
-        return 0
-    cdef int n
-    cdef unsigned long long dummy = 0
-    cdef unsigned long long *errs = &rx_errors[0] if rx_errors.shape[0] else &dummy
-    with nogil:
-        n = _io_read_all(&fds[0], &fd_ports[0], &fd_hdr_lens[0], nfds, &buf[0], buf.shape[0],
-                         &offsets[0], &lengths[0], &in_ports[0], max_pkts, per_fd_max,
-                         errs, rx_errors.shape[0])
-    return n
-
-
-def io_write_batch(unsigned char[::1] buf, const unsigned int[::1] offsets, const unsigned int[::1] lengths,
-                   const unsigned short[::1] in_ports, const int[::1] out_ports, int n,
-                   const int[::1] port_fds, const unsigned char[::1] port_hdr_lens,
-                   unsigned long long[::1] tx_errors):
-    """Write the `n` outputs of a batch; returns the number of frames written.
-
-    out_ports[i] >= 0: to that port; -1 (OUT_FLOOD): to every port with an fd except
-    in_ports[i]; anything else is skipped. port_fds[p] is -1 for a port without an fd.
-    """
-    if n < 0 or n > offsets.shape[0] or n > lengths.shape[0] or n > in_ports.shape[0] or n > out_ports.shape[0]:
-        raise ValueError(f"n={n} exceeds the packet arrays ({offsets.shape[0]})")
-    if port_hdr_lens.shape[0] < port_fds.shape[0] or tx_errors.shape[0] < port_fds.shape[0]:
-        raise ValueError("port_hdr_lens and tx_errors must be as long as port_fds")
-    if n == 0 or port_fds.shape[0] == 0 or buf.shape[0] == 0:
-        return 0
-    cdef int written
-    with nogil:
-        written = _io_write_all(&buf[0], buf.shape[0], &offsets[0], &lengths[0], &in_ports[0], &out_ports[0],
-                                n, &port_fds[0], &port_hdr_lens[0], &tx_errors[0], port_fds.shape[0])
-    return written
-
-
 cdef class BatchIO:
     """The daemon's batch buffers and port table with their pointers taken once.
 
     The arrays (attributes, numpy) are allocated here and never replaced; Python fills
     `port_fds`, `port_hdr_lens` and the ready list (`rfds`, `rports`, `rhdrs`) by index and
-    passes `buf`, `offsets`, ... to the datapath. `read`, `write` and `write_drained` then
-    cost one call each, with no argument conversion (io_read_batch's memoryviews cost
+    passes `buf`, `offsets`, ... to the datapath. `poll`, `write` and `write_drained` then
+    cost one call each, with no argument conversion (memoryview arguments would cost
     microseconds per batch).
     """
     cdef readonly object buf, offsets, lengths, in_ports, out_ports
@@ -572,17 +522,6 @@ cdef class BatchIO:
                 self.n_failed = nf
                 self.control_ready = ctl
                 return (RUN_CONTROL if ctl else 0) | (RUN_FAILED if nf else 0)
-
-    def read(self, int nfds):
-        """Read from the first `nfds` entries of (rfds, rports, rhdrs) into buf; returns n."""
-        if nfds < 0 or nfds > self.max_ports:
-            raise ValueError(f"nfds={nfds}; accepted: 0 .. {self.max_ports}")
-        cdef int n
-        with nogil:
-            n = _io_read_all(self.p_rfds, self.p_rports, self.p_rhdrs, nfds, self.p_buf, self.buflen,
-                             self.p_off, self.p_len, self.p_in, self.max_batch, self.per_fd_max,
-                             self.p_rxe, self.max_ports)
-        return n
 
     def write(self, int n):
         """Write the first `n` outputs of the read batch (out_ports as the datapath set them)."""

@@ -1,4 +1,4 @@
-# MAC table (pipeline stage 5): (vlan, MAC) -> port, with aging.
+# MAC table (the pipeline's "l2" stage): (vlan, MAC) -> port, with aging.
 #
 # Open addressing with linear probing over a power-of-two array of MacEntry slots, at
 # least twice the capacity, so probes stay short and an insert below capacity always

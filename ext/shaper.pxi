@@ -1,4 +1,4 @@
-# Token-bucket shapers with bounded queues (pipeline stages 3 and 6, and drain()).
+# Token-bucket shapers with bounded queues (the pipeline's "egress_shaper" and "ingress_shaper" stages, and drain()).
 #
 # Credit is exact integer arithmetic in bit*ns (bits x 10^9) in an unsigned __int128:
 # rate_bps < 2^63 times an elapsed time < 2^64 ns is < 2^127, and the cap
@@ -158,11 +158,7 @@ cdef inline void q_clear(Shaper *s) noexcept nogil:
     s.qhead = 0
     s.qtail = 0
 
-cdef enum:
-    SH_PASS = 0
-    SH_QUEUED = 1
-    SH_FULL = 2
-
+# shaper_admit's verdicts SH_PASS / SH_QUEUE / SH_FULL: consts.SHAPER_VERDICTS (consts.pxi)
 cdef inline int shaper_admit(Shaper *s, Pkt *k, uint32_t hlen, int32_t out_port, uint64_t now,
                              uint64_t seq) noexcept nogil:
     # refill, then pass / queue (copy) / refuse one packet
@@ -174,5 +170,5 @@ cdef inline int shaper_admit(Shaper *s, Pkt *k, uint32_t hlen, int32_t out_port,
         return SH_PASS
     if s.queue_bytes + k.len <= s.queue_limit_bytes:
         if q_push(s, k.p - hlen, hlen, k.len, charged, k.in_port, out_port, seq) == 0:
-            return SH_QUEUED
+            return SH_QUEUE
     return SH_FULL

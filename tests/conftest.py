@@ -1,8 +1,9 @@
 """Fixtures shared by every test directory.
 
 ``dp_impl`` runs a test against both datapath implementations, ids ``py`` and ``c``
-(aiohttp's py-parser / c-parser pattern). The Cython one is required: a missing build is a
-test failure, not a skip, unless VSWITCH_ALLOW_NO_BUILD=1.
+(aiohttp's py-parser / c-parser pattern), as ``vswitch.datapath.module`` gives them. The
+Cython one is required: a missing or partial build is a test failure, not a skip, unless
+VSWITCH_ALLOW_NO_BUILD=1.
 """
 import os
 
@@ -10,16 +11,13 @@ import pytest
 
 
 def _load(impl):
-    if impl == "py":
-        from vswitch.datapath import pure as datapath_py
-        return datapath_py
+    from vswitch import datapath
     try:
-        from vswitch.datapath import _core as _datapath
-    except ImportError as exc:
+        return datapath.module(impl)          # the one selection; BuildError when missing/partial
+    except datapath.BuildError as exc:
         if os.environ.get("VSWITCH_ALLOW_NO_BUILD") == "1":
             pytest.skip(f"Cython datapath not built: {exc}")
         raise
-    return _datapath
 
 
 @pytest.fixture(params=["py", "c"])

@@ -30,6 +30,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from vswitch import datapath
 from vswitch.datapath import consts as C
 from vswitch.config import _NO_BANDWIDTH, Bandwidth, PortMapping, SwitchConfig, format_mac, parse_ip, parse_mac
 
@@ -65,17 +66,11 @@ class Port:
 
 
 def _load_impl(impl):
-    if impl is None:
-        from vswitch import datapath
-        return datapath
-    if isinstance(impl, str):
-        if impl == "py":
-            from vswitch.datapath import pure as datapath_py
-            return datapath_py
-        if impl == "c":
-            from vswitch.datapath import _core as _datapath
-            return _datapath
-        raise ValueError(f"impl: {impl!r}; accepted: 'py', 'c', a module with a Datapath class, or None")
+    # None and "c"/"py" are decided by vswitch.datapath (the one place; BuildError there)
+    if impl is None or isinstance(impl, str):
+        if impl is not None and impl not in datapath.IMPLEMENTATIONS:
+            raise ValueError(f"impl: {impl!r}; accepted: 'py', 'c', a module with a Datapath class, or None")
+        return datapath.module(impl)
     if not hasattr(impl, "Datapath"):
         raise ValueError(f"impl: {impl!r} has no Datapath class")
     return impl

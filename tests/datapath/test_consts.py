@@ -1,87 +1,86 @@
-"""The Cython core's constants (ext/defs.pxi) agree with vswitch/datapath/consts.py.
+"""The constants are declared once (vswitch/datapath/consts.py) and the build uses them.
 
-``C_CONSTANTS``, ``C_COUNTER_INDEX`` and ``C_GLOBAL_INDEX`` are built in the module from the
-C enums of defs.pxi themselves, so these tests compare what the compiled code uses, not a
-Python copy of it. Both implementations must also expose the same public names.
+The Cython side is generated from consts.py at build time, so nothing compares two copies
+here. What is tested is behaviour: consts imports without numpy, a core built from other
+constants refuses to load, counters come out in the declared shape, the raw table views
+are views, and the nogil code touches no Python object (``cython -a``).
 """
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vswitch.datapath import consts as dpconst
+from vswitch.datapath import consts as C
+
+REPO = Path(__file__).resolve().parents[2]
 
 
-
-@pytest.fixture
-def core(both_impls):
-    return both_impls[1]
-
-
-SCALARS = ("OUT_FLOOD", "OUT_DROP", "OUT_QUEUED", "PORT_POD", "PORT_HOST", "PORT_UPLINK", "EGRESS",
-           "INGRESS", "MAX_FRAME", "MAX_IPS_PER_PORT", "MAX_IPV6_EXT_HEADERS", "VNET_F_NEEDS_CSUM",
-           "CT_SYN_SENT", "CT_ESTABLISHED", "CT_FIN", "CT_CLOSE", "CT_UDP_NEW", "CT_UDP_REPLIED",
-           "SEC_NS", "SWEEP_INTERVAL_NS", "FRAG_SLOTS", "FRAG_TIMEOUT_NS")
+def _python(code, env=None):
+    import os
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})), timeout=120)
 
 
-@pytest.mark.parametrize("name", SCALARS)
-def test_c_enum_equals_dpconst(core, name):
-    assert core.C_CONSTANTS[name] == getattr(dpconst, name)
+def test_consts_and_the_selection_import_no_numpy():
+    r = _python("import sys, vswitch.datapath, vswitch.datapath.consts, vswitch.datapath.gen_consts\n"
+                "from vswitch.datapath import PORT_COUNTERS, implementation\n"
+                "implementation()\n"
+                "print(sorted(m for m in ('numpy', 'vswitch.datapath._core', 'vswitch.datapath.pure')"
+                " if m in sys.modules))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
 
 
-def test_counter_indexes_equal_dpconst(core):
-    assert core.C_COUNTER_INDEX == dpconst.PC
-    assert core.C_GLOBAL_INDEX == dpconst.GC
-    assert core.C_CONSTANTS["N_PORT_COUNTERS"] == len(dpconst.PORT_COUNTERS)
-    assert core.C_CONSTANTS["N_GLOBAL_COUNTERS"] == len(dpconst.GLOBAL_COUNTERS)
-    assert core.C_CONSTANTS["N_DROP_REASONS"] == len(dpconst.DROP_REASONS)
+def test_the_dtypes_are_built_on_first_use():
+    r = _python("import sys\nfrom vswitch.datapath import consts\n"
+                "assert 'numpy' not in sys.modules\n"
+                "print(consts.FDB_DTYPE.names[:2], consts.CT_DTYPE.itemsize, 'numpy' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    # CT_DTYPE: 4 + 16*4 + 2*4 + 2*2 + 6*2 + 8*3 = 116 bytes, packed (docs/datapath.md Inspection)
+    assert r.stdout.strip() == "('vlan', 'mac') 116 True"
 
 
-def test_every_drop_reason_has_both_counters(core):
-    for reason in core.DROP_REASONS:
-        assert "drop_" + reason in core.C_COUNTER_INDEX
-        assert reason in core.C_GLOBAL_INDEX
+def test_a_core_built_from_other_constants_refuses_to_load(both_impls):
+    """consts.py edited after the build (here: FRAG_SLOTS changed before the import)."""
+    r = _python("from vswitch.datapath import consts\nconsts.FRAG_SLOTS = 128\n"
+                "import vswitch.datapath._core")
+    assert r.returncode != 0
+    assert "built from other constants" in r.stderr and "rebuild" in r.stderr
 
 
-def _public(mod):
-    return {n for n in dir(mod) if n.isupper() and not n.startswith("_") and not n.startswith("C_")}
+def test_the_generated_pxi_declares_every_counter_and_drop_in_order(tmp_path):
+    from vswitch.datapath import gen_consts
+    text = gen_consts.render(C)
+    pcs = re.findall(r"^    PC_([A-Z_]+) = (\d+)$", text, re.M)
+    gcs = re.findall(r"^    GC_([A-Z_]+) = (\d+)$", text, re.M)
+    assert [(n.lower(), int(i)) for n, i in pcs] == [(n, i) for i, n in enumerate(C.PORT_COUNTERS)]
+    assert [(n.lower(), int(i)) for n, i in gcs] == [(n, i) for i, n in enumerate(C.GLOBAL_COUNTERS)]
+    # docs/datapath.md "Counters": the per-port and global names, in this order
+    assert C.PORT_COUNTERS == ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "drop_malformed",
+                               "drop_spoofed", "drop_queue_full", "drop_no_route", "drop_loop",
+                               "drop_table_full", "drop_nat_collision", "queued")
+    assert C.GLOBAL_COUNTERS == ("packets", "bytes", "malformed", "spoofed", "queue_full", "no_route", "loop",
+                                 "table_full", "nat_collision", "queued", "flooded", "mac_moves",
+                                 "mac_table_full", "mac_learned", "ct_created", "ct_expired", "ct_deleted",
+                                 "nat_translated")
+    assert gen_consts.write_pxi(C, tmp_path / "consts.pxi") is True
+    assert gen_consts.write_pxi(C, tmp_path / "consts.pxi") is False       # unchanged: not rewritten
 
 
-def test_module_exposes_every_dpconst_name(core):
-    for name in _public(dpconst):
-        assert hasattr(core, name), name
-        ours, theirs = getattr(core, name), getattr(dpconst, name)
-        if isinstance(theirs, np.dtype):
-            assert ours == theirs, name
-        else:
-            assert ours == theirs and type(ours) is type(theirs), name
+def test_every_trace_event_names_a_stage():
+    assert set(C.STAGES) == {"rx", "parse", "antispoof", "egress_shaper", "nat", "l2", "ingress_shaper", "output"}
+    for event, stage, _ in C.TRACE_EVENTS:
+        assert stage in C.STAGES, event
+    assert C.trace_step([e for e, _, _ in C.TRACE_EVENTS].index("out_drop"), 0, 1, 60) == ("output", "drop spoofed")
 
 
-def test_both_implementations_expose_the_same_names(both_impls):
-    py, c = both_impls
-    for name in _public(dpconst) | {"MAX_NODE_ADDRESSES"}:
-        if hasattr(py, name):
-            assert getattr(c, name) == getattr(py, name), name
-    assert c.MAX_NODE_ADDRESSES == py.MAX_NODE_ADDRESSES
-
-
-def test_port_and_global_counter_shapes(both_impls):
-    for mod in both_impls:
-        dp = mod.Datapath(max_ports=7)
-        assert dp.port_counters().shape == (7, len(dpconst.PORT_COUNTERS))
-        assert dp.port_counters().dtype == np.uint64
-        assert dp.global_counters().shape == (len(dpconst.GLOBAL_COUNTERS),)
-        assert dp.global_counters().dtype == np.uint64
-
-
-def test_defs_pxi_source_lists_the_counters_in_dpconst_order():
-    """The enums in ext/defs.pxi are written in dpconst's order (a reader can trust them)."""
-    src = (Path(__file__).resolve().parents[2] / "ext" / "defs.pxi").read_text()
-    pcs = re.findall(r"^\s+PC_([A-Z_]+)(?: = 0)?$", src, re.M)
-    gcs = re.findall(r"^\s+GC_([A-Z_]+)(?: = 0)?$", src, re.M)
-    assert [n.lower() for n in pcs] == list(dpconst.PORT_COUNTERS)
-    assert [n.lower() for n in gcs] == list(dpconst.GLOBAL_COUNTERS)
+def test_port_and_global_counter_shapes(dp_impl):
+    dp = dp_impl.Datapath(max_ports=7)
+    assert dp.port_counters().shape == (7, 12) and dp.port_counters().dtype == np.uint64
+    assert dp.global_counters().shape == (18,) and dp.global_counters().dtype == np.uint64
 
 
 def test_raw_table_views_match_the_c_structs(both_impls):
@@ -104,13 +103,15 @@ def test_nogil_code_has_no_python_interaction(tmp_path):
     Only the `with nogil:` line itself may score (it releases the GIL).
     """
     import shutil
-    import subprocess
-    import sys
+
+    from vswitch.datapath import gen_consts
 
     pytest.importorskip("Cython")
-    ext = Path(__file__).resolve().parents[2] / "ext"
+    ext = REPO / "ext"
     for f in list(ext.glob("*.pyx")) + list(ext.glob("*.pxi")):
-        shutil.copy(f, tmp_path / f.name)
+        if f.name != "consts.pxi":
+            shutil.copy(f, tmp_path / f.name)
+    gen_consts.write_pxi(C, tmp_path / "consts.pxi")
     subprocess.run([sys.executable, "-m", "cython", "-3", "-a", "-I", ".", "-X", "boundscheck=False",
                     "-X", "wraparound=False", "-X", "cdivision=True", "_datapath.pyx", "-o", "_datapath.c"],
                    cwd=tmp_path, check=True, capture_output=True)

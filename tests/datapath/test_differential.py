@@ -11,6 +11,12 @@ on drained packets, counters, shaper states and next_departure_ns(); the sorted 
 snapshots (fdb(), conntrack()) and trace() are compared every few batches. Small tables
 and short timeouts make table-full, sweeps, aging, expiry and queue overflow frequent.
 
+Where a behaviour depends on a table layout, docs/datapath.md specifies the behaviour, not
+the layout, and specifies it exactly: the fragment memory (D39) keeps up to FRAG_SLOTS
+unexpired datagrams and forgets the earliest remembered first, in both implementations
+(the twin with a dict, the core with records it scans), so no input is excluded here.
+The specified behaviour itself is tested on both in test_frag_memory.py.
+
 Frames are built by hand (struct), not scapy: the twin already limits the pace (about
 100,000 packets per second at best) and the run must stay within a CI budget. More than
 100,000 frames go through per run (the sum over the seeds below).
@@ -720,8 +726,7 @@ def test_the_generator_makes_fragments_that_get_translated():
     def counting(buf, off, p, now, tr):
         out = translate(buf, off, p, now, tr)
         if out is not None:
-            seen[dp._frags[datapath_py._frag_slot(datapath_py._frag_key(
-                p.family, p.src, p.dst, p.frag_proto, p.frag_id))][2]] += 1
+            seen[dp._frags[datapath_py._frag_key(p.family, p.src, p.dst, p.frag_proto, p.frag_id)][1]] += 1
         return out
     dp._nat_fragment = counting
     now = 0

@@ -16,8 +16,9 @@ layout: header then frame per slot), the per-port fd table and the epoll of the 
 (``set_port`` adds and removes them). ``poll(timeout_ms)`` waits, reads a batch from the
 ready ports and reports failed ports and whether the daemon's control epoll (one fd,
 ``watch_control``) is readable, in one call of the Cython ``BatchIO`` of
-``vswitch.datapath._core`` (``ext/io.pxi``, no GIL) when the build has it, else of the
-pure-Python twin below with the same methods (slow, for development without a build).
+``vswitch.datapath._core`` (``ext/io.pxi``, no GIL), or with the pure-Python datapath
+(``VSWITCH_PURE_PYTHON=1``, decided in ``vswitch.datapath``) of the pure-Python twin
+below with the same methods. A missing build is an error, never a fallback.
 ``run(datapath, deadline_ns, poll_ns)`` (BatchIO only) is the daemon's whole packet loop in
 Cython: wait, read, process, write, drain shaping queues, poll briefly after a batch, and
 return only when Python has work (``ext/io.pxi``).
@@ -36,6 +37,7 @@ import struct
 
 import numpy as np
 
+from vswitch import datapath
 from vswitch.datapath.consts import MAX_FRAME, OUT_FLOOD
 
 VNET_HDR_LEN = 12
@@ -115,7 +117,7 @@ def open_uplink_socket(ifname: str) -> socket.socket:
 
 def py_read_batch(fds, fd_ports, fd_hdr_lens, nfds, buf, offsets, lengths, in_ports,
                   max_pkts, per_fd_max, rx_errors):
-    """The Python twin of ``io_read_batch`` (ext/io.pxi): same layout, same result."""
+    """The Python twin of ``_io_read_all`` (ext/io.pxi): same layout, same result."""
     mv = memoryview(buf)
     pos = n = 0
     for j in range(nfds):
@@ -156,7 +158,7 @@ def _py_write_one(fd, hdr, mv, off, length):
 
 
 def py_write_batch(buf, offsets, lengths, in_ports, out_ports, n, port_fds, port_hdr_lens, tx_errors):
-    """The Python twin of ``io_write_batch`` (ext/io.pxi)."""
+    """The Python twin of ``_io_write_all`` (ext/io.pxi)."""
     mv = memoryview(buf)
     written = 0
     nports = len(port_fds)
@@ -257,26 +259,26 @@ class _PyBatchIO:
                               self.port_fds, self.port_hdr_lens, self.tx_errors)
 
 
-def _batch_io_class():
-    if os.environ.get("VSWITCH_PURE_PYTHON_IO", "") not in ("", "0"):
+def _batch_io_class(impl=None):
+    # vswitch.datapath decides (VSWITCH_PURE_PYTHON); a missing or partial build raises
+    # its BuildError: the Python loop runs only with the twin, asked for explicitly
+    impl = datapath.implementation() if impl is None else impl
+    if impl == "py":
         return _PyBatchIO, "py"
-    try:
-        from vswitch.datapath._core import BatchIO
-        return BatchIO, "c"
-    except (ImportError, AttributeError):
-        return _PyBatchIO, "py"
+    return datapath.module(impl).BatchIO, impl
 
 
 class PacketIO:
     """Batch buffers and the port fd table of the daemon's I/O loop.
 
-    Uses ``BatchIO`` of the Cython module (``ext/io.pxi``) when the build has it, else its
-    pure-Python twin (``VSWITCH_PURE_PYTHON_IO=1`` forces the twin).
+    Uses ``BatchIO`` of the Cython module (``ext/io.pxi``), or its pure-Python twin when
+    the implementation is ``"py"``: ``impl`` (``"c"``, ``"py"``; None: as
+    ``vswitch.datapath.implementation()`` decides, ``VSWITCH_PURE_PYTHON=1`` for the twin).
     """
 
     def __init__(self, max_ports: int, max_batch: int = 64, buf_bytes: int = 4 << 20,
-                 out_buf_bytes: int = 4 << 20, per_fd_max: int = 32):
-        cls, self.impl = _batch_io_class()
+                 out_buf_bytes: int = 4 << 20, per_fd_max: int = 32, impl: str | None = None):
+        cls, self.impl = _batch_io_class(impl)
         b = self.b = cls(max_ports, max_batch, buf_bytes, out_buf_bytes, per_fd_max)
         self.max_batch = max_batch
         for name in ("buf", "offsets", "lengths", "in_ports", "out_ports", "dbuf", "doffsets", "dlengths",

@@ -1,7 +1,19 @@
-"""Constants and counter names of the datapath, shared by both implementations.
+"""Every constant, counter, drop reason and pipeline stage of the datapath, written once.
 
-The Cython core mirrors these values in ``ext/defs.pxi``; ``tests/datapath/test_consts.py``
-checks that the two agree. The contract they belong to is ``docs/datapath.md``.
+Theory of operation
+-------------------
+This module is the single source. The pure-Python twin imports it; the Cython core gets
+the same values as C enums from ``ext/consts.pxi``, which the build writes from this
+module (``vswitch/datapath/gen_consts.py``, run by setup.py before cythonize; the file is
+generated and git-ignored). The core refuses to import when the values it was built with
+differ from this module's (a stale build). Counters are declared Snabb/VPP style: each
+drop reason once, with its text, and the per-port and global counter lists are derived
+from that declaration; the pipeline's stages and the trace events that name them sit
+next to the counters.
+
+Stdlib only: ``vswitch.config`` and the CNI-facing code import this without numpy. The
+numpy dtypes of the table snapshots (``FDB_DTYPE``, ``CT_DTYPE``) are built on first use.
+The contract these values belong to is ``docs/datapath.md``.
 """
 
 # out_ports values other than a port id
@@ -23,6 +35,7 @@ INGRESS = 1
 MAX_FRAME = 65535 + 14 + 4
 MAX_IPS_PER_PORT = 8
 MAX_IPV6_EXT_HEADERS = 8
+MAX_NODE_ADDRESSES = 64
 
 # virtio-net header
 VNET_F_NEEDS_CSUM = 1
@@ -56,35 +69,98 @@ DEFAULTS = dict(
 )
 # a full table is swept of expired entries at most this often (of now_ns)
 SWEEP_INTERVAL_NS = SEC_NS
-# fragments of hostPort flows (the twin's D39): slots of the memory of fragmented
-# datagrams' translations, and how long one is kept (Linux's ipfrag_time)
+# fragments of hostPort flows (docs/datapath.md "Fragments"): at most this many fragmented
+# datagrams' translations are remembered, each for this long (Linux's ipfrag_time)
 FRAG_SLOTS = 256
 FRAG_TIMEOUT_NS = 30 * SEC_NS
 
+# ---------------------------------------------------------------- counters
+# Each drop reason once, with what it means. A drop counts on one port (drop_<reason>)
+# and globally (<reason>); the order is the counters' order in the arrays below.
+DROPS = {
+    "malformed": "the frame is too short or its ARP/IP/TCP/UDP/ICMP headers are inconsistent",
+    "spoofed": "the source MAC or IP is not bound to the pod port it came from",
+    "queue_full": "the shaper's queue has no room for the frame (or the shaper was removed)",
+    "no_route": "the in port is not added, or the out port is down or removed",
+    "loop": "the destination MAC was learned on the port the frame came from",
+    "table_full": "a new connection found the conntrack table full",
+    "nat_collision": "a new connection's reply tuple is already tracked",
+}
+DROP_REASONS = tuple(DROPS)
+
 # per-port counters: the index in port_counters()' second axis
 PORT_COUNTERS = (
-    "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
-    "drop_malformed", "drop_spoofed", "drop_queue_full", "drop_no_route",
-    "drop_loop", "drop_table_full", "drop_nat_collision", "queued",
+    ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+    + tuple("drop_" + reason for reason in DROP_REASONS)
+    + ("queued",)
 )
-# global counters: the index in global_counters()
+# global counters: the index in global_counters() (drop counters: sums of the per-port ones)
 GLOBAL_COUNTERS = (
-    "packets", "bytes",
-    "malformed", "spoofed", "queue_full", "no_route", "loop", "table_full",
-    "nat_collision", "queued", "flooded",
-    "mac_moves", "mac_table_full", "mac_learned",
-    "ct_created", "ct_expired", "ct_deleted", "nat_translated",
+    ("packets", "bytes")
+    + DROP_REASONS
+    + ("queued", "flooded",
+       "mac_moves", "mac_table_full", "mac_learned",
+       "ct_created", "ct_expired", "ct_deleted", "nat_translated")
 )
 PC = {name: i for i, name in enumerate(PORT_COUNTERS)}
 GC = {name: i for i, name in enumerate(GLOBAL_COUNTERS)}
-# drop reason -> (port counter, global counter)
-DROP_REASONS = ("malformed", "spoofed", "queue_full", "no_route", "loop", "table_full", "nat_collision")
+
+# ---------------------------------------------------------------- pipeline stages
+# The stages in pipeline order, by the name trace() reports, with what each does.
+STAGES = {
+    "rx": "count the frame on its in port",
+    "parse": "read the headers; drop malformed frames",
+    "antispoof": "check the source MAC/IPs against the port's binding",
+    "egress_shaper": "the in port's egress token bucket: pass, queue or drop",
+    "nat": "hostPort DNAT and conntrack: translate, or leave untouched",
+    "l2": "learn the source MAC; pick the out port by destination MAC",
+    "ingress_shaper": "the out port's ingress token bucket: pass, queue or drop",
+    "output": "the verdict: a port, flood, queued or a drop reason",
+}
+# What trace() records: (event, its stage, text). {a} and {b} are the event's two values;
+# {direction} is a = 0/1 as original/reply, {verdict} a shaper verdict (SHAPER_VERDICTS[a]),
+# {state} CT_STATE_NAMES[b], {hairpin} " (hairpin)" when b, {reason} DROP_REASONS[b],
+# {frame_len} the traced frame's length.
+TRACE_EVENTS = (
+    ("rx", "rx", "port {a}, {b} bytes"),
+    ("parse", "parse", "{frame_len}-byte frame parsed"),
+    ("antispoof", "antispoof", "pass"),
+    ("egress", "egress_shaper", "{verdict}"),
+    ("nat_new", "nat", "new entry from rule {a}{hairpin}"),
+    ("nat_hit", "nat", "{direction} direction, {state}"),
+    ("nat_icmp", "nat", "icmp error, {direction} direction"),
+    ("nat_icmp_none", "nat", "icmp error, no entry"),
+    ("nat_fragment", "nat", "fragment, {direction} direction"),
+    ("nat_none", "nat", "no entry, no rule"),
+    ("l2_nat", "l2", "NAT decided port {b}"),
+    ("l2_multicast", "l2", "multicast/broadcast"),
+    ("l2_unknown", "l2", "unknown unicast"),
+    ("l2_known", "l2", "known unicast on port {b}"),
+    ("ingress", "ingress_shaper", "{verdict}"),
+    ("out_port", "output", "port {a}"),
+    ("out_flood", "output", "flood"),
+    ("out_queued", "output", "queued"),
+    ("out_drop", "output", "drop {reason}"),
+)
+SHAPER_VERDICTS = ("pass", "queue", "full")
 
 
-def _dtypes():
-    import numpy as np
-    fdb = np.dtype([("vlan", "<u2"), ("mac", "u1", (6,)), ("port", "<u2"), ("last_seen_ns", "<u8")])
-    ct = np.dtype([
+def trace_step(event: int, a: int, b: int, frame_len: int) -> tuple[str, str]:
+    """(stage, text) of the trace record (TRACE_EVENTS index ``event``, values a, b)."""
+    _, stage, text = TRACE_EVENTS[event]
+    return stage, text.format(
+        a=a, b=b, frame_len=frame_len,
+        direction="original" if a == 0 else "reply",
+        verdict=SHAPER_VERDICTS[a] if 0 <= a < len(SHAPER_VERDICTS) else a,
+        state=CT_STATE_NAMES.get(b, b), hairpin=" (hairpin)" if b else "",
+        reason=DROP_REASONS[b] if 0 <= b < len(DROP_REASONS) else b)
+
+
+# ---------------------------------------------------------------- table snapshot dtypes
+# fdb() and conntrack() rows (docs/datapath.md "Inspection"); numpy only on first use
+_DTYPE_FIELDS = {
+    "FDB_DTYPE": [("vlan", "<u2"), ("mac", "u1", (6,)), ("port", "<u2"), ("last_seen_ns", "<u8")],
+    "CT_DTYPE": [
         ("proto", "u1"), ("state", "u1"), ("hairpin", "u1"), ("family", "u1"),
         ("orig_src", "u1", (16,)), ("orig_dst", "u1", (16,)),
         ("orig_sport", "<u2"), ("orig_dport", "<u2"),
@@ -93,8 +169,18 @@ def _dtypes():
         ("in_port", "<u2"), ("out_port", "<u2"),
         ("orig_src_mac", "u1", (6,)), ("orig_dst_mac", "u1", (6,)),
         ("expires_ns", "<u8"), ("packets", "<u8"), ("bytes", "<u8"),
-    ])
-    return fdb, ct
+    ],
+}
 
 
-FDB_DTYPE, CT_DTYPE = _dtypes()
+def __getattr__(name):
+    if name in _DTYPE_FIELDS:
+        import numpy as np
+        value = np.dtype(_DTYPE_FIELDS[name])
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_DTYPE_FIELDS))

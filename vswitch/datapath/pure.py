@@ -1,287 +1,25 @@
 """The pure-Python datapath: the executable spec of docs/datapath.md.
 
-Decisions beyond docs/datapath.md
-=================================
-The contract is silent on these points; both implementations follow them exactly.
-(Numbered so the Cython side can cite them. D-numbers are stable; new ones are appended.)
-Changes after the first version: D15/D16 (commit "drain releases each head at its own
-departure time"): drain() refills a shaper at the head's t_dep, not at now_ns. D7/D36:
-a GSO frame is charged the bytes its segments take on the wire (Linux's
-qdisc_pkt_len_init), not its own length. D29/D37: ICMP errors about a tracked flow are
-translated (they passed untranslated before). D38: a first fragment's UDP length may
-exceed the fragment (it was malformed before). D11/D39: fragments of hostPort flows are
-translated (they were never NAT-tracked before).
-
-Arguments and validation
- D1  Constructor: keyword arguments exactly the keys of dpconst.DEFAULTS. max_ports in
-     1..65535; mac_table_size, conntrack_size, max_hostports >= 1; vnet_hdr_len in {0, 10, 12};
-     every *_ns value in 0..2**63-1. Otherwise ValueError naming the value.
- D2  process() validates the whole batch before touching any state: n in 0..len of every
-     array; for i < n: in_ports[i] < max_ports, lengths[i] <= MAX_FRAME,
-     offsets[i] >= vnet_hdr_len, offsets[i] + lengths[i] <= len(buf). Arrays of the wrong
-     dtype or not 1-D, a buf that is not C-contiguous and writable, an out array that is
-     not writable: ValueError. now_ns < 0, or now_ns smaller than
-     the now_ns of an earlier process() or drain() call: ValueError. (trace() applies the
-     same now_ns check but does not advance the clock; conntrack_sweep/mac_sweep accept any
-     now_ns >= 0 and do not advance it either.)
- D3  A frame whose in port is not added (never added, or removed) is counted rx on that
-     port's counter row and dropped `no_route` before parsing. A port that is down still
-     receives normally: "up" only matters for output.
- D4  add_port: the new port starts UP, with its counter row zeroed, no binding, no shapers.
-     remove_port keeps the counter row (readable until the id is added again).
-     set_port_up / bind_port / set_antispoof / set_shaper / clear_shaper / shaper_state /
-     remove_port on a port that is not added: ValueError.
- D5  Addresses are bytes-like (bytes, bytearray, memoryview) of length 4 (IPv4) or 16
-     (IPv6); a 16-byte address is always IPv6, even if it is ::ffff:a.b.c.d. MACs are
-     bytes-like of length 6. Anything else: ValueError. bind_port: at most MAX_IPS_PER_PORT
-     items in `ips` (counted before removing duplicates). set_node_addresses: at most
-     MAX_NODE_ADDRESSES (64) items; it replaces the whole set. set_gateway replaces all
-     three values (None = unset). bind_port replaces the whole binding; ips=[] (bound to
-     no address) is different from ips=None (IPs not checked).
- D6  Ports (host_port, container_port) must be 1..65535; proto 6 or 17; pod_port_id must be
-     an added port; host_ip, when given, must have the same length as pod_ip.
-
-Parsing
- D7  Checksums are never verified. csum_start/csum_offset/hdr_len of the vnet header are
-     never read; flags bit 0 (NEEDS_CSUM) is read for NAT (D26), gso_type and gso_size
-     only for the shaping cost (D36), and only when vnet_hdr_len > 0.
- D8  The VLAN id is TCI & 0x0FFF (0 when untagged; priority-tagged frames share vlan 0).
-     An inner ethertype 0x8100 after one tag is "any other ethertype": L2 only. Ethertypes
-     below 0x0600 (802.3 lengths) are "any other": L2 only. ARP's 28 bytes are counted after
-     the tag.
- D9  IPv4: protocol 6/17/1 are TCP/UDP/ICMP (checked for malformation in unfragmented and
-     first fragments); any other protocol: no L4. IPv6: next header 6/17/58 after the
-     extension headers; anything else (59 included): no L4. ICMPv6 is only next header 58
-     in IPv6, ICMP only protocol 1 in IPv4.
- D10 IPv6 extension headers: lengths are (hdr_ext_len+1)*8 for 0/43/60, (len+2)*4 for 51,
-     8 for 44. "Truncated" = fewer than 2 bytes (8 for a fragment header) or fewer than the
-     header's length left before the end of the IPv6 payload. At most 8 are examined; if
-     the next header after the 8th is again an extension header it is not examined and the
-     packet has no L4 (not malformed). A fragment header is first checked for truncation,
-     then its offset: non-zero -> no L4 (the rest is not examined).
- D11 An IPv6 packet that has a fragment header (any offset, even 0 with M=0) is a
-     fragment: its L4 is parsed and checked when the offset is 0. Fragments are
-     NAT-tracked as D39 says (before D39: never).
- D38 The UDP length of a first fragment (IPv4 with MF set, or an IPv6 packet with a
-     fragment header of offset 0) counts the whole datagram, so it may exceed the bytes
-     available: only UDP length < 8 is malformed there. (Until this rule, the first
-     fragment of every UDP datagram bigger than the MTU was dropped as malformed.)
-
-Anti-spoofing
- D12 Applies to every frame of a port with anti-spoofing enabled and a binding (bind_port
-     called with a mac or ips not None), non-IP frames included (MAC check only). IPv4
-     non-first fragments are checked at L3 too (the IPv4 header is parsed). With ips
-     bound: an IPv6 source must be bound, fe80::/10 or ::, even if only IPv4 addresses are
-     bound.
-
-Shaping
- D13 set_shaper with rate_bps == 0 is clear_shaper (queued packets dropped, counted
-     queue_full on that port; shaper_state then returns None). clear_shaper of a direction
-     without a shaper does nothing. rate_bps, burst_bits, queue_bytes in 0..2**63-1.
- D14 set_shaper on an existing shaper keeps credit (min(credit, burst_bits*10**9)),
-     last_ns and the queue; the new rate applies from last_ns on. If the kept queue is
-     above the new limit nothing is dropped; new packets are refused until it fits.
- D15 t_dep of a head = last_ns + max(0, ceil((cost - credit) / rate_bps)), computed
-     without refilling. next_departure_ns() is the minimum over non-empty queues (it may
-     be in the past). drain() releases a head at its own t_dep (<= now_ns): the refill
-     that releases it is done at t_dep, not at now_ns, so last_ns becomes t_dep and the
-     next head's t_dep follows from it; a late drain() thus releases the packets that
-     were due by now_ns instead of losing the credit above the cap. Every packet that
-     reaches a shaper in process() (or an ingress shaper in drain(), at stage 6) refills
-     it at now_ns first, whatever then happens to the packet.
- D16 drain(): repeat { if emitted == max_pkts: stop; among non-empty queues whose head
-     was not enqueued during this drain() call and has t_dep <= now_ns pick the smallest
-     (t_dep, port id, direction EGRESS=0 before INGRESS=1); if out_off + L > len(out_buf)
-     (out_off starts at H, header at out_off-H): stop, the packet stays queued; refill at
-     its t_dep, credit -= cost, pop it; copy header+frame to out_buf; egress packets run
-     stages 4-6 in out_buf (re-parsed, learnt with now_ns); if the ingress shaper queues
-     it again it takes no slot and the loop goes on, otherwise it is emitted (a drop is
-     emitted too, as OUT_DROP, and takes its slot) }. An ingress-queue packet is emitted
-     with the out port decided before it was queued, even if that port is now down.
-     max_pkts must be 0..len of each out array, else ValueError.
- D17 Egress shaping applies to every frame from the port that passed anti-spoofing
-     (ARP, broadcast, everything). `queued` and `queue_full` count on the shaper's port
-     (egress: the in port; ingress: the out port). The ingress shaper is applied to every
-     unicast output, including NAT outputs and hairpin.
- D18 remove_port drops the packets of both its queues, counted queue_full on that port.
-     Packets of other ports' queues that came from or were decided for it are untouched.
-
-NAT / conntrack
- D19 "Any node address" rules are keyed per family: key = (proto, host_port, host_ip) for
-     an exact rule and (proto, host_port, None, family of pod_ip) for an any rule, so a
-     dual-stack pod may have both. remove_hostport(proto, host_port, None) removes the any
-     rules of both families. Removing a rule that does not exist: ValueError.
- D20 The rule id returned by add_hostport is the smallest free slot 0..max_hostports-1;
-     replacing an existing key keeps its id. hostports() returns dicts with keys id,
-     proto, host_port, host_ip (bytes or None), pod_ip (bytes), container_port,
-     pod_port_id, sorted by id.
- D21 The UDP flush runs on every add (new or replacing) and every remove of a rule, TCP
-     or UDP (literal reading of the contract): every UDP entry whose orig_dport equals
-     the host port goes, counted ct_deleted. remove_port removes the rules of its pod
-     port the same way (with the flush), and every entry whose in_port or out_port is it
-     (ct_deleted). Expired entries found by lookups, collision checks and sweeps count
-     ct_expired.
- D22 One index holds both tuples of every entry. Lookup of the packet's 5-tuple:
-     an original-tuple match or a reply-tuple match (they never coincide). The new entry's
-     reply tuple "already exists" if it is in the index (an expired entry found there is
-     deleted first, ct_expired, and does not collide) or equals the new original tuple.
-     Order: collision check, then the table-full check (sweep, then table_full).
- D23 "At most once per second": the automatic sweep of a full table runs if it never ran
-     or now_ns - last_auto_sweep_ns >= SWEEP_INTERVAL_NS, and sets last_auto_sweep_ns.
-     One such clock for conntrack and another for the MAC table. conntrack_sweep() and
-     mac_sweep() do not touch them.
- D24 Hairpin needs the gateway address of the packet's family; if it is unset the entry
-     is created without SNAT (hairpin = 0). If the gateway MAC is unset the src MAC is left
-     unchanged; if the pod port has no bound MAC the dst MAC is left unchanged. Both are
-     read at each original-direction packet (current gateway MAC and binding). Everything
-     else comes from the entry: the SNAT address is the one chosen at creation (its
-     reply_dst), and the reply direction uses the MACs stored in the entry.
- D25 Fields written (always, even when the value does not change): original direction:
-     dst address, dst port, and src address if hairpin; reply direction: src address,
-     src port, and dst address if hairpin. MACs as in the contract.
- D26 Checksums (ones' complement, 16-bit big-endian words): the set of operands is
-     ~HC, and ~m and m' for every 16-bit word of every written field (D25) that the
-     checksum covers; the sum is folded with end-around carry (the result is 0 only when
-     every operand is 0, otherwise in 1..0xFFFF, whatever the order) and complemented:
-     HC' = ~fold(~HC + sum(~m) + sum(m')). IPv4 header checksum: address words only.
-     L4 (TCP, UDP): address words (pseudo-header) and port words. With NEEDS_CSUM the
-     L4 field is a partial sum: HC' = fold(HC + sum(~m) + sum(m')) over address words
-     only, and neither UDP zero rule applies. Without NEEDS_CSUM: UDP over IPv4 with
-     checksum 0 stays 0 (ports and addresses still rewritten); UDP (v4 or v6) whose new
-     checksum is 0 gets 0xFFFF; an IPv6 UDP checksum of 0 is updated like any other.
- D27 TCP states (flags FIN 0x01, SYN 0x02, RST 0x04): a new entry starts SYN_SENT and
-     the creating packet is then applied as an original-direction packet. Per packet: RST
-     -> CLOSE; else FIN -> remember "FIN seen" for its direction, CLOSE if both directions
-     have sent a FIN or the state was CLOSE, else FIN; else SYN_SENT + a reply-direction
-     packet -> ESTABLISHED; else unchanged. CLOSE is final until the entry expires.
-     UDP: UDP_NEW; a reply-direction packet -> UDP_REPLIED; final.
- D28 An entry's packets/bytes count every packet that matched or created it (bytes =
-     frame length), even if a later stage drops it. nat_translated counts every
-     translated packet (both directions). A packet dropped in stage 4 (nat_collision,
-     table_full) is not learnt (stage 5 is not reached).
- D29 ICMP that is not an error about a tracked flow (D37) is never translated.
- D30 conntrack() ties on the original tuple (possible only between families) are broken
-     by family.
-
-L2
- D31 Any access (learn or lookup) to an aged MAC entry deletes it first; a learn then
-     re-inserts it (mac_learned += 1, not a move). The capacity counts every entry,
-     aged or not, until it is deleted. mac_sweep(now_ns) deletes every aged entry
-     (now_ns - last_seen_ns > mac_aging_ns) and returns the count; no counter.
- D32 When NAT decided the out port, no FDB lookup is made; the out port may be the in
-     port (hairpin) and is not a loop; a NAT out port that is down: drop no_route.
- D33 A flood goes to every added port that is up except the in port (VLANs are not
-     membership-checked). `flooded` += 1 per flooded frame; tx counts on each port.
-
- D36 Shaping cost of a GSO frame (Linux's qdisc_pkt_len_init, net/core/dev.c): a shaper
-     charges a packet its *charged length* C (cost C*8*10^9 bit*ns), which is the frame
-     length L except for a GSO frame, which becomes several frames on the wire, each with
-     its own headers. With vnet_hdr_len > 0, gso_type = header byte 1 & 0x7F (the ECN bit
-     0x80 ignored), gso_size = bytes 4-5 (little endian) > 0, and the parser found L4
-     (not an ICMP, not a non-first fragment), the header length h is:
-       gso_type 1 (TCPV4) or 4 (TCPV6), L4 is TCP: L4 offset + TCP data offset * 4;
-       gso_type 5 (UDP_L4, segmentation), L4 is UDP: L4 offset + 8;
-       gso_type 3 (UDP, UFO: IP fragments, the UDP header only in the first), L4 is UDP:
-         the L4 offset (Linux adds the UDP header only for UDP_L4);
-     L4 offset = from the frame's first byte (802.1Q tag, IP options and IPv6 extension
-     headers included). Then payload = L - h; if payload > 0:
-       segs = ceil(payload / gso_size), C = min(L + (segs - 1) * h, 2 * L),
-     otherwise (any other gso_type, a type that does not match the L4 protocol, payload
-     <= 0) C = L. The cap 2*L is ours, not Linux's: it is above the wire length of every
-     frame whose segments carry at least as much payload as headers (gso_size >= h, every
-     real TSO/USO frame), and keeps a crafted header (gso_size 1 on a 64 KiB frame would
-     be ~1 GB on the wire) from holding a shaper for minutes: a frame never costs more
-     than twice its length, so C <= 2 * MAX_FRAME. Only the cost uses C: admission
-     (credit >= cost), the cap's head cost (oversized packets), t_dep and the credit taken
-     on release. Everything else stays in frame bytes: queue_bytes and the queue limit
-     (memory), counters (rx/tx bytes, conntrack bytes). C is computed when the packet
-     reaches the shaper (from its vnet header and the parse of that frame; NAT does not
-     change it) and a queued packet keeps it. trace() uses an all-zero vnet header (D35),
-     so it charges L.
-
- D37 ICMP errors about a tracked flow are translated with it (Linux conntrack's RELATED
-     handling, nf_nat_icmp_reply_translation), so that, say, a client of a hostPort gets
-     "port unreachable" from node:hostPort, not from an address it never contacted.
-     A frame is such an error when it parsed to L4 as ICMP (IPv4, not a fragment; type
-     3, 11 or 12) or ICMPv6 (not a fragment; type 1, 2, 3 or 4), with vnet_hdr_len 0 or
-     NEEDS_CSUM clear, and the quoted packet, starting 8 bytes after the ICMP header's
-     start and read only up to the outer IP total / payload length ("end"), is: IPv4
-     (version 4, IHL >= 5, fragment offset 0 and MF clear) in an IPv4 error, or IPv6
-     (version 6, next header directly TCP or UDP: no extension headers) in an ICMPv6
-     error; protocol TCP or UDP; and at least 8 bytes of its L4 header before end. The
-     quoted packet is one the error's sender received, so the error belongs to the
-     reversed tuple: key = (family, proto, quoted dst, quoted src, quoted dport, quoted
-     sport), looked up like D22 (an expired entry is deleted, ct_expired; nothing is
-     ever created). Not found: untouched, the FDB decides. Found in direction d: the outer
-     header is written as a packet of direction d (D25: d=0 dst := reply_src, and src :=
-     reply_dst if hairpin; d=1 src := orig_dst, and dst := orig_src if hairpin), the
-     quoted packet as one of the other direction mirrored (d=0: quoted src := reply_src,
-     quoted sport := reply_sport, quoted dst := reply_dst if hairpin; d=1: quoted dst :=
-     orig_dst, quoted dport := orig_dport, quoted src := orig_src if hairpin), MACs and
-     the out port as for direction d (D24, D32). The entry itself does not change (no
-     state, expiry or packet counts); nat_translated += 1. Checksums (D26 arithmetic,
-     never partial): the quoted IPv4 header checksum over the quoted address words; the
-     quoted L4 checksum, only when its field lies before end (UDP always, TCP when 18
-     bytes are quoted), over quoted address and port words, with UDP's zero rules; the
-     outer IPv4 header checksum over the outer address words; the ICMP checksum over
-     every word written inside the ICMP message (quoted addresses, ports and both quoted
-     checksums, old and new) and, for ICMPv6 (pseudo-header), the outer address words.
-     trace: one "nat" stage whenever the lookup is made.
-
- D39 Fragments of hostPort flows are translated one by one, in arrival order, without
-     reassembly (Linux conntrack reassembles first). A TCP/UDP first fragment (IPv4
-     offset 0 with MF; IPv6 fragment header with offset 0 and M set) is NAT-tracked like
-     an unfragmented packet (lookup, creation, translation; its L4 checksum covers the
-     whole datagram, and the words NAT writes are all in this fragment, so D26 holds). If
-     it was translated, the datagram's translation is remembered under the fragment key
-     as received: (family, src, dst, fragment protocol, identification), where the
-     protocol is IPv4's protocol field or the IPv6 fragment header's next header, and the
-     identification is IPv4's 16 bits or the fragment header's 32 bits. Remembered: the
-     direction, the outer addresses written (D25), the out port and, for direction 1, the
-     entry's MACs; for FRAG_TIMEOUT_NS (30 s, Linux's ipfrag_time). A non-first fragment
-     (IPv4 offset != 0; IPv6 fragment header offset != 0) whose key is remembered and
-     not expired gets those addresses written (IPv4 header checksum patched, D26), its
-     MACs as a packet of that direction (direction 0: the current gateway MAC and the out
-     port's current bound MAC, D24) and that out port (D32); nat_translated += 1; the
-     entry is not touched (D28 counts only the first fragment). Otherwise it is
-     untouched: a non-first fragment that arrives before its first fragment is not
-     translated. An IPv6 atomic fragment (offset 0, M clear) is NAT-tracked and nothing
-     is remembered. The memory is FRAG_SLOTS (256) slots; a key's slot is
-     ct_hash(key) & 255 (the Cython core's hash of the 40-byte conntrack key layout:
-     src, dst, sport = id >> 16, dport = id & 0xFFFF, proto, family; _frag_slot), and a
-     new datagram replaces whatever its slot held. trace: one "nat" stage for a
-     translated non-first fragment.
-
-Counters, trace
- D34 packets/bytes (global) and rx (per port) count each frame once, when process()
-     receives it. tx counts when a frame is output (process or drain), never for
-     OUT_QUEUED or OUT_DROP.
- D35 trace(frame, in_port, now_ns) runs the frame (with an all-zero vnet header) through
-     the pipeline on a copy of the state. It returns a list of (stage, text) with stage in
-     "rx", "parse", "antispoof", "egress_shaper", "nat", "l2", "ingress_shaper", "output";
-     stages after a drop or a queueing are absent; the last item is always ("output",
-     text) with text "port N", "flood", "queued" or "drop REASON" (REASON one of
-     dpconst.DROP_REASONS). Only the stage names and the output text are part of the
-     contract between implementations; the other texts are informative.
-
 Theory of operation
 ===================
-One class, ``Datapath``, one method per pipeline stage, one packet at a time, tables in
+docs/datapath.md is the contract, and its section *Decisions* (D1..D39) the finer points
+both implementations follow; comments here cite them by number. One class, ``Datapath``, one method per pipeline stage, one packet at a time, tables in
 plain dicts. It is slow on purpose: every line should be obviously what docs/datapath.md
 says, so that the Cython core (ext/) can be checked against it byte for byte
 (tests/datapath/test_differential.py).
 
 process() validates the whole batch, then runs ``_process_one`` for each packet in order:
-rx counters, the in port must exist -> ``_parse`` (stage 1) -> ``_antispoof`` (2) -> the
-egress shaper of the in port (3) -> ``_stage4_on``: ``_nat`` (4) -> ``_l2`` (5) -> the
-ingress shaper of the out port (6) -> tx counters (7). A drop anywhere raises ``_Drop``,
+rx counters, the in port must exist -> ``_parse`` -> ``_antispoof`` -> the egress shaper
+of the in port -> ``_forward``: ``_nat`` -> ``_l2`` -> the ingress shaper of the out port
+-> tx counters (the stages are named in consts.STAGES, their trace texts in
+consts.TRACE_EVENTS). A drop anywhere raises ``_Drop``,
 which names the reason and the port it is counted on. Each packet sees the state left by
-the ones before it (sequential semantics); drain() re-enters at ``_stage4_on``.
+the ones before it (sequential semantics); drain() re-enters at ``_forward``.
 
 Malformed-frame rule. The parser reads headers from the first ``lengths[i]`` bytes only.
 A frame is dropped and counted ``malformed`` when it is shorter than 14 bytes, or says
 802.1Q / ARP / IPv4 / IPv6 and its headers are truncated or inconsistent (the exact list
-is in docs/datapath.md, stage 1, and in ``_parse``). A frame that cannot be understood
+is in docs/datapath.md, *Parse*, and in ``_parse``). A frame that cannot be understood
 further but is not inconsistent (other ethertypes, unknown IP protocols, non-first
 fragments, more than 8 IPv6 extension headers) is switched at L2 only (non-first
 fragments of a hostPort datagram are still translated, D39). Nothing is ever read past the frame's length, because
@@ -299,7 +37,7 @@ it waits in a FIFO bounded in (frame) bytes. Oversized packets (cost > burst): w
 a packet is the head of the queue the credit cap rises to its cost, so it leaves
 (C*8 - burst)/rate seconds after the bucket was full, and the charged bytes released
 still never exceed burst + rate*t. No packet stalls forever. drain() releases due heads
-oldest departure first; an egress packet then continues at stage 4.
+oldest departure first; an egress packet then continues at ``_forward``.
 
 Conntrack. One entry per connection holds both directions (BESS nat.h style): one index
 maps the original tuple and the reply tuple to the same entry, so a reply is found with
@@ -323,12 +61,11 @@ from vswitch.datapath.consts import (
     CT_UDP_REPLIED, DEFAULTS, EGRESS, FDB_DTYPE, GC, GLOBAL_COUNTERS, INGRESS, MAX_FRAME,
     MAX_IPS_PER_PORT, MAX_IPV6_EXT_HEADERS, OUT_DROP, OUT_FLOOD, OUT_QUEUED, PC,
     PORT_COUNTERS, PORT_HOST, PORT_POD, PORT_UPLINK, SEC_NS, SWEEP_INTERVAL_NS,
-    VNET_F_NEEDS_CSUM, FRAG_SLOTS, FRAG_TIMEOUT_NS,
+    VNET_F_NEEDS_CSUM, FRAG_SLOTS, FRAG_TIMEOUT_NS, MAX_NODE_ADDRESSES, DROP_REASONS,
+    SHAPER_VERDICTS, TRACE_EVENTS, trace_step,
 )
 
-__all__ = ["Datapath", "MAX_NODE_ADDRESSES"]
-
-MAX_NODE_ADDRESSES = 64
+__all__ = ["Datapath"]
 _MAX_I63 = 2**63 - 1
 
 ETH_P_8021Q = 0x8100
@@ -355,6 +92,14 @@ _V4MAPPED = bytes(10) + b"\xff\xff"
 
 
 # --------------------------------------------------------------------------- helpers
+
+_TRACE_EVENT = {event: i for i, (event, _, _) in enumerate(TRACE_EVENTS)}
+
+
+def _trace(tr, event, a=0, b=0, frame_len=0):
+    """Records trace event ``event`` (consts.TRACE_EVENTS) when tracing (tr is a list)."""
+    tr.append(trace_step(_TRACE_EVENT[event], a, b, frame_len))
+
 
 def _be16(b, i):
     return (b[i] << 8) | b[i + 1]
@@ -435,7 +180,7 @@ def _is_linklocal6(a):
     return a[0] == 0xFE and (a[1] & 0xC0) == 0x80
 
 
-# --------------------------------------------------------------------------- stage 1: parse
+# --------------------------------------------------------------------------- parse
 
 class _Parsed:
     """What the parser found in one frame. Offsets are relative to the frame start."""
@@ -460,24 +205,6 @@ class _Parsed:
         self.sport = 0
         self.dport = 0
         self.tcp_flags = 0
-
-    def describe(self):
-        parts = [f"vlan {self.vlan}"]
-        if self.is_arp:
-            parts.append("arp")
-        elif self.family:
-            parts.append(f"ipv{self.family} {self.src.hex()} > {self.dst.hex()}")
-            if self.fragment:
-                parts.append("fragment")
-            if self.l4 >= 0:
-                parts.append({6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}[self.l4_proto])
-                if self.l4_proto in (6, 17):
-                    parts.append(f"{self.sport} > {self.dport}")
-            else:
-                parts.append("no l4")
-        else:
-            parts.append(f"ethertype 0x{self.ethertype:04x} (l2 only)")
-        return " ".join(parts)
 
 
 def _parse_l4(b, p, proto, start, end, icmp_proto):
@@ -510,7 +237,7 @@ def _parse_l4(b, p, proto, start, end, icmp_proto):
 
 
 def _parse(b):
-    """Stage 1. b: the frame's bytes. Returns a _Parsed, or a str: why it is malformed."""
+    """The parse stage. b: the frame's bytes. Returns a _Parsed, or a str: why it is malformed."""
     n = len(b)
     p = _Parsed()
     if n < 14:
@@ -593,26 +320,9 @@ def _parse(b):
 
 ICMP_ERROR_TYPES = {4: (3, 11, 12), 6: (1, 2, 3, 4)}   # D37
 
-_M64 = (1 << 64) - 1
-
-
-def _ct_hash(key40):
-    """The Cython core's conntrack hash (ext/conntrack.pxi ct_hash) of a 40-byte key."""
-    h = 0x243F6A8885A308D3
-    for i in range(5):
-        h = ((h ^ int.from_bytes(key40[8 * i:8 * i + 8], "little")) * 0x9E3779B97F4A7C15) & _M64
-        h ^= h >> (29 if i < 4 else 32)
-    return h & 0xFFFFFFFF
-
-
 def _frag_key(family, src, dst, proto, ident):
-    """D39: a datagram's fragment key, laid out as the core's 40-byte conntrack key."""
-    return (_addr16(src) + _addr16(dst) + (ident >> 16).to_bytes(2, "little")
-            + (ident & 0xFFFF).to_bytes(2, "little") + bytes([proto, family, 0, 0]))
-
-
-def _frag_slot(key40):
-    return _ct_hash(key40) & (FRAG_SLOTS - 1)
+    """D39: the key a fragmented datagram's translation is remembered under."""
+    return (family, _addr16(src), _addr16(dst), proto, ident)
 
 
 def _icmp_quoted(b, p):
@@ -840,7 +550,7 @@ class Datapath:
         self._rule_ids = {}                    # rule id -> _Rule
         self._ct = {}                          # tuple -> (_Entry, 0 original | 1 reply)
         self._ct_entries = set()               # every live _Entry (by identity)
-        self._frags = {}                       # D39: slot -> a fragmented datagram's translation
+        self._frags = {}                       # D39: fragment key -> its datagram's translation, oldest first
         self._ct_auto_sweep_ns = None
         self._now_ns = 0                       # the latest now_ns of process() / drain()
         self._draining = False
@@ -1105,7 +815,7 @@ class Datapath:
                 length = item.length
                 out_buf[off - H:off + length] = np.frombuffer(item.data, dtype=np.uint8)
                 if direction == EGRESS:
-                    out = self._stage4_on(out_buf, off, length, item.in_port, None, now, None)
+                    out = self._forward(out_buf, off, length, item.in_port, None, now, None)
                     if out == OUT_QUEUED:
                         continue
                 else:
@@ -1143,14 +853,14 @@ class Datapath:
     # ------------------------------------------------------------------ the pipeline
 
     def _process_one(self, buf, off, length, in_port, now, tr):
-        """Stages 1-7 for one received packet; returns its out_ports value."""
+        """The whole pipeline for one received packet; returns its out_ports value."""
         pc = self._pc[in_port]
         pc[PC["rx_packets"]] += 1
         pc[PC["rx_bytes"]] += length
         self._gc[GC["packets"]] += 1
         self._gc[GC["bytes"]] += length
         if tr is not None:
-            tr.append(("rx", f"port {in_port}, {length} bytes"))
+            _trace(tr, "rx", in_port, length)
         try:
             port = self._ports.get(in_port)
             if port is None:
@@ -1161,13 +871,13 @@ class Datapath:
             if isinstance(p, str):
                 raise _Drop("malformed", in_port, p)
             if tr is not None:
-                tr.append(("parse", p.describe()))
+                _trace(tr, "parse", frame_len=length)
             # 2. anti-spoofing
             why = self._antispoof(port, b, p)
             if why:
                 raise _Drop("spoofed", in_port, why)
             if tr is not None and port.antispoof and (port.mac is not None or port.ips is not None):
-                tr.append(("antispoof", "pass"))
+                _trace(tr, "antispoof")
             # 3. egress shaping
             shaper = port.shapers[EGRESS]
             if shaper is not None:
@@ -1176,18 +886,18 @@ class Datapath:
                 if verdict == "full":
                     raise _Drop("queue_full", in_port, "egress queue full")
                 if tr is not None:
-                    tr.append(("egress_shaper", verdict))
+                    _trace(tr, "egress", SHAPER_VERDICTS.index(verdict))
                 if verdict == "queue":
                     H = self.vnet_hdr_len
                     shaper.append(_Queued(buf[off - H:off + length].tobytes(), length, charged, in_port,
                                           -1, self._draining))
                     self._count_queued(in_port)
                     if tr is not None:
-                        tr.append(("output", "queued"))
+                        _trace(tr, "out_queued")
                     return OUT_QUEUED
         except _Drop as drop:
             return self._dropped(drop, tr)
-        return self._stage4_on(buf, off, length, in_port, p, now, tr)
+        return self._forward(buf, off, length, in_port, p, now, tr)
 
     def _charged_len(self, buf, off, b, p):
         """D36 for the frame b at buf[off:]; its vnet header is the H bytes before it."""
@@ -1197,11 +907,11 @@ class Datapath:
     def _dropped(self, drop, tr):
         self._count_drop(drop.reason, drop.port)
         if tr is not None:
-            tr.append(("output", f"drop {drop.reason}"))
+            _trace(tr, "out_drop", 0, DROP_REASONS.index(drop.reason))
         return OUT_DROP
 
-    def _stage4_on(self, buf, off, length, in_port, p, now, tr):
-        """Stages 4-7 (also where a packet released from an egress queue continues)."""
+    def _forward(self, buf, off, length, in_port, p, now, tr):
+        """NAT, L2, ingress shaper, output (also where a packet released from an egress queue continues)."""
         try:
             if p is None:
                 p = _parse(buf[off:off + length].tobytes())
@@ -1219,14 +929,14 @@ class Datapath:
                 if pid != in_port and self._ports[pid].up:
                     self._count_tx(pid, length)
             if tr is not None:
-                tr.append(("output", "flood"))
+                _trace(tr, "out_flood")
             return OUT_FLOOD
         shaper = self._ports[out].shapers[INGRESS]
         if shaper is not None:
             charged = self._charged_len(buf, off, buf[off:off + length].tobytes(), p)
             verdict = shaper.offer(now, length, charged)
             if tr is not None:
-                tr.append(("ingress_shaper", verdict))
+                _trace(tr, "ingress", SHAPER_VERDICTS.index(verdict))
             if verdict == "full":
                 return self._dropped(_Drop("queue_full", out, "ingress queue full"), tr)
             if verdict == "queue":
@@ -1235,14 +945,14 @@ class Datapath:
                                       out, self._draining))
                 self._count_queued(out)
                 if tr is not None:
-                    tr.append(("output", "queued"))
+                    _trace(tr, "out_queued")
                 return OUT_QUEUED
         self._count_tx(out, length)
         if tr is not None:
-            tr.append(("output", f"port {out}"))
+            _trace(tr, "out_port", out)
         return out
 
-    # ------------------------------------------------------------------ stage 2
+    # ------------------------------------------------------------------ antispoof
 
     @staticmethod
     def _antispoof(port, b, p):
@@ -1267,7 +977,7 @@ class Datapath:
                     return "IPv6 source not bound"
         return None
 
-    # ------------------------------------------------------------------ stage 4
+    # ------------------------------------------------------------------ nat
 
     def _nat(self, buf, off, length, in_port, p, now, tr):
         """Returns the out port NAT decided, or None (untouched). Raises _Drop."""
@@ -1287,7 +997,7 @@ class Datapath:
             entry = self._ct_create(key, buf, off, in_port, p, now, tr)
             if entry is None:
                 if tr is not None:
-                    tr.append(("nat", "no entry, no rule"))
+                    _trace(tr, "nat_none")
                 return None
             direction = 0
         self._ct_update(entry, direction, p, length, now)
@@ -1296,8 +1006,7 @@ class Datapath:
         if p.frag_kind == FRAG_FIRST:
             self._frag_remember(p, entry, direction, now)
         if tr is not None:
-            tr.append(("nat", f"{'original' if direction == 0 else 'reply'} direction, "
-                              f"{CT_STATE_NAMES[entry.state]}"))
+            _trace(tr, "nat_hit", direction, entry.state)
         return entry.out_port if direction == 0 else entry.in_port
 
     def _ct_lookup(self, key, now):
@@ -1353,7 +1062,7 @@ class Datapath:
         self._ct_entries.add(e)
         self._gc[GC["ct_created"]] += 1
         if tr is not None:
-            tr.append(("nat", f"new entry from rule {rule.id}{' (hairpin)' if hairpin else ''}"))
+            _trace(tr, "nat_new", rule.id, int(hairpin))
         return e
 
     def _ct_update(self, e, direction, p, length, now):
@@ -1402,28 +1111,31 @@ class Datapath:
             buf[off:off + 6] = np.frombuffer(dst_mac, dtype=np.uint8)
 
     def _frag_remember(self, p, e, d, now):
-        """D39: a translated first fragment's translation, for the rest of its datagram."""
+        """D39: a translated first fragment's translation, for the rest of its datagram.
+        At most FRAG_SLOTS datagrams are remembered; the oldest is forgotten first."""
         key = _frag_key(p.family, p.src, p.dst, p.frag_proto, p.frag_id)
         if d == 0:
-            rec = (key, now + FRAG_TIMEOUT_NS, 0, e.out_port, e.reply_dst if e.hairpin else None,
+            rec = (now + FRAG_TIMEOUT_NS, 0, e.out_port, e.reply_dst if e.hairpin else None,
                    e.reply_src, None, None)
         else:
-            rec = (key, now + FRAG_TIMEOUT_NS, 1, e.in_port, e.orig_dst,
+            rec = (now + FRAG_TIMEOUT_NS, 1, e.in_port, e.orig_dst,
                    e.orig_src if e.hairpin else None, e.orig_dst_mac, e.orig_src_mac)
-        self._frags[_frag_slot(key)] = rec
+        self._frags.pop(key, None)
+        while len(self._frags) >= FRAG_SLOTS:
+            del self._frags[next(iter(self._frags))]
+        self._frags[key] = rec
 
     def _nat_fragment(self, buf, off, p, now, tr):
         """D39: a non-first fragment is translated as its datagram's first fragment was."""
-        key = _frag_key(p.family, p.src, p.dst, p.frag_proto, p.frag_id)
-        rec = self._frags.get(_frag_slot(key))
-        if rec is None or rec[0] != key or rec[1] <= now:
+        rec = self._frags.get(_frag_key(p.family, p.src, p.dst, p.frag_proto, p.frag_id))
+        if rec is None or rec[0] <= now:
             return None
-        _, _, d, out_port, new_src, new_dst, src_mac, dst_mac = rec
+        _, d, out_port, new_src, new_dst, src_mac, dst_mac = rec
         self._rewrite(buf, off, p, src=new_src, dst=new_dst)
         self._set_macs(buf, off, d, out_port, src_mac, dst_mac)
         self._gc[GC["nat_translated"]] += 1
         if tr is not None:
-            tr.append(("nat", f"fragment, {'original' if d == 0 else 'reply'} direction"))
+            _trace(tr, "nat_fragment", d)
         return out_port
 
     def _nat_icmp_error(self, buf, off, length, p, now, tr):
@@ -1438,7 +1150,7 @@ class Datapath:
         found = self._ct_lookup((p.family, proto, _addr16(q_dst), _addr16(q_src), q_dport, q_sport), now)
         if found is None:
             if tr is not None:
-                tr.append(("nat", "icmp error, no entry"))
+                _trace(tr, "nat_icmp_none")
             return None
         e, d = found
         if d == 0:
@@ -1451,7 +1163,7 @@ class Datapath:
         self._entry_macs(buf, off, e, d)
         self._gc[GC["nat_translated"]] += 1
         if tr is not None:
-            tr.append(("nat", f"icmp error, {'original' if d == 0 else 'reply'} direction"))
+            _trace(tr, "nat_icmp", d)
         return e.out_port if d == 0 else e.in_port
 
     def _rewrite_icmp_error(self, buf, off, p, where, proto, outer, inner):
@@ -1546,7 +1258,7 @@ class Datapath:
                 hc = 0xFFFF
         buf[at], buf[at + 1] = hc >> 8, hc & 0xFF
 
-    # ------------------------------------------------------------------ stage 5
+    # ------------------------------------------------------------------ l2
 
     def _l2(self, buf, off, in_port, vlan, src_mac, nat_out, now, tr):
         self._learn(vlan, src_mac, in_port, now)
@@ -1555,17 +1267,17 @@ class Datapath:
             if port is None or not port.up:
                 raise _Drop("no_route", in_port, f"NAT out port {nat_out} is down")
             if tr is not None:
-                tr.append(("l2", f"NAT decided port {nat_out}"))
+                _trace(tr, "l2_nat", 0, nat_out)
             return nat_out
         dst = buf[off:off + 6].tobytes()
         if dst[0] & 1:
             if tr is not None:
-                tr.append(("l2", "multicast/broadcast"))
+                _trace(tr, "l2_multicast")
             return OUT_FLOOD
         entry = self._fdb_get((vlan, dst), now)
         if entry is None:
             if tr is not None:
-                tr.append(("l2", "unknown unicast"))
+                _trace(tr, "l2_unknown")
             return OUT_FLOOD
         if entry.port == in_port:
             raise _Drop("loop", in_port, "destination MAC is on the in port")
@@ -1573,7 +1285,7 @@ class Datapath:
         if port is None or not port.up:
             raise _Drop("no_route", in_port, f"port {entry.port} is down")
         if tr is not None:
-            tr.append(("l2", f"known unicast on port {entry.port}"))
+            _trace(tr, "l2_known", 0, entry.port)
         return entry.port
 
     def _fdb_get(self, key, now):
