@@ -17,8 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scapy.layers.l2 import Ether  # noqa: E402
 from scapy.utils import wrpcap  # noqa: E402
 
-from vswitch.sim import Simulation  # noqa: E402
-from vswitch.sim.generators import PcapReplay  # noqa: E402
+from vswitch.sim import PcapReplay, Simulation  # noqa: E402
 
 
 def record(path, impl):

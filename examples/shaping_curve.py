@@ -13,8 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vswitch.sim import Simulation  # noqa: E402
-from vswitch.sim.generators import CBR  # noqa: E402
+from vswitch.sim import CBR, Simulation  # noqa: E402
 
 RATE_BPS, BURST_BITS = 10_000_000, 200_000
 

@@ -1,8 +1,7 @@
 """Bad input raises a clear exception naming the value, and nothing is half-applied."""
 import pytest
 
-from vswitch.sim import Simulation
-from vswitch.sim.generators import CBR
+from vswitch.sim import CBR, Simulation
 
 
 def state(sim):

@@ -1,7 +1,6 @@
 """Determinism: the same seed and inputs give byte-identical pcaps and counters, with either
 implementation; a different seed gives different MACs (so the seed matters)."""
-from vswitch.sim import Simulation
-from vswitch.sim.generators import CBR, OnOff, Poisson
+from vswitch.sim import CBR, OnOff, Poisson, Simulation
 
 
 def scenario(impl, seed, tmp_path, tag):

@@ -4,7 +4,7 @@ import pytest
 from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
-from vswitch.sim.generators import CBR, OnOff, PcapReplay, Poisson
+from vswitch.sim import CBR, OnOff, PcapReplay, Poisson
 
 
 @pytest.fixture

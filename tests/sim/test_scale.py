@@ -5,7 +5,7 @@ import tracemalloc
 
 from scapy.layers.l2 import ARP, Ether
 
-from vswitch.sim.generators import CBR
+from vswitch.sim import CBR
 
 N_PODS = 1000
 

@@ -7,7 +7,7 @@ than one packet.
 import numpy as np
 import pytest
 
-from vswitch.sim.generators import CBR
+from vswitch.sim import CBR
 
 R_BPS = 1_000_000
 B_BITS = 10_000
