@@ -10,10 +10,13 @@ non-blocking side.
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 DEFAULT_SOCKET = "/run/vswitch/vswitchd.sock"
-MAX_LINE_BYTES = 1 << 20
+MAX_LINE_BYTES = 1 << 20        # a request line (the daemon's limit; replies have none of their own)
+MAX_REPLY_BYTES = 1 << 30       # what a client reads as one reply, at most
+MAX_DEPTH = 32                  # levels of nesting of a request (the object itself is level 1)
 
 # error codes: CNI ones where one fits, 100+ our own
 E_BAD_ARGS = 4
@@ -50,16 +53,48 @@ def encode(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=False).encode() + b"\n"
 
 
-def decode(line: bytes) -> dict:
-    """Parse one request or reply line; RpcError 105 if it is not a JSON object."""
-    if len(line) > MAX_LINE_BYTES:
-        raise RpcError(E_BAD_REQUEST, f"request of {len(line)} bytes exceeds {MAX_LINE_BYTES} bytes")
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_BRACKETS = bytes.maketrans(b"{}", b"[]")      # one kind of bracket: the depth is the same
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def nesting_exceeds(line: bytes, max_depth: int = MAX_DEPTH) -> bool:
+    """Whether the JSON text ``line`` nests deeper than ``max_depth``, without parsing it:
+    the strings are cut out and only the brackets kept; then a run of more opening
+    brackets than the depth left is too deep, else each pass removes the innermost pairs
+    (``[]``). Text that is not balanced is left to the parser to reject. Normal requests
+    (at most ``max_depth`` brackets in all) cost two counts; a 1 MiB line at most ~0.1 s."""
+    if line.count(b"[") + line.count(b"{") <= max_depth:
+        return False
+    s = _STRING.sub(b"", line).translate(_BRACKETS, _NOT_BRACKET)
+    for left in range(max_depth, 0, -1):
+        if not s:
+            return False
+        if b"[" * (left + 1) in s:
+            return True
+        t = s.replace(b"[]", b"")
+        if len(t) == len(s):
+            return False
+        s = t
+    return bool(s)
+
+
+def decode(line: bytes, what: str = "request", max_bytes: int = MAX_LINE_BYTES) -> dict:
+    """Parse one request (or, with ``what="reply"`` and a larger ``max_bytes``, reply)
+    line; RpcError 105 if it is too long, nests deeper than MAX_DEPTH, or is not a JSON
+    object."""
+    if len(line) > max_bytes:
+        raise RpcError(E_BAD_REQUEST, f"{what} of {len(line)} bytes exceeds {max_bytes} bytes")
+    if nesting_exceeds(line):
+        raise RpcError(E_BAD_REQUEST, f"{what} nests deeper than {MAX_DEPTH} levels; accepted: at most {MAX_DEPTH}")
     try:
         obj = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RpcError(E_BAD_REQUEST, f"request is not JSON: {exc}") from None
+        raise RpcError(E_BAD_REQUEST, f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise RpcError(E_BAD_REQUEST, f"{what} nests too deeply; accepted: at most {MAX_DEPTH} levels") from None
     if not isinstance(obj, dict):
-        raise RpcError(E_BAD_REQUEST, f"request must be a JSON object, got {type(obj).__name__}")
+        raise RpcError(E_BAD_REQUEST, f"{what} must be a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -73,6 +108,11 @@ class LineBuffer:
     def __init__(self):
         self._buf = bytearray()
         self._skipping = False
+
+    @property
+    def pending(self) -> bool:
+        """Bytes of an unfinished line are held (or being skipped)."""
+        return bool(self._buf) or self._skipping
 
     def feed(self, data: bytes) -> list:
         self._buf += data
@@ -115,12 +155,12 @@ class Client:
         """Send one request, return the raw reply (ok or not)."""
         try:
             self.sock.sendall(encode(req))
-            line = self._rfile.readline(MAX_LINE_BYTES * 64)
+            line = self._rfile.readline(MAX_REPLY_BYTES + 1)
         except OSError as exc:
             raise RpcError(E_TRY_AGAIN, f"vswitchd at {self.path} failed: {exc.strerror or exc}") from None
         if not line:
             raise RpcError(E_TRY_AGAIN, f"vswitchd at {self.path} closed the connection")
-        return decode(line)
+        return decode(line, "reply", MAX_REPLY_BYTES)
 
     def call(self, op: str, **args) -> dict:
         reply = self.request({"op": op, **args})

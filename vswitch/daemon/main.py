@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import select
 import signal
 import socket
@@ -55,13 +56,12 @@ import traceback
 from vswitch import __version__, rpc
 from vswitch.daemon import metrics
 from vswitch.daemon import netlink
-from vswitch import datapath
 from vswitch.datapath import consts as C
 from vswitch.daemon.attachment import need_str, public
-from vswitch.daemon.control import ControlServer
-from vswitch.daemon.debug import Captures, trace
+from vswitch.daemon.control import ControlServer, Limits
+from vswitch.daemon.debug import Captures, conntrack_page, fdb_page, trace
 from vswitch.daemon.gateways import Gateways
-from vswitch.daemon.log import Log
+from vswitch.daemon.log import LOG_LEVELS, Log
 from vswitch.daemon.masq import Masq
 from vswitch.daemon.pods import Pods
 from vswitch.daemon.ports import PacketIO, PortTable
@@ -81,7 +81,8 @@ KERNEL_OPS = frozenset({"attach", "detach", "check", "gc"})
 class Daemon:
     def __init__(self, socket_path: str, state_dir: str, switch: str = "vsw0", uplink: str | None = None,
                  log_file: str | None = None, metrics_port: int | None = None, test_faults: bool = False,
-                 max_ports: int = 256, poll_us: int = DEFAULT_POLL_US):
+                 max_ports: int = 256, poll_us: int = DEFAULT_POLL_US, log_level: str = "info",
+                 log_group: str | None = None, control_limits: Limits = Limits()):
         if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"poll_us={poll_us!r}; accepted: an integer 0 .. {MAX_POLL_US} (microseconds)")
         self.socket_path = socket_path
@@ -91,7 +92,9 @@ class Daemon:
         self.test_faults = test_faults
         self.max_ports = max_ports
         self.poll_ns = poll_us * 1000
-        self.log = Log(log_file)
+        self.log = Log(log_file, level=log_level, group=log_group)
+        self.control_limits = control_limits
+        self.reopen_log = False         # SIGHUP: the log file is reopened (rotation)
         self.started = time.monotonic()
         self.state = State(state_dir)
         self.io = PacketIO(max_ports)
@@ -113,6 +116,7 @@ class Daemon:
 
     def start(self):
         self.state.load()
+        nofile = raise_nofile_limit()
         self.ep = select.epoll()       # control: sockets, signals, the kernel thread (ports: self.io)
         self.io.watch_control(self.ep.fileno())
         self._signals()
@@ -137,13 +141,14 @@ class Daemon:
         self.state.adopted = True
         self.state.save()
         self.control = ControlServer(self.ep, self.log, self._handlers(), KERNEL_OPS, self.kernel,
-                                     stopping=lambda: self.stop, metrics_text=self.metrics_text)
+                                     stopping=lambda: self.stop, metrics_text=self.metrics_text,
+                                     limits=self.control_limits)
         self.control.listen(self.socket_path)
         if self.metrics_port is not None:
             self.control.listen_metrics(self.metrics_port)
         self.log("started", version=__version__, socket=self.socket_path, switch=self.host_name,
                  uplink=self.uplink_name, pods=len(self.state.attachments), io=self.io.impl,
-                 datapath=type(self.switch.dp).__module__)
+                 datapath=type(self.switch.dp).__module__, nofile=nofile)
 
     def _signals(self):
         r, w = socket.socketpair()
@@ -156,6 +161,10 @@ class Daemon:
             self.stop = True
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+
+        def on_hup(signum, frame):
+            self.reopen_log = True
+        signal.signal(signal.SIGHUP, on_hup)
         self.ep.register(r.fileno(), select.EPOLLIN)
 
     # ----------------------------------------------------------------- the ops table
@@ -172,7 +181,7 @@ class Daemon:
         return {"pods": len(self.state.attachments), "uptime_s": round(time.monotonic() - self.started, 3),
                 "version": __version__, "switch": self.host_name, "uplink": self.uplink_name,
                 "datapath": type(self.switch.dp).__module__, "io": self.io.impl,
-                "poll_us": self.poll_ns // 1000, "loop": self.io.loop_stats()}
+                "poll_us": self.poll_ns // 1000, "loop": self.io.loop_stats(), "control": self.control.status()}
 
     def op_list(self, req):
         return {"attachments": [public(a) for a in self.state.attachments.values()]}
@@ -199,16 +208,10 @@ class Daemon:
             raise RpcError(rpc.E_BAD_ARGS, str(exc.args[0])) from None
 
     def op_fdb(self, req):
-        now = time.monotonic_ns()
-        return {"entries": [{"vlan": e["vlan"], "mac": e["mac"], "port": e["port"],
-                             "age_s": round(e["age_ns"] / 1e9, 3)} for e in self.switch.fdb(now)]}
+        return fdb_page(self.switch, req, time.monotonic_ns())
 
     def op_conntrack(self, req):
-        now = time.monotonic_ns()
-        entries = self.switch.conntrack()
-        for e in entries:
-            e["expires_in_s"] = round((e.pop("expires_ns") - now) / 1e9, 3)
-        return {"entries": entries}
+        return conntrack_page(self.switch, req, time.monotonic_ns())
 
     def op_hostports(self, req):
         return {"rules": self.switch.hostports()}
@@ -245,15 +248,18 @@ class Daemon:
         port, the sweep timer); else one ``io.poll`` per wakeup with the datapath called
         from here (captures see each batch; the Python twins use this path)."""
         io, dp = self.io, self.switch.dp
-        fast = io.impl == "c"           # vswitch.datapath chose the core for both (one selection)
+        fast = io.impl == "c" and type(dp).__module__ == "vswitch.datapath._core"
         run, poll_ns = io.run, self.poll_ns
         monotonic_ns = time.monotonic_ns
-        while not self.stop or self.control.busy:
+        ctl = self.control
+        while not self.stop or ctl.busy:
             if fast and not self.captures:
-                run(dp, self.last_sweep_ns + SWEEP_INTERVAL_NS, poll_ns)
+                run(dp, min(self.last_sweep_ns + SWEEP_INTERVAL_NS, ctl.timer_ns), poll_ns)
                 now = monotonic_ns()
             else:
                 now = self._step()
+            if now >= ctl.timer_ns:
+                ctl.tick(now)
             if io.n_failed:
                 for pid in io.failed[:io.n_failed].tolist():
                     p = self.ports.polled.get(pid)
@@ -272,7 +278,7 @@ class Daemon:
         io, dp = self.io, self.switch.dp
         nd = dp.next_departure_ns()
         now = time.monotonic_ns()
-        until = self.last_sweep_ns + SWEEP_INTERVAL_NS
+        until = min(self.last_sweep_ns + SWEEP_INTERVAL_NS, self.control.timer_ns)
         if 0 <= nd < until:
             until = nd
         n = io.poll(max(0, -((now - until) // 1_000_000)))       # ms, rounded up
@@ -304,6 +310,8 @@ class Daemon:
                               io.max_batch, write)
 
     def _control_events(self):
+        """One round of control work (bounded: ``vswitch.daemon.control``)."""
+        self.control.round_start()
         for fd, ev in self.ep.poll(0):
             if fd == self.kernel.fd:
                 self.control.kernel_done()
@@ -314,7 +322,10 @@ class Daemon:
                     pass
             else:
                 self.control.event(fd, ev)
-        self.control.next_op()
+        if self.reopen_log:
+            self.reopen_log = False
+            self.log.reopen()
+        self.control.round_end()
 
     def _port_failed(self, port):
         """A TAP whose device vanished (link deleted behind our back): stop polling it."""
@@ -356,6 +367,19 @@ class Daemon:
         self.log("stopped", pods=len(st.attachments))
 
 
+def raise_nofile_limit() -> int:
+    """RLIMIT_NOFILE's soft limit raised to the hard one (as many daemons do); the new limit.
+    Running out is still handled (``vswitch.daemon.control``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="vswitchd", description="vswitch daemon: pods on TAP devices")
     ap.add_argument("--socket", default=rpc.DEFAULT_SOCKET, help="control socket path")
@@ -372,19 +396,37 @@ def main(argv=None):
                          f"{DEFAULT_POLL_US}): catches a reply without a thread wakeup, at the cost of "
                          f"at most this much CPU per burst of traffic; idle costs nothing")
     ap.add_argument("--test-faults", action="store_true", help="accept 'fault' in attach (tests only)")
+    ap.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                    help="the least severe events written (default info)")
+    ap.add_argument("--log-group", metavar="GROUP",
+                    help="the --log-file's group (name or gid): the file is then 0640, else 0600")
+    lim = Limits()
+    ap.add_argument("--ctl-max-conns", type=int, default=lim.max_conns,
+                    help=f"control and metrics connections at once; more are told code 11 and closed "
+                         f"(default {lim.max_conns})")
+    ap.add_argument("--ctl-idle-timeout-s", type=float, default=lim.idle_timeout_s,
+                    help=f"close a connection idle this long: nothing read or written, no operation "
+                         f"running (default {lim.idle_timeout_s:g})")
+    ap.add_argument("--ctl-line-timeout-s", type=float, default=lim.line_timeout_s,
+                    help=f"a request line begun must end within this many seconds (default {lim.line_timeout_s:g})")
+    ap.add_argument("--ctl-max-queued-bytes", type=int, default=lim.max_queued_bytes,
+                    help=f"drop a client whose unsent replies exceed this (default {lim.max_queued_bytes})")
     a = ap.parse_args(argv)
     try:
-        datapath.module()               # the one selection: a missing build stops here, clearly
-    except datapath.BuildError as exc:
-        print(f"vswitchd: {exc}", file=sys.stderr)
-        return 2
+        limits = Limits(a.ctl_max_conns, a.ctl_idle_timeout_s, a.ctl_line_timeout_s, a.ctl_max_queued_bytes)
+    except ValueError as exc:
+        ap.error(f"--ctl-*: {exc}")
     if os.geteuid() != 0:
         print("vswitchd: must run as root (TAP devices, namespaces)", file=sys.stderr)
         return 2
     if not 0 <= a.poll_us <= MAX_POLL_US:
         ap.error(f"--poll-us {a.poll_us}: accepted 0 .. {MAX_POLL_US} (microseconds)")
-    d = Daemon(a.socket, a.state_dir, a.switch, a.uplink, a.log_file, a.metrics_port, a.test_faults, a.max_ports,
-               a.poll_us)
+    try:
+        d = Daemon(a.socket, a.state_dir, a.switch, a.uplink, a.log_file, a.metrics_port, a.test_faults,
+                   a.max_ports, a.poll_us, log_level=a.log_level, log_group=a.log_group, control_limits=limits)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"vswitchd: {exc}", file=sys.stderr)
+        return 2
     try:
         d.start()
         d.run()
