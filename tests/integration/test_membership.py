@@ -473,3 +473,16 @@ def test_tls_endpoint_with_ca_and_client_certificate(tmp_path, prefix, nodes):
             c.m.wait_registered(3)
         for n in (a, b):
             n.m.close()
+
+
+@needs_etcd
+@pytest.mark.integration
+def test_a_deleted_own_record_is_written_again(shared_etcd, prefix, nodes):
+    a, b = (nodes(f"node-{i}", shared_etcd.url, prefix=prefix) for i in range(2))
+    subnet_a = a.m.wait_registered(10)
+    b.m.wait_registered(10)
+    wait_for(lambda: b.names() == {"node-0"}, 5, "b to see a")
+    Store(shared_etcd.url).delete(f"{prefix}nodes/node-0")       # another tool removes it
+    wait_for(lambda: Store(shared_etcd.url).get(f"{prefix}nodes/node-0") is not None, 5, "a to rewrite it")
+    wait_for(lambda: b.names() == {"node-0"}, 5, "b to see a again")
+    assert a.m.subnets == subnet_a and a.m.status()["registrations"] == 2
