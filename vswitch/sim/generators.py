@@ -25,10 +25,12 @@ one ``numpy.take`` per batch, each batch is one ``Datapath.process`` call at the
 its last frame (a batch holds at most ``batch_size`` frames spanning at most
 ``batch_ns``, as a daemon reads a batch and then the clock once), shaper queues are
 drained (``Switch.drain_due``) between batches at their departure times (no more often
-than every ``batch_ns``), and outputs are counted per port with ``numpy.bincount``. No
-Python runs per packet, nothing is recorded per packet (``record=True`` records and
-answers, slowly), and memory is bounded by the chunk size and the frame table, whatever
-the number of frames.
+than every ``batch_ns``), events queued meanwhile (frames sent for later; in record
+mode, hosts' answers) run in time order between them, and outputs are counted per port
+with ``numpy.bincount``. No Python runs per packet, nothing is recorded per packet
+(``record=True`` records each frame as sent and as delivered, and hosts answer: slowly),
+and memory is bounded by the chunk size and the frame table, whatever the number of
+frames.
 
 Both take the simulation as an ``engine.Engine`` and use only the names listed in
 ``engine.ENGINE_PROTOCOL`` (the clock, port ids, ``send``, ``deliver``, ...), never its
@@ -526,6 +528,10 @@ def run_bulk(sim: Engine, flows, *, until_ns=None, batch_size=256, batch_ns=100_
             td = max(nd, sim.now)
             if batch_ns and state["last_drain"] >= 0:
                 td = max(td, min(now, state["last_drain"] + batch_ns))
+            t_ev = sim.next_event_ns()
+            if t_ev is not None and t_ev < td:
+                sim.run(until_ns=t_ev)     # queued events (replies, routed frames) first: time never runs back
+                continue
             if dout is None:
                 cap = 1024
                 dout = (np.zeros(max(1 << 20, 2 * (C.MAX_FRAME + H)), np.uint8), np.empty(cap, np.uint32),
@@ -594,10 +600,11 @@ def run_bulk(sim: Engine, flows, *, until_ns=None, batch_size=256, batch_ns=100_
             m = j - i
             np.take(table, idx[i:j], axis=0, out=buf2d[:m])
             sim.set_clock(now)
+            if record:                     # as sent: process() rewrites frames in place (NAT)
+                sim.capture_sent(now, buf, offsets, lens[i:j], inp[i:j], m)
             sw.process(buf, offsets, lens[i:j], inp[i:j], outs[i:j], m, now)
             res.batches += 1
             if record:
-                sim.capture_sent(now, buf, offsets, lens[i:j], inp[i:j], m)
                 sim.deliver(now, buf, offsets, lens[i:j], inp[i:j], outs[i:j], m)
             i = j
         res.frames += n
