@@ -1,7 +1,8 @@
 """vswitchctl: inspect and drive a running vswitchd over its control socket.
 
 Theory of operation: every subcommand is one or two control requests (``vswitch/rpc.py``,
-``docs/control.md``); the reply is printed as a human table, or as the raw JSON with
+``docs/control.md``; ``fdb`` and ``conntrack`` page through the table, ``--limit`` and
+``--port`` narrowing it, so a full table is listed whole); the reply is printed as a human table, or as the raw JSON with
 ``--json``. Subcommands are rows of the ``COMMANDS`` table (name -> (help, add_arguments,
 run, text, needs the daemon)): ``run`` makes the requests and returns the reply, ``text``
 renders it; a new subcommand is a new row, nothing else changes. ``install-cni`` needs no
@@ -18,7 +19,7 @@ import signal
 import sys
 import threading
 
-from vswitch import rpc
+from vswitch import __version__, rpc
 
 
 def _table(rows: list[list], headers: list[str]) -> str:
@@ -64,6 +65,32 @@ def _show(r):
 def _fdb(r):
     return _table([[e["vlan"], e["mac"], e["port"], e["age_s"]] for e in r["entries"]],
                   ["VLAN", "MAC", "PORT", "AGE(s)"])
+
+
+def _listing_args(p):
+    p.add_argument("--port", help="only the entries of this port (name or id)")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N entries (default: all)")
+
+
+def _pages(op):
+    """run for a paged listing (fdb, conntrack): pages of at most PAGE entries until the
+    table (or --limit) ends; the reply holds them all, with the daemon's ``total``."""
+    PAGE = 5000
+
+    def run(c, a):
+        if a.limit is not None and a.limit < 1:
+            raise rpc.RpcError(rpc.E_BAD_ARGS, f"--limit {a.limit}; accepted: 1 or more")
+        args = {} if a.port is None else {"port": int(a.port) if a.port.isdigit() else a.port}
+        entries, cursor, total = [], None, 0
+        while True:
+            want = PAGE if a.limit is None else min(PAGE, a.limit - len(entries))
+            r = c.call(op, limit=want, **args, **({"cursor": cursor} if cursor else {}))
+            entries += r["entries"]
+            cursor = r.get("next")
+            total = r.get("total", len(entries))
+            if not cursor or (a.limit is not None and len(entries) >= a.limit):
+                return {"ok": True, "entries": entries, "total": total}
+    return run
 
 
 def _conntrack(r):
@@ -131,7 +158,8 @@ def _capture_run(c, a):
         done.wait(a.duration)
     finally:
         signal.signal(signal.SIGINT, old)
-        r = c.call("capture_stop", port=port)
+        # a new connection: the first may have been closed as idle (--ctl-idle-timeout-s)
+        r = rpc.call(a.socket, "capture_stop", timeout_s=a.timeout, port=port)
     return r
 
 
@@ -179,8 +207,8 @@ COMMANDS = {
     "show": ("ports, pods, IPs, shaping, hostPorts", _none, _call("show"), _show, True),
     "status": ("daemon status", _none, _call("status"), _status, True),
     "list": ("attachments", _none, _call("list"), _list, True),
-    "fdb": ("the MAC table", _none, _call("fdb"), _fdb, True),
-    "conntrack": ("hostPort connection tracking", _none, _call("conntrack"), _conntrack, True),
+    "fdb": ("the MAC table", _listing_args, _pages("fdb"), _fdb, True),
+    "conntrack": ("hostPort connection tracking", _listing_args, _pages("conntrack"), _conntrack, True),
     "counters": ("packet and drop counters by reason", _counters_args, _counters_run, _counters, True),
     "trace": ("a described packet through the pipeline", _trace_args, _trace_run,
               lambda r: _table(r["stages"], ["STAGE", "DECISION"]), True),
@@ -197,6 +225,7 @@ COMMANDS = {
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="vswitchctl", description="inspect and drive vswitchd")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("--socket", default=rpc.DEFAULT_SOCKET, help=f"control socket (default {rpc.DEFAULT_SOCKET})")
     ap.add_argument("--json", action="store_true", help="print the raw JSON reply")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
