@@ -9,7 +9,7 @@ import sys
 
 
 def main(argv=None):
-    from bench.runner import main as run
+    from .runner import main as run
     return run(argv)
 
 

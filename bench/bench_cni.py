@@ -44,8 +44,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import nettools, podnet
-from bench.report import quick_mode, record
+from . import nettools, podnet
+from .report import quick_mode, record
 from vswitch import lab
 
 pytestmark = pytest.mark.integration

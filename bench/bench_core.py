@@ -69,7 +69,7 @@ import time
 import numpy as np
 import pytest
 
-from bench.report import quick_mode, record
+from .report import quick_mode, record
 from vswitch.daemon.ports import PacketIO
 from vswitch.datapath import consts as C
 

@@ -32,9 +32,9 @@ import statistics
 
 import pytest
 
-from bench import podnet
-from bench.bench_real import connected_pair, measure_ping, measure_tcp, measure_udp
-from bench.report import quick_mode, record
+from . import podnet
+from .bench_real import connected_pair, measure_ping, measure_tcp, measure_udp
+from .report import quick_mode, record
 
 pytestmark = pytest.mark.integration
 

@@ -48,8 +48,8 @@ import sys
 
 import pytest
 
-from bench import nettools, podnet
-from bench.report import quick_mode, record
+from . import nettools, podnet
+from .report import quick_mode, record
 from vswitch import lab
 
 pytestmark = pytest.mark.integration

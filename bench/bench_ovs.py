@@ -36,8 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_real, nettools
-from bench.bench_real import (PING_COUNT, PING_INTERVAL_S, TCP_OMIT_S, TCP_ROUNDS,
+from . import bench_real, nettools
+from .bench_real import (PING_COUNT, PING_INTERVAL_S, TCP_OMIT_S, TCP_ROUNDS,
                               TCP_SECONDS, UDP_ROUNDS, UDP_SECONDS)
 from vswitch import lab
 

@@ -37,8 +37,8 @@ from typing import NamedTuple
 
 import pytest
 
-from bench import nettools, podnet
-from bench.report import quick_mode, record
+from . import nettools, podnet
+from .report import quick_mode, record
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.report import quick_mode, record
+from .report import quick_mode, record
 from vswitch.sim import Simulation
 from vswitch.sim.generators import CBR
 

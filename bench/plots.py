@@ -19,7 +19,7 @@ import math
 import re
 from pathlib import Path
 
-from bench import report
+from . import report
 
 
 def _matplotlib():

@@ -50,7 +50,7 @@ POD_IFNAME = "eth0"
 def require_subject(subject, *, portmap=False, bandwidth=False, tools=()):
     """Skip the calling test (with the reason) unless ``subject`` can run here."""
     import pytest
-    from bench import nettools
+    from . import nettools
     nettools.require(*tools)
     needed = ["host-local"]
     if subject == "bridge":

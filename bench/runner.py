@@ -6,7 +6,8 @@ The runner starts pytest (with pytest-benchmark) in a child process on the files
 ``bench/bench_*.py`` — passed explicitly, since pytest's ``testpaths`` is ``tests/`` —
 with ``--benchmark-only --benchmark-json=<run dir>/benchmark.json``, and the child's
 output going to ``<run dir>/pytest.log``. This module is also loaded into that child as a
-pytest plugin (``-p bench.runner``): its hooks append one JSON line per event (collected,
+pytest plugin (``-p bench.runner``: named after the folder, as pytest names the benchmark
+files it imports by path, so the child never holds one module under two names): its hooks append one JSON line per event (collected,
 test started, test finished with outcome and skip/fail reason) to the file named by
 ``VSWITCH_BENCH_PROGRESS``; and a test that fails (a validity check after its
 benchmarked call, or its teardown) has its benchmark marked as an error, so
@@ -36,8 +37,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH_DIR = REPO / "bench"
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+#: This module as the pytest child loads it: pytest imports bench/bench_*.py by path under
+#: the name of their folder (``bench.bench_core`` in a checkout, whatever this package is
+#: called in the parent: ``bench`` for ``python -m bench``, ``vswitch_bench`` for the
+#: console script), so the plugin is named the same way, and no module of the child is
+#: imported under two names.
+CHILD_PLUGIN = f"{BENCH_DIR.name}.runner"
 RESULTS_DIR = BENCH_DIR / "results"
 PROGRESS_ENV = "VSWITCH_BENCH_PROGRESS"
 
@@ -57,8 +64,24 @@ def _emit(event):
         f.write(json.dumps(event) + "\n")
 
 
+def _names_per_file():
+    """{file of this folder: [module names it is loaded under]} in this process."""
+    seen = {}
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None)
+        if f and Path(f).resolve().parent == BENCH_DIR:
+            seen.setdefault(Path(f).resolve().name, []).append(name)
+    return seen
+
+
 def pytest_collection_finish(session):
-    from bench.report import subject_of_test
+    import pytest
+    twice = {f: sorted(n) for f, n in _names_per_file().items() if len(n) > 1}
+    if twice:
+        raise pytest.UsageError(
+            f"benchmark modules loaded under two names in one process: {twice}; load this "
+            f"plugin as -p {CHILD_PLUGIN} (the name pytest gives the files of {BENCH_DIR})")
+    from .report import subject_of_test
     subjects = {}
     for item in session.items:
         callspec = getattr(item, "callspec", None)
@@ -221,7 +244,7 @@ def bench_files(selected=None):
 
 def build_pytest_command(out_dir, files, quick=False, keyword=None, extra=()):
     cmd = [sys.executable, "-m", "pytest", *[str(f) for f in files],
-           "-p", "no:cacheprovider", "-p", "bench.runner",
+           "-p", "no:cacheprovider", "-p", CHILD_PLUGIN,
            "-o", "python_files=bench_*.py test_*.py",
            "--benchmark-only", f"--benchmark-json={out_dir / 'benchmark.json'}",
            "--benchmark-sort=fullname", "-q"]
@@ -279,7 +302,7 @@ def run_pytest(cmd, out_dir, env, stream=sys.stderr):
 def write_report(out_dir, sysinfo=None, outcomes=None, run_info=None, notes_text=None,
                  plots=True, compare_dir=None, stream=sys.stderr, allowed=frozenset()):
     """report.md (and compare.md) from the files in ``out_dir``; returns the report path."""
-    from bench import report
+    from . import report
     out_dir = Path(out_dir)
     if sysinfo is None and (out_dir / "sysinfo.json").exists():
         sysinfo = json.loads((out_dir / "sysinfo.json").read_text())
@@ -293,7 +316,7 @@ def write_report(out_dir, sysinfo=None, outcomes=None, run_info=None, notes_text
         results = report.load_results(out_dir)
     plot_paths, plot_note = {}, None
     if plots and results.rows:
-        from bench import plots as plotmod
+        from . import plots as plotmod
         plot_paths, plot_note = plotmod.make_plots(results.rows, out_dir / "plots")
     elif not plots:
         plot_note = "plots skipped (--no-plots)"
@@ -317,7 +340,7 @@ def write_report(out_dir, sysinfo=None, outcomes=None, run_info=None, notes_text
 
 
 def print_targets(out_dir, stream=sys.stderr):
-    from bench import report
+    from . import report
     bj = Path(out_dir) / "benchmark.json"
     if not bj.exists() or not bj.stat().st_size:
         return
@@ -340,7 +363,7 @@ def print_compare_summary(changes, stream=sys.stderr):
     moved = [c for c in changes if c.verdict in ("faster", "slower", "better", "worse")]
     stream.write(f"bench: compare: {len(moved)} change(s) beyond the noise "
                  f"of {len(changes)} row(s)\n")
-    from bench import report
+    from . import report
     for c in moved:
         stream.write(f"  {c.verdict:7} {c.key[0]} {report.fmt_params(dict(c.key[1]))} "
                      f"{c.subject}: {report.fmt(c.old.median)} → {report.fmt(c.new.median)} "
@@ -382,13 +405,13 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     stream = sys.stderr
     notes_text = Path(args.notes).read_text() if args.notes else None
-    from bench import report
+    from . import report
     try:
         allowed = report.allowed_missing(args.allow_missing_peer)
     except ValueError as exc:
         raise SystemExit(f"bench: {exc}")
     if args.compare:
-        from bench import report
+        from . import report
         try:
             report.load_results(args.compare)
         except (OSError, ValueError) as exc:
@@ -404,7 +427,7 @@ def main(argv=None):
         print_targets(out_dir, stream)
         return 1 if print_missing(out_dir, allowed, stream) else 0
 
-    from bench import sysinfo as sysmod
+    from . import sysinfo as sysmod
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.out) if args.out else RESULTS_DIR / stamp
     if not args.out and out_dir.exists():
@@ -469,7 +492,7 @@ MISSING_EXIT = 3
 def print_missing(out_dir, allowed, stream=sys.stderr):
     """Says loudly which subjects the run could not measure and why; returns those
     that fail the run (not allowed to be missing)."""
-    from bench import report
+    from . import report
     out_dir = Path(out_dir)
     bj, oj = out_dir / "benchmark.json", out_dir / "outcomes.json"
     if not oj.exists():

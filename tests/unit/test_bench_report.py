@@ -568,6 +568,47 @@ def test_a_subject_measured_in_one_file_is_still_missing_in_another():
         ("bridge", "bench_growth.py", ["skipped: no plugin"], False)
 
 
+def test_benchmarks_install_as_vswitch_bench_and_never_as_a_top_level_bench(tmp_path):
+    """Issue 10/17: outside a checkout the benchmarks are ``vswitch_bench`` (no top-level
+    ``bench`` that could collide with another project's), their imports are relative
+    (importing them loads no ``bench``), and the ``vswitch-bench`` console script runs a
+    real pytest child from anywhere."""
+    code = ("import sys, json; import vswitch_bench.runner, vswitch_bench.report, "
+            "vswitch_bench.bench_sim, vswitch_bench.bench_real; "
+            "print(json.dumps([vswitch_bench.runner.__file__, sorted(m for m in sys.modules "
+            "if m == 'bench' or m.startswith('bench.'))]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    where, top_level_bench = json.loads(proc.stdout)
+    assert Path(where) == REPO / "bench" / "runner.py" and top_level_bench == []
+    script = Path(sys.executable).parent / "vswitch-bench"
+    assert script.exists(), "the console script vswitch-bench is not installed"
+    f = tmp_path / "bench_fake.py"
+    f.write_text(PEER_SKIPPED.replace('pytest.skip("reference CNI', 'print("reference CNI'))
+    out = tmp_path / "out"
+    proc = subprocess.run([str(script), "--quick", "--no-plots", "--files", str(f), "--out",
+                           str(out), "--allow-missing-peer", "ovs"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + (out / "pytest.log").read_text()
+    assert "-p bench.runner" in (out / "pytest.log").read_text().splitlines()[0]
+
+
+def test_the_child_refuses_a_module_under_two_names(tmp_path):
+    """The plugin loaded as vswitch_bench.runner while pytest imports the files of bench/
+    as ``bench.*``: one file under two module names; the child stops with the reason."""
+    f = tmp_path / "bench_one.py"
+    f.write_text("from bench.report import record\n\ndef test_x(benchmark):\n"
+                 "    benchmark.pedantic(lambda: None, rounds=1)\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-p", "vswitch_bench.runner", "-o", "python_files=bench_*.py",
+                           "--benchmark-only", str(f)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "loaded under two names in one process" in proc.stdout + proc.stderr
+    assert "-p bench.runner" in proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("VSWITCH_BENCH_SMOKE") == "0",
                     reason="VSWITCH_BENCH_SMOKE=0 turns off the end-to-end `python -m bench --quick`")
