@@ -149,3 +149,19 @@ def test_constructor_and_generator_errors(dp_impl, sim):
     with pytest.raises(ValueError, match="'bad'"):
         sim.run_bulk([("a", "bad")])
     assert state(sim) == before
+
+
+def test_engine_protocol_bad_clock_and_port(sim):
+    """set_clock never moves time back nor takes a non-integer; port_id names the unknown port."""
+    sim.advance(1_000)
+    before = state(sim)
+    for bad, words in ((999, ["999", "before the current time 1000"]), (-1, ["-1"]), (1.5e3, ["1500.0"]),
+                       (True, ["True"])):
+        with pytest.raises(ValueError) as ei:
+            sim.set_clock(bad)
+        assert all(w in str(ei.value) for w in words)
+    with pytest.raises(KeyError, match="'zz'"):
+        sim.port_id("zz")
+    assert state(sim) == before
+    sim.set_clock(5_000)
+    assert sim.now == 5_000 and sim.counters()["sim"]["now_ns"] == 5_000
