@@ -24,8 +24,9 @@ Events and batches
     ``send`` (``a.send``) queues ``(t_ns, port, frame)``; ``run``/``advance`` process the
     queue in time order (ties: the order of sending). All frames due at the same instant
     go to ``Datapath.process`` in one batch (up to ``batch_size``), with ``now_ns`` = that
-    instant; whenever ``next_departure_ns()`` comes first, ``drain`` runs at exactly that
-    time. Outputs are delivered at the batch's time: recorded on the port and handed to
+    instant; whenever ``next_departure_ns()`` comes first, the shaping queues drain at
+    exactly that time through ``Switch.drain_due`` (the daemon's loop), again at the same
+    instant while packets are still due. Outputs are delivered at the batch's time: recorded on the port and handed to
     the host behind it, whose replies are queued at ``t + reply_delay_ns``.
 
 Records and checks
