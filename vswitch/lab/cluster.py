@@ -55,6 +55,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -160,10 +161,13 @@ class Underlay:
         self.ports[node_name] = port
         return ip
 
-    def capture(self, node: "Node", path, bpf: str = "") -> "Capture":
+    def capture(self, node: "Node", path, bpf: str = "", snaplen_bytes: int = 0) -> "Capture":
         """tcpdump on ``node``'s bridge port (everything the node sends or receives on the
-        underlay) into the pcap ``path``, filtered by ``bpf``; a context manager."""
-        return Capture(self.ns, self.ports[node.name], path, bpf)
+        underlay) into the pcap ``path``, filtered by ``bpf``; a context manager.
+        ``snaplen_bytes``: bytes kept per frame (0: all, up to 256 KiB; each frame then
+        takes that much of tcpdump's 16 MiB buffer, so a fast flow is captured completely
+        only with a snaplen near the MTU)."""
+        return Capture(self.ns, self.ports[node.name], path, bpf, snaplen_bytes)
 
     def close(self) -> None:
         self.nss.cleanup()
@@ -177,18 +181,25 @@ class Underlay:
 
 class Capture:
     """tcpdump writing ``path`` inside ``ns`` on ``ifname`` while the ``with`` block runs.
-    Entering returns once tcpdump listens; leaving stops it (SIGTERM to the PID we
-    started: ``ip netns exec`` execs tcpdump) and waits until the file is complete."""
 
-    def __init__(self, ns: str, ifname: str, path, bpf: str = ""):
+    Entering returns once tcpdump listens. Leaving waits until the file has stopped
+    growing (tcpdump has read what the kernel queued for it: it writes each packet at once,
+    ``-U``), then stops it (SIGTERM to the PID we started: ``ip netns exec`` execs
+    tcpdump); ``dropped`` is then what tcpdump reports the kernel dropped (0 for a
+    complete capture)."""
+
+    def __init__(self, ns: str, ifname: str, path, bpf: str = "", snaplen_bytes: int = 0):
         if shutil.which("tcpdump") is None:
             raise RuntimeError("tcpdump is not installed (Debian package tcpdump)")
         self.ns, self.ifname, self.path, self.bpf = ns, ifname, str(path), bpf
+        self.snaplen_bytes = _check_int("snaplen_bytes", snaplen_bytes, 0, 262144)
         self.proc: subprocess.Popen | None = None
         self.stderr = ""
+        self.dropped: int | None = None
 
     def __enter__(self):
-        args = ["tcpdump", "-i", self.ifname, "-n", "-U", "-s", "0", "-w", self.path]
+        args = ["tcpdump", "-i", self.ifname, "-n", "-U", "--immediate-mode",
+                "-s", str(self.snaplen_bytes), "-B", "16384", "-w", self.path]
         if self.bpf:
             args.append(self.bpf)
         self.proc = lab.nspopen(self.ns, *args, stdout=subprocess.DEVNULL)
@@ -199,9 +210,19 @@ class Capture:
                                f"{line}{self.stderr}")
         return self
 
+    def _settle(self, quiet_s=0.5, timeout_s=10.0):
+        deadline = time.monotonic() + timeout_s
+        last = -1
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+            if size == last:
+                return
+            last = size
+            time.sleep(quiet_s)
+
     def _stop(self):
         if self.proc.poll() is None:
-            time.sleep(0.2)                   # frames in flight reach the capture
+            self._settle()
             self.proc.terminate()
         try:
             _, err = self.proc.communicate(timeout=10)
@@ -209,6 +230,8 @@ class Capture:
             self.proc.kill()
             _, err = self.proc.communicate()
         self.stderr = err or ""
+        m = re.search(r"(\d+) packets? dropped by kernel", self.stderr)
+        self.dropped = int(m.group(1)) if m else None
 
     def __exit__(self, *exc):
         self._stop()
@@ -280,6 +303,14 @@ class Node:
     def pod_ip(self, i: int) -> str:
         """The IPv4 address of this node's ``i``-th pod (0-based, in the order added)."""
         return self.pods[i].ip
+
+    def wire_size_segments(self, on: bool = True) -> None:
+        """``on``: every frame this node sends on the underlay is wire-size, as a NIC puts
+        TSO segments on a cable (``gso_max_segs 1`` on its ``eth0``: the kernel segments
+        in software before the veth); off (the default, 65535): GSO packets of up to 64 KiB
+        cross the veth whole, which is faster and what the benchmarks measure."""
+        lab.nsexec(self.ns, "ip", "link", "set", UNDERLAY_IFNAME, "gso_max_segs",
+                   1 if on else 65535)
 
     def _open_node_ns(self) -> None:
         self.ns = self.nss.new(f"{self.index}n")
@@ -452,7 +483,7 @@ class VswitchNode(Node):
             self.daemon = lab.Daemon(self.ns, self.workdir / "vswitchd",
                                      ["--uplink", UNDERLAY_IFNAME, *self.daemon_args])
             self.daemon.start(timeout_s=30)
-            from cni.install import install
+            from vswitch_cni.install import install
             bin_dir = self.workdir / "bin"
             install(str(bin_dir), str(self.workdir / "net.d"), socket_path=self.daemon.socket)
             ipam = {"type": "host-local", "dataDir": str(self.workdir / "ipam"),
