@@ -391,6 +391,8 @@ class Membership:
                     return
                 backoff_s = min(self._retry_max_s, backoff_s * 2)
             except Exception as exc:
+                if self._stop.is_set():
+                    return
                 log.exception("membership %s: watch thread error", self.node_name)
                 self._set_health(watch_ok=False, error=f"{type(exc).__name__}: {exc}")
                 need_list = True

@@ -303,6 +303,10 @@ class WatchStream:
                 raise StoreUnavailable(f"watch stream from {self.url} ended") from None
             except (requests.exceptions.RequestException, OSError, ValueError) as exc:
                 raise StoreUnavailable(f"watch stream from {self.url} failed: {_describe(exc)}") from None
+            except AttributeError:
+                if not self.closed:         # http.client after close() from another thread
+                    raise
+                raise StoreUnavailable(f"watch stream from {self.url} closed") from None
             if not line.strip():
                 continue
             try:
