@@ -26,13 +26,17 @@ for i in range(n):
 
 # UDP datagrams from many source ports to the gateway's hostPort
 UDP_FLOWS = r"""
-import socket, sys
+import socket, sys, time
 ip, port, first, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 for sport in range(first, first + n):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("0.0.0.0", sport))
     s.sendto(b"x", (ip, port))
     s.close()
+    if sport == first:
+        time.sleep(0.3)         # the gateway's ARP entry first
+    elif sport % 200 == 0:
+        time.sleep(0.005)       # the TAP's queue is read, not overrun
 """
 
 

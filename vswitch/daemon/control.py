@@ -24,7 +24,7 @@ that has not started gets code 11.
 
 **Any client, bounded work.** The daemon's loop calls ``round_start`` and ``round_end``
 around each batch of control events: one round answers at most ``REQUESTS_PER_ROUND``
-requests and accepts at most ``ACCEPTS_PER_ROUND`` connections, all clients together.
+requests, starts none after ``ROUND_NS``, and accepts at most ``ACCEPTS_PER_ROUND`` connections, all clients together.
 Requests left over wait in their connection; ``round_end`` then makes the wake-up
 eventfd readable, so the packet loop returns after one more round of packets, never
 waiting on control work longer than one round. A connection is read only while it has
@@ -68,6 +68,7 @@ from vswitch.rpc import RpcError
 EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 
 REQUESTS_PER_ROUND = 32         # requests answered per return of the packet loop, all clients together
+ROUND_NS = 1_000_000            # ... and no new one started after this long in a round
 ACCEPTS_PER_ROUND = 16          # connections accepted (or refused) per listener and round
 READ_HIGH_WATER = 64 << 10      # a connection with this many reply bytes unsent is not read
 BACKOFF_NS = 100_000_000        # the listener rests this long when accept fails and cannot refuse
@@ -206,6 +207,7 @@ class ControlServer:
         self.ops = collections.deque()  # kernel operations waiting for their turn
         self.active_op = None           # (generator, op name, reply callback) of the running one
         self.budget = REQUESTS_PER_ROUND
+        self.round_end_ns = NEVER_NS
         self.ready: set[int] = set()    # connections with requests left over by a round
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.woken = False
@@ -294,12 +296,13 @@ class ControlServer:
     def round_start(self):
         """The loop is about to hand this round's control events to ``event``."""
         self.budget = REQUESTS_PER_ROUND
+        self.round_end_ns = time.monotonic_ns() + ROUND_NS
 
     def round_end(self):
         """Serve leftover requests with what the round has left; start the next kernel
         operation; keep the wake-up fd readable while requests are left over."""
         for fd in list(self.ready):
-            if self.budget <= 0:
+            if self.budget <= 0 or time.monotonic_ns() >= self.round_end_ns:
                 break
             self.ready.discard(fd)
             conn = self.conns.get(fd)
@@ -492,7 +495,7 @@ class ControlServer:
         """Answer the connection's request lines in order, while the round's budget lasts;
         stop at one answered later, or while the client leaves its replies unread."""
         while conn.lines and not conn.waiting and len(conn.out) < READ_HIGH_WATER:
-            if self.budget <= 0:
+            if self.budget <= 0 or time.monotonic_ns() >= self.round_end_ns:
                 self.ready.add(conn.fd)
                 return
             line = conn.lines.popleft()
