@@ -424,3 +424,13 @@ def test_a_vswitch_node_serves_its_pods_and_keeps_the_underlay_and_waits_for_vxl
             vs.close()
             kernel.close()
         assert daemon.proc.returncode == 0          # stopped cleanly by SIGTERM
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump (Debian package tcpdump)")
+def test_the_example_of_docs_cluster_md_runs(tmp_path, monkeypatch):
+    """docs/cluster.md stays true: its python block runs (in a scratch directory)."""
+    text = (lab.REPO / "docs" / "cluster.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "docs/cluster.md", "exec"), {})
+    assert (tmp_path / "n1.pcap").stat().st_size > 24          # more than the pcap header

@@ -582,6 +582,8 @@ class Cluster:
         next(self._subnets)     # the cluster's first subnet is left out, as flannel's SubnetMin
 
     def open(self) -> "Cluster":
+        if self.underlay is not None:
+            raise RuntimeError("this Cluster was opened already: open() or `with`, not both")
         try:
             self.underlay = Underlay(self.underlay_cidr, self.mtu).open()
             for index, kind in enumerate(self._kinds, start=1):
