@@ -13,9 +13,14 @@ each other:
   node). This is the anchor the issue's goals are ratios of. Offloads as the kernel sets
   them: TSO segments cross the veths whole (UDP-tunnel GSO), as a NIC would take them;
 - ``vswitch``: ``VswitchNode`` x 2 (vswitchd with ``--uplink`` on the underlay, pods
-  through the CNI plugin). Wiring its peers raises ``NotImplementedError`` until the core
-  has VXLAN and the daemon a ``peers`` op (issue 13.1/13.2), so its rows are skipped with
-  that reason, never recorded; when it is implemented they run with no change here.
+  through the CNI plugin). Its peers cannot be wired until the core has VXLAN and the
+  daemon a ``peers`` op (issue 13.1/13.2; ``VswitchNode.WAITS_FOR`` says so, and
+  ``add_peer`` raises ``NotImplementedError``). Until then the ``vswitch`` subject is not
+  collected at all, and every ``kernel-vxlan`` row carries the note why: a skipped
+  subject would fail the whole run (the runner requires a row from every subject a file
+  selects, issue 17), and a row without a measurement is never recorded. When
+  ``WAITS_FOR`` becomes None the vswitch rows are measured with no change here; should
+  building its pair still raise ``NotImplementedError``, that test skips with the reason.
 
 Measured with bench_real.py's ``measure_*`` functions and durations (the same code as the
 same-node figures, so ``cross-node-*`` sits beside ``real-*`` of the same run):
@@ -40,9 +45,17 @@ from .bench_real import (PING_COUNT, PING_INTERVAL_S, TCP_OMIT_S, TCP_ROUNDS, TC
 
 pytestmark = pytest.mark.integration
 
-SUBJECTS = ("vswitch", "kernel-vxlan")
 KINDS = {"vswitch": "vswitch", "kernel-vxlan": "kernel"}
 NOT_YET = "the core has no VXLAN yet (issue 13.1)"
+#: vswitch is measured once its nodes can be peers (see the module docstring)
+SUBJECTS = ("kernel-vxlan",) if cluster.VswitchNode.WAITS_FOR else ("vswitch", "kernel-vxlan")
+NOTE = (None if "vswitch" in SUBJECTS else
+        f"vswitch not measured across nodes: {NOT_YET}; kernel-vxlan is the anchor")
+
+
+def _noted(benchmark):
+    if NOTE:
+        benchmark.extra_info["note"] = NOTE
 
 
 def _pair(subject):
@@ -85,6 +98,7 @@ def test_cross_node_tcp(benchmark, request, subject, streams):
     pair = _pair_of(request, subject)
     bench_real.measure_tcp(benchmark, pair, "cross-node-tcp", subject, streams, TCP_SECONDS,
                            TCP_OMIT_S, TCP_ROUNDS)
+    _noted(benchmark)
 
 
 @pytest.mark.parametrize("subject", SUBJECTS)
@@ -93,6 +107,7 @@ def test_cross_node_rtt(benchmark, request, subject):
     pair = _pair_of(request, subject)
     bench_real.measure_ping(benchmark, pair, "cross-node-rtt", subject, PING_COUNT,
                             PING_INTERVAL_S)
+    _noted(benchmark)
 
 
 @pytest.mark.parametrize("subject", SUBJECTS)
@@ -101,3 +116,4 @@ def test_cross_node_udp_64B(benchmark, request, subject):
     pair = _pair_of(request, subject)
     bench_real.measure_udp(benchmark, pair, "cross-node-udp-64B", subject, UDP_SECONDS,
                            UDP_ROUNDS)
+    _noted(benchmark)

@@ -454,7 +454,9 @@ class VswitchNode(Node):
     peer list, name + underlay IP + pod CIDR, through ``peers``) and ``vtep_mac`` (it
     will be read from the daemon's status). Until then they raise ``NotImplementedError``
     with that reason, so a cluster of vswitch nodes fails loudly instead of pretending.
-    ``daemon_args`` is where ``--vtep`` options will go."""
+    ``daemon_args`` is where ``--vtep`` options will go. ``WAITS_FOR`` names what is
+    missing; whoever implements the peers sets it to None, which also makes
+    bench/bench_crossnode.py measure vswitch."""
 
     kind = "vswitch"
     WAITS_FOR = ("the vswitch core has no VXLAN yet and vswitchd no --vtep options or "
