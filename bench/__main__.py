@@ -9,6 +9,10 @@ import sys
 
 
 def main(argv=None):
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:
+        from vswitch import __version__
+        print(f"vswitch-bench {__version__}")
+        return 0
     from .runner import main as run
     return run(argv)
 

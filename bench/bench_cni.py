@@ -25,7 +25,10 @@ hostPort and two tbf qdiscs per pod), so a figure never times a chain that skipp
 
 Figures: ``cni-add`` and ``cni-del`` in ms per pod, ``parallel`` = 1 (pods one after
 another), 20 and 50 (that many pods at once, 50 in the full run only; each pod's own
-latency is a sample, the wall time of the whole batch is in ``info``). The reference
+latency is a sample, the wall time of the whole batch is in ``info``). ``cni-version``:
+the plugin's start-up alone, ms per run of the installed ``vswitch`` launcher with
+``CNI_COMMAND=VERSION`` (interpreter start, imports, one line of JSON) against the
+reference ``bridge`` plugin's VERSION; no daemon and no namespace are involved. The reference
 chain has no ipMasq here, since the vswitch plugin does not ask for it either.
 
     python -m bench --files bench_cni.py      # as root, containernetworking-plugins installed
@@ -38,6 +41,7 @@ import contextlib
 import json
 import random
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -74,7 +78,7 @@ class Bed:
         self.node = self.ns.new("node")
         self.daemon = lab.Daemon(self.node, self.dir / "vswitchd").start(timeout_s=30)
         self.socket = self.daemon.socket
-        from cni.install import install
+        from vswitch_cni.install import install
         self.vsw_bin = self.dir / "vsw-bin"
         install(str(self.vsw_bin), str(self.dir / "net.d"), socket_path=self.socket)
         octet = random.randrange(16, 250)
@@ -249,6 +253,36 @@ def test_cni_del(benchmark, bed, subject, parallel):
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     record(benchmark, group="cni-del", subject=subject, unit="ms", samples=del_ms,
            info={"pods_per_round": n_pods, "rounds": ROUNDS}, parallel=parallel)
+
+
+VERSION_RUNS = 30 if QUICK else 200
+
+
+@pytest.mark.parametrize("subject", SUBJECTS)
+def test_cni_version(benchmark, subject, tmp_path):
+    """Start-up: one VERSION invocation, as a runtime execs the plugin (no stdin needed)."""
+    if subject == "vswitch":
+        from vswitch_cni.install import install
+        exe, _ = install(str(tmp_path / "bin"), str(tmp_path / "net.d"))
+    else:
+        exe = str(REF_CNI / "bridge")
+        if not (REF_CNI / "bridge").exists():
+            pytest.skip(f"reference CNI plugin {exe} not installed (containernetworking-plugins)")
+    env = {"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"}
+
+    def once():
+        return subprocess.run([exe], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, check=True).stdout
+    assert json.loads(once())["supportedVersions"]      # warm: caches and bytecode written
+    samples = []
+
+    def one_round():
+        for _ in range(VERSION_RUNS):
+            samples.append(_timed(once)[0])
+
+    benchmark.pedantic(one_round, rounds=1, iterations=1, warmup_rounds=0)
+    record(benchmark, group="cni-version", subject=subject, unit="ms", samples=samples,
+           info={"runs": VERSION_RUNS})
 
 
 def summary(results):

@@ -8,7 +8,7 @@ pod network of one subject:
 
 - ``vswitch``: vswitchd (``vswitch.lab.Daemon``) runs in the node namespace, and pods are
   added through the vswitch CNI plugin (installed into a temporary bin directory by
-  ``cni.install``) with host-local IPAM from the reference directory;
+  ``vswitch_cni.install``) with host-local IPAM from the reference directory;
 - ``bridge``: the reference ``bridge`` plugin (isGateway, hairpin, no ipMasq) with
   host-local IPAM: a Linux bridge and a veth per pod; with ``portmap=True`` the reference
   ``portmap`` plugin follows it (iptables DNAT), with ``bandwidth=True`` the ``bandwidth``
@@ -157,7 +157,7 @@ class Node:
             if self.subject == "vswitch":
                 self.daemon = lab.Daemon(self.node, self.workdir / "vswitchd",
                                          self.daemon_args).start(timeout_s=30)
-                from cni.install import install
+                from vswitch_cni.install import install
                 bin_dir = self.workdir / "bin"
                 install(str(bin_dir), str(self.workdir / "net.d"), socket_path=self.daemon.socket)
                 plugin = {"type": "vswitch", "socket": self.daemon.socket, "ipam": ipam}

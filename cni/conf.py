@@ -23,19 +23,26 @@ DEL is permissive (spec: clean up as much as possible and succeed): it needs onl
 name, version, ``ipam`` and ``socket``; runtime values it does not use are not validated,
 so a configuration that made ADD fail cannot make DEL fail too.
 
-Imports only the standard library (the plugin starts for every pod).
+The values the daemon shares (port mappings, bandwidth, MACs, the default socket) are
+``vswitch.cnitypes``'s: this module reads them from the runtime's spellings and turns their
+``BadValue`` into CniError 7 (or 2 for a value vswitch does not implement).
+
+Imports only the standard library and vswitch's stdlib-only modules (the plugin starts for
+every pod).
 """
 import json
 import os
-import socket
 
-from cni.errors import (CniError, INCOMPATIBLE_VERSION, INVALID_CONFIG, INVALID_ENV,
-                        INVALID_NETNS, DECODING_FAILURE, UNSUPPORTED_FIELD)
+from vswitch.cnitypes import (DEFAULT_SOCKET, MAX_BURST_BITS, BadValue, Bandwidth,  # noqa: F401
+                              PortMapping, canonical_ip, ip_family, parse_pod_mac, split_cidr)
+from vswitch.cnitypes import parse_uint as _parse_uint
+
+from .errors import (CniError, INCOMPATIBLE_VERSION, INVALID_CONFIG, INVALID_ENV,
+                     INVALID_NETNS, DECODING_FAILURE, UNSUPPORTED_FIELD)
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 CURRENT_VERSION = "1.1.0"
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
-DEFAULT_SOCKET = "/run/vswitch/vswitchd.sock"
 DEFAULT_MTU = 1500
 
 # Which variables each command needs (pkg/skel getCmdArgsFromEnv; GC and STATUS need only
@@ -61,11 +68,7 @@ _GENERIC_KEYS = frozenset((
     "capabilities", "prevResult", "cni.dev/valid-attachments", "cni.dev/attachments",
     "disableCheck", "disableGC"))
 _STATIC_BANDWIDTH_KEYS = ("ingressRate", "ingressBurst", "egressRate", "egressBurst")
-_OWN_KEYS = frozenset(("socket", "mtu", "logFile") + _STATIC_BANDWIDTH_KEYS)
-
-# Bursts up to 2^32 bytes are accepted (DESIGN.md: runtimes send huge bursts; containerd
-# sends math.MaxUint32 bits when it derives bandwidth from pod annotations).
-MAX_BURST_BITS = 8 << 32
+_OWN_KEYS = frozenset(("socket", "mtu", "logFile", "ipMasq") + _STATIC_BANDWIDTH_KEYS)
 # Kubernetes' bandwidth annotations accept 1 kbit/s .. 1 Pbit/s (ExtractPodBandwidthResources).
 MIN_ANNOTATION_RATE_BPS = 1000
 MAX_ANNOTATION_RATE_BPS = 10 ** 15
@@ -272,74 +275,28 @@ def get_ci(obj, key):
     return None
 
 
+def _cni_error(exc):
+    """A :class:`BadValue` of vswitch.cnitypes as the CniError the spec asks for."""
+    if exc.unsupported:
+        return CniError(UNSUPPORTED_FIELD, f"unsupported field {exc.key}="
+                        f"{_json_value(exc.value)}: {exc.expected}")
+    return CniError(INVALID_CONFIG, str(exc))
+
+
 def parse_uint(value, key, maximum=None):
     """A non-negative integer (integral JSON floats accepted); 7 naming ``key`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(key, value, "a non-negative integer")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise _bad(key, value, "a non-negative integer")
-        value = int(value)
-    if value < 0 or (maximum is not None and value > maximum):
-        rng = f"an integer 0..{maximum}" if maximum is not None else "a non-negative integer"
-        raise _bad(key, value, rng)
-    return value
-
-
-def ip_family(text):
-    """4 or 6 for an IP address string, None otherwise."""
-    if not isinstance(text, str):
-        return None
-    for family, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
-        try:
-            socket.inet_pton(af, text)
-            return family
-        except OSError:
-            pass
-    return None
-
-
-def canonical_ip(text):
-    """An address in its canonical text form (``::1``, not ``0::0:1``)."""
-    family = ip_family(text)
-    af = socket.AF_INET if family == 4 else socket.AF_INET6
-    return socket.inet_ntop(af, socket.inet_pton(af, text))
-
-
-def split_cidr(text):
-    """``"10.0.0.5/24"`` -> ``("10.0.0.5", 24, 4)``; a bare address gets the full prefix.
-
-    Returns None when it is neither an address nor address/prefix.
-    """
-    if not isinstance(text, str):
-        return None
-    addr, sep, plen = text.partition("/")
-    family = ip_family(addr)
-    if family is None:
-        return None
-    bits = 32 if family == 4 else 128
-    if not sep:
-        return canonical_ip(addr), bits, family
-    if not plen.isdigit() or int(plen) > bits:
-        return None
-    return canonical_ip(addr), int(plen), family
+    try:
+        return _parse_uint(value, key, maximum)
+    except BadValue as exc:
+        raise _cni_error(exc) from None
 
 
 def parse_mac(value, key):
     """A unicast Ethernet MAC, normalised to ``aa:bb:cc:dd:ee:ff``; 7 naming ``key`` otherwise."""
-    if not isinstance(value, str):
-        raise _bad(key, value, "a MAC address like \"02:00:00:00:00:01\"")
-    parts = value.replace("-", ":").split(":")
-    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p)
-                                  for p in parts):
-        raise _bad(key, value, "a MAC address like \"02:00:00:00:00:01\"")
-    octets = [int(p, 16) for p in parts]
-    if octets[0] & 1:
-        raise CniError(INVALID_CONFIG, f"{key}: {value!r} is a multicast address; a pod "
-                       "interface needs a unicast MAC (first octet even)")
-    if not any(octets):
-        raise CniError(INVALID_CONFIG, f"{key}: {value!r} is the zero address")
-    return ":".join(f"{o:02x}" for o in octets)
+    try:
+        return parse_pod_mac(value, key)
+    except BadValue as exc:
+        raise _cni_error(exc) from None
 
 
 _DECIMAL_SUFFIX = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12,
@@ -381,63 +338,12 @@ def parse_quantity(text, key="quantity"):
 
 # ---------------------------------------------------------------- the configuration
 
-class PortMapping:
-    """One hostPort rule: ``host_port``/``container_port``, ``protocol`` tcp|udp, ``host_ip``."""
-
-    __slots__ = ("host_port", "container_port", "protocol", "host_ip")
-
-    def __init__(self, host_port, container_port, protocol, host_ip):
-        self.host_port = host_port
-        self.container_port = container_port
-        self.protocol = protocol
-        self.host_ip = host_ip  # "" for any address
-
-    def family(self):
-        return ip_family(self.host_ip) if self.host_ip else None
-
-    def to_wire(self):
-        """The daemon's (and portmap's) camelCase form."""
-        return {"hostPort": self.host_port, "containerPort": self.container_port,
-                "protocol": self.protocol, "hostIP": self.host_ip}
-
-    def __eq__(self, other):
-        return isinstance(other, PortMapping) and self.to_wire() == other.to_wire()
-
-    def __repr__(self):
-        return f"PortMapping({self.to_wire()})"
-
-
-class Bandwidth:
-    """Token-bucket settings: rates in bit/s and bursts in bits, 0 meaning unlimited."""
-
-    __slots__ = ("ingress_rate_bps", "ingress_burst_bits", "egress_rate_bps",
-                 "egress_burst_bits", "source")
-
-    def __init__(self, ingress_rate_bps, ingress_burst_bits, egress_rate_bps,
-                 egress_burst_bits, source):
-        self.ingress_rate_bps = ingress_rate_bps
-        self.ingress_burst_bits = ingress_burst_bits
-        self.egress_rate_bps = egress_rate_bps
-        self.egress_burst_bits = egress_burst_bits
-        self.source = source  # where it came from, for messages
-
-    def is_unlimited(self):
-        return not (self.ingress_rate_bps or self.egress_rate_bps)
-
-    def to_wire(self):
-        return {"ingressRate": self.ingress_rate_bps, "ingressBurst": self.ingress_burst_bits,
-                "egressRate": self.egress_rate_bps, "egressBurst": self.egress_burst_bits}
-
-    def __repr__(self):
-        return f"Bandwidth({self.to_wire()}, source={self.source!r})"
-
-
 class NetConf:
     """The validated network configuration of one invocation."""
 
     __slots__ = ("raw", "version", "name", "type", "ipam_type", "socket_path", "mtu",
-                 "log_file", "dns", "mac", "port_mappings", "bandwidth", "requested_ips",
-                 "prev_result", "valid_attachments", "pod")
+                 "log_file", "dns", "mac", "port_mappings", "bandwidth", "bandwidth_source",
+                 "requested_ips", "ip_masq", "prev_result", "valid_attachments", "pod")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -484,7 +390,7 @@ def parse_netconf(obj, env):
     conf = NetConf(raw=obj, version=version, name=obj["name"], type=ptype,
                    ipam_type=ipam_type, socket_path=sock, log_file=log_file, mtu=DEFAULT_MTU,
                    dns={}, mac=None, port_mappings=(), bandwidth=None, requested_ips=(),
-                   prev_result=None, valid_attachments=None,
+                   ip_masq=False, prev_result=None, valid_attachments=None,
                    pod=_pod_from_args(env.cni_args))
 
     prev = obj.get("prevResult")
@@ -503,13 +409,17 @@ def parse_netconf(obj, env):
     if conf.mtu < 68:
         raise _bad("mtu", mtu, "an integer 68..65535")
     conf.dns = _parse_dns(obj.get("dns"))
+    ip_masq = obj.get("ipMasq", False)
+    if not isinstance(ip_masq, bool):
+        raise _bad("ipMasq", ip_masq, "true or false")
+    conf.ip_masq = ip_masq
 
     rc = obj.get("runtimeConfig", {})
     if not isinstance(rc, dict):
         raise _bad("runtimeConfig", rc, "an object")
     conf.mac = _parse_mac_sources(obj, rc, env.cni_args)
     conf.port_mappings = _parse_port_mappings(rc.get("portMappings"))
-    conf.bandwidth = _parse_bandwidth(obj, rc)
+    conf.bandwidth, conf.bandwidth_source = _parse_bandwidth(obj, rc)
     conf.requested_ips = _parse_requested_ips(obj, rc, env.cni_args)
     return conf
 
@@ -589,76 +499,38 @@ def _parse_port_mappings(value):
     seen = set()
     for i, m in enumerate(value):
         key = f"runtimeConfig.portMappings[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(key, m, "an object with hostPort, containerPort, protocol, hostIP")
-        host_port = get_ci(m, "hostPort")
-        container_port = get_ci(m, "containerPort")
-        for name, v in (("hostPort", host_port), ("containerPort", container_port)):
-            if v is None:
-                raise CniError(INVALID_CONFIG, f"{key}.{name} is missing in {_json_value(m)}")
-            if parse_uint(v, f"{key}.{name}", 65535) == 0:
-                raise _bad(f"{key}.{name}", v, "a port 1..65535")
-        protocol = get_ci(m, "protocol")
-        if protocol is None or protocol == "":
-            protocol = "tcp"
-        if not isinstance(protocol, str):
-            raise _bad(f"{key}.protocol", protocol, "\"tcp\" or \"udp\"")
-        protocol = protocol.lower()
-        if protocol not in ("tcp", "udp"):
-            raise CniError(UNSUPPORTED_FIELD, f"unsupported field {key}.protocol="
-                           f"{_json_value(get_ci(m, 'protocol'))}: vswitch maps tcp and udp")
-        host_ip = get_ci(m, "hostIP")
-        if host_ip is None:
-            host_ip = ""
-        if host_ip != "":
-            if ip_family(host_ip) is None:
-                raise _bad(f"{key}.hostIP", host_ip, "an IP address or \"\" for any")
-            host_ip = canonical_ip(host_ip)
-        pm = PortMapping(int(host_port), int(container_port), protocol, host_ip)
+        try:
+            pm = PortMapping.from_cni(m, key, lookup=get_ci)
+        except BadValue as exc:
+            raise _cni_error(exc) from None
         ident = (pm.host_port, pm.protocol, pm.host_ip)
         if ident in seen:
-            raise CniError(INVALID_CONFIG, f"{key} repeats hostPort {pm.host_port}/{protocol} "
-                           f"on host IP {host_ip or 'any'}")
+            raise CniError(INVALID_CONFIG, f"{key} repeats hostPort {pm.host_port}/{pm.protocol} "
+                           f"on host IP {pm.host_ip or 'any'}")
         seen.add(ident)
         out.append(pm)
     return tuple(out)
 
 
-def _bandwidth_entry(entry, prefix, getter):
-    values = []
-    for name in _STATIC_BANDWIDTH_KEYS:
-        v = getter(entry, name)
-        values.append(0 if v is None else parse_uint(v, f"{prefix}{name}"))
-    ir, ib, er, eb = values
-    for direction, rate, burst in (("ingress", ir, ib), ("egress", er, eb)):
-        if rate and not burst:
-            raise CniError(INVALID_CONFIG, f"{prefix}{direction}Rate is {rate} but "
-                           f"{prefix}{direction}Burst is not set; set both or neither")
-        if burst and not rate:
-            raise CniError(INVALID_CONFIG, f"{prefix}{direction}Burst is {burst} but "
-                           f"{prefix}{direction}Rate is not set; set both or neither")
-        if burst > MAX_BURST_BITS:
-            raise CniError(INVALID_CONFIG, f"{prefix}{direction}Burst {burst} bits exceeds "
-                           f"{MAX_BURST_BITS} bits (4 GiB)")
-    return ir, ib, er, eb
+def _static_get(obj, key):
+    return obj.get(key)
 
 
 def _parse_bandwidth(obj, rc):
-    """Static keys in the plugin config win over runtimeConfig.bandwidth (as the reference
-    bandwidth plugin does); with neither, the pod's bandwidth annotations."""
-    if any(k in obj for k in _STATIC_BANDWIDTH_KEYS):
-        values = _bandwidth_entry(obj, "", lambda o, k: o.get(k))
-        return Bandwidth(*values, source="plugin configuration")
-    if rc.get("bandwidth") is not None:
-        bw = rc["bandwidth"]
-        if not isinstance(bw, dict):
-            raise _bad("runtimeConfig.bandwidth", bw, "an object with ingressRate, "
-                       "ingressBurst, egressRate, egressBurst")
-        values = _bandwidth_entry(bw, "runtimeConfig.bandwidth.", get_ci)
-        return Bandwidth(*values, source="runtimeConfig.bandwidth")
+    """(Bandwidth or None, where it came from). Static keys in the plugin config win over
+    runtimeConfig.bandwidth (as the reference bandwidth plugin does); with neither, the
+    pod's bandwidth annotations."""
+    try:
+        if any(k in obj for k in _STATIC_BANDWIDTH_KEYS):
+            return Bandwidth.from_cni(obj, "", _static_get), "plugin configuration"
+        if rc.get("bandwidth") is not None:
+            return (Bandwidth.from_cni(rc["bandwidth"], "runtimeConfig.bandwidth", get_ci),
+                    "runtimeConfig.bandwidth")
+    except BadValue as exc:
+        raise _cni_error(exc) from None
     annotations = rc.get(POD_ANNOTATIONS_KEY)
     if annotations is None:
-        return None
+        return None, None
     if not isinstance(annotations, dict):
         raise _bad(f"runtimeConfig.{POD_ANNOTATIONS_KEY}", annotations, "an object")
     rates = []
@@ -674,12 +546,12 @@ def _parse_bandwidth(obj, rc):
                            "(1 kbit/s) to 1P (1 Pbit/s)")
         rates.append(rate)
     if not any(rates):
-        return None
+        return None, None
     ir, er = rates
 
-    def burst(rate):
-        return max(rate // 10, MIN_ANNOTATION_BURST_BITS) if rate else 0
-    return Bandwidth(ir, burst(ir), er, burst(er), source="pod annotations")
+    def burst(rate):   # 100 ms at the rate, within MIN_ANNOTATION_BURST_BITS..MAX_BURST_BITS
+        return min(max(rate // 10, MIN_ANNOTATION_BURST_BITS), MAX_BURST_BITS) if rate else 0
+    return Bandwidth(ir, burst(ir), er, burst(er)), "pod annotations"
 
 
 def _parse_requested_ips(obj, rc, cni_args):

@@ -4,8 +4,11 @@ Theory of operation: runtimes execute the plugin by its type, ``vswitch``, from 
 bin directory. The installed ``vswitch`` is a three-line Python launcher whose shebang is
 the interpreter running this installer (resolved, so no pyenv shim or PATH lookup) with
 ``-I -S``: isolated from PYTHON* variables and the user site, and without ``site`` (whose
-.pth processing costs tens of milliseconds per pod); the launcher puts the directory
-holding the ``cni`` package on sys.path itself. The network list, ``10-vswitch.conflist``,
+.pth processing costs tens of milliseconds per pod). The plugin is installed as the package
+``vswitch_cni`` (the folder ``cni/`` of the checkout), so without ``site`` the launcher
+finds it itself: it puts the directory holding the ``vswitch`` package on sys.path and,
+when ``vswitch_cni`` is not a sibling there (a checkout or an editable install, where it
+is the folder ``cni``), loads the package from its folder under its one name first. The network list, ``10-vswitch.conflist``,
 runs vswitch with host-local IPAM on ``--subnet`` and declares the capabilities
 portMappings, bandwidth, mac, ips and the pod annotations. vswitchd brings ``lo`` up in
 every pod it attaches, so no loopback plugin is listed.
@@ -14,7 +17,7 @@ Both files are written atomically (temp file in the same directory, fsync, renam
 runtime reading the directory never sees half a file.
 
 ``main(argv)`` is the command line; vswitch/cli.py calls it for ``install-cni``, and
-``python -m cni.install`` runs it directly.
+``python -m vswitch_cni.install`` runs it directly.
 """
 import argparse
 import ipaddress
@@ -22,7 +25,7 @@ import json
 import os
 import sys
 
-from cni.conf import DEFAULT_SOCKET
+from vswitch.cnitypes import DEFAULT_SOCKET
 
 PLUGIN_NAME = "vswitch"
 CONFLIST_NAME = "10-vswitch.conflist"
@@ -30,16 +33,39 @@ DEFAULT_SUBNET = "10.88.0.0/16"
 DEFAULT_NETWORK = "vswitch"
 
 
-def launcher_text(python=None, package_root=None):
-    """The launcher script for ``python`` importing ``cni`` from ``package_root``."""
+def _package_dirs():
+    """(the directory holding ``vswitch``, the ``vswitch_cni`` package's own folder) as
+    this process imported them."""
+    import vswitch
+    vswitch_root = os.path.dirname(os.path.dirname(os.path.abspath(vswitch.__file__)))
+    return vswitch_root, os.path.dirname(os.path.abspath(__file__))
+
+
+def launcher_lines(vswitch_root=None, plugin_dir=None):
+    """The launcher's Python lines that make ``vswitch_cni`` and ``vswitch`` importable
+    without ``site`` (see the module docstring); defaults: where this process found them."""
+    if vswitch_root is None or plugin_dir is None:
+        found = _package_dirs()
+        vswitch_root = vswitch_root or found[0]
+        plugin_dir = plugin_dir or found[1]
+    lines = [f"import sys; sys.path.insert(0, {vswitch_root!r})"]
+    if os.path.normpath(plugin_dir) != os.path.join(os.path.normpath(vswitch_root), "vswitch_cni"):
+        init = os.path.join(plugin_dir, "__init__.py")
+        lines += ["from importlib.util import module_from_spec, spec_from_file_location",
+                  f"spec = spec_from_file_location('vswitch_cni', {init!r}, "
+                  f"submodule_search_locations=[{plugin_dir!r}])",
+                  "sys.modules['vswitch_cni'] = module_from_spec(spec)",
+                  "spec.loader.exec_module(sys.modules['vswitch_cni'])"]
+    return lines
+
+
+def launcher_text(python=None, vswitch_root=None, plugin_dir=None):
+    """The launcher script for ``python`` (see the module docstring)."""
     python = os.path.realpath(python or sys.executable)
-    if package_root is None:
-        import cni
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(cni.__file__)))
-    return (f"#!{python} -IS\n"
-            "# The vswitch CNI plugin, written by `vswitchctl install-cni`.\n"
-            f"import sys; sys.path.insert(0, {package_root!r})\n"
-            "from cni.plugin import main; sys.exit(main())\n")
+    return "\n".join([f"#!{python} -IS",
+                      "# The vswitch CNI plugin, written by `vswitchctl install-cni`.",
+                      *launcher_lines(vswitch_root, plugin_dir),
+                      "from vswitch_cni.plugin import main; sys.exit(main())", ""])
 
 
 def conflist(subnet=DEFAULT_SUBNET, socket_path=DEFAULT_SOCKET, name=DEFAULT_NETWORK,
@@ -78,7 +104,7 @@ def _write_atomic(path, text, mode):
 
 
 def install(bin_dir, conf_dir, socket_path=DEFAULT_SOCKET, subnet=DEFAULT_SUBNET,
-            name=DEFAULT_NETWORK, python=None, package_root=None):
+            name=DEFAULT_NETWORK, python=None):
     """Write ``bin_dir/vswitch`` and ``conf_dir/10-vswitch.conflist``; returns both paths."""
     if not socket_path.startswith("/"):
         raise ValueError(f"--socket {socket_path!r} must be an absolute path")
@@ -91,7 +117,7 @@ def install(bin_dir, conf_dir, socket_path=DEFAULT_SOCKET, subnet=DEFAULT_SUBNET
     os.makedirs(conf_dir, exist_ok=True)
     exe = os.path.join(bin_dir, PLUGIN_NAME)
     conf_path = os.path.join(conf_dir, CONFLIST_NAME)
-    _write_atomic(exe, launcher_text(python, package_root), 0o755)
+    _write_atomic(exe, launcher_text(python), 0o755)
     _write_atomic(conf_path, json.dumps(conf, indent=2) + "\n", 0o644)
     return exe, conf_path
 

@@ -20,8 +20,8 @@ import os
 import subprocess
 import sys
 
-from cni.conf import SUPPORTED_VERSIONS, version_tuple
-from cni.errors import CniError, INCOMPATIBLE_VERSION, IPAM_FAILED, IPAM_NOT_FOUND
+from .conf import SUPPORTED_VERSIONS, version_tuple
+from .errors import CniError, INCOMPATIBLE_VERSION, IPAM_FAILED, IPAM_NOT_FOUND
 
 
 class Unsupported(Exception):

@@ -29,18 +29,17 @@ import os
 import sys
 import time
 
-from cni import conf as cconf
-from cni.errors import (CniError, DAEMON_PROTOCOL, GC_INCOMPLETE, INJECTED_FAULT, INTERNAL,
-                        INVALID_CONFIG, IPAM_BAD_RESULT, PLUGIN_NOT_AVAILABLE,
-                        TRY_AGAIN_LATER)
-from cni.ipam import Ipam, Unsupported
-from cni.results import dumps, error_json, format_result, parse_result, version_info
 from vswitch import rpc
+from vswitch.cnitypes import ATTACH_STEPS as DAEMON_FAULT_STEPS
+
+from . import conf as cconf
+from .errors import (CniError, DAEMON_PROTOCOL, GC_INCOMPLETE, INJECTED_FAULT, INTERNAL,
+                     INVALID_CONFIG, IPAM_BAD_RESULT, PLUGIN_NOT_AVAILABLE,
+                     TRY_AGAIN_LATER)
+from .ipam import Ipam, Unsupported
+from .results import dumps, error_json, format_result, parse_result, version_info
 
 ABOUT = "CNI plugin vswitch: attaches pods to vswitchd"
-PLUGIN_FAULT_STEPS = ("after_ipam", "after_attach")
-DAEMON_FAULT_STEPS = ("tap_create", "netns_move", "link_config", "addresses", "routes",
-                      "switch_port", "hostports", "shaper", "state_save")
 DAEMON_TIMEOUT_S = 60.0
 
 
@@ -133,7 +132,7 @@ def _mappings_for(conf, families, log):
             log.info(f"skipping hostPort {pm.host_port}/{pm.protocol} on {pm.host_ip}: the pod "
                      f"has no IPv{fam} address")
             continue
-        out.append(pm.to_wire())
+        out.append(pm.to_cni())
     return out
 
 
@@ -159,7 +158,7 @@ def _routes_for(ipam_result, ips):
 
 def _bandwidth_wire(conf):
     bw = conf.bandwidth
-    return None if bw is None or bw.is_unlimited() else bw.to_wire()
+    return None if bw is None or bw.is_empty else bw.to_cni()
 
 
 def _empty_result():
@@ -216,6 +215,8 @@ def cmd_add(env, conf, obj, raw, log):
             request["bandwidth"] = bw
         if conf.pod:
             request["pod"] = conf.pod
+        if conf.ip_masq:
+            request["ip_masq"] = True
         fault = os.environ.get("VSWITCH_CNI_TEST_FAULT")
         if fault in DAEMON_FAULT_STEPS:
             request["fault"] = fault
@@ -410,7 +411,12 @@ def run(environ, stdin, log):
 
 
 def main():
-    """Console script ``vswitch-cni`` and the installed ``vswitch`` launcher."""
+    """Console script ``vswitch-cni`` and the installed ``vswitch`` launcher (``--version``
+    prints the project's version; runtimes pass no arguments)."""
+    if sys.argv[1:] == ["--version"]:
+        from vswitch import __version__
+        sys.stdout.write(f"vswitch-cni {__version__}\n")
+        return 0
     return run(os.environ, sys.stdin.buffer, Log())
 
 

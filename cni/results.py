@@ -18,8 +18,8 @@ reference plugins always print (a Go struct is never "empty").
 """
 import json
 
-from cni.conf import CURRENT_VERSION, SUPPORTED_VERSIONS, ip_family, split_cidr, version_tuple
-from cni.errors import CniError, INVALID_CONFIG
+from .conf import CURRENT_VERSION, SUPPORTED_VERSIONS, ip_family, split_cidr, version_tuple
+from .errors import CniError, INVALID_CONFIG
 
 _ROUTE_EXTRA_1_1 = ("mtu", "advmss", "priority", "table", "scope")
 

@@ -6,7 +6,7 @@ Theory of operation: every subcommand is one or two control requests (``vswitch/
 ``--json``. Subcommands are rows of the ``COMMANDS`` table (name -> (help, add_arguments,
 run, text, needs the daemon)): ``run`` makes the requests and returns the reply, ``text``
 renders it; a new subcommand is a new row, nothing else changes. ``install-cni`` needs no
-daemon: it runs ``cni.install.main`` (the plugin launcher and ``10-vswitch.conflist``),
+daemon: it runs ``vswitch_cni.install.main`` (the plugin launcher and ``10-vswitch.conflist``),
 with the daemon's socket defaulting to vswitchctl's own ``--socket``. Exit status: 0 on success,
 1 on an error reply (its message on stderr), 2 on bad usage.
 """
@@ -183,8 +183,8 @@ def _install_cni_args(p):
 
 
 def _install_cni(c, a):
-    """cni.install.main with the same options; its exit status is vswitchctl's."""
-    from cni import install
+    """vswitch_cni.install.main with the same options; its exit status is vswitchctl's."""
+    from vswitch_cni import install
     argv = ["--bin-dir", a.bin_dir, "--conf-dir", a.conf_dir, "--socket", a.cni_socket or a.socket]
     if a.subnet:
         argv += ["--subnet", a.subnet]

@@ -6,13 +6,15 @@ Configuration reaches vswitch from three places: the CNI runtime (``runtimeConfi
 ``bandwidth`` and ``portMappings`` dicts, camelCase, or the Go field names when a tool
 marshals the Go structs), the daemon's command line and state file, and the simulation's
 keyword arguments. Each is turned, once and at the edge, into one of the frozen
-dataclasses below; everything inside (``vswitch.switch.Switch``) trusts them.
+values below; everything inside (``vswitch.switch.Switch``) trusts them.
 
-- ``Bandwidth``: two token buckets per pod port. Rates in bit/s, bursts in bits, as the
-  CNI bandwidth capability defines them; "ingress" is towards the pod. Per direction, rate
-  and burst are both set or both zero (the reference bandwidth plugin's rule): a rate
-  without a burst would let nothing through, a burst without a rate means nothing.
-- ``PortMapping``: one hostPort rule. ``host_ip`` ``None`` means every node address.
+- ``Bandwidth``, ``PortMapping``, ``parse_mac``, ``format_mac``: the CNI-facing values,
+  defined once in ``vswitch.cnitypes`` (stdlib only, shared with the CNI plugin) and
+  re-exported here. Bandwidth: two token buckets per pod port, rates in bit/s, bursts in
+  bits, "ingress" towards the pod; per direction rate and burst are both set or both zero
+  (the reference bandwidth plugin's rule). PortMapping: one hostPort rule, ``host_ip``
+  ``None`` meaning every node address.
+- ``parse_ip``, ``parse_cidr``: addresses (``ipaddress`` objects) for the control plane.
 - ``SwitchConfig``: the subnet and gateway of the host port, table sizes and timeouts
   handed to the datapath constructor, and the virtio-net header length.
 
@@ -28,9 +30,11 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from vswitch.cnitypes import NO_BANDWIDTH, Bandwidth, PortMapping, format_mac, parse_mac
 from vswitch.datapath.consts import DEFAULTS
 
-__all__ = ["Bandwidth", "PortMapping", "SwitchConfig", "parse_mac", "format_mac", "parse_ip"]
+__all__ = ["Bandwidth", "PortMapping", "SwitchConfig", "parse_mac", "format_mac", "parse_ip",
+           "parse_cidr"]
 
 U63 = (1 << 63) - 1
 
@@ -50,27 +54,6 @@ def _int(key: str, value: Any, *, lo: int = 0, hi: int = U63) -> int:
     return value
 
 
-def parse_mac(value: Any, key: str = "mac") -> bytes:
-    """A MAC as 6 bytes, from ``"aa:bb:cc:dd:ee:ff"`` (``-`` also accepted) or 6 bytes."""
-    if isinstance(value, (bytes, bytearray)):
-        if len(value) != 6:
-            raise ValueError(f"{key}: {bytes(value)!r} is {len(value)} bytes; a MAC is 6")
-        return bytes(value)
-    if not isinstance(value, str):
-        raise ValueError(f"{key}: expected a MAC like 'aa:bb:cc:dd:ee:ff', got {value!r}")
-    parts = value.replace("-", ":").split(":")
-    try:
-        if len(parts) != 6 or any(len(p) != 2 for p in parts):
-            raise ValueError
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ValueError(f"{key}: {value!r} is not a MAC; accepted: 'aa:bb:cc:dd:ee:ff'") from None
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
 def parse_ip(value: Any, key: str = "ip") -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An IPv4 or IPv6 address from a string (a ``/prefix`` suffix is ignored) or 4/16 bytes."""
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
@@ -87,143 +70,15 @@ def parse_ip(value: Any, key: str = "ip") -> ipaddress.IPv4Address | ipaddress.I
         raise ValueError(f"{key}: {value!r} is not an IPv4 or IPv6 address") from None
 
 
-def _pick(d: Mapping, names: tuple[str, ...], where: str):
-    """The value of the first of ``names`` present in ``d`` (camelCase or Go spelling)."""
-    found = [n for n in names if n in d]
-    if len(found) > 1 and len({repr(d[n]) for n in found}) > 1:
-        raise ValueError(f"{where}: conflicting keys {found} with values {[d[n] for n in found]}")
-    return (found[0], d[found[0]]) if found else (None, None)
+def parse_cidr(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """'10.0.0.5/24' -> IPv4Interface; raises ValueError naming the value."""
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        raise ValueError(f"not an address with prefix: {text!r} (expected like 10.0.0.5/24)") from None
 
 
-def _cni_kwargs(d: Mapping, cni_keys: dict, where: str, accepted: str, convert=lambda key, value: value) -> dict:
-    """The constructor's keyword arguments from a CNI dict: ``cni_keys`` maps each attribute to
-    its accepted spellings; an unknown key is an error; ``convert(key, value)`` per key found."""
-    known = {k for keys in cni_keys.values() for k in keys}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} in {dict(d)!r}; accepted: {accepted}")
-    kwargs = {}
-    for attr, names in cni_keys.items():
-        key, value = _pick(d, names, where)
-        if key is not None:
-            kwargs[attr] = convert(key, value)
-    return kwargs
-
-
-# --------------------------------------------------------------------------- Bandwidth
-
-@dataclass(frozen=True)
-class Bandwidth:
-    """Shaping of one pod port. Rates in bit/s, bursts in bits; 0/0 = that direction off."""
-    ingress_rate_bps: int = 0     # towards the pod
-    ingress_burst_bits: int = 0
-    egress_rate_bps: int = 0      # from the pod
-    egress_burst_bits: int = 0
-
-    _CNI_KEYS = {  # attribute -> accepted dict keys (CNI JSON camelCase, Go field names)
-        "ingress_rate_bps": ("ingressRate", "IngressRate"),
-        "ingress_burst_bits": ("ingressBurst", "IngressBurst"),
-        "egress_rate_bps": ("egressRate", "EgressRate"),
-        "egress_burst_bits": ("egressBurst", "EgressBurst"),
-    }
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _int(f.name, getattr(self, f.name)))
-        for d in ("ingress", "egress"):
-            rate, burst = getattr(self, f"{d}_rate_bps"), getattr(self, f"{d}_burst_bits")
-            if (rate == 0) != (burst == 0):
-                raise ValueError(
-                    f"bandwidth: {d} rate {rate} bit/s and burst {burst} bits: set both or neither "
-                    f"(a rate needs a burst > 0 and a burst needs a rate > 0)")
-
-    @classmethod
-    def from_cni(cls, d: Mapping | "Bandwidth" | None) -> "Bandwidth":
-        """From the CNI ``runtimeConfig.bandwidth`` dict (``ingressRate`` ... or ``IngressRate`` ...)."""
-        if isinstance(d, Bandwidth):
-            return d
-        if d is None or (isinstance(d, Mapping) and not d):
-            return _NO_BANDWIDTH
-        if not isinstance(d, Mapping):
-            raise ValueError(f"bandwidth: expected a dict like {{'ingressRate': 10000000, "
-                            f"'ingressBurst': 100000}}, got {d!r}")
-        return cls(**_cni_kwargs(d, cls._CNI_KEYS, "bandwidth",
-                                 "ingressRate, ingressBurst, egressRate, egressBurst (bits/s, bits)",
-                                 lambda key, value: _int(f"bandwidth {key}", value)))
-
-    def to_cni(self) -> dict:
-        """The camelCase dict, only the directions that are set."""
-        out = {}
-        if self.ingress_rate_bps:
-            out.update(ingressRate=self.ingress_rate_bps, ingressBurst=self.ingress_burst_bits)
-        if self.egress_rate_bps:
-            out.update(egressRate=self.egress_rate_bps, egressBurst=self.egress_burst_bits)
-        return out
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.ingress_rate_bps or self.egress_rate_bps)
-
-
-_NO_BANDWIDTH = Bandwidth()
-
-
-# --------------------------------------------------------------------------- PortMapping
-
-@dataclass(frozen=True)
-class PortMapping:
-    """One hostPort rule: (host_ip or every node address, protocol, host_port) → container_port."""
-    host_port: int
-    container_port: int
-    protocol: str = "tcp"
-    host_ip: str | None = None    # None: every node address
-
-    _CNI_KEYS = {
-        "host_port": ("hostPort", "HostPort"),
-        "container_port": ("containerPort", "ContainerPort"),
-        "protocol": ("protocol", "Protocol"),
-        "host_ip": ("hostIP", "HostIP", "hostIp"),
-    }
-
-    def __post_init__(self):
-        object.__setattr__(self, "host_port", _int("hostPort", self.host_port, lo=1, hi=65535))
-        object.__setattr__(self, "container_port",
-                           _int("containerPort", self.container_port, lo=1, hi=65535))
-        proto = self.protocol
-        if not isinstance(proto, str) or proto.lower() not in ("tcp", "udp"):
-            raise ValueError(f"protocol: {proto!r} is not supported; accepted: 'tcp', 'udp'")
-        object.__setattr__(self, "protocol", proto.lower())
-        hip = self.host_ip
-        if hip in (None, "", "0.0.0.0", "::"):
-            hip = None  # the wildcard spellings all mean "every node address"
-        else:
-            hip = str(parse_ip(hip, "hostIP"))
-        object.__setattr__(self, "host_ip", hip)
-
-    @classmethod
-    def from_cni(cls, d: Mapping | "PortMapping") -> "PortMapping":
-        """From one ``runtimeConfig.portMappings`` entry (``hostPort`` ... or ``HostPort`` ...)."""
-        if isinstance(d, PortMapping):
-            return d
-        if not isinstance(d, Mapping):
-            raise ValueError(f"portMapping: expected a dict like {{'hostPort': 8080, "
-                            f"'containerPort': 80, 'protocol': 'tcp'}}, got {d!r}")
-        kwargs = _cni_kwargs(d, cls._CNI_KEYS, "portMapping", "hostPort, containerPort, protocol, hostIP")
-        for attr, cni in (("host_port", "hostPort"), ("container_port", "containerPort")):
-            if attr not in kwargs:
-                raise ValueError(f"portMapping: {cni} is missing in {dict(d)!r}")
-        return cls(**kwargs)
-
-    def to_cni(self) -> dict:
-        out = {"hostPort": self.host_port, "containerPort": self.container_port,
-               "protocol": self.protocol}
-        if self.host_ip is not None:
-            out["hostIP"] = self.host_ip
-        return out
-
-    @property
-    def proto_number(self) -> int:
-        return 6 if self.protocol == "tcp" else 17
+_NO_BANDWIDTH = NO_BANDWIDTH
 
 
 # --------------------------------------------------------------------------- SwitchConfig

@@ -1,6 +1,6 @@
 """Helpers of the CNI conformance suite: run the installed plugin as a runtime does.
 
-Theory of operation: ``install_plugin`` writes the real ``vswitch`` launcher (cni.install)
+Theory of operation: ``install_plugin`` writes the real ``vswitch`` launcher (vswitch_cni.install)
 into a temporary bin dir; :class:`Runner` executes it with ``CNI_*`` variables and the
 configuration on stdin, exactly like libcni's RawExec (CNI_PATH = that bin dir, then
 Debian's /usr/lib/cni for host-local), and returns the exit status with stdout parsed;
@@ -20,7 +20,7 @@ import subprocess
 import warnings
 from pathlib import Path
 
-from cni.install import install
+from vswitch_cni.install import install
 from vswitch import lab
 from vswitch.lab import nsexec, sh, uid  # noqa: F401
 

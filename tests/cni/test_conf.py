@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from cni import conf as c
-from cni.errors import CniError
+from vswitch_cni import conf as c
+from vswitch_cni.errors import CniError
 
 BASE_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "ctr1", "CNI_NETNS": "/var/run/netns/x",
             "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin:/usr/lib/cni"}
@@ -194,12 +194,59 @@ def test_port_mappings_camel_case_and_go_field_names():
         {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
         {"HostPort": 5353, "ContainerPort": 53, "Protocol": "UDP", "HostIP": "0:0::1"},
         {"hostPort": 9090, "containerPort": 90}]}})
-    wire = [pm.to_wire() for pm in conf.port_mappings]
+    wire = [pm.to_cni() for pm in conf.port_mappings]     # what the daemon is sent
     assert wire == [
-        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""},
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
         {"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": "::1"},
-        {"hostPort": 9090, "containerPort": 90, "protocol": "tcp", "hostIP": ""}]
-    assert conf.port_mappings[1].family() == 6
+        {"hostPort": 9090, "containerPort": 90, "protocol": "tcp"}]
+    assert conf.port_mappings[1].family() == 6 and conf.port_mappings[0].family() is None
+
+
+def test_wildcard_host_ip_keeps_its_family():
+    # "0.0.0.0" is every node address, but of IPv4 only (portmap skips it for a pod
+    # without IPv4); "" names no family
+    conf = netconf({"runtimeConfig": {"portMappings": [
+        {"hostPort": 80, "containerPort": 80, "hostIP": "0.0.0.0"},
+        {"hostPort": 81, "containerPort": 80, "hostIP": "::"},
+        {"hostPort": 82, "containerPort": 80, "hostIP": ""}]}})
+    assert [pm.host_ip for pm in conf.port_mappings] == [None, None, None]
+    assert [pm.family() for pm in conf.port_mappings] == [4, 6, None]
+
+
+def test_port_mapping_messages_name_the_runtime_key():
+    err = code_of(netconf, {"runtimeConfig": {"portMappings": [
+        {"hostPort": 80, "containerPort": 80}, {"HostPort": 0, "containerPort": 80}]}})
+    assert err.msg == ("runtimeConfig.portMappings[1].hostPort: 0 is invalid; expected a "
+                       "port 1..65535")
+    err = code_of(netconf, {"runtimeConfig": {"portMappings": [{"hostPort": 80}]}})
+    assert err.msg == ('runtimeConfig.portMappings[0].containerPort is missing in '
+                       '{"hostPort":80}')
+    err = code_of(netconf, {"runtimeConfig": {"portMappings": [
+        {"hostPort": 80, "containerPort": 80, "protocol": "SCTP"}]}})
+    assert (err.code, err.msg) == (2, 'unsupported field runtimeConfig.portMappings[0].'
+                                      'protocol="SCTP": vswitch maps tcp and udp')
+
+
+def test_unknown_keys_inside_entries_are_ignored_like_go():
+    # runtimes marshal structs with fields we do not use; Go's encoding/json ignores them
+    conf = netconf({"runtimeConfig": {
+        "portMappings": [{"hostPort": 80, "containerPort": 80, "podName": "x"}],
+        "bandwidth": {"ingressRate": 1000, "ingressBurst": 2000, "qdisc": "tbf"}}})
+    assert conf.port_mappings[0].host_port == 80
+    assert conf.bandwidth.ingress_rate_bps == 1000
+
+
+def test_ip_masq_is_a_bool():
+    assert netconf().ip_masq is False
+    assert netconf({"ipMasq": True}).ip_masq is True
+    err = code_of(netconf, {"ipMasq": "yes"})
+    assert err.code == 7 and "ipMasq" in err.msg and "'yes'" in err.msg
+
+
+def test_annotation_burst_stays_within_the_largest_burst():
+    conf = netconf({"runtimeConfig": {c.POD_ANNOTATIONS_KEY: {c.INGRESS_ANNOTATION: "1P"}}})
+    assert conf.bandwidth.ingress_rate_bps == 10 ** 15
+    assert conf.bandwidth.ingress_burst_bits == 8 << 32      # 2^32 bytes, not 10^14 bits
 
 
 @pytest.mark.parametrize("mapping,word", [
@@ -231,16 +278,14 @@ def test_bandwidth_runtime_config_camel_and_go_names():
                 "egressBurst": 0},
                {"IngressRate": 10**6, "IngressBurst": 2**20}):
         conf = netconf({"runtimeConfig": {"bandwidth": bw}})
-        assert conf.bandwidth.to_wire() == {"ingressRate": 10**6, "ingressBurst": 2**20,
-                                            "egressRate": 0, "egressBurst": 0}
+        assert conf.bandwidth.to_cni() == {"ingressRate": 10**6, "ingressBurst": 2**20}
 
 
 def test_static_bandwidth_wins_over_runtime_config():
     conf = netconf({"egressRate": 5000, "egressBurst": 8000,
                     "runtimeConfig": {"bandwidth": {"ingressRate": 1, "ingressBurst": 1}}})
-    assert conf.bandwidth.to_wire() == {"ingressRate": 0, "ingressBurst": 0,
-                                        "egressRate": 5000, "egressBurst": 8000}
-    assert conf.bandwidth.source == "plugin configuration"
+    assert conf.bandwidth.to_cni() == {"egressRate": 5000, "egressBurst": 8000}
+    assert conf.bandwidth_source == "plugin configuration"
 
 
 @pytest.mark.parametrize("bw,word", [

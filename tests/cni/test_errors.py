@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from cnitest import SYSTEM_CNI, netconf, reservations
-from cni.results import version_info
+from vswitch_cni.results import version_info
 
 FAKE_IPAM = r'''#!{python} -IS
 import json, os, sys

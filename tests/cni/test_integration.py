@@ -103,6 +103,36 @@ def test_two_pods_reach_each_other(runner, node, net, pods):
     assert_gone(node, net, "pinga", a)
 
 
+def test_ip_masq_sets_up_masquerade_and_del_removes_it(runner, node, net, pods):
+    """ipMasq=true reaches the daemon: its nftables table masquerades the pod's subnet
+    while the pod exists; a pod without ipMasq creates nothing; DEL removes the table."""
+    def masq_table():
+        return nsexec(node.ns, "nft", "list", "table", "ip", "vswitch_masq", check=False)
+    plain, masq = pods.new("p"), pods.new("m")
+    add_ok(runner, net.conf(), "nomasq1", plain)
+    assert masq_table().returncode != 0, masq_table().stdout
+    add_ok(runner, net.conf(ipMasq=True), "masq1", masq)
+    att, = [a for a in node.attachments() if a["container_id"] == "masq1"]
+    assert att["ip_masq"] is True
+    t = masq_table()
+    assert t.returncode == 0, t.stderr
+    assert f"ip saddr {node.subnet} ip daddr != {node.subnet} masquerade" in t.stdout, t.stdout
+    o = runner.run("DEL", net.conf(ipMasq=True), cid="masq1", netns=Netns.path(masq))
+    assert o.rc == 0, o
+    assert masq_table().returncode != 0, masq_table().stdout
+    assert "vswitch_masq" not in nsexec(node.ns, "nft", "list", "tables").stdout
+    assert runner.run("DEL", net.conf(), cid="nomasq1", netns=Netns.path(plain)).rc == 0
+    assert_gone(node, net, "masq1", masq)
+    assert_gone(node, net, "nomasq1", plain)
+
+
+def test_ip_masq_not_a_bool_is_7(runner, node, net, pods):
+    pod = pods.new()
+    o = runner.run("ADD", net.conf(ipMasq="true"), cid="badmasq1", netns=Netns.path(pod))
+    assert o.rc != 0 and o.code == 7 and "ipMasq" in o.out["msg"], o
+    assert_gone(node, net, "badmasq1", pod)
+
+
 def test_add_fails_when_ifname_exists_and_releases(runner, node, net, pods):
     pod = pods.new()
     nsexec(pod, "ip", "tuntap", "add", "dev", "eth0", "mode", "tap")
@@ -434,7 +464,7 @@ def test_50_parallel_adds_then_50_parallel_dels(runner, node, net, pods):
 
 
 def test_installed_conflist_is_usable(runner, node, tmp_path, pods):
-    from cni.install import install
+    from vswitch_cni.install import install
     _, conf_path = install(str(tmp_path / "bin"), str(tmp_path / "net.d"),
                            socket_path=node.socket, subnet="10.252.9.0/24", name="inst")
     conflist = json.loads(open(conf_path).read())

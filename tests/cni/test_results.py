@@ -1,13 +1,13 @@
 """Unit tests of cni/results.py: result shapes per version, errors, VERSION, import cost."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from cni.errors import CniError
-from cni.results import error_json, format_result, parse_result, version_info
+from vswitch_cni.errors import CniError
+from vswitch_cni.install import launcher_lines
+from vswitch_cni.results import error_json, format_result, parse_result, version_info
 
 RESULT = {
     "interfaces": [{"name": "vsw-ab12", "mac": "02:00:00:00:00:aa", "mtu": 1500},
@@ -18,7 +18,6 @@ RESULT = {
     "routes": [{"dst": "0.0.0.0/0", "gw": "10.1.0.1"}],
     "dns": {"nameservers": ["10.1.0.10"]},
 }
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0"])
@@ -88,13 +87,13 @@ def heavy_modules_of_a_plugin_run(also_import=""):
     """The HEAVY modules (full dotted names) in ``sys.modules`` of a fresh interpreter
     after it imported the plugin and ran it as a runtime would (CNI_COMMAND=VERSION);
     ``also_import`` is extra code run first (to prove the check can fire)."""
-    code = ("import sys, json; sys.path.insert(0, %r); %s\n"
-            "import cni.plugin, cni.install\n"
-            "rc = cni.plugin.main()\n"
+    code = ("\n".join(launcher_lines()) + "\nimport json; %s\n"   # as the installed launcher
+            "import vswitch_cni.plugin, vswitch_cni.install\n"
+            "rc = vswitch_cni.plugin.main()\n"
             "heavy = %r\n"
             "print(json.dumps(sorted(m for m in sys.modules if m in heavy or "
             "m.startswith(tuple(h + '.' for h in heavy)))), file=sys.stderr)\n"
-            "sys.exit(rc)" % (ROOT, also_import, HEAVY))
+            "sys.exit(rc)" % (also_import, HEAVY))
     proc = subprocess.run([sys.executable, "-I", "-S", "-c", code],
                           input='{"cniVersion": "1.0.0"}', env={"CNI_COMMAND": "VERSION"},
                           capture_output=True, text=True, check=True)

@@ -247,10 +247,10 @@ class VswitchChain(Chain):
         res = subprocess.run(install, cwd=REPO_ROOT, env=self.daemon.env, capture_output=True,
                              text=True)
         if res.returncode != 0 and "invalid choice: 'install-cni'" in res.stderr:
-            # vswitchctl does not route install-cni yet; cni/install.py is the same code.
+            # vswitchctl does not route install-cni yet; vswitch_cni.install is the same code.
             warnings.warn("vswitchctl has no install-cni subcommand yet: the vswitch chain "
-                          "was installed with python -m cni.install")
-            install = [sys.executable, "-m", "cni.install", *args]
+                          "was installed with python -m vswitch_cni.install")
+            install = [sys.executable, "-m", "vswitch_cni.install", *args]
             res = subprocess.run(install, cwd=REPO_ROOT, env=self.daemon.env,
                                  capture_output=True, text=True)
         if res.returncode != 0:

@@ -146,3 +146,56 @@ def test_mac_and_ip_helpers():
         parse_mac("aa:bb")
     with pytest.raises(ValueError, match="'x'"):
         parse_ip("x")
+
+
+# ----------------------------------------------------------------------------- one definition
+
+def test_plugin_and_control_plane_share_one_definition():
+    import vswitch.cnitypes as T
+    from vswitch import rpc
+    from vswitch.daemon import attachment
+    from vswitch_cni import conf as plugin_conf, plugin
+    assert PortMapping is T.PortMapping is plugin_conf.PortMapping
+    assert Bandwidth is T.Bandwidth is plugin_conf.Bandwidth
+    assert plugin_conf.DEFAULT_SOCKET == rpc.DEFAULT_SOCKET == "/run/vswitch/vswitchd.sock"
+    assert plugin.DAEMON_FAULT_STEPS is attachment.ATTACH_STEPS is T.ATTACH_STEPS
+
+
+def test_values_hash_copy_and_pickle_by_value():
+    import copy
+    import pickle
+    pm = PortMapping.from_cni({"hostPort": 80, "containerPort": 8080, "hostIP": "0.0.0.0"})
+    bw = Bandwidth(1000, 2000)
+    for v in (pm, bw):
+        assert copy.deepcopy(v) == v and pickle.loads(pickle.dumps(v)) == v
+        assert {v: 1}[copy.copy(v)] == 1
+    assert copy.deepcopy(pm).family() == 4          # the wildcard's family survives a copy
+    assert PortMapping(80, 8080) != PortMapping(80, 8081)
+    assert Bandwidth(1000, 2000) != Bandwidth(0, 0, 1000, 2000)
+
+
+def test_bursts_above_2_to_the_32_bytes_are_refused():
+    assert Bandwidth(1, 8 << 32).ingress_burst_bits == 8 << 32
+    with pytest.raises(ValueError, match="exceeds"):
+        Bandwidth(1, (8 << 32) + 1)
+
+
+@pytest.mark.parametrize("module", ["vswitch.config", "vswitch.rpc", "vswitch.cnitypes",
+                                    "vswitch.daemon.attachment"])
+def test_imports_neither_numpy_nor_pyroute2(module):
+    """10.5: only the modules that use numpy (the datapath) or pyroute2 (daemon.netlink)
+    import them; a fresh interpreter shows what importing ``module`` loaded."""
+    import json
+    import subprocess
+    import sys
+    code = ("import sys, json, importlib; importlib.import_module(sys.argv[1]); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('numpy', 'pyroute2', 'scapy') or m == 'vswitch.daemon.netlink')))")
+    out = subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == []
+    # the check can fire: importing the netlink module does load pyroute2
+    if module == "vswitch.daemon.attachment":
+        out = subprocess.run([sys.executable, "-c", code, "vswitch.daemon.netlink"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "pyroute2" in json.loads(out)

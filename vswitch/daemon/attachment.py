@@ -5,7 +5,8 @@ Theory of operation
 An ``attach`` request (``docs/control.md``) becomes a record by ``normalize_attach``:
 every argument is checked and put in one canonical form (addresses as ``a.b.c.d/len``,
 MACs lower-case, routes defaulted to one default route per family through the first
-gateway, port mappings and bandwidth through ``vswitch.config``), and bad input raises
+gateway, port mappings, bandwidth and the MAC through ``vswitch.cnitypes``, the plugin's own
+definitions), and bad input raises
 RpcError code 4 naming the value and what is accepted. The record is what the state file
 stores and what ``list`` answers; attach then adds ``port`` and ``tap`` (names),
 ``port_id`` (the switch's). Keys starting with ``_`` are private to the daemon and never
@@ -24,13 +25,10 @@ import ipaddress
 
 from vswitch.datapath import consts as C
 from vswitch import rpc
-from vswitch.daemon import netlink
-from vswitch.config import Bandwidth, PortMapping, format_mac, parse_mac
+# ATTACH_STEPS: the steps of attach, in order (the names of --test-faults' injected faults)
+from vswitch.cnitypes import ATTACH_STEPS, BadValue, parse_pod_mac
+from vswitch.config import Bandwidth, PortMapping, format_mac, parse_cidr
 from vswitch.rpc import RpcError
-
-# the steps of attach, in order (the names of --test-faults' injected faults)
-ATTACH_STEPS = ("tap_create", "netns_move", "link_config", "addresses", "routes",
-                "switch_port", "hostports", "shaper", "state_save")
 
 # the arguments a repeated attach of the same key must match
 _COMPARED = ("netns", "mac", "ips", "routes", "mtu", "port_mappings", "bandwidth", "ip_masq")
@@ -102,7 +100,7 @@ def _ips(ips_in) -> list[dict]:
         if not isinstance(e, dict) or "address" not in e:
             raise RpcError(rpc.E_BAD_ARGS, f"ips: entry {e!r} needs an 'address' like '10.0.0.5/24'")
         try:
-            iface = netlink.parse_cidr(e["address"]) if isinstance(e["address"], str) else None
+            iface = parse_cidr(e["address"]) if isinstance(e["address"], str) else None
         except ValueError:
             iface = None
         if iface is None or iface.network.prefixlen == iface.max_prefixlen:
@@ -145,12 +143,9 @@ def _mac(mac, cid: str, ifname: str) -> str:
     if mac in (None, ""):
         return mac_for(cid, ifname)
     try:
-        mb = parse_mac(mac)
-    except ValueError as exc:
+        return parse_pod_mac(mac, "mac")
+    except BadValue as exc:
         raise RpcError(rpc.E_BAD_ARGS, str(exc)) from None
-    if mb[0] & 1 or mb == b"\0" * 6:
-        raise RpcError(rpc.E_BAD_ARGS, f"mac: {mac!r} is multicast or zero; a pod needs a unicast MAC")
-    return format_mac(mb)
 
 
 def normalize_attach(req: dict, test_faults: bool) -> dict:

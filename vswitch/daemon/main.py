@@ -382,6 +382,7 @@ def raise_nofile_limit() -> int:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="vswitchd", description="vswitch daemon: pods on TAP devices")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("--socket", default=rpc.DEFAULT_SOCKET, help="control socket path")
     ap.add_argument("--state-dir", default="/var/lib/vswitch", help="where state.json lives")
     ap.add_argument("--switch", default="vsw0", help="name of the host port TAP (default vsw0)")

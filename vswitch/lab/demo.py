@@ -43,7 +43,7 @@ def table(rows: list[tuple[str, str, str]]) -> str:
 # ------------------------------------------------------------------ real pods, as root
 
 def run_real(seconds: float) -> list[tuple[str, str, str]]:
-    from cni.install import conflist, install
+    from vswitch_cni.install import conflist, install
     from vswitch import lab
 
     for tool in ("iperf3", "ping"):
