@@ -11,14 +11,15 @@ under ``with nogil:`` - parse (parse.pxi) -> anti-spoofing -> egress shaper ->
 NAT/conntrack -> L2 learn/lookup -> ingress shaper -> output - finishing one packet
 after the other, so each packet sees the state the previous one left (parsing and
 prefetching run a few packets ahead: "the batch loop" below), the same
-sequential semantics as the pure-Python twin (vswitch/datapath/pure.py, which is the
-executable spec; its "Decisions beyond docs/datapath.md" D1..D36 are followed here and
-cited by number). The loop allocates no Python object and reads no clock: time is the
+sequential semantics as the pure-Python twin (vswitch/datapath/pure.py, the executable
+spec; the decisions of docs/datapath.md, section *Decisions*, are followed here and cited
+by number). Constants, counter indexes, drop reasons and trace events come from
+vswitch/datapath/consts.py through the generated consts.pxi. The loop allocates no Python object and reads no clock: time is the
 ``now_ns`` argument. Every helper it calls is ``cdef inline ... noexcept nogil``.
 
 ``drain()`` releases queued packets in departure order (D16) and runs egress-released
-ones through ``forward`` (NAT, L2, ingress shaper, output) in the output buffer. Control calls (ports, bindings, rules,
-shapers) run between batches, with the GIL, and validate like the twin (ValueError naming
+ones through ``forward`` (NAT, L2, ingress shaper, output) in the output buffer. Control
+calls (ports, bindings, rules, shapers) run between batches, with the GIL, and validate like the twin (ValueError naming
 the value, nothing changed). ``trace()`` runs one frame through the same C pipeline on a
 deep copy of the Core with a stage recorder switched on, so it changes nothing.
 

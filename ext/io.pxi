@@ -110,8 +110,7 @@ cdef enum:
 
 cdef enum:
     IO_HDR = 12                       # virtio_net_hdr_mrg_rxbuf, the datapath's layout
-    IO_MAX_FRAME = 65535 + 14 + 4     # MAX_FRAME of dpconst
-    IO_SLOT_MAX = IO_HDR + IO_MAX_FRAME
+    IO_SLOT_MAX = IO_HDR + C_MAX_FRAME
 
 
 cdef inline Py_ssize_t _io_read_one(int fd, int hdr_len, unsigned char *slot) noexcept nogil:
@@ -125,7 +124,7 @@ cdef inline Py_ssize_t _io_read_one(int fd, int hdr_len, unsigned char *slot) no
             iov[0].iov_base = slot
             iov[0].iov_len = hdr_len
             iov[1].iov_base = slot + IO_HDR
-            iov[1].iov_len = IO_MAX_FRAME
+            iov[1].iov_len = C_MAX_FRAME
             r = readv(fd, iov, 2)
         if r >= 0:
             return r

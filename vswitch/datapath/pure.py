@@ -3,18 +3,19 @@
 Theory of operation
 ===================
 docs/datapath.md is the contract, and its section *Decisions* (D1..D39) the finer points
-both implementations follow; comments here cite them by number. One class, ``Datapath``, one method per pipeline stage, one packet at a time, tables in
-plain dicts. It is slow on purpose: every line should be obviously what docs/datapath.md
-says, so that the Cython core (ext/) can be checked against it byte for byte
+both implementations follow; comments here cite them by number. One class,
+``Datapath``, one method per pipeline stage, one packet at a time, tables in plain dicts.
+It is slow on purpose: every line should be obviously what docs/datapath.md says, so
+that the Cython core (ext/) can be checked against it byte for byte
 (tests/datapath/test_differential.py).
 
 process() validates the whole batch, then runs ``_process_one`` for each packet in order:
 rx counters, the in port must exist -> ``_parse`` -> ``_antispoof`` -> the egress shaper
 of the in port -> ``_forward``: ``_nat`` -> ``_l2`` -> the ingress shaper of the out port
 -> tx counters (the stages are named in consts.STAGES, their trace texts in
-consts.TRACE_EVENTS). A drop anywhere raises ``_Drop``,
-which names the reason and the port it is counted on. Each packet sees the state left by
-the ones before it (sequential semantics); drain() re-enters at ``_forward``.
+consts.TRACE_EVENTS). A drop anywhere raises ``_Drop``, which names the reason and the
+port it is counted on. Each packet sees the state left by the ones before it (sequential
+semantics); drain() re-enters at ``_forward``.
 
 Malformed-frame rule. The parser reads headers from the first ``lengths[i]`` bytes only.
 A frame is dropped and counted ``malformed`` when it is shorter than 14 bytes, or says
@@ -22,8 +23,8 @@ A frame is dropped and counted ``malformed`` when it is shorter than 14 bytes, o
 is in docs/datapath.md, *Parse*, and in ``_parse``). A frame that cannot be understood
 further but is not inconsistent (other ethertypes, unknown IP protocols, non-first
 fragments, more than 8 IPv6 extension headers) is switched at L2 only (non-first
-fragments of a hostPort datagram are still translated, D39). Nothing is ever read past the frame's length, because
-``_parse`` reads a ``bytes`` copy of exactly the frame and checks every length first.
+fragments of a hostPort datagram are still translated, D39). Nothing is ever read past
+the frame's length, because ``_parse`` reads a ``bytes`` copy of exactly the frame and checks every length first.
 
 Shaping. A token bucket per (port, direction) with credit in bit*ns (bits x 10^9, exact
 Python ints): a packet costs C*8*10^9 where C is its charged length; refill adds
@@ -46,6 +47,9 @@ the entry and fixes its translation (DNAT to the pod, plus SNAT to the gateway f
 hairpin); later packets only replay it. Entries expire by TCP/UDP state (FIN/RST shorten
 them); an expired entry found is deleted on the spot, and a full table is swept at most
 once per second of now_ns before a new entry is refused (``table_full``).
+
+Fragments (D39). A translated first fragment leaves its datagram's translation in a dict
+by fragment key, oldest first; with FRAG_SLOTS live datagrams held, the oldest goes.
 
 Checksums are patched per RFC 1624 (``_csum_patch``), never recomputed; for frames with
 NEEDS_CSUM the L4 field holds the pseudo-header sum and only the address words change it.
