@@ -51,7 +51,11 @@ def launcher_lines(vswitch_root=None, plugin_dir=None):
     lines = [f"import sys; sys.path.insert(0, {vswitch_root!r})"]
     if os.path.normpath(plugin_dir) != os.path.join(os.path.normpath(vswitch_root), "vswitch_cni"):
         init = os.path.join(plugin_dir, "__init__.py")
-        lines += ["from importlib.util import module_from_spec, spec_from_file_location",
+        # importlib.util's spec_from_file_location and module_from_spec, taken from the
+        # frozen modules every interpreter has loaded: importing importlib.util would cost
+        # more than the rest of this launcher
+        lines += ["from _frozen_importlib import module_from_spec",
+                  "from _frozen_importlib_external import spec_from_file_location",
                   f"spec = spec_from_file_location('vswitch_cni', {init!r}, "
                   f"submodule_search_locations=[{plugin_dir!r}])",
                   "sys.modules['vswitch_cni'] = module_from_spec(spec)",
