@@ -12,7 +12,11 @@ and TSO, the offloads that decide TCP throughput through a TAP switch
 The benchmark runs its own OVS, never the system's: a fresh database, ``ovsdb-server`` and
 ``ovs-vswitchd`` started as our child processes with their run directory, database,
 sockets, pid files and logs in a temporary directory (``OVS_RUNDIR`` etc. point there
-too), and stopped by the PIDs we started. Two TAP devices are created persistent, added to
+too), and stopped by the PIDs we started. ``ovs-vswitchd`` runs inside a node namespace of
+our own, so the devices it makes (the netdev datapath's ``ovs-netdev`` and the bridge's
+internal TAP, whose names are OVS's, not ours) land there and never meet those of another
+OVS on the machine (two runs at once, or the system's). Two TAP devices are created
+persistent in that namespace, added to
 a netdev bridge as ``type=tap`` ports, then moved into two namespaces we create ("pods",
 OVS keeps the file descriptors it opened; it logs that it can no longer query the devices
 by name, which is harmless). Measurements are bench_real.py's own (``measure_*``, with
@@ -51,8 +55,9 @@ SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 class OvsUserspace:
     """A private ovsdb-server + ovs-vswitchd under ``workdir``; ``stop()`` ends them."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, netns=None):
         self.dir = Path(workdir)
+        self.netns = netns       # the namespace ovs-vswitchd runs in (its devices go there)
         self.db_sock = self.dir / "db.sock"
         self.env = dict(os.environ, OVS_RUNDIR=str(self.dir), OVS_DBDIR=str(self.dir),
                         OVS_LOGDIR=str(self.dir), OVS_SYSCONFDIR=str(self.dir))
@@ -71,6 +76,8 @@ class OvsUserspace:
         return out.stdout
 
     def _spawn(self, name, cmd):
+        if self.netns:           # ip netns exec execs: the PID is the daemon's own
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         log = open(self.dir / f"{name}.out", "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                 cwd=self.dir)
@@ -130,7 +137,8 @@ class OvsUserspace:
                     proc.kill()
                     proc.wait()
         for br in self.bridges:                  # a netdev bridge's internal TAP, if left
-            subprocess.run(["ip", "link", "del", br], capture_output=True)
+            subprocess.run(["ip", *(["-n", self.netns] if self.netns else []), "link", "del",
+                            br], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -140,36 +148,41 @@ def ovs_pods():
         pytest.skip(f"Open vSwitch schema {SCHEMA} missing (openvswitch-common)")
     u = lab.uid()
     workdir = tempfile.mkdtemp(prefix=f"bench-ovs-{u}-")
-    ovs = OvsUserspace(workdir)
     nss = lab.Namespaces(prefix="bo")
+    ovs = None
     bridge = f"bo{u}"
     net = random.randint(0, 255)
     made_taps = []                  # (tap, the namespace it is in, or None)
     try:
+        node = nss.new("node")
+        ovs = OvsUserspace(workdir, node)
         ovs.start()
         ovs.add_bridge(bridge)
         ends = []
         for side in "ab":
             tap, ip = f"to{side}{u}", f"10.233.{net}.{len(ends) + 1}"
-            lab.sh("ip", "tuntap", "add", "mode", "tap", "name", tap)
-            made_taps.append((tap, None))
+            lab.nsexec(node, "ip", "tuntap", "add", "mode", "tap", "name", tap)
+            made_taps.append((tap, node))
             ovs.add_tap_port(bridge, tap)
             ns = nss.new(side)
-            lab.sh("ip", "link", "set", tap, "netns", ns)
+            lab.nsexec(node, "ip", "link", "set", tap, "netns", ns)
             made_taps[-1] = (tap, ns)
             lab.nsexec(ns, "ip", "addr", "add", f"{ip}/24", "dev", tap)
             lab.nsexec(ns, "ip", "link", "set", tap, "up")
             ends.append(bench_real.Endpoint(ns, ip, tap))
-        lab.sh("ip", "link", "set", bridge, "up", check=False)
+        lab.nsexec(node, "ip", "link", "set", bridge, "up", check=False)
         version = lab.sh("ovs-vswitchd", "--version").stdout.split("\n")[0]
         yield bench_real.connected_pair(*ends, {"ovs": version,
                                                 "userspace_tso": ovs.tso_enabled()})
     finally:
         for tap, ns in made_taps:
-            lab.sh("ip", *(["-n", ns] if ns else []), "link", "del", tap, check=False)
-        nss.cleanup()
-        ovs.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+            lab.sh("ip", "-n", ns, "link", "del", tap, check=False)
+        try:
+            if ovs is not None:
+                ovs.stop()                  # before its namespace goes
+        finally:
+            nss.cleanup()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("streams", [1, 4])
