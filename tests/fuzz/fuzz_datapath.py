@@ -25,16 +25,22 @@ from vswitch.datapath import _core  # noqa: E402  (not instrumented: compiled)
 
 
 def main():
-    if len(sys.argv) < 2 or sys.argv[1] not in harness.TARGETS:
+    # libFuzzer runs this file again for -merge, -fork and -jobs with its own flags only: the
+    # target travels in the environment
+    args = sys.argv[1:]
+    if args and args[0] in harness.TARGETS:
+        os.environ["VSWITCH_FUZZ_TARGET"] = args.pop(0)
+    name = os.environ.get("VSWITCH_FUZZ_TARGET")
+    if name not in harness.TARGETS:
         print(f"usage: {sys.argv[0]} {{{'|'.join(harness.TARGETS)}}} [libFuzzer args]",
               file=sys.stderr)
         return 2
-    target = harness.TARGETS[sys.argv[1]]
+    target = harness.TARGETS[name]
 
     def one(data):
         target(pure, _core, data)
 
-    atheris.Setup([sys.argv[0], *sys.argv[2:]], one)
+    atheris.Setup([sys.argv[0], *args], one)
     atheris.Fuzz()
     return 0
 
