@@ -278,25 +278,27 @@ class Node:
         self.peers: dict[str, Node] = {}
 
     # -- the interface
+    # (each kind implements these; the base class only names them)
     @property
     def vtep_mac(self) -> str:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.vtep_mac")
 
     def open(self) -> "Node":
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.open")
 
     def add_pod(self, name: str | None = None) -> Pod:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.add_pod")
 
     def add_peer(self, peer: "Node") -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.add_peer")
 
     def remove_peer(self, peer: "Node") -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.remove_peer")
 
     def close(self) -> None:
         self.pods.clear()
         self.peers.clear()
+        self.underlay.ports.pop(self.name, None)      # its veth goes with the namespace
         self.nss.cleanup()
 
     # -- shared
