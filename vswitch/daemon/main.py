@@ -56,6 +56,7 @@ import traceback
 from vswitch import __version__, rpc
 from vswitch.daemon import metrics
 from vswitch.daemon import netlink
+from vswitch import datapath
 from vswitch.datapath import consts as C
 from vswitch.daemon.attachment import need_str, public
 from vswitch.daemon.control import ControlServer, Limits
@@ -248,7 +249,7 @@ class Daemon:
         port, the sweep timer); else one ``io.poll`` per wakeup with the datapath called
         from here (captures see each batch; the Python twins use this path)."""
         io, dp = self.io, self.switch.dp
-        fast = io.impl == "c" and type(dp).__module__ == "vswitch.datapath._core"
+        fast = io.impl == "c"           # vswitch.datapath chose the core for both (one selection)
         run, poll_ns = io.run, self.poll_ns
         monotonic_ns = time.monotonic_ns
         ctl = self.control
@@ -417,6 +418,11 @@ def main(argv=None):
         limits = Limits(a.ctl_max_conns, a.ctl_idle_timeout_s, a.ctl_line_timeout_s, a.ctl_max_queued_bytes)
     except ValueError as exc:
         ap.error(f"--ctl-*: {exc}")
+    try:
+        datapath.module()               # the one selection: a missing build stops here, clearly
+    except datapath.BuildError as exc:
+        print(f"vswitchd: {exc}", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("vswitchd: must run as root (TAP devices, namespaces)", file=sys.stderr)
         return 2
