@@ -38,8 +38,8 @@ attachments (datapath tables — MAC, conntrack — start empty: flows re-learn 
 NATed TCP connections through a hostPort do not survive a restart), prunes unused
 gateways, saves the state and listens. **Shutdown** (SIGTERM/SIGINT) finishes the running
 operation, keeps the pods (TAPs are persistent, state stays) and gives the uplink NIC
-its addresses back. With no attachment left, vsw0 is deleted and the state file removed,
-so nothing remains. ``docs/daemon.md`` is the operator's page.
+its addresses back. With no attachment left, vsw0 is deleted, the forwarding sysctls the
+daemon turned on get their old values and the state file is removed, so nothing remains. ``docs/daemon.md`` is the operator's page.
 """
 from __future__ import annotations
 
@@ -355,6 +355,7 @@ class Daemon:
             if not st.attachments and st.adopted:
                 netlink.tap_set_persist(self.host_port.fd, False)
                 st.host["gateways"] = []
+                self.gateways.restore_forwarding()   # the node's forwarding sysctls as they were
             self.host_port.close()
         if not st.adopted:
             pass                       # start failed early: leave the state as it was
