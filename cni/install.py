@@ -9,7 +9,9 @@ the interpreter running this installer (resolved, so no pyenv shim or PATH looku
 finds it itself: it puts the directory holding the ``vswitch`` package on sys.path and,
 when ``vswitch_cni`` is not a sibling there (a checkout or an editable install, where it
 is the folder ``cni``), loads the package from its folder under its one name first. The network list, ``10-vswitch.conflist``,
-runs vswitch with host-local IPAM on ``--subnet`` and declares the capabilities
+runs vswitch with host-local IPAM on ``--subnet`` (given twice, one IPv4 and one IPv6
+subnet: a dual-stack list, two ``ranges`` and a default route per family, as Kubernetes
+configures host-local with ``--pod-network-cidr=A,B``) and declares the capabilities
 portMappings, bandwidth, mac, ips and the pod annotations. vswitchd brings ``lo`` up in
 every pod it attaches, so no loopback plugin is listed.
 
@@ -72,11 +74,30 @@ def launcher_text(python=None, vswitch_root=None, plugin_dir=None):
                       "from vswitch_cni.plugin import main; sys.exit(main())", ""])
 
 
+def _subnets(subnet):
+    """``subnet``: one CIDR or a list of them (at most one per IP family) -> networks;
+    raises ValueError naming the value and what is accepted."""
+    texts = [subnet] if isinstance(subnet, str) else list(subnet)
+    if not texts:
+        raise ValueError("--subnet: give at least one pod subnet, like 10.88.0.0/16")
+    nets = []
+    for t in texts:
+        try:
+            nets.append(ipaddress.ip_network(t, strict=True))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--subnet {t!r} is not a network address with prefix "
+                             f"(like 10.88.0.0/16 or fd00:10:88::/64): {exc}") from None
+    if len(nets) > 2 or len({n.version for n in nets}) != len(nets):
+        raise ValueError(f"--subnet {', '.join(texts)}: accepted are one subnet, or two of "
+                         f"different families (one IPv4, one IPv6: dual stack)")
+    return nets
+
+
 def conflist(subnet=DEFAULT_SUBNET, socket_path=DEFAULT_SOCKET, name=DEFAULT_NETWORK,
              mtu=1500):
-    """The default network list as a dict."""
-    net = ipaddress.ip_network(subnet, strict=True)
-    default_dst = "0.0.0.0/0" if net.version == 4 else "::/0"
+    """The default network list as a dict; ``subnet`` is one CIDR or a list (dual stack:
+    an IPv4 and an IPv6 one, a host-local range and a default route each)."""
+    nets = _subnets(subnet)
     return {
         "cniVersion": "1.0.0",
         "cniVersions": ["1.0.0", "1.1.0"],
@@ -85,8 +106,8 @@ def conflist(subnet=DEFAULT_SUBNET, socket_path=DEFAULT_SOCKET, name=DEFAULT_NET
             "type": PLUGIN_NAME,
             "socket": socket_path,
             "mtu": mtu,
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": str(net)}]],
-                     "routes": [{"dst": default_dst}]},
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": str(n)}] for n in nets],
+                     "routes": [{"dst": "0.0.0.0/0" if n.version == 4 else "::/0"} for n in nets]},
             "capabilities": {"portMappings": True, "bandwidth": True, "mac": True,
                              "ips": True, "io.kubernetes.cri.pod-annotations": True},
         }],
@@ -109,14 +130,11 @@ def _write_atomic(path, text, mode):
 
 def install(bin_dir, conf_dir, socket_path=DEFAULT_SOCKET, subnet=DEFAULT_SUBNET,
             name=DEFAULT_NETWORK, python=None):
-    """Write ``bin_dir/vswitch`` and ``conf_dir/10-vswitch.conflist``; returns both paths."""
+    """Write ``bin_dir/vswitch`` and ``conf_dir/10-vswitch.conflist``; returns both paths.
+    ``subnet``: one CIDR or a list (one IPv4 and one IPv6: dual stack)."""
     if not socket_path.startswith("/"):
         raise ValueError(f"--socket {socket_path!r} must be an absolute path")
-    try:
-        conf = conflist(subnet, socket_path, name)
-    except ValueError as exc:
-        raise ValueError(f"--subnet {subnet!r} is not a network address with prefix "
-                         f"(like 10.88.0.0/16): {exc}") from None
+    conf = conflist(subnet, socket_path, name)
     os.makedirs(bin_dir, exist_ok=True)
     os.makedirs(conf_dir, exist_ok=True)
     exe = os.path.join(bin_dir, PLUGIN_NAME)
@@ -133,12 +151,14 @@ def main(argv=None):
     parser.add_argument("--bin-dir", required=True, help="the runtime's CNI bin directory")
     parser.add_argument("--conf-dir", required=True, help="the runtime's CNI conf directory")
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="vswitchd's control socket")
-    parser.add_argument("--subnet", default=DEFAULT_SUBNET, help="pod subnet for host-local")
+    parser.add_argument("--subnet", action="append",
+                        help=f"pod subnet for host-local (default {DEFAULT_SUBNET}); twice, "
+                             f"an IPv4 and an IPv6 one, for dual stack")
     parser.add_argument("--name", default=DEFAULT_NETWORK, help="network name")
     args = parser.parse_args(argv)
     try:
-        exe, conf_path = install(args.bin_dir, args.conf_dir, args.socket, args.subnet,
-                                 args.name)
+        exe, conf_path = install(args.bin_dir, args.conf_dir, args.socket,
+                                 args.subnet or DEFAULT_SUBNET, args.name)
     except (ValueError, OSError) as exc:
         print(f"install-cni: {exc}", file=sys.stderr)
         return 2

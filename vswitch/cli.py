@@ -179,15 +179,17 @@ def _install_cni_args(p):
     p.add_argument("--socket", dest="cni_socket", metavar="PATH",
                    help="vswitchd's control socket written into the network list "
                         "(default: vswitchctl's --socket)")
-    p.add_argument("--subnet", metavar="CIDR", help="pod subnet for host-local (default 10.88.0.0/16)")
+    p.add_argument("--subnet", metavar="CIDR", action="append",
+                   help="pod subnet for host-local (default 10.88.0.0/16); give it twice, an IPv4 and "
+                        "an IPv6 subnet, for dual-stack pods")
 
 
 def _install_cni(c, a):
     """vswitch_cni.install.main with the same options; its exit status is vswitchctl's."""
     from vswitch_cni import install
     argv = ["--bin-dir", a.bin_dir, "--conf-dir", a.conf_dir, "--socket", a.cni_socket or a.socket]
-    if a.subnet:
-        argv += ["--subnet", a.subnet]
+    for subnet in a.subnet or ():
+        argv += ["--subnet", subnet]
     return install.main(argv)
 
 
