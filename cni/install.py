@@ -93,10 +93,26 @@ def _subnets(subnet):
     return nets
 
 
+def _pod_cidr_families(text):
+    """``--use-pod-cidr`` "4", "6" or "4,6" -> (4,) ...; ValueError naming the value."""
+    fams = tuple(sorted({int(f) for f in text.split(",") if f.strip() in ("4", "6")}))
+    if not fams or len(fams) != len([f for f in text.split(",") if f.strip()]):
+        raise ValueError(f"--use-pod-cidr {text!r}: accepted are 4, 6 or 4,6 (the families of the cluster CIDR)")
+    return fams
+
+
 def conflist(subnet=DEFAULT_SUBNET, socket_path=DEFAULT_SOCKET, name=DEFAULT_NETWORK,
-             mtu=1500):
+             mtu=1500, pod_cidr_families=None):
     """The default network list as a dict; ``subnet`` is one CIDR or a list (dual stack:
-    an IPv4 and an IPv6 one, a host-local range and a default route each)."""
+    an IPv4 and an IPv6 one, a host-local range and a default route each).
+    ``pod_cidr_families`` (e.g. (4, 6)) replaces the subnets by one ``usePodCidr`` range per
+    family: the node's subnets leased by vswitchd in cluster mode (cni/ipam.py)."""
+    if pod_cidr_families:
+        # the list of one subnet per family (routes per family), then usePodCidr ranges
+        conf = conflist([("10.0.0.0/8" if f == 4 else "fd00::/8") for f in pod_cidr_families],
+                        socket_path, name, mtu)
+        conf["plugins"][0]["ipam"]["ranges"] = [[{"subnet": "usePodCidr"}] for _ in pod_cidr_families]
+        return conf
     nets = _subnets(subnet)
     return {
         "cniVersion": "1.0.0",
@@ -129,12 +145,12 @@ def _write_atomic(path, text, mode):
 
 
 def install(bin_dir, conf_dir, socket_path=DEFAULT_SOCKET, subnet=DEFAULT_SUBNET,
-            name=DEFAULT_NETWORK, python=None):
+            name=DEFAULT_NETWORK, python=None, pod_cidr_families=None):
     """Write ``bin_dir/vswitch`` and ``conf_dir/10-vswitch.conflist``; returns both paths.
     ``subnet``: one CIDR or a list (one IPv4 and one IPv6: dual stack)."""
     if not socket_path.startswith("/"):
         raise ValueError(f"--socket {socket_path!r} must be an absolute path")
-    conf = conflist(subnet, socket_path, name)
+    conf = conflist(subnet, socket_path, name, pod_cidr_families=pod_cidr_families)
     os.makedirs(bin_dir, exist_ok=True)
     os.makedirs(conf_dir, exist_ok=True)
     exe = os.path.join(bin_dir, PLUGIN_NAME)
@@ -155,10 +171,16 @@ def main(argv=None):
                         help=f"pod subnet for host-local (default {DEFAULT_SUBNET}); twice, "
                              f"an IPv4 and an IPv6 one, for dual stack")
     parser.add_argument("--name", default=DEFAULT_NETWORK, help="network name")
+    parser.add_argument("--use-pod-cidr", metavar="FAMILIES",
+                        help="instead of --subnet: host-local on \"usePodCidr\" (the node's subnet leased "
+                             "by vswitchd in cluster mode), one range per family: 4, 6 or 4,6")
     args = parser.parse_args(argv)
     try:
+        if args.use_pod_cidr and args.subnet:
+            raise ValueError("--use-pod-cidr and --subnet exclude each other")
+        fams = _pod_cidr_families(args.use_pod_cidr) if args.use_pod_cidr else None
         exe, conf_path = install(args.bin_dir, args.conf_dir, args.socket,
-                                 args.subnet or DEFAULT_SUBNET, args.name)
+                                 args.subnet or DEFAULT_SUBNET, args.name, pod_cidr_families=fams)
     except (ValueError, OSError) as exc:
         print(f"install-cni: {exc}", file=sys.stderr)
         return 2
