@@ -258,3 +258,15 @@ def test_nodes_cli_table_and_json(clab):
     view = json.loads(js.stdout)
     assert {n["name"] for n in view["nodes"]} == {"node-a", "node-b"}
     assert view["cluster"]["connected"] is True
+
+
+def test_install_cni_writes_use_pod_cidr_for_a_cluster_mode_daemon(clab, tmp_path):
+    a = clab.add_node("node-a")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "vswitch.cli", "--socket", a.socket, "install-cni",
+                        "--bin-dir", str(tmp_path / "b"), "--conf-dir", str(tmp_path / "c")],
+                       capture_output=True, text=True, timeout=60, env=env, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr
+    c = json.loads((tmp_path / "c" / "10-vswitch.conflist").read_text())
+    assert c["plugins"][0]["ipam"]["ranges"] == [[{"subnet": "usePodCidr"}]]
+    assert c["plugins"][0]["socket"] == a.socket
