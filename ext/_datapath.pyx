@@ -517,6 +517,8 @@ cdef void core_free(Core *c) noexcept nogil:
     free(c.shapers)
     free(c.active)
     free(c.tr)
+    free(c.ct_ev_next)
+    free(c.ct_ev_prev)
     free(c)
 
 cdef void *dup(const void *p, size_t n) noexcept nogil:
@@ -536,6 +538,8 @@ cdef Core *core_clone(Core *c) noexcept nogil:
     d.ports = NULL; d.pc = NULL; d.up_list = NULL; d.mac = NULL; d.ct = NULL; d.ct_slots = NULL
     d.ct_portcnt = NULL; d.rules = NULL; d.rule_slots = NULL; d.shapers = NULL; d.active = NULL
     d.tr = NULL
+    d.ct_ev_next = <uint32_t *>dup(c.ct_ev_next, c.conntrack_size * sizeof(uint32_t))
+    d.ct_ev_prev = <uint32_t *>dup(c.ct_ev_prev, c.conntrack_size * sizeof(uint32_t))
     d.ports = <PortState *>dup(c.ports, c.max_ports * sizeof(PortState))
     d.pc = <uint64_t *>dup(c.pc, c.max_ports * N_PC * sizeof(uint64_t))
     d.up_list = <uint16_t *>dup(c.up_list, c.max_ports * sizeof(uint16_t))
@@ -560,7 +564,7 @@ cdef Core *core_clone(Core *c) noexcept nogil:
                     return NULL
     if (d.ports == NULL or d.pc == NULL or d.up_list == NULL or d.mac == NULL or d.ct == NULL
             or d.ct_slots == NULL or d.ct_portcnt == NULL or d.rules == NULL or d.rule_slots == NULL
-            or d.active == NULL or d.shapers == NULL):
+            or d.active == NULL or d.shapers == NULL or d.ct_ev_next == NULL or d.ct_ev_prev == NULL):
         core_free(d)
         return NULL
     return d
@@ -677,7 +681,8 @@ cdef class Datapath:
                  tcp_fin_timeout_ns=DEFAULTS["tcp_fin_timeout_ns"],
                  tcp_close_timeout_ns=DEFAULTS["tcp_close_timeout_ns"],
                  udp_timeout_ns=DEFAULTS["udp_timeout_ns"],
-                 udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"]):
+                 udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"],
+                 tcp_syn_recv_timeout_ns=DEFAULTS["tcp_syn_recv_timeout_ns"]):
         cdef Core *c
         cdef uint64_t mac_slots, ct_slots, rule_slots
         cdef uint32_t i, ncts
@@ -697,7 +702,8 @@ cdef class Datapath:
                     _index(tcp_fin_timeout_ns, "tcp_fin_timeout_ns", 0, MAX_I63),
                     _index(tcp_close_timeout_ns, "tcp_close_timeout_ns", 0, MAX_I63),
                     _index(udp_timeout_ns, "udp_timeout_ns", 0, MAX_I63),
-                    _index(udp_replied_timeout_ns, "udp_replied_timeout_ns", 0, MAX_I63)]
+                    _index(udp_replied_timeout_ns, "udp_replied_timeout_ns", 0, MAX_I63),
+                    _index(tcp_syn_recv_timeout_ns, "tcp_syn_recv_timeout_ns", 0, MAX_I63)]
         # the C tables index entries with 32-bit references
         if mts > (1 << 30):
             raise ValueError(f"mac_table_size {mts} is beyond what this build supports (2**30)")
@@ -716,7 +722,7 @@ cdef class Datapath:
         c.vnet_hdr_len = H
         c.mac_aging_ns = aging
         c.pf_min_entries = PF_MIN_ENTRIES
-        for i in range(7):
+        for i in range(8):
             c.ct_timeout[i] = timeouts[i]
         mac_slots = pow2_at_least(2 * <uint64_t>mts)
         if mac_slots < 16:
@@ -742,9 +748,12 @@ cdef class Datapath:
         c.rule_slots = <uint32_t *>calloc(rule_slots, sizeof(uint32_t))
         c.shapers = <Shaper *>calloc(mp * 2, sizeof(Shaper))
         c.active = <uint32_t *>calloc(mp * 2, sizeof(uint32_t))
+        c.ct_ev_next = <uint32_t *>calloc(cts, sizeof(uint32_t))
+        c.ct_ev_prev = <uint32_t *>calloc(cts, sizeof(uint32_t))
         if (c.ports == NULL or c.pc == NULL or c.up_list == NULL or c.mac == NULL or c.ct == NULL
                 or c.ct_slots == NULL or c.ct_portcnt == NULL or c.rules == NULL
-                or c.rule_slots == NULL or c.shapers == NULL or c.active == NULL):
+                or c.rule_slots == NULL or c.shapers == NULL or c.active == NULL
+                or c.ct_ev_next == NULL or c.ct_ev_prev == NULL):
             raise MemoryError("cannot allocate the datapath tables")
         # free list of conntrack entries: 0, 1, 2, ...
         ncts = cts

@@ -66,6 +66,7 @@ cdef enum:
     TCP_FIN = 0x01
     TCP_SYN = 0x02
     TCP_RST = 0x04
+    TCP_ACK = 0x10
 
 # ---------------------------------------------------------------- structs
 
@@ -231,7 +232,7 @@ ctypedef struct Core:
     uint32_t max_hostports    # hostPort rule capacity
     uint32_t vnet_hdr_len     # H: bytes of virtio-net header before each frame (0, 10, 12)
     uint64_t mac_aging_ns     # MAC entries older than this are aged
-    uint64_t ct_timeout[7]    # conntrack timeout per C_CT_* state (index 0 unused), ns
+    uint64_t ct_timeout[8]    # conntrack timeout per C_CT_* state (index 0 unused), ns
     uint64_t last_now_ns      # the latest now_ns of process()/drain() (monotonic check)
     uint8_t have_now          # 1 once last_now_ns was set
     PortState *ports          # [max_ports] configuration
@@ -255,6 +256,11 @@ ctypedef struct Core:
     uint32_t *ct_portcnt      # [65536] entries whose orig dport or reply sport is this port
     uint8_t ct_swept          # 1 once the automatic sweep ran
     uint64_t ct_sweep_ns      # now_ns of the latest automatic sweep
+    # early drop (D40): the unassured entries in a list, oldest first (entry index + 1, 0 = none)
+    uint32_t *ct_ev_next      # [conntrack_size] the next newer unassured entry
+    uint32_t *ct_ev_prev      # [conntrack_size] the next older one
+    uint32_t ct_ev_head       # the oldest unassured entry: the one a full table evicts
+    uint32_t ct_ev_tail       # the newest
     # hostPort rules
     HpRule *rules             # [max_hostports] rules by id
     uint32_t *rule_slots      # [rule_mask + 1] index: rule id + 1, 0 = empty (rebuilt on change)

@@ -85,7 +85,7 @@ class Daemon:
                  log_file: str | None = None, metrics_port: int | None = None, test_faults: bool = False,
                  max_ports: int = 256, poll_us: int = DEFAULT_POLL_US, log_level: str = "info",
                  log_group: str | None = None, control_limits: Limits = Limits(),
-                 cluster: ClusterConfig | None = None):
+                 cluster: ClusterConfig | None = None, conntrack_size: int | None = None):
         if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"poll_us={poll_us!r}; accepted: an integer 0 .. {MAX_POLL_US} (microseconds)")
         self.socket_path = socket_path
@@ -94,6 +94,7 @@ class Daemon:
         self.metrics_port = metrics_port
         self.test_faults = test_faults
         self.max_ports = max_ports
+        self.conntrack_size = conntrack_size     # None: the datapath's default
         self.poll_ns = poll_us * 1000
         self.log = Log(log_file, level=log_level, group=log_group)
         self.control_limits = control_limits
@@ -130,7 +131,8 @@ class Daemon:
         self.ep.register(self.kernel.fd, select.EPOLLIN)
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         uplink = Uplink(self.uplink_name, self.host_name, self.state, self.log) if self.uplink_name else None
-        self.host_port = self.gateways.open(self.max_ports, nic=uplink.nic() if uplink else None)
+        self.host_port = self.gateways.open(self.max_ports, nic=uplink.nic() if uplink else None,
+                                            conntrack_size=self.conntrack_size)
         self.switch = self.gateways.switch
         self.ports.add(self.host_port)
         if uplink:
@@ -428,6 +430,9 @@ def main(argv=None):
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus text on 127.0.0.1:PORT/metrics")
     ap.add_argument("--max-ports", type=int, default=256,
                     help="switch ports, host port and uplink included (default 256)")
+    ap.add_argument("--conntrack-size", type=int, default=None, metavar="ENTRIES",
+                    help="hostPort connections tracked at once (1 .. 2**26; default "
+                         "65536); a full table evicts unestablished entries first")
     ap.add_argument("--poll-us", type=int, default=DEFAULT_POLL_US,
                     help=f"after forwarding a batch, poll the ports without sleeping for this many "
                          f"microseconds before blocking (0 .. {MAX_POLL_US}; 0 disables; default "
@@ -497,7 +502,7 @@ def main(argv=None):
     try:
         d = Daemon(a.socket, a.state_dir, a.switch, a.uplink, a.log_file, a.metrics_port, a.test_faults,
                    a.max_ports, a.poll_us, log_level=a.log_level, log_group=a.log_group, control_limits=limits,
-                   cluster=cluster)
+                   cluster=cluster, conntrack_size=a.conntrack_size)
     except (OSError, ValueError, KeyError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         return 2

@@ -61,7 +61,7 @@ from collections import deque
 import numpy as np
 
 from vswitch.datapath.consts import (
-    CT_CLOSE, CT_DTYPE, CT_ESTABLISHED, CT_FIN, CT_STATE_NAMES, CT_SYN_SENT, CT_UDP_NEW,
+    CT_CLOSE, CT_DTYPE, CT_ESTABLISHED, CT_FIN, CT_STATE_NAMES, CT_SYN_RECV, CT_SYN_SENT, CT_UDP_NEW,
     CT_UDP_REPLIED, DEFAULTS, EGRESS, FDB_DTYPE, GC, GLOBAL_COUNTERS, INGRESS, MAX_FRAME,
     MAX_IPS_PER_PORT, MAX_IPV6_EXT_HEADERS, OUT_DROP, OUT_FLOOD, OUT_QUEUED, PC,
     PORT_COUNTERS, PORT_HOST, PORT_POD, PORT_UPLINK, SEC_NS, SWEEP_INTERVAL_NS,
@@ -82,7 +82,7 @@ IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
 FRAG_NONE, FRAG_FIRST, FRAG_LATER, FRAG_ATOMIC = 0, 1, 2, 3      # _Parsed.frag_kind (D39)
 IPV6_EXT_HEADERS = (0, 43, 60, 44, 51)   # hop-by-hop, routing, dest opts, fragment, AH
-TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 # virtio-net header gso_type values (linux/virtio_net.h); D36
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
 VIRTIO_NET_HDR_GSO_UDP = 3
@@ -525,7 +525,8 @@ class Datapath:
                  tcp_fin_timeout_ns=DEFAULTS["tcp_fin_timeout_ns"],
                  tcp_close_timeout_ns=DEFAULTS["tcp_close_timeout_ns"],
                  udp_timeout_ns=DEFAULTS["udp_timeout_ns"],
-                 udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"]):
+                 udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"],
+                 tcp_syn_recv_timeout_ns=DEFAULTS["tcp_syn_recv_timeout_ns"]):
         self.max_ports = _index(max_ports, "max_ports", 1, 65535)
         self.mac_table_size = _index(mac_table_size, "mac_table_size", 1, _MAX_I63)
         self.conntrack_size = _index(conntrack_size, "conntrack_size", 1, _MAX_I63)
@@ -541,6 +542,7 @@ class Datapath:
             CT_CLOSE: _index(tcp_close_timeout_ns, "tcp_close_timeout_ns", 0, _MAX_I63),
             CT_UDP_NEW: _index(udp_timeout_ns, "udp_timeout_ns", 0, _MAX_I63),
             CT_UDP_REPLIED: _index(udp_replied_timeout_ns, "udp_replied_timeout_ns", 0, _MAX_I63),
+            CT_SYN_RECV: _index(tcp_syn_recv_timeout_ns, "tcp_syn_recv_timeout_ns", 0, _MAX_I63),
         }
         self._ports = {}                       # port id -> _Port
         self._pc = [[0] * len(PORT_COUNTERS) for _ in range(self.max_ports)]
@@ -554,6 +556,7 @@ class Datapath:
         self._rule_ids = {}                    # rule id -> _Rule
         self._ct = {}                          # tuple -> (_Entry, 0 original | 1 reply)
         self._ct_entries = set()               # every live _Entry (by identity)
+        self._ct_unassured = {}                # D40: the unassured entries (keys), oldest first
         self._frags = {}                       # D39: fragment key -> its datagram's translation, oldest first
         self._ct_auto_sweep_ns = None
         self._now_ns = 0                       # the latest now_ns of process() / drain()
@@ -1024,6 +1027,7 @@ class Datapath:
         del self._ct[entry.tuple_orig()]
         del self._ct[entry.tuple_reply()]
         self._ct_entries.discard(entry)
+        self._ct_unassured.pop(entry, None)
         self._gc[GC[counter]] += 1
 
     def _find_rule(self, p):
@@ -1048,7 +1052,9 @@ class Datapath:
                 self._ct_auto_sweep_ns = now
                 self.conntrack_sweep(now)
             if len(self._ct_entries) >= self.conntrack_size:
-                raise _Drop("table_full", in_port, "conntrack table full")
+                if not self._ct_unassured:
+                    raise _Drop("table_full", in_port, "conntrack table full, every entry assured")
+                self._ct_delete(next(iter(self._ct_unassured)), "ct_early_drop")
         e = _Entry()
         e.proto, e.family, e.hairpin = p.l4_proto, p.family, int(hairpin)
         e.state = CT_SYN_SENT if p.l4_proto == IPPROTO_TCP else CT_UDP_NEW
@@ -1064,6 +1070,7 @@ class Datapath:
         self._ct[key] = (e, 0)
         self._ct[reply_key] = (e, 1)
         self._ct_entries.add(e)
+        self._ct_unassured[e] = None
         self._gc[GC["ct_created"]] += 1
         if tr is not None:
             _trace(tr, "nat_new", rule.id, int(hairpin))
@@ -1080,10 +1087,16 @@ class Datapath:
                     e.state = CT_CLOSE
                 else:
                     e.state = CT_FIN
-            elif e.state == CT_SYN_SENT and direction == 1:
+            elif e.state == CT_SYN_SENT and direction == 1 and (flags & (TCP_SYN | TCP_ACK)) == TCP_SYN | TCP_ACK:
+                e.state = CT_SYN_RECV                  # the SYN-ACK
+            elif (flags & (TCP_SYN | TCP_ACK)) == TCP_ACK and (
+                    (e.state == CT_SYN_SENT and direction == 1)         # picked up mid-stream
+                    or (e.state == CT_SYN_RECV and direction == 0)):    # the handshake's final ACK
                 e.state = CT_ESTABLISHED
+                self._ct_unassured.pop(e, None)        # D40: assured
         elif direction == 1:
             e.state = CT_UDP_REPLIED
+            self._ct_unassured.pop(e, None)
         e.expires_ns = now + self._timeouts[e.state]
         e.packets += 1
         e.bytes += length
