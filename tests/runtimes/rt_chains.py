@@ -15,7 +15,9 @@ pod is still on the node.
   client link when one is given (the daemon serves hostPorts only for traffic that
   crosses the switch), and
   ``python -m vswitch.cli install-cni --bin-dir B --conf-dir C --socket S --subnet N``
-  writing the plugin launcher and ``10-vswitch.conflist``. The reference plugins are
+  writing the plugin launcher and ``10-vswitch.conflist`` (``dual_stack``: a second
+  ``--subnet`` of a random fdXX::/64, so host-local gets two ``ranges``; the reference
+  chain gets the same second range and a ``::/0`` route). The reference plugins are
   linked into the same bin dir, since the conflist delegates IPAM to host-local. Its
   ``leftovers`` also asks the daemon (``list``) for attachments still holding the pod IP.
 
@@ -76,6 +78,30 @@ def free_subnet(prefix_len: int = 24) -> ipaddress.IPv4Network:
     raise RuntimeError("no free 10.x.y.0/24 subnet found among the node's routes")
 
 
+def free_subnet6() -> ipaddress.IPv6Network:
+    """A random fdXX:XXXX:XXXX:XXXX::/64 (a ULA) that no IPv6 route on the node overlaps."""
+    routes = subprocess.run(["ip", "-6", "route", "show", "table", "all"],
+                            capture_output=True, text=True).stdout
+    used = []
+    for line in routes.splitlines():
+        words = line.split()
+        word = words[0] if words else ""
+        if word in ("local", "anycast", "multicast", "unreachable", "blackhole", "prohibit") \
+                and len(words) > 1:
+            word = words[1]
+        try:
+            used.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            continue
+    rng = random.Random()
+    for _ in range(200):
+        net = ipaddress.ip_network(f"fd{rng.randrange(256):02x}:{rng.randrange(65536):x}:"
+                                   f"{rng.randrange(65536):x}:{rng.randrange(65536):x}::/64")
+        if not any(net.overlaps(u) for u in used if u.version == 6 and u.prefixlen > 0):
+            return net
+    raise RuntimeError("no free fdXX::/64 subnet found among the node's IPv6 routes")
+
+
 def _link_reference_plugins(bin_dir: str) -> None:
     os.makedirs(bin_dir, exist_ok=True)
     if not os.path.isdir(REFERENCE_BIN_DIR):
@@ -91,7 +117,7 @@ def require_tools(*names: str) -> None:
     """Fails the test (does not skip it) naming the Debian package when a tool is missing."""
     packages = {"containerd": "containerd", "ctr": "containerd", "runc": "runc",
                 "podman": "podman", "go": "golang-go", "busybox": "busybox-static",
-                "iptables-save": "iptables", "tc": "iproute2"}
+                "iptables-save": "iptables", "ip6tables-save": "iptables", "tc": "iproute2"}
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
         pytest.fail("missing " + ", ".join(f"{n} (Debian package {packages.get(n, n)})"
@@ -106,7 +132,8 @@ class Chain:
     # A CHECK failure the chain shows on every healthy pod (a known bug), or None.
     known_check_failure: str | None = None
 
-    def __init__(self, base_dir: str, suffix: str, uplink: str | None = None):
+    def __init__(self, base_dir: str, suffix: str, uplink: str | None = None,
+                 dual_stack: bool = False):
         self.base_dir = base_dir
         self.suffix = suffix
         self.uplink = uplink
@@ -114,6 +141,9 @@ class Chain:
         self.conf_dir = os.path.join(base_dir, "cni-conf")
         self.subnet = free_subnet()
         self.gateway = str(next(self.subnet.hosts()))
+        # Dual stack: a second host-local range of IPv6, as Kubernetes configures it.
+        self.subnet6 = free_subnet6() if dual_stack else None
+        self.gateway6 = str(next(self.subnet6.hosts())) if dual_stack else None
 
     @property
     def conflist_path(self) -> str:
@@ -161,7 +191,8 @@ class Chain:
             if subprocess.run(["ip", "link", "show", "dev", ifname],
                               capture_output=True).returncode == 0:
                 problems.append(f"host interface {ifname} still exists")
-        rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+        save = "ip6tables-save" if ipaddress.ip_address(pod_ip).version == 6 else "iptables-save"
+        rules = subprocess.run([save], capture_output=True, text=True).stdout
         hits = [line for line in rules.splitlines()
                 if f"{pod_ip}/" in line or f"{pod_ip}:" in line or line.endswith(pod_ip)]
         if hits:
@@ -173,7 +204,8 @@ class Chain:
         return []
 
     def describe(self) -> str:
-        return f"{self.name} chain, network {self.network_name}, subnet {self.subnet}"
+        subnets = f"{self.subnet}" + (f" and {self.subnet6}" if self.subnet6 else "")
+        return f"{self.name} chain, network {self.network_name}, subnets {subnets}"
 
 
 class ReferenceChain(Chain):
@@ -182,14 +214,19 @@ class ReferenceChain(Chain):
     # containernetworking/plugins#819 (closed upstream; Debian 12 ships 1.1.1).
     known_check_failure = "could not check ipv6 dnat"
 
-    def __init__(self, base_dir, suffix, uplink=None):
-        super().__init__(base_dir, suffix, uplink)
+    def __init__(self, base_dir, suffix, uplink=None, dual_stack=False):
+        super().__init__(base_dir, suffix, uplink, dual_stack)
         self.bridge = f"vsrtbr{suffix}"[:15]
         self.infra_ifnames = frozenset({self.bridge})
 
     def start(self) -> "ReferenceChain":
         _link_reference_plugins(self.bin_dir)
         os.makedirs(self.conf_dir, exist_ok=True)
+        ranges = [[{"subnet": str(self.subnet), "gateway": self.gateway}]]
+        routes = [{"dst": "0.0.0.0/0"}]
+        if self.subnet6 is not None:
+            ranges.append([{"subnet": str(self.subnet6), "gateway": self.gateway6}])
+            routes.append({"dst": "::/0"})
         conf = {
             "cniVersion": "1.0.0",
             "name": f"vsrt-ref-{self.suffix}",
@@ -197,8 +234,8 @@ class ReferenceChain(Chain):
                 {"type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": True,
                  "hairpinMode": True,
                  "ipam": {"type": "host-local",
-                          "ranges": [[{"subnet": str(self.subnet), "gateway": self.gateway}]],
-                          "routes": [{"dst": "0.0.0.0/0"}],
+                          "ranges": ranges,
+                          "routes": routes,
                           "dataDir": os.path.join(self.base_dir, "ipam")}},
                 {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
                 {"type": "bandwidth", "capabilities": {"bandwidth": True}},
@@ -222,8 +259,8 @@ class ReferenceChain(Chain):
 class VswitchChain(Chain):
     name = "vswitch"
 
-    def __init__(self, base_dir, suffix, uplink=None):
-        super().__init__(base_dir, suffix, uplink)
+    def __init__(self, base_dir, suffix, uplink=None, dual_stack=False):
+        super().__init__(base_dir, suffix, uplink, dual_stack)
         self.switch_name = f"vsw{suffix}"[:15]
         self.infra_ifnames = frozenset({self.switch_name})
         args = ["--switch", self.switch_name] + (["--uplink", uplink] if uplink else [])
@@ -243,6 +280,8 @@ class VswitchChain(Chain):
             raise
         args = ["--bin-dir", self.bin_dir, "--conf-dir", self.conf_dir,
                 "--socket", self.socket, "--subnet", str(self.subnet)]
+        if self.subnet6 is not None:
+            args += ["--subnet", str(self.subnet6)]
         install = [sys.executable, "-m", "vswitch.cli", "install-cni", *args]
         res = subprocess.run(install, cwd=REPO_ROOT, env=self.daemon.env, capture_output=True,
                              text=True)
@@ -270,7 +309,10 @@ class VswitchChain(Chain):
         ipam = next((p.get("ipam") for p in conf["plugins"] if p.get("ipam")), {}) or {}
         for rng in (r for rs in ipam.get("ranges", []) for r in rs):
             if rng.get("gateway"):
-                self.gateway = rng["gateway"]
+                if ipaddress.ip_address(rng["gateway"]).version == 6:
+                    self.gateway6 = rng["gateway"]
+                else:
+                    self.gateway = rng["gateway"]
         return self
 
     def stop(self) -> None:
@@ -290,9 +332,10 @@ class VswitchChain(Chain):
         return problems
 
 
-def make_chain(name: str, base_dir: str, suffix: str, uplink: str | None = None) -> Chain:
+def make_chain(name: str, base_dir: str, suffix: str, uplink: str | None = None,
+               dual_stack: bool = False) -> Chain:
     if name == "reference":
-        return ReferenceChain(base_dir, suffix, uplink)
+        return ReferenceChain(base_dir, suffix, uplink, dual_stack)
     if name == "vswitch":
-        return VswitchChain(base_dir, suffix, uplink)
+        return VswitchChain(base_dir, suffix, uplink, dual_stack)
     raise ValueError(f"unknown CNI chain {name!r}; known: {', '.join(CHAIN_NAMES)}")

@@ -6,7 +6,9 @@ by a veth pair (node end ``vsrth<suffix>`` with 198.18.N.1/30, client end with .
 default route via .1; 198.18.0.0/15 is the benchmarking range, used by nothing else here).
 The client reaches ``198.18.N.1:hostPort``; with the reference chain that is portmap's DNAT
 in PREROUTING, with vswitch the node end is the daemon's uplink and the DNAT is in the
-switch. Commands run through ``vswitch.lab``'s ``sh`` and ``nsexec`` (RuntimeError naming
+switch. With ``ipv6=True`` (the dual-stack test) both ends also get an address of
+``fd00:198:18:N::/64`` (``::1`` on the node, ``::2`` in the client, ``nodad`` so they are
+usable at once) and the client a default IPv6 route via ``::1``. Commands run through ``vswitch.lab``'s ``sh`` and ``nsexec`` (RuntimeError naming
 the command and its output on failure).
 
 ``stream_rate_bps`` measures a shaped direction: it streams over TCP until the token
@@ -56,6 +58,7 @@ def _free_link_net() -> int:
 class ClientLink:
     """A client namespace linked to the node by a veth pair; ``remove()`` undoes it."""
     suffix: str
+    ipv6: bool = False
 
     def __post_init__(self):
         code = _free_link_net()
@@ -64,6 +67,8 @@ class ClientLink:
         self.client_ifname = f"vsrtp{self.suffix}"[:15]
         self.node_ip = f"198.18.{code // 256}.{code % 256 + 1}"
         self.client_ip = f"198.18.{code // 256}.{code % 256 + 2}"
+        self.node_ip6 = f"fd00:198:18:{code:x}::1" if self.ipv6 else None
+        self.client_ip6 = f"fd00:198:18:{code:x}::2" if self.ipv6 else None
 
     def create(self) -> "ClientLink":
         try:
@@ -76,6 +81,12 @@ class ClientLink:
             self.ns("ip", "link", "set", self.client_ifname, "up")
             self.ns("ip", "link", "set", "lo", "up")
             self.ns("ip", "route", "add", "default", "via", self.node_ip)
+            if self.ipv6:
+                sh("ip", "-6", "addr", "add", f"{self.node_ip6}/64", "dev", self.node_ifname,
+                   "nodad")
+                self.ns("ip", "-6", "addr", "add", f"{self.client_ip6}/64", "dev",
+                        self.client_ifname, "nodad")
+                self.ns("ip", "-6", "route", "add", "default", "via", self.node_ip6)
         except Exception:
             self.remove()
             raise
@@ -93,11 +104,12 @@ class ClientLink:
         code = ("import sys, urllib.request; "
                 "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))"
                 ".read().decode())")
-        res = self.ns(sys.executable, "-c", code, f"http://{host}:{port}{path}", str(timeout_s),
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        res = self.ns(sys.executable, "-c", code, f"http://{netloc}{path}", str(timeout_s),
                       check=False, timeout_s=timeout_s + 10)
         if res.returncode != 0:
             err = (res.stderr.strip().splitlines() or [""])[-1]
-            raise ConnectionError(f"GET http://{host}:{port}{path} from {self.netns} failed "
+            raise ConnectionError(f"GET http://{netloc}{path} from {self.netns} failed "
                                   f"({res.returncode}): {err}")
         return res.stdout
 
