@@ -20,6 +20,13 @@ The contract these values belong to is ``docs/datapath.md``.
 OUT_FLOOD = -1
 OUT_DROP = -2
 OUT_QUEUED = -3
+# unknown unicast: every up host / uplink port except the in port, never a pod port
+# (docs/datapath.md "L2"); ports with an ingress shaper get their copy through its queue
+OUT_FLOOD_UNKNOWN = -4
+# bits of Datapath.flood_classes()[port]: the port receives OUT_FLOOD / OUT_FLOOD_UNKNOWN
+# outputs (written by the I/O layer, which still skips the in port)
+FLOOD_MEMBER = 1
+FLOOD_UNKNOWN_MEMBER = 2
 
 # port kinds
 PORT_POD = 0
@@ -66,6 +73,10 @@ DEFAULTS = dict(
     tcp_close_timeout_ns=10 * SEC_NS,
     udp_timeout_ns=30 * SEC_NS,
     udp_replied_timeout_ns=120 * SEC_NS,
+    # per-port learning limit (docs/datapath.md "MAC table"): new MACs per second, and the
+    # bucket's size; mac_learn_rate_per_s 0 = no limit
+    mac_learn_rate_per_s=1000,
+    mac_learn_burst=1000,
 )
 # a full table is swept of expired entries at most this often (of now_ns)
 SWEEP_INTERVAL_NS = SEC_NS
@@ -85,6 +96,7 @@ DROPS = {
     "loop": "the destination MAC was learned on the port the frame came from",
     "table_full": "a new connection found the conntrack table full",
     "nat_collision": "a new connection's reply tuple is already tracked",
+    "mac_stolen": "the source MAC is a static entry (a bound MAC) of another port",
 }
 DROP_REASONS = tuple(DROPS)
 
@@ -100,7 +112,8 @@ GLOBAL_COUNTERS = (
     + DROP_REASONS
     + ("queued", "flooded",
        "mac_moves", "mac_table_full", "mac_learned",
-       "ct_created", "ct_expired", "ct_deleted", "nat_translated")
+       "ct_created", "ct_expired", "ct_deleted", "nat_translated",
+       "mac_evicted", "mac_learn_limited")
 )
 PC = {name: i for i, name in enumerate(PORT_COUNTERS)}
 GC = {name: i for i, name in enumerate(GLOBAL_COUNTERS)}
@@ -141,6 +154,7 @@ TRACE_EVENTS = (
     ("out_flood", "output", "flood"),
     ("out_queued", "output", "queued"),
     ("out_drop", "output", "drop {reason}"),
+    ("out_flood_unknown", "output", "flood unknown"),
 )
 SHAPER_VERDICTS = ("pass", "queue", "full")
 
@@ -159,7 +173,8 @@ def trace_step(event: int, a: int, b: int, frame_len: int) -> tuple[str, str]:
 # ---------------------------------------------------------------- table snapshot dtypes
 # fdb() and conntrack() rows (docs/datapath.md "Inspection"); numpy only on first use
 _DTYPE_FIELDS = {
-    "FDB_DTYPE": [("vlan", "<u2"), ("mac", "u1", (6,)), ("port", "<u2"), ("last_seen_ns", "<u8")],
+    "FDB_DTYPE": [("vlan", "<u2"), ("mac", "u1", (6,)), ("port", "<u2"), ("last_seen_ns", "<u8"),
+                  ("static", "u1")],
     "CT_DTYPE": [
         ("proto", "u1"), ("state", "u1"), ("hairpin", "u1"), ("family", "u1"),
         ("orig_src", "u1", (16,)), ("orig_dst", "u1", (16,)),
