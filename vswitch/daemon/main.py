@@ -127,6 +127,7 @@ class Daemon:
         uplink = Uplink(self.uplink_name, self.host_name, self.state, self.log) if self.uplink_name else None
         self.host_port = self.gateways.open(self.max_ports, nic=uplink.nic() if uplink else None)
         self.switch = self.gateways.switch
+        self.io.set_flood_classes(self.switch.dp.flood_classes())   # floods by port kind and shaper (D40)
         self.ports.add(self.host_port)
         if uplink:
             self.uplink_port = uplink.up(self.switch)
@@ -290,7 +291,8 @@ class Daemon:
                 self.captures.frames(buf, offsets, lengths, in_ports, None, n, io.port_fds)
             dp.process(buf, offsets, lengths, in_ports, out_ports, n, now)
             if self.captures:
-                self.captures.frames(buf, offsets, lengths, in_ports, out_ports, n, io.port_fds)
+                self.captures.frames(buf, offsets, lengths, in_ports, out_ports, n, io.port_fds,
+                                     io.b.port_flood)
             io.write(n)
             self.batches += 1
         nd = dp.next_departure_ns()
@@ -304,7 +306,8 @@ class Daemon:
 
         def write(k):
             if self.captures:
-                self.captures.frames(io.dbuf, io.doffsets, io.dlengths, io.din_ports, io.dout_ports, k, io.port_fds)
+                self.captures.frames(io.dbuf, io.doffsets, io.dlengths, io.din_ports, io.dout_ports, k, io.port_fds,
+                                     io.b.port_flood)
             io.write_drained(k)
 
         self.switch.drain_due(now, io.dbuf, io.doffsets, io.dlengths, io.din_ports, io.dout_ports,
