@@ -222,7 +222,8 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             if (sh.queue_bytes + k.len > sh.queue_limit_bytes
                     or q_push(sh, k.p - c.vnet_hdr_len, c.vnet_hdr_len, k.len, charged, in_port,
                               <int32_t>q, c.drain_seq) != 0):
-                count_drop(c, DR_QUEUE_FULL, q)
+                c.pc[q * N_PC + PC_DROP_QUEUE_FULL] += 1     # counted, not traced: the frame goes on
+                c.gc[GC_QUEUE_FULL] += 1
                 continue
             c.pc[q * N_PC + PC_QUEUED] += 1
             c.gc[GC_QUEUED] += 1
