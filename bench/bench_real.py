@@ -24,6 +24,14 @@ groups, same parameters, same durations, the same code):
   unreachable), counted at B's eth0 (``rx_packets``): Mpps the path delivers; the sent
   rate, the socket's drops and any ICMP unreachables B sent are in ``info``.
 
+Every group has IPv6 rows too (parameter ``family=6``; the IPv4 rows keep their
+parameters): the pods are dual-stack (``podnet.Node(ipv6=True)``, host-local with two
+ranges) and the IPv6 rows run the same tools between their IPv6 addresses. An IPv6/UDP
+frame is at least 62 bytes (14 + 40 + 8, no payload), so the IPv6 ``real-udp-64B`` row
+sends the smallest there is, 62-byte frames (66 with the FCS), said in its ``info``; its
+sender and never-read sink are nettools' with an AF_INET6 socket, its counters
+``/proc/net/snmp6``'s.
+
 Each subject's node is a module-scoped fixture, made once and removed at the end
 whatever happens; a subject that cannot run here (not root, a tool or the reference
 plugins missing) skips with the reason.
@@ -32,10 +40,15 @@ plugins missing) skips with the reason.
 """
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import pytest
+
+from vswitch import lab
 
 from . import nettools, podnet
 from .report import quick_mode, record
@@ -80,18 +93,35 @@ def make_pair(node):
     return connected_pair(a, b, node.facts())
 
 
+def ipv6_pair(pair):
+    """The same two (dual-stack) pods, addressed by their IPv6 addresses."""
+    a, b = (Endpoint(p.ns, p.ip6, p.ifname) for p in (pair.a, pair.b))
+    return connected_pair(a, b, pair.facts)
+
+
 @pytest.fixture(scope="module")
 def pair_vswitch():
     podnet.require_subject("vswitch", tools=TOOLS)
-    with podnet.Node("vswitch", tag="brv") as node:
-        yield make_pair(node)
+    with podnet.Node("vswitch", tag="brv", ipv6=True) as node:
+        pair = make_pair(node)
+        yield {4: pair, 6: ipv6_pair(pair)}
 
 
 @pytest.fixture(scope="module")
 def pair_bridge():
     podnet.require_subject("bridge", tools=TOOLS)
-    with podnet.Node("bridge", tag="brb") as node:
-        yield make_pair(node)
+    with podnet.Node("bridge", tag="brb", ipv6=True) as node:
+        pair = make_pair(node)
+        yield {4: pair, 6: ipv6_pair(pair)}
+
+
+def _pair(request, subject, family):
+    return request.getfixturevalue(f"pair_{subject}")[family]
+
+
+def _family(family):
+    """The parameters naming a row's family: none for IPv4 (its rows as they always were)."""
+    return {} if family == 4 else {"family": family}
 
 
 # ---------------------------------------------------------------- measurements (also growth)
@@ -121,18 +151,19 @@ def measure_ping(benchmark, pair, group, subject, count, interval_s, target=None
     benchmark.pedantic(once, rounds=1, iterations=1)
 
 
-def measure_udp(benchmark, pair, group, subject, seconds, rounds, target=None, **params):
+def measure_udp(benchmark, pair, group, subject, seconds, rounds, target=None, flood=None,
+                frame_bytes=60, **params):
+    flood_fn = flood or nettools.udp_flood_pps
     mpps, sent, dropped, unreach = [], [], [], []
     record(benchmark, group=group, subject=subject, unit="mpps", samples=mpps, target=target,
-           info={"seconds": seconds, "sent_mpps": sent, "frame_bytes": 60,
+           info={"seconds": seconds, "sent_mpps": sent, "frame_bytes": frame_bytes,
                  "counted_at": "receiver interface",
                  "receiver": f"UDP socket on port {nettools.FLOOD_PORT}, not read",
                  "socket_drops": dropped, "icmp_unreach_sent": unreach, **pair.facts},
            **params)
 
     def once():
-        flood = nettools.udp_flood_pps(pair.a.ns, pair.b.ns, pair.b.ip, pair.b.ifname,
-                                       seconds)
+        flood = flood_fn(pair.a.ns, pair.b.ns, pair.b.ip, pair.b.ifname, seconds)
         mpps.append(flood.rx_pps / 1e6)
         sent.append(round(flood.tx_pps / 1e6, 4))
         dropped.append(flood.udp_rcvbuf_errors)
@@ -143,26 +174,78 @@ def measure_udp(benchmark, pair, group, subject, seconds, rounds, target=None, *
 # ---------------------------------------------------------------- tests
 
 
+@pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("streams", [1, 4])
 @pytest.mark.parametrize("subject", podnet.SUBJECTS)
-def test_real_tcp(benchmark, request, subject, streams):
+def test_real_tcp(benchmark, request, subject, streams, family):
     """Pod-to-pod TCP goodput (Gbit/s, receiver side)."""
-    pair = request.getfixturevalue(f"pair_{subject}")
-    measure_tcp(benchmark, pair, "real-tcp", subject, streams, TCP_SECONDS, TCP_OMIT_S,
-                TCP_ROUNDS, target="tap-tcp")
+    measure_tcp(benchmark, _pair(request, subject, family), "real-tcp", subject, streams,
+                TCP_SECONDS, TCP_OMIT_S, TCP_ROUNDS, target="tap-tcp" if family == 4 else None,
+                **_family(family))
 
 
+@pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("subject", podnet.SUBJECTS)
-def test_real_ping(benchmark, request, subject):
+def test_real_ping(benchmark, request, subject, family):
     """Pod-to-pod ping RTT (ms): every reply is a sample."""
-    pair = request.getfixturevalue(f"pair_{subject}")
-    measure_ping(benchmark, pair, "real-ping", subject, PING_COUNT, PING_INTERVAL_S,
-                 target="ping-rtt")
+    measure_ping(benchmark, _pair(request, subject, family), "real-ping", subject, PING_COUNT,
+                 PING_INTERVAL_S, target="ping-rtt" if family == 4 else None, **_family(family))
 
 
+@pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("subject", podnet.SUBJECTS)
-def test_real_udp_64B(benchmark, request, subject):
-    """64-byte UDP frames per second (Mpps) arriving at the receiving pod's interface."""
-    pair = request.getfixturevalue(f"pair_{subject}")
-    measure_udp(benchmark, pair, "real-udp-64B", subject, UDP_SECONDS, UDP_ROUNDS,
-                target="udp-64B")
+def test_real_udp_64B(benchmark, request, subject, family):
+    """64-byte UDP frames per second (Mpps) arriving at the receiving pod's interface
+    (IPv6: 62-byte frames, the smallest IPv6/UDP frame)."""
+    if family == 4:
+        measure_udp(benchmark, _pair(request, subject, 4), "real-udp-64B", subject, UDP_SECONDS,
+                    UDP_ROUNDS, target="udp-64B")
+    else:
+        measure_udp(benchmark, _pair(request, subject, 6), "real-udp-64B", subject, UDP_SECONDS,
+                    UDP_ROUNDS, flood=udp6_flood_pps, frame_bytes=62, family=6)
+
+
+# ---------------------------------------------------------------- the IPv6 flood
+
+def _inet6(src):
+    """nettools' sender or sink source with an IPv6 socket (refuses a source it does not
+    know how to change, so a changed nettools cannot silently flood over IPv4)."""
+    out = src.replace("socket.AF_INET, socket.SOCK_DGRAM", "socket.AF_INET6, socket.SOCK_DGRAM")
+    out = out.replace('s.bind(("0.0.0.0",', 's.bind(("::",')
+    if out.count("AF_INET6") != 1 or "0.0.0.0" in out:
+        raise RuntimeError("bench_real: nettools' UDP flood/sink changed; update _inet6")
+    return out
+
+
+@contextlib.contextmanager
+def _udp6_sink(ns, port):
+    proc = lab.nspopen(ns, sys.executable, "-c", _inet6(nettools._SINK_SRC), port, stdin=subprocess.PIPE,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        lab.wait_listening(ns, port, "udp")
+        yield proc
+    finally:
+        nettools.stop_process(proc)
+
+
+def _snmp6(ns):
+    return {k: int(v) for k, v in (line.split() for line in
+                                   lab.nsexec(ns, "cat", "/proc/net/snmp6").stdout.splitlines() if line.strip())}
+
+
+def udp6_flood_pps(sender_ns, receiver_ns, dst_ip, receiver_ifname, seconds, port=nettools.FLOOD_PORT):
+    """``nettools.udp_flood_pps`` over IPv6 with empty datagrams (62-byte frames)."""
+    with _udp6_sink(receiver_ns, port):
+        snmp0 = _snmp6(receiver_ns)
+        before = nettools.rx_packets(receiver_ns, receiver_ifname)
+        out = lab.nsexec(sender_ns, sys.executable, "-c", _inet6(nettools._FLOOD_SRC), dst_ip, port, 0,
+                         seconds, timeout=seconds + 30).stdout
+        after = nettools.rx_packets(receiver_ns, receiver_ifname)
+        snmp1 = _snmp6(receiver_ns)
+    sent, took = out.split()
+    took = float(took)
+
+    def delta(name):
+        return snmp1.get(name, 0) - snmp0.get(name, 0)
+    return nettools.Flood((after - before) / took, int(sent) / took, delta("Udp6RcvbufErrors"),
+                          delta("Udp6NoPorts"), delta("Icmp6OutDestUnreachs"))

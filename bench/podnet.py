@@ -14,6 +14,10 @@ pod network of one subject:
   ``portmap`` plugin follows it (iptables DNAT), with ``bandwidth=True`` the ``bandwidth``
   plugin (tc tbf, ifb).
 
+With ``ipv6=True`` the node is dual-stack as Kubernetes configures host-local: two
+``ranges`` (the IPv4 subnet and ``fd00:<octet>::/64``) and a default route per family;
+each pod then has ``ip6`` besides ``ip``.
+
 Either chain runs through ``vswitch.lab.CniChain`` (ADD in order with ``prevResult`` and
 the runtimeConfig of the declared capabilities, DEL in reverse), with the calling thread
 inside the node namespace (``in_netns``: setns(2) of this thread only), so the bridge, the
@@ -95,8 +99,8 @@ def in_netns(name):
 
 @dataclass
 class Pod:
-    """A pod added through a chain: its namespace, IPv4 address, the CNI result and how
-    long the ADD took (ms)."""
+    """A pod added through a chain: its namespace, IPv4 address (and IPv6 one on a
+    dual-stack node), the CNI result and how long the ADD took (ms)."""
     ns: str
     ip: str
     container_id: str
@@ -104,6 +108,7 @@ class Pod:
     result: dict
     add_ms: float
     ifname: str = POD_IFNAME
+    ip6: str | None = None
 
 
 def _ipv4_of(result):
@@ -112,6 +117,14 @@ def _ipv4_of(result):
         if "." in addr:
             return addr.split("/")[0]
     raise RuntimeError(f"CNI result has no IPv4 address: {result!r:.300}")
+
+
+def _ipv6_of(result):
+    for ip in (result or {}).get("ips", []):
+        addr = ip.get("address", "")
+        if ":" in addr:
+            return addr.split("/")[0]
+    return None
 
 
 @dataclass
@@ -123,6 +136,7 @@ class Node:
     daemon_args: tuple = ()
     setup: object = None            # callable(node) run before the daemon starts
     tag: str = "bn"                 # namespace name prefix (short: IFNAMSIZ is not involved)
+    ipv6: bool = False              # dual stack: an IPv6 range and default route too
     pods: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -138,6 +152,8 @@ class Node:
         self.octet = random.randrange(16, 250)
         self.subnet = f"10.{self.octet}.0.0/16"
         self.gateway = f"10.{self.octet}.0.1"
+        self.subnet6 = f"fd00:{self.octet:x}::/64"
+        self.gateway6 = f"fd00:{self.octet:x}::1"
 
     # ------------------------------------------------------------------ life cycle
 
@@ -149,6 +165,9 @@ class Node:
                 self.setup(self)
             ipam = {"type": "host-local", "dataDir": str(self.workdir / "ipam"),
                     "ranges": [[{"subnet": self.subnet}]], "routes": [{"dst": "0.0.0.0/0"}]}
+            if self.ipv6:
+                ipam["ranges"].append([{"subnet": self.subnet6}])
+                ipam["routes"].append({"dst": "::/0"})
             caps = {}
             if self.portmap:
                 caps["portMappings"] = True
@@ -219,7 +238,7 @@ class Node:
         except BaseException:
             self.nss.delete(ns)
             raise
-        pod = Pod(ns, _ipv4_of(result), cid, runtime_config, result, add_ms)
+        pod = Pod(ns, _ipv4_of(result), cid, runtime_config, result, add_ms, ip6=_ipv6_of(result))
         self.pods.append(pod)
         return pod
 

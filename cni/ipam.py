@@ -14,6 +14,15 @@ STATUS exist only from 1.1.0; older plugins answer them with unrelated errors, s
 plugin asks VERSION first, and an IPAM plugin without 1.1.0 raises :class:`Unsupported`
 and the caller decides (plugin.py: GC falls back to IPAM DEL per removed attachment,
 STATUS treats it as ready).
+
+``usePodCidr``: in cluster mode the node's pod subnet is leased from etcd by vswitchd, so
+a configuration may say ``"subnet": "usePodCidr"`` (the spelling of Kubernetes'
+network-plugin page) at the top of ``ipam`` or in ``ranges`` entries; host-local knows no
+such value. The plugin asks the daemon (``pod_cidr`` op) and ``with_pod_cidrs`` rewrites a
+copy of the configuration with the leased subnet(s) before host-local sees it. With no
+lease (yet), ADD and CHECK fail with code 11 (try again later); DEL and GC still release
+(host-local frees by container ID whatever the ranges): they use documentation prefixes
+as placeholders when the daemon cannot say (``PLACEHOLDER_SUBNETS``).
 """
 import json
 import os
@@ -21,7 +30,74 @@ import subprocess
 import sys
 
 from .conf import SUPPORTED_VERSIONS, version_tuple
-from .errors import CniError, INCOMPATIBLE_VERSION, IPAM_FAILED, IPAM_NOT_FOUND
+from .errors import CniError, INCOMPATIBLE_VERSION, INVALID_CONFIG, IPAM_FAILED, IPAM_NOT_FOUND
+
+
+USE_POD_CIDR = "usePodCidr"
+# DEL and GC without a lease to resolve: host-local releases by container ID and ifname,
+# whatever the ranges say, but parses them first, so any valid subnet of the family will
+# do: the documentation prefixes (RFC 5737, RFC 3849).
+PLACEHOLDER_SUBNETS = ("192.0.2.0/24", "2001:db8::/64")
+
+
+def uses_pod_cidr(stdin_obj):
+    """Whether ``ipam`` asks for the node's leased subnet(s): ``"subnet": "usePodCidr"``
+    at its top or in any ``ranges`` entry."""
+    ipam = stdin_obj.get("ipam")
+    if not isinstance(ipam, dict):
+        return False
+    if ipam.get("subnet") == USE_POD_CIDR:
+        return True
+    for rs in ipam.get("ranges") or ():
+        if isinstance(rs, list) and any(isinstance(r, dict) and r.get("subnet") == USE_POD_CIDR for r in rs):
+            return True
+    return False
+
+
+def with_pod_cidrs(stdin_obj, pod_cidrs):
+    """A copy of ``stdin_obj`` whose ``usePodCidr`` subnets are the node's leased subnets
+    ``pod_cidrs`` (IPv4 first, as the daemon's ``pod_cidr`` op gives them).
+
+    - top-level ``"subnet": "usePodCidr"`` (the Kubernetes spelling): one range set per
+      leased subnet (dual stack: both families), put before any ``ranges``; a top-level
+      ``rangeStart``/``rangeEnd``/``gateway`` goes into the range of its family;
+    - each ``ranges`` entry with ``"subnet": "usePodCidr"``: the first such range set takes
+      the first leased subnet, the next the next one (``ranges: [[usePodCidr], [usePodCidr]]``
+      is dual stack); more of them than leased subnets is an invalid configuration.
+    """
+    ipam = dict(stdin_obj["ipam"])
+    leased = list(pod_cidrs)
+    ranges = [list(rs) if isinstance(rs, list) else rs for rs in ipam.get("ranges") or []]
+    top = []
+    if ipam.get("subnet") == USE_POD_CIDR:
+        extra = {k: ipam.pop(k) for k in ("rangeStart", "rangeEnd", "gateway") if k in ipam}
+        ipam.pop("subnet")
+        for cidr in leased:
+            rng = {"subnet": cidr}
+            for k, v in extra.items():
+                if isinstance(v, str) and (":" in v) == (":" in cidr):
+                    rng[k] = v
+            top.append([rng])
+        leased_iter = iter(())
+    else:
+        leased_iter = iter(leased)
+    used = 0
+    for i, rs in enumerate(ranges):
+        if not isinstance(rs, list):
+            continue
+        for j, r in enumerate(rs):
+            if isinstance(r, dict) and r.get("subnet") == USE_POD_CIDR:
+                cidr = next(leased_iter, None)
+                used += 1
+                if cidr is None:
+                    raise CniError(INVALID_CONFIG,
+                                   f"ipam.ranges has {used} or more \"subnet\": \"{USE_POD_CIDR}\" "
+                                   f"entries but the node leases {len(leased)} subnet(s) ({', '.join(leased)})",
+                                   "give one usePodCidr range set per family of the cluster CIDR")
+                rs[j] = dict(r, subnet=cidr)
+    if top or ranges:
+        ipam["ranges"] = top + ranges
+    return dict(stdin_obj, ipam=ipam)
 
 
 class Unsupported(Exception):

@@ -20,6 +20,8 @@ GC:    the daemon removes every attachment of this network not in
        or, when the IPAM plugin has no GC (host-local before 1.1.0), IPAM DEL for each
        removed attachment. Errors are collected and reported after everything was tried.
 STATUS: the daemon answers (else 50), and the IPAM plugin's STATUS when it has one.
+usePodCidr: an ``ipam`` subnet ``"usePodCidr"`` is the node's leased subnet, asked from the
+       daemon (``pod_cidr``) before IPAM runs (cni/ipam.py); no lease yet: ADD fails, code 11.
 
 Test hook: ``VSWITCH_CNI_TEST_FAULT=STEP`` makes ADD fail at STEP: ``after_ipam`` and
 ``after_attach`` in the plugin, or any of the daemon's attach steps (sent as ``fault``;
@@ -36,7 +38,7 @@ from . import conf as cconf
 from .errors import (CniError, DAEMON_PROTOCOL, GC_INCOMPLETE, INJECTED_FAULT, INTERNAL,
                      INVALID_CONFIG, IPAM_BAD_RESULT, PLUGIN_NOT_AVAILABLE,
                      TRY_AGAIN_LATER)
-from .ipam import Ipam, Unsupported
+from .ipam import PLACEHOLDER_SUBNETS, Ipam, Unsupported, uses_pod_cidr, with_pod_cidrs
 from .results import dumps, error_json, format_result, parse_result, version_info
 
 ABOUT = "CNI plugin vswitch: attaches pods to vswitchd"
@@ -115,8 +117,29 @@ def _fault(step):
 
 # ---------------------------------------------------------------- helpers
 
-def _ipam(env, conf, obj, raw):
+def _ipam(env, conf, obj, raw, log=None):
+    if uses_pod_cidr(obj):
+        obj, raw = with_pod_cidrs(obj, _pod_cidrs(env, conf, log)), None
     return Ipam(conf.ipam_type, env.path, env.environ, obj, raw)
+
+
+def _pod_cidrs(env, conf, log):
+    """The node's leased subnets for ``usePodCidr`` (cni/ipam.py), asked from vswitchd.
+    No lease yet or no daemon: ADD and CHECK fail (code 11, or the daemon's code); DEL and
+    GC release with placeholder subnets (host-local frees by container ID)."""
+    try:
+        reply = daemon_call(conf, "pod_cidr")
+        cidrs = reply.get("pod_cidrs")
+        if not isinstance(cidrs, list) or not cidrs or not all(isinstance(c, str) for c in cidrs):
+            raise CniError(DAEMON_PROTOCOL, f"vswitchd pod_cidr reply has no pod_cidrs list: {str(reply)[:200]}")
+        return cidrs
+    except CniError as err:
+        if env.command not in ("DEL", "GC"):
+            raise
+        if log is not None:
+            log.warn(f"usePodCidr: no leased subnet ({err.msg}); releasing by container ID with "
+                     f"placeholder ranges")
+        return list(PLACEHOLDER_SUBNETS)
 
 
 def _families(ips):
@@ -281,7 +304,7 @@ def cmd_del(env, conf, obj, raw, log):
             log.error(f"detach failed: {err.msg}")
     if conf.ipam_type:
         try:
-            _ipam(env, conf, obj, raw).call("DEL")
+            _ipam(env, conf, obj, raw, log).call("DEL")
         except CniError as err:
             errors.append(err)
             log.error(err.msg)
@@ -329,7 +352,7 @@ def cmd_gc(env, conf, obj, raw, log):
         errors.append(err.msg)
     log.info(f"gc: vswitchd removed {len(removed)} attachment(s)")
     if conf.ipam_type:
-        ipam = _ipam(env, conf, obj, raw)
+        ipam = _ipam(env, conf, obj, raw, log)
         try:
             ipam.call("GC")
         except Unsupported as exc:

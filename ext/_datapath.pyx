@@ -179,7 +179,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         r = nat_fragment(c, k, now, &out)
     if not src_mcast:
         if mac_learn(c, k.src_key, in_port, now) < 0:
-            count_drop(c, DR_MAC_STOLEN, in_port)        # D41
+            count_drop(c, DR_MAC_STOLEN, in_port)        # D42
             return C_OUT_DROP
     if r == NAT_OUT:
         ps = &c.ports[out]
@@ -215,7 +215,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             if not sh.active:
                 count_tx(c, q, k.len)
                 continue
-            # D40: a shaped receiver's copy always goes through its queue
+            # D41: a shaped receiver's copy always goes through its queue
             if charged == 0:
                 charged = charged_len(k)
             shaper_refill(sh, now)
@@ -540,6 +540,8 @@ cdef void core_free(Core *c) noexcept nogil:
     free(c.tr)
     free(c.mac_ports)
     free(c.flood)
+    free(c.ct_ev_next)
+    free(c.ct_ev_prev)
     free(c)
 
 cdef void *dup(const void *p, size_t n) noexcept nogil:
@@ -562,6 +564,8 @@ cdef Core *core_clone(Core *c) noexcept nogil:
     d.mac_ports = NULL; d.flood = NULL
     d.mac_ports = <MacPort *>dup(c.mac_ports, c.max_ports * sizeof(MacPort))
     d.flood = <uint8_t *>dup(c.flood, c.max_ports)
+    d.ct_ev_next = <uint32_t *>dup(c.ct_ev_next, c.conntrack_size * sizeof(uint32_t))
+    d.ct_ev_prev = <uint32_t *>dup(c.ct_ev_prev, c.conntrack_size * sizeof(uint32_t))
     d.ports = <PortState *>dup(c.ports, c.max_ports * sizeof(PortState))
     d.pc = <uint64_t *>dup(c.pc, c.max_ports * N_PC * sizeof(uint64_t))
     d.up_list = <uint16_t *>dup(c.up_list, c.max_ports * sizeof(uint16_t))
@@ -586,7 +590,8 @@ cdef Core *core_clone(Core *c) noexcept nogil:
                     return NULL
     if (d.ports == NULL or d.pc == NULL or d.up_list == NULL or d.mac == NULL or d.ct == NULL
             or d.ct_slots == NULL or d.ct_portcnt == NULL or d.rules == NULL or d.rule_slots == NULL
-            or d.active == NULL or d.shapers == NULL or d.mac_ports == NULL or d.flood == NULL):
+            or d.active == NULL or d.shapers == NULL or d.mac_ports == NULL or d.flood == NULL
+            or d.ct_ev_next == NULL or d.ct_ev_prev == NULL):
         core_free(d)
         return NULL
     return d
@@ -704,6 +709,7 @@ cdef class Datapath:
                  tcp_close_timeout_ns=DEFAULTS["tcp_close_timeout_ns"],
                  udp_timeout_ns=DEFAULTS["udp_timeout_ns"],
                  udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"],
+                 tcp_syn_recv_timeout_ns=DEFAULTS["tcp_syn_recv_timeout_ns"],
                  mac_learn_rate_per_s=DEFAULTS["mac_learn_rate_per_s"],
                  mac_learn_burst=DEFAULTS["mac_learn_burst"]):
         cdef Core *c
@@ -725,7 +731,8 @@ cdef class Datapath:
                     _index(tcp_fin_timeout_ns, "tcp_fin_timeout_ns", 0, MAX_I63),
                     _index(tcp_close_timeout_ns, "tcp_close_timeout_ns", 0, MAX_I63),
                     _index(udp_timeout_ns, "udp_timeout_ns", 0, MAX_I63),
-                    _index(udp_replied_timeout_ns, "udp_replied_timeout_ns", 0, MAX_I63)]
+                    _index(udp_replied_timeout_ns, "udp_replied_timeout_ns", 0, MAX_I63),
+                    _index(tcp_syn_recv_timeout_ns, "tcp_syn_recv_timeout_ns", 0, MAX_I63)]
         learn_rate = _index(mac_learn_rate_per_s, "mac_learn_rate_per_s", 0, 10**9)
         learn_burst = _index(mac_learn_burst, "mac_learn_burst", 1, 10**9)
         # the C tables index entries with 32-bit references
@@ -748,7 +755,7 @@ cdef class Datapath:
         c.pf_min_entries = PF_MIN_ENTRIES
         c.mac_learn_rate = learn_rate
         c.mac_learn_burst = learn_burst
-        for i in range(7):
+        for i in range(8):
             c.ct_timeout[i] = timeouts[i]
         mac_slots = pow2_at_least(2 * <uint64_t>mts)
         if mac_slots < 16:
@@ -776,9 +783,12 @@ cdef class Datapath:
         c.active = <uint32_t *>calloc(mp * 2, sizeof(uint32_t))
         c.mac_ports = <MacPort *>calloc(mp, sizeof(MacPort))
         c.flood = <uint8_t *>calloc(mp, 1)
+        c.ct_ev_next = <uint32_t *>calloc(cts, sizeof(uint32_t))
+        c.ct_ev_prev = <uint32_t *>calloc(cts, sizeof(uint32_t))
         if (c.mac_ports == NULL or c.flood == NULL or c.ports == NULL or c.pc == NULL or c.up_list == NULL or c.mac == NULL or c.ct == NULL
                 or c.ct_slots == NULL or c.ct_portcnt == NULL or c.rules == NULL
-                or c.rule_slots == NULL or c.shapers == NULL or c.active == NULL):
+                or c.rule_slots == NULL or c.shapers == NULL or c.active == NULL
+                or c.ct_ev_next == NULL or c.ct_ev_prev == NULL):
             raise MemoryError("cannot allocate the datapath tables")
         # free list of conntrack entries: 0, 1, 2, ...
         ncts = cts
@@ -822,7 +832,7 @@ cdef class Datapath:
         self._rebuild_flood()
 
     cdef void _rebuild_flood(self):
-        # D40: flood_classes(); up ports without an ingress shaper
+        # D41: flood_classes(); up ports without an ingress shaper
         cdef uint32_t i
         cdef PortState *ps
         for i in range(self.c.max_ports):
@@ -835,7 +845,7 @@ cdef class Datapath:
         """uint8[max_ports], a read-only view kept current: bit FLOOD_MEMBER set for the ports an
         OUT_FLOOD output is written to, FLOOD_UNKNOWN_MEMBER for OUT_FLOOD_UNKNOWN (the I/O
         layer still skips the in port). Ports with an ingress shaper are in neither: they get
-        their copy through the shaper's queue (D40)."""
+        their copy through the shaper's queue (D41)."""
         return self._wrap(self.c.flood, self.c.max_ports, np.dtype(np.uint8))
 
     cdef void _rebuild_active(self):
@@ -898,7 +908,7 @@ cdef class Datapath:
         if ips is not None:
             ips_set = _unique_addrs(ips, " or None", C_MAX_IPS_PER_PORT, "ips per port", "ip")
         pid = _index(port_id, "port_id", 0, self.max_ports - 1)
-        # D41: the bound MAC is a static FDB entry (vlan 0) of this port
+        # D42: the bound MAC is a static FDB entry (vlan 0) of this port
         cdef Core *c = self.c
         cdef uint64_t old_key = mac_key(0, ps.mac) if ps.mac_bound else 0
         cdef uint64_t new_key = 0

@@ -19,6 +19,13 @@
 # address" rules (twin's D19: any rules are keyed per family of the pod IP).
 #
 # Checksums follow the twin's D25/D26: every written field contributes ~m and m'.
+#
+# Early drop (D40, Linux's early_drop): the entries not yet assured (a TCP handshake not
+# completed, a UDP flow not replied) are also on a doubly linked list in creation order
+# (ct_ev_next / ct_ev_prev, arrays beside the entries). An entry leaves it when it becomes
+# assured or is deleted; a new connection that finds the table full (after the sweep)
+# evicts the list's head, the oldest unassured entry, in O(1). Assured entries are never
+# evicted; with none unassured, the new connection is refused (table_full).
 
 cdef inline uint32_t ct_hash(const CtKey *k) noexcept nogil:
     cdef uint64_t h = 0x243F6A8885A308D3ULL
@@ -96,8 +103,36 @@ cdef inline void portcnt_dec(Core *c, uint16_t port) noexcept nogil:
     if c.ct_portcnt[port] == 0 and not bit_test(c.rule_ports, port):
         c.nat_ports[port >> 6] &= ~((<uint64_t>1) << (port & 63))
 
+cdef inline void ct_ev_append(Core *c, uint32_t idx) noexcept nogil:
+    # the new entry idx joins the early-drop list as its newest
+    c.ct_ev_next[idx] = 0
+    c.ct_ev_prev[idx] = c.ct_ev_tail
+    if c.ct_ev_tail:
+        c.ct_ev_next[c.ct_ev_tail - 1] = idx + 1
+    else:
+        c.ct_ev_head = idx + 1
+    c.ct_ev_tail = idx + 1
+
+cdef inline void ct_ev_unlink(Core *c, uint32_t idx) noexcept nogil:
+    # entry idx leaves the early-drop list (assured or deleted); nothing if not on it
+    cdef uint32_t nxt = c.ct_ev_next[idx]
+    cdef uint32_t prv = c.ct_ev_prev[idx]
+    if prv == 0 and c.ct_ev_head != idx + 1:
+        return
+    if prv:
+        c.ct_ev_next[prv - 1] = nxt
+    else:
+        c.ct_ev_head = nxt
+    if nxt:
+        c.ct_ev_prev[nxt - 1] = prv
+    else:
+        c.ct_ev_tail = prv
+    c.ct_ev_next[idx] = 0
+    c.ct_ev_prev[idx] = 0
+
 cdef inline void ct_delete(Core *c, uint32_t idx) noexcept nogil:
     cdef CtEntry *e = &c.ct[idx]
+    ct_ev_unlink(c, idx)
     ct_slot_remove(c, ct_hash(&e.orig), (idx << 1) + 1)
     ct_slot_remove(c, ct_hash(&e.reply), (idx << 1 | 1) + 1)
     portcnt_dec(c, e.orig.dport)
@@ -376,10 +411,11 @@ cdef inline int nat_fragment(Core *c, Pkt *k, uint64_t now, int32_t *out) noexce
     return NAT_OUT
 
 cdef inline void ct_apply(Core *c, CtEntry *e, int direction, Pkt *k, uint64_t now) noexcept nogil:
-    # state machine (twin's D27), expiry, counters for one packet of the entry
-    cdef uint8_t flags
+    # state machine (twin's D27), assurance (D40), expiry, counters for one packet of the entry
+    cdef uint8_t flags, syn_ack
     if e.orig.proto == 6:
         flags = k.p[k.l4_off + 13]
+        syn_ack = flags & (TCP_SYN | TCP_ACK)
         if flags & TCP_RST:
             e.state = C_CT_CLOSE
         elif flags & TCP_FIN:
@@ -388,9 +424,15 @@ cdef inline void ct_apply(Core *c, CtEntry *e, int direction, Pkt *k, uint64_t n
                 e.state = C_CT_CLOSE
             else:
                 e.state = C_CT_FIN
-        elif e.state == C_CT_SYN_SENT and direction == 1:
+        elif e.state == C_CT_SYN_SENT and direction == 1 and syn_ack == (TCP_SYN | TCP_ACK):
+            e.state = C_CT_SYN_RECV
+        elif ((e.state == C_CT_SYN_SENT and direction == 1 and syn_ack == TCP_ACK)
+                or (e.state == C_CT_SYN_RECV and direction == 0 and syn_ack == TCP_ACK)):
             e.state = C_CT_ESTABLISHED
+            ct_ev_unlink(c, <uint32_t>(e - c.ct))
     elif direction == 1:
+        if e.state == C_CT_UDP_NEW:
+            ct_ev_unlink(c, <uint32_t>(e - c.ct))
         e.state = C_CT_UDP_REPLIED
     e.expires_ns = now + c.ct_timeout[e.state]
     e.packets += 1
@@ -457,7 +499,7 @@ cdef inline bint reply_key(Core *c, Pkt *k, HpRule *r, CtKey *rkey) noexcept nog
 
 cdef inline int ct_create(Core *c, Pkt *k, int32_t rid, uint64_t now, CtEntry **created) noexcept nogil:
     # a new entry for k by rule rid in *created: -1, or a drop reason (DR_NAT_COLLISION when
-    # its reply tuple is taken, DR_TABLE_FULL when a sweep frees nothing)
+    # its reply tuple is taken, DR_TABLE_FULL when neither a sweep nor an early drop frees one)
     cdef CtKey rkey
     cdef HpRule *r = &c.rules[rid]
     cdef bint hairpin = reply_key(c, k, r, &rkey)
@@ -480,7 +522,10 @@ cdef inline int ct_create(Core *c, Pkt *k, int32_t rid, uint64_t now, CtEntry **
             c.ct_sweep_ns = now
             ct_sweep_c(c, now)
         if c.ct_count >= c.conntrack_size:
-            return DR_TABLE_FULL
+            if c.ct_ev_head == 0:
+                return DR_TABLE_FULL
+            ct_delete(c, c.ct_ev_head - 1)          # early drop: the oldest unassured (D40)
+            c.gc[GC_CT_EARLY_DROP] += 1
     idx = c.ct_free - 1
     e = &c.ct[idx]
     c.ct_free = e.next_free
@@ -500,6 +545,7 @@ cdef inline int ct_create(Core *c, Pkt *k, int32_t rid, uint64_t now, CtEntry **
     e.used = 1
     ct_slot_insert(c, k.ct_hash, (idx << 1) + 1)
     ct_slot_insert(c, rh, (idx << 1 | 1) + 1)
+    ct_ev_append(c, idx)
     portcnt_inc(c, k.ct_key.dport)
     portcnt_inc(c, rkey.sport)
     c.ct_count += 1

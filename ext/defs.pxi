@@ -66,6 +66,7 @@ cdef enum:
     TCP_FIN = 0x01
     TCP_SYN = 0x02
     TCP_RST = 0x04
+    TCP_ACK = 0x10
 
 # ---------------------------------------------------------------- structs
 
@@ -156,14 +157,14 @@ ctypedef struct MacEntry:
     uint64_t key          # 0 = empty; else 1<<63 | vlan<<48 | MAC as a 48-bit big-endian int
     uint64_t last_seen_ns # the now_ns of the latest frame from this MAC (0 for a static entry)
     uint16_t port         # port the MAC was learned on (or is bound to, static)
-    uint8_t static        # 1: a bound MAC (D41): never ages, never evicted, never moves
+    uint8_t static        # 1: a bound MAC (D42): never ages, never evicted, never moves
     uint8_t pad0          # zero
     uint32_t prev         # learned entries: the port's next older entry, slot + 1 (0 = none)
     uint32_t next         # learned entries: the port's next newer entry, slot + 1 (0 = none)
     uint32_t pad          # zero
 
 ctypedef struct MacPort:
-    # one port's learned MAC entries (a list oldest first, D42) and its learning bucket (D43)
+    # one port's learned MAC entries (a list oldest first, D43) and its learning bucket (D44)
     uint32_t n            # learned (non-static) entries of the port
     uint32_t head         # slot + 1 of its oldest learned entry (0 = none)
     uint32_t tail         # slot + 1 of its newest learned entry (0 = none)
@@ -244,7 +245,7 @@ ctypedef struct Core:
     uint32_t max_hostports    # hostPort rule capacity
     uint32_t vnet_hdr_len     # H: bytes of virtio-net header before each frame (0, 10, 12)
     uint64_t mac_aging_ns     # MAC entries older than this are aged
-    uint64_t ct_timeout[7]    # conntrack timeout per C_CT_* state (index 0 unused), ns
+    uint64_t ct_timeout[8]    # conntrack timeout per C_CT_* state (index 0 unused), ns
     uint64_t last_now_ns      # the latest now_ns of process()/drain() (monotonic check)
     uint8_t have_now          # 1 once last_now_ns was set
     PortState *ports          # [max_ports] configuration
@@ -268,6 +269,11 @@ ctypedef struct Core:
     uint32_t *ct_portcnt      # [65536] entries whose orig dport or reply sport is this port
     uint8_t ct_swept          # 1 once the automatic sweep ran
     uint64_t ct_sweep_ns      # now_ns of the latest automatic sweep
+    # early drop (D40): the unassured entries in a list, oldest first (entry index + 1, 0 = none)
+    uint32_t *ct_ev_next      # [conntrack_size] the next newer unassured entry
+    uint32_t *ct_ev_prev      # [conntrack_size] the next older one
+    uint32_t ct_ev_head       # the oldest unassured entry: the one a full table evicts
+    uint32_t ct_ev_tail       # the newest
     # hostPort rules
     HpRule *rules             # [max_hostports] rules by id
     uint32_t *rule_slots      # [rule_mask + 1] index: rule id + 1, 0 = empty (rebuilt on change)
@@ -297,7 +303,7 @@ ctypedef struct Core:
     uint64_t frag_live_until_ns   # no record is live at or after this now_ns
     TrRec *tr                 # trace() only: the stage recorder (NULL: off)
     int tr_n                  # records in tr
-    # MAC table under pressure (mactable.pxi, D41-D43) and flood membership (D40)
+    # MAC table under pressure (mactable.pxi, D42-D44) and flood membership (D41)
     MacPort *mac_ports        # [max_ports] learned-entry lists and learning buckets
     uint64_t mac_learn_rate   # new MACs per second per port; 0 = no limit
     uint64_t mac_learn_burst  # the learning bucket's size (learns)

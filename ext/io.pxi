@@ -16,7 +16,7 @@
 # never truncates a frame; each fd gives at most `per_fd_max` frames per batch (fairness),
 # and EAGAIN moves on to the next fd. Writes go to `port_fds[out]` for a port id, or to
 # every port with an fd except the ingress one whose flood class (`port_flood`, the
-# datapath's flood_classes() once `set_flood_classes` gave it: docs/datapath.md D40) has
+# datapath's flood_classes() once `set_flood_classes` gave it: docs/datapath.md D41) has
 # FLOOD_MEMBER for OUT_FLOOD, FLOOD_UNKNOWN_MEMBER for OUT_FLOOD_UNKNOWN (host and uplink
 # only: unknown unicast never reaches a pod); OUT_DROP / OUT_QUEUED and
 # ports without an fd (-1) are skipped. A failed write is counted in `tx_errors[port]`
@@ -348,7 +348,7 @@ cdef class BatchIO:
     def set_flood_classes(self, classes):
         """Write floods by `classes` (uint8[max_ports], C-contiguous, kept alive here): the
         datapath's flood_classes(), a live view, so a port's kind, up state and ingress shaper
-        decide where OUT_FLOOD / OUT_FLOOD_UNKNOWN go (docs/datapath.md D40)."""
+        decide where OUT_FLOOD / OUT_FLOOD_UNKNOWN go (docs/datapath.md D41)."""
         cdef const unsigned char[::1] v = classes
         if v.shape[0] < self.max_ports:
             raise ValueError(f"flood classes of {v.shape[0]} ports; accepted: at least max_ports {self.max_ports}")

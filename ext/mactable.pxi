@@ -12,13 +12,13 @@
 # once per SWEEP_INTERVAL_NS of now_ns, D23). An aged entry still counts against the
 # capacity until it is deleted.
 #
-# Static entries (D41) are the bound MACs (bind_port): never aged, evicted or moved; a
+# Static entries (D42) are the bound MACs (bind_port): never aged, evicted or moved; a
 # frame from another port with that source MAC is refused (mac_learn returns -1, the
 # caller drops it mac_stolen). Learned entries are also linked, per port, in a doubly
 # linked list oldest first (MacEntry.prev/next hold slot + 1; MacPort.head/tail); the
 # backward shift of mac_delete re-points the neighbours of every entry it moves. A full
-# table evicts the oldest learned entry of the port holding the most (D42), found in
-# O(max_ports); a per-port token bucket limits new MACs per second (D43).
+# table evicts the oldest learned entry of the port holding the most (D43), found in
+# O(max_ports); a per-port token bucket limits new MACs per second (D44).
 
 # mac_key() (parse.pxi: the parser computes both keys of every frame) packs a key.
 
@@ -134,7 +134,7 @@ cdef uint64_t mac_remove_port(Core *c, uint16_t port) noexcept nogil:
     return n
 
 cdef bint mac_evict(Core *c, int learner) noexcept nogil:
-    # D42: deletes the oldest learned entry of the port holding the most learned entries
+    # D43: deletes the oldest learned entry of the port holding the most learned entries
     # (learner if it is one of them, else the lowest such id); 0 when none is learned
     cdef uint32_t p, most = 0, victim = 0
     for p in range(c.max_ports):
@@ -150,7 +150,7 @@ cdef bint mac_evict(Core *c, int learner) noexcept nogil:
     return 1
 
 cdef inline bint mac_learn_token(Core *c, uint16_t port, uint64_t now) noexcept nogil:
-    # D43: one token of the port's new-MAC bucket; 0 when empty
+    # D44: one token of the port's new-MAC bucket; 0 when empty
     cdef MacPort *mp = &c.mac_ports[port]
     cdef u128 t
     cdef uint64_t cap
@@ -189,7 +189,7 @@ cdef inline int mac_learn(Core *c, uint64_t key, uint16_t port, uint64_t now) no
             return 0 if e.port == port else -1
         if not mac_aged(c, e, now):
             if e.port != port:
-                lrn_unlink(c, <uint64_t>i)      # a move is a new learn on port (D42)
+                lrn_unlink(c, <uint64_t>i)      # a move is a new learn on port (D43)
                 e.port = port
                 lrn_link(c, <uint64_t>i)
                 c.gc[GC_MAC_MOVES] += 1

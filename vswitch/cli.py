@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from vswitch import __version__, rpc
 
@@ -173,21 +174,54 @@ def _list(r):
                   ["CONTAINER", "IFNAME", "NETNS", "PORT", "MAC", "IPS"])
 
 
+def _nodes(r):
+    c = r.get("cluster")
+    if c is None:
+        return "vswitchd does not run in cluster mode (no --cluster-cidr)"
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(c["since"])) if c.get("since") else "-"
+    head = (f"node {c['node_name']}  etcd {'connected' if c['connected'] else 'DISCONNECTED'} since {since}  "
+            f"lease {c['lease_id']} ttl {c['lease_ttl_s']}s  revision {c['last_revision']}  "
+            f"cluster {','.join(c['cluster_cidrs'])}")
+    if c.get("last_error") and not c["connected"]:
+        head += f"\nlast error: {c['last_error']}"
+    rows = [[("* " if n["self"] else "  ") + n["name"], n["node_ip"], n["vtep_mac"], ",".join(n["pod_cidrs"]) or "-",
+             n.get("mod_revision", "-"),
+             time.strftime("%H:%M:%S", time.localtime(n["since"])) if n.get("since") else "-"]
+            for n in r["nodes"]]
+    return head + "\n" + _table(rows, ["NODE", "NODE IP", "VTEP MAC", "POD CIDRS", "REVISION", "SEEN SINCE"])
+
+
 def _install_cni_args(p):
     p.add_argument("--bin-dir", required=True, metavar="DIR", help="the runtime's CNI bin directory")
     p.add_argument("--conf-dir", required=True, metavar="DIR", help="the runtime's CNI conf directory")
     p.add_argument("--socket", dest="cni_socket", metavar="PATH",
                    help="vswitchd's control socket written into the network list "
                         "(default: vswitchctl's --socket)")
-    p.add_argument("--subnet", metavar="CIDR", help="pod subnet for host-local (default 10.88.0.0/16)")
+    p.add_argument("--subnet", metavar="CIDR", action="append",
+                   help="pod subnet for host-local (default 10.88.0.0/16); give it twice, an IPv4 and "
+                        "an IPv6 subnet, for dual-stack pods")
+    p.add_argument("--use-pod-cidr", action="store_true",
+                   help="host-local on \"usePodCidr\": the node's subnet leased by vswitchd in cluster mode "
+                        "(the default when the daemon runs in cluster mode and no --subnet is given)")
 
 
 def _install_cni(c, a):
     """vswitch_cni.install.main with the same options; its exit status is vswitchctl's."""
     from vswitch_cni import install
     argv = ["--bin-dir", a.bin_dir, "--conf-dir", a.conf_dir, "--socket", a.cni_socket or a.socket]
-    if a.subnet:
-        argv += ["--subnet", a.subnet]
+    for subnet in a.subnet or ():
+        argv += ["--subnet", subnet]
+    if not a.subnet:
+        # cluster mode: one usePodCidr range per family of the daemon's cluster CIDR
+        try:
+            cl = rpc.call(a.socket, "status", timeout_s=min(a.timeout, 3.0)).get("cluster")
+        except rpc.RpcError:
+            cl = None
+        if cl or a.use_pod_cidr:
+            fams = sorted({6 if ":" in c else 4 for c in (cl or {}).get("cluster_cidrs", [])}) or [4]
+            argv += ["--use-pod-cidr", ",".join(map(str, fams))]
+    elif a.use_pod_cidr:
+        raise rpc.RpcError(rpc.E_BAD_ARGS, "--use-pod-cidr and --subnet exclude each other")
     return install.main(argv)
 
 
@@ -215,6 +249,7 @@ COMMANDS = {
     "capture": ("write a pcap of one port while traffic runs", _capture_args, _capture_run,
                 lambda r: f"{r['packets']} packets written to {r['path']}", True),
     "metrics": ("Prometheus text", _none, _call("metrics"), lambda r: r["text"].rstrip("\n"), True),
+    "nodes": ("the cluster as this node sees it (cluster mode)", _none, _call("nodes"), _nodes, True),
     "install-cni": ("write the CNI plugin launcher and a network list (cni/install.py)",
                     _install_cni_args, _install_cni, None, False),
     # ---- more subcommands go here: add a row

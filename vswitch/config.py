@@ -108,6 +108,7 @@ class SwitchConfig:
     tcp_close_timeout_ns: int = DEFAULTS["tcp_close_timeout_ns"]
     udp_timeout_ns: int = DEFAULTS["udp_timeout_ns"]
     udp_replied_timeout_ns: int = DEFAULTS["udp_replied_timeout_ns"]
+    tcp_syn_recv_timeout_ns: int = DEFAULTS["tcp_syn_recv_timeout_ns"]
     mac_learn_rate_per_s: int = DEFAULTS["mac_learn_rate_per_s"]   # new MACs/s per port; 0 = no limit
     mac_learn_burst: int = DEFAULTS["mac_learn_burst"]
 

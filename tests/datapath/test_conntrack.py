@@ -1,5 +1,5 @@
-"""Stage 4 state: conntrack states and timeouts, expiry, the bounded table, the UDP flush,
-hostPort rule management."""
+"""Stage 4 state: conntrack states and timeouts, expiry, the bounded table and its early
+drop (D40), the UDP flush, hostPort rule management."""
 import pytest
 
 from dp_helpers import (
@@ -38,9 +38,11 @@ def test_tcp_handshake_and_orderly_close(dp):
     assert entry(dp) == ("SYN_SENT", 121 * SEC)
     c2s(dp, 1000, "S", 2 * SEC)
     assert entry(dp) == ("SYN_SENT", 122 * SEC)
-    s2c(dp, 1000, "SA", 3 * SEC)
-    assert entry(dp) == ("ESTABLISHED", 3 * SEC + 86400 * SEC)
-    c2s(dp, 1000, "A", 4 * SEC)
+    s2c(dp, 1000, "SA", 3 * SEC)                # the SYN-ACK: not established yet (Linux)
+    assert entry(dp) == ("SYN_RECV", 63 * SEC)
+    s2c(dp, 1000, "SA", 3 * SEC + 5)            # a retransmitted SYN-ACK
+    assert entry(dp) == ("SYN_RECV", 63 * SEC + 5)
+    c2s(dp, 1000, "A", 4 * SEC)                 # the handshake's final ACK
     assert entry(dp) == ("ESTABLISHED", 4 * SEC + 86400 * SEC)
     c2s(dp, 1000, "FA", 5 * SEC)
     assert entry(dp) == ("FIN", 125 * SEC)
@@ -51,7 +53,46 @@ def test_tcp_handshake_and_orderly_close(dp):
     c2s(dp, 1000, "A", 8 * SEC)
     assert entry(dp) == ("CLOSE", 18 * SEC)
     e = dp.conntrack()[0]
-    assert int(e["packets"]) == 8
+    assert int(e["packets"]) == 9
+
+
+def test_only_the_originators_ack_after_a_syn_ack_establishes(dp):
+    c2s(dp, 1000, "S", 0)
+    s2c(dp, 1000, "SA", 1)
+    assert entry(dp)[0] == "SYN_RECV"
+    s2c(dp, 1000, "A", 2)                       # the server's ACK does not complete it
+    c2s(dp, 1000, "S", 3)                       # nor a retransmitted SYN
+    c2s(dp, 1000, "SA", 4)                      # nor anything with SYN from the client
+    assert entry(dp) == ("SYN_RECV", 4 + 60 * SEC)
+    c2s(dp, 1000, "PA", 5)                      # an ACK with data completes it (ACK, no SYN)
+    assert entry(dp)[0] == "ESTABLISHED"
+
+
+def test_syn_recv_timeout_is_its_own_key(dp_impl):
+    dp = make_topo(dp_impl, tcp_syn_recv_timeout_ns=7, tcp_syn_timeout_ns=5)
+    c2s(dp, 1000, "S", 100)
+    assert entry(dp) == ("SYN_SENT", 105)
+    s2c(dp, 1000, "SA", 101)
+    assert entry(dp) == ("SYN_RECV", 108)
+    out, f = s2c(dp, 1000, "A", 108)            # expired: gone, the reply passes untranslated
+    assert out != POD_A and len(dp.conntrack()) == 0 and gc(dp, "ct_expired") == 1
+
+
+def test_a_connection_picked_up_mid_stream_is_established_by_the_replys_ack(dp):
+    # after a restart the tables are empty: the client's next segment creates the entry
+    c2s(dp, 1000, "PA", 0)
+    assert entry(dp)[0] == "SYN_SENT"
+    s2c(dp, 1000, "A", 1)                       # the server acknowledges: a live connection
+    assert entry(dp) == ("ESTABLISHED", 1 + 86400 * SEC)
+
+
+def test_fin_or_rst_before_the_handshake_completes(dp):
+    c2s(dp, 1, "S", 0)
+    s2c(dp, 1, "SA", 1)
+    c2s(dp, 1, "FA", 2)                         # FIN from SYN_RECV: FIN, as from any state
+    c2s(dp, 2, "S", 3)
+    s2c(dp, 2, "R", 4)                          # the server refuses
+    assert entry(dp, 1) == ("FIN", 2 + 120 * SEC) and entry(dp, 2) == ("CLOSE", 4 + 10 * SEC)
 
 
 def test_fin_from_the_same_side_twice_is_not_close(dp):
@@ -118,23 +159,111 @@ def test_conntrack_sweep(dp):
     assert len(dp.conntrack()) == 0 and gc(dp, "ct_expired") == 2
 
 
+def establish(dp, sport, now):
+    """A complete handshake at now (3 packets): the entry is assured."""
+    c2s(dp, sport, "S", now)
+    s2c(dp, sport, "SA", now)
+    c2s(dp, sport, "A", now)
+
+
 def test_full_table_refuses_new_entries_and_sweeps_at_most_once_per_second(dp_impl):
-    dp = make_topo(dp_impl, conntrack_size=2, tcp_syn_timeout_ns=10 * SEC)
-    c2s(dp, 1, "S", 0)                              # expires 10 s
-    c2s(dp, 2, "S", 1)                              # expires 10 s + 1
+    # every entry assured (ESTABLISHED): nothing may be evicted, new connections are refused
+    dp = make_topo(dp_impl, conntrack_size=2, tcp_est_timeout_ns=10 * SEC)
+    establish(dp, 1, 0)                             # expires 10 s
+    establish(dp, 2, 1)                             # expires 10 s + 1
     assert c2s(dp, 3, "S", 5 * SEC)[0] == C.OUT_DROP    # full; the sweep at 5 s finds nothing
     assert gc(dp, "table_full") == 1 and dp.port_counters()[UPLINK, C.PC["drop_table_full"]] == 1
     assert c2s(dp, 3, "S", 10 * SEC + 1)[0] == POD_A    # a sweep may run again: both expired
     assert len(dp.conntrack()) == 1 and gc(dp, "ct_expired") == 2
-    assert c2s(dp, 4, "S", 10 * SEC + 2)[0] == POD_A    # room for one more
+    s2c(dp, 3, "SA", 10 * SEC + 1)
+    c2s(dp, 3, "A", 10 * SEC + 1)                       # 3 assured, expires 20 s + 1
+    establish(dp, 4, 10 * SEC + 2)                      # room for one more, expires 20 s + 2
     assert c2s(dp, 5, "S", 10 * SEC + 3)[0] == C.OUT_DROP   # full, last sweep < 1 s ago
     assert gc(dp, "table_full") == 2
     assert c2s(dp, 3, "A", 10 * SEC + 4)[0] == POD_A    # existing entries work while full
-    assert c2s(dp, 5, "S", 20 * SEC + 2)[0] == POD_A    # sweep: entry 4 expired, 3 not yet
+    assert c2s(dp, 5, "S", 20 * SEC + 3)[0] == POD_A    # sweep: entry 4 expired, 3 not yet
     assert sorted(int(x) for x in dp.conntrack()["orig_sport"]) == [3, 5]
-    assert c2s(dp, 6, "S", 21 * SEC + 1)[0] == C.OUT_DROP   # entry 3 expired, but no sweep yet
-    assert c2s(dp, 6, "S", 21 * SEC + 2)[0] == POD_A    # one second later the sweep runs
+    s2c(dp, 5, "SA", 20 * SEC + 3)
+    c2s(dp, 5, "A", 20 * SEC + 3)
+    assert c2s(dp, 6, "S", 20 * SEC + 5)[0] == C.OUT_DROP   # entry 3 expired, but no sweep yet
+    assert c2s(dp, 6, "S", 21 * SEC + 3)[0] == POD_A    # one second later the sweep runs
     assert gc(dp, "table_full") == 3 and gc(dp, "ct_created") == 6
+    assert gc(dp, "ct_early_drop") == 0
+
+
+def test_a_full_table_evicts_the_oldest_unassured_entry_never_an_assured_one(dp_impl):
+    dp = make_topo(dp_impl, conntrack_size=4)
+    establish(dp, 1, 0)
+    establish(dp, 2, 1)
+    c2s(dp, 3, "S", 2)                                  # SYN_SENT
+    c2s(dp, 4, "S", 3)
+    s2c(dp, 4, "SA", 3)                                 # SYN_RECV
+    for sport, gone in ((5, 3), (6, 4), (7, 5)):        # a SYN flood: each evicts the oldest
+        assert c2s(dp, sport, "S", 10 + sport)[0] == POD_A
+        ct = dp.conntrack()
+        assert sorted(int(x) for x in ct["orig_sport"]) == [1, 2] + list(range(gone + 1, sport + 1))
+    assert gc(dp, "ct_early_drop") == 3 and gc(dp, "table_full") == 0 and gc(dp, "ct_created") == 7
+    # the evicted connection's SYN-ACK finds nothing: it passes untranslated, nothing created
+    out, f = s2c(dp, 4, "SA", 20)
+    assert f == tcp(MAC_A, GW_MAC, A4, CLIENT4, 80, 4, flags="SA") and len(dp.conntrack()) == 4
+    # the assured ones still translate
+    assert c2s(dp, 1, "A", 21)[0] == POD_A and c2s(dp, 2, "A", 21)[0] == POD_A
+    # completing a handshake assures it: then only 7 may go, then nothing
+    s2c(dp, 6, "SA", 22)
+    c2s(dp, 6, "A", 22)
+    assert c2s(dp, 8, "S", 23)[0] == POD_A and gc(dp, "ct_early_drop") == 4    # 7 evicted
+    s2c(dp, 8, "SA", 24)
+    c2s(dp, 8, "A", 24)
+    assert c2s(dp, 9, "S", 25)[0] == C.OUT_DROP                               # all assured
+    assert gc(dp, "table_full") == 1 and gc(dp, "ct_early_drop") == 4
+    assert sorted(int(x) for x in dp.conntrack()["orig_sport"]) == [1, 2, 6, 8]
+
+
+def test_udp_unreplied_entries_go_first(dp_impl):
+    dp = make_topo(dp_impl, conntrack_size=3)
+    send1(dp, udp(ROUTER_MAC, NODE_MAC, CLIENT4, NODE4, 7000, 5353), UPLINK, 1)   # replied below
+    send1(dp, udp(ROUTER_MAC, NODE_MAC, CLIENT4, NODE4, 7001, 5353), UPLINK, 2)   # never replied
+    send1(dp, udp(MAC_A, GW_MAC, A4, CLIENT4, 53, 7000), POD_A, 3)
+    establish(dp, 1, 4)
+    assert send1(dp, udp(ROUTER_MAC, NODE_MAC, CLIENT4, NODE4, 7002, 5353), UPLINK, 5)[0] == POD_A
+    assert sorted(int(x) for x in dp.conntrack()["orig_sport"]) == [1, 7000, 7002]
+    assert gc(dp, "ct_early_drop") == 1
+
+
+def test_the_sweep_comes_before_an_early_drop(dp_impl):
+    dp = make_topo(dp_impl, conntrack_size=2, tcp_est_timeout_ns=5)
+    establish(dp, 1, 0)                                 # expires at 5
+    c2s(dp, 2, "S", 1)                                  # unassured
+    assert c2s(dp, 3, "S", 10)[0] == POD_A              # the expired one goes, not 2
+    assert sorted(int(x) for x in dp.conntrack()["orig_sport"]) == [2, 3]
+    assert gc(dp, "ct_expired") == 1 and gc(dp, "ct_early_drop") == 0
+
+
+def test_trace_on_a_full_table_evicts_nothing(dp_impl):
+    dp = make_topo(dp_impl, conntrack_size=1)
+    c2s(dp, 1, "S", 0)
+    steps = dp.trace(tcp(ROUTER_MAC, NODE_MAC, CLIENT4, NODE4, 2, 8080), UPLINK, 1)
+    assert steps[-1] == ("output", f"port {POD_A}")
+    assert [int(x) for x in dp.conntrack()["orig_sport"]] == [1] and gc(dp, "ct_early_drop") == 0
+    assert c2s(dp, 2, "S", 1)[0] == POD_A and gc(dp, "ct_early_drop") == 1
+
+
+def test_removed_entries_leave_the_eviction_order(dp_impl):
+    # entries deleted by remove_port, the UDP flush or expiry are never evicted later, and
+    # what is left keeps its order
+    dp = make_topo(dp_impl, conntrack_size=3)
+    send1(dp, tcp(ROUTER_MAC, NODE_MAC, CLIENT4, NODE4, 1, 9090), UPLINK, 0)          # to pod B
+    send1(dp, udp(ROUTER_MAC, NODE_MAC, CLIENT4, NODE4, 7000, 5353), UPLINK, 1)
+    c2s(dp, 2, "S", 2)
+    dp.remove_port(POD_B)
+    dp.remove_hostport(17, 5353)
+    c2s(dp, 3, "S", 3)
+    c2s(dp, 4, "S", 4)
+    assert c2s(dp, 5, "S", 5)[0] == POD_A               # evicts 2, the oldest left
+    assert sorted(int(x) for x in dp.conntrack()["orig_sport"]) == [3, 4, 5]
+    assert c2s(dp, 6, "S", 6)[0] == POD_A               # then 3
+    assert sorted(int(x) for x in dp.conntrack()["orig_sport"]) == [4, 5, 6]
+    assert gc(dp, "ct_early_drop") == 2
 
 
 def test_an_expired_entry_found_by_lookup_makes_room(dp_impl):
@@ -162,7 +291,7 @@ def test_adding_or_removing_a_rule_flushes_udp_entries_of_that_host_port(dp):
     dp.remove_hostport(17, 5353)               # any rules of both families: v4 and v6
     assert len(dp.conntrack()) == 2 and gc(dp, "ct_deleted") == 4
     out, _ = send1(dp, udp(ROUTER_MAC, NODE_MAC, CLIENT4, NODE4, 7000, 5353), UPLINK, 3)
-    assert out == C.OUT_FLOOD_UNKNOWN           # unknown unicast: host and uplink only (D40)
+    assert out == C.OUT_FLOOD_UNKNOWN           # unknown unicast: host and uplink only (D41)
     assert [h["host_port"] for h in dp.hostports()] == [8080, 8080, 9090]
 
 

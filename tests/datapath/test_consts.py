@@ -65,7 +65,7 @@ def test_the_generated_pxi_declares_every_counter_and_drop_in_order(tmp_path):
     assert C.GLOBAL_COUNTERS == ("packets", "bytes", "malformed", "spoofed", "queue_full", "no_route", "loop",
                                  "table_full", "nat_collision", "mac_stolen", "queued", "flooded", "mac_moves",
                                  "mac_table_full", "mac_learned", "ct_created", "ct_expired", "ct_deleted",
-                                 "nat_translated", "mac_evicted", "mac_learn_limited")
+                                 "nat_translated", "ct_early_drop", "mac_evicted", "mac_learn_limited")
     assert gen_consts.write_pxi(C, tmp_path / "consts.pxi") is True
     assert gen_consts.write_pxi(C, tmp_path / "consts.pxi") is False       # unchanged: not rewritten
 
@@ -80,7 +80,7 @@ def test_every_trace_event_names_a_stage():
 def test_port_and_global_counter_shapes(dp_impl):
     dp = dp_impl.Datapath(max_ports=7)
     assert dp.port_counters().shape == (7, 13) and dp.port_counters().dtype == np.uint64
-    assert dp.global_counters().shape == (20,) and dp.global_counters().dtype == np.uint64
+    assert dp.global_counters().shape == (22,) and dp.global_counters().dtype == np.uint64
 
 
 def test_raw_table_views_match_the_c_structs(both_impls):

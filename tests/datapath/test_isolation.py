@@ -1,6 +1,6 @@
 """Issue 11 findings 1-3 at the datapath: bound MACs are static, unknown unicast never
 reaches a pod, flood copies pass the receiver's ingress shaper, a full MAC table evicts
-fairly and learning is rate-limited per port (docs/datapath.md D40-D43). Both implementations."""
+fairly and learning is rate-limited per port (docs/datapath.md D41-D44). Both implementations."""
 import numpy as np
 import pytest
 from scapy.layers.l2 import Ether

@@ -9,8 +9,12 @@ one derived from its name; with an uplink, the NIC's MAC and MTU) and sets it up
 builds the ``Switch`` whose gateway is the host port.
 
 It holds one gateway address (``gw/prefixlen``) per pod subnet while an attachment of
-that subnet exists, like the bridge plugin's ``isGateway``, and IPv4 forwarding is on
-while it holds any. The bookkeeping (the state's ``host.gateways``, the addresses the
+that subnet exists, like the bridge plugin's ``isGateway``, and forwarding of a family is
+on while it holds a gateway of that family (``net.ipv4.ip_forward``,
+``net.ipv6.conf.all.forwarding``). The value each had before the daemon turned it on is
+remembered once in the state (``host.forwarding``, read on the loop thread before the
+kernel job writes 1, kept across restarts) and put back by ``restore_forwarding`` when the
+daemon removes the host port (a clean exit with no pod left). The bookkeeping (the state's ``host.gateways``, the addresses the
 switch binds to port 0) happens on the loop thread in ``take`` / ``release``; the
 addresses on the TAP are a kernel-thread job (``kernel``), so adds and removals reach the
 kernel in decision order. The switch binds at most ``MAX_GATEWAYS`` addresses to a port:
@@ -46,7 +50,7 @@ class Gateways:
 
     # ----------------------------------------------------------------- the host port
 
-    def open(self, max_ports: int, nic: dict | None = None) -> HostPort:
+    def open(self, max_ports: int, nic: dict | None = None, conntrack_size: int | None = None) -> HostPort:
         """Create or reopen the host TAP and build the Switch with it as port 0.
 
         ``nic`` (the uplink's link: ``mac``, ``mtu``) gives the host port its MAC and MTU.
@@ -67,9 +71,9 @@ class Gateways:
         gateways = hs.setdefault("gateways", [])
         for g in gateways:
             netlink.address_add_if_missing(name, g)
-        if gateways:
-            netlink.ip_forward()
-        self.switch = _make_switch(mac, gateways, max_ports)
+        for version in _families(gateways):
+            netlink.forwarding_on(version, self.forwarding)
+        self.switch = _make_switch(mac, gateways, max_ports, conntrack_size)
         self.switch.add_port(name, "host", mac=mac, ips=_ips(gateways) or (), port_id=0)
         return HostPort(name=name, port_id=0, fd=fd)
 
@@ -86,6 +90,18 @@ class Gateways:
             if old is not None:
                 sw.add_port(self.name, "host", mac=old.mac, ips=old.ips or (), port_id=0)
             raise
+
+    @property
+    def forwarding(self) -> dict:
+        """The node's forwarding sysctls as they were before the daemon changed them."""
+        return self.state.host.setdefault("forwarding", {})
+
+    def restore_forwarding(self):
+        """Put the remembered forwarding sysctls back and forget them (the host port goes)."""
+        done = netlink.forwarding_restore(self.forwarding)
+        self.state.host["forwarding"] = {}
+        if done:
+            self.log("forwarding_restored", sysctl=done)
 
     # ----------------------------------------------------------------- bookkeeping (loop thread)
 
@@ -108,6 +124,11 @@ class Gateways:
                            f"{MAX_GATEWAYS} gateway addresses (one per pod subnet) and has "
                            f"{len(hs['gateways'])}: {', '.join(hs['gateways'])}; detach the pods of a "
                            f"subnet no longer used, or use fewer subnets on this node")
+        fw = self.forwarding
+        for version in _families(new):       # remembered before the kernel job turns it on
+            key = netlink.FORWARDING[version]
+            if key not in fw:
+                fw[key] = netlink.sysctl(key)
         old = list(hs["gateways"])
         hs["gateways"] = old + new
         try:
@@ -150,8 +171,8 @@ class Gateways:
         msgs += [(f"del {g}", netlink.msg_addr(self.index, g, add=False)) for g in remove if g not in keep]
         if not msgs:
             return
-        if add:
-            netlink.ip_forward()
+        for version in _families(add):
+            netlink.forwarding_on(version, self.forwarding)
         with netlink.RtnlSocket() as nl:
             for label, m in msgs:       # one by one: a gateway already gone is not an error
                 try:
@@ -161,14 +182,21 @@ class Gateways:
                         raise
 
 
+def _families(gateways: list[str]) -> list[int]:
+    """The IP versions of ``gw/prefixlen`` addresses (4, 6), each once."""
+    return sorted({ipaddress.ip_interface(g).version for g in gateways})
+
+
 def _ips(gateways: list[str]) -> list[str]:
     """``gw/prefixlen`` -> the bare addresses the switch binds to the host port."""
     return [str(ipaddress.ip_interface(g).ip) for g in gateways]
 
 
-def _make_switch(host_mac: str, gateways: list[str], max_ports: int) -> Switch:
+def _make_switch(host_mac: str, gateways: list[str], max_ports: int, conntrack_size: int | None = None) -> Switch:
     """The Switch, its gateway (and subnet) per family from the first gateway of each."""
     kw = {"gateway_mac": host_mac, "vnet_hdr_len": netlink.VNET_HDR_LEN, "max_ports": max_ports}
+    if conntrack_size is not None:
+        kw["conntrack_size"] = conntrack_size
     for g in gateways:
         i = ipaddress.ip_interface(g)
         if i.version == 4 and "gateway" not in kw:

@@ -38,8 +38,8 @@ attachments (datapath tables — MAC, conntrack — start empty: flows re-learn 
 NATed TCP connections through a hostPort do not survive a restart), prunes unused
 gateways, saves the state and listens. **Shutdown** (SIGTERM/SIGINT) finishes the running
 operation, keeps the pods (TAPs are persistent, state stays) and gives the uplink NIC
-its addresses back. With no attachment left, vsw0 is deleted and the state file removed,
-so nothing remains. ``docs/daemon.md`` is the operator's page.
+its addresses back. With no attachment left, vsw0 is deleted, the forwarding sysctls the
+daemon turned on get their old values and the state file is removed, so nothing remains. ``docs/daemon.md`` is the operator's page.
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ from vswitch.daemon import netlink
 from vswitch import datapath
 from vswitch.datapath import consts as C
 from vswitch.daemon.attachment import need_str, public
+from vswitch.daemon.cluster import FATAL_EXIT_STATUS, ClusterConfig, ClusterMode
 from vswitch.daemon.control import ControlServer, Limits
 from vswitch.daemon.debug import Captures, conntrack_page, fdb_page, trace
 from vswitch.daemon.gateways import Gateways
@@ -83,7 +84,8 @@ class Daemon:
     def __init__(self, socket_path: str, state_dir: str, switch: str = "vsw0", uplink: str | None = None,
                  log_file: str | None = None, metrics_port: int | None = None, test_faults: bool = False,
                  max_ports: int = 256, poll_us: int = DEFAULT_POLL_US, log_level: str = "info",
-                 log_group: str | None = None, control_limits: Limits = Limits()):
+                 log_group: str | None = None, control_limits: Limits = Limits(),
+                 cluster: ClusterConfig | None = None, conntrack_size: int | None = None):
         if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"poll_us={poll_us!r}; accepted: an integer 0 .. {MAX_POLL_US} (microseconds)")
         self.socket_path = socket_path
@@ -92,6 +94,7 @@ class Daemon:
         self.metrics_port = metrics_port
         self.test_faults = test_faults
         self.max_ports = max_ports
+        self.conntrack_size = conntrack_size     # None: the datapath's default
         self.poll_ns = poll_us * 1000
         self.log = Log(log_file, level=log_level, group=log_group)
         self.control_limits = control_limits
@@ -110,6 +113,9 @@ class Daemon:
         self.kernel: KernelWorker | None = None
         self.control: ControlServer | None = None
         self.stop = False
+        self.exit_status = 0            # main's exit status when the loop ends by itself
+        # cluster mode (--cluster-cidr): subnet lease and peers from etcd (vswitch.daemon.cluster)
+        self.cluster = ClusterMode(cluster, self.state, self.log) if cluster is not None else None
         self.batches = 0                # batches of the Python loop (_step)
         self.last_sweep_ns = 0
 
@@ -125,9 +131,10 @@ class Daemon:
         self.ep.register(self.kernel.fd, select.EPOLLIN)
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         uplink = Uplink(self.uplink_name, self.host_name, self.state, self.log) if self.uplink_name else None
-        self.host_port = self.gateways.open(self.max_ports, nic=uplink.nic() if uplink else None)
+        self.host_port = self.gateways.open(self.max_ports, nic=uplink.nic() if uplink else None,
+                                            conntrack_size=self.conntrack_size)
         self.switch = self.gateways.switch
-        self.io.set_flood_classes(self.switch.dp.flood_classes())   # floods by port kind and shaper (D40)
+        self.io.set_flood_classes(self.switch.dp.flood_classes())   # floods by port kind and shaper (D41)
         self.ports.add(self.host_port)
         if uplink:
             self.uplink_port = uplink.up(self.switch)
@@ -136,6 +143,9 @@ class Daemon:
             # started without --uplink but a crashed run had one: give the NIC its addresses back
             uplink_restore(self.state.uplink, self.host_name, self.log)
             self.state.uplink = None
+        if self.cluster is not None:
+            # the VTEP MAC: the uplink NIC's own (the host port took it), else one of the node name
+            self.cluster.start(vtep_mac=self.state.host["mac"] if self.uplink_port is not None else None)
         self.pods = Pods(switch=self.switch, state=self.state, ports=self.ports, gateways=self.gateways,
                          masq=self.masq, log=self.log, test_faults=self.test_faults)
         self.pods.readopt()
@@ -148,6 +158,13 @@ class Daemon:
         self.control.listen(self.socket_path)
         if self.metrics_port is not None:
             self.control.listen_metrics(self.metrics_port)
+        if self.cluster is not None:
+            self.cluster.set_wake(self.control.wake_fd)
+            try:
+                self.cluster.wait_start()
+            except SystemExit:
+                self.exit_status = FATAL_EXIT_STATUS
+                raise
         self.log("started", version=__version__, socket=self.socket_path, switch=self.host_name,
                  uplink=self.uplink_name, pods=len(self.state.attachments), io=self.io.impl,
                  datapath=type(self.switch.dp).__module__, nofile=nofile)
@@ -177,13 +194,24 @@ class Daemon:
                 "status": self.op_status, "list": self.op_list, "show": self.op_show,
                 "counters": self.op_counters, "fdb": self.op_fdb, "conntrack": self.op_conntrack,
                 "hostports": self.op_hostports, "capture_start": self.op_capture_start,
-                "capture_stop": self.op_capture_stop, "trace": self.op_trace, "metrics": self.op_metrics}
+                "capture_stop": self.op_capture_stop, "trace": self.op_trace, "metrics": self.op_metrics,
+                "pod_cidr": self.op_pod_cidr, "nodes": self.op_nodes}
+
+    def op_pod_cidr(self, req):
+        if self.cluster is None:
+            raise RpcError(rpc.E_INVALID_CONFIG, "vswitchd does not run in cluster mode (no --cluster-cidr): "
+                                                 "it leases no pod subnet; give the IPAM a subnet instead of usePodCidr")
+        return self.cluster.op_pod_cidr(req)
+
+    def op_nodes(self, req):
+        return self.cluster.op_nodes(req) if self.cluster is not None else {"cluster": None, "nodes": []}
 
     def op_status(self, req):
         return {"pods": len(self.state.attachments), "uptime_s": round(time.monotonic() - self.started, 3),
                 "version": __version__, "switch": self.host_name, "uplink": self.uplink_name,
                 "datapath": type(self.switch.dp).__module__, "io": self.io.impl,
-                "poll_us": self.poll_ns // 1000, "loop": self.io.loop_stats(), "control": self.control.status()}
+                "poll_us": self.poll_ns // 1000, "loop": self.io.loop_stats(), "control": self.control.status(),
+                "cluster": self.cluster.status() if self.cluster is not None else None}
 
     def op_list(self, req):
         return {"attachments": [public(a) for a in self.state.attachments.values()]}
@@ -240,7 +268,8 @@ class Daemon:
 
     def metrics_text(self) -> str:
         return metrics.prometheus_text(metrics.counters(self.switch, self.io, None, self.batches),
-                                       len(self.state.attachments), time.monotonic() - self.started)
+                                       len(self.state.attachments), time.monotonic() - self.started,
+                                       self.cluster.metrics_lines() if self.cluster is not None else ())
 
     # ----------------------------------------------------------------- the loop
 
@@ -329,6 +358,12 @@ class Daemon:
         if self.reopen_log:
             self.reopen_log = False
             self.log.reopen()
+        if self.cluster is not None:
+            fatal = self.cluster.service(kernel_idle=not self.control.busy)
+            if fatal and not self.stop:
+                self.log("fatal", level="error", msg=fatal)
+                self.exit_status = FATAL_EXIT_STATUS
+                self.stop = True
         self.control.round_end()
 
     def _port_failed(self, port):
@@ -345,6 +380,8 @@ class Daemon:
             self.control.drop_queued()
         if self.kernel is not None:
             self.kernel.stop()
+        if self.cluster is not None:
+            self.cluster.close(pods_left=len(self.state.attachments))
         self.captures.close_all()
         if self.control is not None:
             self.control.close_conns()
@@ -358,6 +395,7 @@ class Daemon:
             if not st.attachments and st.adopted:
                 netlink.tap_set_persist(self.host_port.fd, False)
                 st.host["gateways"] = []
+                self.gateways.restore_forwarding()   # the node's forwarding sysctls as they were
             self.host_port.close()
         if not st.adopted:
             pass                       # start failed early: leave the state as it was
@@ -395,6 +433,9 @@ def main(argv=None):
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus text on 127.0.0.1:PORT/metrics")
     ap.add_argument("--max-ports", type=int, default=256,
                     help="switch ports, host port and uplink included (default 256)")
+    ap.add_argument("--conntrack-size", type=int, default=None, metavar="ENTRIES",
+                    help="hostPort connections tracked at once (1 .. 2**26; default "
+                         "65536); a full table evicts unestablished entries first")
     ap.add_argument("--poll-us", type=int, default=DEFAULT_POLL_US,
                     help=f"after forwarding a batch, poll the ports without sleeping for this many "
                          f"microseconds before blocking (0 .. {MAX_POLL_US}; 0 disables; default "
@@ -416,7 +457,37 @@ def main(argv=None):
                     help=f"a request line begun must end within this many seconds (default {lim.line_timeout_s:g})")
     ap.add_argument("--ctl-max-queued-bytes", type=int, default=lim.max_queued_bytes,
                     help=f"drop a client whose unsent replies exceed this (default {lim.max_queued_bytes})")
+    cl = ap.add_argument_group("cluster mode (docs/daemon.md): a node subnet leased from etcd, the other nodes watched")
+    cl.add_argument("--cluster-cidr", metavar="CIDR[,CIDR6]",
+                    help="the cluster's pod CIDR(s): one IPv4 and/or one IPv6; turns cluster mode on")
+    cl.add_argument("--node-subnet-size", metavar="PLEN[,PLEN6]",
+                    help="prefix length of a node's subnet per cluster CIDR (e.g. 24 or 24,64)")
+    cl.add_argument("--etcd-endpoints", metavar="URL,...", help="etcd v3 client URLs")
+    cl.add_argument("--node-name", help="this node's name in the cluster (unique)")
+    cl.add_argument("--node-ip", help="this node's underlay address (default: the uplink's first IPv4, "
+                                      "else the source address of the route to the first etcd endpoint)")
+    cl.add_argument("--etcd-ca", metavar="FILE", help="CA certificate to verify etcd with")
+    cl.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd")
+    cl.add_argument("--etcd-key", metavar="FILE", help="the client certificate's key")
+    cl.add_argument("--etcd-prefix", metavar="P", help="key prefix in etcd (default /vswitch/)")
+    cl.add_argument("--lease-ttl-s", type=int, metavar="N",
+                    help="the lease TTL: a node silent this long is forgotten (2..3600, default 10)")
     a = ap.parse_args(argv)
+    cluster = None
+    if a.cluster_cidr is not None:
+        missing = [f for f, v in (("--node-subnet-size", a.node_subnet_size), ("--etcd-endpoints", a.etcd_endpoints),
+                                  ("--node-name", a.node_name)) if not v]
+        if missing:
+            ap.error(f"--cluster-cidr needs {', '.join(missing)}")
+        try:
+            cluster = ClusterConfig(a.cluster_cidr, a.node_subnet_size, a.etcd_endpoints, a.node_name, a.node_ip,
+                                    a.etcd_ca, a.etcd_cert, a.etcd_key, a.etcd_prefix, a.lease_ttl_s)
+        except ValueError as exc:
+            print(f"vswitchd: cluster: {exc}", file=sys.stderr)
+            return 2
+    elif any(v is not None for v in (a.node_subnet_size, a.etcd_endpoints, a.node_name, a.node_ip, a.etcd_ca,
+                                      a.etcd_cert, a.etcd_key, a.etcd_prefix, a.lease_ttl_s)):
+        ap.error("the cluster options need --cluster-cidr")
     try:
         limits = Limits(a.ctl_max_conns, a.ctl_idle_timeout_s, a.ctl_line_timeout_s, a.ctl_max_queued_bytes)
     except ValueError as exc:
@@ -433,7 +504,8 @@ def main(argv=None):
         ap.error(f"--poll-us {a.poll_us}: accepted 0 .. {MAX_POLL_US} (microseconds)")
     try:
         d = Daemon(a.socket, a.state_dir, a.switch, a.uplink, a.log_file, a.metrics_port, a.test_faults,
-                   a.max_ports, a.poll_us, log_level=a.log_level, log_group=a.log_group, control_limits=limits)
+                   a.max_ports, a.poll_us, log_level=a.log_level, log_group=a.log_group, control_limits=limits,
+                   cluster=cluster, conntrack_size=a.conntrack_size)
     except (OSError, ValueError, KeyError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         return 2
@@ -442,13 +514,14 @@ def main(argv=None):
         d.run()
     except SystemExit as exc:
         d.log("fatal", level="error", msg=str(exc))
-        return 1
+        print(exc, file=sys.stderr)
+        return d.exit_status or 1
     finally:
         try:
             d.shutdown()
         except Exception as exc:
             d.log("shutdown_failed", level="error", error=repr(exc), tb=traceback.format_exc())
-    return 0
+    return d.exit_status
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
-"""ipMasq: masquerade of pod subnets through one nftables table.
+"""ipMasq: masquerade of pod subnets through nftables, one table per IP family.
 
 Theory of operation
 -------------------
-An attachment with ``ip_masq: true`` (the bridge plugin's ``ipMasq``) asks that its IPv4
-subnet be masqueraded when traffic leaves it. The daemon keeps one nftables table,
-``ip vswitch_masq``, with a ``postrouting`` NAT chain holding one rule per such subnet,
-``ip saddr S ip daddr != S masquerade``. ``subnets`` (loop thread) computes the set from
-the attachments; ``apply`` (kernel thread, or at start and shutdown) rewrites the whole
-table with one ``nft -f -`` script — create-if-missing, delete, recreate — so the table
-always holds exactly that set, and deletes it when the set is empty. It is the only
-iptables/nftables state the daemon ever creates, and only when asked.
+An attachment with ``ip_masq: true`` (the bridge plugin's ``ipMasq``) asks that its
+subnets be masqueraded when traffic leaves them. The daemon keeps up to two nftables
+tables, ``ip vswitch_masq`` for the IPv4 subnets and ``ip6 vswitch_masq`` for the IPv6
+ones (a dual-stack pod has one of each), each with a ``postrouting`` NAT chain holding one
+rule per such subnet, ``ip saddr S ip daddr != S masquerade`` (``ip6 saddr`` ... for
+IPv6). ``subnets`` (loop thread) computes the set from the attachments; ``apply`` (kernel
+thread, or at start and shutdown) rewrites both tables with one ``nft -f -`` script —
+create-if-missing, delete, recreate — so each table holds exactly its family's subnets,
+and a family without any has no table. They are the only iptables/nftables state the
+daemon ever creates, and only when asked.
 """
 from __future__ import annotations
 
@@ -18,42 +20,49 @@ import ipaddress
 import subprocess
 
 TABLE = "vswitch_masq"
+FAMILIES = {4: "ip", 6: "ip6"}          # IP version -> nftables family of its table
 
 
 class Masq:
     def __init__(self, log):
         self.log = log
-        self.table_present = False      # we created the table (else: look before deleting)
+        self.present: set[int] = set()  # the IP versions whose table we created
 
     @staticmethod
     def subnets(attachments) -> list[str]:
-        """The IPv4 subnets of the attachments with ip_masq (records)."""
-        return sorted({str(ipaddress.ip_interface(e["address"]).network)
-                       for a in attachments if a.get("ip_masq")
-                       for e in a["ips"] if ipaddress.ip_interface(e["address"]).version == 4})
+        """The subnets (both families) of the attachments with ip_masq (records)."""
+        nets = {ipaddress.ip_interface(e["address"]).network
+                for a in attachments if a.get("ip_masq") for e in a["ips"]}
+        return [str(n) for n in sorted(nets, key=lambda n: (n.version, n))]
 
     def apply(self, subnets: list[str]):
-        """Make the table hold one masquerade rule per subnet (none: no table)."""
-        if not subnets and not self.table_present and not self._table_exists():
+        """Make each family's table hold one masquerade rule per subnet (none: no table)."""
+        by_version = {v: [s for s in subnets if ipaddress.ip_network(s).version == v] for v in FAMILIES}
+        script = ""
+        for v, fam in FAMILIES.items():
+            nets = by_version[v]
+            if not nets and v not in self.present and not self._table_exists(fam):
+                continue
+            script += f"table {fam} {TABLE}\ndelete table {fam} {TABLE}\n"
+            if nets:
+                script += (f"table {fam} {TABLE} {{\n chain postrouting {{\n"
+                           "  type nat hook postrouting priority srcnat; policy accept;\n")
+                for s in nets:
+                    script += f"  {fam} saddr {s} {fam} daddr != {s} masquerade\n"
+                script += " }\n}\n"
+        if not script:
             return
-        script = f"table ip {TABLE}\ndelete table ip {TABLE}\n"
-        if subnets:
-            script += (f"table ip {TABLE} {{\n chain postrouting {{\n"
-                       "  type nat hook postrouting priority srcnat; policy accept;\n")
-            for s in subnets:
-                script += f"  ip saddr {s} ip daddr != {s} masquerade\n"
-            script += " }\n}\n"
         r = subprocess.run(["nft", "-f", "-"], input=script.encode(), capture_output=True)
         if r.returncode != 0:
             self.log("ipmasq_failed", level="error", error=r.stderr.decode().strip(), subnets=subnets)
             raise OSError(errno.EIO, f"ipMasq: nft failed: {r.stderr.decode().strip()}")
-        self.table_present = bool(subnets)
+        self.present = {v for v in FAMILIES if by_version[v]}
         self.log("ipmasq", subnets=subnets)
 
     @staticmethod
-    def _table_exists() -> bool:
+    def _table_exists(family: str) -> bool:
         try:
-            r = subprocess.run(["nft", "list", "table", "ip", TABLE], capture_output=True)
+            r = subprocess.run(["nft", "list", "table", family, TABLE], capture_output=True)
         except FileNotFoundError:
             return False
         return r.returncode == 0

@@ -10,7 +10,8 @@ the Python one's). ``prometheus_text`` renders them with the pod count and uptim
 Prometheus text format: ``vswitch_<name>_total`` per global counter and
 ``vswitch_port_<name>_total{port="..."}`` per port counter. The same text is the
 ``metrics`` reply and, with ``--metrics-port``, the body of ``GET /metrics`` on
-127.0.0.1 (``http_reply``: HTTP/1.0, one request per connection).
+127.0.0.1 (``http_reply``: HTTP/1.0, one request per connection). In cluster mode
+``vswitch_cluster_*`` gauges and counters follow (``vswitch.daemon.cluster``).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def counters(switch, io, port=None, py_batches: int = 0) -> dict:
     return out
 
 
-def prometheus_text(c: dict, pods: int, uptime_s: float) -> str:
+def prometheus_text(c: dict, pods: int, uptime_s: float, extra: list[str] = ()) -> str:
+    """``extra``: more exposition lines (cluster mode's ``vswitch_cluster_*``)."""
     out = ["# HELP vswitch_pods Attached pods.", "# TYPE vswitch_pods gauge",
            f"vswitch_pods {pods}",
            "# HELP vswitch_uptime_seconds Seconds since the daemon started.",
@@ -40,6 +42,7 @@ def prometheus_text(c: dict, pods: int, uptime_s: float) -> str:
         out.append(f"# TYPE vswitch_port_{k}_total counter")
         for port, r in rows.items():
             out.append(f'vswitch_port_{k}_total{{port="{port}"}} {r.get(k, 0)}')
+    out.extend(extra)
     return "\n".join(out) + "\n"
 
 

@@ -38,8 +38,11 @@ deleted (its namespace removed, or ``ip link del`` behind our back: the fd is de
 ``TUNSETPERSIST`` fails with EBADFD) as gone, and ``link_delete`` does the same for a
 missing link or namespace.
 
-Two sysctl helpers live here too (``sysctl``, ``ip_forward``): the rest of the node
-plumbing the daemon does (``/proc/sys/net``).
+Two sysctl helpers live here too (``sysctl``, ``forwarding_on``): the rest of the node
+plumbing the daemon does (``/proc/sys/net``). ``forwarding_on(version, saved)`` turns on
+IPv4 (``net.ipv4.ip_forward``) or IPv6 (``net.ipv6.conf.all.forwarding``) forwarding and
+remembers the value it found in ``saved`` (once: a value already remembered is the
+node's original), so the daemon can put it back (``forwarding_restore``).
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ __all__ = [
     "addresses_of", "routes_via", "address_add_if_missing",
     "address_del", "route_add", "link_set_up", "parse_cidr", "tap_release", "RtnlSocket",
     "ifindex_in", "msg_link_set", "msg_addr", "msg_route", "sysctl", "ip_forward",
+    "route_del", "FORWARDING", "forwarding_on", "forwarding_restore", "uplink_routes",
 ]
 
 # linux/if_tun.h
@@ -380,8 +384,11 @@ def parse_cidr(text: str):
         raise ValueError(f"not an address with prefix: {text!r} (expected like 10.0.0.5/24)") from None
 
 
-def address_add_if_missing(ifname: str, cidr: str, netns: str | None = None) -> bool:
-    """Add ``cidr`` to ``ifname`` unless that address is there already; True if added."""
+def address_add_if_missing(ifname: str, cidr: str, netns: str | None = None, nodad: bool = True) -> bool:
+    """Add ``cidr`` to ``ifname`` unless that address is there already; True if added.
+
+    An IPv6 address is added with NODAD (usable at once) unless ``nodad`` is False (as
+    ``ip addr add`` does: tentative until duplicate address detection passed)."""
     iface = parse_cidr(cidr)
     with _link(ifname, netns) as (ipr, idx):
         if idx is None:
@@ -389,7 +396,7 @@ def address_add_if_missing(ifname: str, cidr: str, netns: str | None = None) -> 
         for a in ipr.get_addr(index=idx):
             if a.get("IFA_ADDRESS") == str(iface.ip):
                 return False
-        kw = {"flags": 0x02} if iface.version == 6 else {}
+        kw = {"flags": 0x02} if iface.version == 6 and nodad else {}
         ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, **kw)
         return True
 
@@ -409,8 +416,10 @@ def address_del(ifname: str, cidr: str, netns: str | None = None) -> bool:
             raise
 
 
-def route_add(netns: str | None, ifname: str, dst: str, gw: str | None = None) -> None:
-    """Add or replace a main-table route to ``dst`` through ``ifname`` (via ``gw``)."""
+def route_add(netns: str | None, ifname: str, dst: str, gw: str | None = None, metric: int | None = None,
+              proto: int | None = None) -> None:
+    """Add or replace a main-table route to ``dst`` through ``ifname`` (via ``gw``), with
+    ``metric`` and ``proto`` when given (as ``uplink_routes`` read them)."""
     net = ipaddress.ip_network(dst, strict=False)
     with _link(ifname, netns) as (ipr, idx):
         if idx is None:
@@ -419,7 +428,33 @@ def route_add(netns: str | None, ifname: str, dst: str, gw: str | None = None) -
               "family": 10 if net.version == 6 else 2}
         if gw:
             kw["gateway"] = gw
+        if metric is not None:
+            kw["priority"] = metric
+        if proto is not None:
+            kw["proto"] = proto
         ipr.route("replace", **kw)
+
+
+def route_del(ifname: str, dst: str, gw: str | None = None, metric: int | None = None) -> bool:
+    """Delete the main-table route to ``dst`` through ``ifname`` (via ``gw``); True if it
+    was there (a missing route or link is not an error)."""
+    net = ipaddress.ip_network(dst, strict=False)
+    with _link(ifname) as (ipr, idx):
+        if idx is None:
+            return False
+        kw = {"dst": str(net.network_address), "dst_len": net.prefixlen, "oif": idx,
+              "family": 10 if net.version == 6 else 2, "table": 254}
+        if gw:
+            kw["gateway"] = gw
+        if metric is not None:
+            kw["priority"] = metric
+        try:
+            ipr.route("del", **kw)
+            return True
+        except NetlinkError as exc:
+            if exc.code in (errno.ESRCH, errno.ENOENT, errno.ENODEV):
+                return False
+            raise
 
 
 def _addresses(ipr: IPRoute, idx: int) -> list[str]:
@@ -459,6 +494,23 @@ def routes_via(ifname: str, netns: str | None = None) -> list[dict]:
         return [] if idx is None else _routes(ipr, idx)
 
 
+def uplink_routes(ifname: str, netns: str | None = None) -> list[dict]:
+    """Routes of the main table through ``ifname`` that have a gateway, both families, with
+    what a faithful restore needs: [{dst, gw, metric, proto}]."""
+    with _link(ifname, netns) as (ipr, idx):
+        if idx is None:
+            return []
+        out = []
+        for family in (2, 10):
+            for r in ipr.get_routes(family=family, table=254):
+                if r.get("RTA_OIF") != idx or not r.get("RTA_GATEWAY"):
+                    continue
+                dst = r.get("RTA_DST") or ("0.0.0.0" if family == 2 else "::")
+                out.append({"dst": f"{dst}/{r['dst_len']}", "gw": r.get("RTA_GATEWAY"),
+                            "metric": r.get("RTA_PRIORITY"), "proto": r["proto"]})
+        return out
+
+
 def pod_view(ifname: str, netns: str) -> dict:
     """What CHECK compares, read through one socket in ``netns``:
     {"link": link_info or None, "addresses": [...], "routes": [{dst, gw}]}."""
@@ -489,3 +541,31 @@ def ip_forward() -> None:
     """Enable IPv4 forwarding (the host port routes for the pods); raises if it cannot."""
     with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
         f.write("1")
+
+
+# the forwarding switch per IP version (``all``: IPv6 forwarding on every interface)
+FORWARDING = {4: "ipv4/ip_forward", 6: "ipv6/conf/all/forwarding"}
+
+
+def forwarding_on(version: int, saved: dict) -> None:
+    """Enable forwarding of IP ``version`` (4 or 6); the value found before is kept in
+    ``saved[key]`` unless one is kept already. Raises OSError naming the key if it cannot
+    (IPv6 disabled in this kernel, /proc/sys read-only)."""
+    key = FORWARDING[version]
+    if key not in saved:
+        saved[key] = sysctl(key)
+    try:
+        with open("/proc/sys/net/" + key, "w") as f:
+            f.write("1")
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot enable IPv{version} forwarding (net.{key.replace('/', '.')}): "
+                                 f"{exc.strerror}") from None
+
+
+def forwarding_restore(saved: dict) -> dict:
+    """Put back the forwarding values ``forwarding_on`` remembered; returns what it wrote."""
+    done = {}
+    for key, value in saved.items():
+        if value is not None and sysctl(key, value) is not None:
+            done[key] = value
+    return done

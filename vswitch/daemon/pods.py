@@ -108,6 +108,7 @@ class Pods:
                                                 f"container {other['container_id']!r}")
         if not os.path.exists(rec["netns"]):
             raise RpcError(rpc.E_BAD_ARGS, f"netns: {rec['netns']!r} does not exist")
+        self._check_node_overlap(rec)
         name = port_name_for(*key)
         rec.update(port=name, tap=rec["ifname"])
         t0 = time.monotonic()
@@ -161,6 +162,20 @@ class Pods:
                  port_id=rec["port_id"], ips=[e["address"] for e in rec["ips"]], mac=rec["mac"],
                  ms=_ms(t0, t_end), kernel_ms=_ms(t0, t_kernel), after_kernel_ms=_ms(t_kernel, t_end))
         return self._attach_result(rec)
+
+    def _check_node_overlap(self, rec):
+        """A pod subnet must not hold the node's own addresses (the uplink's, moved to the
+        host port): the node would route its own network to the pods. Code 7, naming both."""
+        node = [ipaddress.ip_interface(a) for a in (self.state.uplink or {}).get("addresses") or []]
+        node += [ipaddress.ip_interface(a) for a in self.switch.config.node_addresses]
+        for e in rec["ips"]:
+            net = ipaddress.ip_interface(e["address"]).network
+            for a in node:
+                if a.version == net.version and (a.network.overlaps(net) or a.ip in net):
+                    raise RpcError(rpc.E_INVALID_CONFIG,
+                                   f"ips: {e['address']}: the pod subnet {net} overlaps the node's own address "
+                                   f"{a} (its uplink's); pods would shadow the node's network: choose a pod "
+                                   f"range outside {a.network}")
 
     def _attach_kernel(self, rec, fault) -> int:
         """Kernel thread: the pod's side of an attach; returns the TAP fd.

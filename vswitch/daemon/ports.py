@@ -301,7 +301,7 @@ class PacketIO:
         self.poll = b.poll                   # wait + read: n frames; then n_failed, control_ready
         self.run = getattr(b, "run", None)   # the whole loop in Cython (BatchIO only)
         self.watch_control = b.watch_control
-        self.set_flood_classes = b.set_flood_classes   # the datapath's flood_classes() (D40)
+        self.set_flood_classes = b.set_flood_classes   # the datapath's flood_classes() (D41)
 
     def loop_stats(self) -> dict:
         """Counters of ``run`` (zero for the Python twin, which has no ``run``)."""

@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 ``STATE_DIR/state.json`` holds one JSON object: ``version``, ``host`` (the host port's
 name, MAC and gateway addresses), ``uplink`` (the NIC's original addresses, gateway
-routes and sysctls, or null) and ``attachments`` (every attachment record with its
-switch port id). In memory, ``State.data`` is that object and ``State.attachments`` maps
+routes and sysctls, or null), ``attachments`` (every attachment record with its
+switch port id) and, in cluster mode, ``cluster`` (the node's leased subnets). In memory, ``State.data`` is that object and ``State.attachments`` maps
 (container id, ifname) to the live records; a snapshot puts the live records into the
 object.
 
@@ -49,6 +49,16 @@ class State:
     @uplink.setter
     def uplink(self, saved: dict | None):
         self.data["uplink"] = saved
+
+    @property
+    def cluster(self) -> dict | None:
+        """Cluster mode's lease (``node_name``, ``cluster_cidrs``, ``subnets``), kept so a
+        restarted daemon re-claims the same subnets (``vswitch.daemon.cluster``)."""
+        return self.data.get("cluster")
+
+    @cluster.setter
+    def cluster(self, lease: dict | None):
+        self.data["cluster"] = lease
 
     def saved_attachments(self) -> list[dict]:
         """The attachment records of the file read at start (to re-adopt)."""

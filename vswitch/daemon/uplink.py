@@ -7,14 +7,23 @@ NIC's MAC and MTU (``nic()``, read before the host port opens), the NIC's addres
 its gateway routes move to the host port, and an AF_PACKET socket on the NIC becomes
 switch port 1 (``vswitch.daemon.ports.open_uplink_socket``). The NIC's own stack must ignore
 what arrives on it (the switch hands that to the host port), so the NIC gets
-``rp_filter=1``, ``arp_ignore=8`` and ``disable_ipv6=1``; IPv4 forwarding is enabled. The
-NIC's addresses are also the switch's node addresses (hostPort rules match them).
+``rp_filter=1``, ``arp_ignore=8`` and ``disable_ipv6=1`` (IPv4 has no switch that stops a
+link's stack from taking packets for an address of another link; IPv6 would answer them
+too, e.g. a TCP reset to a hostPort SYN); IPv4 forwarding is enabled (remembered like the
+gateways', ``vswitch.daemon.gateways``). The NIC's addresses, IPv4 and IPv6 (not the
+link-local ones: the host port has the NIC's MAC, so it has the same link-local address),
+are also the switch's node addresses (hostPort rules match them). IPv6 gateway routes
+usually go via a link-local router address; they move with the NIC's metric and protocol.
 
-Before anything moves, the originals (addresses, gateway routes, the three sysctls) are
-saved in the state file, so a crash can be undone: a restart with the same ``--uplink``
-reuses them; with another NIC, or without ``--uplink``, the saved NIC is restored first.
-``restore`` puts sysctls, addresses and routes back (a NIC that vanished is logged and
-skipped); the daemon calls it on SIGTERM/SIGINT.
+Before anything moves, the originals (addresses, gateway routes with metric and protocol,
+the three sysctls) are saved in the state file, so a crash can be undone: a restart with
+the same ``--uplink`` reuses them; with another NIC, or without ``--uplink``, the saved
+NIC is restored first. ``restore`` puts sysctls (``disable_ipv6`` first: the kernel
+removes a link's IPv6 addresses and routes while it is 1), addresses and routes back (a
+NIC that vanished is logged and skipped); the daemon calls it on SIGTERM/SIGINT. An IPv6
+address goes back as ``ip addr add`` adds one: tentative until duplicate address
+detection passed (about a second), since the host port no longer has it. Limits: an
+address learned from router advertisements moves as a permanent one, and comes back so.
 """
 from __future__ import annotations
 
@@ -50,18 +59,20 @@ class Uplink:
             restore(saved, self.host_name, self.log)
             saved = None
         if not saved:
-            saved = {"name": name, "addresses": netlink.addresses_of(name), "routes": netlink.routes_via(name),
+            saved = {"name": name, "addresses": netlink.addresses_of(name), "routes": netlink.uplink_routes(name),
                      "sysctl": {k: netlink.sysctl(k.format(name)) for k in UPLINK_SYSCTLS}}
             self.state.uplink = saved
-            self.state.save()          # before anything moves: a crash now can be undone
+        fw = self.state.host.setdefault("forwarding", {})
+        fw.setdefault(netlink.FORWARDING[4], netlink.sysctl(netlink.FORWARDING[4]))
+        self.state.save()              # before anything moves: a crash now can be undone
         for cidr in saved["addresses"]:
             netlink.address_del(name, cidr)
             netlink.address_add_if_missing(self.host_name, cidr)
         for r in saved["routes"]:
-            netlink.route_add(None, self.host_name, r["dst"], r["gw"])
+            netlink.route_add(None, self.host_name, r["dst"], r["gw"], r.get("metric"), r.get("proto"))
         for k, v in UPLINK_SYSCTLS.items():
             netlink.sysctl(k.format(name), v)
-        netlink.ip_forward()
+        netlink.forwarding_on(4, fw)
         sock = open_uplink_socket(name)
         port = UplinkPort(name=name, port_id=1, fd=sock.fileno(), sock=sock)
         switch.add_port(name, "uplink", port_id=1)
@@ -79,12 +90,17 @@ def restore(saved: dict, host_name: str, log):
     for k, v in (saved.get("sysctl") or {}).items():
         if v is not None:
             netlink.sysctl(k.format(name), v)
+    for r in saved["routes"]:            # an IPv6 route via a link-local router outlives the addresses
+        try:
+            netlink.route_del(host_name, r["dst"], r["gw"], r.get("metric"))
+        except netlink.NetlinkError as exc:
+            log("route_restore_failed", level="warning", route=r, error=str(exc))
     for cidr in saved["addresses"]:
         netlink.address_del(host_name, cidr)
-        netlink.address_add_if_missing(name, cidr)
+        netlink.address_add_if_missing(name, cidr, nodad=False)
     for r in saved["routes"]:
         try:
-            netlink.route_add(None, name, r["dst"], r["gw"])
+            netlink.route_add(None, name, r["dst"], r["gw"], r.get("metric"), r.get("proto"))
         except netlink.NetlinkError as exc:
             log("route_restore_failed", level="warning", route=r, error=str(exc))
     log("uplink_restored", nic=name, addresses=saved["addresses"])

@@ -54,9 +54,11 @@ CT_FIN = 3
 CT_CLOSE = 4
 CT_UDP_NEW = 5
 CT_UDP_REPLIED = 6
+CT_SYN_RECV = 7        # the SYN-ACK seen, the handshake's final ACK not yet (D27)
 CT_STATE_NAMES = {
     CT_SYN_SENT: "SYN_SENT", CT_ESTABLISHED: "ESTABLISHED", CT_FIN: "FIN",
     CT_CLOSE: "CLOSE", CT_UDP_NEW: "UDP_NEW", CT_UDP_REPLIED: "UDP_REPLIED",
+    CT_SYN_RECV: "SYN_RECV",
 }
 
 SEC_NS = 1_000_000_000
@@ -73,6 +75,7 @@ DEFAULTS = dict(
     tcp_close_timeout_ns=10 * SEC_NS,
     udp_timeout_ns=30 * SEC_NS,
     udp_replied_timeout_ns=120 * SEC_NS,
+    tcp_syn_recv_timeout_ns=60 * SEC_NS,     # Linux's nf_conntrack_tcp_timeout_syn_recv
     # per-port learning limit (docs/datapath.md "MAC table"): new MACs per second, and the
     # bucket's size; mac_learn_rate_per_s 0 = no limit
     mac_learn_rate_per_s=1000,
@@ -113,7 +116,7 @@ GLOBAL_COUNTERS = (
     + ("queued", "flooded",
        "mac_moves", "mac_table_full", "mac_learned",
        "ct_created", "ct_expired", "ct_deleted", "nat_translated",
-       "mac_evicted", "mac_learn_limited")
+       "ct_early_drop", "mac_evicted", "mac_learn_limited")
 )
 PC = {name: i for i, name in enumerate(PORT_COUNTERS)}
 GC = {name: i for i, name in enumerate(GLOBAL_COUNTERS)}

@@ -61,7 +61,7 @@ from collections import deque
 import numpy as np
 
 from vswitch.datapath.consts import (
-    CT_CLOSE, CT_DTYPE, CT_ESTABLISHED, CT_FIN, CT_STATE_NAMES, CT_SYN_SENT, CT_UDP_NEW,
+    CT_CLOSE, CT_DTYPE, CT_ESTABLISHED, CT_FIN, CT_STATE_NAMES, CT_SYN_RECV, CT_SYN_SENT, CT_UDP_NEW,
     CT_UDP_REPLIED, DEFAULTS, EGRESS, FDB_DTYPE, GC, GLOBAL_COUNTERS, INGRESS, MAX_FRAME,
     MAX_IPS_PER_PORT, MAX_IPV6_EXT_HEADERS, OUT_DROP, OUT_FLOOD, OUT_FLOOD_UNKNOWN, OUT_QUEUED, PC,
     FLOOD_MEMBER, FLOOD_UNKNOWN_MEMBER,
@@ -83,7 +83,7 @@ IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
 FRAG_NONE, FRAG_FIRST, FRAG_LATER, FRAG_ATOMIC = 0, 1, 2, 3      # _Parsed.frag_kind (D39)
 IPV6_EXT_HEADERS = (0, 43, 60, 44, 51)   # hop-by-hop, routing, dest opts, fragment, AH
-TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 # virtio-net header gso_type values (linux/virtio_net.h); D36
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
 VIRTIO_NET_HDR_GSO_UDP = 3
@@ -527,6 +527,7 @@ class Datapath:
                  tcp_close_timeout_ns=DEFAULTS["tcp_close_timeout_ns"],
                  udp_timeout_ns=DEFAULTS["udp_timeout_ns"],
                  udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"],
+                 tcp_syn_recv_timeout_ns=DEFAULTS["tcp_syn_recv_timeout_ns"],
                  mac_learn_rate_per_s=DEFAULTS["mac_learn_rate_per_s"],
                  mac_learn_burst=DEFAULTS["mac_learn_burst"]):
         self.max_ports = _index(max_ports, "max_ports", 1, 65535)
@@ -546,6 +547,7 @@ class Datapath:
             CT_CLOSE: _index(tcp_close_timeout_ns, "tcp_close_timeout_ns", 0, _MAX_I63),
             CT_UDP_NEW: _index(udp_timeout_ns, "udp_timeout_ns", 0, _MAX_I63),
             CT_UDP_REPLIED: _index(udp_replied_timeout_ns, "udp_replied_timeout_ns", 0, _MAX_I63),
+            CT_SYN_RECV: _index(tcp_syn_recv_timeout_ns, "tcp_syn_recv_timeout_ns", 0, _MAX_I63),
         }
         self._ports = {}                       # port id -> _Port
         self._pc = [[0] * len(PORT_COUNTERS) for _ in range(self.max_ports)]
@@ -562,6 +564,7 @@ class Datapath:
         self._rule_ids = {}                    # rule id -> _Rule
         self._ct = {}                          # tuple -> (_Entry, 0 original | 1 reply)
         self._ct_entries = set()               # every live _Entry (by identity)
+        self._ct_unassured = {}                # D40: the unassured entries (keys), oldest first
         self._frags = {}                       # D39: fragment key -> its datagram's translation, oldest first
         self._ct_auto_sweep_ns = None
         self._now_ns = 0                       # the latest now_ns of process() / drain()
@@ -608,7 +611,7 @@ class Datapath:
         self._update_flood_classes()
 
     def _update_flood_classes(self):
-        """flood_classes(): which ports a flood output is written to (D40)."""
+        """flood_classes(): which ports a flood output is written to (D41)."""
         self._flood[:] = 0
         for pid, port in self._ports.items():
             if port.up and port.shapers[INGRESS] is None:
@@ -618,7 +621,7 @@ class Datapath:
         """uint8[max_ports], read-only and kept current: bit FLOOD_MEMBER set for the ports an
         OUT_FLOOD output is written to, FLOOD_UNKNOWN_MEMBER for OUT_FLOOD_UNKNOWN (the I/O
         layer still skips the in port). Ports with an ingress shaper are in neither: they get
-        their copy through the shaper's queue (D40)."""
+        their copy through the shaper's queue (D41)."""
         view = self._flood.view()
         view.flags.writeable = False
         return view
@@ -630,7 +633,7 @@ class Datapath:
         if ips is not None:
             items = _addr_items(ips, " or None", MAX_IPS_PER_PORT, "ips per port")
             ips_set = frozenset(_ip(a, "ip") for a in items)
-        # D41: the bound MAC is a static FDB entry (vlan 0) of this port
+        # D42: the bound MAC is a static FDB entry (vlan 0) of this port
         # (a MAC bound to another port moves to this one: the latest binding owns it)
         old_key = None if port.mac is None else (0, port.mac)
         new_key = None if mac_b is None else (0, mac_b)
@@ -977,7 +980,7 @@ class Datapath:
             out = self._l2(buf, off, in_port, p.vlan, src_mac, nat_out, now, tr)
         except _Drop as drop:
             return self._dropped(drop, tr)
-        # 6. ingress shaping (a flood: a copy per shaped receiver, D40) and 7. output
+        # 6. ingress shaping (a flood: a copy per shaped receiver, D41) and 7. output
         if out in (OUT_FLOOD, OUT_FLOOD_UNKNOWN):
             self._gc[GC["flooded"]] += 1
             charged = None
@@ -990,7 +993,7 @@ class Datapath:
                     self._count_tx(pid, length)
                     continue
                 # always through the queue (the output value names no single port); with an
-                # empty queue and enough credit it is due at once (D40)
+                # empty queue and enough credit it is due at once (D41)
                 if charged is None:
                     charged = self._charged_len(buf, off, buf[off:off + length].tobytes(), p)
                 shaper.refill(now)
@@ -1093,6 +1096,7 @@ class Datapath:
         del self._ct[entry.tuple_orig()]
         del self._ct[entry.tuple_reply()]
         self._ct_entries.discard(entry)
+        self._ct_unassured.pop(entry, None)
         self._gc[GC[counter]] += 1
 
     def _find_rule(self, p):
@@ -1117,7 +1121,9 @@ class Datapath:
                 self._ct_auto_sweep_ns = now
                 self.conntrack_sweep(now)
             if len(self._ct_entries) >= self.conntrack_size:
-                raise _Drop("table_full", in_port, "conntrack table full")
+                if not self._ct_unassured:
+                    raise _Drop("table_full", in_port, "conntrack table full, every entry assured")
+                self._ct_delete(next(iter(self._ct_unassured)), "ct_early_drop")
         e = _Entry()
         e.proto, e.family, e.hairpin = p.l4_proto, p.family, int(hairpin)
         e.state = CT_SYN_SENT if p.l4_proto == IPPROTO_TCP else CT_UDP_NEW
@@ -1133,6 +1139,7 @@ class Datapath:
         self._ct[key] = (e, 0)
         self._ct[reply_key] = (e, 1)
         self._ct_entries.add(e)
+        self._ct_unassured[e] = None
         self._gc[GC["ct_created"]] += 1
         if tr is not None:
             _trace(tr, "nat_new", rule.id, int(hairpin))
@@ -1149,10 +1156,16 @@ class Datapath:
                     e.state = CT_CLOSE
                 else:
                     e.state = CT_FIN
-            elif e.state == CT_SYN_SENT and direction == 1:
+            elif e.state == CT_SYN_SENT and direction == 1 and (flags & (TCP_SYN | TCP_ACK)) == TCP_SYN | TCP_ACK:
+                e.state = CT_SYN_RECV                  # the SYN-ACK
+            elif (flags & (TCP_SYN | TCP_ACK)) == TCP_ACK and (
+                    (e.state == CT_SYN_SENT and direction == 1)         # picked up mid-stream
+                    or (e.state == CT_SYN_RECV and direction == 0)):    # the handshake's final ACK
                 e.state = CT_ESTABLISHED
+                self._ct_unassured.pop(e, None)        # D40: assured
         elif direction == 1:
             e.state = CT_UDP_REPLIED
+            self._ct_unassured.pop(e, None)
         e.expires_ns = now + self._timeouts[e.state]
         e.packets += 1
         e.bytes += length
@@ -1374,7 +1387,7 @@ class Datapath:
             del self._learned[entry.port][key]
 
     def _evict(self, learner):
-        """D42: deletes the oldest learned entry of the port holding the most learned
+        """D43: deletes the oldest learned entry of the port holding the most learned
         entries (the learning port if it is one of them, else the lowest such port id);
         False when no learned entry exists."""
         most = max((len(d) for d in self._learned.values()), default=0)
@@ -1389,7 +1402,7 @@ class Datapath:
         return True
 
     def _learn_token(self, port_id, now):
-        """D43: takes one new-MAC token of the port's learning bucket; False when empty."""
+        """D44: takes one new-MAC token of the port's learning bucket; False when empty."""
         rate = self.mac_learn_rate_per_s
         if rate == 0:
             return True
@@ -1409,14 +1422,14 @@ class Datapath:
         key = (vlan, mac)
         entry = self._fdb.get(key)
         if entry is not None and entry.static:
-            if entry.port != in_port:     # D41: a bound MAC is never taken over
+            if entry.port != in_port:     # D42: a bound MAC is never taken over
                 raise _Drop("mac_stolen", in_port, f"source MAC is bound to port {entry.port}")
             return
         entry = self._fdb_get(key, now)
         if entry is not None:
             if entry.port != in_port:
                 del self._learned[entry.port][key]
-                self._learned[in_port][key] = None      # a move is a new learn on in_port (D42)
+                self._learned[in_port][key] = None      # a move is a new learn on in_port (D43)
                 entry.port = in_port
                 self._gc[GC["mac_moves"]] += 1
             entry.last_seen_ns = now

@@ -353,6 +353,15 @@ class Endpoint:
         return F.arp_frame(1, self.mac_bytes, F.BROADCAST, self.mac_bytes,
                            F.ip_bytes(self._src_for("0.0.0.0")), b"\0" * 6, tpa)
 
+    def neighbor_solicit(self, ip) -> bytes:
+        """An IPv6 neighbour solicitation for ``ip`` (RFC 4861 4.3: to its solicited-node
+        multicast group, hop limit 255, our MAC in the source link-layer option)."""
+        tgt = F.ip_bytes(self._dst(ip, 6))
+        src = F.ip_bytes(self._src_for("::"))
+        grp, grp_mac = F.solicited_node(tgt)
+        body = F.icmp6(src, grp, 135, 0, F.ns_body(tgt, self.mac_bytes))
+        return F.ether(grp_mac, self.mac_bytes, F.ETH_IP6, F.ipv6(src, grp, 58, body, 255))
+
     # ------------------------------------------------------------------ answering
     def _accepts(self, frame: bytes) -> bool:
         d = frame[:6]
@@ -585,6 +594,17 @@ class Engine:
     @property
     def gateway(self) -> str:
         return self.config.gateway
+
+    @property
+    def gateway6(self) -> str | None:
+        """The IPv6 gateway (first address of ``subnet6``), or None without ``subnet6``."""
+        return self.config.gateway6
+
+    @property
+    def node_ip6(self) -> str | None:
+        """The node's first IPv6 address besides the gateway (e.g. its uplink's), or None."""
+        extra = [ip for ip in self.node.ips if ":" in ip and ip not in self.config.gateways]
+        return extra[0] if extra else None
 
     # ------------------------------------------------------------------ topology
     def _derive_mac(self, name: str) -> bytes:
@@ -916,7 +936,7 @@ class Engine:
             if o >= 0:
                 targets = (o,)
             else:
-                # the datapath's flood classes (D40): unknown unicast to host/uplink ports only;
+                # the datapath's flood classes (D41): unknown unicast to host/uplink ports only;
                 # a port with an ingress shaper gets its copy from its queue (drain)
                 member = C.FLOOD_MEMBER if o == C.OUT_FLOOD else C.FLOOD_UNKNOWN_MEMBER
                 fc = self.switch.dp.flood_classes()
