@@ -207,7 +207,7 @@ def _page(rows, keys, limit: int, cursor) -> tuple:
 
 
 def fdb_page(switch, req: dict, now_ns: int) -> dict:
-    """The ``fdb`` reply: {"entries": [{"vlan", "mac", "port", "age_s"}], "total", "next"}."""
+    """The ``fdb`` reply: {"entries": [{"vlan", "mac", "port", "age_s", "static"}], "total", "next"}."""
     limit, pid, cursor, names = _page_args(switch, req)
     t = switch.dp.fdb()
     if pid is not None:
@@ -218,7 +218,8 @@ def fdb_page(switch, req: dict, now_ns: int) -> dict:
     page, nxt = _page(t, raw.view("S8").ravel(), limit, cursor)
     entries = [{"vlan": int(e["vlan"]), "mac": format_mac(bytes(e["mac"])),
                 "port": names.get(int(e["port"]), int(e["port"])),
-                "age_s": round(max(0, now_ns - int(e["last_seen_ns"])) / 1e9, 3)} for e in page]
+                "age_s": 0.0 if e["static"] else round(max(0, now_ns - int(e["last_seen_ns"])) / 1e9, 3),
+                "static": bool(e["static"])} for e in page]
     return {"entries": entries, "total": len(t), "next": nxt}
 
 
