@@ -275,6 +275,13 @@ class Setup:
                                   self.flow_sport, tcp_flags=0x12)
             self._feed(synack, self.flow_pod)
             del synack
+            # the handshake's final ACK: conntrack counts a flow established only then (D27)
+            ack = build_frames(_rep(np.frombuffer(NODE_MAC, np.uint8), n_conns),
+                               client_macs(self.flow_client), client_ips(self.flow_client),
+                               _rep(np.frombuffer(NODE_IP, np.uint8), n_conns), 6,
+                               self.flow_sport, HOST_PORT0 + self.flow_rule, tcp_flags=0x10)
+            self._feed(ack, np.full(n_conns, UPLINK))
+            del ack
         self.fill_s = time.perf_counter() - t0
         gc = dp.global_counters()
         assert gc[C.GC["mac_learned"]] == n_macs and gc[C.GC["mac_table_full"]] == 0, \

@@ -12,7 +12,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 # folder -> the names it may be imported under
 ROOTS = {"vswitch": ("vswitch",), "cni": ("cni", "vswitch_cni"), "bench": ("bench", "vswitch_bench")}
-ROOMS = ["vswitch/datapath", "vswitch/daemon", "vswitch/sim", "vswitch/lab", "cni", "bench"]
+ROOMS = ["vswitch/datapath", "vswitch/daemon", "vswitch/sim", "vswitch/lab", "vswitch/cluster", "cni",
+         "bench"]
 
 
 def _modules():
