@@ -75,11 +75,12 @@ cdef CtKey _ck
 assert sizeof(CtEntry) == 128, "CtEntry must stay two cache lines"
 assert sizeof(MacEntry) == 32, "MacEntry must stay half a cache line"
 MAC_SLOT_DTYPE = np.dtype({
-    "names": ["key", "last_seen_ns", "port"],
-    "formats": ["<u8", "<u8", "<u2"],
+    "names": ["key", "last_seen_ns", "port", "static"],
+    "formats": ["<u8", "<u8", "<u2", "u1"],
     "offsets": [<Py_ssize_t>(<char *>&_me.key - <char *>&_me),
                 <Py_ssize_t>(<char *>&_me.last_seen_ns - <char *>&_me),
-                <Py_ssize_t>(<char *>&_me.port - <char *>&_me)],
+                <Py_ssize_t>(<char *>&_me.port - <char *>&_me),
+                <Py_ssize_t>(<char *>&_me.static - <char *>&_me)],
     "itemsize": sizeof(MacEntry),
 })
 CT_KEY_DTYPE = np.dtype({
@@ -163,7 +164,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
     cdef int32_t out = C_OUT_FLOOD
     cdef int r = NAT_NONE
     cdef int port
-    cdef uint32_t j, q
+    cdef uint32_t j, q, charged
     cdef uint16_t in_port = k.in_port
     cdef PortState *ps
     cdef Shaper *sh
@@ -177,7 +178,9 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
     elif k.frag == FRAG_LATER:
         r = nat_fragment(c, k, now, &out)
     if not src_mcast:
-        mac_learn(c, k.src_key, in_port, now)
+        if mac_learn(c, k.src_key, in_port, now) < 0:
+            count_drop(c, DR_MAC_STOLEN, in_port)        # D42
+            return C_OUT_DROP
     if r == NAT_OUT:
         ps = &c.ports[out]
         if not ps.present or not ps.up:
@@ -190,6 +193,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         port = mac_lookup(c, k.dst_key, now)
         if port < 0:
             tr_add(c, TR_L2_UNKNOWN, 0, 0)
+            out = C_OUT_FLOOD_UNKNOWN
         elif port == in_port:
             count_drop(c, DR_LOOP, in_port)
             return C_OUT_DROP
@@ -200,14 +204,31 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
                 return C_OUT_DROP
             tr_add(c, TR_L2_KNOWN, 0, port)
             out = port
-    if out == C_OUT_FLOOD:
+    if out < 0:                    # OUT_FLOOD or OUT_FLOOD_UNKNOWN
         c.gc[GC_FLOODED] += 1
+        charged = 0
         for j in range(c.n_up):
             q = c.up_list[j]
-            if q != in_port:
+            if q == in_port or (out == C_OUT_FLOOD_UNKNOWN and c.ports[q].kind == C_PORT_POD):
+                continue
+            sh = &c.shapers[q * 2 + C_INGRESS]
+            if not sh.active:
                 count_tx(c, q, k.len)
-        tr_add(c, TR_OUT_FLOOD, 0, 0)
-        return C_OUT_FLOOD
+                continue
+            # D41: a shaped receiver's copy always goes through its queue
+            if charged == 0:
+                charged = charged_len(k)
+            shaper_refill(sh, now)
+            if (sh.queue_bytes + k.len > sh.queue_limit_bytes
+                    or q_push(sh, k.p - c.vnet_hdr_len, c.vnet_hdr_len, k.len, charged, in_port,
+                              <int32_t>q, c.drain_seq) != 0):
+                c.pc[q * N_PC + PC_DROP_QUEUE_FULL] += 1     # counted, not traced: the frame goes on
+                c.gc[GC_QUEUE_FULL] += 1
+                continue
+            c.pc[q * N_PC + PC_QUEUED] += 1
+            c.gc[GC_QUEUED] += 1
+        tr_add(c, TR_OUT_FLOOD if out == C_OUT_FLOOD else TR_OUT_FLOOD_UNKNOWN, 0, 0)
+        return out
     sh = &c.shapers[out * 2 + C_INGRESS]
     if sh.active:
         r = shaper_admit(sh, k, c.vnet_hdr_len, out, now, c.drain_seq)
@@ -517,6 +538,8 @@ cdef void core_free(Core *c) noexcept nogil:
     free(c.shapers)
     free(c.active)
     free(c.tr)
+    free(c.mac_ports)
+    free(c.flood)
     free(c.ct_ev_next)
     free(c.ct_ev_prev)
     free(c)
@@ -538,6 +561,9 @@ cdef Core *core_clone(Core *c) noexcept nogil:
     d.ports = NULL; d.pc = NULL; d.up_list = NULL; d.mac = NULL; d.ct = NULL; d.ct_slots = NULL
     d.ct_portcnt = NULL; d.rules = NULL; d.rule_slots = NULL; d.shapers = NULL; d.active = NULL
     d.tr = NULL
+    d.mac_ports = NULL; d.flood = NULL
+    d.mac_ports = <MacPort *>dup(c.mac_ports, c.max_ports * sizeof(MacPort))
+    d.flood = <uint8_t *>dup(c.flood, c.max_ports)
     d.ct_ev_next = <uint32_t *>dup(c.ct_ev_next, c.conntrack_size * sizeof(uint32_t))
     d.ct_ev_prev = <uint32_t *>dup(c.ct_ev_prev, c.conntrack_size * sizeof(uint32_t))
     d.ports = <PortState *>dup(c.ports, c.max_ports * sizeof(PortState))
@@ -564,7 +590,8 @@ cdef Core *core_clone(Core *c) noexcept nogil:
                     return NULL
     if (d.ports == NULL or d.pc == NULL or d.up_list == NULL or d.mac == NULL or d.ct == NULL
             or d.ct_slots == NULL or d.ct_portcnt == NULL or d.rules == NULL or d.rule_slots == NULL
-            or d.active == NULL or d.shapers == NULL or d.ct_ev_next == NULL or d.ct_ev_prev == NULL):
+            or d.active == NULL or d.shapers == NULL or d.mac_ports == NULL or d.flood == NULL
+            or d.ct_ev_next == NULL or d.ct_ev_prev == NULL):
         core_free(d)
         return NULL
     return d
@@ -682,7 +709,9 @@ cdef class Datapath:
                  tcp_close_timeout_ns=DEFAULTS["tcp_close_timeout_ns"],
                  udp_timeout_ns=DEFAULTS["udp_timeout_ns"],
                  udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"],
-                 tcp_syn_recv_timeout_ns=DEFAULTS["tcp_syn_recv_timeout_ns"]):
+                 tcp_syn_recv_timeout_ns=DEFAULTS["tcp_syn_recv_timeout_ns"],
+                 mac_learn_rate_per_s=DEFAULTS["mac_learn_rate_per_s"],
+                 mac_learn_burst=DEFAULTS["mac_learn_burst"]):
         cdef Core *c
         cdef uint64_t mac_slots, ct_slots, rule_slots
         cdef uint32_t i, ncts
@@ -704,6 +733,8 @@ cdef class Datapath:
                     _index(udp_timeout_ns, "udp_timeout_ns", 0, MAX_I63),
                     _index(udp_replied_timeout_ns, "udp_replied_timeout_ns", 0, MAX_I63),
                     _index(tcp_syn_recv_timeout_ns, "tcp_syn_recv_timeout_ns", 0, MAX_I63)]
+        learn_rate = _index(mac_learn_rate_per_s, "mac_learn_rate_per_s", 0, 10**9)
+        learn_burst = _index(mac_learn_burst, "mac_learn_burst", 1, 10**9)
         # the C tables index entries with 32-bit references
         if mts > (1 << 30):
             raise ValueError(f"mac_table_size {mts} is beyond what this build supports (2**30)")
@@ -722,6 +753,8 @@ cdef class Datapath:
         c.vnet_hdr_len = H
         c.mac_aging_ns = aging
         c.pf_min_entries = PF_MIN_ENTRIES
+        c.mac_learn_rate = learn_rate
+        c.mac_learn_burst = learn_burst
         for i in range(8):
             c.ct_timeout[i] = timeouts[i]
         mac_slots = pow2_at_least(2 * <uint64_t>mts)
@@ -748,9 +781,11 @@ cdef class Datapath:
         c.rule_slots = <uint32_t *>calloc(rule_slots, sizeof(uint32_t))
         c.shapers = <Shaper *>calloc(mp * 2, sizeof(Shaper))
         c.active = <uint32_t *>calloc(mp * 2, sizeof(uint32_t))
+        c.mac_ports = <MacPort *>calloc(mp, sizeof(MacPort))
+        c.flood = <uint8_t *>calloc(mp, 1)
         c.ct_ev_next = <uint32_t *>calloc(cts, sizeof(uint32_t))
         c.ct_ev_prev = <uint32_t *>calloc(cts, sizeof(uint32_t))
-        if (c.ports == NULL or c.pc == NULL or c.up_list == NULL or c.mac == NULL or c.ct == NULL
+        if (c.mac_ports == NULL or c.flood == NULL or c.ports == NULL or c.pc == NULL or c.up_list == NULL or c.mac == NULL or c.ct == NULL
                 or c.ct_slots == NULL or c.ct_portcnt == NULL or c.rules == NULL
                 or c.rule_slots == NULL or c.shapers == NULL or c.active == NULL
                 or c.ct_ev_next == NULL or c.ct_ev_prev == NULL):
@@ -794,6 +829,24 @@ cdef class Datapath:
                 self.c.up_list[n] = i
                 n += 1
         self.c.n_up = n
+        self._rebuild_flood()
+
+    cdef void _rebuild_flood(self):
+        # D41: flood_classes(); up ports without an ingress shaper
+        cdef uint32_t i
+        cdef PortState *ps
+        for i in range(self.c.max_ports):
+            ps = &self.c.ports[i]
+            self.c.flood[i] = 0
+            if ps.present and ps.up and not self.c.shapers[i * 2 + C_INGRESS].active:
+                self.c.flood[i] = C_FLOOD_MEMBER | (C_FLOOD_UNKNOWN_MEMBER if ps.kind != C_PORT_POD else 0)
+
+    def flood_classes(self):
+        """uint8[max_ports], a read-only view kept current: bit FLOOD_MEMBER set for the ports an
+        OUT_FLOOD output is written to, FLOOD_UNKNOWN_MEMBER for OUT_FLOOD_UNKNOWN (the I/O
+        layer still skips the in port). Ports with an ingress shaper are in neither: they get
+        their copy through the shaper's queue (D41)."""
+        return self._wrap(self.c.flood, self.c.max_ports, np.dtype(np.uint8))
 
     cdef void _rebuild_active(self):
         cdef uint32_t i, n = 0
@@ -802,6 +855,7 @@ cdef class Datapath:
                 self.c.active[n] = i
                 n += 1
         self.c.n_active = n
+        self._rebuild_flood()
 
     def add_port(self, port_id, kind):
         self._idle()
@@ -817,6 +871,8 @@ cdef class Datapath:
         ps.up = 1
         ps.antispoof = int(kind) == C_PORT_POD
         memset(self.c.pc + <uint64_t>pid * N_PC, 0, N_PC * sizeof(uint64_t))
+        memset(&self.c.mac_ports[pid], 0, sizeof(MacPort))
+        self.c.mac_ports[pid].tokens = self.c.mac_learn_burst * <uint64_t>C_SEC_NS
         self._rebuild_up_list()
 
     def remove_port(self, port_id):
@@ -835,6 +891,7 @@ cdef class Datapath:
                 ct_delete(self.c, i)
                 self.c.gc[GC_CT_DELETED] += 1
         memset(ps, 0, sizeof(PortState))
+        memset(&self.c.mac_ports[pid], 0, sizeof(MacPort))
         self._rebuild_up_list()
 
     def set_port_up(self, port_id, up):
@@ -850,6 +907,39 @@ cdef class Datapath:
         ips_set = None
         if ips is not None:
             ips_set = _unique_addrs(ips, " or None", C_MAX_IPS_PER_PORT, "ips per port", "ip")
+        pid = _index(port_id, "port_id", 0, self.max_ports - 1)
+        # D42: the bound MAC is a static FDB entry (vlan 0) of this port
+        cdef Core *c = self.c
+        cdef uint64_t old_key = mac_key(0, ps.mac) if ps.mac_bound else 0
+        cdef uint64_t new_key = 0
+        cdef uint8_t mbuf[8]
+        cdef int64_t i
+        cdef uint32_t p
+        cdef bint any_learned = False
+        if mac_b is not None:
+            memset(mbuf, 0, 8)
+            memcpy(mbuf, <const char *>mac_b, 6)
+            new_key = mac_key(0, mbuf)
+            i = mac_find(c, new_key)
+            if i < 0 and new_key != old_key and c.mac_count >= c.mac_table_size:
+                for p in range(c.max_ports):
+                    if c.mac_ports[p].n:
+                        any_learned = True
+                if not any_learned:
+                    raise ValueError(f"the MAC table ({c.mac_table_size} entries) holds only bound MACs; "
+                                     f"cannot bind mac {mac_b.hex(':')}")
+        if old_key != 0 and old_key != new_key:
+            i = mac_find(c, old_key)
+            if i >= 0 and c.mac[i].static and c.mac[i].port == pid:
+                mac_delete(c, <uint64_t>i)
+        if new_key != 0:              # (a MAC bound elsewhere moves here: the latest binding owns it)
+            i = mac_find(c, new_key)
+            if i >= 0:
+                mac_delete(c, <uint64_t>i)
+            elif c.mac_count >= c.mac_table_size:
+                mac_evict(c, -1)
+            i = mac_insert(c, new_key, <uint16_t>pid, 0)
+            c.mac[i].static = 1
         ps.mac_bound = mac_b is not None
         memset(ps.mac, 0, 6)
         if mac_b is not None:
@@ -1115,6 +1205,7 @@ cdef class Datapath:
         out["mac"] = ((k[:, None] >> shifts[None, :]) & np.uint64(0xff)).astype(np.uint8)
         out["port"] = used["port"]
         out["last_seen_ns"] = used["last_seen_ns"]
+        out["static"] = used["static"]
         return out
 
     def conntrack(self):

@@ -155,9 +155,22 @@ ctypedef struct MacEntry:
     # one slot of the MAC table (open addressing, linear probing, backward-shift delete);
     # 32 bytes so that a slot never straddles two cache lines
     uint64_t key          # 0 = empty; else 1<<63 | vlan<<48 | MAC as a 48-bit big-endian int
-    uint64_t last_seen_ns # the now_ns of the latest frame from this MAC
-    uint16_t port         # port the MAC was learned on
-    uint16_t pad[7]       # zero
+    uint64_t last_seen_ns # the now_ns of the latest frame from this MAC (0 for a static entry)
+    uint16_t port         # port the MAC was learned on (or is bound to, static)
+    uint8_t static        # 1: a bound MAC (D42): never ages, never evicted, never moves
+    uint8_t pad0          # zero
+    uint32_t prev         # learned entries: the port's next older entry, slot + 1 (0 = none)
+    uint32_t next         # learned entries: the port's next newer entry, slot + 1 (0 = none)
+    uint32_t pad          # zero
+
+ctypedef struct MacPort:
+    # one port's learned MAC entries (a list oldest first, D43) and its learning bucket (D44)
+    uint32_t n            # learned (non-static) entries of the port
+    uint32_t head         # slot + 1 of its oldest learned entry (0 = none)
+    uint32_t tail         # slot + 1 of its newest learned entry (0 = none)
+    uint8_t has_last      # 1 once last_ns was set
+    uint64_t tokens       # new-MAC tokens in learns * 10^9
+    uint64_t last_ns      # time of the latest refill
 
 ctypedef struct PortState:
     # one port's configuration, indexed by port id
@@ -290,6 +303,11 @@ ctypedef struct Core:
     uint64_t frag_live_until_ns   # no record is live at or after this now_ns
     TrRec *tr                 # trace() only: the stage recorder (NULL: off)
     int tr_n                  # records in tr
+    # MAC table under pressure (mactable.pxi, D42-D44) and flood membership (D41)
+    MacPort *mac_ports        # [max_ports] learned-entry lists and learning buckets
+    uint64_t mac_learn_rate   # new MACs per second per port; 0 = no limit
+    uint64_t mac_learn_burst  # the learning bucket's size (learns)
+    uint8_t *flood            # [max_ports] flood_classes(): FLOOD_MEMBER | FLOOD_UNKNOWN_MEMBER bits
 
 
 cdef void tr_rec(Core *c, int stage, int64_t a, int64_t b) noexcept nogil:

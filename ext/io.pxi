@@ -15,7 +15,10 @@
 # 8 bytes. A read is attempted only while a maximal frame still fits, so a short buffer
 # never truncates a frame; each fd gives at most `per_fd_max` frames per batch (fairness),
 # and EAGAIN moves on to the next fd. Writes go to `port_fds[out]` for a port id, or to
-# every port with an fd except the ingress one for OUT_FLOOD; OUT_DROP / OUT_QUEUED and
+# every port with an fd except the ingress one whose flood class (`port_flood`, the
+# datapath's flood_classes() once `set_flood_classes` gave it: docs/datapath.md D41) has
+# FLOOD_MEMBER for OUT_FLOOD, FLOOD_UNKNOWN_MEMBER for OUT_FLOOD_UNKNOWN (host and uplink
+# only: unknown unicast never reaches a pod); OUT_DROP / OUT_QUEUED and
 # ports without an fd (-1) are skipped. A failed write is counted in `tx_errors[port]`
 # (a pod whose link is down, a full socket buffer) and never stops the batch.
 #
@@ -189,9 +192,9 @@ cdef int _io_read_all(const int *fds, const unsigned short *fd_ports, const unsi
 cdef int _io_write_all(unsigned char *base, Py_ssize_t buflen, const unsigned int *offsets,
                        const unsigned int *lengths, const unsigned short *in_ports, const int *out_ports,
                        int n, const int *port_fds, const unsigned char *port_hdrs,
-                       unsigned long long *tx_errors, int nports) noexcept nogil:
+                       unsigned long long *tx_errors, int nports, const unsigned char *flood) noexcept nogil:
     """The write loop of BatchIO.write, write_drained and run; returns the number of frames written."""
-    cdef int i, p, out, fd, err, written = 0
+    cdef int i, p, out, fd, err, member, written = 0
     cdef Py_ssize_t off, length
     for i in range(n):
         out = out_ports[i]
@@ -208,10 +211,11 @@ cdef int _io_write_all(unsigned char *base, Py_ssize_t buflen, const unsigned in
                         tx_errors[out] += 1
                     else:
                         written += 1
-        elif out == -1:
+        elif out == C_OUT_FLOOD or out == C_OUT_FLOOD_UNKNOWN:
+            member = C_FLOOD_MEMBER if out == C_OUT_FLOOD else C_FLOOD_UNKNOWN_MEMBER
             for p in range(nports):
                 fd = port_fds[p]
-                if fd < 0 or p == in_ports[i]:
+                if fd < 0 or p == in_ports[i] or not (flood[p] & member):
                     continue
                 err = _io_write_one(fd, port_hdrs[p], base + off, length)
                 if err:
@@ -233,6 +237,8 @@ cdef class BatchIO:
     cdef readonly object buf, offsets, lengths, in_ports, out_ports
     cdef readonly object dbuf, doffsets, dlengths, din_ports, dout_ports
     cdef readonly object port_fds, port_hdr_lens, rx_errors, tx_errors, rfds, rports, rhdrs, failed
+    cdef readonly object port_flood      # flood classes per port (set_flood_classes; default: every class)
+    cdef const unsigned char *p_flood
     cdef readonly int max_batch, per_fd_max, max_ports
     cdef readonly int n_failed             # ports in failed[:n_failed] after poll()
     cdef readonly bint control_ready       # the control fd was readable in poll()
@@ -314,6 +320,8 @@ cdef class BatchIO:
         i32 = self.dout_ports; self.p_dout = &i32[0]
         i32 = self.port_fds; self.p_fds = &i32[0]
         u8 = self.port_hdr_lens; self.p_hdrs = &u8[0]
+        self.port_flood = numpy.full(max_ports, C_FLOOD_MEMBER | C_FLOOD_UNKNOWN_MEMBER, numpy.uint8)
+        u8 = self.port_flood; self.p_flood = &u8[0]
         u64 = self.rx_errors; self.p_rxe = &u64[0]
         u64 = self.tx_errors; self.p_txe = &u64[0]
         i32 = self.rfds; self.p_rfds = &i32[0]
@@ -336,6 +344,16 @@ cdef class BatchIO:
         if epoll_ctl(self.epfd, op, fd, &ev) != 0:
             err = _io_errno
             raise OSError(err, f"epoll_ctl({'add' if op == EPOLL_CTL_ADD else 'del'}, fd {fd}) failed")
+
+    def set_flood_classes(self, classes):
+        """Write floods by `classes` (uint8[max_ports], C-contiguous, kept alive here): the
+        datapath's flood_classes(), a live view, so a port's kind, up state and ingress shaper
+        decide where OUT_FLOOD / OUT_FLOOD_UNKNOWN go (docs/datapath.md D41)."""
+        cdef const unsigned char[::1] v = classes
+        if v.shape[0] < self.max_ports:
+            raise ValueError(f"flood classes of {v.shape[0]} ports; accepted: at least max_ports {self.max_ports}")
+        self.port_flood = classes
+        self.p_flood = &v[0]
 
     def watch(self, int fd, int port_id):
         """Poll `fd` as port `port_id` (whose port_fds / port_hdr_lens entries are set)."""
@@ -434,7 +452,7 @@ cdef class BatchIO:
             if k <= 0:
                 return
             _io_write_all(self.p_dbuf, self.dbuflen, self.p_doff, self.p_dlen, self.p_din, self.p_dout,
-                          <int>k, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports)
+                          <int>k, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
             self.loop_drained += <unsigned long long>k
             if k < self.max_batch:
                 return
@@ -513,7 +531,7 @@ cdef class BatchIO:
                                           <uint8_t *>self.p_out, 4, n, <uint64_t>now, &why)
                     if bad < 0:             # reads never make an invalid batch; if so, nothing is sent
                         _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out,
-                                      n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports)
+                                      n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
                     self.loop_batches += 1
                     self.loop_frames += <unsigned long long>n
                     poll_until = now + poll_ns
@@ -529,7 +547,7 @@ cdef class BatchIO:
         cdef int w
         with nogil:
             w = _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out, n,
-                              self.p_fds, self.p_hdrs, self.p_txe, self.max_ports)
+                              self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
         return w
 
     def write_drained(self, int n):
@@ -539,5 +557,5 @@ cdef class BatchIO:
         cdef int w
         with nogil:
             w = _io_write_all(self.p_dbuf, self.dbuflen, self.p_doff, self.p_dlen, self.p_din, self.p_dout, n,
-                              self.p_fds, self.p_hdrs, self.p_txe, self.max_ports)
+                              self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
         return w

@@ -515,14 +515,15 @@ class Switch:
         return {"global": {c: int(g[i]) for i, c in enumerate(C.GLOBAL_COUNTERS)}, "ports": ports}
 
     def fdb(self, now_ns: int | None = None) -> list[dict]:
-        """The MAC table: [{"vlan", "mac", "port", "last_seen_ns"(, "age_ns")}]."""
+        """The MAC table: [{"vlan", "mac", "port", "last_seen_ns", "static"(, "age_ns")}]; a
+        static entry (a pod's bound MAC) never ages: last_seen_ns and age_ns 0."""
         out = []
         for e in self.dp.fdb():
             d = {"vlan": int(e["vlan"]), "mac": format_mac(bytes(e["mac"])),
                  "port": self._by_id.get(int(e["port"]), int(e["port"])),
-                 "last_seen_ns": int(e["last_seen_ns"])}
+                 "last_seen_ns": int(e["last_seen_ns"]), "static": bool(e["static"])}
             if now_ns is not None:
-                d["age_ns"] = max(0, now_ns - d["last_seen_ns"])
+                d["age_ns"] = 0 if d["static"] else max(0, now_ns - d["last_seen_ns"])
             out.append(d)
         return out
 

@@ -291,7 +291,7 @@ def test_adding_or_removing_a_rule_flushes_udp_entries_of_that_host_port(dp):
     dp.remove_hostport(17, 5353)               # any rules of both families: v4 and v6
     assert len(dp.conntrack()) == 2 and gc(dp, "ct_deleted") == 4
     out, _ = send1(dp, udp(ROUTER_MAC, NODE_MAC, CLIENT4, NODE4, 7000, 5353), UPLINK, 3)
-    assert out == C.OUT_FLOOD
+    assert out == C.OUT_FLOOD_UNKNOWN           # unknown unicast: host and uplink only (D41)
     assert [h["host_port"] for h in dp.hostports()] == [8080, 8080, 9090]
 
 
@@ -300,7 +300,7 @@ def test_tcp_entries_survive_rule_changes(dp):
     dp.remove_hostport(6, 8080)
     assert len(dp.conntrack()) == 1
     assert c2s(dp, 1, "A", 2)[0] == POD_A          # the connection goes on
-    assert c2s(dp, 2, "S", 3)[0] == C.OUT_FLOOD     # a new one finds no rule
+    assert c2s(dp, 2, "S", 3)[0] == C.OUT_FLOOD_UNKNOWN     # a new one finds no rule
 
 
 def test_hostports_listing_ids_and_replacement(dp):

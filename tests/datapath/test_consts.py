@@ -61,11 +61,11 @@ def test_the_generated_pxi_declares_every_counter_and_drop_in_order(tmp_path):
     # docs/datapath.md "Counters": the per-port and global names, in this order
     assert C.PORT_COUNTERS == ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "drop_malformed",
                                "drop_spoofed", "drop_queue_full", "drop_no_route", "drop_loop",
-                               "drop_table_full", "drop_nat_collision", "queued")
+                               "drop_table_full", "drop_nat_collision", "drop_mac_stolen", "queued")
     assert C.GLOBAL_COUNTERS == ("packets", "bytes", "malformed", "spoofed", "queue_full", "no_route", "loop",
-                                 "table_full", "nat_collision", "queued", "flooded", "mac_moves",
+                                 "table_full", "nat_collision", "mac_stolen", "queued", "flooded", "mac_moves",
                                  "mac_table_full", "mac_learned", "ct_created", "ct_expired", "ct_deleted",
-                                 "nat_translated", "ct_early_drop")
+                                 "nat_translated", "ct_early_drop", "mac_evicted", "mac_learn_limited")
     assert gen_consts.write_pxi(C, tmp_path / "consts.pxi") is True
     assert gen_consts.write_pxi(C, tmp_path / "consts.pxi") is False       # unchanged: not rewritten
 
@@ -79,8 +79,8 @@ def test_every_trace_event_names_a_stage():
 
 def test_port_and_global_counter_shapes(dp_impl):
     dp = dp_impl.Datapath(max_ports=7)
-    assert dp.port_counters().shape == (7, 12) and dp.port_counters().dtype == np.uint64
-    assert dp.global_counters().shape == (19,) and dp.global_counters().dtype == np.uint64
+    assert dp.port_counters().shape == (7, 13) and dp.port_counters().dtype == np.uint64
+    assert dp.global_counters().shape == (22,) and dp.global_counters().dtype == np.uint64
 
 
 def test_raw_table_views_match_the_c_structs(both_impls):

@@ -781,4 +781,4 @@ def test_ipv4_protocol_58_has_no_l4(both_impls):
         out = np.zeros(1, np.int32)
         dp.process(buf, np.zeros(1, np.uint32), np.array([len(frame)], np.uint32),
                    np.array([2], np.uint16), out, 1, 1)
-        assert out[0] == C.OUT_FLOOD, mod.__name__
+        assert out[0] == C.OUT_FLOOD_UNKNOWN, mod.__name__

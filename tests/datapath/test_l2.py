@@ -34,11 +34,11 @@ def fdb_rows(dp):
     return [(int(r["vlan"]), bytes(r["mac"]), int(r["port"]), int(r["last_seen_ns"])) for r in dp.fdb()]
 
 
-def test_unknown_unicast_floods_to_every_up_port_but_the_ingress_one(dp):
+def test_unknown_unicast_floods_to_the_host_and_uplink_ports_only(dp):
     out, _ = send1(dp, frame(mac(2), mac(9)), 2, 1)
-    assert out == C.OUT_FLOOD
-    assert [pc(dp, p, "tx_packets") for p in range(5)] == [1, 1, 0, 1, 1]
-    assert [pc(dp, p, "tx_bytes") for p in range(5)] == [60, 60, 0, 60, 60]
+    assert out == C.OUT_FLOOD_UNKNOWN                       # never to a pod (D41)
+    assert [pc(dp, p, "tx_packets") for p in range(5)] == [1, 1, 0, 0, 0]
+    assert [pc(dp, p, "tx_bytes") for p in range(5)] == [60, 60, 0, 0, 0]
     assert gc(dp, "flooded") == 1
     assert fdb_rows(dp) == [(0, mac(2), 2, 1)]
     assert gc(dp, "mac_learned") == 1
@@ -105,7 +105,7 @@ def test_vlans_are_separate_tables(dp):
     assert gc(dp, "mac_moves") == 0
     assert [(r[0], r[2]) for r in fdb_rows(dp)] == [(0, 4), (10, 2), (20, 3)]
     assert send1(dp, frame(mac(9), mac(2), vlan=20), 1, 2)[0] == 3
-    assert send1(dp, frame(mac(9), mac(2), vlan=30), 1, 2)[0] == C.OUT_FLOOD
+    assert send1(dp, frame(mac(9), mac(2), vlan=30), 1, 2)[0] == C.OUT_FLOOD_UNKNOWN
 
 
 def test_fdb_is_sorted_by_vlan_then_mac_bytes(dp):
@@ -120,7 +120,7 @@ def test_aging_boundary(dp):
     send1(dp, frame(mac(2), BCAST), 2, 1000)
     send1(dp, frame(mac(4), BCAST), 4, 5000)
     assert send1(dp, frame(mac(3), mac(2)), 3, 1000 + AGING)[0] == 2          # not older than aging
-    assert send1(dp, frame(mac(3), mac(4)), 3, 5000 + AGING + 1)[0] == C.OUT_FLOOD   # aged: deleted
+    assert send1(dp, frame(mac(3), mac(4)), 3, 5000 + AGING + 1)[0] == C.OUT_FLOOD_UNKNOWN   # aged: deleted
     assert mac(4) not in [r[1] for r in fdb_rows(dp)]
 
 
@@ -144,20 +144,22 @@ def test_mac_sweep(dp):
     assert len(dp.fdb()) == 0
 
 
-def test_bounded_table_counts_mac_table_full_and_still_forwards(dp_impl):
+def test_bounded_table_evicts_the_oldest_entry_of_the_fullest_port_and_still_forwards(dp_impl):
     dp = dp_impl.Datapath(max_ports=4, mac_table_size=4)
     for p in range(3):
         dp.add_port(p, C.PORT_HOST)
     for i in range(4):
         send1(dp, frame(mac(10 + i), BCAST), 0, 0)
-    assert send1(dp, frame(mac(20), mac(10)), 1, 5 * SEC)[0] == 0
-    assert gc(dp, "mac_table_full") == 1 and len(dp.fdb()) == 4
-    # t = AGING + 1 s: everything aged; the table is full, and the last automatic sweep was
-    # at 5 s, so a sweep runs and the new MAC is learnt
+    # full: port 0 holds the most learned entries, its oldest goes (D43)
+    assert send1(dp, frame(mac(20), mac(11)), 1, 5 * SEC)[0] == 0      # learn first, then look up
+    assert gc(dp, "mac_evicted") == 1 and gc(dp, "mac_table_full") == 0
+    assert [r[1] for r in fdb_rows(dp)] == [mac(11), mac(12), mac(13), mac(20)]
+    # t = AGING + 1 s: port 0's entries aged; the last automatic sweep was at 5 s, so a
+    # sweep runs and the new MAC is learnt without an eviction
     t = AGING + SEC
     assert send1(dp, frame(mac(21), BCAST), 1, t)[0] == C.OUT_FLOOD
-    assert [r[1] for r in fdb_rows(dp)] == [mac(21)]
-    assert gc(dp, "mac_table_full") == 1
+    assert [r[1] for r in fdb_rows(dp)] == [mac(20), mac(21)]
+    assert gc(dp, "mac_evicted") == 1
 
 
 def test_full_table_sweeps_at_most_once_per_second(dp_impl):
@@ -168,17 +170,19 @@ def test_full_table_sweeps_at_most_once_per_second(dp_impl):
     send1(dp, frame(mac(2), BCAST), 0, 100)
     t0 = AGING - SEC // 2
     send1(dp, frame(mac(3), BCAST), 1, t0)              # full: sweep at t0 finds nothing aged
-    assert gc(dp, "mac_table_full") == 1
-    # at t0 + 0.75 s macs 1 and 2 have aged, but no sweep may run yet, and learning mac 4
-    # does not touch them: still full
+    assert gc(dp, "mac_evicted") == 1                   # port 0's oldest learned entry (D43)
+    assert [r[1] for r in fdb_rows(dp)] == [mac(2), mac(3)]
+    # at t0 + 0.75 s mac 2 has aged, but no sweep may run yet, and learning mac 4 does not
+    # touch it: still full, so an entry is evicted (ports 0 and 1 hold one each: the
+    # learning port's own, D43) and the aged mac 2 stays
     t1 = t0 + 3 * SEC // 4
     assert t1 - 100 > AGING
     send1(dp, frame(mac(4), BCAST), 1, t1)
-    assert gc(dp, "mac_table_full") == 2
-    assert len(dp.fdb()) == 2
+    assert gc(dp, "mac_evicted") == 2
+    assert [r[1] for r in fdb_rows(dp)] == [mac(2), mac(4)]
     send1(dp, frame(mac(5), BCAST), 1, t0 + SEC)         # a second later: the sweep runs
-    assert gc(dp, "mac_table_full") == 2
-    assert [r[1] for r in fdb_rows(dp)] == [mac(5)]
+    assert gc(dp, "mac_evicted") == 2 and gc(dp, "mac_table_full") == 0
+    assert [r[1] for r in fdb_rows(dp)] == [mac(4), mac(5)]
 
 
 def test_lookup_of_an_aged_entry_frees_its_slot(dp_impl):
@@ -188,7 +192,7 @@ def test_lookup_of_an_aged_entry_frees_its_slot(dp_impl):
     send1(dp, frame(mac(1), BCAST), 0, 0)
     # the lookup of mac 1 (aged) deletes it; the learn of mac 2 came first and found
     # the table full (sweep ran: mac 1 aged -> deleted -> learnt). Either way: one entry.
-    assert send1(dp, frame(mac(2), mac(1)), 1, AGING + 1)[0] == C.OUT_FLOOD
+    assert send1(dp, frame(mac(2), mac(1)), 1, AGING + 1)[0] == C.OUT_FLOOD_UNKNOWN
     assert [r[1] for r in fdb_rows(dp)] == [mac(2)]
 
 
@@ -197,7 +201,7 @@ def test_remove_port_forgets_its_macs(dp):
     send1(dp, frame(mac(2), BCAST), 2, 1)
     dp.remove_port(3)
     assert [r[1] for r in fdb_rows(dp)] == [mac(2)]
-    assert send1(dp, frame(mac(2), mac(3)), 2, 2)[0] == C.OUT_FLOOD
+    assert send1(dp, frame(mac(2), mac(3)), 2, 2)[0] == C.OUT_FLOOD_UNKNOWN
     assert pc(dp, 3, "tx_packets") == 1      # the counter row stays after remove (D4)
     dp.add_port(3, C.PORT_POD)
     assert pc(dp, 3, "tx_packets") == 0

@@ -184,7 +184,9 @@ def test_huge_rate_and_long_idle_do_not_overflow(dp):
     state = dp.shaper_state(A, C.INGRESS)
     assert state["queue_limit_bytes"] == top // 320
     assert send1(dp, frame(MAC_H, MAC_A, 65553), HOST, 1)[0] == A
-    learn(dp, 2**62)
+    # A's entry has aged: A announces itself again (its own broadcast does not pass its
+    # ingress shaper; the others' broadcasts would, D41)
+    send1(dp, frame(MAC_A, BCAST, 60), A, 2**62)
     assert send1(dp, frame(MAC_H, MAC_A, 60), HOST, 2**62)[0] == A
     assert dp.shaper_state(A, C.INGRESS)["credit"] == top * SEC - 60 * 8 * SEC
 
@@ -207,13 +209,22 @@ def test_queue_full_drops_are_counted_on_the_shaper_port(dp, direction):
         assert pc(dp, HOST, "drop_queue_full") == 0
 
 
-def test_flooded_frames_are_never_ingress_shaped(dp):
+def test_flooded_frames_pass_the_ingress_shaper_and_unknown_unicast_never_reaches_a_pod(dp):
+    """D41 (issue 11.2; this test asserted the opposite before): a broadcast's copy for a
+    shaped pod is queued in its ingress shaper, unknown unicast is not written to a pod at
+    all, and a known unicast frame queues behind the flood copy (FIFO)."""
     learn(dp)
     dp.set_shaper(A, C.INGRESS, 1, 0)
+    tx_a, tx_b = pc(dp, A, "tx_packets"), pc(dp, B, "tx_packets")      # the learning broadcasts
     assert send1(dp, frame(MAC_H, BCAST, 1000), HOST, 1)[0] == C.OUT_FLOOD
-    assert send1(dp, frame(MAC_H, bytes.fromhex("020000000099"), 1000), HOST, 1)[0] == C.OUT_FLOOD
-    assert dp.shaper_state(A, C.INGRESS)["queue_packets"] == 0
+    assert dp.shaper_state(A, C.INGRESS)["queue_packets"] == 1
+    assert pc(dp, A, "tx_packets") == tx_a and pc(dp, A, "queued") == 1
+    assert pc(dp, B, "tx_packets") == tx_b + 1           # an unshaped pod gets its copy at once
+    assert send1(dp, frame(MAC_H, bytes.fromhex("020000000099"), 1000), HOST, 1)[0] == C.OUT_FLOOD_UNKNOWN
+    assert dp.shaper_state(A, C.INGRESS)["queue_packets"] == 1
+    assert pc(dp, B, "tx_packets") == tx_b + 1
     assert send1(dp, frame(MAC_H, MAC_A, 1000), HOST, 1)[0] == C.OUT_QUEUED
+    assert dp.shaper_state(A, C.INGRESS)["queue_packets"] == 2
 
 
 def test_egress_shaping_applies_to_every_frame_of_the_port(dp):

@@ -45,7 +45,8 @@ def _ctl_json(d, *args):
 
 
 def test_fdb_of_a_full_mac_table_is_listed_whole_in_pages(nss, tmp_path):
-    with running_cluster(nss, tmp_path) as c:
+    # no learning limit (D44: 1000 new MACs/s per port by default): the table fills in seconds
+    with running_cluster(nss, tmp_path, daemon_args=["--mac-learn-rate", "0"]) as c:
         d = c.daemon
         sent = {f"02:00:{i >> 24 & 255:02x}:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}"
                 for i in range(N_MACS)}

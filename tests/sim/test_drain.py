@@ -25,7 +25,7 @@ def shaped(dp_impl):
                     bandwidth={"egressRate": 8_000_000, "egressBurst": 16_000})
     b = sw.add_port("b", "pod", mac=MAC_B, ips=["10.0.0.3"])
     hello = F.ether(MAC_A, MAC_B, F.ETH_IP4, F.l4_packet("10.0.0.3", "10.0.0.2", 17, 9, 4000, b"hi"))
-    assert send(sw, hello, b.port_id, 1) == [C.OUT_FLOOD]     # and the switch learns b's MAC
+    assert send(sw, hello, b.port_id, 1) == [a.port_id]     # a's MAC is bound: a static entry (D42)
     frame = F.ether(MAC_B, MAC_A, F.ETH_IP4,
                     F.l4_packet("10.0.0.2", "10.0.0.3", 17, 4000, 9, b"x" * (FRAME_LEN - 42)))
     assert len(frame) == FRAME_LEN

@@ -88,7 +88,8 @@ def test_bad_add_port_changes_nothing(sw, kwargs, words):
     # the datapath did not keep a port either: the next free id is still usable
     c = sw.add_port("c", mac=MAC_X, ips=["10.0.0.9"])
     assert c.port_id == 2
-    assert one(sw, Ether(src=MAC_X, dst=MAC_A) / IP(src="10.0.0.9", dst="10.0.0.2") / UDP(), "c")[0] == "FLOOD"
+    # a's MAC is bound: a static entry from add_port on (docs/datapath.md D42), no learning needed
+    assert one(sw, Ether(src=MAC_X, dst=MAC_A) / IP(src="10.0.0.9", dst="10.0.0.2") / UDP(), "c")[0] == "a"
 
 
 def test_antispoof_binding_is_applied(sw):
@@ -118,9 +119,12 @@ def test_counters_and_fdb_by_name(sw):
     assert set(c["ports"]["a"]) == set(C.PORT_COUNTERS) and set(c["global"]) == set(C.GLOBAL_COUNTERS)
     assert c["ports"]["b"]["tx_packets"] == 1 and c["global"]["packets"] == 2
     assert sw.counters("a")["ports"].keys() == {"a"}
+    one(sw, Ether(src=MAC_X, dst="ff:ff:ff:ff:ff:ff") / IP(src="10.0.0.1", dst="10.0.0.255") / UDP(), "host", 8)
     fdb = {e["mac"]: e for e in sw.fdb(now_ns=10)}
     assert fdb[MAC_A]["port"] == "a" and fdb[MAC_B]["port"] == "b"
-    assert fdb[MAC_B]["last_seen_ns"] == 5 and fdb[MAC_B]["age_ns"] == 5
+    assert fdb[MAC_B]["static"] and fdb[MAC_B]["last_seen_ns"] == 0 and fdb[MAC_B]["age_ns"] == 0   # bound
+    assert fdb[MAC_X]["port"] == "host" and not fdb[MAC_X]["static"]                                   # learned
+    assert fdb[MAC_X]["last_seen_ns"] == 8 and fdb[MAC_X]["age_ns"] == 2
 
 
 def test_port_mapping_dnat_conntrack_view_and_removal(sw):

@@ -105,7 +105,7 @@ class Captures:
         """{switch port name: pcap path} (``show``)."""
         return {switch.port_name(k): v.path for k, v in self.writers.items()}
 
-    def frames(self, buf, offsets, lengths, in_ports, out_ports, n, port_fds):
+    def frames(self, buf, offsets, lengths, in_ports, out_ports, n, port_fds, port_flood=None):
         """rx (out_ports None: before processing) or tx frames of captured ports into pcaps."""
         for pid, w in self.writers.items():
             for i in range(n):
@@ -113,7 +113,10 @@ class Captures:
                     hit = in_ports[i] == pid
                 else:
                     o = out_ports[i]
-                    hit = o == pid or (o == C.OUT_FLOOD and in_ports[i] != pid and port_fds[pid] >= 0)
+                    flood = (C.FLOOD_MEMBER if o == C.OUT_FLOOD else C.FLOOD_UNKNOWN_MEMBER
+                             if o == C.OUT_FLOOD_UNKNOWN else 0)
+                    hit = o == pid or (flood and in_ports[i] != pid and port_fds[pid] >= 0
+                                       and (port_flood is None or port_flood[pid] & flood))
                 if hit:
                     off = int(offsets[i])
                     w.write(bytes(buf[off:off + int(lengths[i])]))
@@ -204,7 +207,7 @@ def _page(rows, keys, limit: int, cursor) -> tuple:
 
 
 def fdb_page(switch, req: dict, now_ns: int) -> dict:
-    """The ``fdb`` reply: {"entries": [{"vlan", "mac", "port", "age_s"}], "total", "next"}."""
+    """The ``fdb`` reply: {"entries": [{"vlan", "mac", "port", "age_s", "static"}], "total", "next"}."""
     limit, pid, cursor, names = _page_args(switch, req)
     t = switch.dp.fdb()
     if pid is not None:
@@ -215,7 +218,8 @@ def fdb_page(switch, req: dict, now_ns: int) -> dict:
     page, nxt = _page(t, raw.view("S8").ravel(), limit, cursor)
     entries = [{"vlan": int(e["vlan"]), "mac": format_mac(bytes(e["mac"])),
                 "port": names.get(int(e["port"]), int(e["port"])),
-                "age_s": round(max(0, now_ns - int(e["last_seen_ns"])) / 1e9, 3)} for e in page]
+                "age_s": 0.0 if e["static"] else round(max(0, now_ns - int(e["last_seen_ns"])) / 1e9, 3),
+                "static": bool(e["static"])} for e in page]
     return {"entries": entries, "total": len(t), "next": nxt}
 
 

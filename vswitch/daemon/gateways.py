@@ -50,7 +50,8 @@ class Gateways:
 
     # ----------------------------------------------------------------- the host port
 
-    def open(self, max_ports: int, nic: dict | None = None, conntrack_size: int | None = None) -> HostPort:
+    def open(self, max_ports: int, nic: dict | None = None, conntrack_size: int | None = None,
+             mac_learn_rate_per_s: int | None = None) -> HostPort:
         """Create or reopen the host TAP and build the Switch with it as port 0.
 
         ``nic`` (the uplink's link: ``mac``, ``mtu``) gives the host port its MAC and MTU.
@@ -73,7 +74,7 @@ class Gateways:
             netlink.address_add_if_missing(name, g)
         for version in _families(gateways):
             netlink.forwarding_on(version, self.forwarding)
-        self.switch = _make_switch(mac, gateways, max_ports, conntrack_size)
+        self.switch = _make_switch(mac, gateways, max_ports, conntrack_size, mac_learn_rate_per_s)
         self.switch.add_port(name, "host", mac=mac, ips=_ips(gateways) or (), port_id=0)
         return HostPort(name=name, port_id=0, fd=fd)
 
@@ -192,11 +193,14 @@ def _ips(gateways: list[str]) -> list[str]:
     return [str(ipaddress.ip_interface(g).ip) for g in gateways]
 
 
-def _make_switch(host_mac: str, gateways: list[str], max_ports: int, conntrack_size: int | None = None) -> Switch:
+def _make_switch(host_mac: str, gateways: list[str], max_ports: int, conntrack_size: int | None = None,
+                 mac_learn_rate_per_s: int | None = None) -> Switch:
     """The Switch, its gateway (and subnet) per family from the first gateway of each."""
     kw = {"gateway_mac": host_mac, "vnet_hdr_len": netlink.VNET_HDR_LEN, "max_ports": max_ports}
     if conntrack_size is not None:
         kw["conntrack_size"] = conntrack_size
+    if mac_learn_rate_per_s is not None:
+        kw["mac_learn_rate_per_s"] = mac_learn_rate_per_s
     for g in gateways:
         i = ipaddress.ip_interface(g)
         if i.version == 4 and "gateway" not in kw:

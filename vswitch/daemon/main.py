@@ -85,7 +85,8 @@ class Daemon:
                  log_file: str | None = None, metrics_port: int | None = None, test_faults: bool = False,
                  max_ports: int = 256, poll_us: int = DEFAULT_POLL_US, log_level: str = "info",
                  log_group: str | None = None, control_limits: Limits = Limits(),
-                 cluster: ClusterConfig | None = None, conntrack_size: int | None = None):
+                 cluster: ClusterConfig | None = None, conntrack_size: int | None = None,
+                 mac_learn_rate_per_s: int | None = None):
         if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"poll_us={poll_us!r}; accepted: an integer 0 .. {MAX_POLL_US} (microseconds)")
         self.socket_path = socket_path
@@ -95,6 +96,7 @@ class Daemon:
         self.test_faults = test_faults
         self.max_ports = max_ports
         self.conntrack_size = conntrack_size     # None: the datapath's default
+        self.mac_learn_rate_per_s = mac_learn_rate_per_s     # None: the datapath's default (D44)
         self.poll_ns = poll_us * 1000
         self.log = Log(log_file, level=log_level, group=log_group)
         self.control_limits = control_limits
@@ -132,8 +134,10 @@ class Daemon:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         uplink = Uplink(self.uplink_name, self.host_name, self.state, self.log) if self.uplink_name else None
         self.host_port = self.gateways.open(self.max_ports, nic=uplink.nic() if uplink else None,
-                                            conntrack_size=self.conntrack_size)
+                                            conntrack_size=self.conntrack_size,
+                                            mac_learn_rate_per_s=self.mac_learn_rate_per_s)
         self.switch = self.gateways.switch
+        self.io.set_flood_classes(self.switch.dp.flood_classes())   # floods by port kind and shaper (D41)
         self.ports.add(self.host_port)
         if uplink:
             self.uplink_port = uplink.up(self.switch)
@@ -319,7 +323,8 @@ class Daemon:
                 self.captures.frames(buf, offsets, lengths, in_ports, None, n, io.port_fds)
             dp.process(buf, offsets, lengths, in_ports, out_ports, n, now)
             if self.captures:
-                self.captures.frames(buf, offsets, lengths, in_ports, out_ports, n, io.port_fds)
+                self.captures.frames(buf, offsets, lengths, in_ports, out_ports, n, io.port_fds,
+                                     io.b.port_flood)
             io.write(n)
             self.batches += 1
         nd = dp.next_departure_ns()
@@ -333,7 +338,8 @@ class Daemon:
 
         def write(k):
             if self.captures:
-                self.captures.frames(io.dbuf, io.doffsets, io.dlengths, io.din_ports, io.dout_ports, k, io.port_fds)
+                self.captures.frames(io.dbuf, io.doffsets, io.dlengths, io.din_ports, io.dout_ports, k, io.port_fds,
+                                     io.b.port_flood)
             io.write_drained(k)
 
         self.switch.drain_due(now, io.dbuf, io.doffsets, io.dlengths, io.din_ports, io.dout_ports,
@@ -433,6 +439,9 @@ def main(argv=None):
     ap.add_argument("--conntrack-size", type=int, default=None, metavar="ENTRIES",
                     help="hostPort connections tracked at once (1 .. 2**26; default "
                          "65536); a full table evicts unestablished entries first")
+    ap.add_argument("--mac-learn-rate", type=int, default=None, metavar="PER_S",
+                    help="new MACs learned per second per port (burst 1000; 0 = no limit; "
+                         "default 1000); beyond it a MAC is not learned, mac_learn_limited")
     ap.add_argument("--poll-us", type=int, default=DEFAULT_POLL_US,
                     help=f"after forwarding a batch, poll the ports without sleeping for this many "
                          f"microseconds before blocking (0 .. {MAX_POLL_US}; 0 disables; default "
@@ -502,7 +511,7 @@ def main(argv=None):
     try:
         d = Daemon(a.socket, a.state_dir, a.switch, a.uplink, a.log_file, a.metrics_port, a.test_faults,
                    a.max_ports, a.poll_us, log_level=a.log_level, log_group=a.log_group, control_limits=limits,
-                   cluster=cluster, conntrack_size=a.conntrack_size)
+                   cluster=cluster, conntrack_size=a.conntrack_size, mac_learn_rate_per_s=a.mac_learn_rate)
     except (OSError, ValueError, KeyError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         return 2

@@ -38,7 +38,8 @@ import struct
 import numpy as np
 
 from vswitch import datapath
-from vswitch.datapath.consts import MAX_FRAME, OUT_FLOOD
+from vswitch.datapath.consts import (FLOOD_MEMBER, FLOOD_UNKNOWN_MEMBER, MAX_FRAME, OUT_FLOOD,
+                                     OUT_FLOOD_UNKNOWN)
 
 VNET_HDR_LEN = 12
 SLOT_MAX = VNET_HDR_LEN + MAX_FRAME
@@ -157,8 +158,10 @@ def _py_write_one(fd, hdr, mv, off, length):
         os.writev(fd, [mv[off - VNET_HDR_LEN:off - VNET_HDR_LEN + hdr], mv[off:off + length]])
 
 
-def py_write_batch(buf, offsets, lengths, in_ports, out_ports, n, port_fds, port_hdr_lens, tx_errors):
-    """The Python twin of ``_io_write_all`` (ext/io.pxi)."""
+def py_write_batch(buf, offsets, lengths, in_ports, out_ports, n, port_fds, port_hdr_lens, tx_errors,
+                   port_flood=None):
+    """The Python twin of ``_io_write_all`` (ext/io.pxi); port_flood: the flood classes
+    (None: every port is in every class)."""
     mv = memoryview(buf)
     written = 0
     nports = len(port_fds)
@@ -168,8 +171,10 @@ def py_write_batch(buf, offsets, lengths, in_ports, out_ports, n, port_fds, port
             continue
         if out >= 0:
             targets = [out] if out < nports and port_fds[out] >= 0 else []
-        elif out == OUT_FLOOD:
-            targets = [p for p in range(nports) if port_fds[p] >= 0 and p != in_ports[i]]
+        elif out in (OUT_FLOOD, OUT_FLOOD_UNKNOWN):
+            member = FLOOD_MEMBER if out == OUT_FLOOD else FLOOD_UNKNOWN_MEMBER
+            targets = [p for p in range(nports) if port_fds[p] >= 0 and p != in_ports[i]
+                       and (port_flood is None or port_flood[p] & member)]
         else:
             continue
         for p in targets:
@@ -196,6 +201,7 @@ class _PyBatchIO:
         self.out_ports, self.dout_ports = np.zeros(max_batch, np.int32), np.zeros(max_batch, np.int32)
         self.port_fds = np.full(max_ports, -1, np.int32)
         self.port_hdr_lens = np.full(max_ports, VNET_HDR_LEN, np.uint8)
+        self.port_flood = np.full(max_ports, FLOOD_MEMBER | FLOOD_UNKNOWN_MEMBER, np.uint8)
         self.rx_errors = np.zeros(max_ports, np.uint64)
         self.tx_errors = np.zeros(max_ports, np.uint64)
         self.rfds = np.zeros(max_ports, np.int32)
@@ -206,6 +212,11 @@ class _PyBatchIO:
         self.control_ready = False
         self._ep = select.epoll()
         self._fd_port = {}                   # fd -> port id, -1 for the control fd
+
+    def set_flood_classes(self, classes):
+        if len(classes) < self.max_ports:
+            raise ValueError(f"flood classes of {len(classes)} ports; accepted: at least max_ports {self.max_ports}")
+        self.port_flood = classes
 
     def watch(self, fd, port_id):
         if not 0 <= port_id < self.max_ports:
@@ -252,11 +263,11 @@ class _PyBatchIO:
 
     def write(self, n):
         return py_write_batch(self.buf, self.offsets, self.lengths, self.in_ports, self.out_ports, n,
-                              self.port_fds, self.port_hdr_lens, self.tx_errors)
+                              self.port_fds, self.port_hdr_lens, self.tx_errors, self.port_flood)
 
     def write_drained(self, n):
         return py_write_batch(self.dbuf, self.doffsets, self.dlengths, self.din_ports, self.dout_ports, n,
-                              self.port_fds, self.port_hdr_lens, self.tx_errors)
+                              self.port_fds, self.port_hdr_lens, self.tx_errors, self.port_flood)
 
 
 def _batch_io_class(impl=None):
@@ -290,6 +301,7 @@ class PacketIO:
         self.poll = b.poll                   # wait + read: n frames; then n_failed, control_ready
         self.run = getattr(b, "run", None)   # the whole loop in Cython (BatchIO only)
         self.watch_control = b.watch_control
+        self.set_flood_classes = b.set_flood_classes   # the datapath's flood_classes() (D41)
 
     def loop_stats(self) -> dict:
         """Counters of ``run`` (zero for the Python twin, which has no ``run``)."""

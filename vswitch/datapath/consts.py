@@ -20,6 +20,13 @@ The contract these values belong to is ``docs/datapath.md``.
 OUT_FLOOD = -1
 OUT_DROP = -2
 OUT_QUEUED = -3
+# unknown unicast: every up host / uplink port except the in port, never a pod port
+# (docs/datapath.md "L2"); ports with an ingress shaper get their copy through its queue
+OUT_FLOOD_UNKNOWN = -4
+# bits of Datapath.flood_classes()[port]: the port receives OUT_FLOOD / OUT_FLOOD_UNKNOWN
+# outputs (written by the I/O layer, which still skips the in port)
+FLOOD_MEMBER = 1
+FLOOD_UNKNOWN_MEMBER = 2
 
 # port kinds
 PORT_POD = 0
@@ -69,6 +76,10 @@ DEFAULTS = dict(
     udp_timeout_ns=30 * SEC_NS,
     udp_replied_timeout_ns=120 * SEC_NS,
     tcp_syn_recv_timeout_ns=60 * SEC_NS,     # Linux's nf_conntrack_tcp_timeout_syn_recv
+    # per-port learning limit (docs/datapath.md "MAC table"): new MACs per second, and the
+    # bucket's size; mac_learn_rate_per_s 0 = no limit
+    mac_learn_rate_per_s=1000,
+    mac_learn_burst=1000,
 )
 # a full table is swept of expired entries at most this often (of now_ns)
 SWEEP_INTERVAL_NS = SEC_NS
@@ -88,6 +99,7 @@ DROPS = {
     "loop": "the destination MAC was learned on the port the frame came from",
     "table_full": "a new connection found the conntrack table full",
     "nat_collision": "a new connection's reply tuple is already tracked",
+    "mac_stolen": "the source MAC is a static entry (a bound MAC) of another port",
 }
 DROP_REASONS = tuple(DROPS)
 
@@ -104,7 +116,7 @@ GLOBAL_COUNTERS = (
     + ("queued", "flooded",
        "mac_moves", "mac_table_full", "mac_learned",
        "ct_created", "ct_expired", "ct_deleted", "nat_translated",
-       "ct_early_drop")
+       "ct_early_drop", "mac_evicted", "mac_learn_limited")
 )
 PC = {name: i for i, name in enumerate(PORT_COUNTERS)}
 GC = {name: i for i, name in enumerate(GLOBAL_COUNTERS)}
@@ -145,6 +157,7 @@ TRACE_EVENTS = (
     ("out_flood", "output", "flood"),
     ("out_queued", "output", "queued"),
     ("out_drop", "output", "drop {reason}"),
+    ("out_flood_unknown", "output", "flood unknown"),
 )
 SHAPER_VERDICTS = ("pass", "queue", "full")
 
@@ -163,7 +176,8 @@ def trace_step(event: int, a: int, b: int, frame_len: int) -> tuple[str, str]:
 # ---------------------------------------------------------------- table snapshot dtypes
 # fdb() and conntrack() rows (docs/datapath.md "Inspection"); numpy only on first use
 _DTYPE_FIELDS = {
-    "FDB_DTYPE": [("vlan", "<u2"), ("mac", "u1", (6,)), ("port", "<u2"), ("last_seen_ns", "<u8")],
+    "FDB_DTYPE": [("vlan", "<u2"), ("mac", "u1", (6,)), ("port", "<u2"), ("last_seen_ns", "<u8"),
+                  ("static", "u1")],
     "CT_DTYPE": [
         ("proto", "u1"), ("state", "u1"), ("hairpin", "u1"), ("family", "u1"),
         ("orig_src", "u1", (16,)), ("orig_dst", "u1", (16,)),

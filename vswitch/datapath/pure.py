@@ -63,7 +63,8 @@ import numpy as np
 from vswitch.datapath.consts import (
     CT_CLOSE, CT_DTYPE, CT_ESTABLISHED, CT_FIN, CT_STATE_NAMES, CT_SYN_RECV, CT_SYN_SENT, CT_UDP_NEW,
     CT_UDP_REPLIED, DEFAULTS, EGRESS, FDB_DTYPE, GC, GLOBAL_COUNTERS, INGRESS, MAX_FRAME,
-    MAX_IPS_PER_PORT, MAX_IPV6_EXT_HEADERS, OUT_DROP, OUT_FLOOD, OUT_QUEUED, PC,
+    MAX_IPS_PER_PORT, MAX_IPV6_EXT_HEADERS, OUT_DROP, OUT_FLOOD, OUT_FLOOD_UNKNOWN, OUT_QUEUED, PC,
+    FLOOD_MEMBER, FLOOD_UNKNOWN_MEMBER,
     PORT_COUNTERS, PORT_HOST, PORT_POD, PORT_UPLINK, SEC_NS, SWEEP_INTERVAL_NS,
     VNET_F_NEEDS_CSUM, FRAG_SLOTS, FRAG_TIMEOUT_NS, MAX_NODE_ADDRESSES, DROP_REASONS,
     SHAPER_VERDICTS, TRACE_EVENTS, trace_step,
@@ -498,10 +499,10 @@ class _Entry:
 
 
 class _FdbEntry:
-    __slots__ = ("port", "last_seen_ns")
+    __slots__ = ("port", "last_seen_ns", "static")
 
-    def __init__(self, port, last_seen_ns):
-        self.port, self.last_seen_ns = port, last_seen_ns
+    def __init__(self, port, last_seen_ns, static=False):
+        self.port, self.last_seen_ns, self.static = port, last_seen_ns, static
 
 
 class _Drop(Exception):
@@ -526,7 +527,9 @@ class Datapath:
                  tcp_close_timeout_ns=DEFAULTS["tcp_close_timeout_ns"],
                  udp_timeout_ns=DEFAULTS["udp_timeout_ns"],
                  udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"],
-                 tcp_syn_recv_timeout_ns=DEFAULTS["tcp_syn_recv_timeout_ns"]):
+                 tcp_syn_recv_timeout_ns=DEFAULTS["tcp_syn_recv_timeout_ns"],
+                 mac_learn_rate_per_s=DEFAULTS["mac_learn_rate_per_s"],
+                 mac_learn_burst=DEFAULTS["mac_learn_burst"]):
         self.max_ports = _index(max_ports, "max_ports", 1, 65535)
         self.mac_table_size = _index(mac_table_size, "mac_table_size", 1, _MAX_I63)
         self.conntrack_size = _index(conntrack_size, "conntrack_size", 1, _MAX_I63)
@@ -535,6 +538,8 @@ class Datapath:
         if self.vnet_hdr_len not in (0, 10, 12):
             raise ValueError(f"vnet_hdr_len must be 0, 10 or 12, got {vnet_hdr_len}")
         self.mac_aging_ns = _index(mac_aging_ns, "mac_aging_ns", 0, _MAX_I63)
+        self.mac_learn_rate_per_s = _index(mac_learn_rate_per_s, "mac_learn_rate_per_s", 0, 10**9)
+        self.mac_learn_burst = _index(mac_learn_burst, "mac_learn_burst", 1, 10**9)
         self._timeouts = {
             CT_SYN_SENT: _index(tcp_syn_timeout_ns, "tcp_syn_timeout_ns", 0, _MAX_I63),
             CT_ESTABLISHED: _index(tcp_est_timeout_ns, "tcp_est_timeout_ns", 0, _MAX_I63),
@@ -551,6 +556,9 @@ class Datapath:
         self._gw_ip = {4: None, 6: None}
         self._node_ips = frozenset()
         self._fdb = {}                         # (vlan, mac bytes) -> _FdbEntry
+        self._learned = {}                     # port id -> {key: None} of its learned entries, oldest first
+        self._learn_bucket = {}                # port id -> [tokens in learns*10^9, last_ns or None]
+        self._flood = np.zeros(self.max_ports, dtype=np.uint8)   # flood_classes()
         self._fdb_auto_sweep_ns = None
         self._rules = {}                       # rule key -> _Rule
         self._rule_ids = {}                    # rule id -> _Rule
@@ -579,6 +587,9 @@ class Datapath:
             raise ValueError(f"port kind must be PORT_POD, PORT_HOST or PORT_UPLINK (0, 1, 2), got {kind!r}")
         self._ports[pid] = _Port(kind)
         self._pc[pid] = [0] * len(PORT_COUNTERS)
+        self._learned[pid] = {}
+        self._learn_bucket[pid] = [self.mac_learn_burst * SEC_NS, None]
+        self._update_flood_classes()
 
     def remove_port(self, port_id):
         pid, port = self._port(port_id)
@@ -586,23 +597,61 @@ class Datapath:
             self._drop_shaper(pid, direction)
         for key in [k for k, e in self._fdb.items() if e.port == pid]:
             del self._fdb[key]
+        del self._learned[pid], self._learn_bucket[pid]
         for rule in sorted((r for r in self._rules.values() if r.pod_port_id == pid), key=lambda r: r.id):
             self._remove_rule(rule)
         for entry in [e for e in self._ct_entries if pid in (e.in_port, e.out_port)]:
             self._ct_delete(entry, "ct_deleted")
         del self._ports[pid]
+        self._update_flood_classes()
 
     def set_port_up(self, port_id, up):
         _, port = self._port(port_id)
         port.up = bool(up)
+        self._update_flood_classes()
+
+    def _update_flood_classes(self):
+        """flood_classes(): which ports a flood output is written to (D41)."""
+        self._flood[:] = 0
+        for pid, port in self._ports.items():
+            if port.up and port.shapers[INGRESS] is None:
+                self._flood[pid] = FLOOD_MEMBER | (FLOOD_UNKNOWN_MEMBER if port.kind != PORT_POD else 0)
+
+    def flood_classes(self):
+        """uint8[max_ports], read-only and kept current: bit FLOOD_MEMBER set for the ports an
+        OUT_FLOOD output is written to, FLOOD_UNKNOWN_MEMBER for OUT_FLOOD_UNKNOWN (the I/O
+        layer still skips the in port). Ports with an ingress shaper are in neither: they get
+        their copy through the shaper's queue (D41)."""
+        view = self._flood.view()
+        view.flags.writeable = False
+        return view
 
     def bind_port(self, port_id, mac=None, ips=None):
-        _, port = self._port(port_id)
+        pid, port = self._port(port_id)
         mac_b = None if mac is None else _mac(mac, "mac")
         ips_set = None
         if ips is not None:
             items = _addr_items(ips, " or None", MAX_IPS_PER_PORT, "ips per port")
             ips_set = frozenset(_ip(a, "ip") for a in items)
+        # D42: the bound MAC is a static FDB entry (vlan 0) of this port
+        # (a MAC bound to another port moves to this one: the latest binding owns it)
+        old_key = None if port.mac is None else (0, port.mac)
+        new_key = None if mac_b is None else (0, mac_b)
+        if new_key is not None and new_key not in self._fdb and new_key != old_key:
+            if len(self._fdb) >= self.mac_table_size and not any(self._learned.values()):
+                raise ValueError(f"the MAC table ({self.mac_table_size} entries) holds only bound MACs; "
+                                 f"cannot bind mac {mac_b.hex(':')}")
+        if old_key is not None and old_key != new_key:
+            e = self._fdb.get(old_key)
+            if e is not None and e.static and e.port == pid:
+                del self._fdb[old_key]
+        if new_key is not None:
+            e = self._fdb.get(new_key)
+            if e is not None:
+                self._fdb_delete(new_key)
+            elif len(self._fdb) >= self.mac_table_size:
+                self._evict(None)
+            self._fdb[new_key] = _FdbEntry(pid, 0, True)
         port.mac, port.ips = mac_b, ips_set
 
     def set_antispoof(self, port_id, enabled):
@@ -635,6 +684,7 @@ class Datapath:
         shaper = port.shapers[direction]
         if shaper is None:
             port.shapers[direction] = _Shaper(rate, burst, limit)
+            self._update_flood_classes()
         else:
             shaper.rate_bps, shaper.burst_bits, shaper.queue_limit_bytes = rate, burst, limit
             shaper.credit = min(shaper.credit, burst * SEC_NS)
@@ -653,6 +703,7 @@ class Datapath:
         for _ in shaper.queue:
             self._count_drop("queue_full", pid)
         port.shapers[direction] = None
+        self._update_flood_classes()
 
     def shaper_state(self, port_id, direction):
         _, port = self._port(port_id)
@@ -929,15 +980,33 @@ class Datapath:
             out = self._l2(buf, off, in_port, p.vlan, src_mac, nat_out, now, tr)
         except _Drop as drop:
             return self._dropped(drop, tr)
-        # 6. ingress shaping (unicast only) and 7. output
-        if out == OUT_FLOOD:
+        # 6. ingress shaping (a flood: a copy per shaped receiver, D41) and 7. output
+        if out in (OUT_FLOOD, OUT_FLOOD_UNKNOWN):
             self._gc[GC["flooded"]] += 1
+            charged = None
             for pid in sorted(self._ports):
-                if pid != in_port and self._ports[pid].up:
+                port = self._ports[pid]
+                if pid == in_port or not port.up or (out == OUT_FLOOD_UNKNOWN and port.kind == PORT_POD):
+                    continue
+                shaper = port.shapers[INGRESS]
+                if shaper is None:
                     self._count_tx(pid, length)
+                    continue
+                # always through the queue (the output value names no single port); with an
+                # empty queue and enough credit it is due at once (D41)
+                if charged is None:
+                    charged = self._charged_len(buf, off, buf[off:off + length].tobytes(), p)
+                shaper.refill(now)
+                if shaper.queue_bytes + length > shaper.queue_limit_bytes:
+                    self._count_drop("queue_full", pid)
+                    continue
+                H = self.vnet_hdr_len
+                shaper.append(_Queued(buf[off - H:off + length].tobytes(), length, charged, in_port,
+                                      pid, self._draining))
+                self._count_queued(pid)
             if tr is not None:
-                _trace(tr, "out_flood")
-            return OUT_FLOOD
+                _trace(tr, "out_flood" if out == OUT_FLOOD else "out_flood_unknown")
+            return out
         shaper = self._ports[out].shapers[INGRESS]
         if shaper is not None:
             charged = self._charged_len(buf, off, buf[off:off + length].tobytes(), p)
@@ -1295,7 +1364,7 @@ class Datapath:
         if entry is None:
             if tr is not None:
                 _trace(tr, "l2_unknown")
-            return OUT_FLOOD
+            return OUT_FLOOD_UNKNOWN
         if entry.port == in_port:
             raise _Drop("loop", in_port, "destination MAC is on the in port")
         port = self._ports.get(entry.port)
@@ -1307,39 +1376,85 @@ class Datapath:
 
     def _fdb_get(self, key, now):
         entry = self._fdb.get(key)
-        if entry is not None and now - entry.last_seen_ns > self.mac_aging_ns:
-            del self._fdb[key]
+        if entry is not None and not entry.static and now - entry.last_seen_ns > self.mac_aging_ns:
+            self._fdb_delete(key)
             return None
         return entry
+
+    def _fdb_delete(self, key):
+        entry = self._fdb.pop(key)
+        if not entry.static:
+            del self._learned[entry.port][key]
+
+    def _evict(self, learner):
+        """D43: deletes the oldest learned entry of the port holding the most learned
+        entries (the learning port if it is one of them, else the lowest such port id);
+        False when no learned entry exists."""
+        most = max((len(d) for d in self._learned.values()), default=0)
+        if most == 0:
+            return False
+        if learner is not None and len(self._learned[learner]) == most:
+            victim = learner
+        else:
+            victim = min(pid for pid, d in self._learned.items() if len(d) == most)
+        self._fdb_delete(next(iter(self._learned[victim])))
+        self._gc[GC["mac_evicted"]] += 1
+        return True
+
+    def _learn_token(self, port_id, now):
+        """D44: takes one new-MAC token of the port's learning bucket; False when empty."""
+        rate = self.mac_learn_rate_per_s
+        if rate == 0:
+            return True
+        bucket = self._learn_bucket[port_id]
+        cap = self.mac_learn_burst * SEC_NS
+        if bucket[1] is not None:
+            bucket[0] = min(cap, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if bucket[0] < SEC_NS:
+            return False
+        bucket[0] -= SEC_NS
+        return True
 
     def _learn(self, vlan, mac, in_port, now):
         if mac[0] & 1:
             return
         key = (vlan, mac)
+        entry = self._fdb.get(key)
+        if entry is not None and entry.static:
+            if entry.port != in_port:     # D42: a bound MAC is never taken over
+                raise _Drop("mac_stolen", in_port, f"source MAC is bound to port {entry.port}")
+            return
         entry = self._fdb_get(key, now)
         if entry is not None:
             if entry.port != in_port:
+                del self._learned[entry.port][key]
+                self._learned[in_port][key] = None      # a move is a new learn on in_port (D43)
                 entry.port = in_port
                 self._gc[GC["mac_moves"]] += 1
             entry.last_seen_ns = now
+            return
+        if not self._learn_token(in_port, now):
+            self._gc[GC["mac_learn_limited"]] += 1
             return
         if len(self._fdb) >= self.mac_table_size:
             if self._fdb_auto_sweep_ns is None or now - self._fdb_auto_sweep_ns >= SWEEP_INTERVAL_NS:
                 self._fdb_auto_sweep_ns = now
                 self.mac_sweep(now)
-            if len(self._fdb) >= self.mac_table_size:
+            if len(self._fdb) >= self.mac_table_size and not self._evict(in_port):
                 self._gc[GC["mac_table_full"]] += 1
                 return
         self._fdb[key] = _FdbEntry(in_port, now)
+        self._learned[in_port][key] = None
         self._gc[GC["mac_learned"]] += 1
 
     # ------------------------------------------------------------------ sweeps and snapshots
 
     def mac_sweep(self, now_ns):
         now = _index(now_ns, "now_ns", 0, _MAX_I63)
-        aged = [k for k, e in self._fdb.items() if now - e.last_seen_ns > self.mac_aging_ns]
+        aged = [k for k, e in self._fdb.items() if not e.static and now - e.last_seen_ns > self.mac_aging_ns]
         for k in aged:
-            del self._fdb[k]
+            self._fdb_delete(k)
         return len(aged)
 
     def conntrack_sweep(self, now_ns):
@@ -1352,7 +1467,7 @@ class Datapath:
     def fdb(self):
         out = np.zeros(len(self._fdb), dtype=FDB_DTYPE)
         for i, ((vlan, mac), e) in enumerate(sorted(self._fdb.items(), key=lambda kv: kv[0])):
-            out[i] = (vlan, tuple(mac), e.port, e.last_seen_ns)
+            out[i] = (vlan, tuple(mac), e.port, e.last_seen_ns, e.static)
         return out
 
     def conntrack(self):

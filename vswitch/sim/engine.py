@@ -920,7 +920,7 @@ class Engine:
         """Hand the first ``n`` outputs of a ``process``/``drain`` at time ``t`` to their ports.
 
         Each frame (``buf[offsets[i]:][:lengths[i]]``) is recorded on its output port (a
-        flood: every up port but its input) and given to the host behind it, whose replies
+        flood: every up port of its flood class but its input) and given to the host behind it, whose replies
         are queued at ``t + reply_delay_ns``.
         """
         outs = out_ports[:n].tolist()
@@ -930,10 +930,17 @@ class Engine:
         delay = self.reply_delay_ns
         for i in range(n):
             o = outs[i]
-            if o < 0 and o != C.OUT_FLOOD:
+            if o < 0 and o != C.OUT_FLOOD and o != C.OUT_FLOOD_UNKNOWN:
                 continue
             frame = buf[offs[i]:offs[i] + lens[i]].tobytes()
-            targets = (o,) if o >= 0 else [p for p in self._flood() if p != ins[i]]
+            if o >= 0:
+                targets = (o,)
+            else:
+                # the datapath's flood classes (D41): unknown unicast to host/uplink ports only;
+                # a port with an ingress shaper gets its copy from its queue (drain)
+                member = C.FLOOD_MEMBER if o == C.OUT_FLOOD else C.FLOOD_UNKNOWN_MEMBER
+                fc = self.switch.dp.flood_classes()
+                targets = [p for p in self._flood() if p != ins[i] and fc[p] & member]
             for pid in targets:
                 rec = self._ports.get(pid)
                 if rec is None:

@@ -412,7 +412,7 @@ class BulkResult:
     delivered: dict = field(default_factory=dict)   # port name -> frames output to it
     dropped: int = 0                # OUT_DROP outcomes (process and drain)
     queued: int = 0                 # OUT_QUEUED outcomes
-    flooded: int = 0                # OUT_FLOOD outcomes
+    flooded: int = 0                # OUT_FLOOD and OUT_FLOOD_UNKNOWN outcomes
 
     @property
     def frames_per_s(self) -> float:
@@ -425,7 +425,10 @@ class _Tally:
         self.sim = sim
         self.max_ports = sim.config.max_ports
         self.out = np.zeros(self.max_ports, np.int64)
-        self.flood_from = np.zeros(self.max_ports, np.int64)
+        # per flood output (OUT_FLOOD, OUT_FLOOD_UNKNOWN): count, and count per input port
+        self.flood_from = {C.OUT_FLOOD: np.zeros(self.max_ports, np.int64),
+                           C.OUT_FLOOD_UNKNOWN: np.zeros(self.max_ports, np.int64)}
+        self.flood_n = {C.OUT_FLOOD: 0, C.OUT_FLOOD_UNKNOWN: 0}
         self.floods = 0
         self.drops = 0
         self.queued = 0
@@ -438,22 +441,28 @@ class _Tally:
             self.out += np.bincount(outs, minlength=self.max_ports)
             return
         self.out += np.bincount(outs[pos], minlength=self.max_ports)
-        fl = outs == C.OUT_FLOOD
-        nf = int(fl.sum())
-        if nf:
-            self.floods += nf
-            self.flood_from += np.bincount(ins[fl], minlength=self.max_ports)
+        for kind in (C.OUT_FLOOD, C.OUT_FLOOD_UNKNOWN):
+            fl = outs == kind
+            nf = int(fl.sum())
+            if nf:
+                self.floods += nf
+                self.flood_n[kind] += nf
+                self.flood_from[kind] += np.bincount(ins[fl], minlength=self.max_ports)
         self.drops += int((outs == C.OUT_DROP).sum())
         self.queued += int((outs == C.OUT_QUEUED).sum())
 
     def delivered(self) -> dict:
         sim = self.sim
         res = {}
-        up = {p.port_id for p in sim.switch.ports() if p.up}     # flood targets
+        # flood targets: the datapath's flood classes (docs/datapath.md D41); a shaped port's
+        # copies went through its queue and are counted when drained
+        fc = sim.switch.dp.flood_classes()
+        member = {C.OUT_FLOOD: C.FLOOD_MEMBER, C.OUT_FLOOD_UNKNOWN: C.FLOOD_UNKNOWN_MEMBER}
         for pid, name in sim.port_names().items():
             n = int(self.out[pid])
-            if pid in up:
-                n += self.floods - int(self.flood_from[pid])
+            for kind, bit in member.items():
+                if fc[pid] & bit:
+                    n += self.flood_n[kind] - int(self.flood_from[kind][pid])
             if n:
                 res[name] = n
         return res
