@@ -90,3 +90,26 @@ def running_cluster(nss: Namespaces, workdir: Path, daemon_args=()):
         rc = c.daemon.stop()
         if rc not in (0, None, -9):
             print(c.daemon.logs())
+
+
+UPLINK_NODE_IP = "192.0.2.1"
+UPLINK_CLIENT_IP = "192.0.2.10"
+
+
+def uplinked_cluster(nss: Namespaces, workdir: Path, daemon_args=()) -> Cluster:
+    """A started ``Cluster`` whose daemon runs ``--uplink`` on a veth to a client namespace.
+
+    The node holds ``UPLINK_NODE_IP``/24 on the NIC (``c.nic``), the client ``UPLINK_CLIENT_IP``
+    on its end (``c.peer``) in ``c.client``. The caller stops the daemon."""
+    node = nss.new("n")
+    client = nss.new("c")
+    nic, peer = f"up{node[-7:]}", f"cl{node[-7:]}"
+    sh("ip", "link", "add", nic, "netns", node, "type", "veth", "peer", "name", peer, "netns", client)
+    nsexec(node, "ip", "addr", "add", f"{UPLINK_NODE_IP}/24", "dev", nic)
+    nsexec(node, "ip", "link", "set", nic, "up")
+    nsexec(client, "ip", "addr", "add", f"{UPLINK_CLIENT_IP}/24", "dev", peer)
+    nsexec(client, "ip", "link", "set", peer, "up")
+    c = Cluster(nss, workdir, node_ns=node, daemon_args=["--uplink", nic, *daemon_args])
+    c.client, c.nic, c.peer = client, nic, peer
+    c.daemon.start()
+    return c

@@ -2,16 +2,15 @@
 hostPort through --uplink, and kill -9 of the daemon under traffic. Each is bounded in
 time and asserts its invariant (new clients accepted, established connections survive,
 pods and hostPorts back), printing its figures."""
-import re
 import sys
 import time
 
 import pytest
 
-from tests.integration.helpers import Cluster, nsexec, nspopen, ping, sh, wait_listening
+from tests.integration.helpers import (UPLINK_CLIENT_IP, UPLINK_NODE_IP, uplinked_cluster,
+                                       nsexec, nspopen, ping, wait_listening)
 
-NODE_IP = "192.0.2.1"
-CLIENT_IP = "192.0.2.10"
+NODE_IP, CLIENT_IP = UPLINK_NODE_IP, UPLINK_CLIENT_IP
 CT_SIZE = 1024
 FLOOD_SYNS = 100_000
 
@@ -93,17 +92,7 @@ print(sent, round(time.monotonic() - t0, 2))
 
 @pytest.fixture
 def uplinked(nss, tmp_path):
-    node = nss.new("n")
-    client = nss.new("c")
-    nic, peer = f"up{node[-7:]}", f"cl{node[-7:]}"
-    sh("ip", "link", "add", nic, "netns", node, "type", "veth", "peer", "name", peer, "netns", client)
-    nsexec(node, "ip", "addr", "add", f"{NODE_IP}/24", "dev", nic)
-    nsexec(node, "ip", "link", "set", nic, "up")
-    nsexec(client, "ip", "addr", "add", f"{CLIENT_IP}/24", "dev", peer)
-    nsexec(client, "ip", "link", "set", peer, "up")
-    c = Cluster(nss, tmp_path, node_ns=node, daemon_args=["--uplink", nic, "--conntrack-size", str(CT_SIZE)])
-    c.client, c.nic, c.peer = client, nic, peer
-    c.daemon.start()
+    c = uplinked_cluster(nss, tmp_path, ["--conntrack-size", str(CT_SIZE)])
     c.procs = []
     try:
         yield c
@@ -138,7 +127,7 @@ def test_syn_flood_from_spoofed_sources_leaves_the_hostport_open(uplinked):
     wait_listening(a.ns, 80)
     held = _held(c, c.client, NODE_IP, 8080)
     assert _echo(held, "before") == "before"
-    nic_mac = nsexec(c.node, "cat", f"/sys/class/net/vsw0/address").stdout.strip().replace(":", "")
+    nic_mac = nsexec(c.node, "cat", "/sys/class/net/vsw0/address").stdout.strip().replace(":", "")
     out = nsexec(c.client, sys.executable, "-c", SYN_FLOOD, c.peer, nic_mac, NODE_IP, "8080",
                  str(FLOOD_SYNS), timeout=120).stdout.split()
     sent, secs = int(out[0]), float(out[1])

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from tests.integration.helpers import Cluster, nsexec, nspopen, ping, sh, wait_listening
+from tests.integration.helpers import (UPLINK_CLIENT_IP, UPLINK_NODE_IP, uplinked_cluster,
+                                       nsexec, nspopen, ping, wait_listening)
 
-NODE_IP = "192.0.2.1"
-CLIENT_IP = "192.0.2.10"
+NODE_IP, CLIENT_IP = UPLINK_NODE_IP, UPLINK_CLIENT_IP
 
 # a TCP server that answers each connection with the peer's address, and a UDP one alike
 TCP_SERVER = r"""
@@ -51,17 +51,7 @@ def _client(ns, proto, ip, port, msg):
 
 @pytest.fixture
 def uplinked(nss, tmp_path):
-    node = nss.new("n")
-    client = nss.new("c")
-    nic, peer = f"up{node[-7:]}", f"cl{node[-7:]}"
-    sh("ip", "link", "add", nic, "netns", node, "type", "veth", "peer", "name", peer, "netns", client)
-    nsexec(node, "ip", "addr", "add", f"{NODE_IP}/24", "dev", nic)
-    nsexec(node, "ip", "link", "set", nic, "up")
-    nsexec(client, "ip", "addr", "add", f"{CLIENT_IP}/24", "dev", peer)
-    nsexec(client, "ip", "link", "set", peer, "up")
-    c = Cluster(nss, tmp_path, node_ns=node, daemon_args=["--uplink", nic])
-    c.client, c.nic = client, nic
-    c.daemon.start()
+    c = uplinked_cluster(nss, tmp_path, ())
     servers = []
     c.servers = servers
     try:

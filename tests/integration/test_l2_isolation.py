@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from tests.integration.helpers import Cluster, nsexec, nspopen, ping, sh
+from tests.integration.helpers import (UPLINK_CLIENT_IP, UPLINK_NODE_IP, uplinked_cluster,
+                                       nsexec, nspopen, ping)
 
-NODE_IP = "192.0.2.1"
-CLIENT_IP = "192.0.2.10"
+NODE_IP, CLIENT_IP = UPLINK_NODE_IP, UPLINK_CLIENT_IP
 RATE_BPS = 10_000_000
 BURST_BITS = 100_000
 MAC_FLOOD_FRAMES = 200_000
@@ -93,17 +93,7 @@ print(sent, round(time.monotonic() - t0, 2))
 
 @pytest.fixture
 def node(nss, tmp_path):
-    n = nss.new("n")
-    client = nss.new("c")
-    nic, peer = f"up{n[-7:]}", f"cl{n[-7:]}"
-    sh("ip", "link", "add", nic, "netns", n, "type", "veth", "peer", "name", peer, "netns", client)
-    nsexec(n, "ip", "addr", "add", f"{NODE_IP}/24", "dev", nic)
-    nsexec(n, "ip", "link", "set", nic, "up")
-    nsexec(client, "ip", "addr", "add", f"{CLIENT_IP}/24", "dev", peer)
-    nsexec(client, "ip", "link", "set", peer, "up")
-    c = Cluster(nss, tmp_path, node_ns=n, daemon_args=["--uplink", nic])
-    c.client, c.nic, c.peer = client, nic, peer
-    c.daemon.start()
+    c = uplinked_cluster(nss, tmp_path, ())
     c.procs = []
     try:
         yield c
