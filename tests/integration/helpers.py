@@ -113,3 +113,19 @@ def uplinked_cluster(nss: Namespaces, workdir: Path, daemon_args=()) -> Cluster:
     c.client, c.nic, c.peer = client, nic, peer
     c.daemon.start()
     return c
+
+
+@contextlib.contextmanager
+def uplinked_node(nss: Namespaces, workdir: Path, daemon_args=()):
+    """``uplinked_cluster`` with a ``procs`` list: those processes are killed and the daemon
+    stopped in every outcome."""
+    c = uplinked_cluster(nss, workdir, daemon_args)
+    c.procs = []
+    try:
+        yield c
+    finally:
+        for p in c.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)
+        c.daemon.stop()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.integration.helpers import (UPLINK_CLIENT_IP, UPLINK_NODE_IP, uplinked_cluster,
+from tests.integration.helpers import (UPLINK_CLIENT_IP, UPLINK_NODE_IP, uplinked_node,
                                        nsexec, nspopen, ping, wait_listening)
 
 NODE_IP, CLIENT_IP = UPLINK_NODE_IP, UPLINK_CLIENT_IP
@@ -92,16 +92,8 @@ print(sent, round(time.monotonic() - t0, 2))
 
 @pytest.fixture
 def uplinked(nss, tmp_path):
-    c = uplinked_cluster(nss, tmp_path, ["--conntrack-size", str(CT_SIZE)])
-    c.procs = []
-    try:
+    with uplinked_node(nss, tmp_path, ["--conntrack-size", str(CT_SIZE)]) as c:
         yield c
-    finally:
-        for p in c.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
-        c.daemon.stop()
 
 
 def _held(c, ns, ip, port):
