@@ -46,6 +46,16 @@ MAX_NODE_ADDRESSES = 64
 
 # virtio-net header
 VNET_F_NEEDS_CSUM = 1
+# gso_type bit of a frame the core encapsulated in VXLAN: Linux 6.17's
+# VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4; the I/O layer segments such frames (docs/datapath.md "VXLAN")
+VNET_GSO_UDP_TUNNEL_IPV4 = 0x20
+
+# VXLAN (RFC 7348; docs/datapath.md "VXLAN"): the outer Ethernet + IPv4 + UDP + VXLAN headers
+ENCAP_LEN = 50
+# bytes every I/O layer leaves free before each frame's vnet header, for the outer headers
+ENCAP_HEADROOM = 64
+MAX_PEER_CIDRS = 8
+VXLAN_PORT = 4789
 
 # conntrack states
 CT_SYN_SENT = 1
