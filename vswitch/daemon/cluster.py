@@ -35,9 +35,21 @@ between them and the daemon's one loop thread:
   after the TTL unless the daemon is back sooner, re-claiming the same subnet); with no
   pod left it revokes the lease, so the others forget the node at once.
 
-The peers seam: ``_apply_peers`` is the single place a new peer list arrives. It records
-and counts it; programming the datapath (issue 13's ``peers`` op: VXLAN remote-node table)
-plugs in there and nothing here pretends to do it before that exists.
+The peers seam: ``_apply_peers`` is the single place a new peer list arrives (loop thread).
+It records and counts it, refuses the peers that cannot be routed to (below), and hands the
+rest to the daemon's VXLAN peer table, ``Vxlan.replace("cluster", [dicts of name, node_ip,
+pod_cidrs, vtep_mac])`` (``vswitch.daemon.vxlan``; set by ``attach_vxlan``): that source's
+set is replaced, the datapath's remote-node table follows. Cluster mode implies VXLAN (the
+daemon turns it on; it needs ``--uplink``), so the VTEP MAC announced in the record is the
+one the datapath's VTEP uses (``start(vtep_mac)``).
+A record is untrusted input (anyone with write access to the prefix can put one there), so
+a peer is **refused** - left out, logged once per (name, revision), counted
+(``peers_refused``) - when its node IP is not IPv4 (the VTEP is IPv4), a pod CIDR lies
+outside the cluster CIDR of its family, overlaps one of this node's subnets, or overlaps a
+CIDR of a peer accepted before it (the older record, by etcd ``mod_revision``, keeps it:
+the subnet keys make a well-behaved node's subnet unique, so only a forged or stale record
+collides). If the VXLAN table still refuses the list (``ValueError``), the previous table
+stays (fail static) and the error is logged and counted (``peer_errors``).
 """
 from __future__ import annotations
 
@@ -134,8 +146,21 @@ class ClusterMode:
         self.peer_updates = 0       # peer lists applied
         self.peers_joined = 0
         self.peers_left = 0
+        self.peers_refused = 0      # peers left out of the VXLAN table (see the module docstring)
+        self.peer_errors = 0        # peer lists the VXLAN table refused (the previous one kept)
+        self.refused: dict[str, str] = {}     # peer name -> why it was left out (last list)
+        self._refusals_logged: set[tuple[str, int]] = set()
+        self.vxlan = None           # vswitch.daemon.vxlan.Vxlan (attach_vxlan)
 
     # ------------------------------------------------------------------ start / stop
+
+    def attach_vxlan(self, vxlan) -> None:
+        """The daemon's VXLAN peer table: every peer list from now on is programmed into it
+        (``vxlan.replace("cluster", peers)``, on the loop thread); the last list, if one
+        arrived before, is programmed at once."""
+        self.vxlan = vxlan
+        if self.peers:
+            self._program(list(self.peers.values()))
 
     def start(self, vtep_mac: str | None) -> None:
         """Start the membership (threads; returns at once). Raises SystemExit on a value
@@ -241,10 +266,8 @@ class ClusterMode:
 
     def _apply_peers(self, peers) -> None:
         """The one place a new list of the other nodes (``vswitch.cluster.records.Peer``,
-        sorted) arrives. Today it is recorded (``nodes``, ``status``, metrics) and counted;
-        the ``peers`` control op of issue 13 (the datapath's VXLAN remote-node table:
-        pod CIDR -> VTEP IP, VTEP MAC) plugs in here, with ``peers`` as its input. Nothing
-        is programmed: cross-node forwarding does not exist yet."""
+        sorted by name) arrives: recorded (``nodes``, ``status``, metrics), counted, and
+        programmed into the VXLAN peer table (``_program``)."""
         now = time.time()
         new = {}
         for p in peers:
@@ -260,6 +283,55 @@ class ClusterMode:
         self.peers_joined += len(joined)
         self.peers_left += len(left)
         self.log("cluster_peers", peers=len(new), joined=joined, left=left)
+        self._program(list(new.values()))
+
+    def usable_peers(self, peers: list[dict]) -> tuple[list[dict], dict[str, str]]:
+        """``peers`` split into those that can be routed to and {name: why not} for the rest
+        (the rules are in the module docstring)."""
+        clusters = [ipaddress.ip_network(c) for c in self.conf.cluster_cidrs]
+        taken = [ipaddress.ip_network(s) for s in self.subnets]       # ours first
+        ok, refused = [], {}
+        for p in sorted(peers, key=lambda p: (p.get("mod_revision", 0), p["name"])):
+            why = None
+            if ipaddress.ip_address(p["node_ip"]).version != 4:
+                why = f"node IP {p['node_ip']} is not IPv4 (the VXLAN underlay is IPv4)"
+            nets = [ipaddress.ip_network(c) for c in p["pod_cidrs"]]
+            for n in nets:
+                if why:
+                    break
+                fam = [c for c in clusters if c.version == n.version]
+                if not fam or not n.subnet_of(fam[0]):
+                    why = f"pod CIDR {n} is outside the cluster CIDR(s) {', '.join(self.conf.cluster_cidrs)}"
+                    break
+                clash = next((t for t in taken if t.version == n.version and t.overlaps(n)), None)
+                if clash is not None:
+                    whose = "this node's subnet" if str(clash) in self.subnets else "an older peer's CIDR"
+                    why = f"pod CIDR {n} overlaps {whose} {clash}"
+            if why:
+                refused[p["name"]] = why
+                continue
+            taken.extend(nets)
+            ok.append(p)
+        return sorted(ok, key=lambda p: p["name"]), refused
+
+    def _program(self, peers: list[dict]) -> None:
+        usable, refused = self.usable_peers(peers)
+        self.refused = refused
+        for name, why in refused.items():
+            key = (name, next((p.get("mod_revision", 0) for p in peers if p["name"] == name), 0))
+            if key not in self._refusals_logged:
+                self._refusals_logged.add(key)
+                self.peers_refused += 1
+                self.log("cluster_peer_refused", level="warning", peer=name, why=why)
+        if self.vxlan is None:
+            return
+        try:
+            self.vxlan.replace("cluster", [{"name": p["name"], "node_ip": p["node_ip"],
+                                            "pod_cidrs": list(p["pod_cidrs"]), "vtep_mac": p["vtep_mac"]}
+                                           for p in usable])
+        except ValueError as exc:
+            self.peer_errors += 1
+            self.log("cluster_peers_refused", level="error", msg=str(exc), peers=[p["name"] for p in usable])
 
     # ------------------------------------------------------------------ the ops
 
@@ -288,7 +360,8 @@ class ClusterMode:
                 "lease_ttl_s": st.get("lease_ttl_s", 0), "last_revision": st.get("last_revision", 0),
                 "peers": len(self.peers), "peer_updates": self.peer_updates,
                 "peers_joined": self.peers_joined, "peers_left": self.peers_left,
-                "registrations": st.get("registrations", 0), "relists": st.get("relists", 0),
+                "peers_refused": self.peers_refused, "peer_errors": self.peer_errors,
+                "refused": dict(self.refused), "registrations": st.get("registrations", 0), "relists": st.get("relists", 0),
                 "ignored_records": st.get("ignored_records", 0), "last_error": st.get("last_error"),
                 "fatal": st.get("fatal")}
 
@@ -322,6 +395,10 @@ class ClusterMode:
         counter("peer_updates", "Peer lists applied.", st["peer_updates"])
         counter("peers_joined", "Nodes that appeared.", st["peers_joined"])
         counter("peers_left", "Nodes that disappeared.", st["peers_left"])
+        counter("peers_refused", "Peer records left out of the VXLAN table (overlapping or foreign CIDRs).",
+                st["peers_refused"])
+        counter("peer_errors", "Peer lists the VXLAN table refused (the previous table was kept).",
+                st["peer_errors"])
         counter("registrations", "Registrations with etcd (the first and every re-registration).",
                 st["registrations"])
         counter("relists", "Full listings of the node records.", st["relists"])
