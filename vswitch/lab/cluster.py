@@ -250,13 +250,26 @@ class Node:
 
     kind = "abstract"
 
-    def __init__(self, underlay: Underlay, index: int, *, pod_cidr: str, vni: int = DEFAULT_VNI,
+    def __init__(self, underlay: Underlay, index: int, *, pod_cidr: str | None, vni: int = DEFAULT_VNI,
                  port: int = IANA_VXLAN_PORT):
         self.underlay = underlay
         self.index = _check_int("index", index, 1, 253)
         self.name = f"n{index}"
         self.vni = _check_int("vni", vni, 0, MAX_VNI)
         self.port = _check_int("port", port, 1, 65535)
+        # pod_cidr None: leased at open (a node in cluster mode, vswitch.lab.etcdns)
+        self.pod_net = self.pod_cidr = self.gateway_ip = self.vtep_ip = None
+        if pod_cidr is not None:
+            self._set_pod_cidr(pod_cidr)
+        self.mtu = underlay.mtu
+        self.pod_mtu = underlay.mtu - VXLAN_OVERHEAD_BYTES
+        self.nss = lab.Namespaces(f"c{self.kind[0]}")
+        self.ns: str | None = None
+        self.underlay_ip: str | None = None
+        self.pods: list[Pod] = []
+        self.peers: dict[str, Node] = {}
+
+    def _set_pod_cidr(self, pod_cidr: str) -> None:
         try:
             self.pod_net = ipaddress.IPv4Network(pod_cidr, strict=True)
         except ValueError as exc:
@@ -269,13 +282,6 @@ class Node:
         # flannel puts the subnet's network address on the vxlan device as /32: the VTEP IP,
         # the next hop of the other nodes' routes to this subnet
         self.vtep_ip = str(self.pod_net.network_address)
-        self.mtu = underlay.mtu
-        self.pod_mtu = underlay.mtu - VXLAN_OVERHEAD_BYTES
-        self.nss = lab.Namespaces(f"c{self.kind[0]}")
-        self.ns: str | None = None
-        self.underlay_ip: str | None = None
-        self.pods: list[Pod] = []
-        self.peers: dict[str, Node] = {}
 
     # -- the interface
     # (each kind implements these; the base class only names them)
