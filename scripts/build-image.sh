@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Builds the vswitch container image from Debian packages, with no registry pull, as root:
+#
+#   1. the wheel: `pip wheel` of `git archive COMMIT` (the commit's files, not the work
+#      tree's), built with the venv's Cython and numpy headers (NumPy 2 headers target the
+#      1.23 C API by default, so the core runs on Debian 12's numpy 1.24);
+#   2. the root filesystem: mmdebstrap --variant=minbase of Debian 12 (bookworm) with
+#      python3, iproute2, nftables (vswitchd execs only `nft`, for ipMasq) and the runtime
+#      dependencies as Debian packages: python3-numpy (1.24), python3-pyroute2 (0.7.2),
+#      python3-requests, python3-futurist, python3-pbr (etcd3gw's dependencies);
+#   3. a virtualenv /opt/vswitch with the system site-packages (Debian's python3 is
+#      "externally managed", PEP 668, so pip does not write into /usr) holding the wheel and
+#      etcd3gw, which is the one dependency from PyPI: Debian 12's python3-etcd3gw is 2.0.0
+#      and the cluster mode needs >= 2.7 (vswitch/cluster/store.py); it is downloaded here,
+#      on the build host, and installed offline;
+#   4. a smoke test in the root filesystem (imports, the Cython core forwards a frame);
+#   5. `buildah from scratch` + the root filesystem + config, committed as
+#      vswitch:VERSION-SHORTCOMMIT and tagged vswitch:latest (local storage, the one podman
+#      and buildah share).
+#
+# Entry points: ENTRYPOINT vswitch-entrypoint (vswitch/daemon/entrypoint.py: runs vswitchd,
+# gives the uplink NIC back if it dies), CMD vswitchd; `vswitchctl install-cni ...` as the
+# command of an init container. The Containerfile beside this script builds the same image
+# from a registry's debian:12 for people who have one.
+#
+# Usage: scripts/build-image.sh [--commit REF] [--tag NAME:TAG] [--force]
+#   --commit REF   build this commit (default HEAD)
+#   --tag N:T      the image name (default vswitch:VERSION-SHORTCOMMIT)
+#   --force        build even if the tag exists (default: a built tag is reused, so the
+#                  tests build an image once per commit)
+# Prints the image name on its last line of stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+commit=HEAD tag= force=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        --commit) commit=$2; shift 2 ;;
+        --tag) tag=$2; shift 2 ;;
+        --force) force=1; shift ;;
+        *) echo "build-image: unknown argument $1 (accepted: --commit REF, --tag NAME:TAG, --force)" >&2; exit 2 ;;
+    esac
+done
+if [ "$(id -u)" -ne 0 ]; then
+    echo "build-image: must run as root (mmdebstrap chroots, buildah writes /var/lib/containers)" >&2
+    exit 1
+fi
+for tool in mmdebstrap buildah git; do
+    command -v "$tool" >/dev/null || { echo "build-image: $tool missing: run scripts/setup.sh" >&2; exit 1; }
+done
+python=${PYTHON:-$repo/.venv/bin/python}
+[ -x "$python" ] || { echo "build-image: $python missing: run scripts/setup.sh" >&2; exit 1; }
+
+sha=$(git rev-parse --verify "$commit^{commit}")
+short=$(git rev-parse --short=12 "$sha")
+version=$(git show "$sha:vswitch/__init__.py" | sed -n 's/^__version__ = "\(.*\)"$/\1/p')
+[ -n "$version" ] || { echo "build-image: no __version__ in vswitch/__init__.py at $short" >&2; exit 1; }
+tag=${tag:-vswitch:$version-$short}
+etcd3gw_req='etcd3gw>=2.7'
+
+if [ "$force" = 0 ] && buildah inspect --type image "$tag" >/dev/null 2>&1; then
+    echo "build-image: $tag exists (commit $short); not rebuilt (--force rebuilds)" >&2
+    buildah tag "$tag" vswitch:latest
+    echo "localhost/$tag"
+    exit 0
+fi
+
+work=$(mktemp -d /var/tmp/vswitch-image.XXXXXX)
+ctr=
+cleanup() {
+    [ -n "$ctr" ] && buildah rm "$ctr" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "build-image: wheel of $short (version $version)" >&2
+mkdir -p "$work/src" "$work/wheels"
+git archive "$sha" | tar -x -C "$work/src"
+# no build isolation: the venv has the build requirements (setuptools, Cython, numpy), and
+# nothing is fetched for the build
+"$python" -m pip wheel -q --no-deps --no-build-isolation -w "$work/wheels" "$work/src" >&2
+"$python" -m pip download -q --no-deps --only-binary=:all: -d "$work/wheels" "$etcd3gw_req" >&2
+ls "$work/wheels" >&2
+
+echo "build-image: root filesystem (mmdebstrap, Debian 12 minbase)" >&2
+# The hooks run on the host with the root filesystem at "$1".
+mmdebstrap --quiet --variant=minbase --mode=root \
+    --include=python3,python3-venv,python3-numpy,python3-pyroute2,python3-requests,python3-futurist,python3-pbr,iproute2,nftables \
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+    --customize-hook="mkdir -p \"\$1/tmp/wheels\" && cp $work/wheels/*.whl \"\$1/tmp/wheels/\"" \
+    --customize-hook='chroot "$1" python3 -m venv --system-site-packages /opt/vswitch' \
+    --customize-hook='chroot "$1" sh -c "/opt/vswitch/bin/pip install -q --no-index --no-deps --no-cache-dir /tmp/wheels/*.whl"' \
+    --customize-hook='chroot "$1" /opt/vswitch/bin/pip uninstall -q -y pip setuptools' \
+    --customize-hook='for s in vswitchd vswitchctl vswitch-cni; do ln -s /opt/vswitch/bin/$s "$1/usr/local/bin/$s"; done' \
+    --customize-hook='printf "#!/bin/sh\nexec /opt/vswitch/bin/python -m vswitch.daemon.entrypoint \"\$@\"\n" > "$1/usr/local/bin/vswitch-entrypoint" && chmod 755 "$1/usr/local/bin/vswitch-entrypoint"' \
+    --customize-hook='chroot "$1" /opt/vswitch/bin/python -c "import numpy, pyroute2, etcd3gw, vswitch.daemon.main, vswitch.daemon.entrypoint, vswitch_cni.plugin; from vswitch import datapath; print(\"build-image: smoke:\", datapath.module().__name__, \"numpy\", numpy.__version__, \"pyroute2\", pyroute2.__version__)"' \
+    --customize-hook='chroot "$1" vswitchd --version && chroot "$1" vswitchctl install-cni --help >/dev/null && command -v nft >/dev/null' \
+    --customize-hook='rm -rf "$1/tmp/wheels" "$1/var/lib/apt/lists"/* "$1/var/cache/apt"/*.bin; find "$1/opt/vswitch" -name __pycache__ -prune -o -name "*.pyc" -print0 | xargs -0r rm -f' \
+    bookworm "$work/rootfs.tar" >&2
+
+echo "build-image: committing $tag (buildah)" >&2
+ctr=$(buildah from scratch)
+buildah add "$ctr" "$work/rootfs.tar" / >/dev/null
+buildah config \
+    --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --entrypoint '["/usr/local/bin/vswitch-entrypoint"]' --cmd vswitchd \
+    --label org.opencontainers.image.title=vswitch \
+    --label org.opencontainers.image.version="$version" \
+    --label org.opencontainers.image.revision="$sha" \
+    --label org.opencontainers.image.base.name=debian:bookworm-minbase \
+    "$ctr"
+buildah commit -q --rm "$ctr" "$tag" >/dev/null
+ctr=
+buildah tag "$tag" vswitch:latest
+echo "build-image: built $tag" >&2
+echo "localhost/$tag"
