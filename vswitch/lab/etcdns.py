@@ -11,6 +11,16 @@ veth (``eth0``, the node's underlay address), each running ``lab.Daemon`` with t
 cluster flags; the node IP is then the route source towards etcd, i.e. the node's
 ``eth0`` address. Everything is removed in every outcome: daemons stopped by their PIDs,
 etcd killed by its PID, the namespaces deleted. Imports no pytest.
+
+For the multi-node lab with traffic (``lab.cluster.Cluster(..., etcd_members=1 or 3)``):
+``UnderlayEtcd`` runs one or three members in the underlay namespace, on the last host
+addresses of the underlay range (added to ``br0``), and ``MemberNode`` is a
+``lab.cluster.VswitchNode`` in cluster mode: its vswitchd gets ``--uplink eth0`` and the
+cluster flags, registers itself (its subnet is leased at ``open``, which waits for the
+``pod_cidr`` op to answer, and read back into ``pod_cidr``), learns the other nodes from
+etcd (no peer files, no ``add_peer``), and its pods are ADDed through the CNI plugin with
+host-local on ``"subnet": "usePodCidr"`` and the ``portMappings``/``bandwidth``
+capabilities.
 """
 from __future__ import annotations
 
@@ -20,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from vswitch import lab
-from vswitch.lab.cluster import Underlay
+from vswitch import lab, rpc
+from vswitch.lab.cluster import POD_IFNAME, Pod, Underlay, VswitchNode
 from vswitch.lab.etcd import Etcd
 
 CLIENT_PORT = 2379
@@ -129,3 +139,118 @@ def wait_for(cond, timeout_s: float, what: str, step_s: float = 0.02):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(step_s)
+
+
+class UnderlayEtcd:
+    """``members`` (1 or 3) etcd members in ``underlay``'s namespace, on its last host
+    addresses (``br0`` gets them); ``endpoints`` are their client URLs."""
+
+    def __init__(self, underlay: Underlay, members: int = 1, workdir: Path | None = None):
+        if members not in (1, 3):
+            raise ValueError(f"etcd members={members!r}: accepted is 1 or 3")
+        self.underlay = underlay
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="vswitch-uetcd-"))
+        top = underlay.net.num_addresses - 2
+        self.hosts = [top - k for k in range(members)]
+        addrs = [underlay.address(h) for h in self.hosts]
+        initial = ",".join(f"m{k}=http://{a}:{PEER_PORT}" for k, a in enumerate(addrs))
+        token = f"vswitch-lab-{lab.uid()}"
+        self.members = [NsEtcd(underlay.ns, a, name=f"m{k}", workdir=self.workdir, initial_cluster=initial,
+                               cluster_token=token) for k, a in enumerate(addrs)]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    @property
+    def first_host(self) -> int:
+        """The lowest underlay host number taken by etcd (nodes must stay below it)."""
+        return min(self.hosts)
+
+    def start(self, timeout_s: float = 30.0) -> "UnderlayEtcd":
+        try:
+            for m in self.members:
+                lab.nsexec(self.underlay.ns, "ip", "addr", "add", f"{m.address}/{self.underlay.net.prefixlen}",
+                           "dev", "br0")
+            for m in self.members:
+                m.spawn()
+            for m in self.members:
+                m.wait_healthy(timeout_s)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def cleanup(self) -> None:
+        for m in self.members:
+            m.kill9()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class MemberNode(VswitchNode):
+    """A vswitch node in cluster mode; see the module docstring. ``pod_cidr`` is None until
+    ``open`` has the lease."""
+
+    def __init__(self, underlay: Underlay, index: int, *, etcd_endpoints, cluster_cidr: str,
+                 node_subnet_size, lease_ttl_s: int = 10, register_timeout_s: float = 30.0, daemon_args=(),
+                 **kw):
+        cluster_args = ["--cluster-cidr", cluster_cidr, "--node-subnet-size", str(node_subnet_size),
+                        "--etcd-endpoints", ",".join(etcd_endpoints), "--node-name", f"n{index}",
+                        "--lease-ttl-s", str(lease_ttl_s)]
+        super().__init__(underlay, index, pod_cidr=None, daemon_args=[*cluster_args, *daemon_args], **kw)
+        self.register_timeout_s = register_timeout_s
+
+    def open(self) -> "MemberNode":
+        super().open()
+        try:
+            self.wait_lease(self.register_timeout_s)
+            plugin = dict(self.chain.conflist["plugins"][0])
+            plugin["ipam"] = dict(plugin["ipam"], ranges=[[{"subnet": "usePodCidr"}]])
+            plugin["capabilities"] = {"portMappings": True, "bandwidth": True}
+            self.chain.conflist["plugins"][0] = plugin
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def wait_lease(self, timeout_s: float) -> str:
+        """Waits until the daemon holds its subnet lease (``pod_cidr`` answers) and takes it
+        as ``pod_cidr``; TimeoutError with the daemon's last etcd error otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                cidrs = self.daemon.call("pod_cidr")["pod_cidrs"]
+                v4 = next(c for c in cidrs if ":" not in c)
+                if self.pod_cidr is not None and v4 != self.pod_cidr:
+                    raise RuntimeError(f"{self.name} leased {v4}, held {self.pod_cidr} before")
+                self._set_pod_cidr(v4)
+                return v4
+            except rpc.RpcError as exc:
+                if exc.code != rpc.E_TRY_AGAIN or time.monotonic() > deadline:
+                    st = self.daemon.call("status").get("cluster") if exc.code == rpc.E_TRY_AGAIN else None
+                    raise TimeoutError(f"{self.name}: no subnet lease after {timeout_s} s ({exc}); "
+                                       f"cluster status {st}") from None
+            time.sleep(0.05)
+
+    def add_pod(self, name: str | None = None, runtime_config: dict | None = None) -> Pod:
+        """A pod ADDed through the plugin (usePodCidr), with ``runtime_config`` (e.g.
+        ``portMappings``) as a runtime passes it."""
+        ns = self.nss.new(f"{self.index}p")
+        cid = f"cluster-{ns}"
+        try:
+            result = self.chain.add(cid, lab.Namespaces.path(ns), POD_IFNAME, runtime_config=runtime_config)
+            ip = next(i["address"].split("/")[0] for i in result["ips"] if "." in i["address"])
+        except BaseException:
+            self.nss.delete(ns)
+            raise
+        pod = Pod(self._pod_name(name), ns, ip, self.name, container_id=cid, result=result)
+        self.pods.append(pod)
+        return pod
+
+    def restart(self, timeout_s: float = 30.0) -> None:
+        """Starts the daemon again (after ``daemon.kill9()`` or ``daemon.stop()``) and waits for
+        its lease, which must be the subnet it held."""
+        self.daemon.start(timeout_s=timeout_s)
+        self.wait_lease(self.register_timeout_s)
