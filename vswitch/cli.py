@@ -6,8 +6,9 @@ Theory of operation: every subcommand is one or two control requests (``vswitch/
 ``--json``. Subcommands are rows of the ``COMMANDS`` table (name -> (help, add_arguments,
 run, text, needs the daemon)): ``run`` makes the requests and returns the reply, ``text``
 renders it; a new subcommand is a new row, nothing else changes. ``install-cni`` needs no
-daemon: it runs ``vswitch_cni.install.main`` (the plugin launcher and ``10-vswitch.conflist``),
-with the daemon's socket defaulting to vswitchctl's own ``--socket``. Exit status: 0 on success,
+daemon: it runs ``vswitch_cni.install.main`` (the relocatable plugin, ``05-vswitch.conflist`` and
+a manifest), with the daemon's socket defaulting to vswitchctl's own ``--socket``;
+``uninstall-cni`` removes what the manifest lists, ``build-cni OUT`` writes the plugin alone. Exit status: 0 on success,
 1 on an error reply (its message on stderr), 2 on bad usage.
 """
 from __future__ import annotations
@@ -203,6 +204,21 @@ def _install_cni_args(p):
     p.add_argument("--use-pod-cidr", action="store_true",
                    help="host-local on \"usePodCidr\": the node's subnet leased by vswitchd in cluster mode "
                         "(the default when the daemon runs in cluster mode and no --subnet is given)")
+    p.add_argument("--conflist-name", metavar="NAME",
+                   help="the network list's file name (default 05-vswitch.conflist: sorts before the usual "
+                        "10-... lists, since runtimes load the first)")
+    p.add_argument("--host-root", metavar="DIR",
+                   help="where the node's root is mounted (an init container: /host); python3 is looked for there")
+    p.add_argument("--host-path", metavar="PATH",
+                   help="the runtime's PATH searched for python3 (default: this PATH; with --host-root "
+                        "systemd's default)")
+    p.add_argument("--python", metavar="PATH",
+                   help="pin the plugin's interpreter (absolute path on the host) instead of python3 from PATH")
+    p.add_argument("--no-python-check", action="store_true",
+                   help="write the plugin even where no python3 >= 3.9 is found")
+    p.add_argument("--launcher", action="store_true",
+                   help="developers: a launcher running this checkout with this interpreter, not the "
+                        "relocatable plugin")
 
 
 def _install_cni(c, a):
@@ -211,6 +227,10 @@ def _install_cni(c, a):
     argv = ["--bin-dir", a.bin_dir, "--conf-dir", a.conf_dir, "--socket", a.cni_socket or a.socket]
     for subnet in a.subnet or ():
         argv += ["--subnet", subnet]
+    for opt in ("conflist_name", "host_root", "host_path", "python"):
+        if getattr(a, opt):
+            argv += ["--" + opt.replace("_", "-"), getattr(a, opt)]
+    argv += [f for f, on in (("--no-python-check", a.no_python_check), ("--launcher", a.launcher)) if on]
     if not a.subnet:
         # cluster mode: one usePodCidr range per family of the daemon's cluster CIDR
         try:
@@ -223,6 +243,35 @@ def _install_cni(c, a):
     elif a.use_pod_cidr:
         raise rpc.RpcError(rpc.E_BAD_ARGS, "--use-pod-cidr and --subnet exclude each other")
     return install.main(argv)
+
+
+def _uninstall_cni_args(p):
+    p.add_argument("--bin-dir", required=True, metavar="DIR", help="the bin directory given to install-cni")
+    p.add_argument("--conf-dir", required=True, metavar="DIR", help="the conf directory given to install-cni")
+    p.add_argument("--force", action="store_true", help="also remove files changed since install-cni wrote them")
+
+
+def _uninstall_cni(c, a):
+    """vswitch_cni.install.main_uninstall: 0 when all is removed, 1 when changed files were kept."""
+    from vswitch_cni import install
+    return install.main_uninstall(["--bin-dir", a.bin_dir, "--conf-dir", a.conf_dir]
+                                  + (["--force"] if a.force else []))
+
+
+def _build_cni_args(p):
+    p.add_argument("out", metavar="OUT", help="the file to write (the plugin, one file)")
+    p.add_argument("--python", metavar="PATH", help="pin this interpreter instead of python3 from PATH")
+    p.add_argument("--compile-with", metavar="PYTHON", action="append", default=[],
+                   help="also include this interpreter's bytecode (repeatable)")
+
+
+def _build_cni(c, a):
+    """vswitch_cni.build.main: the relocatable plugin alone (for images and hosts by hand)."""
+    from vswitch_cni import build
+    argv = [a.out] + (["--python", a.python] if a.python else [])
+    for py in a.compile_with:
+        argv += ["--compile-with", py]
+    return build.main(argv)
 
 
 def _none(p):
@@ -250,8 +299,12 @@ COMMANDS = {
                 lambda r: f"{r['packets']} packets written to {r['path']}", True),
     "metrics": ("Prometheus text", _none, _call("metrics"), lambda r: r["text"].rstrip("\n"), True),
     "nodes": ("the cluster as this node sees it (cluster mode)", _none, _call("nodes"), _nodes, True),
-    "install-cni": ("write the CNI plugin launcher and a network list (cni/install.py)",
+    "install-cni": ("install the relocatable CNI plugin and a network list, atomically (cni/install.py)",
                     _install_cni_args, _install_cni, None, False),
+    "uninstall-cni": ("remove exactly what install-cni installed (its manifest)",
+                      _uninstall_cni_args, _uninstall_cni, None, False),
+    "build-cni": ("write the relocatable CNI plugin file (cni/build.py)", _build_cni_args, _build_cni,
+                  None, False),
     # ---- more subcommands go here: add a row
     # ---- "name": (help, add_arguments, run, text, needs_daemon); run(None, args) when needs_daemon
     # ---- is False; run returns a reply dict (rendered by text unless --json) or an int exit status.
