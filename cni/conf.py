@@ -341,7 +341,7 @@ def parse_quantity(text, key="quantity"):
 class NetConf:
     """The validated network configuration of one invocation."""
 
-    __slots__ = ("raw", "version", "name", "type", "ipam_type", "socket_path", "mtu",
+    __slots__ = ("raw", "version", "name", "type", "ipam_type", "socket_path", "mtu", "mtu_given",
                  "log_file", "dns", "mac", "port_mappings", "bandwidth", "bandwidth_source",
                  "requested_ips", "ip_masq", "prev_result", "valid_attachments", "pod")
 
@@ -405,6 +405,9 @@ def parse_netconf(obj, env):
         return conf
 
     mtu = obj.get("mtu", DEFAULT_MTU)
+    # mtu_given: only a configured mtu is sent; without one the daemon picks (the uplink's
+    # MTU - 50 with VXLAN, else 1500)
+    conf.mtu_given = "mtu" in obj
     conf.mtu = parse_uint(mtu, "mtu", 65535)
     if conf.mtu < 68:
         raise _bad("mtu", mtu, "an integer 68..65535")

@@ -228,9 +228,11 @@ def cmd_add(env, conf, obj, raw, log):
                            f"{', '.join(sorted(got))}")
         routes = _routes_for(ipam_result, ips)
         request = {"container_id": env.container_id, "ifname": env.ifname,
-                   "netns": env.netns, "ips": ips, "routes": routes, "mtu": conf.mtu,
+                   "netns": env.netns, "ips": ips, "routes": routes,
                    "port_mappings": _mappings_for(conf, _families(ips), log),
                    "network": conf.name}
+        if conf.mtu_given:         # else the daemon's default (uplink MTU - 50 with VXLAN)
+            request["mtu"] = conf.mtu
         if conf.mac:
             request["mac"] = conf.mac
         bw = _bandwidth_wire(conf)

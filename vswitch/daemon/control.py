@@ -125,6 +125,7 @@ ARG_TYPES = {
     "conntrack": _LISTING,
     "capture_start": {"port": PORT, "path": STR},
     "capture_stop": {"port": PORT},
+    "peers": {"action": STR, "peers": [{"name": STR, "node_ip": STR, "pod_cidrs": LIST, "vtep_mac": STR}]},
     "trace": {"in_port": PORT, "frame_hex": STR, "packet": DICT, "src_mac": STR, "dst_mac": STR, "src_ip": STR,
               "dst_ip": STR, "proto": STR, "sport": INT, "dport": INT},
 }
@@ -582,6 +583,15 @@ class ControlServer:
             return exc.reply()
         self.log("request_crashed", level="error", op=op, error=repr(exc), tb=traceback.format_exc())
         return RpcError(rpc.E_INTERNAL, f"internal error in {op!r}: {exc!r}").reply()
+
+    def submit_internal(self, gen, op: str):
+        """Queue a kernel operation of the daemon itself (a generator, like the ops'): it
+        runs in turn with the clients' ones; a failure is logged, a shutdown closes it."""
+        def done(reply):
+            if not reply.get("ok"):
+                self.log("internal_op_failed", level="warning", op=op, code=reply.get("code"), msg=reply.get("msg"))
+        self.ops.append((gen, op, done))
+        self.next_op()
 
     @property
     def busy(self) -> bool:

@@ -44,6 +44,7 @@ daemon turned on get their old values and the state file is removed, so nothing 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import resource
 import select
@@ -71,13 +72,14 @@ from vswitch.rpc import RpcError
 from vswitch.daemon.state import State
 from vswitch.switch import Switch
 from vswitch.daemon.uplink import Uplink, restore as uplink_restore
+from vswitch.daemon.vxlan import VtepConfig, Vxlan
 from vswitch.daemon.worker import KernelWorker
 
 SWEEP_INTERVAL_NS = 10 * C.SEC_NS
 SWITCH_INTERVAL_S = 0.0005      # the loop thread waits at most this long for the GIL
 DEFAULT_POLL_US = 100           # --poll-us: polling window after a batch (0: always sleep)
 MAX_POLL_US = 100_000           # the bound of --poll-us (0.1 s of polling per burst at most)
-KERNEL_OPS = frozenset({"attach", "detach", "check", "gc"})
+KERNEL_OPS = frozenset({"attach", "detach", "check", "gc", "peers"})
 
 
 class Daemon:
@@ -86,7 +88,8 @@ class Daemon:
                  max_ports: int = 256, poll_us: int = DEFAULT_POLL_US, log_level: str = "info",
                  log_group: str | None = None, control_limits: Limits = Limits(),
                  cluster: ClusterConfig | None = None, conntrack_size: int | None = None,
-                 mac_learn_rate_per_s: int | None = None):
+                 mac_learn_rate_per_s: int | None = None, vtep: VtepConfig | None = None,
+                 cluster_cidrs: tuple = ()):
         if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"poll_us={poll_us!r}; accepted: an integer 0 .. {MAX_POLL_US} (microseconds)")
         self.socket_path = socket_path
@@ -107,7 +110,11 @@ class Daemon:
         self.captures = Captures(self.log)
         self.ports = PortTable(self.io, on_drop=self.captures.close)
         self.gateways = Gateways(switch, self.state, self.log)
-        self.masq = Masq(self.log)
+        # ipMasq leaves the cluster's pod CIDRs alone (--cluster-cidr, with or without etcd)
+        self.masq = Masq(self.log, exclude=list(cluster_cidrs) or (cluster.cluster_cidrs if cluster else []))
+        self.vtep_conf = vtep           # --vxlan (vswitch.daemon.vxlan); needs the uplink
+        self.vxlan: Vxlan | None = None
+        self.reload_peers = False       # SIGHUP: the --peers file is read again
         self.host_port = None           # ports.HostPort
         self.uplink_port = None         # ports.UplinkPort
         self.switch: Switch | None = None
@@ -146,11 +153,23 @@ class Daemon:
             # started without --uplink but a crashed run had one: give the NIC its addresses back
             uplink_restore(self.state.uplink, self.host_name, self.log)
             self.state.uplink = None
+        if self.vtep_conf is not None:
+            if self.uplink_port is None:
+                raise SystemExit("vswitchd: --vxlan needs --uplink (the VTEP sends on it)")
+            nic = uplink.nic()
+            self.vxlan = Vxlan(self.vtep_conf, self.switch, self.state, self.log, self.host_name,
+                               uplink_port_id=self.uplink_port.port_id)
+            # the VTEP MAC: the uplink NIC's own, as in cluster mode (the host port took it)
+            self.vxlan.start(self.state.uplink["addresses"], outer_mac=nic["mac"], vtep_mac=self.state.host["mac"],
+                             mtu=nic["mtu"])
         if self.cluster is not None:
+            self.cluster.vxlan = self.vxlan     # the membership's peers go to vxlan.replace("cluster", ...)
             # the VTEP MAC: the uplink NIC's own (the host port took it), else one of the node name
             self.cluster.start(vtep_mac=self.state.host["mac"] if self.uplink_port is not None else None)
         self.pods = Pods(switch=self.switch, state=self.state, ports=self.ports, gateways=self.gateways,
                          masq=self.masq, log=self.log, test_faults=self.test_faults)
+        if self.vxlan is not None:
+            self.pods.default_mtu = self.vxlan.vtep["mtu"] - C.ENCAP_LEN    # pods without a configured mtu
         self.pods.readopt()
         self.gateways.prune()
         self.state.adopted = True
@@ -161,6 +180,9 @@ class Daemon:
         self.control.listen(self.socket_path)
         if self.metrics_port is not None:
             self.control.listen_metrics(self.metrics_port)
+        if self.vxlan is not None:
+            self.vxlan.submit = self.control.submit_internal
+            self.vxlan.request_sync()
         if self.cluster is not None:
             self.cluster.set_wake(self.control.wake_fd)
             try:
@@ -186,6 +208,7 @@ class Daemon:
 
         def on_hup(signum, frame):
             self.reopen_log = True
+            self.reload_peers = True
         signal.signal(signal.SIGHUP, on_hup)
         self.ep.register(r.fileno(), select.EPOLLIN)
 
@@ -198,7 +221,13 @@ class Daemon:
                 "counters": self.op_counters, "fdb": self.op_fdb, "conntrack": self.op_conntrack,
                 "hostports": self.op_hostports, "capture_start": self.op_capture_start,
                 "capture_stop": self.op_capture_stop, "trace": self.op_trace, "metrics": self.op_metrics,
-                "pod_cidr": self.op_pod_cidr, "nodes": self.op_nodes}
+                "pod_cidr": self.op_pod_cidr, "nodes": self.op_nodes, "peers": self.op_peers}
+
+    def op_peers(self, req):
+        """Generator (a kernel op): the VXLAN peer table (vswitch.daemon.vxlan)."""
+        if self.vxlan is None:
+            raise RpcError(rpc.E_INVALID_CONFIG, "vswitchd runs without --vxlan: it has no VXLAN peers")
+        return (yield from self.vxlan.op_peers(req))
 
     def op_pod_cidr(self, req):
         if self.cluster is None:
@@ -214,7 +243,8 @@ class Daemon:
                 "version": __version__, "switch": self.host_name, "uplink": self.uplink_name,
                 "datapath": type(self.switch.dp).__module__, "io": self.io.impl,
                 "poll_us": self.poll_ns // 1000, "loop": self.io.loop_stats(), "control": self.control.status(),
-                "cluster": self.cluster.status() if self.cluster is not None else None}
+                "cluster": self.cluster.status() if self.cluster is not None else None,
+                "vxlan": self.vxlan.status() if self.vxlan is not None else None}
 
     def op_list(self, req):
         return {"attachments": [public(a) for a in self.state.attachments.values()]}
@@ -232,7 +262,8 @@ class Daemon:
             ports.append(d)
         return {"switch": self.host_name, "uplink": self.uplink_name, "node_addresses": list(self.switch.node_addresses),
                 "gateways": self.state.host.get("gateways", []), "ports": ports,
-                "hostports": self.switch.hostports(), "captures": self.captures.paths(self.switch)}
+                "hostports": self.switch.hostports(), "captures": self.captures.paths(self.switch),
+                "vxlan": self.vxlan.listing() if self.vxlan is not None else None}
 
     def op_counters(self, req):
         try:
@@ -272,7 +303,8 @@ class Daemon:
     def metrics_text(self) -> str:
         return metrics.prometheus_text(metrics.counters(self.switch, self.io, None, self.batches),
                                        len(self.state.attachments), time.monotonic() - self.started,
-                                       self.cluster.metrics_lines() if self.cluster is not None else ())
+                                       (self.cluster.metrics_lines() if self.cluster is not None else [])
+                                       + (self.vxlan.metrics_lines() if self.vxlan is not None else []))
 
     # ----------------------------------------------------------------- the loop
 
@@ -286,14 +318,19 @@ class Daemon:
         run, poll_ns = io.run, self.poll_ns
         monotonic_ns = time.monotonic_ns
         ctl = self.control
+        vx = self.vxlan
+        never = 1 << 62
         while not self.stop or ctl.busy:
             if fast and not self.captures:
-                run(dp, min(self.last_sweep_ns + SWEEP_INTERVAL_NS, ctl.timer_ns), poll_ns)
+                run(dp, min(self.last_sweep_ns + SWEEP_INTERVAL_NS, ctl.timer_ns, vx.timer_ns if vx else never),
+                    poll_ns)
                 now = monotonic_ns()
             else:
                 now = self._step()
             if now >= ctl.timer_ns:
                 ctl.tick(now)
+            if vx is not None and now >= vx.timer_ns and not self.stop:
+                vx.tick(now)
             if io.n_failed:
                 for pid in io.failed[:io.n_failed].tolist():
                     p = self.ports.polled.get(pid)
@@ -312,7 +349,8 @@ class Daemon:
         io, dp = self.io, self.switch.dp
         nd = dp.next_departure_ns()
         now = time.monotonic_ns()
-        until = min(self.last_sweep_ns + SWEEP_INTERVAL_NS, self.control.timer_ns)
+        until = min(self.last_sweep_ns + SWEEP_INTERVAL_NS, self.control.timer_ns,
+                    self.vxlan.timer_ns if self.vxlan is not None else 1 << 62)
         if 0 <= nd < until:
             until = nd
         n = io.poll(max(0, -((now - until) // 1_000_000)))       # ms, rounded up
@@ -361,6 +399,13 @@ class Daemon:
         if self.reopen_log:
             self.reopen_log = False
             self.log.reopen()
+        if self.reload_peers:
+            self.reload_peers = False
+            if self.vxlan is not None and self.vxlan.conf.peers_file:
+                try:
+                    self.vxlan.reload_file()
+                except (ValueError, RpcError) as exc:       # the previous table stays
+                    self.log("peers_reload_failed", level="error", error=str(exc))
         if self.cluster is not None:
             fatal = self.cluster.service(kernel_idle=not self.control.busy)
             if fatal and not self.stop:
@@ -390,6 +435,8 @@ class Daemon:
             self.control.close_conns()
         self.ports.close_taps()        # persistent: the pods keep their interfaces
         st = self.state
+        if self.vxlan is not None:
+            self.vxlan.stop()           # our routes and neighbours on the host port go
         if self.uplink_port is not None:
             self.uplink_port.close()
             uplink_restore(st.uplink, self.host_name, self.log)
@@ -465,7 +512,8 @@ def main(argv=None):
                     help=f"drop a client whose unsent replies exceed this (default {lim.max_queued_bytes})")
     cl = ap.add_argument_group("cluster mode (docs/daemon.md): a node subnet leased from etcd, the other nodes watched")
     cl.add_argument("--cluster-cidr", metavar="CIDR[,CIDR6]",
-                    help="the cluster's pod CIDR(s): one IPv4 and/or one IPv6; turns cluster mode on")
+                    help="the cluster's pod CIDR(s): one IPv4 and/or one IPv6; never masqueraded to (ipMasq); "
+                         "with --etcd-endpoints it turns cluster mode on")
     cl.add_argument("--node-subnet-size", metavar="PLEN[,PLEN6]",
                     help="prefix length of a node's subnet per cluster CIDR (e.g. 24 or 24,64)")
     cl.add_argument("--etcd-endpoints", metavar="URL,...", help="etcd v3 client URLs")
@@ -478,9 +526,41 @@ def main(argv=None):
     cl.add_argument("--etcd-prefix", metavar="P", help="key prefix in etcd (default /vswitch/)")
     cl.add_argument("--lease-ttl-s", type=int, metavar="N",
                     help="the lease TTL: a node silent this long is forgotten (2..3600, default 10)")
+    vx = ap.add_argument_group("VXLAN (docs/daemon.md): pods on other nodes through the uplink; needs --uplink")
+    vx.add_argument("--vxlan", action="store_true",
+                    help="turn VXLAN on (implied by any --vtep-* option and by --peers)")
+    vx.add_argument("--vtep-vni", type=int, metavar="VNI", help="the VNI (0 .. 16777215; default 1, flannel's)")
+    vx.add_argument("--vtep-port", type=int, metavar="PORT",
+                    help=f"the UDP destination port (default {C.VXLAN_PORT}, IANA's; Linux's default is 8472)")
+    vx.add_argument("--vtep-address", metavar="IPV4", help="the VTEP's address (default: the uplink's first IPv4)")
+    vx.add_argument("--peers", metavar="FILE",
+                    help='a JSON list of {"name", "node_ip", "pod_cidrs": [...], "vtep_mac"}: the other nodes; '
+                         "read again on SIGHUP and by 'vswitchctl peers reload'")
     a = ap.parse_args(argv)
+    vtep = None
+    if a.vxlan or any(v is not None for v in (a.vtep_vni, a.vtep_port, a.vtep_address, a.peers)):
+        if not a.uplink:
+            ap.error("--vxlan (and --vtep-*, --peers) need --uplink: the VTEP sends and receives on it")
+        try:
+            vtep = VtepConfig(1 if a.vtep_vni is None else a.vtep_vni,
+                              C.VXLAN_PORT if a.vtep_port is None else a.vtep_port, a.vtep_address, a.peers)
+        except ValueError as exc:
+            ap.error(str(exc))
     cluster = None
-    if a.cluster_cidr is not None:
+    cluster_cidrs = ()
+    if a.cluster_cidr is not None and a.etcd_endpoints is None:
+        # no etcd: the cluster CIDR(s) only keep ipMasq from masquerading pod-to-pod traffic
+        if any(v is not None for v in (a.node_subnet_size, a.node_name, a.node_ip, a.etcd_ca, a.etcd_cert,
+                                       a.etcd_key, a.etcd_prefix, a.lease_ttl_s)):
+            ap.error("the cluster options other than --cluster-cidr need --etcd-endpoints")
+        try:
+            cluster_cidrs = tuple(str(ipaddress.ip_network(c.strip(), strict=True))
+                                  for c in a.cluster_cidr.split(",") if c.strip())
+        except ValueError as exc:
+            ap.error(f"--cluster-cidr {a.cluster_cidr!r}: {exc}; accepted: CIDR[,CIDR6] like 10.244.0.0/16")
+        if not cluster_cidrs:
+            ap.error(f"--cluster-cidr {a.cluster_cidr!r}: accepted: CIDR[,CIDR6] like 10.244.0.0/16")
+    elif a.cluster_cidr is not None:
         missing = [f for f, v in (("--node-subnet-size", a.node_subnet_size), ("--etcd-endpoints", a.etcd_endpoints),
                                   ("--node-name", a.node_name)) if not v]
         if missing:
@@ -511,7 +591,8 @@ def main(argv=None):
     try:
         d = Daemon(a.socket, a.state_dir, a.switch, a.uplink, a.log_file, a.metrics_port, a.test_faults,
                    a.max_ports, a.poll_us, log_level=a.log_level, log_group=a.log_group, control_limits=limits,
-                   cluster=cluster, conntrack_size=a.conntrack_size, mac_learn_rate_per_s=a.mac_learn_rate)
+                   cluster=cluster, conntrack_size=a.conntrack_size, mac_learn_rate_per_s=a.mac_learn_rate,
+                   vtep=vtep, cluster_cidrs=cluster_cidrs)
     except (OSError, ValueError, KeyError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         return 2

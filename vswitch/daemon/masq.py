@@ -7,7 +7,10 @@ subnets be masqueraded when traffic leaves them. The daemon keeps up to two nfta
 tables, ``ip vswitch_masq`` for the IPv4 subnets and ``ip6 vswitch_masq`` for the IPv6
 ones (a dual-stack pod has one of each), each with a ``postrouting`` NAT chain holding one
 rule per such subnet, ``ip saddr S ip daddr != S masquerade`` (``ip6 saddr`` ... for
-IPv6). ``subnets`` (loop thread) computes the set from the attachments; ``apply`` (kernel
+IPv6). With cluster CIDRs (``--cluster-cidr``: every node's pods) the rule is
+``ip saddr S ip daddr != { S, CLUSTER } masquerade``: pod-to-pod traffic across nodes
+keeps its source address (the Kubernetes model); the set is the union of S and the
+cluster CIDRs of its family, collapsed (nftables refuses overlapping intervals). ``subnets`` (loop thread) computes the set from the attachments; ``apply`` (kernel
 thread, or at start and shutdown) rewrites both tables with one ``nft -f -`` script —
 create-if-missing, delete, recreate — so each table holds exactly its family's subnets,
 and a family without any has no table. They are the only iptables/nftables state the
@@ -24,8 +27,9 @@ FAMILIES = {4: "ip", 6: "ip6"}          # IP version -> nftables family of its t
 
 
 class Masq:
-    def __init__(self, log):
+    def __init__(self, log, exclude=()):
         self.log = log
+        self.exclude = [ipaddress.ip_network(c) for c in exclude]   # cluster CIDRs: never masqueraded to
         self.present: set[int] = set()  # the IP versions whose table we created
 
     @staticmethod
@@ -48,7 +52,7 @@ class Masq:
                 script += (f"table {fam} {TABLE} {{\n chain postrouting {{\n"
                            "  type nat hook postrouting priority srcnat; policy accept;\n")
                 for s in nets:
-                    script += f"  {fam} saddr {s} {fam} daddr != {s} masquerade\n"
+                    script += f"  {fam} saddr {s} {fam} daddr != {self._daddrs(s)} masquerade\n"
                 script += " }\n}\n"
         if not script:
             return
@@ -58,6 +62,12 @@ class Masq:
             raise OSError(errno.EIO, f"ipMasq: nft failed: {r.stderr.decode().strip()}")
         self.present = {v for v in FAMILIES if by_version[v]}
         self.log("ipmasq", subnets=subnets)
+
+    def _daddrs(self, subnet: str) -> str:
+        """``S``, or ``{ S, CLUSTER, ... }`` collapsed, for the rule's ``daddr !=``."""
+        s = ipaddress.ip_network(subnet)
+        nets = list(ipaddress.collapse_addresses([s] + [c for c in self.exclude if c.version == s.version]))
+        return str(nets[0]) if len(nets) == 1 and nets[0] == s else "{ " + ", ".join(map(str, nets)) + " }"
 
     @staticmethod
     def _table_exists(family: str) -> bool:

@@ -79,6 +79,7 @@ class Pods:
         self.masq = masq
         self.log = log
         self.test_faults = test_faults
+        self.default_mtu: int | None = None     # an attach without mtu gets it (None: 1500)
 
     @property
     def attachments(self) -> dict:
@@ -92,6 +93,8 @@ class Pods:
     def attach(self, req):
         """Generator: the pod's kernel steps on the kernel thread, then the switch, hostPort
         rules, shapers and state; any failure undoes what was done."""
+        if "mtu" not in req and self.default_mtu is not None:
+            req = {**req, "mtu": self.default_mtu}   # no mtu configured: the uplink's - 50 (VXLAN)
         rec = normalize_attach(req, self.test_faults)
         fault = rec.pop("_fault")
         key = (rec["container_id"], rec["ifname"])
