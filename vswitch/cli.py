@@ -61,6 +61,8 @@ def _show(r):
         lines.append(_table([[h["protocol"], h["host_ip"] or "*", h["host_port"], h["pod"], h["pod_ip"],
                               h["container_port"]] for h in r["hostports"]],
                             ["PROTO", "HOST IP", "HOST PORT", "POD PORT", "POD IP", "CONTAINER PORT"]))
+    if r.get("vxlan"):
+        lines += ["", _peers(r["vxlan"])]
     return "\n".join(lines)
 
 
@@ -192,6 +194,39 @@ def _nodes(r):
     return head + "\n" + _table(rows, ["NODE", "NODE IP", "VTEP MAC", "POD CIDRS", "REVISION", "SEEN SINCE"])
 
 
+def _peers_args(p):
+    p.add_argument("action", nargs="?", default="list", choices=("list", "reload", "replace"),
+                   help="list (default); reload: read vswitchd's --peers file again; replace FILE: the "
+                        "control source's peers := FILE's JSON list (- for stdin)")
+    p.add_argument("file", nargs="?", help="for replace: a JSON list of {name, node_ip, pod_cidrs, vtep_mac}")
+
+
+def _peers_run(c, a):
+    if a.action == "replace":
+        if not a.file:
+            raise rpc.RpcError(rpc.E_BAD_ARGS, "peers replace needs a FILE (- for stdin)")
+        try:
+            text = sys.stdin.read() if a.file == "-" else open(a.file).read()
+            peers = json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise rpc.RpcError(rpc.E_BAD_ARGS, f"peers replace {a.file}: {exc}") from None
+        return c.call("peers", action="replace", peers=peers)
+    return c.call("peers", action=a.action)
+
+
+def _peers(r):
+    v = r.get("vtep") or {}
+    head = (f"vtep {v.get('ip')}  vni {v.get('vni')}  port {v.get('udp_port')}  vtep mac {v.get('vtep_mac')}  "
+            f"mtu {v.get('mtu')}  sources " + ", ".join(f"{k} {n}" for k, n in r.get("sources", {}).items()))
+    rows = [[p["name"], p["node_ip"], p["vtep_mac"], p["underlay_mac"] or "-", p["state"], ",".join(p["pod_cidrs"]),
+             p["source"], f"{p['tx_packets']}/{p['tx_bytes']}", f"{p['rx_packets']}/{p['rx_bytes']}",
+             p["drop_unresolved"]] for p in r["peers"]]
+    out = head + "\n" + _table(rows, ["PEER", "NODE IP", "VTEP MAC", "UNDERLAY MAC", "STATE", "POD CIDRS", "SOURCE",
+                                      "TX PKTS/BYTES", "RX PKTS/BYTES", "DROP UNRESOLVED"])
+    why = [f"{p['name']}: {p['reason']}" for p in r["peers"] if p["state"] != "resolved" and p.get("reason")]
+    return out + ("\n" + "\n".join(why) if why else "")
+
+
 def _install_cni_args(p):
     p.add_argument("--bin-dir", required=True, metavar="DIR", help="the runtime's CNI bin directory")
     p.add_argument("--conf-dir", required=True, metavar="DIR", help="the runtime's CNI conf directory")
@@ -299,6 +334,8 @@ COMMANDS = {
                 lambda r: f"{r['packets']} packets written to {r['path']}", True),
     "metrics": ("Prometheus text", _none, _call("metrics"), lambda r: r["text"].rstrip("\n"), True),
     "nodes": ("the cluster as this node sees it (cluster mode)", _none, _call("nodes"), _nodes, True),
+    "peers": ("the VXLAN peers (--vxlan): list, reload the --peers file, replace the control set",
+              _peers_args, _peers_run, _peers, True),
     "install-cni": ("install the relocatable CNI plugin and a network list, atomically (cni/install.py)",
                     _install_cni_args, _install_cni, None, False),
     "uninstall-cni": ("remove exactly what install-cni installed (its manifest)",
