@@ -187,7 +187,11 @@ def test_mounts_are_the_justified_ones(ds):
     netns = next(m for m in daemon if m["mount_path"] == "/run/netns")
     assert netns["propagation"] == "HostToContainer"
     init = km.host_mounts(ds, km.container(ds, "install-cni"))
-    assert {m["host_path"] for m in init} == {"/opt/cni/bin", "/etc/cni/net.d"}
+    assert {m["host_path"]: m["read_only"] for m in init} == {
+        "/opt/cni/bin": False, "/etc/cni/net.d": False, "/usr": True}
+    root = km.option(km.container(ds, "install-cni")["command"], "--host-root")
+    for m in init:            # the node's root as install-cni sees it: --host-root
+        assert m["mount_path"] == root + m["host_path"], m
     used = {m["name"] for m in daemon + init}
     assert used == {v["name"] for v in km.pod_spec(ds)["volumes"]}, "a volume nobody mounts"
 
@@ -197,9 +201,12 @@ def test_init_container_installs_a_network_list_for_this_daemon(ds, cm, tmp_path
     init = km.container(ds, "install-cni")
     cmd = km.expand(init["command"] + init.get("args", []), km.env_of(init, cm, NODE))
     assert cmd[:2] == ["vswitchctl", "install-cni"]
-    for m in km.host_mounts(ds, init):
-        host = tmp_path / m["host_path"].strip("/")
-        cmd = [str(host) if w == m["mount_path"] else w for w in cmd]
+    # the node's root is tmp_path (its /usr: the real one, for the python3 check)
+    os.symlink("/usr", tmp_path / "usr")
+    root = km.option(cmd, "--host-root")
+    mounts = {m["mount_path"]: str(tmp_path / m["host_path"].strip("/")) for m in km.host_mounts(ds, init)}
+    mounts[root] = str(tmp_path)
+    cmd = [mounts.get(w, w) for w in cmd]
     # the daemon is not running yet when the init container runs: a socket nobody serves
     cmd = [sys.executable, "-m", "vswitch.cli", *cmd[1:]]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
