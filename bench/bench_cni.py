@@ -31,6 +31,18 @@ the plugin's start-up alone, ms per run of the installed ``vswitch`` launcher wi
 reference ``bridge`` plugin's VERSION; no daemon and no namespace are involved. The reference
 chain has no ipMasq here, since the vswitch plugin does not ask for it either.
 
+The plugin's forms (issue 15), groups ``cni-plugin-start`` (VERSION, ms per run) and
+``cni-plugin-add`` (ADD of one pod with a hostPort and bandwidth, host-local included, ms
+per pod; DEL untimed), each run with the PATH a runtime started by systemd has
+(``RUNTIME_PATH``): ``launcher`` (the developer launcher, the installed form before issue
+15: this interpreter with -IS, the checkout's __pycache__), ``zipapp`` (what install-cni
+writes: the /bin/sh prelude, the host's python3 from PATH, -IS, the archive's bytecode
+tree), ``zipapp-pinned`` (the same archive with ``#!this-interpreter -IS``: the archive's
+own cost against the launcher on one interpreter), ``zipapp-env`` (``#!/usr/bin/env
+python3``: site runs, the .pth files of the host's dist-packages with it) and
+``zipapp-no-bytecode`` (start only: the prelude without the bytecode tree, every run
+compiles the sources).
+
     python -m bench --files bench_cni.py      # as root, containernetworking-plugins installed
     python -m bench.bench_cni                 # the same table without pytest
 """
@@ -41,7 +53,9 @@ import contextlib
 import json
 import random
 import shutil
+import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -283,6 +297,86 @@ def test_cni_version(benchmark, subject, tmp_path):
     benchmark.pedantic(one_round, rounds=1, iterations=1, warmup_rounds=0)
     record(benchmark, group="cni-version", subject=subject, unit="ms", samples=samples,
            info={"runs": VERSION_RUNS})
+
+
+RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # systemd's default
+PLUGIN_FORMS = ("launcher", "zipapp", "zipapp-pinned", "zipapp-env", "zipapp-no-bytecode")
+FORM_ADD_PODS = 5 if QUICK else 20
+
+
+def _install_form(form, base):
+    """The ``vswitch`` plugin of ``form`` (module docstring) in ``base/FORM/bin``; its path."""
+    from vswitch_cni.build import build_bytes
+    from vswitch_cni.install import install, write_atomic
+    bin_dir, conf_dir = Path(base) / form / "bin", Path(base) / form / "net.d"
+    if form in ("launcher", "zipapp", "zipapp-pinned"):
+        options = {"launcher": {"launcher": True},
+                   "zipapp": {"host_path": RUNTIME_PATH},
+                   "zipapp-pinned": {"python": os.path.realpath(sys.executable)}}[form]
+        return install(str(bin_dir), str(conf_dir), **options)[0]
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    data = (build_bytes(shebang="#!/usr/bin/env python3\n") if form == "zipapp-env"
+            else build_bytes(compile_with=()))
+    write_atomic(str(bin_dir / "vswitch"), data, 0o755)
+    return str(bin_dir / "vswitch")
+
+
+def _exec_plugin(exe, command, conf=None, **cni_env):
+    """One run of ``exe`` as a runtime started by systemd runs it; returns the parsed stdout."""
+    env = {"PATH": RUNTIME_PATH, "CNI_COMMAND": command, **cni_env}
+    p = subprocess.run([exe], input=json.dumps(conf).encode() if conf else b"", env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    if p.returncode != 0:
+        raise RuntimeError(f"{exe} {command} failed ({p.returncode}): {p.stdout!r} {p.stderr[-800:]!r}")
+    return json.loads(p.stdout) if p.stdout.strip() else None
+
+
+@pytest.mark.parametrize("form", PLUGIN_FORMS)
+def test_plugin_form_start(benchmark, form, tmp_path):
+    """Start-up of each plugin form: VERSION, as a runtime execs it."""
+    exe = _install_form(form, tmp_path)
+    assert _exec_plugin(exe, "VERSION")["supportedVersions"]    # warm: caches, bytecode
+    samples = []
+
+    def one_round():
+        for _ in range(VERSION_RUNS):
+            samples.append(_timed(_exec_plugin, exe, "VERSION")[0])
+
+    benchmark.pedantic(one_round, rounds=1, iterations=1, warmup_rounds=0)
+    record(benchmark, group="cni-plugin-start", subject=form, unit="ms", samples=samples,
+           info={"runs": VERSION_RUNS, "path": RUNTIME_PATH,
+                 "first_line": Path(exe).read_bytes().split(b"\n", 1)[0].decode(errors="replace")})
+
+
+@pytest.mark.parametrize("form", [f for f in PLUGIN_FORMS if f != "zipapp-no-bytecode"])
+def test_plugin_form_add(benchmark, bed, form, tmp_path):
+    """ADD of one pod (hostPort and bandwidth, host-local IPAM) by each plugin form against
+    the same vswitchd; the DEL after each ADD is not timed."""
+    exe = _install_form(form, tmp_path)
+    conf = {"cniVersion": "1.0.0", "name": f"bform{bed.u}", "type": "vswitch",
+            "socket": bed.socket, "ipam": bed._ipam("10.%d.0.0/16" % random.randrange(16, 250),
+                                                      f"form-{form}")}
+    samples = []
+    counter = iter(range(30000, 1_000_000, 100))
+
+    def one_round():
+        for _ in range(FORM_ADD_PODS):
+            i = next(counter)
+            ns = bed.new_pod(i)
+            env = {"CNI_CONTAINERID": f"bench-{ns}", "CNI_NETNS": f"/run/netns/{ns}",
+                   "CNI_IFNAME": "eth0", "CNI_PATH": f"{os.path.dirname(exe)}:{REF_CNI}"}
+            add_conf = dict(conf, runtimeConfig=_runtime_config(i))
+            try:
+                ms, result = _timed(lambda: _exec_plugin(exe, "ADD", add_conf, **env))
+                assert result["ips"], result
+                samples.append(ms)
+                _exec_plugin(exe, "DEL", dict(add_conf, prevResult=result), **env)
+            finally:
+                bed.drop_pods()
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    record(benchmark, group="cni-plugin-add", subject=form, unit="ms", samples=samples,
+           info={"pods_per_round": FORM_ADD_PODS, "rounds": ROUNDS, "path": RUNTIME_PATH})
 
 
 def summary(results):

@@ -38,6 +38,7 @@ import ctypes
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -178,7 +179,9 @@ class Node:
                                          self.daemon_args).start(timeout_s=30)
                 from vswitch_cni.install import install
                 bin_dir = self.workdir / "bin"
-                install(str(bin_dir), str(self.workdir / "net.d"), socket_path=self.daemon.socket)
+                # pinned to this interpreter: python3 on PATH may be a slow pyenv shim here
+                install(str(bin_dir), str(self.workdir / "net.d"), socket_path=self.daemon.socket,
+                        python=os.path.realpath(sys.executable))
                 plugin = {"type": "vswitch", "socket": self.daemon.socket, "ipam": ipam}
                 if caps:
                     plugin["capabilities"] = caps

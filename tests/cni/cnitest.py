@@ -1,6 +1,6 @@
 """Helpers of the CNI conformance suite: run the installed plugin as a runtime does.
 
-Theory of operation: ``install_plugin`` writes the real ``vswitch`` launcher (vswitch_cni.install)
+Theory of operation: ``install_plugin`` writes the real ``vswitch`` plugin (vswitch_cni.install)
 into a temporary bin dir; :class:`Runner` executes it with ``CNI_*`` variables and the
 configuration on stdin, exactly like libcni's RawExec (CNI_PATH = that bin dir, then
 Debian's /usr/lib/cni for host-local), and returns the exit status with stdout parsed;
@@ -17,6 +17,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -36,7 +37,12 @@ def host_local_missing():
 
 
 def install_plugin(bin_dir):
-    exe, _ = install(str(bin_dir), str(Path(bin_dir).parent / "net.d"))
+    """The relocatable plugin, pinned to this interpreter (``#!python -IS``, as
+    ``install-cni --python`` writes it): the same archive as the default, without the
+    PATH lookup of python3, which here may be a slow pyenv shim (tests/cni/test_zipapp.py
+    runs the default one)."""
+    exe, _ = install(str(bin_dir), str(Path(bin_dir).parent / "net.d"),
+                     python=os.path.realpath(sys.executable))
     return exe
 
 

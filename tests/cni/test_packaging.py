@@ -2,7 +2,7 @@
 
 The plugin's folder is ``cni/``; it is installed as ``vswitch_cni`` (pyproject
 ``package-dir``), so it cannot collide with another project's top-level ``cni``. The
-launcher that ``vswitchctl install-cni`` writes runs with ``python -IS`` (no site, so no
+developer launcher that ``vswitchctl install-cni --launcher`` writes runs with ``python -IS`` (no site, so no
 editable-install finder): it must find the package both in the checkout (editable install:
 the folder is ``cni``) and in a regular install (``site-packages/vswitch_cni`` beside
 ``site-packages/vswitch``). The regular layout is built here by copying the two packages
@@ -46,7 +46,7 @@ def test_importing_the_folder_under_its_folder_name_is_refused():
 
 
 def test_launcher_from_the_checkout(tmp_path):
-    exe, _ = install.install(str(tmp_path / "bin"), str(tmp_path / "net.d"))
+    exe, _ = install.install(str(tmp_path / "bin"), str(tmp_path / "net.d"), launcher=True)
     text = Path(exe).read_text()
     assert text.startswith(f"#!{os.path.realpath(sys.executable)} -IS\n")
     assert str(REPO / "cni") in text            # the folder, loaded as vswitch_cni
@@ -121,7 +121,14 @@ def test_wheel_installs_the_plugin_as_vswitch_cni_and_its_launcher_runs(tmp_path
     subprocess.run([str(ctl), "install-cni", "--bin-dir", str(tmp_path / "bin"),
                     "--conf-dir", str(tmp_path / "net.d")], check=True, timeout=60,
                    cwd=str(tmp_path))
-    launcher = tmp_path / "bin" / "vswitch"
+    plugin = tmp_path / "bin" / "vswitch"      # the relocatable plugin (tests/cni/test_zipapp.py)
+    data = plugin.read_bytes()
+    assert data.startswith(b"#!/bin/sh\n") and str(site).encode() not in data
+    assert str(REPO).encode() not in data
+    assert run_version(plugin)["cniVersion"] == "1.1.0"
+    subprocess.run([str(ctl), "install-cni", "--launcher", "--bin-dir", str(tmp_path / "lbin"),
+                    "--conf-dir", str(tmp_path / "lnet.d")], check=True, timeout=60, cwd=str(tmp_path))
+    launcher = tmp_path / "lbin" / "vswitch"   # the developer launcher, in a site-packages layout
     text = launcher.read_text()
     assert str(site) in text and str(REPO) not in text and "importlib" not in text
     assert run_version(launcher)["cniVersion"] == "1.1.0"

@@ -77,7 +77,7 @@ def test_install_conflist_with_pod_cidr_dual_stack():
 def test_install_main_use_pod_cidr_flag(tmp_path):
     assert install_main(["--bin-dir", str(tmp_path / "b"), "--conf-dir", str(tmp_path / "c"),
                          "--socket", "/run/v.sock", "--use-pod-cidr", "4"]) == 0
-    c = json.loads((tmp_path / "c" / "10-vswitch.conflist").read_text())
+    c = json.loads((tmp_path / "c" / "05-vswitch.conflist").read_text())
     assert c["plugins"][0]["ipam"]["ranges"] == [[{"subnet": "usePodCidr"}]]
     assert install_main(["--bin-dir", str(tmp_path / "b"), "--conf-dir", str(tmp_path / "c"),
                          "--use-pod-cidr", "5"]) == 2

@@ -267,6 +267,6 @@ def test_install_cni_writes_use_pod_cidr_for_a_cluster_mode_daemon(clab, tmp_pat
                         "--bin-dir", str(tmp_path / "b"), "--conf-dir", str(tmp_path / "c")],
                        capture_output=True, text=True, timeout=60, env=env, cwd=str(REPO))
     assert r.returncode == 0, r.stderr
-    c = json.loads((tmp_path / "c" / "10-vswitch.conflist").read_text())
+    c = json.loads((tmp_path / "c" / "05-vswitch.conflist").read_text())
     assert c["plugins"][0]["ipam"]["ranges"] == [[{"subnet": "usePodCidr"}]]
     assert c["plugins"][0]["socket"] == a.socket

@@ -66,13 +66,13 @@ def test_install_cni_writes_a_runnable_launcher_and_a_valid_conflist(tmp_path):
     v = subprocess.run([str(exe)], env={"CNI_COMMAND": "VERSION"}, capture_output=True, text=True, timeout=60)
     assert v.returncode == 0, v.stderr
     assert "1.0.0" in json.loads(v.stdout)["supportedVersions"]
-    conf = json.loads((conf_dir / "10-vswitch.conflist").read_text())
+    conf = json.loads((conf_dir / "05-vswitch.conflist").read_text())
     plugin = conf["plugins"][0]
     assert plugin["type"] == "vswitch" and plugin["socket"] == "/run/test/vsw.sock"   # vswitchctl's --socket
     assert {"portMappings", "bandwidth"} <= {k for k, on in plugin["capabilities"].items() if on}
     assert plugin["ipam"]["ranges"] == [[{"subnet": "10.77.0.0/16"}]]
     r = _ctl("install-cni", "--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir), "--socket", "/other.sock")
-    assert r.returncode == 0 and json.loads((conf_dir / "10-vswitch.conflist").read_text())["plugins"][0][
+    assert r.returncode == 0 and json.loads((conf_dir / "05-vswitch.conflist").read_text())["plugins"][0][
         "socket"] == "/other.sock"
     bad = _ctl("install-cni", "--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir), "--subnet", "10.77.0.1/16")
     assert bad.returncode == 2 and "10.77.0.1/16" in bad.stderr

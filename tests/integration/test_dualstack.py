@@ -419,7 +419,7 @@ def test_install_cni_writes_a_dual_stack_conflist(tmp_path):
                   "--conf-dir", tmp_path / "net.d", *args, check=False, cwd=str(lab.REPO))
     r = ctl("--subnet", "10.244.0.0/16", "--subnet", "fd00:10:244::/56")
     assert r.returncode == 0, r.stderr
-    ipam = json.loads((tmp_path / "net.d" / "10-vswitch.conflist").read_text())["plugins"][0]["ipam"]
+    ipam = json.loads((tmp_path / "net.d" / "05-vswitch.conflist").read_text())["plugins"][0]["ipam"]
     assert ipam["ranges"] == [[{"subnet": "10.244.0.0/16"}], [{"subnet": "fd00:10:244::/56"}]]
     assert ipam["routes"] == [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]
     for bad, why in ((("10.1.0.0/16", "10.2.0.0/16"), "one IPv4, one IPv6"),

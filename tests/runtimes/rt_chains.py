@@ -15,7 +15,7 @@ pod is still on the node.
   client link when one is given (the daemon serves hostPorts only for traffic that
   crosses the switch), and
   ``python -m vswitch.cli install-cni --bin-dir B --conf-dir C --socket S --subnet N``
-  writing the plugin launcher and ``10-vswitch.conflist`` (``dual_stack``: a second
+  writing the relocatable plugin and ``05-vswitch.conflist`` (``dual_stack``: a second
   ``--subnet`` of a random fdXX::/64, so host-local gets two ``ranges``; the reference
   chain gets the same second range and a ``::/0`` route). The reference plugins are
   linked into the same bin dir, since the conflist delegates IPAM to host-local. Its
