@@ -196,8 +196,20 @@ class ClusterMode:
 
     def wait_start(self, timeout_s: float = START_WAIT_S) -> None:
         """Give registration a moment: a fatal answer (full cluster CIDR) stops the start
-        (SystemExit); no answer (etcd down) does not: the daemon runs without a lease."""
+        (SystemExit); no answer (etcd down) does not: the daemon runs without a lease.
+        With an uplink (always, in cluster mode with VXLAN) nothing is waited for: the node's
+        address is on the host port, so its packets to etcd cross the switch, which forwards
+        only once the loop runs (waiting would only cost the request timeout); a fatal
+        answer then stops the running daemon from the loop (``service``: exit status 3)."""
         from vswitch.cluster.membership import MembershipError
+        if self.state.uplink:
+            timeout_s = 0.0
+        if timeout_s <= 0:
+            with self._lock:
+                fatal = self._fatal
+            if fatal is not None:
+                raise SystemExit(f"vswitchd: cluster: {fatal}")
+            return
         try:
             self.membership.wait_registered(timeout_s)
         except MembershipError as exc:

@@ -1,4 +1,4 @@
-"""The demo: three pods talking through vswitch, printed as a table.
+"""The demo: three pods talking through vswitch, then pods on a cluster of nodes, printed as tables.
 
 As root (``python -m vswitch.lab.demo``): a private node namespace runs vswitchd with an uplink
 veth to a client namespace; three pods (network namespaces) are added through the real
@@ -7,6 +7,15 @@ variables, the network list on stdin, host-local IPAM from Debian's
 containernetworking-plugins); then it pings between pods, reaches a pod's hostPort from
 the client through the node address, and measures the shaped pod's rate with iperf3
 against its setting. Everything is deleted again (CNI DEL, daemon SIGTERM, namespaces).
+
+Then the cluster (``--nodes N``, default 3; 0 leaves it out): an underlay bridge with a
+real etcd member on it (Debian's etcd-server), N node namespaces each running vswitchd in
+cluster mode with ``--uplink eth0`` (``lab.cluster.Cluster(etcd_members=1)``): every
+daemon leases its own pod subnet from etcd and learns the others from it (no peer
+files); on each node one pod is ADDed through the CNI plugin with ``"subnet":
+"usePodCidr"`` and a hostPort. It pings every pod from every pod on another node, fetches
+over TCP (HTTP) from each pod the pod of the next node, and from a host on the underlay
+fetches each node's hostPort, answered by that node's own pod (the body names it).
 
 Without root, or with ``--sim``, the same scenario runs in the in-process simulation
 (vswitch.sim: the same Switch and Datapath on a virtual clock), and the output says so.
@@ -23,6 +32,7 @@ import time
 from pathlib import Path
 
 SUBNET = "10.77.0.0/24"
+CLUSTER_CIDR = "10.244.0.0/16"  # the cluster part: each node leases a /24 of it
 NODE_IP = "198.18.0.2"         # RFC 2544 benchmarking range: never routed anywhere
 CLIENT_IP = "198.18.0.10"
 HOST_PORT, CONTAINER_PORT = 8080, 80
@@ -187,20 +197,128 @@ def run_sim(seconds: float) -> list[tuple[str, str, str]]:
     return rows
 
 
+# ------------------------------------------------------------------ the cluster, as root
+
+def cluster_unavailable() -> str | None:
+    """Why the cluster part cannot run here, or None."""
+    from vswitch.lab.etcd import etcd_unavailable
+    import importlib.util
+    if importlib.util.find_spec("etcd3gw") is None:
+        return "the etcd client etcd3gw is missing (pip install 'vswitch[cluster]')"
+    return etcd_unavailable()
+
+
+def run_cluster(nodes: int, seconds: float) -> list[tuple[str, str, str]]:
+    from vswitch import lab
+    from vswitch.lab.cluster import Cluster
+
+    rows = [("check", "result", "detail")]
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        c = stack.enter_context(Cluster(nodes, kinds="vswitch", pods_per_node=0, etcd_members=1,
+                                         cluster_cidr=CLUSTER_CIDR))
+        rows.append(("etcd", "1 member", f"{c.etcd.endpoints[0]} on the underlay {c.underlay_cidr}"))
+        web = {}
+        for n in c.nodes:
+            view = n.daemon.call("nodes")
+            pod = n.add_pod(f"{n.name}-web", runtime_config={"portMappings": [
+                {"hostPort": HOST_PORT, "containerPort": CONTAINER_PORT, "protocol": "tcp"}]})
+            docroot = Path(n.workdir) / "www"
+            docroot.mkdir()
+            (docroot / "index.html").write_text(pod.name)
+            server = lab.nspopen(pod.ns, sys.executable, "-m", "http.server", CONTAINER_PORT, "--bind", "0.0.0.0",
+                                 "--directory", str(docroot), stdout=subprocess_devnull(),
+                                 stderr=subprocess_devnull())
+            stack.callback(server.wait, 10)
+            stack.callback(server.kill)
+            web[n.name] = pod
+            rows.append((f"node {n.name}", n.pod_cidr,
+                         f"leased from etcd; node IP {n.underlay_ip}, VTEP MAC {view['cluster']['vtep_mac']}"))
+            rows.append((f"pod {pod.name}", pod.ip, f"CNI ADD on {n.name}, usePodCidr, hostPort {HOST_PORT}"))
+        rows.append(("cluster up", f"{time.perf_counter() - t0:.1f} s", f"{nodes} daemons registered, {nodes} pods"))
+        # every node learns every other from etcd
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            seen = [len(n.daemon.call("nodes")["nodes"]) for n in c.nodes]
+            if all(k == nodes for k in seen):
+                break
+            time.sleep(0.1)
+        rows.append(("nodes known", f"{min(seen)}/{nodes}", "least complete view of `vswitchctl nodes` over all nodes"))
+        for n in c.nodes:
+            lab.wait_listening(web[n.name].ns, CONTAINER_PORT)
+        pairs = [(a, b) for a in c.nodes for b in c.nodes if a is not b]
+        if len(pairs) > 12:                 # many nodes: each to the next two
+            pairs = [(c.nodes[i], c.nodes[(i + k) % nodes]) for i in range(nodes) for k in (1, 2)]
+        ok = 0
+        rtts = []
+        for a, b in pairs:
+            p = lab.ping(web[a.name].ns, web[b.name].ip, count=2, timeout_s=10)
+            ok += p["received"] == p["sent"]
+            if p["rtt_avg_ms"] is not None:
+                rtts.append(p["rtt_avg_ms"])
+        rows.append(("ping across nodes", f"{ok}/{len(pairs)} pairs",
+                     f"pod to pod on another node over VXLAN, avg rtt {sum(rtts) / len(rtts):.3f} ms" if rtts
+                     else "no reply"))
+        ok = 0
+        for i, a in enumerate(c.nodes):
+            b = c.nodes[(i + 1) % nodes]
+            body = http_get(web[a.name].ns, web[b.name].ip, CONTAINER_PORT)
+            ok += body == web[b.name].name
+        rows.append(("TCP across nodes", f"{ok}/{nodes} fetches", "HTTP from each node's pod to the next node's pod"))
+        client = c.underlay.ns
+        for n in c.nodes:
+            body = http_get(client, n.underlay_ip, HOST_PORT)
+            rows.append((f"hostPort {n.underlay_ip}:{HOST_PORT}", body or "failed",
+                         f"served by {n.name}'s own pod" if body == web[n.name].name
+                         else f"expected {web[n.name].name}"))
+        if nodes >= 2:
+            a, b = web[c.nodes[0].name], web[c.nodes[1].name]
+            try:
+                res = lab.iperf3(b.ns, b.ip, a.ns, seconds=seconds)
+                rate = f"{lab.received_bps(res) / 1e9:.2f} Gbit/s"
+            except RuntimeError as exc:
+                rate = f"failed ({exc})"
+            rows.append((f"TCP {a.node} -> {b.node}", rate, "iperf3, 1 stream, pod to pod across nodes"))
+    rows.append(("cleanup", "done", "daemons stopped, etcd stopped, namespaces deleted"))
+    return rows
+
+
+def http_get(ns: str, ip: str, port: int) -> str:
+    """The body of http://ip:port/ fetched from namespace ``ns`` ('' on failure)."""
+    from vswitch import lab
+    r = lab.nsexec(ns, sys.executable, "-c",
+                   "import urllib.request as u; print(u.urlopen('http://%s:%d/', timeout=5).read().decode())"
+                   % (ip, port), check=False)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vswitch.lab.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--sim", action="store_true", help="run the simulated scenario even as root")
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each rate measurement")
+    ap.add_argument("--nodes", type=int, default=3,
+                    help="nodes of the cluster part (vswitchd in cluster mode on a real etcd; default 3; "
+                         "0 leaves it out; at most 200)")
     args = ap.parse_args(argv)
+    if not 0 <= args.nodes <= 200:
+        ap.error(f"--nodes {args.nodes}: accepted is 0 .. 200")
     from vswitch import lab
     why = None if args.sim else lab.kernel_unavailable()
     if args.sim or why:
         print(f"vswitch demo: SIMULATION ({why or '--sim'}): three pods on a virtual clock\n")
         rows = run_sim(args.seconds)
-    else:
-        print("vswitch demo: real pods in network namespaces, added through the CNI plugin\n")
-        rows = run_real(args.seconds)
+        print(table(rows))
+        return 0
+    print("vswitch demo: real pods in network namespaces, added through the CNI plugin\n")
+    rows = run_real(args.seconds)
     print(table(rows))
+    if args.nodes:
+        print(f"\nvswitch demo: a cluster of {args.nodes} nodes, vswitchd in cluster mode on etcd, "
+              f"pods on every node\n", flush=True)
+        why = cluster_unavailable()
+        rows = ([("check", "result", "detail"), ("cluster", "skipped", why)] if why
+                else run_cluster(args.nodes, args.seconds))
+        print(table(rows))
     return 0
 
 

@@ -8,8 +8,8 @@ on an address of that namespace; its health is asked with ``curl`` from inside i
 namespace) with etcd on the bridge's address (the last host of the underlay range, like a
 control-plane host on the node network), and node namespaces attached to the bridge by a
 veth (``eth0``, the node's underlay address), each running ``lab.Daemon`` with the
-cluster flags; the node IP is then the route source towards etcd, i.e. the node's
-``eth0`` address. Everything is removed in every outcome: daemons stopped by their PIDs,
+cluster flags and ``--uplink eth0`` (cluster mode implies VXLAN, which needs the uplink);
+the node IP is then the uplink's address, the node's ``eth0`` address. Everything is removed in every outcome: daemons stopped by their PIDs,
 etcd killed by its PID, the namespaces deleted. Imports no pytest.
 
 For the multi-node lab with traffic (``lab.cluster.Cluster(..., etcd_members=1 or 3)``):
@@ -91,7 +91,8 @@ class ClusterLab:
         return self
 
     def node_args(self, name: str, **extra) -> list[str]:
-        args = ["--cluster-cidr", self.cluster_cidr, "--node-subnet-size", self.node_subnet_size,
+        # cluster mode implies VXLAN, which needs the uplink: the node's underlay NIC
+        args = ["--uplink", "eth0", "--cluster-cidr", self.cluster_cidr, "--node-subnet-size", self.node_subnet_size,
                 "--etcd-endpoints", self.etcd.url, "--node-name", name, "--lease-ttl-s", str(self.lease_ttl_s)]
         for k, v in extra.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
