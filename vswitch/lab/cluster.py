@@ -457,18 +457,21 @@ class VswitchNode(Node):
     with host-local IPAM on ``pod_cidr`` and MTU ``pod_mtu``; pods reach each other, the
     gateway and the node's addresses.
 
-    Waits for issue 13.1/13.2 (the datapath's VXLAN, ``vswitchd --vtep`` and the
-    ``peers`` control op): ``add_peer``/``remove_peer`` (they will send this node's
-    peer list, name + underlay IP + pod CIDR, through ``peers``) and ``vtep_mac`` (it
-    will be read from the daemon's status). Until then they raise ``NotImplementedError``
-    with that reason, so a cluster of vswitch nodes fails loudly instead of pretending.
-    ``daemon_args`` is where ``--vtep`` options will go. ``WAITS_FOR`` names what is
-    missing; whoever implements the peers sets it to None, which also makes
-    bench/bench_crossnode.py measure vswitch."""
+    VXLAN (issue 13): the daemon runs with ``--vtep-vni VNI --vtep-port PORT`` (VXLAN on,
+    the VTEP on the underlay address); ``vtep_mac`` is read from its ``status`` (the
+    uplink NIC's MAC, which the host port takes over). ``add_peer``/``remove_peer`` keep
+    this node's list of peers (name, underlay IP, pod CIDR, VTEP MAC) and send all of it
+    with the ``peers`` op (``replace``: the daemon's *control* source, kept in its state
+    file, so ``restart`` after a kill has them again); ``add_peer`` then waits until the
+    daemon has resolved the peer's underlay MAC. An AF_PACKET socket cannot receive a
+    UDP-tunnel GSO packet, so a :class:`KernelNode` peer is switched to wire-size
+    segments (``wire_size_segments``: its ``eth0`` then segments before the veth, as a NIC
+    puts TSO segments on a cable); vswitch nodes segment tunnel GSO themselves.
+    ``WAITS_FOR`` is None: bench/bench_crossnode.py measures vswitch."""
 
     kind = "vswitch"
-    WAITS_FOR = ("the vswitch core has no VXLAN yet and vswitchd no --vtep options or "
-                 "'peers' control op (issue 13.1/13.2)")
+    WAITS_FOR = None
+    RESOLVE_TIMEOUT_S = 10.0
 
     def __init__(self, underlay: Underlay, index: int, *, pod_cidr: str, vni: int = DEFAULT_VNI,
                  port: int = IANA_VXLAN_PORT, daemon_args=(), cni_path=lab.SYSTEM_CNI_PATH):
@@ -478,10 +481,14 @@ class VswitchNode(Node):
         self.workdir: Path | None = None
         self.daemon: lab.Daemon | None = None
         self.chain: lab.CniChain | None = None
+        self._vtep_mac: str | None = None
+        self.peer_records: dict[str, dict] = {}      # name -> what the peers op was given
 
     @property
     def vtep_mac(self) -> str:
-        raise NotImplementedError(f"{self.name}: the VTEP MAC of a vswitch node: {self.WAITS_FOR}")
+        if self._vtep_mac is None:
+            self._vtep_mac = self.daemon.call("status")["vxlan"]["vtep_mac"]
+        return self._vtep_mac
 
     def open(self) -> "VswitchNode":
         try:
@@ -491,7 +498,8 @@ class VswitchNode(Node):
             self.workdir = Path(tempfile.mkdtemp(prefix=f"vswitch-{self.name}-{lab.uid()}-"))
             self._open_node_ns()
             self.daemon = lab.Daemon(self.ns, self.workdir / "vswitchd",
-                                     ["--uplink", UNDERLAY_IFNAME, *self.daemon_args])
+                                     ["--uplink", UNDERLAY_IFNAME, "--vtep-vni", str(self.vni),
+                                      "--vtep-port", str(self.port), *self.daemon_args])
             self.daemon.start(timeout_s=30)
             from vswitch_cni.install import install
             bin_dir = self.workdir / "bin"
@@ -526,11 +534,49 @@ class VswitchNode(Node):
         self.pods.append(pod)
         return pod
 
+    @staticmethod
+    def peer_record(peer: Node) -> dict:
+        """``peer`` as the ``peers`` op and the ``--peers`` file take it."""
+        return {"name": peer.name, "node_ip": peer.underlay_ip, "pod_cidrs": [peer.pod_cidr],
+                "vtep_mac": peer.vtep_mac}
+
     def add_peer(self, peer: Node) -> None:
-        raise NotImplementedError(f"{self.name}.add_peer({peer.name}): {self.WAITS_FOR}")
+        """Adds ``peer`` to the daemon's peers (``peers`` replace) and waits until its
+        underlay MAC is resolved (RuntimeError with the daemon's listing otherwise)."""
+        if peer is self:
+            raise ValueError(f"{self.name} cannot be its own peer")
+        if peer.kind == "kernel":
+            peer.wire_size_segments(True)
+        self.peer_records[peer.name] = self.peer_record(peer)
+        self._send_peers()
+        self.peers[peer.name] = peer
+        self.wait_resolved([peer.name])
 
     def remove_peer(self, peer: Node) -> None:
-        raise NotImplementedError(f"{self.name}.remove_peer({peer.name}): {self.WAITS_FOR}")
+        self.peer_records.pop(peer.name, None)
+        self._send_peers()
+        self.peers.pop(peer.name, None)
+
+    def _send_peers(self) -> dict:
+        return self.daemon.call("peers", action="replace", peers=list(self.peer_records.values()))
+
+    def wait_resolved(self, names=None, timeout_s: float | None = None) -> dict:
+        """Waits until the peers ``names`` (default: all) are ``resolved``; their rows."""
+        deadline = time.monotonic() + (timeout_s or self.RESOLVE_TIMEOUT_S)
+        while True:
+            rows = {r["name"]: r for r in self.daemon.call("peers")["peers"]}
+            want = [n for n in (names or rows)]
+            if all(n in rows and rows[n]["state"] == "resolved" for n in want):
+                return {n: rows[n] for n in want}
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: peers {want} not resolved within "
+                                   f"{timeout_s or self.RESOLVE_TIMEOUT_S} s: {rows}")
+            time.sleep(0.05)
+
+    def restart(self, timeout_s: float = 30.0) -> None:
+        """Starts the daemon again (after ``daemon.kill9()`` or ``daemon.stop()``); its
+        control-source peers come back from its state file."""
+        self.daemon.start(timeout_s=timeout_s)
 
     def close(self) -> None:
         """Stops vswitchd (SIGTERM to the PID we started: it hands the underlay address back
