@@ -6,13 +6,15 @@
 #      1.23 C API by default, so the core runs on Debian 12's numpy 1.24);
 #   2. the root filesystem: mmdebstrap --variant=minbase of Debian 12 (bookworm) with
 #      python3, iproute2, nftables (vswitchd execs only `nft`, for ipMasq) and the runtime
-#      dependencies as Debian packages: python3-numpy (1.24), python3-pyroute2 (0.7.2),
+#      dependencies that Debian 12 has in a version that works: python3-numpy (1.24),
 #      python3-requests, python3-futurist, python3-pbr (etcd3gw's dependencies);
 #   3. a virtualenv /opt/vswitch with the system site-packages (Debian's python3 is
 #      "externally managed", PEP 668, so pip does not write into /usr) holding the wheel and
-#      etcd3gw, which is the one dependency from PyPI: Debian 12's python3-etcd3gw is 2.0.0
-#      and the cluster mode needs >= 2.7 (vswitch/cluster/store.py); it is downloaded here,
-#      on the build host, and installed offline;
+#      the two dependencies from PyPI, downloaded here on the build host and installed
+#      offline, each because Debian 12's is too old: pyroute2 (Debian's 0.7.2 answers
+#      None to msg.get("IFLA_ADDRESS"), which vswitch/daemon/netlink.py relies on; the
+#      version the venv's tests run with is pinned) and etcd3gw (Debian's 2.0.0; the
+#      cluster mode needs >= 2.7, vswitch/cluster/store.py);
 #   4. a smoke test in the root filesystem (imports, the Cython core forwards a frame);
 #   5. `buildah from scratch` + the root filesystem + config, committed as
 #      vswitch:VERSION-SHORTCOMMIT and tagged vswitch:latest (local storage, the one podman
@@ -58,6 +60,7 @@ version=$(git show "$sha:vswitch/__init__.py" | sed -n 's/^__version__ = "\(.*\)
 [ -n "$version" ] || { echo "build-image: no __version__ in vswitch/__init__.py at $short" >&2; exit 1; }
 tag=${tag:-vswitch:$version-$short}
 etcd3gw_req='etcd3gw>=2.7'
+pyroute2_req=pyroute2==$("$python" -c 'import importlib.metadata as m; print(m.version("pyroute2"))')
 
 if [ "$force" = 0 ] && buildah inspect --type image "$tag" >/dev/null 2>&1; then
     echo "build-image: $tag exists (commit $short); not rebuilt (--force rebuilds)" >&2
@@ -80,13 +83,13 @@ git archive "$sha" | tar -x -C "$work/src"
 # no build isolation: the venv has the build requirements (setuptools, Cython, numpy), and
 # nothing is fetched for the build
 "$python" -m pip wheel -q --no-deps --no-build-isolation -w "$work/wheels" "$work/src" >&2
-"$python" -m pip download -q --no-deps --only-binary=:all: -d "$work/wheels" "$etcd3gw_req" >&2
+"$python" -m pip download -q --no-deps --only-binary=:all: -d "$work/wheels" "$etcd3gw_req" "$pyroute2_req" >&2
 ls "$work/wheels" >&2
 
 echo "build-image: root filesystem (mmdebstrap, Debian 12 minbase)" >&2
 # The hooks run on the host with the root filesystem at "$1".
 mmdebstrap --quiet --variant=minbase --mode=root \
-    --include=python3,python3-venv,python3-numpy,python3-pyroute2,python3-requests,python3-futurist,python3-pbr,iproute2,nftables \
+    --include=python3,python3-venv,python3-numpy,python3-requests,python3-futurist,python3-pbr,iproute2,nftables \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     --customize-hook="mkdir -p \"\$1/tmp/wheels\" && cp $work/wheels/*.whl \"\$1/tmp/wheels/\"" \
