@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import ipaddress
 import os
 import select
 import socket
@@ -249,10 +250,16 @@ class ControlServer:
         self.ep.register(s.fileno(), EPOLLIN)
         self._spare()
 
-    def listen_metrics(self, port: int):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    def listen_metrics(self, port: int, address: str = "127.0.0.1"):
+        """Prometheus text on ``address:port`` (IPv4 or IPv6; 0.0.0.0 or :: for all)."""
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+        except ValueError:
+            raise ValueError(f"--metrics-address {address!r} is not an IP address; accepted: the node's "
+                             f"IPv4 or IPv6 address, 127.0.0.1 (the default), 0.0.0.0 or ::") from None
+        s = socket.socket(family, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
+        s.bind((address, port))
         s.listen(16)
         s.setblocking(False)
         self.msock = s

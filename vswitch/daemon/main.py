@@ -89,13 +89,14 @@ class Daemon:
                  log_group: str | None = None, control_limits: Limits = Limits(),
                  cluster: ClusterConfig | None = None, conntrack_size: int | None = None,
                  mac_learn_rate_per_s: int | None = None, vtep: VtepConfig | None = None,
-                 cluster_cidrs: tuple = ()):
+                 cluster_cidrs: tuple = (), metrics_address: str = "127.0.0.1"):
         if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"poll_us={poll_us!r}; accepted: an integer 0 .. {MAX_POLL_US} (microseconds)")
         self.socket_path = socket_path
         self.host_name = switch
         self.uplink_name = uplink
         self.metrics_port = metrics_port
+        self.metrics_address = metrics_address
         self.test_faults = test_faults
         self.max_ports = max_ports
         self.conntrack_size = conntrack_size     # None: the datapath's default
@@ -179,7 +180,7 @@ class Daemon:
                                      limits=self.control_limits)
         self.control.listen(self.socket_path)
         if self.metrics_port is not None:
-            self.control.listen_metrics(self.metrics_port)
+            self.control.listen_metrics(self.metrics_port, self.metrics_address)
         if self.vxlan is not None:
             self.vxlan.submit = self.control.submit_internal
             self.vxlan.request_sync()
@@ -480,7 +481,10 @@ def main(argv=None):
     ap.add_argument("--switch", default="vsw0", help="name of the host port TAP (default vsw0)")
     ap.add_argument("--uplink", help="NIC to attach with AF_PACKET; its addresses move to the host port")
     ap.add_argument("--log-file", help="also append the structured log lines to this file")
-    ap.add_argument("--metrics-port", type=int, help="serve Prometheus text on 127.0.0.1:PORT/metrics")
+    ap.add_argument("--metrics-port", type=int, help="serve Prometheus text on ADDRESS:PORT/metrics")
+    ap.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
+                    help="the metrics endpoint's address (default 127.0.0.1): the node's IPv4 or IPv6 "
+                         "address so a cluster's Prometheus can scrape it, 0.0.0.0 or :: for all")
     ap.add_argument("--max-ports", type=int, default=256,
                     help="switch ports, host port and uplink included (default 256)")
     ap.add_argument("--conntrack-size", type=int, default=None, metavar="ENTRIES",
@@ -589,10 +593,15 @@ def main(argv=None):
     if not 0 <= a.poll_us <= MAX_POLL_US:
         ap.error(f"--poll-us {a.poll_us}: accepted 0 .. {MAX_POLL_US} (microseconds)")
     try:
+        ipaddress.ip_address(a.metrics_address)
+    except ValueError:
+        ap.error(f"--metrics-address {a.metrics_address!r} is not an IP address; accepted: the node's "
+                 f"IPv4 or IPv6 address, 127.0.0.1 (the default), 0.0.0.0 or ::")
+    try:
         d = Daemon(a.socket, a.state_dir, a.switch, a.uplink, a.log_file, a.metrics_port, a.test_faults,
                    a.max_ports, a.poll_us, log_level=a.log_level, log_group=a.log_group, control_limits=limits,
                    cluster=cluster, conntrack_size=a.conntrack_size, mac_learn_rate_per_s=a.mac_learn_rate,
-                   vtep=vtep, cluster_cidrs=cluster_cidrs)
+                   vtep=vtep, cluster_cidrs=cluster_cidrs, metrics_address=a.metrics_address)
     except (OSError, ValueError, KeyError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         return 2
