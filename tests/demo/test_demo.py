@@ -1,4 +1,5 @@
 """The README's first command: the demo runs its scenario and prints a true table."""
+import ipaddress
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def test_simulated_demo_reaches_every_check():
 @pytest.mark.integration
 @pytest.mark.skipif(lab.kernel_unavailable() is not None, reason=lab.kernel_unavailable() or "")
 def test_real_demo_pods_ping_hostport_and_shaping():
-    out = _demo("--seconds", "3")
+    out = _demo("--seconds", "3", "--nodes", "0")      # the cluster part: the test below
     assert "real pods" in out
     assert _row(out, "ping peer -> web")[0] == "3/3"
     assert _row(out, "client -> 198.18.0.2:8080")[:2] == ["HTTP", "200"]
@@ -46,3 +47,27 @@ def test_real_demo_pods_ping_hostport_and_shaping():
         assert 0.9 <= ratio <= 1.05, out
     assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
                 if n.startswith("vsdemo")]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.skipif(lab.kernel_unavailable() is not None, reason=lab.kernel_unavailable() or "")
+def test_real_demo_cluster_part_pods_on_every_node_talk_and_each_hostport_is_local():
+    from vswitch.lab.demo import cluster_unavailable
+    why = cluster_unavailable()
+    if why:
+        pytest.skip(why)
+    out = _demo("--seconds", "1", "--nodes", "3")
+    cluster = out.split("a cluster of 3 nodes")[1]
+    assert _row(cluster, "nodes known")[0] == "3/3"
+    assert _row(cluster, "VXLAN peers")[0] == "2/2"
+    nets = [ipaddress.ip_network(_row(cluster, f"node n{i}")[0]) for i in (1, 2, 3)]
+    assert len(set(nets)) == 3 and all(n.subnet_of(ipaddress.ip_network("10.244.0.0/16")) for n in nets)
+    for i, net in zip((1, 2, 3), nets):
+        assert ipaddress.ip_address(_row(cluster, f"pod n{i}-web")[0]) in net
+    assert _row(cluster, "ping across nodes")[0] == "6/6", out
+    assert _row(cluster, "TCP across nodes")[0] == "3/3", out
+    for i in (1, 2, 3):
+        # the underlay address of node i is host i of 10.200.0.0/24; its own pod answers
+        assert _row(cluster, f"hostPort 10.200.0.{i}:8080")[:4] == [f"n{i}-web", "served", "by", f"n{i}'s"], out
+    assert "Gbit/s" in _row(cluster, "TCP n1 -> n2")[1]

@@ -236,14 +236,17 @@ def run_cluster(nodes: int, seconds: float) -> list[tuple[str, str, str]]:
                          f"leased from etcd; node IP {n.underlay_ip}, VTEP MAC {view['cluster']['vtep_mac']}"))
             rows.append((f"pod {pod.name}", pod.ip, f"CNI ADD on {n.name}, usePodCidr, hostPort {HOST_PORT}"))
         rows.append(("cluster up", f"{time.perf_counter() - t0:.1f} s", f"{nodes} daemons registered, {nodes} pods"))
-        # every node learns every other from etcd
-        deadline = time.monotonic() + 20
+        # every node learns every other from etcd, and its VXLAN table resolves their next hops
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             seen = [len(n.daemon.call("nodes")["nodes"]) for n in c.nodes]
-            if all(k == nodes for k in seen):
+            resolved = [sum(p["state"] == "resolved" for p in n.daemon.call("peers")["peers"]) for n in c.nodes]
+            if all(k == nodes for k in seen) and all(k == nodes - 1 for k in resolved):
                 break
             time.sleep(0.1)
         rows.append(("nodes known", f"{min(seen)}/{nodes}", "least complete view of `vswitchctl nodes` over all nodes"))
+        rows.append(("VXLAN peers", f"{min(resolved)}/{nodes - 1} resolved",
+                     "least complete `vswitchctl peers` table (source: cluster) over all nodes"))
         for n in c.nodes:
             lab.wait_listening(web[n.name].ns, CONTAINER_PORT)
         pairs = [(a, b) for a in c.nodes for b in c.nodes if a is not b]
