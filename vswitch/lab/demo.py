@@ -205,6 +205,9 @@ def cluster_unavailable() -> str | None:
     import importlib.util
     if importlib.util.find_spec("etcd3gw") is None:
         return "the etcd client etcd3gw is missing (pip install 'vswitch[cluster]')"
+    from vswitch.datapath import Datapath
+    if not hasattr(Datapath, "set_vtep"):
+        return "this build's datapath has no VXLAN (issue 13): pods on different nodes cannot talk"
     return etcd_unavailable()
 
 
