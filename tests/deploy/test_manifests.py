@@ -228,3 +228,15 @@ def test_entrypoint_defaults_are_vswitchds(monkeypatch):
     assert seen["state_dir"] == entrypoint.DEFAULT_STATE_DIR
     assert seen["switch"] == entrypoint.DEFAULT_SWITCH
     assert entrypoint.daemon_paths(["--state-dir", "/x", "--switch", "sw1", "--uplink", "eth0"]) == ("/x", "sw1")
+
+
+def test_containerfile_and_build_script_make_the_same_entry_points():
+    """Containerfile (registry users) and scripts/build-image.sh (here) agree on what runs."""
+    cf = open(os.path.join(km.REPO, "Containerfile")).read()
+    script = open(os.path.join(km.REPO, "scripts/build-image.sh")).read()
+    assert 'ENTRYPOINT ["/usr/local/bin/vswitch-entrypoint"]' in cf
+    assert "--entrypoint '[\"/usr/local/bin/vswitch-entrypoint\"]' --cmd vswitchd" in script
+    assert 'CMD ["vswitchd"]' in cf
+    for text in (cf, script):
+        assert "-m vswitch.daemon.entrypoint" in text
+        assert "--system-site-packages /opt/vswitch" in text
