@@ -3,7 +3,7 @@ others take to learn it (issue 14).
 
 Theory of operation
 -------------------
-- ``cluster-join`` (s), ``mode=daemon``, 3 nodes: ``vswitch.lab.cluster.Cluster(2,
+- ``cluster-join`` (s), ``mode=daemon``, 3 nodes: ``vswitch.lab.etcdns.MemberCluster(2,
   etcd_members=1)`` (etcd on the underlay bridge, node namespaces, real vswitchd in cluster
   mode with VXLAN, a pod on each node through the CNI plugin on usePodCidr); per round a
   third node is added (``Cluster.add_node``) and the clock runs from just before its
@@ -172,9 +172,9 @@ def _traffic_skip():
 def test_daemon_join(benchmark):
     import threading
 
-    from vswitch.lab.cluster import Cluster
+    from vswitch.lab.etcdns import MemberCluster
     join_s = []
-    with Cluster(2, kinds="vswitch", pods_per_node=1, etcd_members=1, lease_ttl_s=3) as c:
+    with MemberCluster(2, pods_per_node=1, etcd_members=1, lease_ttl_s=3) as c:
         others = list(c.nodes)
 
         def reachable(ns, ip, timeout_s=30.0):

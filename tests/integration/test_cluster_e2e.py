@@ -1,6 +1,6 @@
 """Cluster mode end to end: vswitchd nodes on a real etcd, pods on every node talking over VXLAN.
 
-Every test builds a ``vswitch.lab.cluster.Cluster(kinds="vswitch", etcd_members=1 or 3)``:
+Every test builds a ``vswitch.lab.etcdns.MemberCluster(etcd_members=1 or 3)``:
 an underlay bridge in its own namespace with real etcd member(s) on it, node namespaces on
 the bridge, a real vswitchd per node in cluster mode with ``--uplink eth0`` (which implies
 VXLAN), pods ADDed through the real CNI plugin on ``"subnet": "usePodCidr"``. No peer is
@@ -51,7 +51,7 @@ def _skip_reason():
 _skip = _skip_reason()
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.skipif(bool(_skip), reason=_skip or "")]
 
-from vswitch.lab.cluster import Cluster  # noqa: E402
+from vswitch.lab.etcdns import MemberCluster  # noqa: E402
 
 CLUSTER_CIDR = "10.244.0.0/16"
 TTL_S = 3
@@ -79,7 +79,7 @@ def vxlan_peers(node) -> dict[str, dict]:
     return {p["name"]: p for p in node.daemon.call("peers")["peers"]}
 
 
-def meshed(c: Cluster) -> bool:
+def meshed(c) -> bool:
     """Every node holds every other in its VXLAN table, from the cluster source, resolved."""
     for n in c.nodes:
         want = {o.name for o in c.nodes if o is not n}
@@ -164,7 +164,7 @@ def http_ok(ns: str, ip: str) -> bool:
 
 
 def test_three_nodes_pods_reach_each_other_and_a_fourth_is_reachable_soon_after_registering():
-    with Cluster(3, kinds="vswitch", pods_per_node=2, etcd_members=1, lease_ttl_s=TTL_S,
+    with MemberCluster(3, pods_per_node=2, etcd_members=1, lease_ttl_s=TTL_S,
                  cluster_cidr=CLUSTER_CIDR) as c:
         nets = [ipaddress.ip_network(n.pod_cidr) for n in c.nodes]
         assert len(set(nets)) == 3, nets
@@ -215,7 +215,7 @@ def test_three_nodes_pods_reach_each_other_and_a_fourth_is_reachable_soon_after_
 
 
 def test_killed_daemon_expires_then_restarts_with_its_subnet_and_its_pods_reachable():
-    with Cluster(3, kinds="vswitch", pods_per_node=1, etcd_members=1, lease_ttl_s=TTL_S) as c:
+    with MemberCluster(3, pods_per_node=1, etcd_members=1, lease_ttl_s=TTL_S) as c:
         n1, n2, n3 = c.nodes
         wait_for(lambda: meshed(c), 20, "full mesh")
         before, pod3 = n3.pod_cidr, n3.pods[0]
@@ -246,7 +246,7 @@ def test_killed_daemon_expires_then_restarts_with_its_subnet_and_its_pods_reacha
 
 
 def test_etcd_stopped_30s_pod_traffic_never_stops_and_the_daemons_resync():
-    with Cluster(2, kinds="vswitch", pods_per_node=1, etcd_members=1, lease_ttl_s=TTL_S) as c:
+    with MemberCluster(2, pods_per_node=1, etcd_members=1, lease_ttl_s=TTL_S) as c:
         a, b = c.nodes
         wait_for(lambda: meshed(c), 20, "full mesh")
         pids = [n.daemon.proc.pid for n in c.nodes]
@@ -279,7 +279,7 @@ def test_etcd_stopped_30s_pod_traffic_never_stops_and_the_daemons_resync():
 
 
 def test_one_of_three_etcd_members_killed_nothing_noticeable():
-    with Cluster(2, kinds="vswitch", pods_per_node=1, etcd_members=3, lease_ttl_s=TTL_S) as c:
+    with MemberCluster(2, pods_per_node=1, etcd_members=3, lease_ttl_s=TTL_S) as c:
         a, b = c.nodes
         wait_for(lambda: meshed(c), 20, "full mesh")
         regs = [n.daemon.call("status")["cluster"]["registrations"] for n in c.nodes]
@@ -304,7 +304,7 @@ def test_one_of_three_etcd_members_killed_nothing_noticeable():
 
 
 def test_foreign_and_forged_records_are_ignored_logged_and_traffic_goes_on():
-    with Cluster(2, kinds="vswitch", pods_per_node=1, etcd_members=1, lease_ttl_s=TTL_S) as c:
+    with MemberCluster(2, pods_per_node=1, etcd_members=1, lease_ttl_s=TTL_S) as c:
         a, b = c.nodes
         wait_for(lambda: meshed(c), 20, "full mesh")
         url = c.etcd.endpoints[0]

@@ -604,13 +604,10 @@ class Cluster:
     ``kinds``: one kind for all ``nodes`` (``"kernel"`` or ``"vswitch"``) or a list with one
     kind per node. Node ``i`` (1-based) has underlay host ``i`` and the ``i``-th subnet of
     ``node_prefix`` bits of ``cluster_cidr``. Use as a context manager (or ``open`` and
-    ``close``): everything is removed in every outcome.
-
-    ``etcd_members`` 1 or 3: cluster mode (issue 14) instead of wired peers: that many etcd
-    members run in the underlay namespace (``vswitch.lab.etcdns.UnderlayEtcd``, ``etcd``),
-    every node is a ``vswitch.lab.etcdns.MemberNode`` (kinds must be ``"vswitch"``) whose
-    daemon leases its subnet of ``cluster_cidr`` and learns its peers from etcd (lease TTL
-    ``lease_ttl_s``); ``add_node`` joins one more at run time."""
+    ``close``): everything is removed in every outcome. ``add_node`` joins one more node
+    at run time. Cluster mode (nodes registering in etcd instead of wired peers) is the
+    subclass ``vswitch.lab.etcdns.MemberCluster``, through the hooks ``_open_services``,
+    ``_make_node`` and ``_close_services``."""
     nodes_count: int = 3
     kinds: object = "kernel"
     pods_per_node: int = 2
@@ -622,10 +619,7 @@ class Cluster:
     port: int = IANA_VXLAN_PORT
     node_kwargs: dict = field(default_factory=dict)     # extra keyword arguments per node kind
     wire_peers: bool = True
-    etcd_members: int = 0                               # 0: peers wired by the lab; 1 or 3: etcd
-    lease_ttl_s: int = 10
     underlay: Underlay | None = field(default=None, init=False)
-    etcd: object = field(default=None, init=False)      # etcdns.UnderlayEtcd in cluster mode
     nodes: list = field(default_factory=list, init=False)
 
     def __post_init__(self):
@@ -637,9 +631,6 @@ class Cluster:
             raise ValueError(f"kinds={self.kinds!r}: accepted is one of {', '.join(NODE_KINDS)} or "
                              f"a list of {self.nodes_count} of them")
         self._kinds = kinds
-        if self.etcd_members not in (0, 1, 3) or self.etcd_members and set(kinds) != {"vswitch"}:
-            raise ValueError(f"etcd_members={self.etcd_members!r} with kinds={self.kinds!r}: accepted is 0, "
-                             f"or 1 or 3 with vswitch nodes only (kernel nodes do not register in etcd)")
         try:
             net = ipaddress.IPv4Network(self.cluster_cidr, strict=True)
             self._subnets = net.subnets(new_prefix=self.node_prefix)
@@ -654,12 +645,10 @@ class Cluster:
             raise RuntimeError("this Cluster was opened already: open() or `with`, not both")
         try:
             self.underlay = Underlay(self.underlay_cidr, self.mtu).open()
-            if self.etcd_members:
-                from vswitch.lab.etcdns import UnderlayEtcd
-                self.etcd = UnderlayEtcd(self.underlay, self.etcd_members).start()
+            self._open_services()
             for kind in self._kinds:
                 self._new_node(kind)
-            if self.wire_peers and not self.etcd_members:
+            if self.wire_peers:
                 for node in self.nodes:
                     for peer in self.nodes:
                         if peer is not node:
@@ -669,24 +658,24 @@ class Cluster:
             raise
         return self
 
+    def _open_services(self) -> None:
+        """Hook: what the nodes need on the underlay before they start (nothing here)."""
+
+    def _close_services(self) -> None:
+        """Hook: undoes ``_open_services`` (after the nodes are gone)."""
+
+    def _make_node(self, index: int, kind: str) -> Node:
+        """Hook: node number ``index`` of ``kind`` (not opened): the next subnet of the cluster CIDR."""
+        try:
+            cidr = str(next(self._subnets))
+        except StopIteration:
+            raise ValueError(f"cluster_cidr {self.cluster_cidr} has no room for "
+                             f"{index} /{self.node_prefix} subnets") from None
+        return NODE_KINDS[kind](self.underlay, index, pod_cidr=cidr, vni=self.vni, port=self.port,
+                                **self.node_kwargs.get(kind, {}))
+
     def _new_node(self, kind: str) -> Node:
-        index = len(self.nodes) + 1
-        if self.etcd is not None:
-            from vswitch.lab.etcdns import MemberNode
-            if index >= self.etcd.first_host:
-                raise ValueError(f"underlay {self.underlay_cidr} has no host number left for node {index}")
-            node = MemberNode(self.underlay, index, etcd_endpoints=self.etcd.endpoints,
-                              cluster_cidr=self.cluster_cidr, node_subnet_size=self.node_prefix,
-                              lease_ttl_s=self.lease_ttl_s, vni=self.vni, port=self.port,
-                              **self.node_kwargs.get(kind, {}))
-        else:
-            try:
-                cidr = str(next(self._subnets))
-            except StopIteration:
-                raise ValueError(f"cluster_cidr {self.cluster_cidr} has no room for "
-                                 f"{index} /{self.node_prefix} subnets") from None
-            node = NODE_KINDS[kind](self.underlay, index, pod_cidr=cidr, vni=self.vni, port=self.port,
-                                    **self.node_kwargs.get(kind, {}))
+        node = self._make_node(len(self.nodes) + 1, kind)
         self.nodes.append(node)
         node.open()
         for _ in range(self.pods_per_node):
@@ -696,10 +685,10 @@ class Cluster:
     def add_node(self, kind: str = "vswitch") -> Node:
         """One more node at run time, with ``pods_per_node`` pods; in cluster mode it
         registers by itself, otherwise it is wired as a peer of every node (if ``wire_peers``)."""
-        if kind not in NODE_KINDS or self.etcd is not None and kind != "vswitch":
-            raise ValueError(f"kind={kind!r}: accepted is one of {', '.join(NODE_KINDS)} (vswitch in cluster mode)")
+        if kind not in NODE_KINDS:
+            raise ValueError(f"kind={kind!r}: accepted is one of {', '.join(NODE_KINDS)}")
         node = self._new_node(kind)
-        if self.wire_peers and self.etcd is None:
+        if self.wire_peers:
             for other in self.nodes:
                 if other is not node:
                     other.add_peer(node)
@@ -747,12 +736,10 @@ class Cluster:
             except BaseException as exc:      # noqa: BLE001 - the others must go too
                 first = first or exc
         self.nodes.clear()
-        if self.etcd is not None:
-            try:
-                self.etcd.cleanup()
-            except BaseException as exc:      # noqa: BLE001
-                first = first or exc
-            self.etcd = None
+        try:
+            self._close_services()
+        except BaseException as exc:      # noqa: BLE001
+            first = first or exc
         if self.underlay is not None:
             try:
                 self.underlay.close()

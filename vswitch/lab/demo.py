@@ -10,7 +10,7 @@ against its setting. Everything is deleted again (CNI DEL, daemon SIGTERM, names
 
 Then the cluster (``--nodes N``, default 3; 0 leaves it out): an underlay bridge with a
 real etcd member on it (Debian's etcd-server), N node namespaces each running vswitchd in
-cluster mode with ``--uplink eth0`` (``lab.cluster.Cluster(etcd_members=1)``): every
+cluster mode with ``--uplink eth0`` (``lab.etcdns.MemberCluster(etcd_members=1)``): every
 daemon leases its own pod subnet from etcd and learns the others from it (no peer
 files); on each node one pod is ADDed through the CNI plugin with ``"subnet":
 "usePodCidr"`` and a hostPort. It pings every pod from every pod on another node, fetches
@@ -213,12 +213,12 @@ def cluster_unavailable() -> str | None:
 
 def run_cluster(nodes: int, seconds: float) -> list[tuple[str, str, str]]:
     from vswitch import lab
-    from vswitch.lab.cluster import Cluster
+    from vswitch.lab.etcdns import MemberCluster
 
     rows = [("check", "result", "detail")]
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        c = stack.enter_context(Cluster(nodes, kinds="vswitch", pods_per_node=0, etcd_members=1,
+        c = stack.enter_context(MemberCluster(nodes, pods_per_node=0, etcd_members=1,
                                          cluster_cidr=CLUSTER_CIDR))
         rows.append(("etcd", "1 member", f"{c.etcd.endpoints[0]} on the underlay {c.underlay_cidr}"))
         web = {}

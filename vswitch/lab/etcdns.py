@@ -12,7 +12,8 @@ cluster flags and ``--uplink eth0`` (cluster mode implies VXLAN, which needs the
 the node IP is then the uplink's address, the node's ``eth0`` address. Everything is removed in every outcome: daemons stopped by their PIDs,
 etcd killed by its PID, the namespaces deleted. Imports no pytest.
 
-For the multi-node lab with traffic (``lab.cluster.Cluster(..., etcd_members=1 or 3)``):
+For the multi-node lab with traffic, ``MemberCluster`` (a ``lab.cluster.Cluster`` whose
+nodes register in etcd instead of being wired as peers; ``etcd_members`` 1 or 3):
 ``UnderlayEtcd`` runs one or three members in the underlay namespace, on the last host
 addresses of the underlay range (added to ``br0``), and ``MemberNode`` is a
 ``lab.cluster.VswitchNode`` in cluster mode: its vswitchd gets ``--uplink eth0`` and the
@@ -28,10 +29,11 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vswitch import lab, rpc
-from vswitch.lab.cluster import POD_IFNAME, Pod, Underlay, VswitchNode
+from vswitch.lab.cluster import POD_IFNAME, Cluster, Pod, Underlay, VswitchNode
 from vswitch.lab.etcd import Etcd
 
 CLIENT_PORT = 2379
@@ -255,3 +257,43 @@ class MemberNode(VswitchNode):
         its lease, which must be the subnet it held."""
         self.daemon.start(timeout_s=timeout_s)
         self.wait_lease(self.register_timeout_s)
+
+
+@dataclass
+class MemberCluster(Cluster):
+    """A ``lab.cluster.Cluster`` in cluster mode: ``etcd_members`` (1 or 3) etcd members in
+    the underlay namespace (``etcd``: ``UnderlayEtcd``), every node a ``MemberNode`` that
+    leases its subnet of ``cluster_cidr`` (``node_prefix`` bits) and learns its peers from
+    etcd (lease TTL ``lease_ttl_s``); nothing is wired by the lab."""
+    kinds: object = "vswitch"
+    wire_peers: bool = False
+    etcd_members: int = 1
+    lease_ttl_s: int = 10
+    etcd: UnderlayEtcd | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.etcd_members not in (1, 3) or set(self._kinds) != {"vswitch"} or self.wire_peers:
+            raise ValueError(f"etcd_members={self.etcd_members!r}, kinds={self.kinds!r}, wire_peers="
+                             f"{self.wire_peers!r}: accepted is 1 or 3 members, vswitch nodes only (kernel "
+                             f"nodes do not register in etcd), peers not wired")
+
+    def _open_services(self) -> None:
+        self.etcd = UnderlayEtcd(self.underlay, self.etcd_members).start()
+
+    def _close_services(self) -> None:
+        if self.etcd is not None:
+            self.etcd.cleanup()
+            self.etcd = None
+
+    def _make_node(self, index: int, kind: str) -> MemberNode:
+        if index >= self.etcd.first_host:
+            raise ValueError(f"underlay {self.underlay_cidr} has no host number left for node {index}")
+        return MemberNode(self.underlay, index, etcd_endpoints=self.etcd.endpoints, cluster_cidr=self.cluster_cidr,
+                          node_subnet_size=self.node_prefix, lease_ttl_s=self.lease_ttl_s, vni=self.vni,
+                          port=self.port, **self.node_kwargs.get(kind, {}))
+
+    def add_node(self, kind: str = "vswitch") -> MemberNode:
+        if kind != "vswitch":
+            raise ValueError(f"kind={kind!r}: a cluster-mode node is a vswitch node")
+        return super().add_node(kind)
