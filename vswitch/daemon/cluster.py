@@ -26,11 +26,13 @@ between them and the daemon's one loop thread:
   fails with "try again later".
 * **Defaults.** The node IP is the uplink's first IPv4 address, else the source address
   of the route to the first etcd endpoint (a UDP socket's ``connect``, which sends
-  nothing), or ``--node-ip``. The VTEP MAC is, with ``--uplink``, the NIC's own MAC (the
-  host port takes it over: unique per node, the MAC VXLAN frames leave with); without an
-  uplink, a locally administered MAC made from the node name (``0e:`` + 5 bytes of its
-  SHA-256): the host port's default MAC comes from the switch name, the same ``vsw0`` on
-  every node, and a VTEP MAC must be unique (a Linux peer's FDB is keyed by it).
+  nothing), or ``--node-ip``. The VTEP MAC is the one the daemon gives ``start``: with
+  ``--uplink`` (cluster mode implies VXLAN, which needs it) the NIC's own MAC, which the
+  host port takes over and ``vswitch.daemon.vxlan`` programs as the datapath's VTEP MAC
+  (unique per node); without an uplink, a locally administered MAC made from the node
+  name (``0e:`` + 5 bytes of its SHA-256): the host port's default MAC comes from the
+  switch name, the same ``vsw0`` on every node, and a VTEP MAC must be unique (a Linux
+  peer's FDB is keyed by it).
 * **Leaving.** A clean stop with pods still attached keeps the lease (the keys expire
   after the TTL unless the daemon is back sooner, re-claiming the same subnet); with no
   pod left it revokes the lease, so the others forget the node at once.
