@@ -254,7 +254,10 @@ def test_rehearsal(tmp_path, record_property):
         conflists = sorted(n for n in os.listdir(conf_dir) if n.endswith(".conflist"))
         assert len(conflists) == 1, conflists
         # cluster mode: the node leased a subnet of the cluster CIDR from etcd
-        subnets = [ipaddress.ip_network(s) for s in rpc.call(socket_path, "status")["cluster"]["pod_cidrs"]]
+        # (ready means serving; the lease may take a moment longer: a CNI ADD before it gets
+        # code 11 and the runtime retries)
+        leased = wait_for(lambda: rpc.call(socket_path, "status")["cluster"]["pod_cidrs"], 30, "a leased subnet")
+        subnets = [ipaddress.ip_network(s) for s in leased]
         cluster_cidr = ipaddress.ip_network(configmap["data"]["cluster-cidr"])
         assert subnets and all(s.subnet_of(cluster_cidr) for s in subnets), subnets
         assert node.addresses("vsw0") and node.node_ip + "/24" in node.addresses("vsw0"), node.addresses("vsw0")
