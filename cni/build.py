@@ -162,9 +162,36 @@ def build_bytes(python=None, compile_with=(sys.executable,), shebang=None):
     return head.encode() + buf.getvalue()
 
 
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, data, mode):
+    """Write ``data`` (bytes or str) to ``path``: a hidden temp file in the same directory
+    (no name a runtime loads), fsync, chmod, rename over ``path``, fsync of the directory."""
+    if isinstance(data, str):
+        data = data.encode()
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(directory)
+
+
 def build(out, python=None, compile_with=(sys.executable,)):
     """Write the plugin to ``out`` (mode 0755, atomically); returns its path."""
-    from .install import write_atomic
     write_atomic(out, build_bytes(python, compile_with), 0o755)
     return out
 

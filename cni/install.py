@@ -42,9 +42,10 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
 from vswitch.cnitypes import DEFAULT_SOCKET
+
+from .build import _fsync_dir, build_bytes, write_atomic  # noqa: F401 (write_atomic: API)
 
 PLUGIN_NAME = "vswitch"
 CONFLIST_NAME = "05-vswitch.conflist"
@@ -172,34 +173,6 @@ def check_conflist_name(name):
 
 
 # ---------------------------------------------------------------- files
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path, data, mode):
-    """Write ``data`` (bytes or str) to ``path``: a hidden temp file in the same directory
-    (no name a runtime loads), fsync, chmod, rename over ``path``, fsync of the directory."""
-    if isinstance(data, str):
-        data = data.encode()
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(directory)
-
 
 def _sha256_of(path):
     """sha256 hex of a regular file's content; None when missing or not a regular file."""
@@ -334,7 +307,6 @@ def install_report(bin_dir, conf_dir, socket_path=DEFAULT_SOCKET, subnet=DEFAULT
     else:
         if check_python:
             host_python = check_host_python(python, host_root, host_path)
-        from .build import build_bytes
         plugin_bytes = build_bytes(python)
     os.makedirs(bin_dir, exist_ok=True)
     os.makedirs(conf_dir, exist_ok=True)
