@@ -42,7 +42,7 @@
 
 from posix.uio cimport iovec, readv, writev
 from posix.unistd cimport read as _io_read, write as _io_write, close as _io_close
-from libc.errno cimport errno as _io_errno, EAGAIN as _IO_EAGAIN, EINTR as _IO_EINTR
+from libc.errno cimport errno as _io_errno, EAGAIN as _IO_EAGAIN, EINTR as _IO_EINTR, EINVAL
 
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:
@@ -114,6 +114,218 @@ cdef enum:
 cdef enum:
     IO_HDR = 12                       # virtio_net_hdr_mrg_rxbuf, the datapath's layout
     IO_SLOT_MAX = IO_HDR + C_MAX_FRAME
+    IO_SLOT_SPAN = C_ENCAP_HEADROOM + IO_SLOT_MAX    # a read slot: headroom, header, frame
+
+
+# ---------------------------------------------------------------- tunnel GSO (VXLAN TSO frames)
+# The C twin of vswitch/datapath/gso.py (its docstring is the theory of operation): a frame
+# whose vnet header has gso_type & VNET_GSO_UDP_TUNNEL_IPV4 is written as its wire-size
+# segments, each with writev(own vnet header, rebuilt headers, payload slice of the buffer).
+
+cdef enum:
+    GSO_MIN_SIZE = 48                 # gso.GSO_MIN_SIZE
+    GSO_MAX_HDR_BYTES = 512           # gso.GSO_MAX_HDR_BYTES: the rebuilt headers' buffer
+    GSO_TCPV4 = 1
+    GSO_TCPV6 = 4
+    GSO_ECN = 0x80
+
+cdef struct GsoLayout:
+    Py_ssize_t udp                    # outer UDP header offset (from the outer frame start)
+    Py_ssize_t il3                    # inner IP header offset
+    Py_ssize_t l4                     # inner TCP header offset = each segment's csum_start
+    Py_ssize_t hdr_end                # end of the inner TCP header: the headers every segment repeats
+    Py_ssize_t length                 # the whole frame's length
+    int v6                            # inner IPv6
+    int gso_size                      # payload bytes per segment (the last may be shorter)
+    int segs                          # number of segments
+
+
+cdef int _gso_layout(const uint8_t *vh, Py_ssize_t vh_len, const uint8_t *f, Py_ssize_t n,
+                     GsoLayout *g) noexcept nogil:
+    """gso.layout(): 0, or the index of the reason in gso.GSO_ERRORS."""
+    cdef int gso_type, inner_type, nh, i, frag
+    cdef Py_ssize_t il3, l4, ie, payload
+    if vh_len < 10:
+        return 1
+    gso_type = vh[1]
+    if not gso_type & C_VNET_GSO_UDP_TUNNEL_IPV4:
+        return 2
+    inner_type = gso_type & ~(C_VNET_GSO_UDP_TUNNEL_IPV4 | GSO_ECN)
+    if inner_type != GSO_TCPV4 and inner_type != GSO_TCPV6:
+        return 3
+    g.gso_size = vh[4] | (vh[5] << 8)
+    if g.gso_size < GSO_MIN_SIZE:
+        return 4
+    if n < 14 + 20 or f[12] != 0x08 or f[13] != 0x00 or (f[14] >> 4) != 4 or (f[14] & 15) < 5:
+        return 5
+    g.udp = 14 + (f[14] & 15) * 4
+    if f[14 + 9] != 17 or g.udp + 8 + 8 + 14 > n:
+        return 5
+    ie = g.udp + 16
+    il3 = ie + 14
+    g.v6 = inner_type == GSO_TCPV6
+    if g.v6:
+        if f[ie + 12] != 0x86 or f[ie + 13] != 0xDD:
+            return 6
+        if il3 + 40 > n or (f[il3] >> 4) != 6:
+            return 7
+        nh = f[il3 + 6]
+        l4 = il3 + 40
+        for i in range(C_MAX_IPV6_EXT_HEADERS):
+            if nh != 0 and nh != 43 and nh != 60:
+                break
+            if l4 + 8 > n:
+                return 7
+            nh = f[l4]
+            l4 += (<Py_ssize_t>f[l4 + 1] + 1) * 8
+        if nh != 6:
+            return 7
+    else:
+        if f[ie + 12] != 0x08 or f[ie + 13] != 0x00:
+            return 6
+        if il3 + 20 > n or (f[il3] >> 4) != 4 or (f[il3] & 15) < 5:
+            return 7
+        l4 = il3 + (f[il3] & 15) * 4
+        frag = ((f[il3 + 6] << 8) | f[il3 + 7]) & 0x3FFF
+        if l4 > n or f[il3 + 9] != 6 or frag:
+            return 7
+    if l4 + 20 > n or (f[l4 + 12] >> 4) < 5:
+        return 8
+    g.hdr_end = l4 + (f[l4 + 12] >> 4) * 4
+    if g.hdr_end > n:
+        return 8
+    if g.hdr_end > GSO_MAX_HDR_BYTES:
+        return 9
+    payload = n - g.hdr_end
+    g.segs = <int>((payload + g.gso_size - 1) // g.gso_size) if payload > 0 else 1
+    if g.hdr_end + (payload if payload < g.gso_size else g.gso_size) - 14 > 65535:
+        return 10
+    g.il3 = il3
+    g.l4 = l4
+    g.length = n
+    return 0
+
+
+cdef inline uint32_t _gso_sum16(const uint8_t *p, Py_ssize_t n, uint32_t s) noexcept nogil:
+    """One's complement sum (unfolded) of n (even) bytes as big-endian words, added to s."""
+    cdef Py_ssize_t i
+    for i in range(0, n, 2):
+        s += (<uint32_t>p[i] << 8) | p[i + 1]
+    return s
+
+
+cdef inline uint16_t _gso_fold(uint32_t s) noexcept nogil:
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return <uint16_t>s
+
+
+cdef Py_ssize_t _gso_segment_headers(const uint8_t *f, const GsoLayout *g, int k, uint8_t *h,
+                                     uint8_t *vh) noexcept nogil:
+    """Segment k's headers into h (which holds a copy of f[:hdr_end]; every field written
+    here is rewritten from f for each k) and its 12-byte vnet header into vh; returns the
+    segment's payload length (its payload is f[hdr_end + k*gso_size:][:that])."""
+    cdef Py_ssize_t start = g.hdr_end + <Py_ssize_t>k * g.gso_size
+    cdef Py_ssize_t plen = g.length - start
+    cdef Py_ssize_t seg_len, udp = g.udp, il3 = g.il3, l4 = g.l4
+    cdef uint32_t s
+    cdef int flags
+    if plen > g.gso_size:
+        plen = g.gso_size
+    seg_len = g.hdr_end + plen
+    store_be16(h + 16, <uint16_t>(seg_len - 14))
+    store_be16(h + 18, <uint16_t>(load_be16(f + 18) + k))
+    h[24] = 0
+    h[25] = 0
+    store_be16(h + 24, <uint16_t>(~_gso_fold(_gso_sum16(h + 14, udp - 14, 0)) & 0xFFFF))
+    store_be16(h + udp + 4, <uint16_t>(seg_len - udp))
+    h[udp + 6] = 0
+    h[udp + 7] = 0
+    if g.v6:
+        store_be16(h + il3 + 4, <uint16_t>(seg_len - il3 - 40))
+        s = _gso_sum16(h + il3 + 8, 32, <uint32_t>(seg_len - l4) + 6)
+    else:
+        store_be16(h + il3 + 2, <uint16_t>(seg_len - il3))
+        store_be16(h + il3 + 4, <uint16_t>(load_be16(f + il3 + 4) + k))
+        h[il3 + 10] = 0
+        h[il3 + 11] = 0
+        store_be16(h + il3 + 10, <uint16_t>(~_gso_fold(_gso_sum16(h + il3, l4 - il3, 0)) & 0xFFFF))
+        s = _gso_sum16(h + il3 + 12, 8, <uint32_t>(seg_len - l4) + 6)
+    cdef uint32_t seq = load_be32(f + l4 + 4) + <uint32_t>k * <uint32_t>g.gso_size
+    h[l4 + 4] = <uint8_t>(seq >> 24)
+    h[l4 + 5] = <uint8_t>(seq >> 16)
+    h[l4 + 6] = <uint8_t>(seq >> 8)
+    h[l4 + 7] = <uint8_t>seq
+    flags = f[l4 + 13]
+    if k > 0:
+        flags &= ~0x80                # CWR: the first segment only
+    if k < g.segs - 1:
+        flags &= ~0x09                # FIN, PSH: the last segment only
+    h[l4 + 13] = <uint8_t>flags
+    store_be16(h + l4 + 16, _gso_fold(s))
+    memset(vh, 0, IO_HDR)
+    vh[0] = C_VNET_F_NEEDS_CSUM
+    vh[6] = <uint8_t>l4
+    vh[7] = <uint8_t>(l4 >> 8)
+    vh[8] = 16
+    return plen
+
+
+cdef int _io_write_tunnel_gso(int fd, int hdr_len, const uint8_t *frame, Py_ssize_t length) noexcept nogil:
+    """Write a tunnel GSO frame (its 12-byte header precedes `frame`) as its segments; 0 or
+    errno (EINVAL: not segmentable, nothing written; a failed write stops the frame)."""
+    cdef GsoLayout g
+    cdef uint8_t h[GSO_MAX_HDR_BYTES]
+    cdef uint8_t vh[IO_HDR]
+    cdef iovec iov[3]
+    cdef Py_ssize_t plen, r
+    cdef int k
+    if _gso_layout(frame - IO_HDR, hdr_len, frame, length, &g) != 0:
+        return EINVAL
+    memcpy(h, frame, g.hdr_end)
+    for k in range(g.segs):
+        plen = _gso_segment_headers(frame, &g, k, h, vh)
+        iov[0].iov_base = vh
+        iov[0].iov_len = hdr_len
+        iov[1].iov_base = h
+        iov[1].iov_len = g.hdr_end
+        iov[2].iov_base = <void *>(frame + g.hdr_end + <Py_ssize_t>k * g.gso_size)
+        iov[2].iov_len = plen
+        while True:
+            r = writev(fd, iov, 3 if plen > 0 else 2)
+            if r >= 0:
+                break
+            if _io_errno != _IO_EINTR:
+                return _io_errno
+    return 0
+
+
+def segment_vxlan(hdr, frame):
+    """The C segmentation for tests (vswitch.datapath.gso.segment_vxlan is its spec):
+    [(vnet header as long as hdr, wire frame)], or ValueError (gso.GSO_ERRORS)."""
+    hb, fb = bytes(hdr), bytes(frame)
+    cdef const uint8_t[::1] vhv = hb
+    cdef const uint8_t[::1] fv = fb
+    cdef GsoLayout g
+    cdef uint8_t h[GSO_MAX_HDR_BYTES]
+    cdef uint8_t vh[IO_HDR]
+    cdef Py_ssize_t plen, start
+    cdef int err, k
+    if vhv.shape[0] < 10 or fv.shape[0] == 0:
+        err = 1 if vhv.shape[0] < 10 else 5
+    else:
+        err = _gso_layout(&vhv[0], vhv.shape[0], &fv[0], fv.shape[0], &g)
+    if err:
+        from vswitch.datapath.gso import GSO_ERRORS
+        raise ValueError(f"segment_vxlan: {GSO_ERRORS[err]}")
+    out = []
+    memcpy(h, &fv[0], g.hdr_end)
+    for k in range(g.segs):
+        plen = _gso_segment_headers(&fv[0], &g, k, h, vh)
+        start = g.hdr_end + <Py_ssize_t>k * g.gso_size
+        out.append(((<char *>vh)[:vhv.shape[0] if vhv.shape[0] < IO_HDR else IO_HDR],
+                    (<char *>h)[:g.hdr_end] + fb[start:start + plen]))
+    return out
 
 
 cdef inline Py_ssize_t _io_read_one(int fd, int hdr_len, unsigned char *slot) noexcept nogil:
@@ -136,9 +348,12 @@ cdef inline Py_ssize_t _io_read_one(int fd, int hdr_len, unsigned char *slot) no
 
 
 cdef inline int _io_write_one(int fd, int hdr_len, unsigned char *frame, Py_ssize_t length) noexcept nogil:
-    """Write one frame whose 12-byte header precedes `frame`; 0 or errno."""
+    """Write one frame whose 12-byte header precedes `frame`; 0 or errno. A tunnel GSO
+    frame (gso_type & VNET_GSO_UDP_TUNNEL_IPV4) is written as its segments."""
     cdef Py_ssize_t r
     cdef iovec iov[2]
+    if frame[1 - IO_HDR] & C_VNET_GSO_UDP_TUNNEL_IPV4:
+        return _io_write_tunnel_gso(fd, hdr_len, frame, length)
     while True:
         if hdr_len == IO_HDR:
             r = _io_write(fd, frame - IO_HDR, length + IO_HDR)
@@ -165,9 +380,9 @@ cdef int _io_read_all(const int *fds, const unsigned short *fd_ports, const unsi
         hdr = fd_hdrs[j]
         port = fd_ports[j]
         for k in range(per_fd_max):
-            if n >= max_pkts or pos + IO_SLOT_MAX > buflen:
+            if n >= max_pkts or pos + IO_SLOT_SPAN > buflen:
                 break
-            r = _io_read_one(fds[j], hdr, base + pos)
+            r = _io_read_one(fds[j], hdr, base + pos + C_ENCAP_HEADROOM)
             if r < 0:
                 if r != -_IO_EAGAIN and port < nerr:
                     rx_errors[port] += 1
@@ -177,14 +392,14 @@ cdef int _io_read_all(const int *fds, const unsigned short *fd_ports, const unsi
                     rx_errors[port] += 1
                 continue
             if hdr != IO_HDR:
-                base[pos + hdr] = 0     # num_buffers, absent in the 10-byte header
-                base[pos + hdr + 1] = 0
-            offsets[n] = <unsigned int>(pos + IO_HDR)
+                base[pos + C_ENCAP_HEADROOM + hdr] = 0     # num_buffers, absent in the 10-byte header
+                base[pos + C_ENCAP_HEADROOM + hdr + 1] = 0
+            offsets[n] = <unsigned int>(pos + C_ENCAP_HEADROOM + IO_HDR)
             lengths[n] = <unsigned int>(r - hdr)
             in_ports[n] = <unsigned short>port
-            pos += (IO_HDR + (r - hdr) + 7) & ~(<Py_ssize_t>7)
+            pos += (C_ENCAP_HEADROOM + IO_HDR + (r - hdr) + 7) & ~(<Py_ssize_t>7)
             n += 1
-        if n >= max_pkts or pos + IO_SLOT_MAX > buflen:
+        if n >= max_pkts or pos + IO_SLOT_SPAN > buflen:
             break
     return n
 
@@ -279,8 +494,8 @@ cdef class BatchIO:
             raise ValueError(f"max_ports={max_ports}, max_batch={max_batch}, per_fd_max={per_fd_max}: "
                              f"each must be at least 1")
         self.max_ports, self.max_batch, self.per_fd_max = max_ports, max_batch, per_fd_max
-        self.buf = numpy.zeros(max(buf_bytes, 2 * IO_SLOT_MAX), numpy.uint8)
-        self.dbuf = numpy.zeros(max(out_buf_bytes, 2 * IO_SLOT_MAX), numpy.uint8)
+        self.buf = numpy.zeros(max(buf_bytes, 2 * IO_SLOT_SPAN), numpy.uint8)
+        self.dbuf = numpy.zeros(max(out_buf_bytes, 2 * IO_SLOT_SPAN), numpy.uint8)
         self.offsets = numpy.zeros(max_batch, numpy.uint32)
         self.lengths = numpy.zeros(max_batch, numpy.uint32)
         self.in_ports = numpy.zeros(max_batch, numpy.uint16)

@@ -30,6 +30,7 @@ fd reported by the loop maps back to).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import select
 import socket
@@ -38,11 +39,13 @@ import struct
 import numpy as np
 
 from vswitch import datapath
-from vswitch.datapath.consts import (FLOOD_MEMBER, FLOOD_UNKNOWN_MEMBER, MAX_FRAME, OUT_FLOOD,
-                                     OUT_FLOOD_UNKNOWN)
+from vswitch.datapath import gso
+from vswitch.datapath.consts import (ENCAP_HEADROOM, FLOOD_MEMBER, FLOOD_UNKNOWN_MEMBER, MAX_FRAME, OUT_FLOOD,
+                                     OUT_FLOOD_UNKNOWN, VNET_GSO_UDP_TUNNEL_IPV4)
 
 VNET_HDR_LEN = 12
 SLOT_MAX = VNET_HDR_LEN + MAX_FRAME
+SLOT_SPAN = ENCAP_HEADROOM + SLOT_MAX      # a read slot: headroom for VXLAN's outer headers, header, frame
 
 # linux/if_packet.h
 SOL_PACKET = 263
@@ -124,13 +127,14 @@ def py_read_batch(fds, fd_ports, fd_hdr_lens, nfds, buf, offsets, lengths, in_po
     for j in range(nfds):
         fd, port, hdr = int(fds[j]), int(fd_ports[j]), int(fd_hdr_lens[j])
         for _ in range(per_fd_max):
-            if n >= max_pkts or pos + SLOT_MAX > len(buf):
+            if n >= max_pkts or pos + SLOT_SPAN > len(buf):
                 break
+            slot = pos + ENCAP_HEADROOM
             try:
                 if hdr == VNET_HDR_LEN:
-                    r = os.readv(fd, [mv[pos:pos + SLOT_MAX]])
+                    r = os.readv(fd, [mv[slot:slot + SLOT_MAX]])
                 else:
-                    r = os.readv(fd, [mv[pos:pos + hdr], mv[pos + VNET_HDR_LEN:pos + SLOT_MAX]])
+                    r = os.readv(fd, [mv[slot:slot + hdr], mv[slot + VNET_HDR_LEN:slot + SLOT_MAX]])
             except BlockingIOError:
                 break
             except OSError:
@@ -140,18 +144,27 @@ def py_read_batch(fds, fd_ports, fd_hdr_lens, nfds, buf, offsets, lengths, in_po
                 rx_errors[port] += 1
                 continue
             if hdr != VNET_HDR_LEN:
-                buf[pos + hdr:pos + VNET_HDR_LEN] = 0
-            offsets[n] = pos + VNET_HDR_LEN
+                buf[slot + hdr:slot + VNET_HDR_LEN] = 0
+            offsets[n] = slot + VNET_HDR_LEN
             lengths[n] = r - hdr
             in_ports[n] = port
-            pos += (VNET_HDR_LEN + r - hdr + 7) & ~7
+            pos += (ENCAP_HEADROOM + VNET_HDR_LEN + r - hdr + 7) & ~7
             n += 1
-        if n >= max_pkts or pos + SLOT_MAX > len(buf):
+        if n >= max_pkts or pos + SLOT_SPAN > len(buf):
             break
     return n
 
 
 def _py_write_one(fd, hdr, mv, off, length):
+    if mv[off - VNET_HDR_LEN + 1] & VNET_GSO_UDP_TUNNEL_IPV4:
+        # a VXLAN TSO frame: its wire segments (gso.py); not segmentable: EINVAL, a tx error
+        try:
+            segments = gso.segment_vxlan(mv[off - VNET_HDR_LEN:off], mv[off:off + length])
+        except ValueError as e:
+            raise OSError(errno.EINVAL, str(e)) from None
+        for vh, seg in segments:
+            os.writev(fd, [vh[:hdr], seg])
+        return
     if hdr == VNET_HDR_LEN:
         os.write(fd, mv[off - VNET_HDR_LEN:off + length])
     else:
@@ -193,8 +206,8 @@ class _PyBatchIO:
 
     def __init__(self, max_ports, max_batch=64, buf_bytes=4 << 20, out_buf_bytes=4 << 20, per_fd_max=32):
         self.max_ports, self.max_batch, self.per_fd_max = max_ports, max_batch, per_fd_max
-        self.buf = np.zeros(max(buf_bytes, 2 * SLOT_MAX), np.uint8)
-        self.dbuf = np.zeros(max(out_buf_bytes, 2 * SLOT_MAX), np.uint8)
+        self.buf = np.zeros(max(buf_bytes, 2 * SLOT_SPAN), np.uint8)
+        self.dbuf = np.zeros(max(out_buf_bytes, 2 * SLOT_SPAN), np.uint8)
         self.offsets, self.doffsets = np.zeros(max_batch, np.uint32), np.zeros(max_batch, np.uint32)
         self.lengths, self.dlengths = np.zeros(max_batch, np.uint32), np.zeros(max_batch, np.uint32)
         self.in_ports, self.din_ports = np.zeros(max_batch, np.uint16), np.zeros(max_batch, np.uint16)
