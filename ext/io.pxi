@@ -11,8 +11,10 @@
 # 12 bytes after it (the last two header bytes, num_buffers, are zeroed), and written with
 # writev() of the same two pieces. `hdr_len` per fd / per port says which (12 or 10).
 #
-# Reads fill slots one after another from buffer index 0: slot = header, frame, padding to
-# 8 bytes. A read is attempted only while a maximal frame still fits, so a short buffer
+# Reads fill slots one after another from buffer index 0: slot = ENCAP_HEADROOM (64) free
+# bytes (where the core writes VXLAN's outer headers and moves the vnet header,
+# docs/datapath.md "VXLAN"), header, frame, padding to 8 bytes; so offsets[0] = 76 and each
+# header is 8-byte aligned. A read is attempted only while a maximal frame still fits, so a short buffer
 # never truncates a frame; each fd gives at most `per_fd_max` frames per batch (fairness),
 # and EAGAIN moves on to the next fd. Writes go to `port_fds[out]` for a port id, or to
 # every port with an fd except the ingress one whose flood class (`port_flood`, the
@@ -20,7 +22,11 @@
 # FLOOD_MEMBER for OUT_FLOOD, FLOOD_UNKNOWN_MEMBER for OUT_FLOOD_UNKNOWN (host and uplink
 # only: unknown unicast never reaches a pod); OUT_DROP / OUT_QUEUED and
 # ports without an fd (-1) are skipped. A failed write is counted in `tx_errors[port]`
-# (a pod whose link is down, a full socket buffer) and never stops the batch.
+# (a pod whose link is down, a full socket buffer) and never stops the batch. A frame whose
+# vnet header has gso_type & VNET_GSO_UDP_TUNNEL_IPV4 (a TSO frame the core encapsulated) is
+# written as its wire segments, one writev(vnet header, rebuilt headers, payload slice)
+# each, without copying the payload ("tunnel GSO" below, spec vswitch/datapath/gso.py); one
+# it cannot segment is a tx error, nothing written.
 #
 # `BatchIO.poll(timeout_ms)` is the daemon's whole wait-and-read step in one call without
 # the GIL: BatchIO owns an epoll instance holding every port fd (`watch`, the event's
