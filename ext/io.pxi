@@ -334,6 +334,151 @@ def segment_vxlan(hdr, frame):
     return out
 
 
+# ---------------------------------------------------------------- receive coalescing
+# The C twin of vswitch/datapath/gso.py's coalesce_info / coalesce_count / coalesced (its
+# comment is the theory): a run of one TCP flow's frames to a TAP port goes out as one GSO
+# frame, one writev(vnet header, merged headers, each frame's payload): no copy.
+
+cdef enum:
+    CO_MAX_FRAMES = 64                # gso.COALESCE_MAX_FRAMES
+    CO_HDR_MAX = 54 + 60              # IPv6 + TCP with 40 bytes of options
+    VNET_F_DATA_VALID = 2
+
+cdef struct CoSeg:
+    Py_ssize_t l4                     # TCP header offset (34 or 54)
+    Py_ssize_t hend                   # end of the TCP header
+    Py_ssize_t payload                # payload bytes
+    uint32_t seq
+    int v6
+    int psh
+
+
+cdef int _co_info(const uint8_t *f, Py_ssize_t n, CoSeg *s) noexcept nogil:
+    """gso.coalesce_info: 1 when the frame (12-byte header before f) may be coalesced."""
+    cdef const uint8_t *vh = f - IO_HDR
+    cdef int doff
+    if vh[1] != 0 or not (vh[0] & (C_VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID)) or n < 54:
+        return 0
+    if f[12] == 0x08 and f[13] == 0x00:
+        if f[14] != 0x45 or f[23] != 6 or (((f[20] << 8) | f[21]) & 0x3FFF) or load_be16(f + 16) != n - 14:
+            return 0
+        s.l4 = 34
+        s.v6 = 0
+    elif f[12] == 0x86 and f[13] == 0xDD:
+        if n < 74 or (f[14] >> 4) != 6 or f[20] != 6 or load_be16(f + 18) != n - 54:
+            return 0
+        s.l4 = 54
+        s.v6 = 1
+    else:
+        return 0
+    doff = f[s.l4 + 12] >> 4
+    s.hend = s.l4 + doff * 4
+    if doff < 5 or s.hend >= n or (f[s.l4 + 13] & ~0x08) != 0x10:
+        return 0
+    s.psh = f[s.l4 + 13] & 0x08
+    s.payload = n - s.hend
+    s.seq = load_be32(f + s.l4 + 4)
+    return 1
+
+
+cdef inline int _co_same(const uint8_t *a, const uint8_t *b, const CoSeg *s) noexcept nogil:
+    """gso._flow_bytes(a) == gso._flow_bytes(b) for frames of the layout s."""
+    cdef Py_ssize_t l4 = s.l4
+    if s.v6:
+        if memcmp(a, b, 18) or memcmp(a + 20, b + 20, l4 - 20):
+            return 0
+    elif memcmp(a, b, 16) or memcmp(a + 20, b + 20, 4) or memcmp(a + 26, b + 26, l4 - 26):
+        return 0
+    return not (memcmp(a + l4, b + l4, 4) or memcmp(a + l4 + 8, b + l4 + 8, 5)
+                or memcmp(a + l4 + 14, b + l4 + 14, 2) or memcmp(a + l4 + 18, b + l4 + 18, s.hend - l4 - 18))
+
+
+cdef int _io_write_coalesced(int fd, unsigned char *base, Py_ssize_t buflen, const unsigned int *offsets,
+                             const unsigned int *lengths, const int *out_ports, int i, int n,
+                             int *merged, int *err) noexcept nogil:
+    """Entries i, i+1, ... of the batch (to out_ports[i]; dropped / queued entries skipped) of
+    one TCP flow merged into one GSO frame and written with one writev. Returns the index
+    after the run's last entry and sets *merged (frames in it) and *err (0 or errno); or
+    returns i when fewer than 2 frames merge (nothing written)."""
+    cdef CoSeg s0, sp, s
+    cdef uint8_t h[CO_HDR_MAX]
+    cdef uint8_t vh[IO_HDR]
+    cdef iovec iov[2 + CO_MAX_FRAMES]
+    cdef int j, m = 1, last = i, out = out_ports[i]
+    cdef Py_ssize_t total, off, length, r, tcp_len
+    cdef const uint8_t *f0 = base + offsets[i]
+    cdef const uint8_t *f
+    cdef uint32_t sum
+    if not _co_info(f0, lengths[i], &s0) or s0.psh:
+        return i
+    total = s0.payload
+    sp = s0
+    iov[2].iov_base = <void *>(f0 + s0.hend)
+    iov[2].iov_len = s0.payload
+    j = i + 1
+    while j < n and m < CO_MAX_FRAMES:
+        if out_ports[j] == C_OUT_DROP or out_ports[j] == C_OUT_QUEUED:
+            j += 1
+            continue
+        if out_ports[j] != out:
+            break
+        off = offsets[j]
+        length = lengths[j]
+        if off < IO_HDR or off + length > buflen:
+            break
+        f = base + off
+        if (not _co_info(f, length, &s) or s.v6 != s0.v6 or s.hend != s0.hend or sp.payload != s0.payload
+                or s.payload > s0.payload or s.seq != sp.seq + <uint32_t>sp.payload
+                or s0.hend - 14 + total + s.payload > 65535 or not _co_same(f0, f, &s0)):
+            break
+        iov[2 + m].iov_base = <void *>(f + s.hend)
+        iov[2 + m].iov_len = s.payload
+        total += s.payload
+        m += 1
+        last = j
+        sp = s
+        j += 1
+        if s.psh:
+            break
+    if m < 2:
+        return i
+    memcpy(h, f0, s0.hend)
+    tcp_len = s0.hend - s0.l4 + total
+    if s0.v6:
+        store_be16(h + 18, <uint16_t>(s0.hend - 54 + total))
+        sum = _gso_sum16(h + 22, 32, <uint32_t>tcp_len + 6)
+    else:
+        store_be16(h + 16, <uint16_t>(s0.hend - 14 + total))
+        h[24] = 0
+        h[25] = 0
+        store_be16(h + 24, <uint16_t>(~_gso_fold(_gso_sum16(h + 14, 20, 0)) & 0xFFFF))
+        sum = _gso_sum16(h + 26, 8, <uint32_t>tcp_len + 6)
+    h[s0.l4 + 13] = <uint8_t>(0x10 | sp.psh)
+    store_be16(h + s0.l4 + 16, _gso_fold(sum))
+    memset(vh, 0, IO_HDR)
+    vh[0] = C_VNET_F_NEEDS_CSUM
+    vh[1] = GSO_TCPV6 if s0.v6 else GSO_TCPV4
+    vh[2] = <uint8_t>s0.hend
+    vh[4] = <uint8_t>s0.payload
+    vh[5] = <uint8_t>(s0.payload >> 8)
+    vh[6] = <uint8_t>s0.l4
+    vh[8] = 16
+    iov[0].iov_base = vh
+    iov[0].iov_len = IO_HDR
+    iov[1].iov_base = h
+    iov[1].iov_len = s0.hend
+    err[0] = 0
+    while True:
+        r = writev(fd, iov, 2 + m)
+        if r >= 0:
+            break
+        if _io_errno != _IO_EINTR:
+            err[0] = _io_errno
+            break
+    merged[0] = m
+    return last + 1
+
+
 cdef inline Py_ssize_t _io_read_one(int fd, int hdr_len, unsigned char *slot) noexcept nogil:
     """One frame into `slot` (header at slot, frame at slot+12); bytes read incl. header, or -errno."""
     cdef Py_ssize_t r
@@ -415,17 +560,28 @@ cdef int _io_write_all(unsigned char *base, Py_ssize_t buflen, const unsigned in
                        int n, const int *port_fds, const unsigned char *port_hdrs,
                        unsigned long long *tx_errors, int nports, const unsigned char *flood) noexcept nogil:
     """The write loop of BatchIO.write, write_drained and run; returns the number of frames written."""
-    cdef int i, p, out, fd, err, member, written = 0
+    cdef int i = 0, p, out, fd, err, member, written = 0, nxt, merged
     cdef Py_ssize_t off, length
-    for i in range(n):
+    while i < n:
         out = out_ports[i]
         off = offsets[i]
         length = lengths[i]
+        i += 1
         if off < IO_HDR or off + length > buflen:
             continue                # never write outside the buffer
         if out >= 0:
             if out < nports:
                 fd = port_fds[out]
+                if fd >= 0 and port_hdrs[out] == IO_HDR:      # a TAP: coalesce a TCP run
+                    nxt = _io_write_coalesced(fd, base, buflen, offsets, lengths, out_ports, i - 1, n,
+                                              &merged, &err)
+                    if nxt != i - 1:
+                        if err:
+                            tx_errors[out] += 1
+                        else:
+                            written += merged
+                        i = nxt
+                        continue
                 if fd >= 0:
                     err = _io_write_one(fd, port_hdrs[out], base + off, length)
                     if err:
@@ -436,7 +592,7 @@ cdef int _io_write_all(unsigned char *base, Py_ssize_t buflen, const unsigned in
             member = C_FLOOD_MEMBER if out == C_OUT_FLOOD else C_FLOOD_UNKNOWN_MEMBER
             for p in range(nports):
                 fd = port_fds[p]
-                if fd < 0 or p == in_ports[i] or not (flood[p] & member):
+                if fd < 0 or p == in_ports[i - 1] or not (flood[p] & member):
                     continue
                 err = _io_write_one(fd, port_hdrs[p], base + off, length)
                 if err:

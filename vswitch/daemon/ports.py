@@ -40,8 +40,8 @@ import numpy as np
 
 from vswitch import datapath
 from vswitch.datapath import gso
-from vswitch.datapath.consts import (ENCAP_HEADROOM, FLOOD_MEMBER, FLOOD_UNKNOWN_MEMBER, MAX_FRAME, OUT_FLOOD,
-                                     OUT_FLOOD_UNKNOWN, VNET_GSO_UDP_TUNNEL_IPV4)
+from vswitch.datapath.consts import (ENCAP_HEADROOM, FLOOD_MEMBER, FLOOD_UNKNOWN_MEMBER, MAX_FRAME, OUT_DROP,
+                                     OUT_FLOOD, OUT_FLOOD_UNKNOWN, OUT_QUEUED, VNET_GSO_UDP_TUNNEL_IPV4)
 
 VNET_HDR_LEN = 12
 SLOT_MAX = VNET_HDR_LEN + MAX_FRAME
@@ -171,22 +171,54 @@ def _py_write_one(fd, hdr, mv, off, length):
         os.writev(fd, [mv[off - VNET_HDR_LEN:off - VNET_HDR_LEN + hdr], mv[off:off + length]])
 
 
+def _py_coalesce_items(buf, offsets, lengths, out_ports, i, n):
+    """The candidates of a coalesced run from batch entry i (its out port's, in order; dropped
+    or queued entries skipped): [(batch index, vnet header, frame)]."""
+    out = int(out_ports[i])
+    items = []
+    for j in range(i, n):
+        o = int(out_ports[j])
+        if o in (OUT_DROP, OUT_QUEUED) and j > i:
+            continue
+        off, length = int(offsets[j]), int(lengths[j])
+        if o != out or off < VNET_HDR_LEN or off + length > len(buf) or len(items) == gso.COALESCE_MAX_FRAMES:
+            break
+        items.append((j, bytes(buf[off - VNET_HDR_LEN:off]), bytes(buf[off:off + length])))
+    return items
+
+
 def py_write_batch(buf, offsets, lengths, in_ports, out_ports, n, port_fds, port_hdr_lens, tx_errors,
                    port_flood=None):
     """The Python twin of ``_io_write_all`` (ext/io.pxi); port_flood: the flood classes
-    (None: every port is in every class)."""
+    (None: every port is in every class). Runs of one TCP flow to a TAP port (12-byte
+    header) are written as one GSO frame (gso.coalesce_count / coalesced)."""
     mv = memoryview(buf)
     written = 0
     nports = len(port_fds)
-    for i in range(n):
+    i = 0
+    while i < n:
         out, off, length = int(out_ports[i]), int(offsets[i]), int(lengths[i])
+        i += 1
         if off < VNET_HDR_LEN or off + length > len(buf):
             continue
+        if 0 <= out < nports and port_fds[out] >= 0 and port_hdr_lens[out] == VNET_HDR_LEN \
+                and gso.coalesce_info(mv[off - VNET_HDR_LEN:off], mv[off:off + length]) is not None:
+            items = _py_coalesce_items(buf, offsets, lengths, out_ports, i - 1, n)
+            m = gso.coalesce_count([(vh, f) for _, vh, f in items])
+            if m >= 2:
+                vh, frame = gso.coalesced([(vh, f) for _, vh, f in items[:m]])
+                try:
+                    os.write(int(port_fds[out]), vh + frame)
+                    written += m
+                except OSError:
+                    tx_errors[out] += 1
+                i = items[m - 1][0] + 1
+                continue
         if out >= 0:
             targets = [out] if out < nports and port_fds[out] >= 0 else []
         elif out in (OUT_FLOOD, OUT_FLOOD_UNKNOWN):
             member = FLOOD_MEMBER if out == OUT_FLOOD else FLOOD_UNKNOWN_MEMBER
-            targets = [p for p in range(nports) if port_fds[p] >= 0 and p != in_ports[i]
+            targets = [p for p in range(nports) if port_fds[p] >= 0 and p != in_ports[i - 1]
                        and (port_flood is None or port_flood[p] & member)]
         else:
             continue

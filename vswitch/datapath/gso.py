@@ -195,3 +195,100 @@ def segment_vxlan(hdr, frame) -> list[tuple[bytes, bytes]]:
         h[l4 + 16:l4 + 18] = _fold(pseudo).to_bytes(2, "big")
         out.append((bytes(vh), bytes(h) + payload))
     return out
+
+
+# ---------------------------------------------------------------- receive coalescing
+# The other direction: decapsulated frames of one TCP flow reach a pod one wire segment at a
+# time. The TAP writer merges a run of them into one GSO frame (what the kernel's GRO does
+# for a NIC), so the pod's stack gets one skb and the switch makes one write instead of up
+# to COALESCE_MAX_FRAMES. A run: consecutive frames of the batch to the same port (frames
+# dropped or queued between them are skipped, any other output ends it), each one
+# *eligible* (coalesce_info) and *mergeable* with the first (same_flow, contiguous sequence
+# numbers, the same payload length except the last, which may be shorter, a PSH ends the
+# run, at most 65535 bytes of IP). The merged frame: the first frame's headers with the IP
+# length (IPv4 header checksum recomputed) for the whole payload, TCP flags ACK (| PSH of
+# the last), the TCP checksum field := the pseudo-header sum, and a vnet header NEEDS_CSUM,
+# gso_type TCPV4/TCPV6, gso_size = the first payload length, hdr_len = the headers' length,
+# csum_start = the TCP offset, csum_offset 16. The C writer gathers the payloads straight
+# from the batch with one writev (no copy).
+
+COALESCE_MAX_FRAMES = 64
+VNET_F_DATA_VALID = 2
+_ACK, _PSH = 0x10, 0x08
+
+
+def coalesce_info(vh, frame):
+    """(l4, hdr_end, payload length, seq, v6, psh) of a frame that may be coalesced, else None:
+    vnet header with no GSO and NEEDS_CSUM or DATA_VALID (its checksum is trusted: never
+    merge what was not verified), untagged IPv4 (IHL 5, not a fragment, total length = the
+    frame's) or IPv6 (TCP directly, payload length = the frame's), TCP flags ACK or ACK|PSH
+    exactly, a payload of at least one byte."""
+    n = len(frame)
+    if vh[1] != 0 or not vh[0] & (VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID) or n < 54:
+        return None
+    if frame[12:14] == b"\x08\x00":
+        if (frame[14] != 0x45 or frame[23] != 6 or (frame[20] << 8 | frame[21]) & 0x3FFF
+                or frame[16] << 8 | frame[17] != n - 14):
+            return None
+        l4, v6 = 34, False
+    elif frame[12:14] == b"\x86\xdd":
+        if n < 74 or frame[14] >> 4 != 6 or frame[20] != 6 or frame[18] << 8 | frame[19] != n - 54:
+            return None
+        l4, v6 = 54, True
+    else:
+        return None
+    doff = frame[l4 + 12] >> 4
+    hdr_end = l4 + doff * 4
+    if doff < 5 or hdr_end >= n or frame[l4 + 13] & ~_PSH != _ACK:
+        return None
+    return l4, hdr_end, n - hdr_end, int.from_bytes(frame[l4 + 4:l4 + 8], "big"), v6, bool(frame[l4 + 13] & _PSH)
+
+
+def _flow_bytes(frame, l4, hdr_end, v6):
+    """The header bytes two frames of one run share: all but lengths, IPv4 ID and checksum,
+    TCP seq, flags and checksum."""
+    ip = frame[:18] + frame[20:l4] if v6 else frame[:16] + frame[20:24] + frame[26:l4]
+    return ip + frame[l4:l4 + 4] + frame[l4 + 8:l4 + 13] + frame[l4 + 14:l4 + 16] + frame[l4 + 18:hdr_end]
+
+
+def coalesce_count(items) -> int:
+    """How many leading (vnet header, frame) of `items` (the candidates of one port, in batch
+    order) merge into one frame: 1 when none."""
+    first = coalesce_info(*items[0]) if items else None
+    if first is None or first[5]:
+        return 1
+    l4, hdr_end, size, _, v6, _ = first
+    f0 = _flow_bytes(items[0][1], l4, hdr_end, v6)
+    total, prev, m = size, first, 1
+    for vh, frame in items[1:COALESCE_MAX_FRAMES]:
+        s = coalesce_info(vh, frame)
+        if (s is None or s[4] != v6 or s[1] != hdr_end or prev[2] != size or s[2] > size
+                or s[3] != (prev[3] + prev[2]) & 0xFFFFFFFF or hdr_end - 14 + total + s[2] > 65535
+                or _flow_bytes(frame, l4, hdr_end, v6) != f0):
+            break
+        total, prev, m = total + s[2], s, m + 1
+        if s[5]:
+            break
+    return m
+
+
+def coalesced(items) -> tuple[bytes, bytes]:
+    """The merged (12-byte vnet header, frame) of items (coalesce_count(items) == len(items) >= 2)."""
+    l4, hdr_end, size, _, v6, _ = coalesce_info(*items[0])
+    last_psh = coalesce_info(*items[-1])[5]
+    payload = b"".join(bytes(f[hdr_end:]) for _, f in items)
+    h = bytearray(items[0][1][:hdr_end])
+    tcp_len = hdr_end - l4 + len(payload)
+    if v6:
+        h[18:20] = (hdr_end - 54 + len(payload)).to_bytes(2, "big")
+        pseudo = _sum16(h[22:54], tcp_len + 6)
+    else:
+        h[16:18] = (hdr_end - 14 + len(payload)).to_bytes(2, "big")
+        h[24:26] = b"\0\0"
+        h[24:26] = ipv4_header_checksum(h[14:34]).to_bytes(2, "big")
+        pseudo = _sum16(h[26:34], tcp_len + 6)
+    h[l4 + 13] = _ACK | (_PSH if last_psh else 0)
+    h[l4 + 16:l4 + 18] = _fold(pseudo).to_bytes(2, "big")
+    vh = struct.pack("<BBHHHHH", VNET_F_NEEDS_CSUM, VNET_GSO_TCPV6 if v6 else VNET_GSO_TCPV4, hdr_end, size,
+                     l4, 16, 0)
+    return vh, bytes(h) + payload
