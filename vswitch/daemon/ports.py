@@ -12,7 +12,7 @@ Each switch port of the daemon has one file descriptor:
   when the socket closes).
 
 :class:`PacketIO` owns the batch buffers (one preallocated numpy buffer, the datapath's
-layout: header then frame per slot), the per-port fd table and the epoll of the port fds
+layout: ENCAP_HEADROOM free bytes, header, frame per slot; docs/datapath.md D45), the per-port fd table and the epoll of the port fds
 (``set_port`` adds and removes them). ``poll(timeout_ms)`` waits, reads a batch from the
 ready ports and reports failed ports and whether the daemon's control epoll (one fd,
 ``watch_control``) is readable, in one call of the Cython ``BatchIO`` of
@@ -22,6 +22,10 @@ below with the same methods. A missing build is an error, never a fallback.
 ``run(datapath, deadline_ns, poll_ns)`` (BatchIO only) is the daemon's whole packet loop in
 Cython: wait, read, process, write, drain shaping queues, poll briefly after a batch, and
 return only when Python has work (``ext/io.pxi``).
+
+Both writers (C and the twin here) write a VXLAN TSO frame (vnet gso_type with
+VNET_GSO_UDP_TUNNEL_IPV4) as its wire segments (``vswitch.datapath.gso``, D46) and merge a
+run of one TCP flow's frames to a TAP port into one GSO frame (receive coalescing, D47).
 
 :class:`PortTable` is the daemon's view of its ports with an fd: by switch port name
 (what detach and ``show`` look up) and by port id while the fd is polled (what a failed
