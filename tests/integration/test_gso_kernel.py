@@ -31,7 +31,7 @@ from tests.datapath.test_gso import TCPV4, TCPV6, TUNNEL, encapsulated, random_i
 from vswitch.daemon.netlink import netns_entered
 from vswitch.daemon.ports import VNET_HDR_LEN, PacketIO, UplinkPort, open_uplink_socket
 from vswitch.datapath.consts import ENCAP_HEADROOM
-from vswitch.lab import Namespaces, veth
+from vswitch.lab import Namespaces, nsexec, veth
 
 SIOCETHTOOL = 0x8946
 ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM = 0x16, 0x17
@@ -150,3 +150,47 @@ def test_af_packet_refuses_the_udp_tunnel_gso_type(link):
     # the control: the same socket takes the frame's first segment as plain NEEDS_CSUM
     plain = struct.pack("<BBHHHH", 1, 0, 0, 0, l4, 16)
     assert os.writev(up.fileno(), [plain, frame[:hdr_end + mss]]) == 10 + hdr_end + mss
+
+
+def test_a_kernel_vxlan_peer_delivers_whole_gso_frames_to_the_uplink_socket(nss):
+    """The other direction (recorded for decapsulation): a kernel `vxlan` device (a node built
+    as flannel builds it) sending a GSO datagram over a veth underlay does not segment it: the
+    uplink's AF_PACKET socket reads one frame of the whole datagram, outer lengths set for
+    it, and a vnet header that names the inner GSO type (here UDP_L4; TCPV4 for TCP) without
+    the tunnel bit, csum_start at the inner L4 header. Decapsulation meets such frames."""
+    a, b = nss.new("gxa"), nss.new("gxb")
+    veth(a, "gxua", "192.168.77.1/24", b, "gxub", "192.168.77.2/24")
+    nsexec(a, "ip", "link", "add", "gxvx", "type", "vxlan", "id", "1", "remote", "192.168.77.2",
+           "dstport", "4789", "dev", "gxua")
+    nsexec(a, "ip", "addr", "add", "10.99.0.1/24", "dev", "gxvx")
+    nsexec(a, "ip", "link", "set", "gxvx", "up")
+    nsexec(a, "ip", "neigh", "add", "10.99.0.2", "lladdr", "02:00:00:00:99:02", "dev", "gxvx")
+    with netns_entered(Namespaces.path(b)):
+        up = open_uplink_socket("gxub")
+    try:
+        with netns_entered(Namespaces.path(a)):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with s:
+            s.setsockopt(socket.SOL_UDP, 103, 1400)                   # UDP_SEGMENT: one 14000-byte GSO send
+            s.sendto(bytes(14000), ("10.99.0.2", 9))
+        deadline = time.monotonic() + 5
+        big = None
+        while big is None and time.monotonic() < deadline:
+            try:
+                got = os.read(up.fileno(), 70000)
+            except BlockingIOError:
+                time.sleep(0.05)
+                continue
+            if len(got) > 10 + 1514:
+                big = got
+        assert big is not None, "no whole GSO frame arrived: the kernel segmented it (then decap sees wire frames)"
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = struct.unpack_from("<BBHHHH", big)
+        f = big[10:]
+        inner_udp = 50 + 14 + 20
+        assert len(f) == 50 + 14 + 20 + 8 + 14000
+        assert (flags, gso_type, gso_size, csum_start, csum_offset) == (1, 5, 1400, inner_udp, 6)
+        assert int.from_bytes(f[16:18], "big") == len(f) - 14                  # outer IPv4 length of the whole
+        assert int.from_bytes(f[38:40], "big") == len(f) - 34                  # outer UDP length
+        assert int.from_bytes(f[36:38], "big") == 4789
+    finally:
+        up.close()
