@@ -13,8 +13,9 @@ Each switch port of the daemon has one file descriptor:
 
 :class:`PacketIO` owns the batch buffers (one preallocated numpy buffer, the datapath's
 layout: ENCAP_HEADROOM free bytes, header, frame per slot; docs/datapath.md D45), the
-per-port fd table and the epoll of the port fds (``set_port`` adds and removes them). ``poll(timeout_ms)`` waits, reads a batch from the
-ready ports and reports failed ports and whether the daemon's control epoll (one fd,
+per-port fd table and the epoll of the port fds (``set_port`` adds and removes them).
+``poll(timeout_ms)`` waits, reads a batch from the ready ports and reports failed ports
+and whether the daemon's control epoll (one fd,
 ``watch_control``) is readable, in one call of the Cython ``BatchIO`` of
 ``vswitch.datapath._core`` (``ext/io.pxi``, no GIL), or with the pure-Python datapath
 (``VSWITCH_PURE_PYTHON=1``, decided in ``vswitch.datapath``) of the pure-Python twin
