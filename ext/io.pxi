@@ -11,8 +11,10 @@
 # 12 bytes after it (the last two header bytes, num_buffers, are zeroed), and written with
 # writev() of the same two pieces. `hdr_len` per fd / per port says which (12 or 10).
 #
-# Reads fill slots one after another from buffer index 0: slot = header, frame, padding to
-# 8 bytes. A read is attempted only while a maximal frame still fits, so a short buffer
+# Reads fill slots one after another from buffer index 0: slot = ENCAP_HEADROOM (64) free
+# bytes (where the core writes VXLAN's outer headers and moves the vnet header,
+# docs/datapath.md "VXLAN"), header, frame, padding to 8 bytes; so offsets[0] = 76 and each
+# header is 8-byte aligned. A read is attempted only while a maximal frame still fits, so a short buffer
 # never truncates a frame; each fd gives at most `per_fd_max` frames per batch (fairness),
 # and EAGAIN moves on to the next fd. Writes go to `port_fds[out]` for a port id, or to
 # every port with an fd except the ingress one whose flood class (`port_flood`, the
@@ -20,7 +22,11 @@
 # FLOOD_MEMBER for OUT_FLOOD, FLOOD_UNKNOWN_MEMBER for OUT_FLOOD_UNKNOWN (host and uplink
 # only: unknown unicast never reaches a pod); OUT_DROP / OUT_QUEUED and
 # ports without an fd (-1) are skipped. A failed write is counted in `tx_errors[port]`
-# (a pod whose link is down, a full socket buffer) and never stops the batch.
+# (a pod whose link is down, a full socket buffer) and never stops the batch. A frame whose
+# vnet header has gso_type & VNET_GSO_UDP_TUNNEL_IPV4 (a TSO frame the core encapsulated) is
+# written as its wire segments, one writev(vnet header, rebuilt headers, payload slice)
+# each, without copying the payload ("tunnel GSO" below, spec vswitch/datapath/gso.py); one
+# it cannot segment is a tx error, nothing written.
 #
 # `BatchIO.poll(timeout_ms)` is the daemon's whole wait-and-read step in one call without
 # the GIL: BatchIO owns an epoll instance holding every port fd (`watch`, the event's
@@ -42,7 +48,7 @@
 
 from posix.uio cimport iovec, readv, writev
 from posix.unistd cimport read as _io_read, write as _io_write, close as _io_close
-from libc.errno cimport errno as _io_errno, EAGAIN as _IO_EAGAIN, EINTR as _IO_EINTR
+from libc.errno cimport errno as _io_errno, EAGAIN as _IO_EAGAIN, EINTR as _IO_EINTR, EINVAL
 
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:
@@ -114,6 +120,363 @@ cdef enum:
 cdef enum:
     IO_HDR = 12                       # virtio_net_hdr_mrg_rxbuf, the datapath's layout
     IO_SLOT_MAX = IO_HDR + C_MAX_FRAME
+    IO_SLOT_SPAN = C_ENCAP_HEADROOM + IO_SLOT_MAX    # a read slot: headroom, header, frame
+
+
+# ---------------------------------------------------------------- tunnel GSO (VXLAN TSO frames)
+# The C twin of vswitch/datapath/gso.py (its docstring is the theory of operation): a frame
+# whose vnet header has gso_type & VNET_GSO_UDP_TUNNEL_IPV4 is written as its wire-size
+# segments, each with writev(own vnet header, rebuilt headers, payload slice of the buffer).
+
+cdef enum:
+    GSO_MIN_SIZE = 48                 # gso.GSO_MIN_SIZE
+    GSO_MAX_HDR_BYTES = 512           # gso.GSO_MAX_HDR_BYTES: the rebuilt headers' buffer
+    GSO_TCPV4 = 1
+    GSO_TCPV6 = 4
+    GSO_ECN = 0x80
+
+cdef struct GsoLayout:
+    Py_ssize_t udp                    # outer UDP header offset (from the outer frame start)
+    Py_ssize_t il3                    # inner IP header offset
+    Py_ssize_t l4                     # inner TCP header offset = each segment's csum_start
+    Py_ssize_t hdr_end                # end of the inner TCP header: the headers every segment repeats
+    Py_ssize_t length                 # the whole frame's length
+    int v6                            # inner IPv6
+    int gso_size                      # payload bytes per segment (the last may be shorter)
+    int segs                          # number of segments
+
+
+cdef int _gso_layout(const uint8_t *vh, Py_ssize_t vh_len, const uint8_t *f, Py_ssize_t n,
+                     GsoLayout *g) noexcept nogil:
+    """gso.layout(): 0, or the index of the reason in gso.GSO_ERRORS."""
+    cdef int gso_type, inner_type, nh, i, frag
+    cdef Py_ssize_t il3, l4, ie, payload
+    if vh_len < 10:
+        return 1
+    gso_type = vh[1]
+    if not gso_type & C_VNET_GSO_UDP_TUNNEL_IPV4:
+        return 2
+    inner_type = gso_type & ~(C_VNET_GSO_UDP_TUNNEL_IPV4 | GSO_ECN)
+    if inner_type != GSO_TCPV4 and inner_type != GSO_TCPV6:
+        return 3
+    g.gso_size = vh[4] | (vh[5] << 8)
+    if g.gso_size < GSO_MIN_SIZE:
+        return 4
+    if n < 14 + 20 or f[12] != 0x08 or f[13] != 0x00 or (f[14] >> 4) != 4 or (f[14] & 15) < 5:
+        return 5
+    g.udp = 14 + (f[14] & 15) * 4
+    if f[14 + 9] != 17 or g.udp + 8 + 8 + 14 > n:
+        return 5
+    ie = g.udp + 16
+    il3 = ie + 14
+    g.v6 = inner_type == GSO_TCPV6
+    if g.v6:
+        if f[ie + 12] != 0x86 or f[ie + 13] != 0xDD:
+            return 6
+        if il3 + 40 > n or (f[il3] >> 4) != 6:
+            return 7
+        nh = f[il3 + 6]
+        l4 = il3 + 40
+        for i in range(C_MAX_IPV6_EXT_HEADERS):
+            if nh != 0 and nh != 43 and nh != 60:
+                break
+            if l4 + 8 > n:
+                return 7
+            nh = f[l4]
+            l4 += (<Py_ssize_t>f[l4 + 1] + 1) * 8
+        if nh != 6:
+            return 7
+    else:
+        if f[ie + 12] != 0x08 or f[ie + 13] != 0x00:
+            return 6
+        if il3 + 20 > n or (f[il3] >> 4) != 4 or (f[il3] & 15) < 5:
+            return 7
+        l4 = il3 + (f[il3] & 15) * 4
+        frag = ((f[il3 + 6] << 8) | f[il3 + 7]) & 0x3FFF
+        if l4 > n or f[il3 + 9] != 6 or frag:
+            return 7
+    if l4 + 20 > n or (f[l4 + 12] >> 4) < 5:
+        return 8
+    g.hdr_end = l4 + (f[l4 + 12] >> 4) * 4
+    if g.hdr_end > n:
+        return 8
+    if g.hdr_end > GSO_MAX_HDR_BYTES:
+        return 9
+    payload = n - g.hdr_end
+    g.segs = <int>((payload + g.gso_size - 1) // g.gso_size) if payload > 0 else 1
+    if g.hdr_end + (payload if payload < g.gso_size else g.gso_size) - 14 > 65535:
+        return 10
+    g.il3 = il3
+    g.l4 = l4
+    g.length = n
+    return 0
+
+
+cdef inline uint32_t _gso_sum16(const uint8_t *p, Py_ssize_t n, uint32_t s) noexcept nogil:
+    """One's complement sum (unfolded) of n (even) bytes as big-endian words, added to s."""
+    cdef Py_ssize_t i
+    for i in range(0, n, 2):
+        s += (<uint32_t>p[i] << 8) | p[i + 1]
+    return s
+
+
+cdef inline uint16_t _gso_fold(uint32_t s) noexcept nogil:
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return <uint16_t>s
+
+
+cdef Py_ssize_t _gso_segment_headers(const uint8_t *f, const GsoLayout *g, int k, uint8_t *h,
+                                     uint8_t *vh) noexcept nogil:
+    """Segment k's headers into h (which holds a copy of f[:hdr_end]; every field written
+    here is rewritten from f for each k) and its 12-byte vnet header into vh; returns the
+    segment's payload length (its payload is f[hdr_end + k*gso_size:][:that])."""
+    cdef Py_ssize_t start = g.hdr_end + <Py_ssize_t>k * g.gso_size
+    cdef Py_ssize_t plen = g.length - start
+    cdef Py_ssize_t seg_len, udp = g.udp, il3 = g.il3, l4 = g.l4
+    cdef uint32_t s
+    cdef int flags
+    if plen > g.gso_size:
+        plen = g.gso_size
+    seg_len = g.hdr_end + plen
+    store_be16(h + 16, <uint16_t>(seg_len - 14))
+    store_be16(h + 18, <uint16_t>(load_be16(f + 18) + k))
+    h[24] = 0
+    h[25] = 0
+    store_be16(h + 24, <uint16_t>(~_gso_fold(_gso_sum16(h + 14, udp - 14, 0)) & 0xFFFF))
+    store_be16(h + udp + 4, <uint16_t>(seg_len - udp))
+    h[udp + 6] = 0
+    h[udp + 7] = 0
+    if g.v6:
+        store_be16(h + il3 + 4, <uint16_t>(seg_len - il3 - 40))
+        s = _gso_sum16(h + il3 + 8, 32, <uint32_t>(seg_len - l4) + 6)
+    else:
+        store_be16(h + il3 + 2, <uint16_t>(seg_len - il3))
+        store_be16(h + il3 + 4, <uint16_t>(load_be16(f + il3 + 4) + k))
+        h[il3 + 10] = 0
+        h[il3 + 11] = 0
+        store_be16(h + il3 + 10, <uint16_t>(~_gso_fold(_gso_sum16(h + il3, l4 - il3, 0)) & 0xFFFF))
+        s = _gso_sum16(h + il3 + 12, 8, <uint32_t>(seg_len - l4) + 6)
+    cdef uint32_t seq = load_be32(f + l4 + 4) + <uint32_t>k * <uint32_t>g.gso_size
+    h[l4 + 4] = <uint8_t>(seq >> 24)
+    h[l4 + 5] = <uint8_t>(seq >> 16)
+    h[l4 + 6] = <uint8_t>(seq >> 8)
+    h[l4 + 7] = <uint8_t>seq
+    flags = f[l4 + 13]
+    if k > 0:
+        flags &= ~0x80                # CWR: the first segment only
+    if k < g.segs - 1:
+        flags &= ~0x09                # FIN, PSH: the last segment only
+    h[l4 + 13] = <uint8_t>flags
+    store_be16(h + l4 + 16, _gso_fold(s))
+    memset(vh, 0, IO_HDR)
+    vh[0] = C_VNET_F_NEEDS_CSUM
+    vh[6] = <uint8_t>l4
+    vh[7] = <uint8_t>(l4 >> 8)
+    vh[8] = 16
+    return plen
+
+
+cdef int _io_write_tunnel_gso(int fd, int hdr_len, const uint8_t *frame, Py_ssize_t length) noexcept nogil:
+    """Write a tunnel GSO frame (its 12-byte header precedes `frame`) as its segments; 0 or
+    errno (EINVAL: not segmentable, nothing written; a failed write stops the frame)."""
+    cdef GsoLayout g
+    cdef uint8_t h[GSO_MAX_HDR_BYTES]
+    cdef uint8_t vh[IO_HDR]
+    cdef iovec iov[3]
+    cdef Py_ssize_t plen, r
+    cdef int k
+    if _gso_layout(frame - IO_HDR, hdr_len, frame, length, &g) != 0:
+        return EINVAL
+    memcpy(h, frame, g.hdr_end)
+    for k in range(g.segs):
+        plen = _gso_segment_headers(frame, &g, k, h, vh)
+        iov[0].iov_base = vh
+        iov[0].iov_len = hdr_len
+        iov[1].iov_base = h
+        iov[1].iov_len = g.hdr_end
+        iov[2].iov_base = <void *>(frame + g.hdr_end + <Py_ssize_t>k * g.gso_size)
+        iov[2].iov_len = plen
+        while True:
+            r = writev(fd, iov, 3 if plen > 0 else 2)
+            if r >= 0:
+                break
+            if _io_errno != _IO_EINTR:
+                return _io_errno
+    return 0
+
+
+def segment_vxlan(hdr, frame):
+    """The C segmentation for tests (vswitch.datapath.gso.segment_vxlan is its spec):
+    [(vnet header as long as hdr, wire frame)], or ValueError (gso.GSO_ERRORS)."""
+    hb, fb = bytes(hdr), bytes(frame)
+    cdef const uint8_t[::1] vhv = hb
+    cdef const uint8_t[::1] fv = fb
+    cdef GsoLayout g
+    cdef uint8_t h[GSO_MAX_HDR_BYTES]
+    cdef uint8_t vh[IO_HDR]
+    cdef Py_ssize_t plen, start
+    cdef int err, k
+    if vhv.shape[0] < 10 or fv.shape[0] == 0:
+        err = 1 if vhv.shape[0] < 10 else 5
+    else:
+        err = _gso_layout(&vhv[0], vhv.shape[0], &fv[0], fv.shape[0], &g)
+    if err:
+        from vswitch.datapath.gso import GSO_ERRORS
+        raise ValueError(f"segment_vxlan: {GSO_ERRORS[err]}")
+    out = []
+    memcpy(h, &fv[0], g.hdr_end)
+    for k in range(g.segs):
+        plen = _gso_segment_headers(&fv[0], &g, k, h, vh)
+        start = g.hdr_end + <Py_ssize_t>k * g.gso_size
+        out.append(((<char *>vh)[:vhv.shape[0] if vhv.shape[0] < IO_HDR else IO_HDR],
+                    (<char *>h)[:g.hdr_end] + fb[start:start + plen]))
+    return out
+
+
+# ---------------------------------------------------------------- receive coalescing
+# The C twin of vswitch/datapath/gso.py's coalesce_info / coalesce_count / coalesced (its
+# comment is the theory): a run of one TCP flow's frames to a TAP port goes out as one GSO
+# frame, one writev(vnet header, merged headers, each frame's payload): no copy.
+
+cdef enum:
+    CO_MAX_FRAMES = 64                # gso.COALESCE_MAX_FRAMES
+    CO_HDR_MAX = 54 + 60              # IPv6 + TCP with 40 bytes of options
+    VNET_F_DATA_VALID = 2
+
+cdef struct CoSeg:
+    Py_ssize_t l4                     # TCP header offset (34 or 54)
+    Py_ssize_t hend                   # end of the TCP header
+    Py_ssize_t payload                # payload bytes
+    uint32_t seq
+    int v6
+    int psh
+
+
+cdef int _co_info(const uint8_t *f, Py_ssize_t n, CoSeg *s) noexcept nogil:
+    """gso.coalesce_info: 1 when the frame (12-byte header before f) may be coalesced."""
+    cdef const uint8_t *vh = f - IO_HDR
+    cdef int doff
+    if vh[1] != 0 or not (vh[0] & (C_VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID)) or n < 54:
+        return 0
+    if f[12] == 0x08 and f[13] == 0x00:
+        if f[14] != 0x45 or f[23] != 6 or (((f[20] << 8) | f[21]) & 0x3FFF) or load_be16(f + 16) != n - 14:
+            return 0
+        s.l4 = 34
+        s.v6 = 0
+    elif f[12] == 0x86 and f[13] == 0xDD:
+        if n < 74 or (f[14] >> 4) != 6 or f[20] != 6 or load_be16(f + 18) != n - 54:
+            return 0
+        s.l4 = 54
+        s.v6 = 1
+    else:
+        return 0
+    doff = f[s.l4 + 12] >> 4
+    s.hend = s.l4 + doff * 4
+    if doff < 5 or s.hend >= n or (f[s.l4 + 13] & ~0x08) != 0x10:
+        return 0
+    s.psh = f[s.l4 + 13] & 0x08
+    s.payload = n - s.hend
+    s.seq = load_be32(f + s.l4 + 4)
+    return 1
+
+
+cdef inline int _co_same(const uint8_t *a, const uint8_t *b, const CoSeg *s) noexcept nogil:
+    """gso._flow_bytes(a) == gso._flow_bytes(b) for frames of the layout s."""
+    cdef Py_ssize_t l4 = s.l4
+    if s.v6:
+        if memcmp(a, b, 18) or memcmp(a + 20, b + 20, l4 - 20):
+            return 0
+    elif memcmp(a, b, 16) or memcmp(a + 20, b + 20, 4) or memcmp(a + 26, b + 26, l4 - 26):
+        return 0
+    return not (memcmp(a + l4, b + l4, 4) or memcmp(a + l4 + 8, b + l4 + 8, 5)
+                or memcmp(a + l4 + 14, b + l4 + 14, 2) or memcmp(a + l4 + 18, b + l4 + 18, s.hend - l4 - 18))
+
+
+cdef int _io_write_coalesced(int fd, unsigned char *base, Py_ssize_t buflen, const unsigned int *offsets,
+                             const unsigned int *lengths, const int *out_ports, int i, int n,
+                             int *merged, int *err) noexcept nogil:
+    """Entries i, i+1, ... of the batch (to out_ports[i]; dropped / queued entries skipped) of
+    one TCP flow merged into one GSO frame and written with one writev. Returns the index
+    after the run's last entry and sets *merged (frames in it) and *err (0 or errno); or
+    returns i when fewer than 2 frames merge (nothing written)."""
+    cdef CoSeg s0, sp, s
+    cdef uint8_t h[CO_HDR_MAX]
+    cdef uint8_t vh[IO_HDR]
+    cdef iovec iov[2 + CO_MAX_FRAMES]
+    cdef int j, m = 1, last = i, out = out_ports[i]
+    cdef Py_ssize_t total, off, length, r, tcp_len
+    cdef const uint8_t *f0 = base + offsets[i]
+    cdef const uint8_t *f
+    cdef uint32_t sum
+    if not _co_info(f0, lengths[i], &s0) or s0.psh:
+        return i
+    total = s0.payload
+    sp = s0
+    iov[2].iov_base = <void *>(f0 + s0.hend)
+    iov[2].iov_len = s0.payload
+    j = i + 1
+    while j < n and m < CO_MAX_FRAMES:
+        if out_ports[j] == C_OUT_DROP or out_ports[j] == C_OUT_QUEUED:
+            j += 1
+            continue
+        if out_ports[j] != out:
+            break
+        off = offsets[j]
+        length = lengths[j]
+        if off < IO_HDR or off + length > buflen:
+            break
+        f = base + off
+        if (not _co_info(f, length, &s) or s.v6 != s0.v6 or s.hend != s0.hend or sp.payload != s0.payload
+                or s.payload > s0.payload or s.seq != sp.seq + <uint32_t>sp.payload
+                or s0.hend - 14 + total + s.payload > 65535 or not _co_same(f0, f, &s0)):
+            break
+        iov[2 + m].iov_base = <void *>(f + s.hend)
+        iov[2 + m].iov_len = s.payload
+        total += s.payload
+        m += 1
+        last = j
+        sp = s
+        j += 1
+        if s.psh:
+            break
+    if m < 2:
+        return i
+    memcpy(h, f0, s0.hend)
+    tcp_len = s0.hend - s0.l4 + total
+    if s0.v6:
+        store_be16(h + 18, <uint16_t>(s0.hend - 54 + total))
+        sum = _gso_sum16(h + 22, 32, <uint32_t>tcp_len + 6)
+    else:
+        store_be16(h + 16, <uint16_t>(s0.hend - 14 + total))
+        h[24] = 0
+        h[25] = 0
+        store_be16(h + 24, <uint16_t>(~_gso_fold(_gso_sum16(h + 14, 20, 0)) & 0xFFFF))
+        sum = _gso_sum16(h + 26, 8, <uint32_t>tcp_len + 6)
+    h[s0.l4 + 13] = <uint8_t>(0x10 | sp.psh)
+    store_be16(h + s0.l4 + 16, _gso_fold(sum))
+    memset(vh, 0, IO_HDR)
+    vh[0] = C_VNET_F_NEEDS_CSUM
+    vh[1] = GSO_TCPV6 if s0.v6 else GSO_TCPV4
+    vh[2] = <uint8_t>s0.hend
+    vh[4] = <uint8_t>s0.payload
+    vh[5] = <uint8_t>(s0.payload >> 8)
+    vh[6] = <uint8_t>s0.l4
+    vh[8] = 16
+    iov[0].iov_base = vh
+    iov[0].iov_len = IO_HDR
+    iov[1].iov_base = h
+    iov[1].iov_len = s0.hend
+    err[0] = 0
+    while True:
+        r = writev(fd, iov, 2 + m)
+        if r >= 0:
+            break
+        if _io_errno != _IO_EINTR:
+            err[0] = _io_errno
+            break
+    merged[0] = m
+    return last + 1
 
 
 cdef inline Py_ssize_t _io_read_one(int fd, int hdr_len, unsigned char *slot) noexcept nogil:
@@ -136,9 +499,12 @@ cdef inline Py_ssize_t _io_read_one(int fd, int hdr_len, unsigned char *slot) no
 
 
 cdef inline int _io_write_one(int fd, int hdr_len, unsigned char *frame, Py_ssize_t length) noexcept nogil:
-    """Write one frame whose 12-byte header precedes `frame`; 0 or errno."""
+    """Write one frame whose 12-byte header precedes `frame`; 0 or errno. A tunnel GSO
+    frame (gso_type & VNET_GSO_UDP_TUNNEL_IPV4) is written as its segments."""
     cdef Py_ssize_t r
     cdef iovec iov[2]
+    if frame[1 - IO_HDR] & C_VNET_GSO_UDP_TUNNEL_IPV4:
+        return _io_write_tunnel_gso(fd, hdr_len, frame, length)
     while True:
         if hdr_len == IO_HDR:
             r = _io_write(fd, frame - IO_HDR, length + IO_HDR)
@@ -165,9 +531,9 @@ cdef int _io_read_all(const int *fds, const unsigned short *fd_ports, const unsi
         hdr = fd_hdrs[j]
         port = fd_ports[j]
         for k in range(per_fd_max):
-            if n >= max_pkts or pos + IO_SLOT_MAX > buflen:
+            if n >= max_pkts or pos + IO_SLOT_SPAN > buflen:
                 break
-            r = _io_read_one(fds[j], hdr, base + pos)
+            r = _io_read_one(fds[j], hdr, base + pos + C_ENCAP_HEADROOM)
             if r < 0:
                 if r != -_IO_EAGAIN and port < nerr:
                     rx_errors[port] += 1
@@ -177,14 +543,14 @@ cdef int _io_read_all(const int *fds, const unsigned short *fd_ports, const unsi
                     rx_errors[port] += 1
                 continue
             if hdr != IO_HDR:
-                base[pos + hdr] = 0     # num_buffers, absent in the 10-byte header
-                base[pos + hdr + 1] = 0
-            offsets[n] = <unsigned int>(pos + IO_HDR)
+                base[pos + C_ENCAP_HEADROOM + hdr] = 0     # num_buffers, absent in the 10-byte header
+                base[pos + C_ENCAP_HEADROOM + hdr + 1] = 0
+            offsets[n] = <unsigned int>(pos + C_ENCAP_HEADROOM + IO_HDR)
             lengths[n] = <unsigned int>(r - hdr)
             in_ports[n] = <unsigned short>port
-            pos += (IO_HDR + (r - hdr) + 7) & ~(<Py_ssize_t>7)
+            pos += (C_ENCAP_HEADROOM + IO_HDR + (r - hdr) + 7) & ~(<Py_ssize_t>7)
             n += 1
-        if n >= max_pkts or pos + IO_SLOT_MAX > buflen:
+        if n >= max_pkts or pos + IO_SLOT_SPAN > buflen:
             break
     return n
 
@@ -194,17 +560,28 @@ cdef int _io_write_all(unsigned char *base, Py_ssize_t buflen, const unsigned in
                        int n, const int *port_fds, const unsigned char *port_hdrs,
                        unsigned long long *tx_errors, int nports, const unsigned char *flood) noexcept nogil:
     """The write loop of BatchIO.write, write_drained and run; returns the number of frames written."""
-    cdef int i, p, out, fd, err, member, written = 0
+    cdef int i = 0, p, out, fd, err, member, written = 0, nxt, merged
     cdef Py_ssize_t off, length
-    for i in range(n):
+    while i < n:
         out = out_ports[i]
         off = offsets[i]
         length = lengths[i]
+        i += 1
         if off < IO_HDR or off + length > buflen:
             continue                # never write outside the buffer
         if out >= 0:
             if out < nports:
                 fd = port_fds[out]
+                if fd >= 0 and port_hdrs[out] == IO_HDR:      # a TAP: coalesce a TCP run
+                    nxt = _io_write_coalesced(fd, base, buflen, offsets, lengths, out_ports, i - 1, n,
+                                              &merged, &err)
+                    if nxt != i - 1:
+                        if err:
+                            tx_errors[out] += 1
+                        else:
+                            written += merged
+                        i = nxt
+                        continue
                 if fd >= 0:
                     err = _io_write_one(fd, port_hdrs[out], base + off, length)
                     if err:
@@ -215,7 +592,7 @@ cdef int _io_write_all(unsigned char *base, Py_ssize_t buflen, const unsigned in
             member = C_FLOOD_MEMBER if out == C_OUT_FLOOD else C_FLOOD_UNKNOWN_MEMBER
             for p in range(nports):
                 fd = port_fds[p]
-                if fd < 0 or p == in_ports[i] or not (flood[p] & member):
+                if fd < 0 or p == in_ports[i - 1] or not (flood[p] & member):
                     continue
                 err = _io_write_one(fd, port_hdrs[p], base + off, length)
                 if err:
@@ -279,8 +656,8 @@ cdef class BatchIO:
             raise ValueError(f"max_ports={max_ports}, max_batch={max_batch}, per_fd_max={per_fd_max}: "
                              f"each must be at least 1")
         self.max_ports, self.max_batch, self.per_fd_max = max_ports, max_batch, per_fd_max
-        self.buf = numpy.zeros(max(buf_bytes, 2 * IO_SLOT_MAX), numpy.uint8)
-        self.dbuf = numpy.zeros(max(out_buf_bytes, 2 * IO_SLOT_MAX), numpy.uint8)
+        self.buf = numpy.zeros(max(buf_bytes, 2 * IO_SLOT_SPAN), numpy.uint8)
+        self.dbuf = numpy.zeros(max(out_buf_bytes, 2 * IO_SLOT_SPAN), numpy.uint8)
         self.offsets = numpy.zeros(max_batch, numpy.uint32)
         self.lengths = numpy.zeros(max_batch, numpy.uint32)
         self.in_ports = numpy.zeros(max_batch, numpy.uint16)

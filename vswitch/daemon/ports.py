@@ -12,9 +12,10 @@ Each switch port of the daemon has one file descriptor:
   when the socket closes).
 
 :class:`PacketIO` owns the batch buffers (one preallocated numpy buffer, the datapath's
-layout: header then frame per slot), the per-port fd table and the epoll of the port fds
-(``set_port`` adds and removes them). ``poll(timeout_ms)`` waits, reads a batch from the
-ready ports and reports failed ports and whether the daemon's control epoll (one fd,
+layout: ENCAP_HEADROOM free bytes, header, frame per slot; docs/datapath.md D50), the
+per-port fd table and the epoll of the port fds (``set_port`` adds and removes them).
+``poll(timeout_ms)`` waits, reads a batch from the ready ports and reports failed ports
+and whether the daemon's control epoll (one fd,
 ``watch_control``) is readable, in one call of the Cython ``BatchIO`` of
 ``vswitch.datapath._core`` (``ext/io.pxi``, no GIL), or with the pure-Python datapath
 (``VSWITCH_PURE_PYTHON=1``, decided in ``vswitch.datapath``) of the pure-Python twin
@@ -23,6 +24,10 @@ below with the same methods. A missing build is an error, never a fallback.
 Cython: wait, read, process, write, drain shaping queues, poll briefly after a batch, and
 return only when Python has work (``ext/io.pxi``).
 
+Both writers (C and the twin here) write a VXLAN TSO frame (vnet gso_type with
+VNET_GSO_UDP_TUNNEL_IPV4) as its wire segments (``vswitch.datapath.gso``, D51) and merge a
+run of one TCP flow's frames to a TAP port into one GSO frame (receive coalescing, D52).
+
 :class:`PortTable` is the daemon's view of its ports with an fd: by switch port name
 (what detach and ``show`` look up) and by port id while the fd is polled (what a failed
 fd reported by the loop maps back to).
@@ -30,6 +35,7 @@ fd reported by the loop maps back to).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import select
 import socket
@@ -38,11 +44,13 @@ import struct
 import numpy as np
 
 from vswitch import datapath
-from vswitch.datapath.consts import (FLOOD_MEMBER, FLOOD_UNKNOWN_MEMBER, MAX_FRAME, OUT_FLOOD,
-                                     OUT_FLOOD_UNKNOWN)
+from vswitch.datapath import gso
+from vswitch.datapath.consts import (ENCAP_HEADROOM, FLOOD_MEMBER, FLOOD_UNKNOWN_MEMBER, MAX_FRAME, OUT_DROP,
+                                     OUT_FLOOD, OUT_FLOOD_UNKNOWN, OUT_QUEUED, VNET_GSO_UDP_TUNNEL_IPV4)
 
 VNET_HDR_LEN = 12
 SLOT_MAX = VNET_HDR_LEN + MAX_FRAME
+SLOT_SPAN = ENCAP_HEADROOM + SLOT_MAX      # a read slot: headroom for VXLAN's outer headers, header, frame
 
 # linux/if_packet.h
 SOL_PACKET = 263
@@ -124,13 +132,14 @@ def py_read_batch(fds, fd_ports, fd_hdr_lens, nfds, buf, offsets, lengths, in_po
     for j in range(nfds):
         fd, port, hdr = int(fds[j]), int(fd_ports[j]), int(fd_hdr_lens[j])
         for _ in range(per_fd_max):
-            if n >= max_pkts or pos + SLOT_MAX > len(buf):
+            if n >= max_pkts or pos + SLOT_SPAN > len(buf):
                 break
+            slot = pos + ENCAP_HEADROOM
             try:
                 if hdr == VNET_HDR_LEN:
-                    r = os.readv(fd, [mv[pos:pos + SLOT_MAX]])
+                    r = os.readv(fd, [mv[slot:slot + SLOT_MAX]])
                 else:
-                    r = os.readv(fd, [mv[pos:pos + hdr], mv[pos + VNET_HDR_LEN:pos + SLOT_MAX]])
+                    r = os.readv(fd, [mv[slot:slot + hdr], mv[slot + VNET_HDR_LEN:slot + SLOT_MAX]])
             except BlockingIOError:
                 break
             except OSError:
@@ -140,40 +149,81 @@ def py_read_batch(fds, fd_ports, fd_hdr_lens, nfds, buf, offsets, lengths, in_po
                 rx_errors[port] += 1
                 continue
             if hdr != VNET_HDR_LEN:
-                buf[pos + hdr:pos + VNET_HDR_LEN] = 0
-            offsets[n] = pos + VNET_HDR_LEN
+                buf[slot + hdr:slot + VNET_HDR_LEN] = 0
+            offsets[n] = slot + VNET_HDR_LEN
             lengths[n] = r - hdr
             in_ports[n] = port
-            pos += (VNET_HDR_LEN + r - hdr + 7) & ~7
+            pos += (ENCAP_HEADROOM + VNET_HDR_LEN + r - hdr + 7) & ~7
             n += 1
-        if n >= max_pkts or pos + SLOT_MAX > len(buf):
+        if n >= max_pkts or pos + SLOT_SPAN > len(buf):
             break
     return n
 
 
 def _py_write_one(fd, hdr, mv, off, length):
+    if mv[off - VNET_HDR_LEN + 1] & VNET_GSO_UDP_TUNNEL_IPV4:
+        # a VXLAN TSO frame: its wire segments (gso.py); not segmentable: EINVAL, a tx error
+        try:
+            segments = gso.segment_vxlan(mv[off - VNET_HDR_LEN:off], mv[off:off + length])
+        except ValueError as e:
+            raise OSError(errno.EINVAL, str(e)) from None
+        for vh, seg in segments:
+            os.writev(fd, [vh[:hdr], seg])
+        return
     if hdr == VNET_HDR_LEN:
         os.write(fd, mv[off - VNET_HDR_LEN:off + length])
     else:
         os.writev(fd, [mv[off - VNET_HDR_LEN:off - VNET_HDR_LEN + hdr], mv[off:off + length]])
 
 
+def _py_coalesce_items(buf, offsets, lengths, out_ports, i, n):
+    """The candidates of a coalesced run from batch entry i (its out port's, in order; dropped
+    or queued entries skipped): [(batch index, vnet header, frame)]."""
+    out = int(out_ports[i])
+    items = []
+    for j in range(i, n):
+        o = int(out_ports[j])
+        if o in (OUT_DROP, OUT_QUEUED) and j > i:
+            continue
+        off, length = int(offsets[j]), int(lengths[j])
+        if o != out or off < VNET_HDR_LEN or off + length > len(buf) or len(items) == gso.COALESCE_MAX_FRAMES:
+            break
+        items.append((j, bytes(buf[off - VNET_HDR_LEN:off]), bytes(buf[off:off + length])))
+    return items
+
+
 def py_write_batch(buf, offsets, lengths, in_ports, out_ports, n, port_fds, port_hdr_lens, tx_errors,
                    port_flood=None):
     """The Python twin of ``_io_write_all`` (ext/io.pxi); port_flood: the flood classes
-    (None: every port is in every class)."""
+    (None: every port is in every class). Runs of one TCP flow to a TAP port (12-byte
+    header) are written as one GSO frame (gso.coalesce_count / coalesced)."""
     mv = memoryview(buf)
     written = 0
     nports = len(port_fds)
-    for i in range(n):
+    i = 0
+    while i < n:
         out, off, length = int(out_ports[i]), int(offsets[i]), int(lengths[i])
+        i += 1
         if off < VNET_HDR_LEN or off + length > len(buf):
             continue
+        if 0 <= out < nports and port_fds[out] >= 0 and port_hdr_lens[out] == VNET_HDR_LEN \
+                and gso.coalesce_info(mv[off - VNET_HDR_LEN:off], mv[off:off + length]) is not None:
+            items = _py_coalesce_items(buf, offsets, lengths, out_ports, i - 1, n)
+            m = gso.coalesce_count([(vh, f) for _, vh, f in items])
+            if m >= 2:
+                vh, frame = gso.coalesced([(vh, f) for _, vh, f in items[:m]])
+                try:
+                    os.write(int(port_fds[out]), vh + frame)
+                    written += m
+                except OSError:
+                    tx_errors[out] += 1
+                i = items[m - 1][0] + 1
+                continue
         if out >= 0:
             targets = [out] if out < nports and port_fds[out] >= 0 else []
         elif out in (OUT_FLOOD, OUT_FLOOD_UNKNOWN):
             member = FLOOD_MEMBER if out == OUT_FLOOD else FLOOD_UNKNOWN_MEMBER
-            targets = [p for p in range(nports) if port_fds[p] >= 0 and p != in_ports[i]
+            targets = [p for p in range(nports) if port_fds[p] >= 0 and p != in_ports[i - 1]
                        and (port_flood is None or port_flood[p] & member)]
         else:
             continue
@@ -193,8 +243,8 @@ class _PyBatchIO:
 
     def __init__(self, max_ports, max_batch=64, buf_bytes=4 << 20, out_buf_bytes=4 << 20, per_fd_max=32):
         self.max_ports, self.max_batch, self.per_fd_max = max_ports, max_batch, per_fd_max
-        self.buf = np.zeros(max(buf_bytes, 2 * SLOT_MAX), np.uint8)
-        self.dbuf = np.zeros(max(out_buf_bytes, 2 * SLOT_MAX), np.uint8)
+        self.buf = np.zeros(max(buf_bytes, 2 * SLOT_SPAN), np.uint8)
+        self.dbuf = np.zeros(max(out_buf_bytes, 2 * SLOT_SPAN), np.uint8)
         self.offsets, self.doffsets = np.zeros(max_batch, np.uint32), np.zeros(max_batch, np.uint32)
         self.lengths, self.dlengths = np.zeros(max_batch, np.uint32), np.zeros(max_batch, np.uint32)
         self.in_ports, self.din_ports = np.zeros(max_batch, np.uint16), np.zeros(max_batch, np.uint16)
