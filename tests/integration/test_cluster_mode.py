@@ -42,8 +42,17 @@ from vswitch.lab.etcdns import ClusterLab, wait_for  # noqa: E402
 DUAL_CIDR, DUAL_SIZES = "10.244.0.0/16,fd00:10:244::/48", "24,64"
 
 
-def subnets_of(d) -> list[str]:
-    return d.call("pod_cidr")["pod_cidrs"]
+def subnets_of(d, timeout_s: float = 15.0) -> list[str]:
+    """The node's leased subnets, once it holds them: a daemon with an uplink answers
+    ``status`` before it has registered (it reaches etcd through its own switch)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return d.call("pod_cidr")["pod_cidrs"]
+        except rpc.RpcError as exc:
+            if exc.code != rpc.E_TRY_AGAIN or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
 
 
 def node_names(d) -> set[str]:

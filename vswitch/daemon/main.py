@@ -575,6 +575,12 @@ def main(argv=None):
         except ValueError as exc:
             print(f"vswitchd: cluster: {exc}", file=sys.stderr)
             return 2
+        # cluster mode implies VXLAN (the membership's peers are its peer table): needs the uplink
+        if not a.uplink:
+            ap.error("cluster mode (--cluster-cidr with --etcd-endpoints) needs --uplink: the other "
+                     "nodes' pods are reached by VXLAN through it")
+        if vtep is None:
+            vtep = VtepConfig()
     elif any(v is not None for v in (a.node_subnet_size, a.etcd_endpoints, a.node_name, a.node_ip, a.etcd_ca,
                                       a.etcd_cert, a.etcd_key, a.etcd_prefix, a.lease_ttl_s)):
         ap.error("the cluster options need --cluster-cidr")
