@@ -283,3 +283,13 @@ def test_install_cni_writes_use_pod_cidr_for_a_cluster_mode_daemon(clab, tmp_pat
     c = json.loads((tmp_path / "c" / "05-vswitch.conflist").read_text())
     assert c["plugins"][0]["ipam"]["ranges"] == [[{"subnet": "usePodCidr"}]]
     assert c["plugins"][0]["socket"] == a.socket
+
+
+def test_cluster_mode_without_an_uplink_is_refused(tmp_path):
+    # cluster mode implies VXLAN, which sends through the uplink
+    r = subprocess.run([sys.executable, "-m", "vswitch.daemon", "--socket", str(tmp_path / "s"),
+                        "--state-dir", str(tmp_path / "st"), "--cluster-cidr", "10.244.0.0/16",
+                        "--node-subnet-size", "24", "--etcd-endpoints", "http://127.0.0.1:1",
+                        "--node-name", "n1"], capture_output=True, text=True, timeout=60, cwd=str(REPO))
+    assert r.returncode == 2
+    assert "cluster mode (--cluster-cidr with --etcd-endpoints) needs --uplink" in r.stderr
