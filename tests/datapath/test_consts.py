@@ -61,17 +61,25 @@ def test_the_generated_pxi_declares_every_counter_and_drop_in_order(tmp_path):
     # docs/datapath.md "Counters": the per-port and global names, in this order
     assert C.PORT_COUNTERS == ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "drop_malformed",
                                "drop_spoofed", "drop_queue_full", "drop_no_route", "drop_loop",
-                               "drop_table_full", "drop_nat_collision", "drop_mac_stolen", "queued")
+                               "drop_table_full", "drop_nat_collision", "drop_mac_stolen",
+                               "drop_ttl_expired", "drop_vxlan_unresolved", "drop_vxlan_bad_vni",
+                               "drop_vxlan_malformed", "drop_vxlan_not_ours", "drop_vxlan_unknown_peer",
+                               "drop_vxlan_no_route", "drop_too_big", "drop_no_headroom", "queued")
     assert C.GLOBAL_COUNTERS == ("packets", "bytes", "malformed", "spoofed", "queue_full", "no_route", "loop",
-                                 "table_full", "nat_collision", "mac_stolen", "queued", "flooded", "mac_moves",
+                                 "table_full", "nat_collision", "mac_stolen",
+                                 "ttl_expired", "vxlan_unresolved", "vxlan_bad_vni", "vxlan_malformed",
+                                 "vxlan_not_ours", "vxlan_unknown_peer", "vxlan_no_route", "too_big",
+                                 "no_headroom", "queued", "flooded", "mac_moves",
                                  "mac_table_full", "mac_learned", "ct_created", "ct_expired", "ct_deleted",
-                                 "nat_translated", "ct_early_drop", "mac_evicted", "mac_learn_limited")
+                                 "nat_translated", "ct_early_drop", "mac_evicted", "mac_learn_limited",
+                                 "vxlan_encap", "vxlan_decap")
     assert gen_consts.write_pxi(C, tmp_path / "consts.pxi") is True
     assert gen_consts.write_pxi(C, tmp_path / "consts.pxi") is False       # unchanged: not rewritten
 
 
 def test_every_trace_event_names_a_stage():
-    assert set(C.STAGES) == {"rx", "parse", "antispoof", "egress_shaper", "nat", "l2", "ingress_shaper", "output"}
+    assert list(C.STAGES) == ["rx", "parse", "antispoof", "egress_shaper", "nat", "vxlan", "l2", "ingress_shaper",
+                              "output"]
     for event, stage, _ in C.TRACE_EVENTS:
         assert stage in C.STAGES, event
     assert C.trace_step([e for e, _, _ in C.TRACE_EVENTS].index("out_drop"), 0, 1, 60) == ("output", "drop spoofed")
@@ -79,8 +87,8 @@ def test_every_trace_event_names_a_stage():
 
 def test_port_and_global_counter_shapes(dp_impl):
     dp = dp_impl.Datapath(max_ports=7)
-    assert dp.port_counters().shape == (7, 13) and dp.port_counters().dtype == np.uint64
-    assert dp.global_counters().shape == (22,) and dp.global_counters().dtype == np.uint64
+    assert dp.port_counters().shape == (7, 22) and dp.port_counters().dtype == np.uint64
+    assert dp.global_counters().shape == (33,) and dp.global_counters().dtype == np.uint64
 
 
 def test_raw_table_views_match_the_c_structs(both_impls):

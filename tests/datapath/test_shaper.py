@@ -292,8 +292,8 @@ def test_drain_respects_max_pkts_and_the_buffer_size(dp_impl):
     got = drain(dp, 10 * SEC, max_pkts=2, vnet_hdr_len=10)
     assert [int.from_bytes(f[14:18], "big") for _, _, f, _ in got] == [0, 1]
     assert [h for _, _, _, h in got] == hdrs[:2]                 # the header travels with it
-    # room for exactly one more (offset 10 + 100 bytes): the second does not fit and stays
-    got = drain(dp, 10 * SEC, buf_bytes=10 + 100 + 10 + 99, vnet_hdr_len=10)
+    # room for exactly one more (headroom 64 + header 10 + 100 bytes): the second does not fit and stays
+    got = drain(dp, 10 * SEC, buf_bytes=(64 + 10 + 100) + (64 + 10 + 99), vnet_hdr_len=10)
     assert [int.from_bytes(f[14:18], "big") for _, _, f, _ in got] == [2]
     assert dp.shaper_state(A, C.EGRESS)["queue_packets"] == 2
     got = drain(dp, 10 * SEC, vnet_hdr_len=10)

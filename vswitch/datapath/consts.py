@@ -90,6 +90,8 @@ DEFAULTS = dict(
     # bucket's size; mac_learn_rate_per_s 0 = no limit
     mac_learn_rate_per_s=1000,
     mac_learn_burst=1000,
+    # VXLAN peers (docs/datapath.md "VXLAN"): at most this many remote nodes
+    max_peers=4096,
 )
 # a full table is swept of expired entries at most this often (of now_ns)
 SWEEP_INTERVAL_NS = SEC_NS
@@ -110,6 +112,17 @@ DROPS = {
     "table_full": "a new connection found the conntrack table full",
     "nat_collision": "a new connection's reply tuple is already tracked",
     "mac_stolen": "the source MAC is a static entry (a bound MAC) of another port",
+    # VXLAN (docs/datapath.md "VXLAN")
+    "ttl_expired": "a routed (encapsulated or decapsulated) packet's TTL / hop limit was 1 or 0",
+    "vxlan_unresolved": "the peer's underlay next-hop MAC is not resolved yet",
+    "vxlan_bad_vni": "a VXLAN frame for our VTEP carries another VNI",
+    "vxlan_malformed": "a VXLAN frame for our VTEP is fragmented, too short, lacks the I flag, "
+                       "says GSO, or its inner frame is malformed",
+    "vxlan_not_ours": "a decapsulated frame is not for our VTEP MAC, or not untagged IPv4/IPv6",
+    "vxlan_unknown_peer": "a VXLAN frame for our VTEP comes from an address that is not a peer",
+    "vxlan_no_route": "a decapsulated packet's destination is neither a local pod nor the gateway",
+    "too_big": "the encapsulated packet (or a GSO segment of it) would exceed the underlay MTU",
+    "no_headroom": "fewer than ENCAP_LEN bytes before the frame's vnet header to encapsulate it",
 }
 DROP_REASONS = tuple(DROPS)
 
@@ -126,7 +139,8 @@ GLOBAL_COUNTERS = (
     + ("queued", "flooded",
        "mac_moves", "mac_table_full", "mac_learned",
        "ct_created", "ct_expired", "ct_deleted", "nat_translated",
-       "ct_early_drop", "mac_evicted", "mac_learn_limited")
+       "ct_early_drop", "mac_evicted", "mac_learn_limited",
+       "vxlan_encap", "vxlan_decap")
 )
 PC = {name: i for i, name in enumerate(PORT_COUNTERS)}
 GC = {name: i for i, name in enumerate(GLOBAL_COUNTERS)}
@@ -139,6 +153,7 @@ STAGES = {
     "antispoof": "check the source MAC/IPs against the port's binding",
     "egress_shaper": "the in port's egress token bucket: pass, queue or drop",
     "nat": "hostPort DNAT and conntrack: translate, or leave untouched",
+    "vxlan": "route to a remote node's pods and encapsulate, or decapsulate for a local pod",
     "l2": "learn the source MAC; pick the out port by destination MAC",
     "ingress_shaper": "the out port's ingress token bucket: pass, queue or drop",
     "output": "the verdict: a port, flood, queued or a drop reason",
@@ -168,6 +183,8 @@ TRACE_EVENTS = (
     ("out_queued", "output", "queued"),
     ("out_drop", "output", "drop {reason}"),
     ("out_flood_unknown", "output", "flood unknown"),
+    ("vxlan_encap", "vxlan", "encapsulated, VNI {a}, UDP source port {b}"),
+    ("vxlan_decap", "vxlan", "decapsulated, VNI {a}, to port {b}"),
 )
 SHAPER_VERDICTS = ("pass", "queue", "full")
 

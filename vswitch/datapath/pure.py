@@ -68,6 +68,7 @@ from vswitch.datapath.consts import (
     PORT_COUNTERS, PORT_HOST, PORT_POD, PORT_UPLINK, SEC_NS, SWEEP_INTERVAL_NS,
     VNET_F_NEEDS_CSUM, FRAG_SLOTS, FRAG_TIMEOUT_NS, MAX_NODE_ADDRESSES, DROP_REASONS,
     SHAPER_VERDICTS, TRACE_EVENTS, trace_step,
+    ENCAP_LEN, ENCAP_HEADROOM, MAX_PEER_CIDRS, VNET_GSO_UDP_TUNNEL_IPV4, VXLAN_PORT,
 )
 
 __all__ = ["Datapath"]
@@ -513,6 +514,103 @@ class _Drop(Exception):
         self.reason, self.port, self.why = reason, port, why
 
 
+# --------------------------------------------------------------------------- VXLAN records
+
+MAX_PEERS_LIMIT = 1 << 20          # the largest max_peers a Datapath accepts
+FNV_OFFSET_BASIS = 0x811C9DC5
+FNV_PRIME = 0x01000193
+
+
+class _Vtep:
+    __slots__ = ("port", "ip", "outer_mac", "vtep_mac", "vni", "udp_port", "mtu")
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class _Peer:
+    __slots__ = ("ip", "vtep_mac", "underlay_mac", "cidrs", "tx_packets", "tx_bytes",
+                 "rx_packets", "rx_bytes", "drop_unresolved")
+
+    def as_dict(self):
+        d = {name: getattr(self, name) for name in self.__slots__}
+        d["cidrs"] = list(self.cidrs)
+        return d
+
+
+def _fnv1a(data):
+    """FNV-1a, 32 bits, byte by byte (docs/datapath.md "VXLAN", encapsulation step 6)."""
+    h = FNV_OFFSET_BASIS
+    for x in data:
+        h = ((h ^ x) * FNV_PRIME) & 0xFFFFFFFF
+    return h
+
+
+def _masked(addr, plen):
+    """addr with every bit after the first plen bits cleared."""
+    bits = len(addr) * 8
+    v = int.from_bytes(addr, "big") & (((1 << plen) - 1) << (bits - plen))
+    return v.to_bytes(len(addr), "big")
+
+
+def _ip6_final_nh(b, l3):
+    """The next header an IPv6 packet's extension-header chain ends with, walked as _parse
+    walks it (D47): the first that is not an extension header; a non-first fragment's
+    fragment-header next header; after 8 extension headers, the 9th next header value."""
+    nh, pos = b[l3 + 6], l3 + 40
+    for _ in range(MAX_IPV6_EXT_HEADERS):
+        if nh not in IPV6_EXT_HEADERS:
+            return nh
+        if nh == 44:
+            if _be16(b, pos + 2) >> 3:
+                return b[pos]
+            hlen = 8
+        else:
+            hlen = (b[pos + 1] + 2) * 4 if nh == 51 else (b[pos + 1] + 1) * 8
+        nh, pos = b[pos], pos + hlen
+    return nh
+
+
+def _le16(buf, i):
+    return int(buf[i]) | (int(buf[i + 1]) << 8)
+
+
+def _put_le16(buf, i, v):
+    buf[i], buf[i + 1] = v & 0xFF, (v >> 8) & 0xFF
+
+
+def _cidr_key(addr, plen):
+    return (4 if len(addr) == 4 else 6, plen, addr)
+
+
+def _cidr_text(addr, plen):
+    import ipaddress
+    return f"{ipaddress.ip_address(addr)}/{plen}"
+
+
+def _peer_cidrs(cidrs):
+    """set_peer's cidrs as [(family, prefix_len, addr)], checked (ValueError naming the value)."""
+    try:
+        items = list(cidrs)
+    except TypeError:
+        raise ValueError(f"cidrs must be a list of (address, prefix_len), got {cidrs!r}") from None
+    if not 1 <= len(items) <= MAX_PEER_CIDRS:
+        raise ValueError(f"cidrs must hold 1..{MAX_PEER_CIDRS} items, got {len(items)}")
+    out = []
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"a cidr must be (address, prefix_len), got {item!r}")
+        addr = _ip(item[0], "cidr address")
+        plen = _index(item[1], "cidr prefix_len", 0, len(addr) * 8)
+        if _masked(addr, plen) != addr:
+            raise ValueError(f"cidr {_cidr_text(addr, plen)} has host bits set")
+        key = _cidr_key(addr, plen)
+        if key in out:
+            raise ValueError(f"cidr {_cidr_text(addr, plen)} is given twice")
+        out.append(key)
+    return out
+
+
 # --------------------------------------------------------------------------- the datapath
 
 class Datapath:
@@ -529,8 +627,9 @@ class Datapath:
                  udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"],
                  tcp_syn_recv_timeout_ns=DEFAULTS["tcp_syn_recv_timeout_ns"],
                  mac_learn_rate_per_s=DEFAULTS["mac_learn_rate_per_s"],
-                 mac_learn_burst=DEFAULTS["mac_learn_burst"]):
+                 mac_learn_burst=DEFAULTS["mac_learn_burst"], max_peers=DEFAULTS["max_peers"]):
         self.max_ports = _index(max_ports, "max_ports", 1, 65535)
+        self.max_peers = _index(max_peers, "max_peers", 1, MAX_PEERS_LIMIT)
         self.mac_table_size = _index(mac_table_size, "mac_table_size", 1, _MAX_I63)
         self.conntrack_size = _index(conntrack_size, "conntrack_size", 1, _MAX_I63)
         self.max_hostports = _index(max_hostports, "max_hostports", 1, _MAX_I63)
@@ -569,6 +668,11 @@ class Datapath:
         self._ct_auto_sweep_ns = None
         self._now_ns = 0                       # the latest now_ns of process() / drain()
         self._draining = False
+        self._vtep = None                      # VXLAN: our _Vtep, or None (docs/datapath.md "VXLAN")
+        self._peers = {}                       # peer VTEP IPv4 (4 bytes) -> _Peer
+        self._cidrs = {}                       # (family, prefix_len, masked addr) -> peer ip
+        self._plens = None                     # {family: prefix lengths present, longest first}
+        self._out_frame = None                 # (offset, length) of the frame _forward output
 
     # ------------------------------------------------------------------ ports
 
@@ -603,6 +707,8 @@ class Datapath:
         for entry in [e for e in self._ct_entries if pid in (e.in_port, e.out_port)]:
             self._ct_delete(entry, "ct_deleted")
         del self._ports[pid]
+        if self._vtep is not None and self._vtep.port == pid:
+            self._vtep = None
         self._update_flood_classes()
 
     def set_port_up(self, port_id, up):
@@ -819,8 +925,8 @@ class Datapath:
 
     def process(self, buf, offsets, lengths, in_ports, out_ports, n, now_ns):
         self._check_buf(buf, "buf")
-        self._array(offsets, "offsets", np.uint32)
-        self._array(lengths, "lengths", np.uint32)
+        self._array(offsets, "offsets", np.uint32, writable=True)     # VXLAN rewrites them
+        self._array(lengths, "lengths", np.uint32, writable=True)
         self._array(in_ports, "in_ports", np.uint16)
         self._array(out_ports, "out_ports", np.int32, writable=True)
         n = _index(n, "n", 0, min(len(offsets), len(lengths), len(in_ports), len(out_ports)))
@@ -837,8 +943,11 @@ class Datapath:
                                  f"does not lie inside buf of {len(buf)} bytes")
         self._now_ns = now
         for i in range(n):
+            self._out_frame = None
             out_ports[i] = self._process_one(buf, int(offsets[i]), int(lengths[i]),
                                              int(in_ports[i]), now, None)
+            if self._out_frame is not None:       # encapsulated or decapsulated
+                offsets[i], lengths[i] = self._out_frame
 
     def drain(self, now_ns, out_buf, out_offsets, out_lengths, out_in_ports, out_ports, max_pkts):
         self._check_buf(out_buf, "out_buf")
@@ -851,7 +960,7 @@ class Datapath:
         now = self._check_now(now_ns)
         self._now_ns = now
         H = self.vnet_hdr_len
-        emitted, off = 0, H
+        emitted, off = 0, ENCAP_HEADROOM + H     # headroom before each frame's header (VXLAN)
         self._draining = True
         try:
             while emitted < max_pkts:
@@ -873,16 +982,19 @@ class Datapath:
                 length = item.length
                 out_buf[off - H:off + length] = np.frombuffer(item.data, dtype=np.uint8)
                 if direction == EGRESS:
+                    self._out_frame = None
                     out = self._forward(out_buf, off, length, item.in_port, None, now, None)
                     if out == OUT_QUEUED:
                         continue
+                    if self._out_frame is not None:
+                        off, length = self._out_frame
                 else:
                     out = item.out_port
                     self._count_tx(out, length)
                 out_offsets[emitted], out_lengths[emitted] = off, length
                 out_in_ports[emitted], out_ports[emitted] = item.in_port, out
                 emitted += 1
-                off += length + H
+                off += length + ENCAP_HEADROOM + H
         finally:
             self._draining = False
             for port in self._ports.values():
@@ -901,11 +1013,11 @@ class Datapath:
         pid = _index(in_port, "in_port", 0, self.max_ports - 1)
         now = self._check_now(now_ns)
         H = self.vnet_hdr_len
-        buf = np.zeros(H + len(frame), dtype=np.uint8)
-        buf[H:] = np.frombuffer(frame, dtype=np.uint8)
+        buf = np.zeros(ENCAP_HEADROOM + H + len(frame), dtype=np.uint8)   # room to encapsulate
+        buf[ENCAP_HEADROOM + H:] = np.frombuffer(frame, dtype=np.uint8)
         shadow = copy.deepcopy(self)
         steps = []
-        shadow._process_one(buf, H, len(frame), pid, now, steps)
+        shadow._process_one(buf, ENCAP_HEADROOM + H, len(frame), pid, now, steps)
         return steps
 
     # ------------------------------------------------------------------ the pipeline
@@ -976,8 +1088,16 @@ class Datapath:
             src_mac = buf[off + 6:off + 12].tobytes()     # learning uses the original source MAC
             # 4. NAT / conntrack
             nat_out = self._nat(buf, off, length, in_port, p, now, tr)
-            # 5. L2
-            out = self._l2(buf, off, in_port, p.vlan, src_mac, nat_out, now, tr)
+            # 4b. VXLAN: a routed frame skips L2 (docs/datapath.md "VXLAN")
+            routed = None
+            if nat_out is None and self._vtep is not None:
+                routed = self._vxlan(buf, off, length, in_port, p, now, tr)
+            if routed is not None:
+                out, off, length, p = routed
+                self._out_frame = (off, length)
+            else:
+                # 5. L2
+                out = self._l2(buf, off, in_port, p.vlan, src_mac, nat_out, now, tr)
         except _Drop as drop:
             return self._dropped(drop, tr)
         # 6. ingress shaping (a flood: a copy per shaped receiver, D41) and 7. output
@@ -1480,3 +1600,234 @@ class Datapath:
                       e.reply_dport, e.in_port, e.out_port, tuple(e.orig_src_mac), tuple(e.orig_dst_mac),
                       e.expires_ns, e.packets, e.bytes)
         return out
+
+    # ------------------------------------------------------------------ VXLAN (docs/datapath.md "VXLAN")
+
+    def set_vtep(self, port_id, ip, outer_mac, vtep_mac, vni, udp_port=VXLAN_PORT, mtu=1500):
+        pid, _ = self._port(port_id)
+        v = _Vtep()
+        v.port = pid
+        v.ip = _bytes_of(ip, "vtep ip", (4,))
+        v.outer_mac = _mac(outer_mac, "outer_mac")
+        v.vtep_mac = _mac(vtep_mac, "vtep_mac")
+        v.vni = _index(vni, "vni", 0, 2**24 - 1)
+        v.udp_port = _index(udp_port, "udp_port", 1, 65535)
+        v.mtu = _index(mtu, "mtu", 68, 65535)
+        self._vtep = v
+
+    def clear_vtep(self):
+        self._vtep = None
+
+    def vtep(self):
+        return None if self._vtep is None else self._vtep.as_dict()
+
+    def set_peer(self, ip, vtep_mac, underlay_mac, cidrs):
+        key = _bytes_of(ip, "peer ip", (4,))
+        vmac = _mac(vtep_mac, "vtep_mac")
+        umac = None if underlay_mac is None else _mac(underlay_mac, "underlay_mac")
+        items = _peer_cidrs(cidrs)
+        for family, plen, addr in items:
+            owner = self._cidrs.get((family, plen, addr))
+            if owner is not None and owner != key:
+                raise ValueError(f"cidr {_cidr_text(addr, plen)} is already held by peer {owner.hex()}")
+        old = self._peers.get(key)
+        if old is None and len(self._peers) >= self.max_peers:
+            raise ValueError(f"peer table full: at most {self.max_peers} peers")
+        peer = old if old is not None else _Peer()
+        if old is not None:
+            for family, plen, addr in [_cidr_key(a, n) for a, n in old.cidrs]:
+                del self._cidrs[(family, plen, addr)]
+        else:
+            peer.ip = key
+            peer.tx_packets = peer.tx_bytes = peer.rx_packets = peer.rx_bytes = peer.drop_unresolved = 0
+        peer.vtep_mac, peer.underlay_mac = vmac, umac
+        peer.cidrs = [(addr, plen) for _, plen, addr in items]
+        for family, plen, addr in items:
+            self._cidrs[(family, plen, addr)] = key
+        self._peers[key] = peer
+        self._plens = None
+
+    def remove_peer(self, ip):
+        key = _bytes_of(ip, "peer ip", (4,))
+        peer = self._peers.pop(key, None)
+        if peer is None:
+            raise ValueError(f"no peer {key.hex()}")
+        for addr, plen in peer.cidrs:
+            del self._cidrs[_cidr_key(addr, plen)]
+        self._plens = None
+
+    def peers(self):
+        return [self._peers[k].as_dict() for k in sorted(self._peers)]
+
+    def _lpm(self, family, addr):
+        """The peer whose CIDR of that family holds addr with the longest prefix, or None."""
+        if self._plens is None:
+            self._plens = {f: sorted({n for fam, n, _ in self._cidrs if fam == f}, reverse=True)
+                           for f in (4, 6)}
+        for plen in self._plens[family]:
+            owner = self._cidrs.get((family, plen, _masked(addr, plen)))
+            if owner is not None:
+                return self._peers[owner]
+        return None
+
+    def _vxlan(self, buf, off, length, in_port, p, now, tr):
+        """The "vxlan" stage: (out port, new offset, new length, the new frame's _Parsed)
+        for a frame it decapsulates or encapsulates, None for any other frame. Raises _Drop."""
+        v = self._vtep
+        if in_port == v.port:
+            if (p.l3 == 14 and p.family == 4 and buf[off:off + 6].tobytes() == v.outer_mac
+                    and p.dst == v.ip and p.l4 >= 0 and p.l4_proto == IPPROTO_UDP
+                    and p.dport == v.udp_port):
+                return self._decap(buf, off, length, in_port, p, now, tr)
+            return None
+        if p.l3 != 14 or p.family == 0:
+            return None
+        dst_mac = buf[off:off + 6].tobytes()
+        if dst_mac != self._gw_mac and dst_mac != v.vtep_mac:
+            return None
+        peer = self._lpm(p.family, p.dst)
+        if peer is None:
+            return None
+        return self._encap(buf, off, length, in_port, p, peer, tr)
+
+    def _ttl_decrement(self, buf, l3, family, in_port):
+        """Routing's TTL / hop limit step; the IPv4 checksum patched over the TTL/protocol word (D26)."""
+        at = l3 + 8 if family == 4 else l3 + 7
+        ttl = int(buf[at])
+        if ttl <= 1:
+            raise _Drop("ttl_expired", in_port, f"TTL / hop limit {ttl}")
+        if family == 4:
+            proto = int(buf[l3 + 9])
+            hc = _csum_patch(_np16(buf, l3 + 10), [(ttl << 8) | proto], [((ttl - 1) << 8) | proto])
+            buf[l3 + 10], buf[l3 + 11] = hc >> 8, hc & 0xFF
+        buf[at] = ttl - 1
+
+    def _decap(self, buf, off, length, in_port, p, now, tr):
+        v, H = self._vtep, self.vnet_hdr_len
+        b = buf[off:off + length].tobytes()
+        l3, l4 = p.l3, p.l4
+        if _be16(b, l3 + 6) & 0x2000:
+            raise _Drop("vxlan_malformed", in_port, "outer IPv4 is a first fragment")
+        peer = self._peers.get(p.src)
+        if peer is None:
+            raise _Drop("vxlan_unknown_peer", in_port, f"{p.src.hex()} is not a peer")
+        ulen = _be16(b, l4 + 4)
+        if ulen < 8 + 8 + 14 or not b[l4 + 8] & 0x08:
+            raise _Drop("vxlan_malformed", in_port, "UDP length too short or I flag clear")
+        vni = int.from_bytes(b[l4 + 12:l4 + 15], "big")
+        if vni != v.vni:
+            raise _Drop("vxlan_bad_vni", in_port, f"VNI {vni}")
+        if H and buf[off - H + 1] != 0:
+            raise _Drop("vxlan_malformed", in_port, "the vnet header says GSO")
+        d = l4 + 16                                # the inner frame's offset in the outer (D46)
+        inner = b[d:l4 + ulen]
+        q = _parse(inner)
+        if isinstance(q, str):
+            raise _Drop("vxlan_malformed", in_port, "inner frame: " + q)
+        if inner[0:6] != v.vtep_mac:
+            raise _Drop("vxlan_not_ours", in_port, "inner destination MAC is not our VTEP MAC")
+        if q.l3 != 14 or q.family == 0:
+            raise _Drop("vxlan_not_ours", in_port, "inner frame is not untagged IPv4/IPv6")
+        out = min((pid for pid, port in self._ports.items()
+                   if port.kind == PORT_POD and port.ips is not None and q.dst in port.ips), default=None)
+        if out is not None:
+            new_dst, new_src = self._ports[out].mac, self._gw_mac
+        elif q.dst == self._gw_ip[q.family]:
+            out = min((pid for pid, port in self._ports.items() if port.kind == PORT_HOST), default=None)
+            if out is None:
+                raise _Drop("vxlan_no_route", in_port, "to the gateway, but no host port")
+            new_dst, new_src = self._gw_mac, v.vtep_mac
+        else:
+            raise _Drop("vxlan_no_route", in_port, f"no pod or gateway {q.dst.hex()}")
+        ioff = off + d
+        self._ttl_decrement(buf, ioff + 14, q.family, in_port)
+        if new_dst is not None:
+            buf[ioff:ioff + 6] = np.frombuffer(new_dst, dtype=np.uint8)
+        if new_src is not None:
+            buf[ioff + 6:ioff + 12] = np.frombuffer(new_src, dtype=np.uint8)
+        if H:
+            hdr = buf[off - H:off].copy()
+            hdr_len = max(0, _le16(hdr, 2) - d)
+            _put_le16(hdr, 2, hdr_len)
+            if hdr[0] & VNET_F_NEEDS_CSUM:
+                if _le16(hdr, 6) >= d + 14:
+                    _put_le16(hdr, 6, _le16(hdr, 6) - d)
+                else:                              # the partial checksum was in the outer headers
+                    hdr[0] &= ~VNET_F_NEEDS_CSUM & 0xFF
+                    _put_le16(hdr, 6, 0)
+                    _put_le16(hdr, 8, 0)
+            buf[ioff - H:ioff] = hdr
+        self._gc[GC["vxlan_decap"]] += 1
+        peer.rx_packets += 1
+        peer.rx_bytes += length
+        if tr is not None:
+            _trace(tr, "vxlan_decap", vni, out)
+        port = self._ports[out]
+        if not port.up:
+            raise _Drop("no_route", in_port, f"port {out} is down")
+        return out, ioff, len(inner), _parse(buf[ioff:ioff + len(inner)].tobytes())
+
+    def _encap(self, buf, off, length, in_port, p, peer, tr):
+        v, H = self._vtep, self.vnet_hdr_len
+        l3 = off + p.l3
+        self._ttl_decrement(buf, l3, p.family, in_port)
+        if peer.underlay_mac is None:
+            peer.drop_unresolved += 1
+            raise _Drop("vxlan_unresolved", in_port, f"peer {peer.ip.hex()} has no underlay MAC")
+        gso_type = int(buf[off - H + 1]) if H else 0
+        b = buf[off:off + length].tobytes()
+        if gso_type and p.l4 >= 0 and p.l4_proto in (IPPROTO_TCP, IPPROTO_UDP):
+            l4_end = p.l4 + ((b[p.l4 + 12] >> 4) * 4 if p.l4_proto == IPPROTO_TCP else 8)
+            outer_ip_len = _le16(buf, off - H + 4) + l4_end + 36      # one segment (D48)
+        else:
+            outer_ip_len = length + 36
+        if outer_ip_len > v.mtu:
+            raise _Drop("too_big", in_port, f"outer IP length {outer_ip_len} > MTU {v.mtu}")
+        if off - H < ENCAP_LEN:
+            raise _Drop("no_headroom", in_port, f"offset {off} - vnet header {H} < {ENCAP_LEN}")
+        # the flow hash for the UDP source port, after the TTL decrement
+        if p.family == 4:
+            proto = b[p.l3 + 9]
+        else:
+            proto = _ip6_final_nh(b, p.l3)
+        data = p.src + p.dst + bytes([proto])
+        if p.l4 >= 0 and p.l4_proto in (IPPROTO_TCP, IPPROTO_UDP):
+            data += b[p.l4:p.l4 + 4]
+        h = _fnv1a(data)
+        h ^= h >> 16
+        sport = 49152 + (h & 0x3FFF)
+        hdr = buf[off - H:off].copy()
+        buf[off:off + 6] = np.frombuffer(peer.vtep_mac, dtype=np.uint8)
+        buf[off + 6:off + 12] = np.frombuffer(v.vtep_mac, dtype=np.uint8)
+        total = length + 36
+        ulen = length + 16
+        ip_hdr = bytearray(bytes([0x45, 0]) + (total if total <= 65535 else 0).to_bytes(2, "big")
+                           + bytes([0, 0, 0x40, 0, 64, IPPROTO_UDP, 0, 0]) + v.ip + peer.ip)
+        csum = ~_fold(sum(_words(bytes(ip_hdr)))) & 0xFFFF
+        ip_hdr[10:12] = csum.to_bytes(2, "big")
+        outer = (peer.underlay_mac + v.outer_mac + b"\x08\x00" + bytes(ip_hdr)
+                 + sport.to_bytes(2, "big") + v.udp_port.to_bytes(2, "big")
+                 + (ulen if ulen <= 65535 else 0).to_bytes(2, "big") + b"\0\0"
+                 + b"\x08\0\0\0" + v.vni.to_bytes(3, "big") + b"\0")
+        assert len(outer) == ENCAP_LEN
+        o = off - ENCAP_LEN
+        buf[o:off] = np.frombuffer(outer, dtype=np.uint8)
+        if H:
+            if hdr[0] & VNET_F_NEEDS_CSUM:
+                _put_le16(hdr, 6, _le16(hdr, 6) + ENCAP_LEN)
+            if _le16(hdr, 2):
+                _put_le16(hdr, 2, _le16(hdr, 2) + ENCAP_LEN)
+            if hdr[1]:
+                hdr[1] |= VNET_GSO_UDP_TUNNEL_IPV4
+            buf[o - H:o] = hdr
+        length += ENCAP_LEN
+        self._gc[GC["vxlan_encap"]] += 1
+        peer.tx_packets += 1
+        peer.tx_bytes += length
+        if tr is not None:
+            _trace(tr, "vxlan_encap", v.vni, sport)
+        port = self._ports[v.port]
+        if not port.up:
+            raise _Drop("no_route", in_port, f"VTEP port {v.port} is down")
+        q = _parse(buf[o:o + length].tobytes())
+        return v.port, o, length, (q if not isinstance(q, str) else _Parsed())
