@@ -111,6 +111,7 @@ class SwitchConfig:
     tcp_syn_recv_timeout_ns: int = DEFAULTS["tcp_syn_recv_timeout_ns"]
     mac_learn_rate_per_s: int = DEFAULTS["mac_learn_rate_per_s"]   # new MACs/s per port; 0 = no limit
     mac_learn_burst: int = DEFAULTS["mac_learn_burst"]
+    max_peers: int = DEFAULTS["max_peers"]             # VXLAN peers (other nodes)
 
     def __post_init__(self):
         try:
@@ -142,7 +143,8 @@ class SwitchConfig:
         object.__setattr__(self, "shaper_queue_bytes", _int("shaper_queue_bytes", self.shaper_queue_bytes))
         limits = {"max_ports": (1, 65535), "mac_table_size": (1, 1 << 26),
                   "conntrack_size": (1, 1 << 26), "max_hostports": (1, 1 << 20),
-                  "mac_learn_rate_per_s": (0, 10**9), "mac_learn_burst": (1, 10**9)}
+                  "mac_learn_rate_per_s": (0, 10**9), "mac_learn_burst": (1, 10**9),
+                  "max_peers": (1, 1 << 20)}
         for key in _DP_KEYS:
             lo, hi = limits.get(key, (0, U63))
             object.__setattr__(self, key, _int(key, getattr(self, key), lo=lo, hi=hi))
