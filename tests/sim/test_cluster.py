@@ -91,10 +91,6 @@ def three_by_two(make, **kw):
     return c
 
 
-def node_of(c, pod):
-    return c.nodes[c._pod_node[pod.name]]
-
-
 # ------------------------------------------------------------------ topology
 
 def test_nodes_get_addresses_subnets_and_peers(make_cluster):
@@ -142,7 +138,7 @@ def test_every_pod_reaches_every_other_pod_icmp_tcp_udp(make_cluster):
         if src is dst:
             continue
         seq += 1
-        sn, dn = node_of(c, src), node_of(c, dst)
+        sn, dn = c.node_of(src), c.node_of(dst)
         under0 = len(c.underlay_frames())
         src.clear()
         dst.clear()

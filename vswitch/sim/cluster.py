@@ -242,6 +242,13 @@ class Cluster:
             return self._nodes[self._pod_node[name]][name]
         raise KeyError(f"no node or pod {name!r}; nodes: {list(self._nodes)}")
 
+    def node_of(self, pod) -> ClusterNode:
+        """The node a pod (or a pod's name) lives on."""
+        name = pod.name if isinstance(pod, Pod) else pod
+        if name not in self._pod_node:
+            raise KeyError(f"no pod {name!r} in the cluster; pods: {sorted(self._pod_node)[:20]}")
+        return self._nodes[self._pod_node[name]]
+
     @property
     def pods(self) -> dict[str, Pod]:
         return {p: self._nodes[n][p] for p, n in self._pod_node.items()}
