@@ -50,6 +50,7 @@ include "parse.pxi"
 include "mactable.pxi"
 include "conntrack.pxi"
 include "shaper.pxi"
+include "vxlan.pxi"
 
 cdef extern from "numpy/arrayobject.h":
     object PyArray_NewFromDescr(PyTypeObject *subtype, cnp.dtype descr, int nd, cnp.npy_intp *dims,
@@ -67,6 +68,7 @@ if _CONSTS_DIGEST != _gen_consts.digest(_consts):
 DEFAULTS = _consts.DEFAULTS
 
 cdef uint64_t MAX_I63 = 0x7fffffffffffffffULL
+MAX_PEERS_LIMIT = 1 << 20          # the largest max_peers a Datapath accepts (the twin's)
 
 # ---------------------------------------------------------------- raw table dtypes
 cdef MacEntry _me
@@ -177,6 +179,15 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         r = nat_icmp_error(c, k, now, &out)
     elif k.frag == FRAG_LATER:
         r = nat_fragment(c, k, now, &out)
+    if r != NAT_OUT and c.vtep_set:
+        # 4b. VXLAN (vxlan.pxi): a routed frame skips L2
+        r = vxlan_stage(c, k, &out)
+        if r >= 0:
+            count_drop(c, r, in_port)
+            return C_OUT_DROP
+        if r == VX_OUT:
+            return output_routed(c, k, out, now)
+        r = NAT_NONE
     if not src_mcast:
         if mac_learn(c, k.src_key, in_port, now) < 0:
             count_drop(c, DR_MAC_STOLEN, in_port)        # D42
@@ -230,6 +241,25 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         tr_add(c, TR_OUT_FLOOD if out == C_OUT_FLOOD else TR_OUT_FLOOD_UNKNOWN, 0, 0)
         return out
     sh = &c.shapers[out * 2 + C_INGRESS]
+    if sh.active:
+        r = shaper_admit(sh, k, c.vnet_hdr_len, out, now, c.drain_seq)
+        tr_add(c, TR_INGRESS, r, 0)
+        if r == SH_FULL:
+            count_drop(c, DR_QUEUE_FULL, out)
+            return C_OUT_DROP
+        if r == SH_QUEUE:
+            c.pc[out * N_PC + PC_QUEUED] += 1
+            c.gc[GC_QUEUED] += 1
+            tr_add(c, TR_OUT_QUEUED, 0, 0)
+            return C_OUT_QUEUED
+    count_tx(c, out, k.len)
+    tr_add(c, TR_OUT_PORT, out, 0)
+    return out
+
+cdef inline int32_t output_routed(Core *c, Pkt *k, int32_t out, uint64_t now) noexcept nogil:
+    # the ingress shaper and output of a frame the vxlan stage routed to port out
+    cdef Shaper *sh = &c.shapers[out * 2 + C_INGRESS]
+    cdef int r
     if sh.active:
         r = shaper_admit(sh, k, c.vnet_hdr_len, out, now, c.drain_seq)
         tr_add(c, TR_INGRESS, r, 0)
@@ -365,6 +395,12 @@ cdef inline uint64_t u128_lo(u128 v) noexcept nogil:
 cdef inline uint64_t u128_hi(u128 v) noexcept nogil:
     return <uint64_t>(v >> 64)
 
+cdef inline void vx_write_back(Core *c, uint8_t *base, uint8_t *p_off, uint8_t *p_len) noexcept nogil:
+    # an en/decapsulated frame's new offset and length into the batch arrays (VXLAN)
+    (<uint32_t *>p_off)[0] = <uint32_t>(c.vx_out_p - base)
+    (<uint32_t *>p_len)[0] = c.vx_out_len
+    c.vx_moved = 0
+
 cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
                                 uint8_t *p_off, Py_ssize_t s_off, uint8_t *p_len, Py_ssize_t s_len,
                                 uint8_t *p_in, Py_ssize_t s_in, uint8_t *p_out, Py_ssize_t s_out,
@@ -399,12 +435,16 @@ cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
         end = off + length
     c.last_now_ns = now
     c.have_now = 1
+    c.vx_base = base
+    c.vx_moved = 0
     if not disjoint:
         for i in range(cnt):
             off = (<uint32_t *>(p_off + i * s_off))[0]
             (<int32_t *>(p_out + i * s_out))[0] = process_one(
                 c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
                 (<uint16_t *>(p_in + i * s_in))[0], now)
+            if c.vx_moved:
+                vx_write_back(c, base, p_off + i * s_off, p_len + i * s_len)
         return -1
     pf = not c.pf_off and (c.mac_count > c.pf_min_entries or c.ct_count > c.pf_min_entries)
     nch = (cnt + VEC - 1) // VEC
@@ -424,6 +464,8 @@ cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
             pc = pv + (t % 3) * VEC
             for i in range(n):
                 (<int32_t *>(p_out + (start + i) * s_out))[0] = pkt_finish(c, &kc[i], pc[i], now)
+                if c.vx_moved:
+                    vx_write_back(c, base, p_off + (start + i) * s_off, p_len + (start + i) * s_len)
     return -1
 
 
@@ -449,7 +491,7 @@ cdef Py_ssize_t drain_c(Core *c, uint64_t now, uint8_t *obuf, Py_ssize_t obuf_le
                         Py_ssize_t max_pkts) noexcept nogil:
     # D16; returns the number of emitted entries
     cdef Py_ssize_t emitted = 0
-    cdef uint64_t off = c.vnet_hdr_len
+    cdef uint64_t off = C_ENCAP_HEADROOM + c.vnet_hdr_len     # headroom before each header (VXLAN)
     cdef uint32_t H = c.vnet_hdr_len
     cdef uint32_t j, idx, best
     cdef uint64_t t, best_t
@@ -461,6 +503,8 @@ cdef Py_ssize_t drain_c(Core *c, uint64_t now, uint8_t *obuf, Py_ssize_t obuf_le
     cdef int32_t out
     cdef Pkt k
     c.drain_seq += 1
+    c.vx_base = obuf
+    c.vx_moved = 0
     while emitted < max_pkts:
         found = False
         best = 0
@@ -493,6 +537,11 @@ cdef Py_ssize_t drain_c(Core *c, uint64_t now, uint8_t *obuf, Py_ssize_t obuf_le
             k.in_port = in_port
             k.vnet = obuf + off - H if H else NULL
             out = forward(c, &k, now)
+            if c.vx_moved:                # en/decapsulated: the frame moved in its slot
+                c.vx_moved = 0
+                if out != C_OUT_QUEUED:
+                    off = <uint64_t>(c.vx_out_p - obuf)
+                    length = c.vx_out_len
             if out == C_OUT_QUEUED:
                 continue
         else:
@@ -502,7 +551,7 @@ cdef Py_ssize_t drain_c(Core *c, uint64_t now, uint8_t *obuf, Py_ssize_t obuf_le
         (<uint16_t *>(o_in + emitted * s_in))[0] = in_port
         (<int32_t *>(o_out + emitted * s_out))[0] = out
         emitted += 1
-        off += length + H
+        off += length + C_ENCAP_HEADROOM + H
     return emitted
 
 # ---------------------------------------------------------------- Core lifetime
@@ -542,6 +591,10 @@ cdef void core_free(Core *c) noexcept nogil:
     free(c.flood)
     free(c.ct_ev_next)
     free(c.ct_ev_prev)
+    free(c.peers)
+    free(c.peer_slots)
+    free(c.cidr_slots)
+    free(c.podip_slots)
     free(c)
 
 cdef void *dup(const void *p, size_t n) noexcept nogil:
@@ -562,6 +615,10 @@ cdef Core *core_clone(Core *c) noexcept nogil:
     d.ct_portcnt = NULL; d.rules = NULL; d.rule_slots = NULL; d.shapers = NULL; d.active = NULL
     d.tr = NULL
     d.mac_ports = NULL; d.flood = NULL
+    d.peers = <Peer *>dup(c.peers, c.max_peers * sizeof(Peer))
+    d.peer_slots = <VxSlot *>dup(c.peer_slots, (c.peer_mask + 1) * sizeof(VxSlot))
+    d.cidr_slots = <VxSlot *>dup(c.cidr_slots, (c.cidr_mask + 1) * sizeof(VxSlot))
+    d.podip_slots = <VxSlot *>dup(c.podip_slots, (c.podip_mask + 1) * sizeof(VxSlot))
     d.mac_ports = <MacPort *>dup(c.mac_ports, c.max_ports * sizeof(MacPort))
     d.flood = <uint8_t *>dup(c.flood, c.max_ports)
     d.ct_ev_next = <uint32_t *>dup(c.ct_ev_next, c.conntrack_size * sizeof(uint32_t))
@@ -591,7 +648,8 @@ cdef Core *core_clone(Core *c) noexcept nogil:
     if (d.ports == NULL or d.pc == NULL or d.up_list == NULL or d.mac == NULL or d.ct == NULL
             or d.ct_slots == NULL or d.ct_portcnt == NULL or d.rules == NULL or d.rule_slots == NULL
             or d.active == NULL or d.shapers == NULL or d.mac_ports == NULL or d.flood == NULL
-            or d.ct_ev_next == NULL or d.ct_ev_prev == NULL):
+            or d.ct_ev_next == NULL or d.ct_ev_prev == NULL or d.peers == NULL or d.peer_slots == NULL
+            or d.cidr_slots == NULL or d.podip_slots == NULL):
         core_free(d)
         return NULL
     return d
@@ -683,6 +741,39 @@ cdef int _proto(object proto) except -1:
     return int(proto)
 
 
+def _cidr_text(addr, plen):
+    import ipaddress
+    return f"{ipaddress.ip_address(addr)}/{plen}"
+
+cdef bytes _masked(bytes addr, object plen):
+    # Python ints: the masks are up to 128 bits wide
+    bits = len(addr) * 8
+    v = int.from_bytes(addr, "big") & (((1 << plen) - 1) << (bits - plen))
+    return v.to_bytes(len(addr), "big")
+
+cdef list _peer_cidrs(object cidrs):
+    # set_peer's cidrs as [(family, prefix_len, addr)], checked like the twin's
+    try:
+        items = list(cidrs)
+    except TypeError:
+        raise ValueError(f"cidrs must be a list of (address, prefix_len), got {cidrs!r}") from None
+    if not 1 <= len(items) <= C_MAX_PEER_CIDRS:
+        raise ValueError(f"cidrs must hold 1..{C_MAX_PEER_CIDRS} items, got {len(items)}")
+    out = []
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"a cidr must be (address, prefix_len), got {item!r}")
+        addr = _bytes_of(item[0], "cidr address", (4, 16))
+        plen = _index(item[1], "cidr prefix_len", 0, len(addr) * 8)
+        if _masked(addr, plen) != addr:
+            raise ValueError(f"cidr {_cidr_text(addr, plen)} has host bits set")
+        key = (4 if len(addr) == 4 else 6, plen, addr)
+        if key in out:
+            raise ValueError(f"cidr {_cidr_text(addr, plen)} is given twice")
+        out.append(key)
+    return out
+
+
 # ---------------------------------------------------------------- the class
 
 cdef class Datapath:
@@ -711,7 +802,7 @@ cdef class Datapath:
                  udp_replied_timeout_ns=DEFAULTS["udp_replied_timeout_ns"],
                  tcp_syn_recv_timeout_ns=DEFAULTS["tcp_syn_recv_timeout_ns"],
                  mac_learn_rate_per_s=DEFAULTS["mac_learn_rate_per_s"],
-                 mac_learn_burst=DEFAULTS["mac_learn_burst"]):
+                 mac_learn_burst=DEFAULTS["mac_learn_burst"], max_peers=DEFAULTS["max_peers"]):
         cdef Core *c
         cdef uint64_t mac_slots, ct_slots, rule_slots
         cdef uint32_t i, ncts
@@ -735,6 +826,7 @@ cdef class Datapath:
                     _index(tcp_syn_recv_timeout_ns, "tcp_syn_recv_timeout_ns", 0, MAX_I63)]
         learn_rate = _index(mac_learn_rate_per_s, "mac_learn_rate_per_s", 0, 10**9)
         learn_burst = _index(mac_learn_burst, "mac_learn_burst", 1, 10**9)
+        npeers = _index(max_peers, "max_peers", 1, MAX_PEERS_LIMIT)
         # the C tables index entries with 32-bit references
         if mts > (1 << 30):
             raise ValueError(f"mac_table_size {mts} is beyond what this build supports (2**30)")
@@ -785,6 +877,17 @@ cdef class Datapath:
         c.flood = <uint8_t *>calloc(mp, 1)
         c.ct_ev_next = <uint32_t *>calloc(cts, sizeof(uint32_t))
         c.ct_ev_prev = <uint32_t *>calloc(cts, sizeof(uint32_t))
+        c.max_peers = npeers
+        c.host_port = -1
+        c.peer_mask = pow2_at_least(2 * <uint64_t>npeers) - 1
+        c.cidr_mask = pow2_at_least(2 * C_MAX_PEER_CIDRS * <uint64_t>npeers) - 1
+        c.podip_mask = pow2_at_least(2 * C_MAX_IPS_PER_PORT * <uint64_t>mp) - 1
+        c.peers = <Peer *>calloc(npeers, sizeof(Peer))
+        c.peer_slots = <VxSlot *>calloc(c.peer_mask + 1, sizeof(VxSlot))
+        c.cidr_slots = <VxSlot *>calloc(c.cidr_mask + 1, sizeof(VxSlot))
+        c.podip_slots = <VxSlot *>calloc(c.podip_mask + 1, sizeof(VxSlot))
+        if c.peers == NULL or c.peer_slots == NULL or c.cidr_slots == NULL or c.podip_slots == NULL:
+            raise MemoryError("cannot allocate the VXLAN tables")
         if (c.mac_ports == NULL or c.flood == NULL or c.ports == NULL or c.pc == NULL or c.up_list == NULL or c.mac == NULL or c.ct == NULL
                 or c.ct_slots == NULL or c.ct_portcnt == NULL or c.rules == NULL
                 or c.rule_slots == NULL or c.shapers == NULL or c.active == NULL
@@ -829,6 +932,11 @@ cdef class Datapath:
                 self.c.up_list[n] = i
                 n += 1
         self.c.n_up = n
+        self.c.host_port = -1          # VXLAN: decapsulation to the gateway goes to the lowest host port
+        for i in range(self.c.max_ports):
+            if self.c.ports[i].present and self.c.ports[i].kind == C_PORT_HOST:
+                self.c.host_port = i
+                break
         self._rebuild_flood()
 
     cdef void _rebuild_flood(self):
@@ -892,6 +1000,9 @@ cdef class Datapath:
                 self.c.gc[GC_CT_DELETED] += 1
         memset(ps, 0, sizeof(PortState))
         memset(&self.c.mac_ports[pid], 0, sizeof(MacPort))
+        if self.c.vtep_set and self.c.vtep_port == pid:
+            self.c.vtep_set = 0
+        vx_podip_rebuild(self.c)
         self._rebuild_up_list()
 
     def set_port_up(self, port_id, up):
@@ -958,6 +1069,7 @@ cdef class Datapath:
                     memcpy(ps.ip6[ps.n_ip6], <const char *>b, 16)
                     ps.n_ip6 += 1
         ps.bound = ps.mac_bound or ps.ips_bound
+        vx_podip_rebuild(c)
 
     def set_antispoof(self, port_id, enabled):
         self._idle()
@@ -990,6 +1102,125 @@ cdef class Datapath:
             c.node_family[c.n_node] = 4 if len(b) == 4 else 6
             _put_addr16(c.node_ip[c.n_node], b)
             c.n_node += 1
+
+    # ------------------------------------------------------------------ VXLAN (vxlan.pxi, docs/datapath.md "VXLAN")
+
+    def set_vtep(self, port_id, ip, outer_mac, vtep_mac, vni, udp_port=C_VXLAN_PORT, mtu=1500):
+        self._idle()
+        self._port(port_id)
+        pid = _index(port_id, "port_id", 0, self.max_ports - 1)
+        ip_b = _bytes_of(ip, "vtep ip", (4,))
+        omac = _bytes_of(outer_mac, "outer_mac", (6,))
+        vmac = _bytes_of(vtep_mac, "vtep_mac", (6,))
+        v = _index(vni, "vni", 0, 2**24 - 1)
+        up = _index(udp_port, "udp_port", 1, 65535)
+        m = _index(mtu, "mtu", 68, 65535)
+        cdef Core *c = self.c
+        c.vtep_port = pid
+        memcpy(c.vtep_ip, <const char *>ip_b, 4)
+        memcpy(c.vtep_outer_mac, <const char *>omac, 6)
+        memcpy(c.vtep_mac, <const char *>vmac, 6)
+        c.vni = v
+        c.vxlan_port = up
+        c.vtep_mtu = m
+        c.vtep_set = 1
+
+    def clear_vtep(self):
+        self._idle()
+        self.c.vtep_set = 0
+
+    def vtep(self):
+        self._idle()
+        cdef Core *c = self.c
+        if not c.vtep_set:
+            return None
+        return dict(port=int(c.vtep_port), ip=bytes(c.vtep_ip[:4]), outer_mac=bytes(c.vtep_outer_mac[:6]),
+                    vtep_mac=bytes(c.vtep_mac[:6]), vni=int(c.vni), udp_port=int(c.vxlan_port),
+                    mtu=int(c.vtep_mtu))
+
+    def set_peer(self, ip, vtep_mac, underlay_mac, cidrs):
+        self._idle()
+        key = _bytes_of(ip, "peer ip", (4,))
+        vmac = _bytes_of(vtep_mac, "vtep_mac", (6,))
+        umac = None if underlay_mac is None else _bytes_of(underlay_mac, "underlay_mac", (6,))
+        items = _peer_cidrs(cidrs)
+        cdef Core *c = self.c
+        cdef const uint8_t *kp = <const uint8_t *><const char *>key
+        cdef int32_t pi = vx_peer_find(c, kp)
+        cdef uint32_t ref, j, idx
+        cdef bytes a16
+        cdef Peer *pe
+        for family, plen, addr in items:
+            a16 = _addr16(addr)
+            ref = vx_cidr_find(c, family, plen, <const uint8_t *><const char *>a16,
+                               vx_cidr_hash(family, plen, <const uint8_t *><const char *>a16))
+            if ref and <int32_t>((ref - 1) >> 3) != pi:
+                owner = bytes(c.peers[(ref - 1) >> 3].ip[:4])
+                raise ValueError(f"cidr {_cidr_text(addr, plen)} is already held by peer {owner.hex()}")
+        if pi < 0 and c.n_peers >= c.max_peers:
+            raise ValueError(f"peer table full: at most {c.max_peers} peers")
+        if pi >= 0:
+            vx_cidrs_index(c, pi, 0)
+            idx = pi
+        else:
+            idx = 0
+            while c.peers[idx].used:
+                idx += 1
+            pe = &c.peers[idx]
+            memset(pe, 0, sizeof(Peer))
+            pe.used = 1
+            memcpy(pe.ip, kp, 4)
+            vx_slot_insert(c.peer_slots, c.peer_mask, vx_peer_hash(kp), idx + 1)
+            c.n_peers += 1
+        pe = &c.peers[idx]
+        memcpy(pe.vtep_mac, <const char *>vmac, 6)
+        pe.has_underlay = umac is not None
+        memset(pe.underlay_mac, 0, 6)
+        if umac is not None:
+            memcpy(pe.underlay_mac, <const char *>umac, 6)
+        pe.n_cidrs = len(items)
+        for j in range(pe.n_cidrs):
+            family, plen, addr = items[j]
+            a16 = _addr16(addr)
+            pe.cidr_family[j] = family
+            pe.cidr_plen[j] = plen
+            memcpy(pe.cidr_addr[j], <const char *>a16, 16)
+        vx_cidrs_index(c, idx, 1)
+
+    def remove_peer(self, ip):
+        self._idle()
+        key = _bytes_of(ip, "peer ip", (4,))
+        cdef Core *c = self.c
+        cdef const uint8_t *kp = <const uint8_t *><const char *>key
+        cdef int32_t pi = vx_peer_find(c, kp)
+        if pi < 0:
+            raise ValueError(f"no peer {key.hex()}")
+        vx_cidrs_index(c, pi, 0)
+        vx_slot_remove(c.peer_slots, c.peer_mask, vx_peer_hash(kp), pi + 1)
+        memset(&c.peers[pi], 0, sizeof(Peer))
+        c.n_peers -= 1
+
+    def peers(self):
+        self._idle()
+        cdef Core *c = self.c
+        cdef Peer *pe
+        cdef uint32_t i, j
+        out = []
+        for i in range(c.max_peers):
+            pe = &c.peers[i]
+            if not pe.used:
+                continue
+            cidrs = []
+            for j in range(pe.n_cidrs):
+                alen = 4 if pe.cidr_family[j] == 4 else 16
+                cidrs.append((bytes(pe.cidr_addr[j][16 - alen:16]), int(pe.cidr_plen[j])))
+            out.append(dict(ip=bytes(pe.ip[:4]), vtep_mac=bytes(pe.vtep_mac[:6]),
+                            underlay_mac=bytes(pe.underlay_mac[:6]) if pe.has_underlay else None,
+                            cidrs=cidrs, tx_packets=pe.tx_packets, tx_bytes=pe.tx_bytes,
+                            rx_packets=pe.rx_packets, rx_bytes=pe.rx_bytes,
+                            drop_unresolved=pe.drop_unresolved))
+        out.sort(key=lambda d: d["ip"])
+        return out
 
     # ------------------------------------------------------------------ shapers
 
@@ -1346,7 +1577,7 @@ cdef class Datapath:
         pid = _index(in_port, "in_port", 0, self.max_ports - 1)
         cdef uint64_t now = self._check_now(now_ns)
         cdef uint32_t H = self.vnet_hdr_len
-        cdef bytearray fb = bytearray(H) + bytearray(frame)
+        cdef bytearray fb = bytearray(C_ENCAP_HEADROOM + H) + bytearray(frame)     # room to encapsulate
         cdef uint8_t *fp = <uint8_t *>(<char *>fb)
         cdef Core *d = core_clone(self.c)
         cdef uint32_t length = len(frame)
@@ -1359,9 +1590,10 @@ cdef class Datapath:
             core_free(d)
             raise MemoryError()
         d.tr_n = 0
+        d.vx_base = fp
         try:
             with nogil:
-                process_one(d, fp + H, length, ip16, now)
+                process_one(d, fp + C_ENCAP_HEADROOM + H, length, ip16, now)
             steps = [_consts.trace_step(d.tr[i].stage, d.tr[i].a, d.tr[i].b, length)
                      for i in range(d.tr_n)]
         finally:

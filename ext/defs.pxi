@@ -237,6 +237,29 @@ ctypedef struct TrRec:
 cdef enum:
     TR_MAX_RECORDS = 16
 
+ctypedef struct VxSlot:
+    # one slot of a VXLAN hash index (vxlan.pxi; open addressing, linear probing,
+    # backward-shift deletion)
+    uint32_t ref          # 0 = empty, else what the index maps to, + 1
+    uint32_t hash         # full 32-bit hash of the key
+
+ctypedef struct Peer:
+    # a remote node (VXLAN peer, vxlan.pxi)
+    uint8_t used          # 1 while the peer exists
+    uint8_t has_underlay  # 1: underlay_mac resolved
+    uint8_t n_cidrs       # cidrs in use (1..C_MAX_PEER_CIDRS), in the order given
+    uint8_t ip[4]         # its VTEP IPv4 address (the key)
+    uint8_t vtep_mac[6]   # its VTEP MAC: inner destination MAC
+    uint8_t underlay_mac[6]   # the underlay next hop's MAC: outer destination MAC
+    uint8_t cidr_family[8]    # 4 or 6
+    uint8_t cidr_plen[8]      # prefix length
+    uint8_t cidr_addr[8][16]  # prefix, 16 bytes (IPv4 as ::ffff:a.b.c.d), host bits zero
+    uint64_t tx_packets       # frames encapsulated to it
+    uint64_t tx_bytes         # their outer bytes
+    uint64_t rx_packets       # frames decapsulated from it
+    uint64_t rx_bytes         # their outer bytes
+    uint64_t drop_unresolved  # frames dropped vxlan_unresolved
+
 ctypedef struct Core:
     # all state of one Datapath, owned by the Python object, used without the GIL
     uint32_t max_ports        # port ids are 0 .. max_ports-1
@@ -308,6 +331,32 @@ ctypedef struct Core:
     uint64_t mac_learn_rate   # new MACs per second per port; 0 = no limit
     uint64_t mac_learn_burst  # the learning bucket's size (learns)
     uint8_t *flood            # [max_ports] flood_classes(): FLOOD_MEMBER | FLOOD_UNKNOWN_MEMBER bits
+    # VXLAN (vxlan.pxi)
+    uint8_t vtep_set          # 1 after set_vtep
+    uint16_t vtep_port        # the VTEP's (uplink) port
+    uint8_t vtep_ip[4]        # our VTEP IPv4 address
+    uint8_t vtep_outer_mac[6] # the uplink's MAC: outer source MAC, decap's outer destination MAC
+    uint8_t vtep_mac[6]       # our VTEP MAC
+    uint32_t vni              # our VNI
+    uint16_t vxlan_port       # UDP destination port
+    uint32_t vtep_mtu         # the underlay IP MTU
+    uint32_t max_peers        # peer table capacity
+    uint32_t n_peers          # peers in use
+    Peer *peers               # [max_peers]
+    VxSlot *peer_slots        # peer ip -> peer index (+1)
+    uint64_t peer_mask        # slots - 1
+    VxSlot *cidr_slots        # (family, prefix length, prefix) -> peer index * 8 + cidr index (+1)
+    uint64_t cidr_mask        # slots - 1
+    uint32_t plen_count[2][129]   # per family (0: IPv4, 1: IPv6) and prefix length: CIDRs held
+    uint8_t plens[2][129]     # the prefix lengths present, longest first (what the LPM probes)
+    uint32_t n_plens[2]
+    VxSlot *podip_slots       # (family, address) -> pod port * 8 + address index (+1), lowest port
+    uint64_t podip_mask       # slots - 1
+    int32_t host_port         # the lowest-id PORT_HOST port, -1 = none (decap to the gateway)
+    uint8_t *vx_base          # the buffer process()/drain() run on (no_headroom's offset)
+    uint8_t vx_moved          # 1: the last frame was en/decapsulated to vx_out_p/vx_out_len
+    uint8_t *vx_out_p
+    uint32_t vx_out_len
 
 
 cdef void tr_rec(Core *c, int stage, int64_t a, int64_t b) noexcept nogil:
