@@ -167,8 +167,8 @@ class Cluster:
         self.underlay = self._net(underlay, "underlay", 4)
         self.pod_cidr = self._net(pod_cidr, "pod_cidr", 4)
         self.pod_cidr6 = None if pod_cidr6 is None else self._net(pod_cidr6, "pod_cidr6", 6)
-        for name, v, lo, net in (("node_prefix", node_prefix, 1, self.pod_cidr),
-                                 ("node_prefix6", node_prefix6, 1, self.pod_cidr6)):
+        for name, v, net in (("node_prefix", node_prefix, self.pod_cidr),
+                             ("node_prefix6", node_prefix6, self.pod_cidr6)):
             if net is None:
                 continue
             top = 30 if net.version == 4 else 126
