@@ -111,7 +111,7 @@ class SwitchConfig:
     tcp_syn_recv_timeout_ns: int = DEFAULTS["tcp_syn_recv_timeout_ns"]
     mac_learn_rate_per_s: int = DEFAULTS["mac_learn_rate_per_s"]   # new MACs/s per port; 0 = no limit
     mac_learn_burst: int = DEFAULTS["mac_learn_burst"]
-    max_peers: int = DEFAULTS["max_peers"]             # VXLAN peers (other nodes)
+    max_peers: int = DEFAULTS["max_peers"]          # VXLAN peers (remote nodes)
 
     def __post_init__(self):
         try:

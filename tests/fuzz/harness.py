@@ -4,9 +4,11 @@ Theory of operation: an input is raw bytes from a fuzzer (atheris) or from the c
 corpus. ``decode_batches`` turns it into batches of (in_port, virtio-net header, frame) with a
 time step per batch, with no parsing of the frame itself: every byte the fuzzer mutates reaches
 the datapath. Both implementations get the same node (host port, uplink, shaped and unshaped
-pods, anti-spoofing bindings, gateway, node addresses, hostPort rules), the same batches at the
-same ``now_ns``, and a ``drain`` after each batch. After every batch they must agree on
-out_ports, every byte of the buffer (NAT rewrites in place), the drained frames, the counters,
+pods, anti-spoofing bindings, gateway, node addresses, hostPort rules, a VXLAN VTEP on the uplink
+with a resolved and an unresolved peer), the same batches at the
+same ``now_ns``, and a ``drain`` after each batch. Frames lie ENCAP_HEADROOM apart, so that
+encapsulation has its room. After every batch they must agree on
+out_ports, the offsets and lengths (VXLAN moves frames), every byte of the buffer (NAT rewrites in place), the drained frames, the counters,
 shaper states and next_departure_ns; after the last batch on the tables (fdb, conntrack,
 hostports) and on ``trace`` of the first frame (its stage names and its output). Any difference, or an exception other than a
 ``ValueError`` both raise, is a finding (an AssertionError with the details).
@@ -36,6 +38,15 @@ VNET = 12
 TIME_STEPS_NS = (0, 1_000, 1_000_000, 100_000_000, C.SEC_NS, 40 * C.SEC_NS)
 MAX_FRAME = 2048
 MAX_FRAMES = 64
+
+
+NODE_MAC = bytes.fromhex("02000000aa01")      # the uplink's MAC (outer destination of VXLAN frames)
+VTEP_MAC = bytes.fromhex("0200000ee001")
+VNI = 42
+PEER4 = bytes([192, 168, 1, 21])
+PEER_VTEP_MAC = bytes.fromhex("0200000ee021")
+HOP_MAC = bytes.fromhex("02000000bb07")
+REMOTE_CIDRS = [(bytes([10, 1, 0, 0]), 16), (bytes.fromhex("fd01") + bytes(14), 32)]
 
 
 def pod_mac(p):
@@ -72,6 +83,9 @@ def build(module, vnet_hdr_len):
     dp.set_shaper(4, C.INGRESS, 1_000_000, 4_000, 3_000)
     for proto, hp, pod, cp, hip, pip in RULES:
         dp.add_hostport(proto, hp, pip, cp, pod, hip)
+    dp.set_vtep(UPLINK, NODE4, NODE_MAC, VTEP_MAC, VNI)
+    dp.set_peer(PEER4, PEER_VTEP_MAC, HOP_MAC, REMOTE_CIDRS)
+    dp.set_peer(bytes([192, 168, 1, 22]), bytes.fromhex("0200000ee022"), None, [(bytes([10, 2, 0, 0]), 16)])
     return dp
 
 
@@ -102,17 +116,18 @@ def decode_batches(data: bytes, vnet_hdr_len: int):
 
 def _layout(records, vnet_hdr_len):
     n = len(records)
-    total = sum(len(f) + vnet_hdr_len + 3 for _, _, f in records) + 4
+    gap = C.ENCAP_HEADROOM
+    total = sum(len(f) + vnet_hdr_len + gap for _, _, f in records) + 4
     buf = np.zeros(total, np.uint8)
     offs, lens = np.zeros(n, np.uint32), np.zeros(n, np.uint32)
     ins, outs = np.zeros(n, np.uint16), np.zeros(n, np.int32)
-    pos = 3
+    pos = gap
     for i, (port, hdr, frame) in enumerate(records):
         buf[pos:pos + vnet_hdr_len] = np.frombuffer(hdr, np.uint8)
         pos += vnet_hdr_len
         offs[i], lens[i], ins[i] = pos, len(frame), port
         buf[pos:pos + len(frame)] = np.frombuffer(frame, np.uint8)
-        pos += len(frame) + 3
+        pos += len(frame) + gap
     return buf, offs, lens, ins, outs
 
 
@@ -149,7 +164,7 @@ def _drain_both(py, c, now):
 
 
 def _compare_state(py, c, tables):
-    for what in ("port_counters", "global_counters", "next_departure_ns"):
+    for what in ("port_counters", "global_counters", "next_departure_ns", "peers", "vtep"):
         _agree(py, c, what)
     for p in range(8):
         for d in (C.EGRESS, C.INGRESS):
@@ -182,9 +197,11 @@ def run_pair(py_module, c_module, batches, vnet_hdr_len):
 def _agree_process(py, c, lay_py, lay_c, n, now):
     res = [_call(dp, "process", *lay, n, now) for dp, lay in ((py, lay_py), (c, lay_c))]
     assert res[0] == res[1], f"process: py {res[0]!r} vs c {res[1]!r}"
-    buf_p, _, _, _, out_p = lay_py
-    buf_c, _, _, _, out_c = lay_c
+    buf_p, off_p, len_p, _, out_p = lay_py
+    buf_c, off_c, len_c, _, out_c = lay_c
     assert out_p.tolist() == out_c.tolist(), f"out_ports: py {out_p.tolist()} vs c {out_c.tolist()}"
+    assert off_p.tolist() == off_c.tolist() and len_p.tolist() == len_c.tolist(), \
+        f"offsets/lengths: py {off_p.tolist()} {len_p.tolist()} vs c {off_c.tolist()} {len_c.tolist()}"
     if buf_p.tobytes() != buf_c.tobytes():
         i = int(np.nonzero(buf_p != buf_c)[0][0])
         raise AssertionError(f"buffer differs first at byte {i}: py {buf_p[i]} vs c {buf_c[i]}")

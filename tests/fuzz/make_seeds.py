@@ -15,6 +15,7 @@ import sys
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.layers.vxlan import VXLAN
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
@@ -68,6 +69,17 @@ def frames():
     for frag in fragment(IP(src=CLIENT4, dst=ip4(H.NODE4)) / UDP(sport=50003, dport=5353) /
                          (b"x" * 3000), fragsize=1400):
         yield H.UPLINK, Ether(dst=NODE_MAC, src=CLIENT_MAC) / frag
+    # VXLAN (docs/datapath.md "VXLAN"): a pod's frame to a remote pod (encapsulated), and a
+    # frame from the peer for a local pod (decapsulated)
+    yield H.PODS[0], Ether(dst=gw, src=p2) / IP(src=ip4(H.pod_ip4(2)), dst="10.1.3.4") / \
+        TCP(sport=40002, dport=80, flags="S")
+    yield H.PODS[1], Ether(dst=mac(H.VTEP_MAC), src=p3) / IPv6(src=ip6(H.pod_ip6(3)), dst="fd01::9") / \
+        UDP(sport=40003, dport=53) / b"v6 remote"
+    inner = Ether(dst=mac(H.VTEP_MAC), src=mac(H.PEER_VTEP_MAC)) / IP(src="10.1.3.4", dst=ip4(H.pod_ip4(2)),
+                                                                      ttl=63) / UDP(sport=53, dport=40003)
+    yield H.UPLINK, Ether(dst=mac(H.NODE_MAC), src=mac(H.HOP_MAC)) / IP(src=ip4(H.PEER4), dst=ip4(H.NODE4),
+                                                                         flags="DF") / \
+        UDP(sport=50000, dport=4789, chksum=0) / VXLAN(vni=H.VNI, flags=0x08) / inner
 
 
 def record(port, frame, hdr=None, new_batch=False, step=0):

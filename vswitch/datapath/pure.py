@@ -53,6 +53,13 @@ by fragment key, oldest first; with FRAG_SLOTS live datagrams held, the oldest g
 
 Checksums are patched per RFC 1624 (``_csum_patch``), never recomputed; for frames with
 NEEDS_CSUM the L4 field holds the pseudo-header sum and only the address words change it.
+
+VXLAN (docs/datapath.md "VXLAN", D45-D49). With a VTEP set, ``_vxlan`` runs between NAT
+and L2: a frame for our VTEP is decapsulated (``_decap``) to a local pod or the host
+port, a frame to the gateway/VTEP MAC whose destination is in a peer CIDR (longest prefix:
+a dict keyed by (family, prefix length, prefix), probed for each length present, longest
+first) is routed and encapsulated (``_encap``). The packet moves in the buffer; _forward
+leaves its new (offset, length) in ``_out_frame`` for process() and drain() to write back.
 """
 import copy
 import operator
