@@ -117,5 +117,13 @@ buildah config \
 buildah commit -q --rm "$ctr" "$tag" >/dev/null
 ctr=
 buildah tag "$tag" vswitch:latest
+# one image per commit would pile up (about 260 MB each on a CI machine that builds every
+# commit): drop this project's older commit tags; an image a container still uses stays
+for old in $(buildah images --format '{{.Name}}:{{.Tag}}' 2>/dev/null | grep '^localhost/vswitch:' || true); do
+    case "$old" in
+        "localhost/$tag"|localhost/vswitch:latest|*-next) ;;
+        *) buildah rmi "$old" >/dev/null 2>&1 && echo "build-image: removed the older $old" >&2 ;;
+    esac
+done
 echo "build-image: built $tag" >&2
 echo "localhost/$tag"
