@@ -328,9 +328,50 @@ def test_decap_adjusts_the_vnet_header(dp_impl):
     hdr = vnet_hdr(flags=1, hdr_len=20, csum_start=34, csum_offset=6, H=10)
     out, got, h, *_ = send1(dp, wire, UPLINK, T0, H=10, hdr=hdr)
     assert out == POD_A and h == vnet_hdr(H=10)
-    # GSO from the underlay: malformed
+    # UFO (gso_type 3) from the underlay: malformed (D53)
     out, *_ = send1(dp, wire, UPLINK, T0, H=10, hdr=vnet_hdr(gso_type=3, gso_size=1000, H=10))
     assert out == C.OUT_DROP and gc(dp, "vxlan_malformed") == 1
+
+
+@pytest.mark.parametrize("family,kind,gso_type", [(4, "tcp", 1), (6, "tcp", 4), (4, "udp", 5), (6, "udp", 5),
+                                                  (4, "tcp", 1 | 0x80)])
+def test_decap_passes_a_kernel_vteps_gso_frame_whole(dp_impl, family, kind, gso_type):
+    """A kernel VXLAN device sending over a veth hands the uplink's packet socket one GSO
+    frame (vnet gso_type of the inner protocol, csum_start at the inner L4 header, no tunnel
+    bit; tests/integration/test_gso_kernel.py): it is decapsulated with its GSO fields, so the
+    pod's TAP takes the inner segment whole (D53)."""
+    dp = topo(dp_impl, vnet_hdr_len=10)
+    dst = A4 if family == 4 else A6
+    l4_off = 34 if family == 4 else 54
+    wire = from_peer(remote_inner(dst, family, ttl=63, kind=kind))
+    csum_off = 16 if kind == "tcp" else 6
+    hdr = vnet_hdr(flags=1, gso_type=gso_type, gso_size=1400, hdr_len=0, csum_start=50 + l4_off,
+                   csum_offset=csum_off, H=10)
+    out, got, h, doff, dlen = send1(dp, wire, UPLINK, T0, H=10, hdr=hdr)
+    assert (out, doff, dlen) == (POD_A, 50, -50)
+    assert h == vnet_hdr(flags=1, gso_type=gso_type, gso_size=1400, hdr_len=0, csum_start=l4_off,
+                         csum_offset=csum_off, H=10)
+    assert gc(dp, "vxlan_decap") == 1 and gc(dp, "vxlan_malformed") == 0
+
+
+@pytest.mark.parametrize("why,family,kind,gso_type,flags,start", [
+    ("TCPV4 on an IPv6 inner", 6, "tcp", 1, 1, 50 + 54),
+    ("TCPV6 on an IPv4 inner", 4, "tcp", 4, 1, 50 + 34),
+    ("TCP type on UDP", 4, "udp", 1, 1, 50 + 34),
+    ("UDP_L4 on TCP", 4, "tcp", 5, 1, 50 + 34),
+    ("no NEEDS_CSUM", 4, "tcp", 1, 0, 50 + 34),
+    ("csum_start in the outer headers", 4, "tcp", 1, 1, 34),
+    ("ICMP inner", 4, "icmp", 1, 1, 50 + 34),
+])
+def test_decap_refuses_a_gso_header_that_does_not_describe_the_inner_frame(dp_impl, why, family, kind,
+                                                                            gso_type, flags, start):
+    dp = topo(dp_impl, vnet_hdr_len=10)
+    dst = A4 if family == 4 else A6
+    wire = from_peer(remote_inner(dst, family, ttl=63, kind=kind))
+    hdr = vnet_hdr(flags=flags, gso_type=gso_type, gso_size=1400, csum_start=start, csum_offset=16, H=10)
+    out, *_ = send1(dp, wire, UPLINK, T0, H=10, hdr=hdr)
+    assert out == C.OUT_DROP and gc(dp, "vxlan_malformed") == 1, why
+    assert gc(dp, "vxlan_decap") == 0
 
 
 # ---------------------------------------------------------------------------- shapers and drain

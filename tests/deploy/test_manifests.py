@@ -11,7 +11,7 @@ and the daemon.
 - the init container's command runs the real ``vswitchctl install-cni`` (its host dirs
   replaced by temporary ones, as a mount would) and writes a network list whose socket is
   the one vswitchd listens on;
-- the ConfigMap's keys are the ones the DaemonSet reads (vni and mtu documented as
+- the ConfigMap's keys are the ones the DaemonSet reads (mtu documented as
   informational), mounts are exactly the ones the DaemonSet's comment justifies;
 - the entry point's defaults are vswitchd's.
 """
@@ -35,7 +35,7 @@ from vswitch.daemon import entrypoint  # noqa: E402
 OLDER_K8S = "1.30.0"
 NODE = "node-a"
 DAEMON_MOUNTS = {"/run/netns", "/run/vswitch", "/var/lib/vswitch"}
-INFORMATIONAL_KEYS = {"vni", "mtu"}
+INFORMATIONAL_KEYS = {"mtu"}
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,8 @@ def test_vswitchd_args_are_accepted_by_vswitchd(monkeypatch, ds, cm):
     cluster = seen["cluster"]
     assert cluster is not None, "the DaemonSet runs vswitchd in cluster mode"
     assert seen["log_level"] == data["log-level"]
+    assert seen["vtep"].vni == int(data["vni"])
+    assert seen["metrics_address"] == "0.0.0.0"
     mounts = {m["mount_path"]: m for m in km.host_mounts(ds, km.container(ds, "vswitchd"))}
     assert os.path.dirname(seen["socket_path"]) in mounts
     assert seen["state_dir"] in mounts

@@ -1724,13 +1724,21 @@ class Datapath:
         vni = int.from_bytes(b[l4 + 12:l4 + 15], "big")
         if vni != v.vni:
             raise _Drop("vxlan_bad_vni", in_port, f"VNI {vni}")
-        if H and buf[off - H + 1] != 0:
-            raise _Drop("vxlan_malformed", in_port, "the vnet header says GSO")
         d = l4 + 16                                # the inner frame's offset in the outer (D46)
         inner = b[d:l4 + ulen]
         q = _parse(inner)
         if isinstance(q, str):
             raise _Drop("vxlan_malformed", in_port, "inner frame: " + q)
+        if H and buf[off - H + 1] != 0:
+            # a GSO frame as a kernel VTEP hands it over a veth (D53): its inner segment
+            # crosses whole, if the header describes the inner TCP/UDP it carries
+            g = int(buf[off - H + 1]) & 0x7F
+            want = {VIRTIO_NET_HDR_GSO_TCPV4: (4, IPPROTO_TCP), VIRTIO_NET_HDR_GSO_TCPV6: (6, IPPROTO_TCP),
+                    VIRTIO_NET_HDR_GSO_UDP_L4: (None, IPPROTO_UDP)}.get(g)
+            if (want is None or not buf[off - H] & VNET_F_NEEDS_CSUM
+                    or _le16(buf[off - H:off], 6) < d + 14 or q.l4 < 0
+                    or q.l4_proto != want[1] or (want[0] is not None and q.family != want[0])):
+                raise _Drop("vxlan_malformed", in_port, "a GSO header that does not describe the inner TCP/UDP")
         if inner[0:6] != v.vtep_mac:
             raise _Drop("vxlan_not_ours", in_port, "inner destination MAC is not our VTEP MAC")
         if q.l3 != 14 or q.family == 0:

@@ -24,10 +24,12 @@ Events and batches
     ``send`` (``a.send``) queues ``(t_ns, port, frame)``; ``run``/``advance`` process the
     queue in time order (ties: the order of sending). All frames due at the same instant
     go to ``Datapath.process`` in one batch (up to ``batch_size``), with ``now_ns`` = that
-    instant; whenever ``next_departure_ns()`` comes first, the shaping queues drain at
-    exactly that time through ``Switch.drain_due`` (the daemon's loop), again at the same
-    instant while packets are still due. Outputs are delivered at the batch's time: recorded on the port and handed to
-    the host behind it, whose replies are queued at ``t + reply_delay_ns``.
+    instant, each frame behind ``ENCAP_HEADROOM`` free bytes and its (zeroed) vnet header,
+    as the daemon's read loops lay them out (VXLAN encapsulation writes into that room);
+    whenever ``next_departure_ns()`` comes first, the shaping queues drain at exactly that
+    time through ``Switch.drain_due`` (the daemon's loop), again at the same instant while
+    packets are still due. Outputs are delivered at the batch's time: recorded on the port
+    and handed to the host behind it, whose replies are queued at ``t + reply_delay_ns``.
 
 Records and checks
     Every port records what it received (``received``) and everything seen on it in both
@@ -878,18 +880,19 @@ class Engine:
             batch.append(heapq.heappop(ev))
         n = len(batch)
         H = self._hdr
-        buf = self._ensure_buf(sum(len(b[3]) + H for b in batch) + H)
+        R = C.ENCAP_HEADROOM + H           # headroom + vnet header before every frame (VXLAN encap)
+        buf = self._ensure_buf(sum(len(b[3]) + R for b in batch) + R)
         offsets = np.empty(n, np.uint32)
         lengths = np.empty(n, np.uint32)
         in_ports = np.empty(n, np.uint16)
         out_ports = np.empty(n, np.int32)
-        off = H
+        off = R
         for i, (_, _, pid, data) in enumerate(batch):
             L = len(data)
-            buf[off - H:off] = 0
+            buf[off - R:off] = 0
             buf[off:off + L] = np.frombuffer(data, np.uint8)
             offsets[i], lengths[i], in_ports[i] = off, L, pid
-            off += L + H
+            off += L + R
             rec = self._ports.get(pid)
             if rec is not None:
                 rec.capture.append((t, data))

@@ -160,6 +160,16 @@ def l4_packet(src, dst, proto: int, sport: int, dport: int, payload: bytes = b""
     return ip_packet(src, dst, proto, l4)
 
 
+def vxlan(dst_mac: bytes, src_mac: bytes, src_ip, dst_ip, vni: int, inner: bytes, *,
+          sport: int = 49152, dport: int = 4789, flags: int = 0x08, ttl: int = 64) -> bytes:
+    """An underlay frame carrying ``inner`` (an Ethernet frame) in VXLAN (RFC 7348): outer
+    IPv4 with DF, id 0; UDP checksum 0; VXLAN flags (0x08: the I bit), 24-bit VNI."""
+    if not 0 <= vni < 1 << 24:
+        raise ValueError(f"vni: {vni!r}; accepted: 0 .. {(1 << 24) - 1}")
+    seg = struct.pack("!HHHHB3xI", sport, dport, 16 + len(inner), 0, flags, vni << 8) + inner
+    return ether(dst_mac, src_mac, ETH_IP4, ipv4(ip_bytes(src_ip), ip_bytes(dst_ip), 17, seg, ttl))
+
+
 def ethertype_of(ip_packet_bytes: bytes) -> int:
     return ETH_IP6 if ip_packet_bytes and ip_packet_bytes[0] >> 4 == 6 else ETH_IP4
 

@@ -501,23 +501,25 @@ def run_bulk(sim: Engine, flows, *, until_ns=None, batch_size=256, batch_ns=100_
         ports.append(sim.port_id(port))
         gens.append(gen)
 
-    # the padded frame table: every flow's frames, header room in front of each
+    # the padded frame table: every flow's frames, ENCAP_HEADROOM and the vnet header in
+    # front of each (as the daemon's read loops lay a batch out: VXLAN encap writes there)
     H = sim.config.vnet_hdr_len
+    R = C.ENCAP_HEADROOM + H
     base, all_frames = [], []
     for g in gens:
         base.append(len(all_frames))
         all_frames.extend(g.frames)
     maxlen = max(len(f) for f in all_frames)
-    stride = -(-(maxlen + H) // 8) * 8
+    stride = -(-(maxlen + R) // 8) * 8
     table = np.zeros((len(all_frames), stride), np.uint8)
     tlen = np.empty(len(all_frames), np.uint32)
     for k, f in enumerate(all_frames):
-        table[k, H:H + len(f)] = np.frombuffer(f, np.uint8)
+        table[k, R:R + len(f)] = np.frombuffer(f, np.uint8)
         tlen[k] = len(f)
     B = batch_size
     buf2d = np.zeros((B, stride), np.uint8)
     buf = buf2d.reshape(-1)
-    offsets = (np.arange(B, dtype=np.uint32) * stride + H).astype(np.uint32)
+    offsets = (np.arange(B, dtype=np.uint32) * stride + R).astype(np.uint32)
     cursors = [g.cursor(_start(sim, g, None), sim.new_rng()) for g in gens]
     flow_port = np.asarray(ports, np.uint16)
     flow_base = np.asarray(base, np.int32)
