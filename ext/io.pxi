@@ -45,6 +45,21 @@
 # work: the control fd readable, a port failed, the deadline, a signal (EINTR). After a
 # batch it polls (timeout 0, sched_yield between empty polls) for `poll_ns` before it
 # blocks again: bounded polling per burst, none when idle. `loop_*` count what it did.
+#
+# Packet workers (vswitchd --workers N, docs/daemon.md "Packet workers"): N threads each
+# run `run(dp, ..., lock=L)` on their own BatchIO (own buffers, own epoll of their own
+# queue fds: one queue of each multi-queue TAP, one PACKET_FANOUT socket of the uplink) and
+# one shared Datapath. The LoopLock L serializes what touches shared state: each round of a
+# worker holds L's rwlock shared (read, process, write: the fd table and the tables cannot
+# change under it) and L's mutex only around the datapath's table work (process_batch_c,
+# next_departure_c + drain_c, with the clock read under the mutex so the datapath's time
+# never goes backwards); the syscalls (reads, writes: the receivers' stacks run inside them)
+# run in parallel. The daemon's control work (ports, rules, shapers, sweeps, counters) holds
+# the rwlock exclusive (`with lock:`), writer-preferring, so it waits at most for the
+# batches in flight. With `lock=None` run() is the single-threaded loop above, unchanged.
+# `busy=True` polls without ever blocking (--busy-poll). A worker with `unwatch_failed`
+# removes a failed fd from its own epoll itself (worker 0, the daemon's thread, returns
+# RUN_FAILED as before and the daemon drops the port from every worker).
 
 from posix.uio cimport iovec, readv, writev
 from posix.unistd cimport read as _io_read, write as _io_write, close as _io_close
@@ -106,6 +121,29 @@ cdef extern from *:
     """
     long long vsw_now_ns() noexcept nogil
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_rwlock_t:
+        pass
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_rwlockattr_init(pthread_rwlockattr_t *attr)
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *attr, int pref)
+    int pthread_rwlockattr_destroy(pthread_rwlockattr_t *attr)
+    int pthread_rwlock_init(pthread_rwlock_t *rw, const pthread_rwlockattr_t *attr)
+    int pthread_rwlock_destroy(pthread_rwlock_t *rw)
+    int pthread_rwlock_rdlock(pthread_rwlock_t *rw)
+    int pthread_rwlock_wrlock(pthread_rwlock_t *rw)
+    int pthread_rwlock_unlock(pthread_rwlock_t *rw)
+    int pthread_mutex_init(pthread_mutex_t *mu, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mu)
+    int pthread_mutex_lock(pthread_mutex_t *mu)
+    int pthread_mutex_trylock(pthread_mutex_t *mu)
+    int pthread_mutex_unlock(pthread_mutex_t *mu)
+    enum:
+        PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
     int vsw_epoll_wait_ns(int epfd, epoll_event *evs, int maxevents, long long timeout_ns) noexcept nogil
@@ -116,6 +154,8 @@ cdef enum:
     RUN_DEADLINE = 4                  # ... the deadline passed
     RUN_SIGNAL = 8                    # ... epoll_wait was interrupted by a signal (EINTR)
     RUN_ERROR = 16                    # ... epoll_wait failed (errno in run_errno)
+
+cdef long long RUN_BUSY_UNTIL = 1LL << 62     # poll_until of busy polling: never reached
 
 cdef enum:
     IO_HDR = 12                       # virtio_net_hdr_mrg_rxbuf, the datapath's layout
@@ -602,6 +642,62 @@ cdef int _io_write_all(unsigned char *base, Py_ssize_t buflen, const unsigned in
     return written
 
 
+cdef class LoopLock:
+    """What N packet workers sharing one Datapath serialize (header comment "Packet workers").
+
+    `rw`: a writer-preferring rwlock; each worker round holds it shared, the daemon's
+    control work exclusive (`with lock:` / acquire() / release(), the wait without the
+    GIL). `mu`: a mutex around the datapath's table work inside a round (process, drain).
+    `dp_sections` counts the mutex sections entered, `dp_waits` those that found the mutex
+    taken by another worker (contention; both counted under the mutex, so exact).
+    """
+    cdef pthread_rwlock_t rw
+    cdef pthread_mutex_t mu
+    cdef readonly unsigned long long dp_sections
+    cdef readonly unsigned long long dp_waits
+    cdef bint ready
+
+    def __cinit__(self):
+        cdef pthread_rwlockattr_t attr
+        pthread_rwlockattr_init(&attr)
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+        if pthread_rwlock_init(&self.rw, &attr) != 0:
+            pthread_rwlockattr_destroy(&attr)
+            raise OSError("pthread_rwlock_init failed")
+        pthread_rwlockattr_destroy(&attr)
+        if pthread_mutex_init(&self.mu, NULL) != 0:
+            pthread_rwlock_destroy(&self.rw)
+            raise OSError("pthread_mutex_init failed")
+        self.ready = True
+
+    def __dealloc__(self):
+        if self.ready:
+            pthread_rwlock_destroy(&self.rw)
+            pthread_mutex_destroy(&self.mu)
+
+    cdef inline void dp_enter(self) noexcept nogil:
+        if pthread_mutex_trylock(&self.mu) != 0:
+            pthread_mutex_lock(&self.mu)
+            self.dp_waits += 1
+        self.dp_sections += 1
+
+    def acquire(self):
+        """Hold the lock exclusive: every worker is between rounds (waits without the GIL)."""
+        with nogil:
+            pthread_rwlock_wrlock(&self.rw)
+
+    def release(self):
+        pthread_rwlock_unlock(&self.rw)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
 cdef class BatchIO:
     """The daemon's batch buffers and port table with their pointers taken once.
 
@@ -627,6 +723,7 @@ cdef class BatchIO:
     cdef readonly unsigned long long loop_poll_ns    # time in polls that found nothing: the polling's CPU cost
     cdef readonly unsigned long long loop_drained    # frames released from shaping queues by run()
     cdef readonly int run_errno                      # errno of epoll_wait when run() returned RUN_ERROR
+    cdef readonly unsigned long long loop_unwatched  # failed fds a worker removed from its epoll (unwatch_failed)
     cdef int epfd                          # epoll of the port fds and the control fd
     cdef epoll_event *evs
     cdef unsigned short *p_failed
@@ -716,7 +813,7 @@ cdef class BatchIO:
     def _epoll_ctl(self, int op, int fd, uint32_t data):
         cdef epoll_event ev
         ev.events = EPOLLIN
-        ev.data.u64 = 0
+        ev.data.u64 = (<uint64_t><uint32_t>fd) << 32   # the fd in the high half (unwatch_failed)
         ev.data.u32 = data
         if epoll_ctl(self.epfd, op, fd, &ev) != 0:
             err = _io_errno
@@ -782,7 +879,8 @@ cdef class BatchIO:
         self.control_ready = ctl
         return n
 
-    def run(self, Datapath dp, long long deadline_ns, long long poll_ns=0):
+    def run(self, Datapath dp, long long deadline_ns, long long poll_ns=0, bint busy=False,
+            LoopLock lock=None, bint unwatch_failed=False):
         """The daemon's packet loop, without the GIL, until there is work for Python.
 
         Each round: read the monotonic clock (the `now_ns` of the datapath); release the
@@ -799,6 +897,12 @@ cdef class BatchIO:
         port fd failed (failed[:n_failed]), the deadline passed, a signal interrupted the
         wait, or epoll_wait failed (run_errno). `dp` must be the Datapath of this
         buffer layout (12-byte vnet header, at least max_ports ports).
+
+        `busy`: poll without blocking, always (--busy-poll). `lock`: run as one of several
+        packet workers sharing `dp` (the LoopLock of all of them; the header comment says
+        what it serializes); the caller holds no lock and must hold `lock` exclusive for
+        anything it does to `dp` or the port tables meanwhile. `unwatch_failed` (with
+        `lock`): a failed fd leaves this BatchIO's epoll and run() does not return for it.
         """
         if dp.vnet_hdr_len != IO_HDR:
             raise ValueError(f"run: the datapath's vnet_hdr_len is {dp.vnet_hdr_len}; BatchIO needs {IO_HDR}")
@@ -806,13 +910,17 @@ cdef class BatchIO:
             raise ValueError(f"run: BatchIO has {self.max_ports} ports, the datapath only {dp.max_ports}")
         if poll_ns < 0:
             raise ValueError(f"poll_ns={poll_ns}; accepted: 0 (no polling) or more")
+        cdef int reason
+        if lock is not None:
+            with nogil:
+                reason = self._run_locked(dp.c, lock, deadline_ns, poll_ns, busy, unwatch_failed)
+            return reason
         dp._idle()
         cdef Core *c = dp.c
-        cdef int reason
         dp.busy = True
         try:
             with nogil:
-                reason = self._run(c, deadline_ns, poll_ns)
+                reason = self._run(c, deadline_ns, poll_ns, busy)
         finally:
             dp.busy = False
         return reason
@@ -834,8 +942,8 @@ cdef class BatchIO:
             if k < self.max_batch:
                 return
 
-    cdef int _run(self, Core *c, long long deadline, long long poll_ns) noexcept nogil:
-        cdef long long now, nd, timeout, t_poll, poll_until = 0
+    cdef int _run(self, Core *c, long long deadline, long long poll_ns, bint busy) noexcept nogil:
+        cdef long long now, nd, timeout, t_poll, poll_until = RUN_BUSY_UNTIL if busy else 0
         cdef int r, i, k, nf, n, pid, why
         cdef bint ctl, polling
         cdef uint32_t evbits
@@ -911,7 +1019,126 @@ cdef class BatchIO:
                                       n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
                     self.loop_batches += 1
                     self.loop_frames += <unsigned long long>n
-                    poll_until = now + poll_ns
+                    if not busy:
+                        poll_until = now + poll_ns
+            if ctl or nf:
+                self.n_failed = nf
+                self.control_ready = ctl
+                return (RUN_CONTROL if ctl else 0) | (RUN_FAILED if nf else 0)
+
+    cdef int _run_locked(self, Core *c, LoopLock lk, long long deadline, long long poll_ns, bint busy,
+                         bint own_failed) noexcept nogil:
+        """_run as one of several workers on `c`: each round holds lk.rw shared, the table
+        work lk.mu (the clock read under it); the waits hold nothing."""
+        cdef long long now, nd, timeout, t_poll, poll_until = RUN_BUSY_UNTIL if busy else 0
+        cdef int r, i, k, nf, n, pid, why, fd
+        cdef bint ctl, polling
+        cdef uint32_t evbits
+        cdef Py_ssize_t bad, kd
+        cdef epoll_event dev
+        self.n_failed = 0
+        self.control_ready = False
+        while True:
+            nd = -1
+            if c.n_active:                  # shapers exist (set only under the exclusive lock)
+                pthread_rwlock_rdlock(&lk.rw)
+                while True:
+                    lk.dp_enter()
+                    now = vsw_now_ns()
+                    if c.have_now and <uint64_t>now < c.last_now_ns:
+                        now = <long long>c.last_now_ns
+                    nd = next_departure_c(c)
+                    kd = 0
+                    if 0 <= nd <= now:
+                        c.last_now_ns = <uint64_t>now
+                        c.have_now = 1
+                        kd = drain_c(c, <uint64_t>now, self.p_dbuf, self.dbuflen, <uint8_t *>self.p_doff, 4,
+                                     <uint8_t *>self.p_dlen, 4, <uint8_t *>self.p_din, 2, <uint8_t *>self.p_dout,
+                                     4, self.max_batch)
+                        nd = next_departure_c(c)
+                    pthread_mutex_unlock(&lk.mu)
+                    if kd <= 0:
+                        break
+                    _io_write_all(self.p_dbuf, self.dbuflen, self.p_doff, self.p_dlen, self.p_din, self.p_dout,
+                                  <int>kd, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
+                    self.loop_drained += <unsigned long long>kd
+                    if kd < self.max_batch:
+                        break
+                pthread_rwlock_unlock(&lk.rw)
+            now = vsw_now_ns()
+            if now >= deadline:
+                return RUN_DEADLINE
+            polling = now < poll_until
+            if polling:
+                timeout = 0
+            else:
+                timeout = deadline - now
+                if nd >= 0 and nd - now < timeout:
+                    timeout = nd - now if nd > now else 0
+            r = vsw_epoll_wait_ns(self.epfd, self.evs, self.max_ports + 1, timeout)
+            if r < 0:
+                if _io_errno == _IO_EINTR:
+                    return RUN_SIGNAL
+                self.run_errno = _io_errno
+                return RUN_ERROR
+            if polling:
+                self.loop_polls += 1
+                if r == 0:
+                    sched_yield()
+                    t_poll = vsw_now_ns()
+                    self.loop_poll_ns += <unsigned long long>(t_poll - now)
+                    continue
+                self.loop_poll_hits += 1
+            else:
+                self.loop_sleeps += 1
+            k = 0
+            nf = 0
+            ctl = False
+            pthread_rwlock_rdlock(&lk.rw)
+            for i in range(r):
+                if self.evs[i].data.u32 == 0:
+                    ctl = True
+                    continue
+                pid = <int>self.evs[i].data.u32 - 1
+                if pid >= self.max_ports or self.p_fds[pid] < 0:
+                    continue
+                evbits = self.evs[i].events
+                if evbits & (EPOLLERR | EPOLLHUP) and not evbits & EPOLLIN:
+                    if own_failed:
+                        fd = <int>(self.evs[i].data.u64 >> 32)
+                        if fd == self.p_fds[pid]:
+                            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, &dev)
+                            self.loop_unwatched += 1
+                        continue
+                    self.p_failed[nf] = <unsigned short>pid
+                    nf += 1
+                    continue
+                self.p_rfds[k] = self.p_fds[pid]
+                self.p_rports[k] = <unsigned short>pid
+                self.p_rhdrs[k] = self.p_hdrs[pid]
+                k += 1
+            if k:
+                n = _io_read_all(self.p_rfds, self.p_rports, self.p_rhdrs, k, self.p_buf, self.buflen,
+                                 self.p_off, self.p_len, self.p_in, self.max_batch, self.per_fd_max,
+                                 self.p_rxe, self.max_ports)
+                if n:
+                    lk.dp_enter()
+                    now = vsw_now_ns()
+                    if c.have_now and <uint64_t>now < c.last_now_ns:
+                        now = <long long>c.last_now_ns
+                    why = 0
+                    bad = process_batch_c(c, self.p_buf, <uint64_t>self.buflen, <uint8_t *>self.p_off, 4,
+                                          <uint8_t *>self.p_len, 4, <uint8_t *>self.p_in, 2,
+                                          <uint8_t *>self.p_out, 4, n, <uint64_t>now, &why)
+                    pthread_mutex_unlock(&lk.mu)
+                    if bad < 0:
+                        _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out,
+                                      n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
+                    self.loop_batches += 1
+                    self.loop_frames += <unsigned long long>n
+                    if not busy:
+                        poll_until = now + poll_ns
+            pthread_rwlock_unlock(&lk.rw)
             if ctl or nf:
                 self.n_failed = nf
                 self.control_ready = ctl
@@ -936,3 +1163,4 @@ cdef class BatchIO:
             w = _io_write_all(self.p_dbuf, self.dbuflen, self.p_doff, self.p_dlen, self.p_din, self.p_dout, n,
                               self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
         return w
+

@@ -51,8 +51,9 @@ class Gateways:
     # ----------------------------------------------------------------- the host port
 
     def open(self, max_ports: int, nic: dict | None = None, conntrack_size: int | None = None,
-             mac_learn_rate_per_s: int | None = None) -> HostPort:
-        """Create or reopen the host TAP and build the Switch with it as port 0.
+             mac_learn_rate_per_s: int | None = None, queues: int = 1) -> HostPort:
+        """Create or reopen the host TAP (``queues`` queues: one per packet worker, as pods'
+        TAPs) and build the Switch with it as port 0.
 
         ``nic`` (the uplink's link: ``mac``, ``mtu``) gives the host port its MAC and MTU.
         """
@@ -65,7 +66,7 @@ class Gateways:
             mac, mtu = nic["mac"], nic["mtu"]
         if info is not None and info.get("kind") != "tun":
             raise SystemExit(f"vswitchd: --switch {name!r} exists and is not a TAP ({info.get('kind')})")
-        fd = netlink.tap_open(name, create=info is None, persist=True)
+        fds = netlink.tap_open_queues(name, queues, create=info is None, persist=True)   # one per packet worker
         netlink.link_set_up(name, mac=mac, mtu=mtu)
         self.index = socket.if_nametoindex(name)
         hs.update(name=name, mac=mac)
@@ -76,7 +77,7 @@ class Gateways:
             netlink.forwarding_on(version, self.forwarding)
         self.switch = _make_switch(mac, gateways, max_ports, conntrack_size, mac_learn_rate_per_s)
         self.switch.add_port(name, "host", mac=mac, ips=_ips(gateways) or (), port_id=0)
-        return HostPort(name=name, port_id=0, fd=fd)
+        return HostPort(name=name, port_id=0, fd=fds[0], queue_fds=fds[1:])
 
     def _refresh(self):
         """Re-add the switch's host port with the current gateways (its datapath binding)."""

@@ -51,6 +51,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -67,7 +68,7 @@ from vswitch.daemon.gateways import Gateways
 from vswitch.daemon.log import LOG_LEVELS, Log
 from vswitch.daemon.masq import Masq
 from vswitch.daemon.pods import Pods
-from vswitch.daemon.ports import PacketIO, PortTable
+from vswitch.daemon.ports import MAX_WORKERS, PacketIO, PortTable, uplink_fanout
 from vswitch.rpc import RpcError
 from vswitch.daemon.state import State
 from vswitch.switch import Switch
@@ -80,6 +81,8 @@ SWITCH_INTERVAL_S = 0.0005      # the loop thread waits at most this long for th
 DEFAULT_POLL_US = 100           # --poll-us: polling window after a batch (0: always sleep)
 MAX_POLL_US = 100_000           # the bound of --poll-us (0.1 s of polling per burst at most)
 KERNEL_OPS = frozenset({"attach", "detach", "check", "gc", "peers"})
+DEFAULT_WORKERS = 1             # --workers: packet worker threads (docs/daemon.md "Packet workers")
+NEVER_NS = 1 << 62
 
 
 class Daemon:
@@ -89,9 +92,16 @@ class Daemon:
                  log_group: str | None = None, control_limits: Limits = Limits(),
                  cluster: ClusterConfig | None = None, conntrack_size: int | None = None,
                  mac_learn_rate_per_s: int | None = None, vtep: VtepConfig | None = None,
-                 cluster_cidrs: tuple = (), metrics_address: str = "127.0.0.1"):
+                 cluster_cidrs: tuple = (), metrics_address: str = "127.0.0.1", workers: int = DEFAULT_WORKERS,
+                 busy_poll: bool = False):
         if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"poll_us={poll_us!r}; accepted: an integer 0 .. {MAX_POLL_US} (microseconds)")
+        self.workers = workers          # packet workers: this thread (worker 0) and workers - 1 threads
+        self.busy_poll = bool(busy_poll)
+        self._worker_threads: list[threading.Thread] = []
+        self._workers_stop = False
+        self._workers_fd = -1           # eventfd: readable = the workers return (stop)
+        self.worker_exits: list[str] = []   # a worker thread that ended by an error (status shows it)
         self.socket_path = socket_path
         self.host_name = switch
         self.uplink_name = uplink
@@ -107,7 +117,7 @@ class Daemon:
         self.reopen_log = False         # SIGHUP: the log file is reopened (rotation)
         self.started = time.monotonic()
         self.state = State(state_dir)
-        self.io = PacketIO(max_ports)
+        self.io = PacketIO(max_ports, workers=workers)      # ValueError names a bad workers value
         self.captures = Captures(self.log)
         self.ports = PortTable(self.io, on_drop=self.captures.close)
         self.gateways = Gateways(switch, self.state, self.log)
@@ -143,12 +153,14 @@ class Daemon:
         uplink = Uplink(self.uplink_name, self.host_name, self.state, self.log) if self.uplink_name else None
         self.host_port = self.gateways.open(self.max_ports, nic=uplink.nic() if uplink else None,
                                             conntrack_size=self.conntrack_size,
-                                            mac_learn_rate_per_s=self.mac_learn_rate_per_s)
+                                            mac_learn_rate_per_s=self.mac_learn_rate_per_s,
+                                            queues=self.workers)
         self.switch = self.gateways.switch
         self.io.set_flood_classes(self.switch.dp.flood_classes())   # floods by port kind and shaper (D41)
         self.ports.add(self.host_port)
         if uplink:
             self.uplink_port = uplink.up(self.switch)
+            uplink_fanout(self.uplink_port, self.uplink_name, self.workers)   # one socket per worker
             self.ports.add(self.uplink_port)
         elif self.state.uplink:
             # started without --uplink but a crashed run had one: give the NIC its addresses back
@@ -169,6 +181,7 @@ class Daemon:
             self.cluster.start(vtep_mac=self.state.host["mac"] if self.uplink_port is not None else None)
         self.pods = Pods(switch=self.switch, state=self.state, ports=self.ports, gateways=self.gateways,
                          masq=self.masq, log=self.log, test_faults=self.test_faults)
+        self.pods.queues = self.workers         # a TAP queue per packet worker
         if self.vxlan is not None:
             self.pods.default_mtu = self.vxlan.vtep["mtu"] - C.ENCAP_LEN    # pods without a configured mtu
         self.pods.readopt()
@@ -191,9 +204,47 @@ class Daemon:
             except SystemExit:
                 self.exit_status = FATAL_EXIT_STATUS
                 raise
+        self._start_workers()
         self.log("started", version=__version__, socket=self.socket_path, switch=self.host_name,
                  uplink=self.uplink_name, pods=len(self.state.attachments), io=self.io.impl,
-                 datapath=type(self.switch.dp).__module__, nofile=nofile)
+                 datapath=type(self.switch.dp).__module__, nofile=nofile, workers=self.workers,
+                 busy_poll=self.busy_poll)
+
+    # ----------------------------------------------------------------- packet workers
+
+    def _start_workers(self):
+        """Workers 1..N-1: a thread each running ``BatchIO.run`` on its own queues with the
+        shared LoopLock (ext/io.pxi); worker 0 is the loop of ``run`` below."""
+        if self.workers <= 1:
+            return
+        self._workers_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        for k in range(1, self.workers):
+            self.io.bs[k].watch_control(self._workers_fd)
+            t = threading.Thread(target=self._worker, args=(k,), name=f"vswitchd-worker-{k}", daemon=True)
+            self._worker_threads.append(t)
+            t.start()
+
+    def _worker(self, k: int):
+        """Worker k's thread: the GIL-free loop until stopped; Python only to stop."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        b, dp, lock = self.io.bs[k], self.switch.dp, self.io.lock
+        try:
+            while not self._workers_stop:
+                b.run(dp, NEVER_NS, self.poll_ns, self.busy_poll, lock, True)
+        except BaseException as exc:    # never silent: logged, shown by status
+            self.worker_exits.append(f"worker {k}: {exc!r}")
+            self.log("worker_failed", level="error", worker=k, error=repr(exc), tb=traceback.format_exc())
+
+    def _stop_workers(self):
+        if not self._worker_threads:
+            return
+        self._workers_stop = True
+        os.eventfd_write(self._workers_fd, 1)
+        for t in self._worker_threads:
+            t.join(10)
+        self._worker_threads = []
+        os.close(self._workers_fd)
+        self._workers_fd = -1
 
     def _signals(self):
         r, w = socket.socketpair()
@@ -244,6 +295,7 @@ class Daemon:
                 "version": __version__, "switch": self.host_name, "uplink": self.uplink_name,
                 "datapath": type(self.switch.dp).__module__, "io": self.io.impl,
                 "poll_us": self.poll_ns // 1000, "loop": self.io.loop_stats(), "control": self.control.status(),
+                "workers": self.workers, "busy_poll": self.busy_poll, "worker_exits": list(self.worker_exits),
                 "cluster": self.cluster.status() if self.cluster is not None else None,
                 "vxlan": self.vxlan.status() if self.vxlan is not None else None}
 
@@ -290,6 +342,9 @@ class Daemon:
 
     def op_capture_start(self, req):
         path = need_str(req, "path")
+        if self.workers > 1:
+            raise RpcError(rpc.E_INVALID_CONFIG, f"capture: vswitchd runs {self.workers} packet workers "
+                                                 f"(--workers); captures need --workers 1 (one loop sees every batch)")
         return self.captures.start(self._port_arg(req.get("port")), path)
 
     def op_capture_stop(self, req):
@@ -316,33 +371,42 @@ class Daemon:
         from here (captures see each batch; the Python twins use this path)."""
         io, dp = self.io, self.switch.dp
         fast = io.impl == "c"           # vswitch.datapath chose the core for both (one selection)
-        run, poll_ns = io.run, self.poll_ns
+        run, poll_ns, busy, lock = io.run, self.poll_ns, self.busy_poll, io.lock
         monotonic_ns = time.monotonic_ns
         ctl = self.control
         vx = self.vxlan
-        never = 1 << 62
+        never = NEVER_NS
         while not self.stop or ctl.busy:
             if fast and not self.captures:
                 run(dp, min(self.last_sweep_ns + SWEEP_INTERVAL_NS, ctl.timer_ns, vx.timer_ns if vx else never),
-                    poll_ns)
+                    poll_ns, busy, lock)
                 now = monotonic_ns()
             else:
                 now = self._step()
-            if now >= ctl.timer_ns:
-                ctl.tick(now)
-            if vx is not None and now >= vx.timer_ns and not self.stop:
-                vx.tick(now)
-            if io.n_failed:
-                for pid in io.failed[:io.n_failed].tolist():
-                    p = self.ports.polled.get(pid)
-                    if p is not None:
-                        self._port_failed(p)
-            if io.control_ready:
-                self._control_events()
-            if now - self.last_sweep_ns >= SWEEP_INTERVAL_NS:
-                self.last_sweep_ns = now
-                dp.conntrack_sweep(now)
-                dp.mac_sweep(now)
+            if lock is None:
+                self._loop_work(now)
+            else:
+                with lock:              # the other workers are between rounds: tables and fds are ours
+                    self._loop_work(now)
+
+    def _loop_work(self, now):
+        """Python's part of a loop round: timers, failed ports, control events, sweeps."""
+        io, dp, ctl, vx = self.io, self.switch.dp, self.control, self.vxlan
+        if now >= ctl.timer_ns:
+            ctl.tick(now)
+        if vx is not None and now >= vx.timer_ns and not self.stop:
+            vx.tick(now)
+        if io.n_failed:
+            for pid in io.failed[:io.n_failed].tolist():
+                p = self.ports.polled.get(pid)
+                if p is not None:
+                    self._port_failed(p)
+        if io.control_ready:
+            self._control_events()
+        if now - self.last_sweep_ns >= SWEEP_INTERVAL_NS:
+            self.last_sweep_ns = now
+            dp.conntrack_sweep(now)
+            dp.mac_sweep(now)
 
     def _step(self) -> int:
         """One wakeup in Python: wait and read (``io.poll``), process, capture, write,
@@ -425,6 +489,7 @@ class Daemon:
     # ----------------------------------------------------------------- shutdown
 
     def shutdown(self):
+        self._stop_workers()            # before any port or table goes
         if self.control is not None:
             self.control.drop_queued()
         if self.kernel is not None:
@@ -498,6 +563,13 @@ def main(argv=None):
                          f"microseconds before blocking (0 .. {MAX_POLL_US}; 0 disables; default "
                          f"{DEFAULT_POLL_US}): catches a reply without a thread wakeup, at the cost of "
                          f"at most this much CPU per burst of traffic; idle costs nothing")
+    ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
+                    help=f"packet worker threads (1 .. {MAX_WORKERS}; default {DEFAULT_WORKERS}): each reads and "
+                         f"writes its own queue of every multi-queue TAP and its own uplink socket "
+                         f"(PACKET_FANOUT), the datapath's table work serialized by one lock (docs/daemon.md)")
+    ap.add_argument("--busy-poll", action="store_true",
+                    help="workers poll their ports without ever sleeping (lowest latency; each worker "
+                         "uses a whole core even when idle); default: adaptive (--poll-us), idle costs nothing")
     ap.add_argument("--test-faults", action="store_true", help="accept 'fault' in attach (tests only)")
     ap.add_argument("--log-level", choices=LOG_LEVELS, default="info",
                     help="the least severe events written (default info)")
@@ -598,6 +670,11 @@ def main(argv=None):
         return 2
     if not 0 <= a.poll_us <= MAX_POLL_US:
         ap.error(f"--poll-us {a.poll_us}: accepted 0 .. {MAX_POLL_US} (microseconds)")
+    if not 1 <= a.workers <= MAX_WORKERS:
+        ap.error(f"--workers {a.workers}: accepted 1 .. {MAX_WORKERS} (packet worker threads)")
+    if a.workers > 1 and datapath.implementation() != "c":
+        ap.error(f"--workers {a.workers}: packet workers need the Cython core; the pure-Python twin "
+                 f"(VSWITCH_PURE_PYTHON=1) runs --workers 1")
     try:
         ipaddress.ip_address(a.metrics_address)
     except ValueError:
@@ -607,7 +684,8 @@ def main(argv=None):
         d = Daemon(a.socket, a.state_dir, a.switch, a.uplink, a.log_file, a.metrics_port, a.test_faults,
                    a.max_ports, a.poll_us, log_level=a.log_level, log_group=a.log_group, control_limits=limits,
                    cluster=cluster, conntrack_size=a.conntrack_size, mac_learn_rate_per_s=a.mac_learn_rate,
-                   vtep=vtep, cluster_cidrs=cluster_cidrs, metrics_address=a.metrics_address)
+                   vtep=vtep, cluster_cidrs=cluster_cidrs, metrics_address=a.metrics_address,
+                   workers=a.workers, busy_poll=a.busy_poll)
     except (OSError, ValueError, KeyError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         return 2

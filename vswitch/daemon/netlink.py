@@ -65,7 +65,7 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 __all__ = [
     "NetlinkError", "VNET_HDR_LEN", "TapError",
-    "netns_entered", "tap_open", "tap_set_persist", "ipr_for",
+    "netns_entered", "tap_open", "tap_open_queues", "tap_set_persist", "ipr_for",
     "link_info", "link_delete", "pod_view",
     "addresses_of", "routes_via", "address_add_if_missing",
     "address_del", "route_add", "link_set_up", "parse_cidr", "tap_release", "RtnlSocket",
@@ -82,6 +82,8 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_TUN_EXCL = 0x8000
+IFF_MULTI_QUEUE = 0x0100
+MAX_TAP_QUEUES = 256        # the kernel's MAX_TAP_QUEUES (drivers/net/tun.c)
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
@@ -152,6 +154,69 @@ def tap_open(name: str, create: bool = True, persist: bool = True, netns: str | 
             os.close(fd)
             raise
     return fd
+
+
+def tap_open_queues(name: str, queues: int, create: bool = True, persist: bool = True,
+                    netns: str | None = None) -> list[int]:
+    """``tap_open`` with ``queues`` queues: one non-blocking fd per queue, queue 0 first.
+
+    ``queues > 1`` creates the TAP with ``IFF_MULTI_QUEUE`` and attaches one more fd per
+    queue (each a TUNSETIFF of the same name: the kernel's TUNSETQUEUE semantics, every fd
+    a queue that reads and writes on its own). Reopening (``create=False``) asks for the
+    device's own kind: a TAP made without IFF_MULTI_QUEUE (by an older daemon) refuses a
+    multi-queue attach (EINVAL) and gives one fd, its only queue; a multi-queue TAP
+    reopened with ``queues=1`` gives one fd, one of its queues. Fewer fds than ``queues``
+    is therefore a result, not an error; the caller shares fd 0 for the missing queues.
+    """
+    if not isinstance(queues, int) or not 1 <= queues <= MAX_TAP_QUEUES:
+        raise TapError(errno.EINVAL, f"TAP {name!r}: queues={queues!r}; accepted: 1 .. {MAX_TAP_QUEUES}")
+    if not name or len(name) > 15:
+        raise TapError(errno.EINVAL, f"TAP name {name!r} must be 1..15 characters")
+    fds: list[int] = []
+    made = False
+    with netns_entered(netns):
+        try:
+            mq = queues > 1
+            while len(fds) < queues:
+                first = not fds
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                fds.append(fd)
+                flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if mq else 0)
+                try:
+                    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
+                                                           flags | (IFF_TUN_EXCL if create and first else 0)))
+                except OSError as exc:
+                    if first and not create and exc.errno == errno.EINVAL:
+                        # the device is of the other kind (multi-queue or not): attach as it is
+                        mq = not mq
+                        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
+                                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+                                                               | (IFF_MULTI_QUEUE if mq else 0)))
+                    elif first:
+                        what = "create" if create else "reopen"
+                        raise TapError(exc.errno, f"cannot {what} TAP {name!r}"
+                                       f"{' in ' + netns if netns else ''}: {exc.strerror}") from None
+                    else:
+                        raise TapError(exc.errno, f"TAP {name!r}: cannot attach queue {len(fds) - 1}: "
+                                                  f"{exc.strerror}") from None
+                if first:
+                    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+                    if persist:
+                        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+                        made = create
+                    if not mq:
+                        break           # a single-queue TAP (or queues=1): one fd
+        except BaseException:
+            if made:                    # created here: it goes with our fds
+                try:
+                    fcntl.ioctl(fds[0], TUNSETPERSIST, 0)
+                except OSError:
+                    pass
+            for fd in fds:
+                os.close(fd)
+            raise
+    return fds
 
 
 def tap_set_persist(fd: int, persist: bool) -> None:

@@ -32,6 +32,11 @@ namespace and compares them, and the stored record, with what the runtime expect
 **Re-adoption** (at start): each saved attachment's persistent TAP is reopened by name
 inside the pod's namespace and its switch port re-added with the same id, hostPort rules
 and shapers. One that cannot be (namespace gone) is logged and dropped from the state.
+
+**Queues**: with ``--workers N`` a pod's TAP is multi-queue, one queue (fd) per packet
+worker (``netlink.tap_open_queues``), re-adopted with its N queues; a TAP created
+single-queue (by a daemon before workers) is re-adopted with its one queue, which worker
+0 reads and every worker writes.
 """
 from __future__ import annotations
 
@@ -80,6 +85,7 @@ class Pods:
         self.log = log
         self.test_faults = test_faults
         self.default_mtu: int | None = None     # an attach without mtu gets it (None: 1500)
+        self.queues = 1                 # TAP queues per pod: one per packet worker (--workers)
 
     @property
     def attachments(self) -> dict:
@@ -116,7 +122,8 @@ class Pods:
         rec.update(port=name, tap=rec["ifname"])
         t0 = time.monotonic()
         try:
-            fd = yield (self._attach_kernel, rec, fault)
+            fds = yield (self._attach_kernel, rec, fault)
+            fd = fds[0]
         except StepFailed as failed:
             raise _attach_error(key, failed.step, failed.exc, 1) from None
         t_kernel = time.monotonic()
@@ -129,7 +136,7 @@ class Pods:
             if gateways:
                 undo.append("gateways")
                 yield (self.gateways.kernel, gateways, [])
-            port = self._switch_port(rec, fd, bandwidth=False, mappings=False)
+            port = self._switch_port(rec, fd, bandwidth=False, mappings=False, queue_fds=fds[1:])
             undo.append("switch port")
             step = "hostports"
             _fault(fault, step)
@@ -150,7 +157,10 @@ class Pods:
                 raise
             self.attachments.pop(key, None)
             if port is not None:
-                self.ports.drop(port)
+                self.ports.drop(port)       # closes the workers' queues
+            else:
+                for q in fds[1:]:
+                    os.close(q)
             if name in self.switch:
                 self.switch.remove_port(name)
             gone = self.gateways.release(rec)
@@ -180,8 +190,9 @@ class Pods:
                                    f"{a} (its uplink's); pods would shadow the node's network: choose a pod "
                                    f"range outside {a.network}")
 
-    def _attach_kernel(self, rec, fault) -> int:
-        """Kernel thread: the pod's side of an attach; returns the TAP fd.
+    def _attach_kernel(self, rec, fault) -> list[int]:
+        """Kernel thread: the pod's side of an attach; returns the TAP's fds (one per
+        queue, ``self.queues`` of them: queue 0 first).
 
         The TAP is created *inside* the pod's namespace under its final name (the fd is
         opened there), so no move and no rename happen: each of those waits for an RCU
@@ -191,12 +202,14 @@ class Pods:
         """
         ifname, netns = rec["ifname"], rec["netns"]
         fd = None
+        fds = []
         nl = None
         step = "tap_create"
         try:
             _fault(fault, step)
             try:
-                fd = netlink.tap_open(ifname, create=True, persist=True, netns=netns)
+                fds = netlink.tap_open_queues(ifname, self.queues, create=True, persist=True, netns=netns)
+                fd = fds[0]
             except netlink.TapError as exc:
                 if exc.errno == errno.EBUSY:
                     raise RpcError(rpc.E_IF_EXISTS, f"interface {ifname!r} already exists in {netns}") from None
@@ -224,8 +237,10 @@ class Pods:
             _fault(fault, step)
             nl.run(step, [(f"{r['dst']} via {r.get('gw')}", netlink.msg_route(idx, r["dst"], r.get("gw")))
                           for r in rec["routes"]])
-            return fd
+            return fds
         except BaseException as exc:
+            for q in fds[1:]:
+                os.close(q)
             if fd is not None:
                 try:
                     netlink.tap_release(fd, f"TAP {ifname} in {netns}")
@@ -252,8 +267,9 @@ class Pods:
         pod = {"name": rec["ifname"], "mac": rec["mac"], "mtu": rec["mtu"], "sandbox": rec["netns"]}
         return {"interfaces": [host, pod], "port": rec["port"], "attachment": public(rec)}
 
-    def _switch_port(self, rec: dict, fd: int, bandwidth=True, mappings=True) -> TapPort:
-        """Add the switch port of an attachment (same id as before if possible) and its fd."""
+    def _switch_port(self, rec: dict, fd: int, bandwidth=True, mappings=True, queue_fds=()) -> TapPort:
+        """Add the switch port of an attachment (same id as before if possible) and its fd
+        (and the fds of its other queues, one per packet worker 1..)."""
         name = rec["port"]
         pid = rec.get("port_id")
         if pid is not None and pid in {p.port_id for p in self.switch.ports()}:
@@ -263,7 +279,8 @@ class Pods:
                                   bandwidth=rec["bandwidth"] if bandwidth else None,
                                   port_mappings=rec["port_mappings"] if mappings else ())
         rec["port_id"] = sp.port_id
-        port = TapPort(name=name, port_id=sp.port_id, fd=fd, netns=rec["netns"], ifname=rec["ifname"])
+        port = TapPort(name=name, port_id=sp.port_id, fd=fd, netns=rec["netns"], ifname=rec["ifname"],
+                       queue_fds=list(queue_fds))
         self.ports.add(port)
         return port
 
@@ -418,19 +435,23 @@ class Pods:
         for rec in self.state.saved_attachments():
             key = (rec["container_id"], rec["ifname"])
             try:
-                fd = netlink.tap_open(rec["ifname"], create=False, persist=True, netns=rec["netns"])
+                fds = netlink.tap_open_queues(rec["ifname"], self.queues, create=False, persist=True,
+                                              netns=rec["netns"])
+                fd = fds[0]
             except OSError as exc:
                 self.log("readopt_failed", level="error", container_id=key[0], ifname=key[1],
                          netns=rec["netns"], error=str(exc))
                 continue
             try:
-                port = self._switch_port(rec, fd)
+                port = self._switch_port(rec, fd, queue_fds=fds[1:])
             except (ValueError, KeyError) as exc:
-                os.close(fd)
+                for q in fds:
+                    os.close(q)
                 self.log("readopt_failed", level="error", container_id=key[0], ifname=key[1], error=str(exc))
                 continue
             self.attachments[key] = rec
-            self.log("readopted", container_id=key[0], ifname=key[1], port=rec["port"], port_id=port.port_id)
+            self.log("readopted", container_id=key[0], ifname=key[1], port=rec["port"], port_id=port.port_id,
+                     queues=1 + len(port.queue_fds))
         self.masq.apply(self._masq_subnets())
 
 

@@ -49,6 +49,7 @@ from vswitch.datapath.consts import (ENCAP_HEADROOM, FLOOD_MEMBER, FLOOD_UNKNOWN
                                      OUT_FLOOD, OUT_FLOOD_UNKNOWN, OUT_QUEUED, VNET_GSO_UDP_TUNNEL_IPV4)
 
 VNET_HDR_LEN = 12
+MAX_WORKERS = 64                            # --workers: packet worker threads at most
 SLOT_MAX = VNET_HDR_LEN + MAX_FRAME
 SLOT_SPAN = ENCAP_HEADROOM + SLOT_MAX      # a read slot: headroom for VXLAN's outer headers, header, frame
 
@@ -58,19 +59,40 @@ PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
+PACKET_FANOUT = 18
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
 ETH_P_ALL = 0x0003
 
 
 @dataclasses.dataclass
 class Port:
-    """One switch port with an fd. ``name`` is the switch port name."""
+    """One switch port with an fd. ``name`` is the switch port name. ``queue_fds``: the
+    fds of packet workers 1.. (a multi-queue TAP's other queues; empty: every worker
+    shares ``fd``, which only worker 0 reads)."""
     name: str
     port_id: int
     fd: int
     hdr_len: int = VNET_HDR_LEN
     kind: str = "pod"
+    queue_fds: list = dataclasses.field(default_factory=list)
+
+    def worker_fd(self, k: int) -> tuple[int, bool]:
+        """(the fd worker ``k`` reads and writes, whether it is its own to poll)."""
+        if k == 0:
+            return self.fd, True
+        if k - 1 < len(self.queue_fds):
+            return self.queue_fds[k - 1], True
+        return self.fd, False
+
+    def close_queues(self):
+        """Close the fds of workers 1.. (no longer polled by anyone)."""
+        q, self.queue_fds = self.queue_fds, []
+        for fd in q:
+            os.close(fd)
 
     def close(self):
+        self.close_queues()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -92,15 +114,42 @@ class UplinkPort(Port):
     kind: str = "uplink"
     hdr_len: int = 10
     sock: socket.socket | None = None
+    queue_socks: list = dataclasses.field(default_factory=list)     # workers 1..: PACKET_FANOUT members
+
+    def close_queues(self):
+        q, self.queue_socks, self.queue_fds = self.queue_socks, [], []
+        for s in q:
+            s.close()
 
     def close(self):
+        self.close_queues()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
             self.fd = -1
 
 
-def open_uplink_socket(ifname: str) -> socket.socket:
+def uplink_fanout(port: UplinkPort, ifname: str, workers: int):
+    """Give packet workers 1..``workers``-1 their own AF_PACKET socket on the uplink: the
+    port's socket and the new ones join one PACKET_FANOUT group (hash: a flow's frames go
+    to one socket, so to one worker, in order; the group's id is unique, chosen by the
+    kernel). Each worker writes on its own socket."""
+    if workers <= 1:
+        return
+    port.sock.setsockopt(SOL_PACKET, PACKET_FANOUT, (PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_UNIQUEID) << 16)
+    group = port.sock.getsockopt(SOL_PACKET, PACKET_FANOUT) & 0xFFFF
+    try:
+        for _ in range(workers - 1):
+            s = open_uplink_socket(ifname, promisc=False)
+            port.queue_socks.append(s)
+            s.setsockopt(SOL_PACKET, PACKET_FANOUT, group | (PACKET_FANOUT_HASH << 16))
+            port.queue_fds.append(s.fileno())
+    except BaseException:
+        port.close_queues()
+        raise
+
+
+def open_uplink_socket(ifname: str, promisc: bool = True) -> socket.socket:
     """A non-blocking AF_PACKET socket on ``ifname`` with a vnet header, promiscuous."""
     try:
         index = socket.if_nametoindex(ifname)
@@ -113,8 +162,9 @@ def open_uplink_socket(ifname: str) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         s.bind((ifname, ETH_P_ALL))
-        mreq = struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b"")
-        s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+        if promisc:
+            mreq = struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b"")
+            s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
         s.setblocking(False)
     except BaseException:
         s.close()
@@ -338,12 +388,22 @@ class PacketIO:
     """
 
     def __init__(self, max_ports: int, max_batch: int = 64, buf_bytes: int = 4 << 20,
-                 out_buf_bytes: int = 4 << 20, per_fd_max: int = 32, impl: str | None = None):
+                 out_buf_bytes: int = 4 << 20, per_fd_max: int = 32, impl: str | None = None,
+                 workers: int = 1):
         cls, self.impl = _batch_io_class(impl)
-        b = self.b = cls(max_ports, max_batch, buf_bytes, out_buf_bytes, per_fd_max)
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers={workers!r}; accepted: an integer 1 .. {MAX_WORKERS}")
+        if workers > 1 and self.impl != "c":
+            raise ValueError(f"workers={workers}: packet workers need the Cython core (the pure-Python "
+                             f"twin runs one loop); accepted with it: workers=1")
+        # one BatchIO per packet worker: own buffers, own epoll, own fd table (its queues)
+        self.bs = [cls(max_ports, max_batch, buf_bytes, out_buf_bytes, per_fd_max) for _ in range(workers)]
+        b = self.b = self.bs[0]          # worker 0: the daemon's own thread
+        self.workers = workers
+        self.lock = datapath.module(self.impl).LoopLock() if workers > 1 else None
         self.max_batch = max_batch
         for name in ("buf", "offsets", "lengths", "in_ports", "out_ports", "dbuf", "doffsets", "dlengths",
-                     "din_ports", "dout_ports", "port_fds", "port_hdr_lens", "rx_errors", "tx_errors",
+                     "din_ports", "dout_ports", "port_fds", "port_hdr_lens",
                      "rfds", "rports", "rhdrs", "failed"):
             setattr(self, name, getattr(b, name))
         self.write = b.write
@@ -351,12 +411,34 @@ class PacketIO:
         self.poll = b.poll                   # wait + read: n frames; then n_failed, control_ready
         self.run = getattr(b, "run", None)   # the whole loop in Cython (BatchIO only)
         self.watch_control = b.watch_control
-        self.set_flood_classes = b.set_flood_classes   # the datapath's flood_classes() (D41)
+
+    def set_flood_classes(self, classes):
+        """The datapath's flood_classes() (D41), for every worker."""
+        for b in self.bs:
+            b.set_flood_classes(classes)
+
+    @property
+    def rx_errors(self):
+        """Failed reads per port: worker 0's array (live) with one worker, else the sum."""
+        return self.b.rx_errors if len(self.bs) == 1 else sum(b.rx_errors for b in self.bs)
+
+    @property
+    def tx_errors(self):
+        """Failed writes per port: worker 0's array (live) with one worker, else the sum."""
+        return self.b.tx_errors if len(self.bs) == 1 else sum(b.tx_errors for b in self.bs)
+
+    LOOP_STATS = ("batches", "frames", "sleeps", "polls", "poll_hits", "poll_ns", "drained")
 
     def loop_stats(self) -> dict:
-        """Counters of ``run`` (zero for the Python twin, which has no ``run``)."""
-        return {k: int(getattr(self.b, "loop_" + k, 0))
-                for k in ("batches", "frames", "sleeps", "polls", "poll_hits", "poll_ns", "drained")}
+        """Counters of ``run``, summed over the workers (zero for the Python twin, which has
+        no ``run``); with workers, ``workers``: each one's, and the lock's contention."""
+        per = [{k: int(getattr(b, "loop_" + k, 0)) for k in self.LOOP_STATS} for b in self.bs]
+        out = {k: sum(p[k] for p in per) for k in self.LOOP_STATS}
+        if self.lock is not None:
+            out["workers"] = per
+            out["dp_sections"] = int(self.lock.dp_sections)
+            out["dp_waits"] = int(self.lock.dp_waits)
+        return out
 
     @property
     def n_failed(self) -> int:
@@ -367,18 +449,24 @@ class PacketIO:
         return self.b.control_ready
 
     def set_port(self, port: Port | None, port_id: int):
-        """Add (and poll) a port's fd, or (None) forget the port's fd and stop polling it."""
-        if port is None:
-            fd = int(self.port_fds[port_id])
-            if fd >= 0:
-                self.b.unwatch(fd)
-            self.port_fds[port_id] = -1
-        else:
-            self.port_fds[port_id] = port.fd
-            self.port_hdr_lens[port_id] = port.hdr_len
-            self.rx_errors[port_id] = 0
-            self.tx_errors[port_id] = 0
-            self.b.watch(port.fd, port_id)
+        """Add (and poll) a port's fd, or (None) forget the port's fd and stop polling it.
+        With workers: worker k gets the port's queue k (``Port.worker_fd``) and polls it if
+        it is its own; a port without that queue is written by worker k on fd 0 and read by
+        worker 0 only. The caller holds the workers' lock exclusive."""
+        for k, b in enumerate(self.bs):
+            if port is None:
+                fd = int(b.port_fds[port_id])
+                if fd >= 0:
+                    b.unwatch(fd)
+                b.port_fds[port_id] = -1
+            else:
+                fd, own = port.worker_fd(k)
+                b.port_fds[port_id] = fd
+                b.port_hdr_lens[port_id] = port.hdr_len
+                b.rx_errors[port_id] = 0
+                b.tx_errors[port_id] = 0
+                if own:
+                    b.watch(fd, port_id)
 
 
 class PortTable:
@@ -408,6 +496,7 @@ class PortTable:
         if self.polled.get(port.port_id) is port:
             del self.polled[port.port_id]
             self.io.set_port(None, port.port_id)
+        port.close_queues()             # the workers' queues: no worker has them any more
         self.by_name.pop(port.name, None)
         self.on_drop(port.port_id)
 
