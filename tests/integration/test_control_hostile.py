@@ -127,7 +127,10 @@ def test_fd_exhaustion_refuses_new_clients_and_keeps_serving_the_old_ones(hostil
         for _ in range(40):             # far more connections than free fds
             s = _connect(c.daemon.socket)
             conns.append(s)
-            s.sendall(rpc.encode({"op": "status"}))
+            try:
+                s.sendall(rpc.encode({"op": "status"}))
+            except BrokenPipeError:
+                pass        # refused and closed before the request went out: its reply is read below
         for s in conns:
             line = _read_line(s)
             assert line, "a connection was closed without a reply"
