@@ -186,7 +186,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             count_drop(c, r, in_port)
             return C_OUT_DROP
         if r == VX_OUT:
-            return output_routed(c, k, out, now)
+            return output_unicast(c, k, out, now)
         r = NAT_NONE
     if not src_mcast:
         if mac_learn(c, k.src_key, in_port, now) < 0:
@@ -240,24 +240,11 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             c.gc[GC_QUEUED] += 1
         tr_add(c, TR_OUT_FLOOD if out == C_OUT_FLOOD else TR_OUT_FLOOD_UNKNOWN, 0, 0)
         return out
-    sh = &c.shapers[out * 2 + C_INGRESS]
-    if sh.active:
-        r = shaper_admit(sh, k, c.vnet_hdr_len, out, now, c.drain_seq)
-        tr_add(c, TR_INGRESS, r, 0)
-        if r == SH_FULL:
-            count_drop(c, DR_QUEUE_FULL, out)
-            return C_OUT_DROP
-        if r == SH_QUEUE:
-            c.pc[out * N_PC + PC_QUEUED] += 1
-            c.gc[GC_QUEUED] += 1
-            tr_add(c, TR_OUT_QUEUED, 0, 0)
-            return C_OUT_QUEUED
-    count_tx(c, out, k.len)
-    tr_add(c, TR_OUT_PORT, out, 0)
-    return out
+    return output_unicast(c, k, out, now)
 
-cdef inline int32_t output_routed(Core *c, Pkt *k, int32_t out, uint64_t now) noexcept nogil:
-    # the ingress shaper and output of a frame the vxlan stage routed to port out
+cdef inline int32_t output_unicast(Core *c, Pkt *k, int32_t out, uint64_t now) noexcept nogil:
+    # the ingress shaper and output of a frame for port out (switched, translated, or
+    # routed by the vxlan stage)
     cdef Shaper *sh = &c.shapers[out * 2 + C_INGRESS]
     cdef int r
     if sh.active:

@@ -51,23 +51,12 @@ def _skip_reason():
 _skip = _skip_reason()
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.skipif(bool(_skip), reason=_skip or "")]
 
-from vswitch.lab.etcdns import MemberCluster  # noqa: E402
+from vswitch.lab.etcdns import MemberCluster, wait_for  # noqa: E402
 
 CLUSTER_CIDR = "10.244.0.0/16"
 TTL_S = 3
 PING_INTERVAL_S = 0.05
 GAP_LIMIT = round(1.0 / PING_INTERVAL_S)     # 1 s of consecutive missing replies = traffic stopped
-
-
-def wait_for(cond, timeout_s: float, what: str, step_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(step_s)
 
 
 def node_names(node) -> set[str]:
