@@ -161,7 +161,11 @@ def test_workers_keep_every_table_exact_under_conflicting_flows(nss, tmp_path):
         # the status above was answered by worker 0 holding the lock exclusive: no batch in flight
         assert g["packets"] == loop["frames"], (g["packets"], loop["frames"])
         assert g["batches"] == loop["batches"]
-        assert min(per) > 0.1 * sum(per), per       # both workers forwarded a real share
+        # both workers forwarded traffic at the same time as the other. Not an even share: the
+        # kernel picks a TAP queue and a fanout socket by flow hash, and the 4-stream transfer,
+        # most of the frames, may hash to one worker (a CI run: 2651 of 220162 on worker 0);
+        # the 64 echo connections alone spread over both
+        assert min(per) >= 500, per
         assert st["worker_exits"] == []
     finally:
         for p in procs:
