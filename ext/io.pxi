@@ -157,6 +157,19 @@ cdef enum:
 
 cdef long long RUN_BUSY_UNTIL = 1LL << 62     # poll_until of busy polling: never reached
 
+# The loop trace (BatchIO.trace_start, docs/daemon.md "Where a ping's microseconds go"): one
+# row of 4 int64 per step of run(), [CLOCK_MONOTONIC ns, step, a, b], in a ring allocated
+# once; off (the default) it costs one predictable branch per step.
+cdef enum:
+    TR_SLEEP = 1                      # a blocking wait begins: a = timeout in µs (-1: none), b = 0
+    TR_WAKE = 2                       # the wait returned ready fds: a = 1 after a blocking wait, 0 a poll; b = events
+    TR_READ = 3                       # the batch is read: a = first frame's in_port, b = frames
+    TR_DP = 4                         # process_batch_c returned: a = first frame's out_port, b = frames
+    TR_WRITE = 5                      # the batch's writes returned: a = first frame's out_port, b = frames written
+    TR_COLS = 4
+
+TRACE_STEPS = {TR_SLEEP: "sleep", TR_WAKE: "wake", TR_READ: "read", TR_DP: "datapath", TR_WRITE: "write"}
+
 cdef enum:
     IO_HDR = 12                       # virtio_net_hdr_mrg_rxbuf, the datapath's layout
     IO_SLOT_MAX = IO_HDR + C_MAX_FRAME
@@ -791,6 +804,11 @@ cdef class BatchIO:
     cdef int *p_rfds
     cdef unsigned short *p_rports
     cdef unsigned char *p_rhdrs
+    cdef readonly object trace_ring        # int64[capacity, 4] once trace_start() ran (the loop trace)
+    cdef long long *p_trace
+    cdef long long trace_cap
+    cdef readonly unsigned long long trace_n          # rows recorded since trace_start (the ring keeps the last)
+    cdef readonly bint tracing
 
     def __init__(self, int max_ports, int max_batch=64, Py_ssize_t buf_bytes=4 << 20,
                  Py_ssize_t out_buf_bytes=4 << 20, int per_fd_max=32):
@@ -855,6 +873,49 @@ cdef class BatchIO:
             self.epfd = -1
         free(self.evs)
         self.evs = NULL
+
+    def trace_start(self, int capacity=4096):
+        """Record run()'s steps (TR_*: blocking wait, wakeup, read, datapath, write) with their
+        CLOCK_MONOTONIC time into a ring of `capacity` rows, from now on. The ring is allocated
+        by the first call and kept (a packet worker may be writing into it): a later call
+        clears it, and must ask for the same capacity."""
+        import numpy
+        cdef long long[:, ::1] v
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity}; accepted: at least 1")
+        if self.trace_ring is None:
+            self.trace_ring = numpy.zeros((capacity, TR_COLS), numpy.int64)
+            v = self.trace_ring
+            self.p_trace = &v[0, 0]
+            self.trace_cap = capacity
+        elif capacity != self.trace_cap:
+            raise ValueError(f"capacity={capacity}: this BatchIO's trace ring has {self.trace_cap} rows")
+        self.tracing = False
+        self.trace_n = 0
+        self.tracing = True
+
+    def trace_stop(self):
+        """Stop recording (the rows stay until the next trace_start)."""
+        self.tracing = False
+
+    def trace_rows(self):
+        """The recorded rows, oldest first: int64[k, 4] (a copy), [t_ns, step, a, b]."""
+        import numpy
+        if self.trace_ring is None:
+            return numpy.zeros((0, TR_COLS), numpy.int64)
+        n = self.trace_n
+        if n <= <unsigned long long>self.trace_cap:
+            return self.trace_ring[:n].copy()
+        k = n % self.trace_cap
+        return numpy.concatenate((self.trace_ring[k:], self.trace_ring[:k]))
+
+    cdef inline void _tr(self, int step, long long a, long long b) noexcept nogil:
+        cdef long long *r = self.p_trace + <long long>(self.trace_n % <unsigned long long>self.trace_cap) * TR_COLS
+        r[0] = vsw_now_ns()
+        r[1] = step
+        r[2] = a
+        r[3] = b
+        self.trace_n += 1
 
     def _epoll_ctl(self, int op, int fd, uint32_t data):
         cdef epoll_event ev
@@ -990,7 +1051,7 @@ cdef class BatchIO:
 
     cdef int _run(self, Core *c, long long deadline, long long poll_ns, bint busy) noexcept nogil:
         cdef long long now, nd, timeout, t_poll, poll_until = RUN_BUSY_UNTIL if busy else 0
-        cdef int r, i, k, nf, n, pid, why
+        cdef int r, i, k, nf, n, pid, why, w
         cdef bint ctl, polling
         cdef uint32_t evbits
         cdef Py_ssize_t bad
@@ -1013,7 +1074,11 @@ cdef class BatchIO:
                 timeout = deadline - now
                 if nd >= 0 and nd - now < timeout:
                     timeout = nd - now
+            if self.tracing and not polling:
+                self._tr(TR_SLEEP, timeout // 1000 if timeout >= 0 else -1, 0)
             r = vsw_epoll_wait_ns(self.epfd, self.evs, self.max_ports + 1, timeout)
+            if self.tracing and r > 0:
+                self._tr(TR_WAKE, 0 if polling else 1, r)
             if r < 0:
                 if _io_errno == _IO_EINTR:
                     return RUN_SIGNAL
@@ -1052,6 +1117,8 @@ cdef class BatchIO:
                 n = _io_read_all(self.p_rfds, self.p_rports, self.p_rhdrs, k, self.p_buf, self.buflen,
                                  self.p_off, self.p_len, self.p_in, self.max_batch, self.per_fd_max,
                                  self.p_rxe, self.max_ports)
+                if self.tracing:
+                    self._tr(TR_READ, self.p_in[0] if n else -1, n)
                 if n:
                     now = vsw_now_ns()
                     if <uint64_t>now < c.last_now_ns:
@@ -1060,9 +1127,13 @@ cdef class BatchIO:
                     bad = process_batch_c(c, self.p_buf, <uint64_t>self.buflen, <uint8_t *>self.p_off, 4,
                                           <uint8_t *>self.p_len, 4, <uint8_t *>self.p_in, 2,
                                           <uint8_t *>self.p_out, 4, n, <uint64_t>now, &why)
+                    if self.tracing:
+                        self._tr(TR_DP, self.p_out[0], n)
                     if bad < 0:             # reads never make an invalid batch; if so, nothing is sent
-                        _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out,
-                                      n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
+                        w = _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out,
+                                          n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
+                        if self.tracing:
+                            self._tr(TR_WRITE, self.p_out[0], w)
                     self.loop_batches += 1
                     self.loop_frames += <unsigned long long>n
                     if not busy:
@@ -1077,7 +1148,7 @@ cdef class BatchIO:
         """_run as one of several workers on `c`: each round holds lk.rw shared, the table
         work lk.mu (the clock read under it); the waits hold nothing."""
         cdef long long now, nd, timeout, t_poll, poll_until = RUN_BUSY_UNTIL if busy else 0
-        cdef int r, i, k, nf, n, pid, why, fd
+        cdef int r, i, k, nf, n, pid, why, fd, w
         cdef bint ctl, polling
         cdef uint32_t evbits
         cdef Py_ssize_t bad, kd
@@ -1121,7 +1192,11 @@ cdef class BatchIO:
                 timeout = deadline - now
                 if nd >= 0 and nd - now < timeout:
                     timeout = nd - now if nd > now else 0
+            if self.tracing and not polling:
+                self._tr(TR_SLEEP, timeout // 1000 if timeout >= 0 else -1, 0)
             r = vsw_epoll_wait_ns(self.epfd, self.evs, self.max_ports + 1, timeout)
+            if self.tracing and r > 0:
+                self._tr(TR_WAKE, 0 if polling else 1, r)
             if r < 0:
                 if _io_errno == _IO_EINTR:
                     return RUN_SIGNAL
@@ -1167,6 +1242,8 @@ cdef class BatchIO:
                 n = _io_read_all(self.p_rfds, self.p_rports, self.p_rhdrs, k, self.p_buf, self.buflen,
                                  self.p_off, self.p_len, self.p_in, self.max_batch, self.per_fd_max,
                                  self.p_rxe, self.max_ports)
+                if self.tracing:
+                    self._tr(TR_READ, self.p_in[0] if n else -1, n)
                 if n:
                     lk.dp_enter()
                     now = vsw_now_ns()
@@ -1177,9 +1254,13 @@ cdef class BatchIO:
                                           <uint8_t *>self.p_len, 4, <uint8_t *>self.p_in, 2,
                                           <uint8_t *>self.p_out, 4, n, <uint64_t>now, &why)
                     pthread_mutex_unlock(&lk.mu)
+                    if self.tracing:
+                        self._tr(TR_DP, self.p_out[0], n)
                     if bad < 0:
-                        _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out,
-                                      n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
+                        w = _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out,
+                                          n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
+                        if self.tracing:
+                            self._tr(TR_WRITE, self.p_out[0], w)
                     self.loop_batches += 1
                     self.loop_frames += <unsigned long long>n
                     if not busy:

@@ -273,7 +273,8 @@ class Daemon:
                 "counters": self.op_counters, "fdb": self.op_fdb, "conntrack": self.op_conntrack,
                 "hostports": self.op_hostports, "capture_start": self.op_capture_start,
                 "capture_stop": self.op_capture_stop, "trace": self.op_trace, "metrics": self.op_metrics,
-                "pod_cidr": self.op_pod_cidr, "nodes": self.op_nodes, "peers": self.op_peers}
+                "pod_cidr": self.op_pod_cidr, "nodes": self.op_nodes, "peers": self.op_peers,
+                "loop_trace": self.op_loop_trace}
 
     def op_peers(self, req):
         """Generator (a kernel op): the VXLAN peer table (vswitch.daemon.vxlan)."""
@@ -352,6 +353,34 @@ class Daemon:
 
     def op_trace(self, req):
         return trace(self.switch, self._port_arg(req.get("in_port")), req, time.monotonic_ns())
+
+    def op_loop_trace(self, req):
+        """The packet loop's step trace (BatchIO.trace_start, docs/daemon.md "Where a ping's
+        microseconds go"): action "start" (capacity rows per worker, default 4096), "stop",
+        or "rows": each worker's rows [t_ns, step, a, b], oldest first, and the step names."""
+        action = req.get("action", "rows")
+        bs = [b for b in self.io.bs if hasattr(b, "trace_start")]
+        if not bs:
+            raise RpcError(rpc.E_INVALID_CONFIG, "loop_trace: the packet loop is the Python twin's (no trace)")
+        if action == "start":
+            cap = req.get("capacity", 4096)
+            if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 1 << 20:
+                raise RpcError(rpc.E_BAD_ARGS, f"capacity={cap!r}; accepted: an integer 1 .. {1 << 20}")
+            try:
+                for b in bs:
+                    b.trace_start(cap)
+            except ValueError as exc:
+                raise RpcError(rpc.E_BAD_ARGS, str(exc)) from None
+            return {"tracing": True}
+        if action == "stop":
+            for b in bs:
+                b.trace_stop()
+            return {"tracing": False}
+        if action == "rows":
+            steps = sys.modules[type(bs[0]).__module__].TRACE_STEPS
+            return {"steps": {str(k): v for k, v in steps.items()},
+                    "workers": [b.trace_rows().tolist() for b in bs]}
+        raise RpcError(rpc.E_BAD_ARGS, f"action={action!r}; accepted: start, stop, rows")
 
     def op_metrics(self, req):
         return {"text": self.metrics_text()}
