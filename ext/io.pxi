@@ -46,6 +46,18 @@
 # batch it polls (timeout 0, sched_yield between empty polls) for `poll_ns` before it
 # blocks again: bounded polling per burst, none when idle. `loop_*` count what it did.
 #
+# Adaptive window: the window after a batch is `poll_ns`, widened to 1.25 × the longest gap
+# between two batches that fell in (poll_ns, poll_max_ns] within the last second (at most
+# `poll_max_ns`, default 4 × poll_ns). A pod's answer to a frame we wrote arrives inside the
+# write itself, but an answer from another node (VXLAN: the peer daemon wakes, forwards,
+# the pod answers, the peer sends it back) takes 100-200 µs; with a fixed 100 µs window it
+# came just after we slept and paid a wakeup (issue 13). Traffic without such gaps (a TCP
+# stream, a ping every 5 ms between local pods) keeps the window at poll_ns.
+#
+# Loop trace (`trace_start`, docs/daemon.md "Where a ping's microseconds go"): each step of
+# run() (blocking wait, wakeup, read, datapath, write) with its CLOCK_MONOTONIC time into a
+# preallocated ring, for `python -m bench.ping_path`; off by default, one branch per step.
+#
 # Packet workers (vswitchd --workers N, docs/daemon.md "Packet workers"): N threads each
 # run `run(dp, ..., lock=L)` on their own BatchIO (own buffers, own epoll of their own
 # queue fds: one queue of each multi-queue TAP, one PACKET_FANOUT socket of the uplink) and
@@ -156,6 +168,8 @@ cdef enum:
     RUN_ERROR = 16                    # ... epoll_wait failed (errno in run_errno)
 
 cdef long long RUN_BUSY_UNTIL = 1LL << 62     # poll_until of busy polling: never reached
+cdef long long POLL_GROW = 4                  # run()'s default poll_max_ns: POLL_GROW × poll_ns
+cdef long long POLL_LEARN_NS = 1000000000LL   # a late gap widens the window for this long
 
 # The loop trace (BatchIO.trace_start, docs/daemon.md "Where a ping's microseconds go"): one
 # row of 4 int64 per step of run(), [CLOCK_MONOTONIC ns, step, a, b], in a ring allocated
@@ -783,6 +797,11 @@ cdef class BatchIO:
     cdef readonly unsigned long long loop_drained    # frames released from shaping queues by run()
     cdef readonly int run_errno                      # errno of epoll_wait when run() returned RUN_ERROR
     cdef readonly unsigned long long loop_unwatched  # failed fds a worker removed from its epoll (unwatch_failed)
+    cdef readonly long long loop_window_ns           # the polling window after the last batch (adaptive)
+    cdef readonly long long poll_max_ns              # its bound (run's poll_max_ns)
+    cdef long long last_batch_ns                     # when the last batch was read
+    cdef long long late_gap_ns                       # the longest recent gap in (poll_ns, poll_max_ns]
+    cdef long long late_gap_t                        # ... seen at this time (forgotten after POLL_LEARN_NS)
     cdef int epfd                          # epoll of the port fds and the control fd
     cdef epoll_event *evs
     cdef unsigned short *p_failed
@@ -987,7 +1006,7 @@ cdef class BatchIO:
         return n
 
     def run(self, Datapath dp, long long deadline_ns, long long poll_ns=0, bint busy=False,
-            LoopLock lock=None, bint unwatch_failed=False):
+            LoopLock lock=None, bint unwatch_failed=False, long long poll_max_ns=-1):
         """The daemon's packet loop, without the GIL, until there is work for Python.
 
         Each round: read the monotonic clock (the `now_ns` of the datapath); release the
@@ -1005,6 +1024,10 @@ cdef class BatchIO:
         wait, or epoll_wait failed (run_errno). `dp` must be the Datapath of this
         buffer layout (12-byte vnet header, at least max_ports ports).
 
+        `poll_max_ns` (-1: POLL_GROW × poll_ns; poll_ns: a fixed window): how far the window
+        may grow when batches keep arriving just after it (an answer from another node, the
+        header comment's "Adaptive window"); `loop_window_ns` is the window in use.
+
         `busy`: poll without blocking, always (--busy-poll). `lock`: run as one of several
         packet workers sharing `dp` (the LoopLock of all of them; the header comment says
         what it serializes); the caller holds no lock and must hold `lock` exclusive for
@@ -1017,6 +1040,11 @@ cdef class BatchIO:
             raise ValueError(f"run: BatchIO has {self.max_ports} ports, the datapath only {dp.max_ports}")
         if poll_ns < 0:
             raise ValueError(f"poll_ns={poll_ns}; accepted: 0 (no polling) or more")
+        if poll_max_ns < 0:
+            poll_max_ns = POLL_GROW * poll_ns
+        if poll_max_ns < poll_ns:
+            raise ValueError(f"poll_max_ns={poll_max_ns}; accepted: at least poll_ns ({poll_ns}), or -1")
+        self.poll_max_ns = poll_max_ns
         cdef int reason
         if lock is not None:
             with nogil:
@@ -1031,6 +1059,24 @@ cdef class BatchIO:
         finally:
             dp.busy = False
         return reason
+
+    cdef inline long long _window(self, long long now, long long poll_ns) noexcept nogil:
+        """The polling window after a batch read at `now` (header comment "Adaptive window")."""
+        cdef long long gap = now - self.last_batch_ns, win
+        self.last_batch_ns = now
+        if now - self.late_gap_t > POLL_LEARN_NS:
+            self.late_gap_ns = 0
+        if poll_ns < gap <= self.poll_max_ns:
+            if gap > self.late_gap_ns:
+                self.late_gap_ns = gap
+            self.late_gap_t = now
+        win = self.late_gap_ns + self.late_gap_ns // 4
+        if win < poll_ns:
+            win = poll_ns
+        elif win > self.poll_max_ns:
+            win = self.poll_max_ns
+        self.loop_window_ns = win
+        return win
 
     cdef void _drain_due(self, Core *c, uint64_t now) noexcept nogil:
         """Release the due packets of the shaping queues and write them."""
@@ -1137,7 +1183,7 @@ cdef class BatchIO:
                     self.loop_batches += 1
                     self.loop_frames += <unsigned long long>n
                     if not busy:
-                        poll_until = now + poll_ns
+                        poll_until = now + self._window(now, poll_ns)
             if ctl or nf:
                 self.n_failed = nf
                 self.control_ready = ctl
@@ -1264,7 +1310,7 @@ cdef class BatchIO:
                     self.loop_batches += 1
                     self.loop_frames += <unsigned long long>n
                     if not busy:
-                        poll_until = now + poll_ns
+                        poll_until = now + self._window(now, poll_ns)
             pthread_rwlock_unlock(&lk.rw)
             if ctl or nf:
                 self.n_failed = nf
