@@ -43,6 +43,8 @@ import sys
 import tempfile
 import time
 
+from vswitch import lab
+
 from . import nettools, podnet
 
 PING_BYTES_DEV, PING_BYTES_RX = 98, 84          # an echo of 56 data bytes at the device, at the stack
@@ -83,10 +85,23 @@ def _perf_stop(proc, out):
     return events
 
 
-def _segments(events, rows, rtts_ms, pod_if):
-    """Per ping, the anchors and (with rows) our steps; returns ({name: [µs, ...]}, skipped)."""
+def _ping(ns, dst, count, interval_s):
+    """ping run here (its pid known: ``ip netns exec`` execs it); (pid, every reply's RTT in ms)."""
+    proc = lab.nspopen(ns, "ping", "-c", count, "-i", interval_s, "-W", 2, dst)
+    out, err = proc.communicate(timeout=count * interval_s + 30)
+    rtts = [float(t) for t in nettools._RTT.findall(out)]
+    if not rtts:
+        raise RuntimeError(f"ping from {ns} to {dst} got no reply: {out[-300:]} {err[-300:]}")
+    return proc.pid, rtts
+
+
+def _segments(events, rows, rtts_ms, pod_if, tids):
+    """Per ping, the anchors and (with rows) our steps; returns ({name: [µs, ...]}, skipped).
+    Only events of the threads `tids` count (ping's, the daemon's): other work on the machine
+    (another ping between other pods named eth0) is not ours to read."""
     pings, skipped = [], 0
-    net = [e for e in events if e[1] in ("net:net_dev_queue", "net:netif_receive_skb") and e[4] == pod_if]
+    net = [e for e in events if e[1] in ("net:net_dev_queue", "net:netif_receive_skb") and e[4] == pod_if
+           and e[3] in tids]
     sched = [e for e in events if e[1].startswith("sched:")]
     i, sent = 0, 0
     while i < len(net):
@@ -158,7 +173,7 @@ def _segments(events, rows, rtts_ms, pod_if):
         if rtts is not None:
             add("ping's send path (its clock → request queued)", rtts[k] * 1e6 - (rx_a - q_a))
     if rtts_ms:
-        out["RTT (ping)"] = [r * 1e6 for r in rtts_ms]
+        out["RTT (ping)"] = [r * 1000 for r in rtts_ms]
     return out, skipped
 
 
@@ -177,14 +192,14 @@ def measure(subject, count, interval_s, daemon_args=()):
             try:
                 if pid is not None:
                     node.daemon.call("loop_trace", action="start", capacity=1 << 16)
-                rtts = nettools.ping_rtts_ms(a.ns, b.ip, count, interval_s)
+                ping_pid, rtts = _ping(a.ns, b.ip, count, interval_s)
                 rows = None
                 if pid is not None:
                     node.daemon.call("loop_trace", action="stop")
                     rows = node.daemon.call("loop_trace", action="rows")["workers"][0]
             finally:
                 events = _perf_stop(perf, out)
-        seg, skipped = _segments(events, rows, rtts, podnet.POD_IFNAME)
+        seg, skipped = _segments(events, rows, rtts, podnet.POD_IFNAME, {ping_pid, pid})
     return {"subject": subject, "count": count, "interval_s": interval_s, "daemon_args": list(args),
             "skipped": skipped, "medians_us": {k: round(statistics.median(v), 2) for k, v in seg.items()},
             "n": {k: len(v) for k, v in seg.items()}}

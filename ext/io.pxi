@@ -54,6 +54,12 @@
 # came just after we slept and paid a wakeup (issue 13). Traffic without such gaps (a TCP
 # stream, a ping every 5 ms between local pods) keeps the window at poll_ns.
 #
+# First frame first: the first read after a blocking wait or an empty poll takes one frame
+# per ready fd (no second read() that ends in EAGAIN before the frame is forwarded), so a
+# lone frame (a request after idle) goes out one syscall sooner; the frames behind it
+# are read by the next, non-blocking wait (level-triggered epoll reports the fd again), in
+# full batches while traffic lasts.
+#
 # Loop trace (`trace_start`, docs/daemon.md "Where a ping's microseconds go"): each step of
 # run() (blocking wait, wakeup, read, datapath, write) with its CLOCK_MONOTONIC time into a
 # preallocated ring, for `python -m bench.ping_path`; off by default, one branch per step.
@@ -1098,7 +1104,7 @@ cdef class BatchIO:
     cdef int _run(self, Core *c, long long deadline, long long poll_ns, bint busy) noexcept nogil:
         cdef long long now, nd, timeout, t_poll, poll_until = RUN_BUSY_UNTIL if busy else 0
         cdef int r, i, k, nf, n, pid, why, w
-        cdef bint ctl, polling
+        cdef bint ctl, polling, fresh = True
         cdef uint32_t evbits
         cdef Py_ssize_t bad
         self.n_failed = 0
@@ -1133,6 +1139,7 @@ cdef class BatchIO:
             if polling:
                 self.loop_polls += 1
                 if r == 0:
+                    fresh = True
                     sched_yield()           # a task woken on this CPU (the peer of the traffic) runs first
                     t_poll = vsw_now_ns()
                     self.loop_poll_ns += <unsigned long long>(t_poll - now)
@@ -1140,6 +1147,7 @@ cdef class BatchIO:
                 self.loop_poll_hits += 1
             else:
                 self.loop_sleeps += 1
+                fresh = True
             k = 0
             nf = 0
             ctl = False
@@ -1161,8 +1169,9 @@ cdef class BatchIO:
                 k += 1
             if k:
                 n = _io_read_all(self.p_rfds, self.p_rports, self.p_rhdrs, k, self.p_buf, self.buflen,
-                                 self.p_off, self.p_len, self.p_in, self.max_batch, self.per_fd_max,
-                                 self.p_rxe, self.max_ports)
+                                 self.p_off, self.p_len, self.p_in, self.max_batch,
+                                 1 if fresh else self.per_fd_max, self.p_rxe, self.max_ports)
+                fresh = False
                 if self.tracing:
                     self._tr(TR_READ, self.p_in[0] if n else -1, n)
                 if n:
@@ -1195,7 +1204,7 @@ cdef class BatchIO:
         work lk.mu (the clock read under it); the waits hold nothing."""
         cdef long long now, nd, timeout, t_poll, poll_until = RUN_BUSY_UNTIL if busy else 0
         cdef int r, i, k, nf, n, pid, why, fd, w
-        cdef bint ctl, polling
+        cdef bint ctl, polling, fresh = True
         cdef uint32_t evbits
         cdef Py_ssize_t bad, kd
         cdef epoll_event dev
@@ -1251,6 +1260,7 @@ cdef class BatchIO:
             if polling:
                 self.loop_polls += 1
                 if r == 0:
+                    fresh = True
                     sched_yield()
                     t_poll = vsw_now_ns()
                     self.loop_poll_ns += <unsigned long long>(t_poll - now)
@@ -1258,6 +1268,7 @@ cdef class BatchIO:
                 self.loop_poll_hits += 1
             else:
                 self.loop_sleeps += 1
+                fresh = True
             k = 0
             nf = 0
             ctl = False
@@ -1286,8 +1297,9 @@ cdef class BatchIO:
                 k += 1
             if k:
                 n = _io_read_all(self.p_rfds, self.p_rports, self.p_rhdrs, k, self.p_buf, self.buflen,
-                                 self.p_off, self.p_len, self.p_in, self.max_batch, self.per_fd_max,
-                                 self.p_rxe, self.max_ports)
+                                 self.p_off, self.p_len, self.p_in, self.max_batch,
+                                 1 if fresh else self.per_fd_max, self.p_rxe, self.max_ports)
+                fresh = False
                 if self.tracing:
                     self._tr(TR_READ, self.p_in[0] if n else -1, n)
                 if n:
