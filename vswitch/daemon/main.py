@@ -15,9 +15,12 @@ conntrack/MAC sweep is due, so Python runs per control request and timer, never 
 packet or per batch. **Adaptive polling** (``--poll-us``, default 100 µs): after a
 batch the loop polls the ports without blocking for that long before it sleeps, so the
 answer to a just-forwarded request is read without a sleep and a thread wakeup (polls
-that find nothing yield the CPU to any task waiting for it). Its CPU cost is at most
-``poll_us`` per burst of traffic (measured: ``status`` → ``loop.poll_ns``); with no
-traffic the loop blocks and costs nothing. While a capture runs (and with the Python
+that find nothing yield the CPU to any task waiting for it). The window grows, up to
+``--poll-max-us`` (default 4 x ``--poll-us``), while batches keep arriving just after it
+(an answer from another node: ext/io.pxi "Adaptive window"). Its CPU cost is at most the
+window per burst of traffic (measured: ``status`` → ``loop.poll_ns``); with no traffic
+the loop blocks and costs nothing. ``loop_trace`` records the loop's steps with their
+times (docs/daemon.md "Where a ping's microseconds go"). While a capture runs (and with the Python
 twins) the loop is ``_step``: one ``PacketIO.poll`` per wakeup, the datapath called from
 Python so the capture sees each batch before and after processing.
 
