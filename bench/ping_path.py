@@ -2,6 +2,7 @@
 
     python -m bench.ping_path                      # as root, with perf; prints a Markdown table
     python -m bench.ping_path --count 500 --json out.json --daemon-args=--poll-us=200
+    python -m bench.ping_path --subjects default --syscalls     # the wakeup and read() split further
 
 Theory of operation
 -------------------
@@ -53,12 +54,15 @@ MATCHED = "request queued on A → reply received by A"
 _LINE = re.compile(r"^\s*(.+?)\s+(\d+)\s+(\d+)\.(\d+):\s+(\S+):\s+(.*)$")
 
 
-def _perf_start(out, daemon_pid=None):
+def _perf_start(out, daemon_pid=None, syscalls=False):
     ev = ["-e", "net:net_dev_queue", "--filter", f"len == {PING_BYTES_DEV}",
           "-e", "net:netif_receive_skb", "--filter", f"len == {PING_BYTES_RX}"]
     if daemon_pid is not None:
         ev += ["-e", "sched:sched_wakeup", "--filter", f"pid == {daemon_pid}",
                "-e", "sched:sched_switch", "--filter", f"next_pid == {daemon_pid}"]
+        if syscalls:
+            ev += [x for name in ("sys_exit_epoll_pwait2", "sys_enter_read", "sys_exit_read")
+                   for x in ("-e", f"syscalls:{name}", "--filter", f"common_pid == {daemon_pid}")]
     proc = subprocess.Popen(["perf", "record", "-q", "-a", "-k", "mono", *ev, "-o", out],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)                 # perf has opened its events
@@ -124,7 +128,8 @@ def _segments(events, rows, rtts_ms, pod_if, tids):
         out.setdefault(name, []).append(v / 1000)
     rtts = rtts_ms if len(rtts_ms) == sent else None
     for k, (q_a, rx_b, tx_b, rx_a) in pings:
-        steps = {}
+        sys_of = {name: [x[0] for x in events if x[1] == "syscalls:" + name]
+                  for name in ("sys_exit_epoll_pwait2", "sys_enter_read", "sys_exit_read")}
         if rows is not None:
             # our steps: the first wakeup after Q_A, its read/datapath, the write after TX_B, then
             # the reply's wakeup/read/datapath before RX_A and its write after it
@@ -152,10 +157,19 @@ def _segments(events, rows, rtts_ms, pod_if, tids):
                 add("request queued → daemon woken (tun, epoll callback)", wakeup - q_a)
                 add("woken → on a CPU (scheduler, the vCPU)", switch - wakeup)
                 add("on a CPU → epoll_wait returned", w1[0] - switch)
-                steps["slept"] = 1
+                x = [t for t in sys_of["sys_exit_epoll_pwait2"] if switch <= t <= w1[0]]
+                if x:           # --syscalls: the kernel's part and the return to user
+                    add("  of which: on a CPU → epoll_pwait2's syscall exit (kernel)", x[-1] - switch)
+                    add("  of which: syscall exit → back in our loop", w1[0] - x[-1])
             else:
                 add("request queued → poll found it (busy / in the window)", w1[0] - q_a)
             add("read() of the request", r1[0] - w1[0])
+            en = [t for t in sys_of["sys_enter_read"] if w1[0] <= t <= r1[0]]
+            ex = [t for t in sys_of["sys_exit_read"] if en and en[0] <= t <= r1[0]]
+            if en and ex:       # --syscalls
+                add("  of which: our loop → read() entered", en[0] - w1[0])
+                add("  of which: in read() (kernel)", ex[0] - en[0])
+                add("  of which: read() exit → our loop", r1[0] - ex[0])
             add("datapath (request)", d1[0] - r1[0])
             add("write() entry → B's stack receives (tun_get_user)", rx_b - d1[0])
             add("B's stack: request in → reply queued", tx_b - rx_b)
@@ -177,7 +191,7 @@ def _segments(events, rows, rtts_ms, pod_if, tids):
     return out, skipped
 
 
-def measure(subject, count, interval_s, daemon_args=()):
+def measure(subject, count, interval_s, daemon_args=(), syscalls=False):
     kind = "bridge" if subject == "bridge" else "vswitch"
     args = tuple(daemon_args) + (("--busy-poll",) if subject == "busy" else ())
     with podnet.Node(kind, tag="pp", daemon_args=args if kind == "vswitch" else ()) as node:
@@ -188,7 +202,7 @@ def measure(subject, count, interval_s, daemon_args=()):
         pid = node.daemon.proc.pid if kind == "vswitch" else None
         with tempfile.TemporaryDirectory(prefix="ping-path-") as tmp:
             out = os.path.join(tmp, "perf.data")
-            perf = _perf_start(out, pid)
+            perf = _perf_start(out, pid, syscalls and subject == "default")
             try:
                 if pid is not None:
                     node.daemon.call("loop_trace", action="start", capacity=1 << 16)
@@ -234,13 +248,16 @@ def main(argv=None):
     ap.add_argument("--interval", type=float, default=0.01, help="seconds between pings")
     ap.add_argument("--daemon-args", action="append", default=[], help="one more vswitchd argument (repeatable)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="default subject: also split the wakeup's return and the request's read() "
+                         "into kernel and user parts (syscall tracepoints of the daemon's thread)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         ap.error("needs root (namespaces, perf)")
     for tool in ("perf", "ping"):
         if shutil.which(tool) is None:
             ap.error(f"{tool} is not installed")
-    results = [measure(s, a.count, a.interval, a.daemon_args) for s in a.subjects.split(",")]
+    results = [measure(s, a.count, a.interval, a.daemon_args, a.syscalls) for s in a.subjects.split(",")]
     print(table(results))
     if a.json:
         with open(a.json, "w") as f:
