@@ -54,11 +54,12 @@
 # came just after we slept and paid a wakeup (issue 13). Traffic without such gaps (a TCP
 # stream, a ping every 5 ms between local pods) keeps the window at poll_ns.
 #
-# First frame first: the first read after a blocking wait or an empty poll takes one frame
-# per ready fd (no second read() that ends in EAGAIN before the frame is forwarded), so a
-# lone frame (a request after idle) goes out one syscall sooner; the frames behind it
-# are read by the next, non-blocking wait (level-triggered epoll reports the fd again), in
-# full batches while traffic lasts.
+# First frame first: the first read after an empty poll (so after idle: a blocking wait
+# follows one) takes one frame per ready fd (no second read() that ends in EAGAIN before
+# the frame is forwarded), so a lone frame (a request after idle) goes out one syscall
+# sooner; the frames behind it are read by the next, non-blocking wait (level-triggered
+# epoll reports the fd again), in full batches while traffic lasts. Without polling
+# (poll_ns 0, where a wait right after a batch may find more) every read is a full one.
 #
 # Loop trace (`trace_start`, docs/daemon.md "Where a ping's microseconds go"): each step of
 # run() (blocking wait, wakeup, read, datapath, write) with its CLOCK_MONOTONIC time into a
@@ -1109,6 +1110,7 @@ cdef class BatchIO:
         cdef Py_ssize_t bad
         self.n_failed = 0
         self.control_ready = False
+        fresh = busy or poll_ns > 0         # without polling (poll_ns 0) every read is a full one
         while True:
             now = vsw_now_ns()
             if c.have_now and <uint64_t>now < c.last_now_ns:
@@ -1147,7 +1149,6 @@ cdef class BatchIO:
                 self.loop_poll_hits += 1
             else:
                 self.loop_sleeps += 1
-                fresh = True
             k = 0
             nf = 0
             ctl = False
@@ -1210,6 +1211,7 @@ cdef class BatchIO:
         cdef epoll_event dev
         self.n_failed = 0
         self.control_ready = False
+        fresh = busy or poll_ns > 0         # without polling (poll_ns 0) every read is a full one
         while True:
             nd = -1
             if c.n_active:                  # shapers exist (set only under the exclusive lock)
@@ -1268,7 +1270,6 @@ cdef class BatchIO:
                 self.loop_poll_hits += 1
             else:
                 self.loop_sleeps += 1
-                fresh = True
             k = 0
             nf = 0
             ctl = False

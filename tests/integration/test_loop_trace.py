@@ -93,3 +93,33 @@ def test_the_ring_keeps_the_last_rows():
     finally:
         ours.close()
         peer.close()
+
+
+@pytest.mark.parametrize("poll_ns", [0, 1_000_000])
+def test_first_frame_first_after_idle(poll_ns):
+    """Three frames waiting when run() starts: with polling, the first read takes one frame
+    (no read() ending in EAGAIN before it is forwarded), the next wait the other two; with
+    poll_ns 0 one read takes all three (ext/io.pxi "First frame first")."""
+    import socket
+    from vswitch.config import SwitchConfig
+    from vswitch.daemon.ports import VNET_HDR_LEN, PacketIO, Port
+    from vswitch.switch import Switch
+    pio = PacketIO(max_ports=4, max_batch=16, impl="c")
+    sw = Switch(SwitchConfig(vnet_hdr_len=VNET_HDR_LEN, max_ports=4), impl="c")
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    try:
+        sw.add_port("p1", "uplink", port_id=1)
+        pio.set_port(Port("p1", 1, ours.fileno()), 1)
+        pio.b.trace_start(64)
+        frame = bytes(VNET_HDR_LEN) + bytes([2, 0, 0, 0, 0, 9]) + bytes([2, 0, 0, 0, 0, 1]) + b"\x88\xb5" + bytes(46)
+        for _ in range(3):
+            peer.send(frame)
+        deadline = time.monotonic() + 10
+        while pio.loop_stats()["frames"] < 3 and time.monotonic() < deadline:
+            pio.run(sw.dp, time.monotonic_ns() + 20_000_000, poll_ns)
+        reads = [r[3] for r in pio.b.trace_rows().tolist() if r[1] == READ]
+        assert reads[:2 if poll_ns else 1] == ([1, 2] if poll_ns else [3])
+    finally:
+        ours.close()
+        peer.close()
