@@ -175,21 +175,6 @@ cdef enum:
     RUN_ERROR = 16                    # ... epoll_wait failed (errno in run_errno)
 
 cdef long long RUN_BUSY_UNTIL = 1LL << 62     # poll_until of busy polling: never reached
-cdef long long POLL_GROW = 4                  # run()'s default poll_max_ns: POLL_GROW × poll_ns
-cdef long long POLL_LEARN_NS = 1000000000LL   # a late gap widens the window for this long
-
-# The loop trace (BatchIO.trace_start, docs/daemon.md "Where a ping's microseconds go"): one
-# row of 4 int64 per step of run(), [CLOCK_MONOTONIC ns, step, a, b], in a ring allocated
-# once; off (the default) it costs one predictable branch per step.
-cdef enum:
-    TR_SLEEP = 1                      # a blocking wait begins: a = timeout in µs (-1: none), b = 0
-    TR_WAKE = 2                       # the wait returned ready fds: a = 1 after a blocking wait, 0 a poll; b = events
-    TR_READ = 3                       # the batch is read: a = first frame's in_port, b = frames
-    TR_DP = 4                         # process_batch_c returned: a = first frame's out_port, b = frames
-    TR_WRITE = 5                      # the batch's writes returned: a = first frame's out_port, b = frames written
-    TR_COLS = 4
-
-TRACE_STEPS = {TR_SLEEP: "sleep", TR_WAKE: "wake", TR_READ: "read", TR_DP: "datapath", TR_WRITE: "write"}
 
 cdef enum:
     IO_HDR = 12                       # virtio_net_hdr_mrg_rxbuf, the datapath's layout
@@ -776,6 +761,23 @@ cdef class LoopLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+cdef long long POLL_GROW = 4                  # run()'s default poll_max_ns: POLL_GROW × poll_ns
+cdef long long POLL_LEARN_NS = 1000000000LL   # a late gap widens the window for this long
+
+# The loop trace (BatchIO.trace_start, docs/daemon.md "Where a ping's microseconds go"): one
+# row of 4 int64 per step of run(), [CLOCK_MONOTONIC ns, step, a, b], in a ring allocated
+# once; off (the default) it costs one predictable branch per step.
+cdef enum:
+    TR_SLEEP = 1                      # a blocking wait begins: a = timeout in µs (-1: none), b = 0
+    TR_WAKE = 2                       # the wait returned ready fds: a = 1 after a blocking wait, 0 a poll; b = events
+    TR_READ = 3                       # the batch is read: a = first frame's in_port, b = frames
+    TR_DP = 4                         # process_batch_c returned: a = first frame's out_port, b = frames
+    TR_WRITE = 5                      # the batch's writes returned: a = first frame's out_port, b = frames written
+    TR_COLS = 4
+
+TRACE_STEPS = {TR_SLEEP: "sleep", TR_WAKE: "wake", TR_READ: "read", TR_DP: "datapath", TR_WRITE: "write"}
 
 
 cdef class BatchIO:
