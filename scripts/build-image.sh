@@ -18,7 +18,18 @@
 #   4. a smoke test in the root filesystem (imports, the Cython core forwards a frame);
 #   5. `buildah from scratch` + the root filesystem + config, committed as
 #      vswitch:VERSION-SHORTCOMMIT and tagged vswitch:latest (local storage, the one podman
-#      and buildah share).
+#      and buildah share), and vswitch:VERSION-src-KEY, KEY a hash of the build's inputs
+#      (below): the cache.
+#
+# The cache: KEY hashes everything the image is made of that is not fetched from Debian:
+# the commit's files except the folders no package and no build step reads (tests, docs,
+# examples, deploy, tools, scripts, .ci, Containerfile, conftest.py, .gitignore: git's
+# tree hashes of all the others: vswitch, cni, bench, ext, setup.py, pyproject.toml,
+# README.md, LICENSE and anything added later), this script's own text, the two PyPI pins,
+# and the venv's Cython and numpy (they build the core). A commit whose KEY was built
+# already (a commit that changed only tests or docs) gets that image under its own tag,
+# not rebuilt: its code is the same, file for file. The label
+# org.opencontainers.image.revision names the commit that built it.
 #
 # Entry points: ENTRYPOINT vswitch-entrypoint (vswitch/daemon/entrypoint.py: runs vswitchd,
 # gives the uplink NIC back if it dies), CMD vswitchd; `vswitchctl install-cni ...` as the
@@ -28,10 +39,12 @@
 # Usage: scripts/build-image.sh [--commit REF] [--tag NAME:TAG] [--force]
 #   --commit REF   build this commit (default HEAD)
 #   --tag N:T      the image name (default vswitch:VERSION-SHORTCOMMIT)
-#   --force        build even if the tag exists (default: a built tag is reused, so the
-#                  tests build an image once per commit)
+#   --force        build even if the inputs were built already (default: an image of the
+#                  same inputs is reused, so the tests build an image once per change of
+#                  what goes into it, not once per commit)
 # Prints the image name on its last line of stdout.
 set -euo pipefail
+self=$(readlink -f "$0")
 cd "$(dirname "$0")/.."
 repo=$PWD
 
@@ -62,9 +75,16 @@ tag=${tag:-vswitch:$version-$short}
 etcd3gw_req='etcd3gw>=2.7'
 pyroute2_req=pyroute2==$("$python" -c 'import importlib.metadata as m; print(m.version("pyroute2"))')
 
-if [ "$force" = 0 ] && buildah inspect --type image "$tag" >/dev/null 2>&1; then
-    echo "build-image: $tag exists (commit $short); not rebuilt (--force rebuilds)" >&2
-    buildah tag "$tag" vswitch:latest
+# the cache key (see the top): excluded are top-level entries of the commit that no build
+# step reads; every other one counts by its git tree or blob hash
+build_tools=$("$python" -c 'import Cython, numpy; print("cython", Cython.__version__, "numpy", numpy.__version__)')
+key=$( { git ls-tree "$sha" | grep -v -E $'\t(tests|docs|examples|deploy|tools|scripts|\\.ci|Containerfile|conftest\\.py|\\.gitignore)$'
+         sha256sum < "$self"; echo "$etcd3gw_req $pyroute2_req $build_tools"; } | sha256sum | cut -c1-16)
+cache_tag=vswitch:$version-src-$key
+
+if [ "$force" = 0 ] && buildah inspect --type image "$cache_tag" >/dev/null 2>&1; then
+    echo "build-image: the inputs of $short were built already ($cache_tag); not rebuilt (--force rebuilds)" >&2
+    buildah tag "$cache_tag" "$tag" vswitch:latest
     echo "localhost/$tag"
     exit 0
 fi
@@ -112,16 +132,18 @@ buildah config \
     --label org.opencontainers.image.title=vswitch \
     --label org.opencontainers.image.version="$version" \
     --label org.opencontainers.image.revision="$sha" \
+    --label vswitch.build-inputs="$key" \
     --label org.opencontainers.image.base.name=debian:bookworm-minbase \
     "$ctr"
 buildah commit -q --rm "$ctr" "$tag" >/dev/null
 ctr=
-buildah tag "$tag" vswitch:latest
-# one image per commit would pile up (about 260 MB each on a CI machine that builds every
-# commit): drop this project's older commit tags; an image a container still uses stays
+buildah tag "$tag" "$cache_tag" vswitch:latest
+# one image per build would pile up (about 260 MB each on a CI machine that builds every
+# change): drop this project's older tags (commit and cache tags; an image goes with its
+# last tag); an image a container still uses stays
 for old in $(buildah images --format '{{.Name}}:{{.Tag}}' 2>/dev/null | grep '^localhost/vswitch:' || true); do
     case "$old" in
-        "localhost/$tag"|localhost/vswitch:latest|*-next) ;;
+        "localhost/$tag"|"localhost/$cache_tag"|localhost/vswitch:latest|*-next) ;;
         *) buildah rmi "$old" >/dev/null 2>&1 && echo "build-image: removed the older $old" >&2 ;;
     esac
 done
