@@ -119,13 +119,24 @@ core_key=$( { git ls-tree -r "$sha" -- ext setup.py pyproject.toml vswitch/datap
               echo "$build_tools $("$python" -c 'import sys, sysconfig; print(sys.version, sysconfig.get_platform())')"
             } | sha256sum | cut -c1-16)
 core_cache=${VSWITCH_IMAGE_CACHE:-/var/cache/vswitch-image}/core-$core_key
-if [ "$force" = 0 ] && [ -f "$core_cache/files" ]; then
-    echo "build-image: the compiled core of these sources is reused ($core_cache)" >&2
+restore_core() {
+    # a copy first: another build may replace the cache meanwhile (then this one compiles)
+    cp -r "$core_cache" "$work/core" 2>/dev/null && [ -f "$work/core/files" ] || return
     while read -r f; do
-        mkdir -p "$(dirname "$work/src/$f")"
-        cp "$core_cache/$f" "$work/src/$f"
-        touch "$work/src/$f"                  # in this order: the C, then the extension
-    done < "$core_cache/files"
+        [ -f "$work/core/$f" ] || return
+    done < "$work/core/files"
+    while read -r f; do
+        mkdir -p "$(dirname "$work/src/$f")" && cp "$work/core/$f" "$work/src/$f" &&
+            touch "$work/src/$f" || return     # in this order: the C, then the extension
+    done < "$work/core/files"
+}
+if [ "$force" = 0 ] && [ -f "$core_cache/files" ]; then
+    if restore_core; then
+        echo "build-image: the compiled core of these sources is reused ($core_cache)" >&2
+    else
+        echo "build-image: the compiled core's cache could not be read; compiling" >&2
+        rm -f "$work/src/ext/consts.pxi" "$work/src/ext/_datapath.c"; rm -rf "$work/src/build"
+    fi
 fi
 "$python" -m pip wheel -q --no-deps --no-build-isolation -w "$work/wheels" "$work/src" >&2
 ls "$work/wheels" >&2
