@@ -31,8 +31,10 @@ write (another conflist name) are removed if unchanged. ``uninstall`` removes th
 the manifest whose content still has the recorded hash, and only inside the two
 directories; changed files are reported and kept unless ``force``; nothing else is touched.
 
-``main(argv)`` / ``main_uninstall(argv)`` are the command lines; vswitch/cli.py calls them
-for ``install-cni`` and ``uninstall-cni``; ``python -m vswitch_cni.install`` runs install.
+``main(argv)`` / ``main_uninstall(argv)`` are the command lines; their options are defined
+once, in cni/installopts.py, and vswitch/cli.py builds ``install-cni`` and ``uninstall-cni``
+from the same definitions and runs them with ``run_install`` / ``run_uninstall``;
+``python -m vswitch_cni.install`` runs install.
 """
 import argparse
 import hashlib
@@ -46,16 +48,13 @@ import sys
 from vswitch.cnitypes import DEFAULT_SOCKET
 
 from .build import _fsync_dir, build_bytes, write_atomic  # noqa: F401 (write_atomic: API)
+# the command lines' options (vswitchctl builds its parser from them without importing this)
+from .installopts import (CONFLIST_NAME, DEFAULT_NETWORK, DEFAULT_SUBNET, HOST_PATH,  # noqa: F401
+                          add_install_arguments, add_uninstall_arguments)
 
 PLUGIN_NAME = "vswitch"
-CONFLIST_NAME = "05-vswitch.conflist"
 LEGACY_CONFLIST_NAMES = ("10-vswitch.conflist",)   # what install-cni wrote before the manifest
 MANIFEST_NAME = ".vswitch-cni-installed"
-DEFAULT_SUBNET = "10.88.0.0/16"
-DEFAULT_NETWORK = "vswitch"
-# PATH of a service started by systemd (containerd, CRI-O, the kubelet): where the runtime
-# looks for the plugin's python3 when the installer's own PATH is not the host's
-HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MIN_PYTHON = (3, 9)
 
 
@@ -397,45 +396,14 @@ def uninstall(bin_dir, conf_dir, force=False):
 
 # ---------------------------------------------------------------- command lines
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="vswitchctl install-cni",
-        description="Install the vswitch CNI plugin (one relocatable file run by the host's "
-                    "python3 >= 3.9) and a network list, atomically and idempotently; "
-                    "uninstall-cni removes exactly that.")
-    parser.add_argument("--bin-dir", required=True, help="the runtime's CNI bin directory")
-    parser.add_argument("--conf-dir", required=True, help="the runtime's CNI conf directory")
-    parser.add_argument("--socket", default=DEFAULT_SOCKET, help="vswitchd's control socket")
-    parser.add_argument("--subnet", action="append",
-                        help=f"pod subnet for host-local (default {DEFAULT_SUBNET}); twice, "
-                             f"an IPv4 and an IPv6 one, for dual stack")
-    parser.add_argument("--name", default=DEFAULT_NETWORK, help="network name")
-    parser.add_argument("--use-pod-cidr", metavar="FAMILIES",
-                        help="instead of --subnet: host-local on \"usePodCidr\" (the node's subnet leased "
-                             "by vswitchd in cluster mode), one range per family: 4, 6 or 4,6")
-    parser.add_argument("--conflist-name", default=CONFLIST_NAME,
-                        help=f"the network list's file name (default {CONFLIST_NAME}: before the "
-                             f"usual 10-... lists, which runtimes would load instead)")
-    parser.add_argument("--host-root", default="/",
-                        help="where the node's root filesystem is mounted (an init container: "
-                             "/host); the host's python3 is looked for there")
-    parser.add_argument("--host-path", default=None,
-                        help=f"the runtime's PATH, searched for python3 (default: this PATH, or "
-                             f"{HOST_PATH} with --host-root)")
-    parser.add_argument("--python", default=None,
-                        help="pin the plugin's interpreter (absolute path on the host) instead of "
-                             "python3 from the runtime's PATH")
-    parser.add_argument("--no-python-check", action="store_true",
-                        help="write the plugin even if no suitable python3 is found (another host)")
-    parser.add_argument("--launcher", action="store_true",
-                        help="developers: a launcher running the plugin from this installation "
-                             "with this interpreter, instead of the relocatable file")
-    args = parser.parse_args(argv)
+def run_install(args, socket_path):
+    """Install from the options of ``add_install_arguments`` with ``socket_path`` in the
+    network list; prints what was done; 0, or 2 with the reason on stderr."""
     try:
-        if args.use_pod_cidr and args.subnet:
+        if args.use_pod_cidr is not None and args.subnet:
             raise InstallError("--use-pod-cidr and --subnet exclude each other")
-        fams = _pod_cidr_families(args.use_pod_cidr) if args.use_pod_cidr else None
-        rep = install_report(args.bin_dir, args.conf_dir, args.socket,
+        fams = _pod_cidr_families(args.use_pod_cidr or "4") if args.use_pod_cidr is not None else None
+        rep = install_report(args.bin_dir, args.conf_dir, socket_path,
                              args.subnet or DEFAULT_SUBNET, args.name, args.python,
                              pod_cidr_families=fams, conflist_name=args.conflist_name,
                              launcher=args.launcher, host_root=args.host_root,
@@ -453,15 +421,9 @@ def main(argv=None):
     return 0
 
 
-def main_uninstall(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="vswitchctl uninstall-cni",
-        description="Remove what install-cni installed into these directories (its manifest's "
-                    "files, unchanged ones only unless --force) and nothing else.")
-    parser.add_argument("--bin-dir", required=True, help="the bin directory given to install-cni")
-    parser.add_argument("--conf-dir", required=True, help="the conf directory given to install-cni")
-    parser.add_argument("--force", action="store_true", help="also remove files changed since")
-    args = parser.parse_args(argv)
+def run_uninstall(args):
+    """Uninstall from the options of ``add_uninstall_arguments``; prints what was done;
+    0 when all is removed, 1 when changed files were kept, 2 on an error."""
     try:
         out = uninstall(args.bin_dir, args.conf_dir, args.force)
     except (ValueError, OSError) as exc:
@@ -476,6 +438,26 @@ def main_uninstall(argv=None):
     for path, why in out["kept"]:
         print(f"kept: {path}: {why}", file=sys.stderr)
     return 1 if out["kept"] else 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="vswitchctl install-cni",
+        description="Install the vswitch CNI plugin (one relocatable file run by the host's "
+                    "python3 >= 3.9) and a network list, atomically and idempotently; "
+                    "uninstall-cni removes exactly that.")
+    add_install_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_install(args, args.socket)
+
+
+def main_uninstall(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="vswitchctl uninstall-cni",
+        description="Remove what install-cni installed into these directories (its manifest's "
+                    "files, unchanged ones only unless --force) and nothing else.")
+    add_uninstall_arguments(parser)
+    return run_uninstall(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

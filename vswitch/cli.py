@@ -6,8 +6,9 @@ Theory of operation: every subcommand is one or two control requests (``vswitch/
 ``--json``. Subcommands are rows of the ``COMMANDS`` table (name -> (help, add_arguments,
 run, text, needs the daemon)): ``run`` makes the requests and returns the reply, ``text``
 renders it; a new subcommand is a new row, nothing else changes. ``install-cni`` needs no
-daemon: it runs ``vswitch_cni.install.main`` (the relocatable plugin, ``05-vswitch.conflist`` and
-a manifest), with the daemon's socket defaulting to vswitchctl's own ``--socket``;
+daemon: it has ``vswitch_cni.install``'s options (cni/installopts.py, the one definition) and
+runs its ``run_install`` (the relocatable plugin, ``05-vswitch.conflist`` and a manifest), with
+the daemon's socket defaulting to vswitchctl's own ``--socket``;
 ``uninstall-cni`` removes what the manifest lists, ``build-cni OUT`` writes the plugin alone. Exit status: 0 on success,
 1 on an error reply (its message on stderr), 2 on bad usage.
 """
@@ -228,69 +229,36 @@ def _peers(r):
 
 
 def _install_cni_args(p):
-    p.add_argument("--bin-dir", required=True, metavar="DIR", help="the runtime's CNI bin directory")
-    p.add_argument("--conf-dir", required=True, metavar="DIR", help="the runtime's CNI conf directory")
-    p.add_argument("--socket", dest="cni_socket", metavar="PATH",
-                   help="vswitchd's control socket written into the network list "
-                        "(default: vswitchctl's --socket)")
-    p.add_argument("--subnet", metavar="CIDR", action="append",
-                   help="pod subnet for host-local (default 10.88.0.0/16); give it twice, an IPv4 and "
-                        "an IPv6 subnet, for dual-stack pods")
-    p.add_argument("--use-pod-cidr", action="store_true",
-                   help="host-local on \"usePodCidr\": the node's subnet leased by vswitchd in cluster mode "
-                        "(the default when the daemon runs in cluster mode and no --subnet is given)")
-    p.add_argument("--conflist-name", metavar="NAME",
-                   help="the network list's file name (default 05-vswitch.conflist: sorts before the usual "
-                        "10-... lists, since runtimes load the first)")
-    p.add_argument("--host-root", metavar="DIR",
-                   help="where the node's root is mounted (an init container: /host); python3 is looked for there")
-    p.add_argument("--host-path", metavar="PATH",
-                   help="the runtime's PATH searched for python3 (default: this PATH; with --host-root "
-                        "systemd's default)")
-    p.add_argument("--python", metavar="PATH",
-                   help="pin the plugin's interpreter (absolute path on the host) instead of python3 from PATH")
-    p.add_argument("--no-python-check", action="store_true",
-                   help="write the plugin even where no python3 >= 3.9 is found")
-    p.add_argument("--launcher", action="store_true",
-                   help="developers: a launcher running this checkout with this interpreter, not the "
-                        "relocatable plugin")
+    from vswitch_cni import installopts
+    installopts.add_install_arguments(p, socket_dest="cni_socket", socket_default=None,
+                                  socket_help="vswitchd's control socket written into the network list "
+                                              "(default: vswitchctl's --socket)")
 
 
 def _install_cni(c, a):
-    """vswitch_cni.install.main with the same options; its exit status is vswitchctl's."""
+    """vswitch_cni.install.run_install with the daemon's socket; its exit status is vswitchctl's."""
     from vswitch_cni import install
-    argv = ["--bin-dir", a.bin_dir, "--conf-dir", a.conf_dir, "--socket", a.cni_socket or a.socket]
-    for subnet in a.subnet or ():
-        argv += ["--subnet", subnet]
-    for opt in ("conflist_name", "host_root", "host_path", "python"):
-        if getattr(a, opt):
-            argv += ["--" + opt.replace("_", "-"), getattr(a, opt)]
-    argv += [f for f, on in (("--no-python-check", a.no_python_check), ("--launcher", a.launcher)) if on]
-    if not a.subnet:
+    if not a.subnet and not a.use_pod_cidr:
         # cluster mode: one usePodCidr range per family of the daemon's cluster CIDR
         try:
             cl = rpc.call(a.socket, "status", timeout_s=min(a.timeout, 3.0)).get("cluster")
         except rpc.RpcError:
             cl = None
-        if cl or a.use_pod_cidr:
+        if cl or a.use_pod_cidr is not None:
             fams = sorted({6 if ":" in c else 4 for c in (cl or {}).get("cluster_cidrs", [])}) or [4]
-            argv += ["--use-pod-cidr", ",".join(map(str, fams))]
-    elif a.use_pod_cidr:
-        raise rpc.RpcError(rpc.E_BAD_ARGS, "--use-pod-cidr and --subnet exclude each other")
-    return install.main(argv)
+            a.use_pod_cidr = ",".join(map(str, fams))
+    return install.run_install(a, a.cni_socket or a.socket)
 
 
 def _uninstall_cni_args(p):
-    p.add_argument("--bin-dir", required=True, metavar="DIR", help="the bin directory given to install-cni")
-    p.add_argument("--conf-dir", required=True, metavar="DIR", help="the conf directory given to install-cni")
-    p.add_argument("--force", action="store_true", help="also remove files changed since install-cni wrote them")
+    from vswitch_cni import installopts
+    installopts.add_uninstall_arguments(p)
 
 
 def _uninstall_cni(c, a):
-    """vswitch_cni.install.main_uninstall: 0 when all is removed, 1 when changed files were kept."""
+    """vswitch_cni.install.run_uninstall: 0 when all is removed, 1 when changed files were kept."""
     from vswitch_cni import install
-    return install.main_uninstall(["--bin-dir", a.bin_dir, "--conf-dir", a.conf_dir]
-                                  + (["--force"] if a.force else []))
+    return install.run_uninstall(a)
 
 
 def _build_cni_args(p):

@@ -50,7 +50,7 @@ from typing import Iterable
 
 from vswitch.datapath import consts as C
 from vswitch.sim import frames as F
-from vswitch.sim.engine import Engine, Pod, _check_time, _Segment
+from vswitch.sim.engine import Engine, Pod, _check_time, _Segment, write_pcap
 from vswitch.sim.simulation import Simulation
 from vswitch.config import format_mac
 
@@ -486,16 +486,7 @@ class Cluster:
     def write_pcap(self, where: str, path) -> int:
         """Write a pcap of ``"underlay"`` or of ``"node/port"`` (e.g. ``"n1/uplink"``)."""
         if where == UNDERLAY:
-            from scapy.utils import RawPcapWriter
-            frames = list(self._capture)
-            w = RawPcapWriter(str(path), linktype=1, nano=True, endianness="<", snaplen=262144, sync=False)
-            try:
-                w.write_header(None)
-                for t, frame in frames:
-                    w.write_packet(frame, sec=t // C.SEC_NS, usec=t % C.SEC_NS)
-            finally:
-                w.close()
-            return len(frames)
+            return write_pcap(path, self._capture)
         node, sep, port = str(where).partition("/")
         if not sep:
             raise ValueError(f"write_pcap: {where!r}; accepted: {UNDERLAY!r} or 'node/port' "

@@ -527,6 +527,22 @@ ENGINE_PROTOCOL = ("now", "config", "switch", "port_id", "port_names", "send", "
                    "count_frames")
 
 
+def write_pcap(path, frames: Iterable) -> int:
+    """Write ``[(t_ns, frame)]`` to a pcap at ``path`` (Ethernet, nanosecond timestamps
+    from the virtual clock); returns the number of frames written. The one pcap writer of
+    the simulation (``Engine.write_pcap``, ``Cluster.write_pcap``)."""
+    from scapy.utils import RawPcapWriter
+    frames = list(frames)
+    w = RawPcapWriter(str(path), linktype=1, nano=True, endianness="<", snaplen=262144, sync=False)
+    try:
+        w.write_header(None)
+        for t, frame in frames:
+            w.write_packet(frame, sec=t // C.SEC_NS, usec=t % C.SEC_NS)
+    finally:
+        w.close()
+    return len(frames)
+
+
 class Engine:
     """A switch with virtual ports and a virtual clock; see the module docstring.
 
@@ -1021,17 +1037,7 @@ class Engine:
 
         Returns the number of frames written. Frames older than ``capture_limit`` are gone.
         """
-        from scapy.utils import RawPcapWriter
-        rec = self._rec(port)
-        frames = list(rec.capture)
-        w = RawPcapWriter(str(path), linktype=1, nano=True, endianness="<", snaplen=262144, sync=False)
-        try:
-            w.write_header(None)
-            for t, frame in frames:
-                w.write_packet(frame, sec=t // C.SEC_NS, usec=t % C.SEC_NS)
-        finally:
-            w.close()
-        return len(frames)
+        return write_pcap(path, self._rec(port).capture)
 
     def counters(self) -> dict:
         """{"global": {...}, "ports": {name: {...}}, "sim": {...}}: datapath and simulation."""
