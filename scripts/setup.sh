@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 . scripts/apt-need.sh
 # openvswitch-switch: the benchmark's Open vSwitch peer (bench/bench_ovs.py starts its own
 # daemons). mmdebstrap + buildah: scripts/build-image.sh (the container image, built from
-# Debian packages with no registry; tests/runtimes/test_rehearsal.py runs it).
+# Debian packages with no registry; tests/runtimes/test_rehearsal.py runs it). etcd-client:
+# etcdctl, with which tests/integration/test_cluster_e2e.py writes forged records into etcd.
 apt_need setup python3 python3-venv python3-dev gcc iproute2 iputils-ping iperf3 tcpdump \
-    containernetworking-plugins iptables nftables procps openvswitch-switch etcd-server \
+    containernetworking-plugins iptables nftables procps openvswitch-switch etcd-server etcd-client \
     mmdebstrap buildah
 
 if [ ! -x .venv/bin/python ]; then
