@@ -146,6 +146,22 @@ def test_fourth_node_is_seen_by_the_others_within_2s(clab):
     assert lag_s < 2.0
 
 
+def test_a_stopped_node_without_pods_revokes_its_lease_through_its_own_switch(tmp_path):
+    """A clean leave (SIGTERM, no pods) deletes the node's keys at once: the revoke reaches
+    etcd through the node's own switch (vsw0 -> uplink), so the daemon sends it while its
+    loop still forwards. With a 60 s lease TTL the keys can only be gone because of it."""
+    with ClusterLab(lease_ttl_s=60, workdir=tmp_path) as clab:
+        a, b = clab.add_node("node-a"), clab.add_node("node-b")
+        subnets_of(a)
+        wait_for(lambda: node_names(b) == {"node-a", "node-b"}, 10, "b sees a")
+        assert a.stop() == 0
+        events = [json.loads(line) for line in a.logs().splitlines() if line.startswith("{")]
+        stop = [e for e in events if e.get("event") == "cluster_stop"]
+        assert stop and stop[-1]["revoke"] is True and stop[-1]["revoked"] is True, stop
+        # b's watch sees the keys deleted (the TTL is 60 s: only the revoke removes them now)
+        wait_for(lambda: node_names(b) == {"node-b"}, 10, "b forgets a")
+
+
 def test_killed_daemon_restarts_with_the_same_subnet_and_its_pods(clab, pods_nss, tmp_path):
     a = clab.add_node("node-a")
     b = clab.add_node("node-b")

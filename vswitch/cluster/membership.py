@@ -168,9 +168,10 @@ class Membership:
                 "fatal": str(self._fatal) if self._fatal else None,
             }
 
-    def close(self, revoke: bool = True, timeout_s: float = 5.0) -> None:
+    def close(self, revoke: bool = True, timeout_s: float = 5.0) -> bool:
         """Stop both threads. ``revoke`` deletes this node's keys at once (a clean leave);
-        without it the keys live until the lease's TTL runs out (as after a crash)."""
+        without it the keys live until the lease's TTL runs out (as after a crash). Returns
+        whether the lease was revoked."""
         self._stop.set()
         self._lease_wakeup.set()
         w = self._watch
@@ -181,9 +182,11 @@ class Membership:
         if revoke and self._lease_id:
             try:
                 Store(self._endpoints, self._tls, self._timeout_s).revoke(self._lease_id)
+                return True
             except StoreError as exc:
                 log.warning("membership %s: lease revoke on leave failed (keys expire after the TTL): %s",
                             self.node_name, exc)
+        return False
 
     def __enter__(self) -> "Membership":
         return self.start()

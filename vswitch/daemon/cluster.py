@@ -137,6 +137,8 @@ class ClusterMode:
         self.membership = None
         self._wake_fd: int | None = None
         self._lock = threading.Lock()
+        self._leave: threading.Thread | None = None     # begin_leave's thread
+        self._closed = False
         self._new_subnets: tuple[str, ...] | None = None
         self._new_peers: list | None = None
         self._fatal: Exception | None = None
@@ -224,12 +226,33 @@ class ClusterMode:
         self._wake_fd = fd
         self._wake()
 
-    def close(self, pods_left: int) -> None:
-        if self.membership is None:
+    def begin_leave(self, pods_left: int) -> None:
+        """Start leaving (close() in a thread) while the daemon's loop still forwards: the
+        lease revoke reaches etcd through our own switch (vsw0 -> uplink), so it must be sent
+        before the loop stops. The thread wakes the loop when it is done (leave_pending)."""
+        if self._leave is not None or self.membership is None:
             return
+
+        def leave():
+            try:
+                self.close(pods_left)
+            finally:
+                self._wake()
+        self._leave = threading.Thread(target=leave, name="cluster-leave", daemon=True)
+        self._leave.start()
+
+    def leave_pending(self) -> bool:
+        """begin_leave's thread still runs."""
+        return self._leave is not None and self._leave.is_alive()
+
+    def close(self, pods_left: int) -> None:
+        with self._lock:
+            if self.membership is None or self._closed:
+                return
+            self._closed = True
         revoke = pods_left == 0
-        self.membership.close(revoke=revoke)
-        self.log("cluster_stop", revoked=revoke, pods=pods_left)
+        revoked = self.membership.close(revoke=revoke)
+        self.log("cluster_stop", revoke=revoke, revoked=revoked, pods=pods_left)
 
     # ------------------------------------------------------------------ membership threads
 

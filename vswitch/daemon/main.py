@@ -417,7 +417,14 @@ class Daemon:
         ctl = self.control
         vx = self.vxlan
         never = NEVER_NS
-        while not self.stop or ctl.busy:
+        while True:
+            if self.stop:
+                if self.cluster is not None:
+                    # leave the cluster (revoke the lease) while we still forward: etcd is
+                    # reached through our own switch; the leave thread wakes the loop when done
+                    self.cluster.begin_leave(len(self.state.attachments))
+                if not ctl.busy and not (self.cluster is not None and self.cluster.leave_pending()):
+                    break
             if fast and not self.captures:
                 run(dp, min(self.last_sweep_ns + SWEEP_INTERVAL_NS, ctl.timer_ns, vx.timer_ns if vx else never),
                     poll_ns, busy, lock, False, poll_max_ns)
