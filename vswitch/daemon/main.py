@@ -68,7 +68,7 @@ from vswitch.daemon.gateways import Gateways
 from vswitch.daemon.log import LOG_LEVELS, Log
 from vswitch.daemon.masq import Masq
 from vswitch.daemon.pods import Pods
-from vswitch.daemon.ports import MAX_WORKERS, PacketIO, PortTable, uplink_fanout
+from vswitch.daemon.ports import MAX_WORKERS, PacketIO, PortTable, set_tunnel_gso, tunnel_gso, uplink_fanout
 from vswitch.rpc import RpcError
 from vswitch.daemon.state import State
 from vswitch.switch import Switch
@@ -296,6 +296,7 @@ class Daemon:
                 "datapath": type(self.switch.dp).__module__, "io": self.io.impl,
                 "poll_us": self.poll_ns // 1000, "loop": self.io.loop_stats(), "control": self.control.status(),
                 "workers": self.workers, "busy_poll": self.busy_poll, "worker_exits": list(self.worker_exits),
+                "tunnel_gso": tunnel_gso(self.io.impl),
                 "cluster": self.cluster.status() if self.cluster is not None else None,
                 "vxlan": self.vxlan.status() if self.vxlan is not None else None}
 
@@ -612,6 +613,10 @@ def main(argv=None):
     vx.add_argument("--peers", metavar="FILE",
                     help='a JSON list of {"name", "node_ip", "pod_cidrs": [...], "vtep_mac"}: the other nodes; '
                          "read again on SIGHUP and by 'vswitchctl peers reload'")
+    vx.add_argument("--tunnel-gso", choices=("udp", "segments"), default="udp",
+                    help="how a pod's TSO segment leaves encapsulated: 'udp' (default) hands the kernel one "
+                         "UDP GSO packet of up to 64 ready VXLAN segments (docs/datapath.md D54); 'segments' "
+                         "writes each wire segment (D51; also used when the kernel refuses UDP GSO)")
     a = ap.parse_args(argv)
     vtep = None
     if a.vxlan or any(v is not None for v in (a.vtep_vni, a.vtep_port, a.vtep_address, a.peers)):
@@ -665,6 +670,7 @@ def main(argv=None):
     except datapath.BuildError as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         return 2
+    set_tunnel_gso(a.tunnel_gso)
     if os.geteuid() != 0:
         print("vswitchd: must run as root (TAP devices, namespaces)", file=sys.stderr)
         return 2
