@@ -24,9 +24,13 @@
 # ports without an fd (-1) are skipped. A failed write is counted in `tx_errors[port]`
 # (a pod whose link is down, a full socket buffer) and never stops the batch. A frame whose
 # vnet header has gso_type & VNET_GSO_UDP_TUNNEL_IPV4 (a TSO frame the core encapsulated) is
-# written as its wire segments, each an iovec triple (vnet header, rebuilt headers, payload
-# slice) without copying the payload, up to 64 of them per sendmmsg ("tunnel GSO" below,
-# spec vswitch/datapath/gso.py); one it cannot segment is a tx error, nothing written.
+# written to an AF_PACKET port as UDP GSO packets of up to 64 ready wire segments, one
+# sendmsg each ("UDP GSO" below, D54), or (--tunnel-gso segments, a 12-byte-header port, a
+# kernel that refuses UDP GSO) as its wire segments, each an iovec triple (vnet header,
+# rebuilt headers, payload slice) without copying the payload, up to 64 of them per sendmmsg
+# ("tunnel GSO" below, spec vswitch/datapath/gso.py); one it cannot segment is a tx error,
+# nothing written. A UDP GSO frame read from an AF_PACKET port is cut into its datagrams
+# in the read slots (D54).
 #
 # `BatchIO.poll(timeout_ms)` is the daemon's whole wait-and-read step in one call without
 # the GIL: BatchIO owns an epoll instance holding every port fd (`watch`, the event's

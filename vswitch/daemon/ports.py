@@ -25,8 +25,11 @@ Cython: wait, read, process, write, drain shaping queues, poll briefly after a b
 return only when Python has work (``ext/io.pxi``).
 
 Both writers (C and the twin here) write a VXLAN TSO frame (vnet gso_type with
-VNET_GSO_UDP_TUNNEL_IPV4) as its wire segments (``vswitch.datapath.gso``, D51) and merge a
-run of one TCP flow's frames to a TAP port into one GSO frame (receive coalescing, D52).
+VNET_GSO_UDP_TUNNEL_IPV4) to an AF_PACKET port as UDP GSO packets of its wire segments
+(D54; ``set_tunnel_gso("segments")`` or a kernel that refuses them: one write per wire
+segment, D51; spec ``vswitch.datapath.gso``) and merge a run of one TCP flow's frames to a
+TAP port into one GSO frame (receive coalescing, D52); both readers cut a UDP GSO frame
+read from an AF_PACKET port into its datagrams (D54).
 
 :class:`PortTable` is the daemon's view of its ports with an fd: by switch port name
 (what detach and ``show`` look up) and by port id while the fd is polled (what a failed

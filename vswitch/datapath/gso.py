@@ -29,6 +29,9 @@ longer than GSO_MAX_HDR_BYTES, gso_size below GSO_MIN_SIZE, a segment longer tha
 packet) is not segmentable: ValueError with the reason (GSO_ERRORS); the writers count it
 as a tx error and write nothing.
 
+On an AF_PACKET port these segments leave packed as UDP GSO packets (``pack_udp_gso``,
+"UDP GSO" below, D54); one write per segment stays for ``--tunnel-gso segments``.
+
 This module is the executable spec (stdlib only) of the C version in ``ext/io.pxi``
 (``_core.segment_vxlan`` for tests; the BatchIO writer writes the same segments with
 writev(vnet header, rebuilt headers, payload slice): no payload copy). The Python writer
