@@ -50,6 +50,25 @@
 # batch it polls (timeout 0, sched_yield between empty polls) for `poll_ns` before it
 # blocks again: bounded polling per burst, none when idle. `loop_*` count what it did.
 #
+# Adaptive window: the window after a batch is `poll_ns`, widened to 1.25 × the longest gap
+# between two batches that fell in (poll_ns, poll_max_ns] within the last second (at most
+# `poll_max_ns`, default 4 × poll_ns). A pod's answer to a frame we wrote arrives inside the
+# write itself, but an answer from another node (VXLAN: the peer daemon wakes, forwards,
+# the pod answers, the peer sends it back) takes 100-200 µs; with a fixed 100 µs window it
+# came just after we slept and paid a wakeup (issue 13). Traffic without such gaps (a TCP
+# stream, a ping every 5 ms between local pods) keeps the window at poll_ns.
+#
+# First frame first: the first read after an empty poll (so after idle: a blocking wait
+# follows one) takes one frame per ready fd (no second read() that ends in EAGAIN before
+# the frame is forwarded), so a lone frame (a request after idle) goes out one syscall
+# sooner; the frames behind it are read by the next, non-blocking wait (level-triggered
+# epoll reports the fd again), in full batches while traffic lasts. Without polling
+# (poll_ns 0, where a wait right after a batch may find more) every read is a full one.
+#
+# Loop trace (`trace_start`, docs/daemon.md "Where a ping's microseconds go"): each step of
+# run() (blocking wait, wakeup, read, datapath, write) with its CLOCK_MONOTONIC time into a
+# preallocated ring, for `python -m bench.ping_path`; off by default, one branch per step.
+#
 # Packet workers (vswitchd --workers N, docs/daemon.md "Packet workers"): N threads each
 # run `run(dp, ..., lock=L)` on their own BatchIO (own buffers, own epoll of their own
 # queue fds: one queue of each multi-queue TAP, one PACKET_FANOUT socket of the uplink) and
@@ -1068,6 +1087,23 @@ cdef class LoopLock:
         return False
 
 
+cdef long long POLL_GROW = 4                  # run()'s default poll_max_ns: POLL_GROW × poll_ns
+cdef long long POLL_LEARN_NS = 1000000000LL   # a late gap widens the window for this long
+
+# The loop trace (BatchIO.trace_start, docs/daemon.md "Where a ping's microseconds go"): one
+# row of 4 int64 per step of run(), [CLOCK_MONOTONIC ns, step, a, b], in a ring allocated
+# once; off (the default) it costs one predictable branch per step.
+cdef enum:
+    TR_SLEEP = 1                      # a blocking wait begins: a = timeout in µs (-1: none), b = 0
+    TR_WAKE = 2                       # the wait returned ready fds: a = 1 after a blocking wait, 0 a poll; b = events
+    TR_READ = 3                       # the batch is read: a = first frame's in_port, b = frames
+    TR_DP = 4                         # process_batch_c returned: a = first frame's out_port, b = frames
+    TR_WRITE = 5                      # the batch's writes returned: a = first frame's out_port, b = frames written
+    TR_COLS = 4
+
+TRACE_STEPS = {TR_SLEEP: "sleep", TR_WAKE: "wake", TR_READ: "read", TR_DP: "datapath", TR_WRITE: "write"}
+
+
 cdef class BatchIO:
     """The daemon's batch buffers and port table with their pointers taken once.
 
@@ -1094,6 +1130,11 @@ cdef class BatchIO:
     cdef readonly unsigned long long loop_drained    # frames released from shaping queues by run()
     cdef readonly int run_errno                      # errno of epoll_wait when run() returned RUN_ERROR
     cdef readonly unsigned long long loop_unwatched  # failed fds a worker removed from its epoll (unwatch_failed)
+    cdef readonly long long loop_window_ns           # the polling window after the last batch (adaptive)
+    cdef readonly long long poll_max_ns              # its bound (run's poll_max_ns)
+    cdef long long last_batch_ns                     # when the last batch was read
+    cdef long long late_gap_ns                       # the longest recent gap in (poll_ns, poll_max_ns]
+    cdef long long late_gap_t                        # ... seen at this time (forgotten after POLL_LEARN_NS)
     cdef int epfd                          # epoll of the port fds and the control fd
     cdef epoll_event *evs
     cdef unsigned short *p_failed
@@ -1115,6 +1156,11 @@ cdef class BatchIO:
     cdef int *p_rfds
     cdef unsigned short *p_rports
     cdef unsigned char *p_rhdrs
+    cdef readonly object trace_ring        # int64[capacity, 4] once trace_start() ran (the loop trace)
+    cdef long long *p_trace
+    cdef long long trace_cap
+    cdef readonly unsigned long long trace_n          # rows recorded since trace_start (the ring keeps the last)
+    cdef readonly bint tracing
 
     def __init__(self, int max_ports, int max_batch=64, Py_ssize_t buf_bytes=4 << 20,
                  Py_ssize_t out_buf_bytes=4 << 20, int per_fd_max=32):
@@ -1179,6 +1225,49 @@ cdef class BatchIO:
             self.epfd = -1
         free(self.evs)
         self.evs = NULL
+
+    def trace_start(self, int capacity=4096):
+        """Record run()'s steps (TR_*: blocking wait, wakeup, read, datapath, write) with their
+        CLOCK_MONOTONIC time into a ring of `capacity` rows, from now on. The ring is allocated
+        by the first call and kept (a packet worker may be writing into it): a later call
+        clears it, and must ask for the same capacity."""
+        import numpy
+        cdef long long[:, ::1] v
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity}; accepted: at least 1")
+        if self.trace_ring is None:
+            self.trace_ring = numpy.zeros((capacity, TR_COLS), numpy.int64)
+            v = self.trace_ring
+            self.p_trace = &v[0, 0]
+            self.trace_cap = capacity
+        elif capacity != self.trace_cap:
+            raise ValueError(f"capacity={capacity}: this BatchIO's trace ring has {self.trace_cap} rows")
+        self.tracing = False
+        self.trace_n = 0
+        self.tracing = True
+
+    def trace_stop(self):
+        """Stop recording (the rows stay until the next trace_start)."""
+        self.tracing = False
+
+    def trace_rows(self):
+        """The recorded rows, oldest first: int64[k, 4] (a copy), [t_ns, step, a, b]."""
+        import numpy
+        if self.trace_ring is None:
+            return numpy.zeros((0, TR_COLS), numpy.int64)
+        n = self.trace_n
+        if n <= <unsigned long long>self.trace_cap:
+            return self.trace_ring[:n].copy()
+        k = n % self.trace_cap
+        return numpy.concatenate((self.trace_ring[k:], self.trace_ring[:k]))
+
+    cdef inline void _tr(self, int step, long long a, long long b) noexcept nogil:
+        cdef long long *r = self.p_trace + <long long>(self.trace_n % <unsigned long long>self.trace_cap) * TR_COLS
+        r[0] = vsw_now_ns()
+        r[1] = step
+        r[2] = a
+        r[3] = b
+        self.trace_n += 1
 
     def _epoll_ctl(self, int op, int fd, uint32_t data):
         cdef epoll_event ev
@@ -1250,7 +1339,7 @@ cdef class BatchIO:
         return n
 
     def run(self, Datapath dp, long long deadline_ns, long long poll_ns=0, bint busy=False,
-            LoopLock lock=None, bint unwatch_failed=False):
+            LoopLock lock=None, bint unwatch_failed=False, long long poll_max_ns=-1):
         """The daemon's packet loop, without the GIL, until there is work for Python.
 
         Each round: read the monotonic clock (the `now_ns` of the datapath); release the
@@ -1268,6 +1357,10 @@ cdef class BatchIO:
         wait, or epoll_wait failed (run_errno). `dp` must be the Datapath of this
         buffer layout (12-byte vnet header, at least max_ports ports).
 
+        `poll_max_ns` (-1: POLL_GROW × poll_ns; poll_ns: a fixed window): how far the window
+        may grow when batches keep arriving just after it (an answer from another node, the
+        header comment's "Adaptive window"); `loop_window_ns` is the window in use.
+
         `busy`: poll without blocking, always (--busy-poll). `lock`: run as one of several
         packet workers sharing `dp` (the LoopLock of all of them; the header comment says
         what it serializes); the caller holds no lock and must hold `lock` exclusive for
@@ -1280,6 +1373,11 @@ cdef class BatchIO:
             raise ValueError(f"run: BatchIO has {self.max_ports} ports, the datapath only {dp.max_ports}")
         if poll_ns < 0:
             raise ValueError(f"poll_ns={poll_ns}; accepted: 0 (no polling) or more")
+        if poll_max_ns < 0:
+            poll_max_ns = POLL_GROW * poll_ns
+        if poll_max_ns < poll_ns:
+            raise ValueError(f"poll_max_ns={poll_max_ns}; accepted: at least poll_ns ({poll_ns}), or -1")
+        self.poll_max_ns = poll_max_ns
         cdef int reason
         if lock is not None:
             with nogil:
@@ -1294,6 +1392,24 @@ cdef class BatchIO:
         finally:
             dp.busy = False
         return reason
+
+    cdef inline long long _window(self, long long now, long long poll_ns) noexcept nogil:
+        """The polling window after a batch read at `now` (header comment "Adaptive window")."""
+        cdef long long gap = now - self.last_batch_ns, win
+        self.last_batch_ns = now
+        if now - self.late_gap_t > POLL_LEARN_NS:
+            self.late_gap_ns = 0
+        if poll_ns < gap <= self.poll_max_ns:
+            if gap > self.late_gap_ns:
+                self.late_gap_ns = gap
+            self.late_gap_t = now
+        win = self.late_gap_ns + self.late_gap_ns // 4
+        if win < poll_ns:
+            win = poll_ns
+        elif win > self.poll_max_ns:
+            win = self.poll_max_ns
+        self.loop_window_ns = win
+        return win
 
     cdef void _drain_due(self, Core *c, uint64_t now) noexcept nogil:
         """Release the due packets of the shaping queues and write them."""
@@ -1314,12 +1430,13 @@ cdef class BatchIO:
 
     cdef int _run(self, Core *c, long long deadline, long long poll_ns, bint busy) noexcept nogil:
         cdef long long now, nd, timeout, t_poll, poll_until = RUN_BUSY_UNTIL if busy else 0
-        cdef int r, i, k, nf, n, pid, why
-        cdef bint ctl, polling
+        cdef int r, i, k, nf, n, pid, why, w
+        cdef bint ctl, polling, fresh = True
         cdef uint32_t evbits
         cdef Py_ssize_t bad
         self.n_failed = 0
         self.control_ready = False
+        fresh = busy or poll_ns > 0         # without polling (poll_ns 0) every read is a full one
         while True:
             now = vsw_now_ns()
             if c.have_now and <uint64_t>now < c.last_now_ns:
@@ -1337,7 +1454,11 @@ cdef class BatchIO:
                 timeout = deadline - now
                 if nd >= 0 and nd - now < timeout:
                     timeout = nd - now
+            if self.tracing and not polling:
+                self._tr(TR_SLEEP, timeout // 1000 if timeout >= 0 else -1, 0)
             r = vsw_epoll_wait_ns(self.epfd, self.evs, self.max_ports + 1, timeout)
+            if self.tracing and r > 0:
+                self._tr(TR_WAKE, 0 if polling else 1, r)
             if r < 0:
                 if _io_errno == _IO_EINTR:
                     return RUN_SIGNAL
@@ -1346,6 +1467,7 @@ cdef class BatchIO:
             if polling:
                 self.loop_polls += 1
                 if r == 0:
+                    fresh = True
                     sched_yield()           # a task woken on this CPU (the peer of the traffic) runs first
                     t_poll = vsw_now_ns()
                     self.loop_poll_ns += <unsigned long long>(t_poll - now)
@@ -1374,8 +1496,11 @@ cdef class BatchIO:
                 k += 1
             if k:
                 n = _io_read_all(self.p_rfds, self.p_rports, self.p_rhdrs, k, self.p_buf, self.buflen,
-                                 self.p_off, self.p_len, self.p_in, self.max_batch, self.per_fd_max,
-                                 self.p_rxe, self.max_ports)
+                                 self.p_off, self.p_len, self.p_in, self.max_batch,
+                                 1 if fresh else self.per_fd_max, self.p_rxe, self.max_ports)
+                fresh = False
+                if self.tracing:
+                    self._tr(TR_READ, self.p_in[0] if n else -1, n)
                 if n:
                     now = vsw_now_ns()
                     if <uint64_t>now < c.last_now_ns:
@@ -1384,13 +1509,17 @@ cdef class BatchIO:
                     bad = process_batch_c(c, self.p_buf, <uint64_t>self.buflen, <uint8_t *>self.p_off, 4,
                                           <uint8_t *>self.p_len, 4, <uint8_t *>self.p_in, 2,
                                           <uint8_t *>self.p_out, 4, n, <uint64_t>now, &why)
+                    if self.tracing:
+                        self._tr(TR_DP, self.p_out[0], n)
                     if bad < 0:             # reads never make an invalid batch; if so, nothing is sent
-                        _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out,
-                                      n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
+                        w = _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out,
+                                          n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
+                        if self.tracing:
+                            self._tr(TR_WRITE, self.p_out[0], w)
                     self.loop_batches += 1
                     self.loop_frames += <unsigned long long>n
                     if not busy:
-                        poll_until = now + poll_ns
+                        poll_until = now + self._window(now, poll_ns)
             if ctl or nf:
                 self.n_failed = nf
                 self.control_ready = ctl
@@ -1401,13 +1530,14 @@ cdef class BatchIO:
         """_run as one of several workers on `c`: each round holds lk.rw shared, the table
         work lk.mu (the clock read under it); the waits hold nothing."""
         cdef long long now, nd, timeout, t_poll, poll_until = RUN_BUSY_UNTIL if busy else 0
-        cdef int r, i, k, nf, n, pid, why, fd
-        cdef bint ctl, polling
+        cdef int r, i, k, nf, n, pid, why, fd, w
+        cdef bint ctl, polling, fresh = True
         cdef uint32_t evbits
         cdef Py_ssize_t bad, kd
         cdef epoll_event dev
         self.n_failed = 0
         self.control_ready = False
+        fresh = busy or poll_ns > 0         # without polling (poll_ns 0) every read is a full one
         while True:
             nd = -1
             if c.n_active:                  # shapers exist (set only under the exclusive lock)
@@ -1445,7 +1575,11 @@ cdef class BatchIO:
                 timeout = deadline - now
                 if nd >= 0 and nd - now < timeout:
                     timeout = nd - now if nd > now else 0
+            if self.tracing and not polling:
+                self._tr(TR_SLEEP, timeout // 1000 if timeout >= 0 else -1, 0)
             r = vsw_epoll_wait_ns(self.epfd, self.evs, self.max_ports + 1, timeout)
+            if self.tracing and r > 0:
+                self._tr(TR_WAKE, 0 if polling else 1, r)
             if r < 0:
                 if _io_errno == _IO_EINTR:
                     return RUN_SIGNAL
@@ -1454,6 +1588,7 @@ cdef class BatchIO:
             if polling:
                 self.loop_polls += 1
                 if r == 0:
+                    fresh = True
                     sched_yield()
                     t_poll = vsw_now_ns()
                     self.loop_poll_ns += <unsigned long long>(t_poll - now)
@@ -1489,8 +1624,11 @@ cdef class BatchIO:
                 k += 1
             if k:
                 n = _io_read_all(self.p_rfds, self.p_rports, self.p_rhdrs, k, self.p_buf, self.buflen,
-                                 self.p_off, self.p_len, self.p_in, self.max_batch, self.per_fd_max,
-                                 self.p_rxe, self.max_ports)
+                                 self.p_off, self.p_len, self.p_in, self.max_batch,
+                                 1 if fresh else self.per_fd_max, self.p_rxe, self.max_ports)
+                fresh = False
+                if self.tracing:
+                    self._tr(TR_READ, self.p_in[0] if n else -1, n)
                 if n:
                     lk.dp_enter()
                     now = vsw_now_ns()
@@ -1501,13 +1639,17 @@ cdef class BatchIO:
                                           <uint8_t *>self.p_len, 4, <uint8_t *>self.p_in, 2,
                                           <uint8_t *>self.p_out, 4, n, <uint64_t>now, &why)
                     pthread_mutex_unlock(&lk.mu)
+                    if self.tracing:
+                        self._tr(TR_DP, self.p_out[0], n)
                     if bad < 0:
-                        _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out,
-                                      n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
+                        w = _io_write_all(self.p_buf, self.buflen, self.p_off, self.p_len, self.p_in, self.p_out,
+                                          n, self.p_fds, self.p_hdrs, self.p_txe, self.max_ports, self.p_flood)
+                        if self.tracing:
+                            self._tr(TR_WRITE, self.p_out[0], w)
                     self.loop_batches += 1
                     self.loop_frames += <unsigned long long>n
                     if not busy:
-                        poll_until = now + poll_ns
+                        poll_until = now + self._window(now, poll_ns)
             pthread_rwlock_unlock(&lk.rw)
             if ctl or nf:
                 self.n_failed = nf

@@ -239,3 +239,36 @@ def test_run_refuses_a_datapath_of_another_layout(loop):
         pio.run(Datapath(max_ports=4, vnet_hdr_len=VNET_HDR_LEN), 0, 0)
     with pytest.raises(ValueError, match="poll_ns=-1"):
         pio.run(Datapath(max_ports=8, vnet_hdr_len=VNET_HDR_LEN), 0, -1)
+
+
+def test_run_widens_the_polling_window_for_late_answers(loop):
+    """Adaptive window: a batch arriving a gap g after the previous one, with poll_ns < g <=
+    poll_max_ns, widens the window after each batch to 1.25 g (at most poll_max_ns); with
+    poll_max_ns == poll_ns the window stays poll_ns (ext/io.pxi "Adaptive window")."""
+    pio, sw = loop
+    ours, peer = _pair()
+    b = pio.b
+    try:
+        sw.add_port("p1", "uplink", port_id=1)
+        pio.set_port(Port("p1", 1, ours.fileno()), 1)
+        poll_ns, poll_max_ns = 50_000, 10 * 10**9
+        for fixed in (True, False):
+            frames = pio.loop_stats()["frames"]
+            for k in range(2):
+                if k:
+                    time.sleep(0.003)               # the second batch comes >= 3 ms after the first
+                peer.send(_frame(1))
+                deadline = time.monotonic() + 10
+                while pio.loop_stats()["frames"] < frames + k + 1 and time.monotonic() < deadline:
+                    pio.run(sw.dp, time.monotonic_ns() + 1_000_000, poll_ns,
+                            poll_max_ns=poll_ns if fixed else poll_max_ns)
+            assert pio.loop_stats()["frames"] == frames + 2
+            if fixed:
+                assert b.loop_window_ns == poll_ns and b.poll_max_ns == poll_ns
+            else:
+                assert 3_750_000 <= b.loop_window_ns <= poll_max_ns
+        with pytest.raises(ValueError, match="poll_max_ns"):
+            pio.run(sw.dp, time.monotonic_ns(), 100, poll_max_ns=99)
+    finally:
+        ours.close()
+        peer.close()

@@ -15,9 +15,12 @@ conntrack/MAC sweep is due, so Python runs per control request and timer, never 
 packet or per batch. **Adaptive polling** (``--poll-us``, default 100 µs): after a
 batch the loop polls the ports without blocking for that long before it sleeps, so the
 answer to a just-forwarded request is read without a sleep and a thread wakeup (polls
-that find nothing yield the CPU to any task waiting for it). Its CPU cost is at most
-``poll_us`` per burst of traffic (measured: ``status`` → ``loop.poll_ns``); with no
-traffic the loop blocks and costs nothing. While a capture runs (and with the Python
+that find nothing yield the CPU to any task waiting for it). The window grows, up to
+``--poll-max-us`` (default 4 x ``--poll-us``), while batches keep arriving just after it
+(an answer from another node: ext/io.pxi "Adaptive window"). Its CPU cost is at most the
+window per burst of traffic (measured: ``status`` → ``loop.poll_ns``); with no traffic
+the loop blocks and costs nothing. ``loop_trace`` records the loop's steps with their
+times (docs/daemon.md "Where a ping's microseconds go"). While a capture runs (and with the Python
 twins) the loop is ``_step``: one ``PacketIO.poll`` per wakeup, the datapath called from
 Python so the capture sees each batch before and after processing.
 
@@ -79,6 +82,7 @@ from vswitch.daemon.worker import KernelWorker
 SWEEP_INTERVAL_NS = 10 * C.SEC_NS
 SWITCH_INTERVAL_S = 0.0005      # the loop thread waits at most this long for the GIL
 DEFAULT_POLL_US = 100           # --poll-us: polling window after a batch (0: always sleep)
+POLL_GROW = 4                   # --poll-max-us default: the window may grow to POLL_GROW x --poll-us
 MAX_POLL_US = 100_000           # the bound of --poll-us (0.1 s of polling per burst at most)
 KERNEL_OPS = frozenset({"attach", "detach", "check", "gc", "peers"})
 DEFAULT_WORKERS = 1             # --workers: packet worker threads (docs/daemon.md "Packet workers")
@@ -94,9 +98,15 @@ class Daemon:
                  cluster: ClusterConfig | None = None, conntrack_size: int | None = None,
                  mac_learn_rate_per_s: int | None = None, vtep: VtepConfig | None = None,
                  cluster_cidrs: tuple = (), metrics_address: str = "127.0.0.1", workers: int = DEFAULT_WORKERS,
-                 busy_poll: bool = False):
+                 busy_poll: bool = False, poll_max_us: int | None = None):
         if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"poll_us={poll_us!r}; accepted: an integer 0 .. {MAX_POLL_US} (microseconds)")
+        if poll_max_us is None:
+            poll_max_us = min(POLL_GROW * poll_us, MAX_POLL_US)
+        if (isinstance(poll_max_us, bool) or not isinstance(poll_max_us, int)
+                or not poll_us <= poll_max_us <= MAX_POLL_US):
+            raise ValueError(f"poll_max_us={poll_max_us!r}; accepted: an integer poll_us ({poll_us}) .. "
+                             f"{MAX_POLL_US} (microseconds)")
         self.workers = workers          # packet workers: this thread (worker 0) and workers - 1 threads
         self.busy_poll = bool(busy_poll)
         self._worker_threads: list[threading.Thread] = []
@@ -113,6 +123,7 @@ class Daemon:
         self.conntrack_size = conntrack_size     # None: the datapath's default
         self.mac_learn_rate_per_s = mac_learn_rate_per_s     # None: the datapath's default (D44)
         self.poll_ns = poll_us * 1000
+        self.poll_max_ns = poll_max_us * 1000     # the adaptive window's bound (ext/io.pxi "Adaptive window")
         self.log = Log(log_file, level=log_level, group=log_group)
         self.control_limits = control_limits
         self.reopen_log = False         # SIGHUP: the log file is reopened (rotation)
@@ -234,7 +245,7 @@ class Daemon:
         b, dp, lock = self.io.bs[k], self.switch.dp, self.io.lock
         try:
             while not self._workers_stop:
-                b.run(dp, NEVER_NS, self.poll_ns, self.busy_poll, lock, True)
+                b.run(dp, NEVER_NS, self.poll_ns, self.busy_poll, lock, True, self.poll_max_ns)
         except BaseException as exc:    # never silent: logged, shown by status
             self.worker_exits.append(f"worker {k}: {exc!r}")
             self.log("worker_failed", level="error", worker=k, error=repr(exc), tb=traceback.format_exc())
@@ -277,7 +288,8 @@ class Daemon:
                 "counters": self.op_counters, "fdb": self.op_fdb, "conntrack": self.op_conntrack,
                 "hostports": self.op_hostports, "capture_start": self.op_capture_start,
                 "capture_stop": self.op_capture_stop, "trace": self.op_trace, "metrics": self.op_metrics,
-                "pod_cidr": self.op_pod_cidr, "nodes": self.op_nodes, "peers": self.op_peers}
+                "pod_cidr": self.op_pod_cidr, "nodes": self.op_nodes, "peers": self.op_peers,
+                "loop_trace": self.op_loop_trace}
 
     def op_peers(self, req):
         """Generator (a kernel op): the VXLAN peer table (vswitch.daemon.vxlan)."""
@@ -298,7 +310,8 @@ class Daemon:
         return {"pods": len(self.state.attachments), "uptime_s": round(time.monotonic() - self.started, 3),
                 "version": __version__, "switch": self.host_name, "uplink": self.uplink_name,
                 "datapath": type(self.switch.dp).__module__, "io": self.io.impl,
-                "poll_us": self.poll_ns // 1000, "loop": self.io.loop_stats(), "control": self.control.status(),
+                "poll_us": self.poll_ns // 1000, "poll_max_us": self.poll_max_ns // 1000,
+                "poll_window_us": getattr(self.io.b, "loop_window_ns", 0) // 1000, "loop": self.io.loop_stats(), "control": self.control.status(),
                 "workers": self.workers, "busy_poll": self.busy_poll, "worker_exits": list(self.worker_exits),
                 "tunnel_gso": tunnel_gso(self.io.impl),
                 "cluster": self.cluster.status() if self.cluster is not None else None,
@@ -358,6 +371,34 @@ class Daemon:
     def op_trace(self, req):
         return trace(self.switch, self._port_arg(req.get("in_port")), req, time.monotonic_ns())
 
+    def op_loop_trace(self, req):
+        """The packet loop's step trace (BatchIO.trace_start, docs/daemon.md "Where a ping's
+        microseconds go"): action "start" (capacity rows per worker, default 4096), "stop",
+        or "rows": each worker's rows [t_ns, step, a, b], oldest first, and the step names."""
+        action = req.get("action", "rows")
+        bs = [b for b in self.io.bs if hasattr(b, "trace_start")]
+        if not bs:
+            raise RpcError(rpc.E_INVALID_CONFIG, "loop_trace: the packet loop is the Python twin's (no trace)")
+        if action == "start":
+            cap = req.get("capacity", 4096)
+            if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 1 << 20:
+                raise RpcError(rpc.E_BAD_ARGS, f"capacity={cap!r}; accepted: an integer 1 .. {1 << 20}")
+            try:
+                for b in bs:
+                    b.trace_start(cap)
+            except ValueError as exc:
+                raise RpcError(rpc.E_BAD_ARGS, str(exc)) from None
+            return {"tracing": True}
+        if action == "stop":
+            for b in bs:
+                b.trace_stop()
+            return {"tracing": False}
+        if action == "rows":
+            steps = sys.modules[type(bs[0]).__module__].TRACE_STEPS
+            return {"steps": {str(k): v for k, v in steps.items()},
+                    "workers": [b.trace_rows().tolist() for b in bs]}
+        raise RpcError(rpc.E_BAD_ARGS, f"action={action!r}; accepted: start, stop, rows")
+
     def op_metrics(self, req):
         return {"text": self.metrics_text()}
 
@@ -376,7 +417,7 @@ class Daemon:
         from here (captures see each batch; the Python twins use this path)."""
         io, dp = self.io, self.switch.dp
         fast = io.impl == "c"           # vswitch.datapath chose the core for both (one selection)
-        run, poll_ns, busy, lock = io.run, self.poll_ns, self.busy_poll, io.lock
+        run, poll_ns, busy, lock, poll_max_ns = io.run, self.poll_ns, self.busy_poll, io.lock, self.poll_max_ns
         monotonic_ns = time.monotonic_ns
         ctl = self.control
         vx = self.vxlan
@@ -384,7 +425,7 @@ class Daemon:
         while not self.stop or ctl.busy:
             if fast and not self.captures:
                 run(dp, min(self.last_sweep_ns + SWEEP_INTERVAL_NS, ctl.timer_ns, vx.timer_ns if vx else never),
-                    poll_ns, busy, lock)
+                    poll_ns, busy, lock, False, poll_max_ns)
                 now = monotonic_ns()
             else:
                 now = self._step()
@@ -568,6 +609,10 @@ def main(argv=None):
                          f"microseconds before blocking (0 .. {MAX_POLL_US}; 0 disables; default "
                          f"{DEFAULT_POLL_US}): catches a reply without a thread wakeup, at the cost of "
                          f"at most this much CPU per burst of traffic; idle costs nothing")
+    ap.add_argument("--poll-max-us", type=int, default=None,
+                    help=f"the polling window grows up to this many microseconds while batches keep arriving "
+                         f"just after it (an answer from another node; default {POLL_GROW} x --poll-us; "
+                         f"--poll-us itself: a fixed window)")
     ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                     help=f"packet worker threads (1 .. {MAX_WORKERS}; default {DEFAULT_WORKERS}): each reads and "
                          f"writes its own queue of every multi-queue TAP and its own uplink socket "
@@ -695,7 +740,7 @@ def main(argv=None):
                    a.max_ports, a.poll_us, log_level=a.log_level, log_group=a.log_group, control_limits=limits,
                    cluster=cluster, conntrack_size=a.conntrack_size, mac_learn_rate_per_s=a.mac_learn_rate,
                    vtep=vtep, cluster_cidrs=cluster_cidrs, metrics_address=a.metrics_address,
-                   workers=a.workers, busy_poll=a.busy_poll)
+                   workers=a.workers, busy_poll=a.busy_poll, poll_max_us=a.poll_max_us)
     except (OSError, ValueError, KeyError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         return 2
