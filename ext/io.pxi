@@ -24,9 +24,13 @@
 # ports without an fd (-1) are skipped. A failed write is counted in `tx_errors[port]`
 # (a pod whose link is down, a full socket buffer) and never stops the batch. A frame whose
 # vnet header has gso_type & VNET_GSO_UDP_TUNNEL_IPV4 (a TSO frame the core encapsulated) is
-# written as its wire segments, each an iovec triple (vnet header, rebuilt headers, payload
-# slice) without copying the payload, up to 64 of them per sendmmsg ("tunnel GSO" below,
-# spec vswitch/datapath/gso.py); one it cannot segment is a tx error, nothing written.
+# written to an AF_PACKET port as UDP GSO packets of up to 64 ready wire segments, one
+# sendmsg each ("UDP GSO" below, D54), or (--tunnel-gso segments, a 12-byte-header port, a
+# kernel that refuses UDP GSO) as its wire segments, each an iovec triple (vnet header,
+# rebuilt headers, payload slice) without copying the payload, up to 64 of them per sendmmsg
+# ("tunnel GSO" below, spec vswitch/datapath/gso.py); one it cannot segment is a tx error,
+# nothing written. A UDP GSO frame read from an AF_PACKET port is cut into its datagrams
+# in the read slots (D54).
 #
 # `BatchIO.poll(timeout_ms)` is the daemon's whole wait-and-read step in one call without
 # the GIL: BatchIO owns an epoll instance holding every port fd (`watch`, the event's
@@ -350,6 +354,11 @@ cdef extern from "<sys/socket.h>" nogil:
         msghdr msg_hdr
         unsigned int msg_len
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    Py_ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    Py_ssize_t recv(int fd, void *buf, size_t n, int flags)
+    enum:
+        MSG_PEEK
+        MSG_DONTWAIT
 
 cdef extern from "<errno.h>" nogil:
     enum:
@@ -411,6 +420,231 @@ cdef int _io_write_tunnel_gso(int fd, int hdr_len, const uint8_t *frame, Py_ssiz
     return 0
 
 
+# ---------------------------------------------------------------- UDP GSO (D54)
+# The C twin of gso.pack_udp_gso / split_udp_gso (their comment is the theory): a tunnel GSO
+# frame leaves an AF_PACKET port (10-byte header) as UDP GSO packets of up to
+# UDP_GSO_MAX_SEGS ready segments each (inner TCP checksums completed here, the outer UDP one
+# left to the kernel), one sendmsg per packet; a UDP GSO frame read whole from an AF_PACKET
+# port is cut into its datagrams in the read slots (_io_split_udp_gso). `_io_udp_gso` is the
+# process-wide switch (set_tunnel_gso): 0 keeps D51's one write per segment; a kernel that
+# refuses the UDP_L4 gso_type (EINVAL on the first packet) turns it off for good.
+
+cdef enum:
+    IO_GSO_UDP_L4 = 5
+    UDP_GSO_MAX_SEGS = 64             # gso.UDP_GSO_MAX_SEGS
+    IO_USO_REFUSED = -1               # _io_write_udp_gso: the kernel refused the gso_type
+    IO_SPLIT_SLOT_EXTRA = C_ENCAP_HEADROOM + IO_HDR + 14 + 60 + 8 + 8   # one more datagram's slot, beyond its payload
+
+cdef int _io_udp_gso = 1
+
+
+cdef inline uint32_t _csum_be(const uint8_t *p, Py_ssize_t n) noexcept nogil:
+    """The one's complement sum of n bytes as big-endian 16-bit words (an odd last byte
+    padded with zero), folded to 16 bits. Sums native 32-bit words in four 64-bit
+    accumulators (RFC 1071: the sum is byte-order independent; the folded result is
+    stored natively and read back big-endian)."""
+    cdef uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0
+    cdef uint32_t w0, w1, w2, w3
+    cdef uint16_t w16
+    cdef uint8_t tail[2]
+    cdef Py_ssize_t i = 0
+    while i + 16 <= n:
+        memcpy(&w0, p + i, 4)
+        memcpy(&w1, p + i + 4, 4)
+        memcpy(&w2, p + i + 8, 4)
+        memcpy(&w3, p + i + 12, 4)
+        a0 += w0
+        a1 += w1
+        a2 += w2
+        a3 += w3
+        i += 16
+    a0 += a1 + a2 + a3
+    while i + 4 <= n:
+        memcpy(&w0, p + i, 4)
+        a0 += w0
+        i += 4
+    if i + 2 <= n:
+        memcpy(&w16, p + i, 2)
+        a0 += w16
+        i += 2
+    if i < n:
+        tail[0] = p[i]
+        tail[1] = 0
+        memcpy(&w16, tail, 2)
+        a0 += w16
+    a0 = <uint64_t><uint32_t>a0 + (a0 >> 32)
+    a0 = <uint64_t><uint32_t>a0 + (a0 >> 32)
+    a0 = (a0 & 0xFFFF) + (a0 >> 16)
+    a0 = (a0 & 0xFFFF) + (a0 >> 16)
+    w16 = <uint16_t>a0
+    memcpy(tail, &w16, 2)
+    return (<uint32_t>tail[0] << 8) | tail[1]
+
+
+cdef inline void _io_ipv4_csum(uint8_t *ip, Py_ssize_t ihl_bytes) noexcept nogil:
+    ip[10] = 0
+    ip[11] = 0
+    store_be16(ip + 10, <uint16_t>(~_gso_fold(_gso_sum16(ip, ihl_bytes, 0)) & 0xFFFF))
+
+
+cdef inline uint16_t _io_udp4_pseudo(const uint8_t *f, Py_ssize_t udp_len) noexcept nogil:
+    """gso._udp_pseudo: the IPv4 UDP pseudo-header sum (folded) of frame f for a UDP length."""
+    return _gso_fold(_gso_sum16(f + 26, 8, <uint32_t>(17 + udp_len)))
+
+
+cdef Py_ssize_t _udp_gso_packet(const uint8_t *frame, const GsoLayout *g, int k, int cnt,
+                                uint8_t (*h)[GSO_MAX_HDR_BYTES], uint8_t *oh, uint8_t *vh,
+                                iovec *iov) noexcept nogil:
+    """gso.pack_udp_gso's packet of segments k .. k+cnt-1: the segment headers into h[j], the
+    packet's outer headers into oh and its 12-byte vnet header into vh, the iovecs from
+    iov[1] (outer headers, then per segment its headers past the UDP header and its payload
+    slice); returns the number of iovecs used from iov[1]."""
+    cdef Py_ssize_t udp = g.udp, l4 = g.l4, inner = g.hdr_end - (g.udp + 8), plen, body = 0
+    cdef uint8_t dummy[IO_HDR]
+    cdef const uint8_t *payload
+    cdef uint32_t s
+    cdef int j
+    for j in range(cnt):
+        memcpy(h[j], frame, g.hdr_end)
+        plen = _gso_segment_headers(frame, g, k + j, h[j], dummy)
+        payload = frame + g.hdr_end + <Py_ssize_t>(k + j) * g.gso_size
+        s = _gso_sum16(h[j] + l4, g.hdr_end - l4, 0) + _csum_be(payload, plen)
+        store_be16(h[j] + l4 + 16, <uint16_t>(~_gso_fold(s) & 0xFFFF))
+        iov[2 + 2 * j].iov_base = h[j] + udp + 8
+        iov[2 + 2 * j].iov_len = inner
+        iov[3 + 2 * j].iov_base = <void *>payload
+        iov[3 + 2 * j].iov_len = plen
+        body += inner + plen
+    memcpy(oh, h[0], udp + 8)
+    store_be16(oh + 16, <uint16_t>(udp - 14 + 8 + body))
+    _io_ipv4_csum(oh + 14, udp - 14)
+    store_be16(oh + udp + 4, <uint16_t>(8 + body))
+    store_be16(oh + udp + 6, _io_udp4_pseudo(oh, 8 + body))
+    iov[1].iov_base = oh
+    iov[1].iov_len = udp + 8
+    memset(vh, 0, IO_HDR)
+    vh[0] = C_VNET_F_NEEDS_CSUM
+    store_le16(vh + 2, <uint16_t>(udp + 8))
+    if cnt > 1:
+        vh[1] = IO_GSO_UDP_L4
+        store_le16(vh + 4, <uint16_t>(inner + g.gso_size))
+    store_le16(vh + 6, <uint16_t>udp)
+    store_le16(vh + 8, 6)
+    return 1 + 2 * cnt
+
+
+cdef inline int _udp_gso_per_packet(const GsoLayout *g) noexcept nogil:
+    cdef Py_ssize_t per = (65535 - (g.udp - 14) - 8) // (g.hdr_end - (g.udp + 8) + g.gso_size)
+    if per > UDP_GSO_MAX_SEGS:
+        per = UDP_GSO_MAX_SEGS
+    return <int>per if per > 1 else 1
+
+
+cdef int _io_write_udp_gso(int fd, int hdr_len, const uint8_t *frame, Py_ssize_t length) noexcept nogil:
+    """Write a tunnel GSO frame as UDP GSO packets, one sendmsg each; 0, an errno (EINVAL:
+    not segmentable, nothing written; a failed write stops the frame), or IO_USO_REFUSED
+    (the first packet refused with EINVAL: nothing written)."""
+    cdef GsoLayout g
+    cdef uint8_t h[UDP_GSO_MAX_SEGS][GSO_MAX_HDR_BYTES]
+    cdef uint8_t oh[GSO_MAX_HDR_BYTES]
+    cdef uint8_t vh[IO_HDR]
+    cdef iovec iov[2 + 2 * UDP_GSO_MAX_SEGS]
+    cdef msghdr m
+    cdef Py_ssize_t r
+    cdef int k = 0, cnt, per
+    if _gso_layout(frame - IO_HDR, hdr_len, frame, length, &g) != 0:
+        return EINVAL
+    per = _udp_gso_per_packet(&g)
+    memset(&m, 0, sizeof(m))
+    m.msg_iov = iov
+    while k < g.segs:
+        cnt = g.segs - k
+        if cnt > per:
+            cnt = per
+        m.msg_iovlen = 1 + _udp_gso_packet(frame, &g, k, cnt, h, oh, vh, iov)
+        iov[0].iov_base = vh
+        iov[0].iov_len = hdr_len
+        while True:
+            r = sendmsg(fd, &m, 0)
+            if r >= 0:
+                break
+            if _io_errno == _IO_EINTR:
+                continue
+            if _io_errno == EINVAL and k == 0 and cnt > 1:
+                return IO_USO_REFUSED
+            return _io_errno
+        k += cnt
+    return 0
+
+
+cdef int _io_split_udp_gso(unsigned char *base, Py_ssize_t pos, Py_ssize_t length, Py_ssize_t buflen,
+                           unsigned int *offsets, unsigned int *lengths, unsigned short *in_ports,
+                           int room, unsigned short port) noexcept nogil:
+    """Cut the UDP GSO frame read into the slot at `pos` (frame of `length` bytes at
+    pos + ENCAP_HEADROOM + IO_HDR) into its datagrams (gso.split_udp_gso), each in a read
+    slot of its own from `pos` on (D50's layout; the pieces move back to front, so nothing
+    is overwritten before it moved); fills offsets/lengths/in_ports[:count]. Returns the
+    count, or -1 (cannot be cut, more datagrams than `room` or than the buffer holds:
+    nothing is taken)."""
+    cdef unsigned char *vh0 = base + pos + C_ENCAP_HEADROOM
+    cdef unsigned char *f0 = vh0 + IO_HDR
+    cdef Py_ssize_t udp, gso, span, plen, dst
+    cdef int segs, k, partial, dv
+    cdef uint16_t ip_id
+    cdef unsigned char *f
+    cdef unsigned char *vh
+    if length < 14 + 20 or f0[12] != 0x08 or f0[13] != 0x00 or (f0[14] >> 4) != 4 or (f0[14] & 15) < 5:
+        return -1
+    udp = 14 + (f0[14] & 15) * 4
+    if f0[23] != 17 or (load_be16(f0 + 20) & 0x3FFF) or udp + 8 > length:
+        return -1
+    gso = le16(vh0 + 4)
+    if gso == 0:
+        return -1
+    segs = <int>((length - udp - 8 + gso - 1) // gso) if length > udp + 8 else 1
+    if segs > UDP_GSO_MAX_SEGS or segs > room:
+        return -1
+    span = (C_ENCAP_HEADROOM + IO_HDR + udp + 8 + gso + 7) & ~(<Py_ssize_t>7)
+    if pos + <Py_ssize_t>(segs - 1) * span + C_ENCAP_HEADROOM + IO_HDR + udp + 8 + gso > buflen:
+        return -1
+    partial = vh0[0] & C_VNET_F_NEEDS_CSUM
+    dv = vh0[0] & C_VNET_F_DATA_VALID
+    ip_id = load_be16(f0 + 18)
+    k = segs - 1
+    while k >= 0:                      # back to front: segment 0 stays in place, fixed last
+        plen = length - udp - 8 - <Py_ssize_t>k * gso
+        if plen > gso:
+            plen = gso
+        if plen < 0:
+            plen = 0
+        dst = pos + <Py_ssize_t>k * span
+        vh = base + dst + C_ENCAP_HEADROOM
+        f = vh + IO_HDR
+        if k > 0:
+            memmove(f + udp + 8, f0 + udp + 8 + <Py_ssize_t>k * gso, plen)
+            memcpy(f, f0, udp + 8)
+        store_be16(f + 16, <uint16_t>(udp - 14 + 8 + plen))
+        store_be16(f + 18, <uint16_t>(ip_id + k))
+        _io_ipv4_csum(f + 14, udp - 14)
+        store_be16(f + udp + 4, <uint16_t>(8 + plen))
+        if partial:
+            store_be16(f + udp + 6, _io_udp4_pseudo(f, 8 + plen))
+            memset(vh, 0, IO_HDR)
+            vh[0] = C_VNET_F_NEEDS_CSUM
+            store_le16(vh + 6, <uint16_t>udp)
+            store_le16(vh + 8, 6)
+        else:
+            f[udp + 6] = 0
+            f[udp + 7] = 0
+            memset(vh, 0, IO_HDR)
+            vh[0] = <unsigned char>dv
+        offsets[k] = <unsigned int>(dst + C_ENCAP_HEADROOM + IO_HDR)
+        lengths[k] = <unsigned int>(udp + 8 + plen)
+        in_ports[k] = port
+        k -= 1
+    return segs
+
+
 def segment_vxlan(hdr, frame):
     """The C segmentation for tests (vswitch.datapath.gso.segment_vxlan is its spec):
     [(vnet header as long as hdr, wire frame)], or ValueError (gso.GSO_ERRORS)."""
@@ -437,6 +671,70 @@ def segment_vxlan(hdr, frame):
         out.append(((<char *>vh)[:vhv.shape[0] if vhv.shape[0] < IO_HDR else IO_HDR],
                     (<char *>h)[:g.hdr_end] + fb[start:start + plen]))
     return out
+
+
+def set_tunnel_gso(mode):
+    """How tunnel GSO frames leave an AF_PACKET port, process-wide: "udp" (UDP GSO packets,
+    D54) or "segments" (one write per segment, D51)."""
+    global _io_udp_gso
+    if mode not in ("udp", "segments"):
+        raise ValueError(f"tunnel GSO mode {mode!r}; accepted: 'udp', 'segments'")
+    _io_udp_gso = 1 if mode == "udp" else 0
+
+
+def tunnel_gso():
+    """The current mode: "udp", or "segments" (set so, or the kernel refused UDP GSO)."""
+    return "udp" if _io_udp_gso else "segments"
+
+
+def pack_udp_gso(hdr, frame):
+    """The C packing for tests (vswitch.datapath.gso.pack_udp_gso is its spec): [(vnet header
+    as long as hdr, packet)], or ValueError (gso.GSO_ERRORS)."""
+    hb, fb = bytes(hdr), bytes(frame)
+    cdef const uint8_t[::1] vhv = hb
+    cdef const uint8_t[::1] fv = fb
+    cdef GsoLayout g
+    cdef uint8_t h[UDP_GSO_MAX_SEGS][GSO_MAX_HDR_BYTES]
+    cdef uint8_t oh[GSO_MAX_HDR_BYTES]
+    cdef uint8_t vh[IO_HDR]
+    cdef iovec iov[2 + 2 * UDP_GSO_MAX_SEGS]
+    cdef int err, k = 0, cnt, per, used, i
+    if vhv.shape[0] < 10 or fv.shape[0] == 0:
+        err = 1 if vhv.shape[0] < 10 else 5
+    else:
+        err = _gso_layout(&vhv[0], vhv.shape[0], &fv[0], fv.shape[0], &g)
+    if err:
+        from vswitch.datapath.gso import GSO_ERRORS
+        raise ValueError(f"pack_udp_gso: {GSO_ERRORS[err]}")
+    per = _udp_gso_per_packet(&g)
+    out = []
+    while k < g.segs:
+        cnt = min(per, g.segs - k)
+        used = _udp_gso_packet(&fv[0], &g, k, cnt, h, oh, vh, iov)
+        packet = b"".join([(<char *>iov[1 + i].iov_base)[:iov[1 + i].iov_len] for i in range(used)])
+        out.append(((<char *>vh)[:vhv.shape[0] if vhv.shape[0] < IO_HDR else IO_HDR], packet))
+        k += cnt
+    return out
+
+
+def split_udp_gso(hdr, frame):
+    """The C cut for tests (vswitch.datapath.gso.split_udp_gso is its spec): [(12-byte vnet
+    header, frame)], or ValueError."""
+    import numpy
+    hb, fb = bytes(hdr), bytes(frame)
+    if len(hb) < 10 or len(hb) > IO_HDR or hb[1] != IO_GSO_UDP_L4:
+        raise ValueError("split_udp_gso: a 10..12-byte vnet header with gso_type UDP_L4 is needed")
+    buf = numpy.zeros(UDP_GSO_MAX_SEGS * (IO_SPLIT_SLOT_EXTRA + len(fb)) + IO_SLOT_SPAN, numpy.uint8)
+    buf[C_ENCAP_HEADROOM:C_ENCAP_HEADROOM + len(hb)] = numpy.frombuffer(hb, numpy.uint8)
+    buf[C_ENCAP_HEADROOM + IO_HDR:C_ENCAP_HEADROOM + IO_HDR + len(fb)] = numpy.frombuffer(fb, numpy.uint8)
+    cdef unsigned char[::1] b = buf
+    cdef unsigned int offs[UDP_GSO_MAX_SEGS]
+    cdef unsigned int lens[UDP_GSO_MAX_SEGS]
+    cdef unsigned short ports[UDP_GSO_MAX_SEGS]
+    cdef int n = _io_split_udp_gso(&b[0], 0, len(fb), b.shape[0], offs, lens, ports, UDP_GSO_MAX_SEGS, 0)
+    if n < 0:
+        raise ValueError("split_udp_gso: cannot be cut (see gso.SPLIT_ERRORS)")
+    return [(bytes(buf[offs[i] - IO_HDR:offs[i]]), bytes(buf[offs[i]:offs[i] + lens[i]])) for i in range(n)]
 
 
 # ---------------------------------------------------------------- receive coalescing
@@ -605,10 +903,18 @@ cdef inline Py_ssize_t _io_read_one(int fd, int hdr_len, unsigned char *slot) no
 
 cdef inline int _io_write_one(int fd, int hdr_len, unsigned char *frame, Py_ssize_t length) noexcept nogil:
     """Write one frame whose 12-byte header precedes `frame`; 0 or errno. A tunnel GSO
-    frame (gso_type & VNET_GSO_UDP_TUNNEL_IPV4) is written as its segments."""
+    frame (gso_type & VNET_GSO_UDP_TUNNEL_IPV4) is written as UDP GSO packets to an
+    AF_PACKET port (D54), else as its segments (D51)."""
+    global _io_udp_gso
     cdef Py_ssize_t r
     cdef iovec iov[2]
+    cdef int err
     if frame[1 - IO_HDR] & C_VNET_GSO_UDP_TUNNEL_IPV4:
+        if _io_udp_gso and hdr_len != IO_HDR:        # an AF_PACKET port: UDP GSO packets (D54)
+            err = _io_write_udp_gso(fd, hdr_len, frame, length)
+            if err != IO_USO_REFUSED:
+                return err
+            _io_udp_gso = 0                         # this kernel refuses them: D51 from now on
         return _io_write_tunnel_gso(fd, hdr_len, frame, length)
     while True:
         if hdr_len == IO_HDR:
@@ -631,13 +937,21 @@ cdef int _io_read_all(const int *fds, const unsigned short *fd_ports, const unsi
                       unsigned long long *rx_errors, Py_ssize_t nerr) noexcept nogil:
     """The read loop of BatchIO.poll and run; returns the number of frames read."""
     cdef Py_ssize_t pos = 0, r
-    cdef int n = 0, j, k, hdr, port
+    cdef int n = 0, j, k, hdr, port, cut
+    cdef unsigned char peek[2]
     for j in range(nfds):
         hdr = fd_hdrs[j]
         port = fd_ports[j]
         for k in range(per_fd_max):
             if n >= max_pkts or pos + IO_SLOT_SPAN > buflen:
                 break
+            if hdr != IO_HDR and n > 0 and (n + UDP_GSO_MAX_SEGS > max_pkts
+                    or pos + IO_SLOT_SPAN + UDP_GSO_MAX_SEGS * IO_SPLIT_SLOT_EXTRA > buflen):
+                # short of room for a cut of UDP_GSO_MAX_SEGS (D54): a UDP GSO frame waits for
+                # the next batch (the fd stays readable), anything else is read
+                r = recv(fds[j], peek, 2, MSG_PEEK | MSG_DONTWAIT)
+                if r < 2 or peek[1] == IO_GSO_UDP_L4:
+                    break
             r = _io_read_one(fds[j], hdr, base + pos + C_ENCAP_HEADROOM)
             if r < 0:
                 if r != -_IO_EAGAIN and port < nerr:
@@ -650,6 +964,16 @@ cdef int _io_read_all(const int *fds, const unsigned short *fd_ports, const unsi
             if hdr != IO_HDR:
                 base[pos + C_ENCAP_HEADROOM + hdr] = 0     # num_buffers, absent in the 10-byte header
                 base[pos + C_ENCAP_HEADROOM + hdr + 1] = 0
+                if base[pos + C_ENCAP_HEADROOM + 1] == IO_GSO_UDP_L4:   # D54: cut into its datagrams
+                    cut = _io_split_udp_gso(base, pos, r - hdr, buflen, offsets + n, lengths + n,
+                                            in_ports + n, max_pkts - n, <unsigned short>port)
+                    if cut < 0:
+                        if port < nerr:
+                            rx_errors[port] += 1
+                        continue
+                    n += cut
+                    pos = (offsets[n - 1] + lengths[n - 1] + 7) & ~(<Py_ssize_t>7)
+                    continue
             offsets[n] = <unsigned int>(pos + C_ENCAP_HEADROOM + IO_HDR)
             lengths[n] = <unsigned int>(r - hdr)
             in_ports[n] = <unsigned short>port

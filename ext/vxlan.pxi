@@ -443,8 +443,9 @@ cdef int vx_decap(Core *c, Pkt *k, int32_t *out) noexcept nogil:
         if hdr[0] & C_VNET_F_NEEDS_CSUM:
             if le16(hdr + 6) >= d + 14:
                 store_le16(hdr + 6, le16(hdr + 6) - d)
-            else:                          # the partial checksum was in the outer headers
-                hdr[0] &= ~C_VNET_F_NEEDS_CSUM & 0xff
+            else:                          # the partial checksum was in the outer headers:
+                # a locally sent packet, its inner checksums complete and trusted (D54)
+                hdr[0] = (hdr[0] & ~C_VNET_F_NEEDS_CSUM & 0xff) | C_VNET_F_DATA_VALID
                 store_le16(hdr + 6, 0)
                 store_le16(hdr + 8, 0)
         memcpy(ip - H, hdr, H)

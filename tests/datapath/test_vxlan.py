@@ -324,9 +324,13 @@ def test_decap_adjusts_the_vnet_header(dp_impl):
     out, got, h, doff, _ = send1(dp, wire, UPLINK, T0, H=10, hdr=hdr)
     assert (out, doff) == (POD_A, 50)
     assert h == vnet_hdr(flags=1, hdr_len=54, csum_start=34, csum_offset=16, H=10)
-    # partial checksum in the outer headers: cleared, the inner checksums are complete
+    # partial checksum in the outer headers: a locally sent packet, so the inner checksums
+    # are complete and valid: DATA_VALID (D54; what lets the TAP writer coalesce them)
     hdr = vnet_hdr(flags=1, hdr_len=20, csum_start=34, csum_offset=6, H=10)
     out, got, h, *_ = send1(dp, wire, UPLINK, T0, H=10, hdr=hdr)
+    assert out == POD_A and h == vnet_hdr(flags=2, H=10)
+    # no flags: none set on the inner frame
+    out, got, h, *_ = send1(dp, wire, UPLINK, T0, H=10, hdr=vnet_hdr(H=10))
     assert out == POD_A and h == vnet_hdr(H=10)
     # UFO (gso_type 3) from the underlay: malformed (D53)
     out, *_ = send1(dp, wire, UPLINK, T0, H=10, hdr=vnet_hdr(gso_type=3, gso_size=1000, H=10))

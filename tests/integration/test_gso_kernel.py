@@ -29,7 +29,8 @@ from scapy.utils import checksum
 
 from tests.datapath.test_gso import TCPV4, TCPV6, TUNNEL, encapsulated, random_inner, vnet_hdr
 from vswitch.daemon.netlink import netns_entered
-from vswitch.daemon.ports import VNET_HDR_LEN, PacketIO, UplinkPort, open_uplink_socket
+from vswitch.daemon.ports import VNET_HDR_LEN, PacketIO, UplinkPort, open_uplink_socket, set_tunnel_gso, tunnel_gso
+from vswitch.datapath import gso
 from vswitch.datapath.consts import ENCAP_HEADROOM
 from vswitch.lab import Namespaces, nsexec, veth
 
@@ -97,9 +98,19 @@ def _tso_frame(v6):
     return vnet_hdr((TCPV6 if v6 else TCPV4) | TUNNEL, mss), encapsulated(hdrs + payload), payload, mss
 
 
+@pytest.fixture
+def segments_mode(request):
+    """D51's one write per segment (the "segments" mode) for both implementations, then "udp"."""
+    set_tunnel_gso("segments")
+    set_tunnel_gso("segments", "py")
+    yield
+    set_tunnel_gso("udp")
+    set_tunnel_gso("udp", "py")
+
+
 @pytest.mark.parametrize("impl", ["c", "py"])
 @pytest.mark.parametrize("v6", [False, True], ids=["inner4", "inner6"])
-def test_a_tso_frame_leaves_as_wire_frames_with_valid_checksums(link, impl, v6):
+def test_a_tso_frame_leaves_as_wire_frames_with_valid_checksums(link, impl, v6, segments_mode):
     ns, up, cap = link
     pio = PacketIO(max_ports=4, max_batch=4, impl=impl)
     pio.set_port(UplinkPort("up", 1, up.fileno(), sock=None), 1)
@@ -194,3 +205,82 @@ def test_a_kernel_vxlan_peer_delivers_whole_gso_frames_to_the_uplink_socket(nss)
         assert int.from_bytes(f[36:38], "big") == 4789
     finally:
         up.close()
+
+
+@pytest.mark.parametrize("impl", ["c", "py"])
+@pytest.mark.parametrize("v6", [False, True], ids=["inner4", "inner6"])
+def test_udp_gso_packets_cross_a_veth_whole_and_a_socket_gets_the_wire_segments(nss, impl, v6):
+    """D54 against the kernel: the uplink writes a pod's 60,000-byte TSO frame as UDP GSO
+    packets (AF_PACKET takes gso_type UDP_L4); on the other end of the veth a packet socket
+    (as a peer vswitchd's uplink) reads each packet whole, and a plain UDP socket on port
+    4789 (as a kernel VTEP's) gets the datagrams the kernel cut from them: exactly the wire
+    segments' UDP payloads (VXLAN + inner frame), inner TCP checksums valid, so the kernel
+    also found every outer UDP checksum it completed valid. The peer's reader cuts the
+    whole packets into the same datagrams."""
+    a, b = nss.new("usa"), nss.new("usb")
+    veth(a, "usoa", None, b, "usob", None, mtu=1500)
+    nsexec(b, "ip", "link", "set", "usob", "address", "02:00:00:00:bb:01")
+    nsexec(b, "ip", "addr", "add", "192.168.50.2/24", "dev", "usob")
+    with netns_entered(Namespaces.path(a)):
+        up = open_uplink_socket("usoa")
+    with netns_entered(Namespaces.path(b)):
+        peer = open_uplink_socket("usob")
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("0.0.0.0", 4789))
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        rx.settimeout(2.0)
+        pio = PacketIO(max_ports=4, max_batch=64, impl=impl)
+        assert tunnel_gso(impl) == "udp"
+        pio.set_port(UplinkPort("up", 1, up.fileno(), sock=None), 1)
+        hdr, frame, payload, mss = _tso_frame(v6)
+        at = ENCAP_HEADROOM + VNET_HDR_LEN
+        pio.buf[at - VNET_HDR_LEN:at] = np.frombuffer(hdr, np.uint8)
+        pio.buf[at:at + len(frame)] = np.frombuffer(frame, np.uint8)
+        pio.offsets[0], pio.lengths[0], pio.in_ports[0], pio.out_ports[0] = at, len(frame), 0, 1
+        assert pio.write(1) == 1 and int(pio.tx_errors[1]) == 0
+        assert tunnel_gso(impl) == "udp"                                # the kernel took them
+
+        layout = gso.layout(hdr, frame)[1]
+        udp, l4 = layout["udp"], layout["l4"]
+        want = [gso.complete_tcp_checksum(seg, l4)[udp + 8:] for _, seg in gso.segment_vxlan(hdr, frame)]
+        assert len(want) == -(-PAYLOAD_BYTES // mss)
+        got = []
+        while len(got) < len(want):
+            try:
+                got.append(rx.recv(70000))
+            except socket.timeout:
+                break
+        assert got == want
+        data = b""
+        for d in got:
+            inner = VXLAN(d).payload
+            l3 = inner[IPv6] if v6 else inner[IP]
+            assert (in6_chksum if v6 else in4_chksum)(6, l3, bytes(l3[TCP])) == 0
+            data += bytes(l3[TCP].payload)
+        assert data == payload
+
+        # the peer's packet socket read the packets whole (65,535 bytes of IPv4 at most each)
+        sent = gso.pack_udp_gso(hdr, frame)
+        assert len(sent) == 2 and sent[0][0][1] == gso.VNET_GSO_UDP_L4
+        packets = []
+        deadline = time.monotonic() + 5
+        while len(packets) < len(sent) and time.monotonic() < deadline:
+            try:
+                w = os.read(peer.fileno(), 70000)
+            except BlockingIOError:
+                time.sleep(0.05)
+                continue
+            if (len(w) > 10 + 14 + 20 and w[10 + 12:10 + 14] == b"\x08\x00" and w[10 + 23] == 17
+                    and w[10 + 36:10 + 38] == (4789).to_bytes(2, "big")):
+                packets.append(w)
+        assert [p[10:] for p in packets] == [p for _, p in sent]
+        # flags, gso_type, gso_size, csum_start, csum_offset as sent (hdr_len is the kernel's)
+        fields = lambda h: struct.unpack_from("<BBxxHHH", h)                       # noqa: E731
+        assert [fields(p) for p in packets] == [fields(vh) for vh, _ in sent]
+        cut = [f for p in packets for _, f in (gso.split_udp_gso(p[:10], p[10:]) if p[1] else [(p[:10], p[10:])])]
+        assert [c[udp + 8:] for c in cut] == want
+    finally:
+        up.close()
+        peer.close()
+        rx.close()

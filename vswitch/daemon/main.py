@@ -71,7 +71,7 @@ from vswitch.daemon.gateways import Gateways
 from vswitch.daemon.log import LOG_LEVELS, Log
 from vswitch.daemon.masq import Masq
 from vswitch.daemon.pods import Pods
-from vswitch.daemon.ports import MAX_WORKERS, PacketIO, PortTable, uplink_fanout
+from vswitch.daemon.ports import MAX_WORKERS, PacketIO, PortTable, set_tunnel_gso, tunnel_gso, uplink_fanout
 from vswitch.rpc import RpcError
 from vswitch.daemon.state import State
 from vswitch.switch import Switch
@@ -87,6 +87,7 @@ MAX_POLL_US = 100_000           # the bound of --poll-us (0.1 s of polling per b
 KERNEL_OPS = frozenset({"attach", "detach", "check", "gc", "peers"})
 DEFAULT_WORKERS = 1             # --workers: packet worker threads (docs/daemon.md "Packet workers")
 NEVER_NS = 1 << 62
+DAEMON_MAX_BATCH = 128              # frames per batch (PacketIO): see Daemon.__init__
 
 
 class Daemon:
@@ -128,7 +129,10 @@ class Daemon:
         self.reopen_log = False         # SIGHUP: the log file is reopened (rotation)
         self.started = time.monotonic()
         self.state = State(state_dir)
-        self.io = PacketIO(max_ports, workers=workers)      # ValueError names a bad workers value
+        # a batch of 128: a UDP GSO frame from the uplink is cut into up to 64 entries (D54), and
+        # a read is tried only with room for them, so 128 keeps the uplink and the pods sharing
+        # a batch (and a 64 KiB segment's two packets coalescing into one TAP write)
+        self.io = PacketIO(max_ports, max_batch=DAEMON_MAX_BATCH, workers=workers)   # ValueError: bad workers
         self.captures = Captures(self.log)
         self.ports = PortTable(self.io, on_drop=self.captures.close)
         self.gateways = Gateways(switch, self.state, self.log)
@@ -309,6 +313,7 @@ class Daemon:
                 "poll_us": self.poll_ns // 1000, "poll_max_us": self.poll_max_ns // 1000,
                 "poll_window_us": getattr(self.io.b, "loop_window_ns", 0) // 1000, "loop": self.io.loop_stats(), "control": self.control.status(),
                 "workers": self.workers, "busy_poll": self.busy_poll, "worker_exits": list(self.worker_exits),
+                "tunnel_gso": tunnel_gso(self.io.impl),
                 "cluster": self.cluster.status() if self.cluster is not None else None,
                 "vxlan": self.vxlan.status() if self.vxlan is not None else None}
 
@@ -664,6 +669,10 @@ def main(argv=None):
     vx.add_argument("--peers", metavar="FILE",
                     help='a JSON list of {"name", "node_ip", "pod_cidrs": [...], "vtep_mac"}: the other nodes; '
                          "read again on SIGHUP and by 'vswitchctl peers reload'")
+    vx.add_argument("--tunnel-gso", choices=("udp", "segments"), default="udp",
+                    help="how a pod's TSO segment leaves encapsulated: 'udp' (default) hands the kernel one "
+                         "UDP GSO packet of up to 64 ready VXLAN segments (docs/datapath.md D54); 'segments' "
+                         "writes each wire segment (D51; also used when the kernel refuses UDP GSO)")
     a = ap.parse_args(argv)
     vtep = None
     if a.vxlan or any(v is not None for v in (a.vtep_vni, a.vtep_port, a.vtep_address, a.peers)):
@@ -717,6 +726,7 @@ def main(argv=None):
     except datapath.BuildError as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         return 2
+    set_tunnel_gso(a.tunnel_gso)
     if os.geteuid() != 0:
         print("vswitchd: must run as root (TAP devices, namespaces)", file=sys.stderr)
         return 2

@@ -25,8 +25,11 @@ Cython: wait, read, process, write, drain shaping queues, poll briefly after a b
 return only when Python has work (``ext/io.pxi``).
 
 Both writers (C and the twin here) write a VXLAN TSO frame (vnet gso_type with
-VNET_GSO_UDP_TUNNEL_IPV4) as its wire segments (``vswitch.datapath.gso``, D51) and merge a
-run of one TCP flow's frames to a TAP port into one GSO frame (receive coalescing, D52).
+VNET_GSO_UDP_TUNNEL_IPV4) to an AF_PACKET port as UDP GSO packets of its wire segments
+(D54; ``set_tunnel_gso("segments")`` or a kernel that refuses them: one write per wire
+segment, D51; spec ``vswitch.datapath.gso``) and merge a run of one TCP flow's frames to a
+TAP port into one GSO frame (receive coalescing, D52); both readers cut a UDP GSO frame
+read from an AF_PACKET port into its datagrams (D54).
 
 :class:`PortTable` is the daemon's view of its ports with an fd: by switch port name
 (what detach and ``show`` look up) and by port id while the fd is polled (what a failed
@@ -52,6 +55,8 @@ VNET_HDR_LEN = 12
 MAX_WORKERS = 64                            # --workers: packet worker threads at most
 SLOT_MAX = VNET_HDR_LEN + MAX_FRAME
 SLOT_SPAN = ENCAP_HEADROOM + SLOT_MAX      # a read slot: headroom for VXLAN's outer headers, header, frame
+SPLIT_SLOT_EXTRA = ENCAP_HEADROOM + VNET_HDR_LEN + 14 + 60 + 8 + 8   # ext/io.pxi IO_SPLIT_SLOT_EXTRA
+_py_udp_gso = True                         # the twin's ext/io.pxi _io_udp_gso (set_tunnel_gso)
 
 # linux/if_packet.h
 SOL_PACKET = 263
@@ -184,6 +189,11 @@ def py_read_batch(fds, fd_ports, fd_hdr_lens, nfds, buf, offsets, lengths, in_po
         for _ in range(per_fd_max):
             if n >= max_pkts or pos + SLOT_SPAN > len(buf):
                 break
+            if hdr != VNET_HDR_LEN and n > 0 and (n + gso.UDP_GSO_MAX_SEGS > max_pkts
+                                                  or pos + SLOT_SPAN + gso.UDP_GSO_MAX_SEGS * SPLIT_SLOT_EXTRA > len(buf)):
+                # short of room for a cut (D54): a UDP GSO frame waits for the next batch
+                if _py_peek2(fd)[1:2] in (b"", bytes([gso.VNET_GSO_UDP_L4])):
+                    break
             slot = pos + ENCAP_HEADROOM
             try:
                 if hdr == VNET_HDR_LEN:
@@ -200,6 +210,19 @@ def py_read_batch(fds, fd_ports, fd_hdr_lens, nfds, buf, offsets, lengths, in_po
                 continue
             if hdr != VNET_HDR_LEN:
                 buf[slot + hdr:slot + VNET_HDR_LEN] = 0
+                if buf[slot + 1] == gso.VNET_GSO_UDP_L4:        # D54: cut into its datagrams
+                    cut = _py_split(buf, pos, r - hdr, max_pkts - n)
+                    if cut is None:
+                        rx_errors[port] += 1
+                        continue
+                    for vh, f in cut:
+                        s = pos + ENCAP_HEADROOM
+                        buf[s:s + VNET_HDR_LEN] = np.frombuffer(vh, np.uint8)
+                        buf[s + VNET_HDR_LEN:s + VNET_HDR_LEN + len(f)] = np.frombuffer(f, np.uint8)
+                        offsets[n], lengths[n], in_ports[n] = s + VNET_HDR_LEN, len(f), port
+                        pos += (ENCAP_HEADROOM + VNET_HDR_LEN + len(f) + 7) & ~7
+                        n += 1
+                    continue
             offsets[n] = slot + VNET_HDR_LEN
             lengths[n] = r - hdr
             in_ports[n] = port
@@ -210,7 +233,70 @@ def py_read_batch(fds, fd_ports, fd_hdr_lens, nfds, buf, offsets, lengths, in_po
     return n
 
 
+def _py_peek2(fd) -> bytes:
+    """The first two bytes of the next message of socket `fd`, not consumed (b"": none)."""
+    s = socket.socket(fileno=fd)
+    try:
+        return s.recv(2, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return b""
+    finally:
+        s.detach()
+
+
+def _py_split(buf, pos, length, room):
+    """gso.split_udp_gso of the frame read into the slot at pos, or None (cannot be cut, or
+    more datagrams than `room` or than the buffer holds after pos)."""
+    slot = pos + ENCAP_HEADROOM
+    vh, frame = bytes(buf[slot:slot + VNET_HDR_LEN]), bytes(buf[slot + VNET_HDR_LEN:slot + VNET_HDR_LEN + length])
+    err, g = gso.split_layout(vh, frame)
+    if err or g[2] > room:
+        return None
+    udp, gso_size, segs = g
+    span = (ENCAP_HEADROOM + VNET_HDR_LEN + udp + 8 + gso_size + 7) & ~7
+    if pos + (segs - 1) * span + ENCAP_HEADROOM + VNET_HDR_LEN + udp + 8 + gso_size > len(buf):
+        return None
+    return gso.split_udp_gso(vh, frame)
+
+
+def set_tunnel_gso(mode: str, impl: str | None = None):
+    """How tunnel GSO frames leave an AF_PACKET port, process-wide, for one implementation
+    (None: both that are loaded): "udp" (UDP GSO packets, D54) or "segments" (D51)."""
+    global _py_udp_gso
+    if mode not in ("udp", "segments"):
+        raise ValueError(f"tunnel GSO mode {mode!r}; accepted: 'udp', 'segments'")
+    if impl in (None, "py"):
+        _py_udp_gso = mode == "udp"
+    if impl in (None, "c"):
+        if impl == "c" or datapath.implementation() == "c":
+            datapath.module("c").set_tunnel_gso(mode)
+
+
+def tunnel_gso(impl: str) -> str:
+    """The current mode of an implementation ("udp" or "segments")."""
+    if impl == "py":
+        return "udp" if _py_udp_gso else "segments"
+    return datapath.module("c").tunnel_gso()
+
+
 def _py_write_one(fd, hdr, mv, off, length):
+    global _py_udp_gso
+    if mv[off - VNET_HDR_LEN + 1] & VNET_GSO_UDP_TUNNEL_IPV4 and _py_udp_gso and hdr != VNET_HDR_LEN:
+        # a VXLAN TSO frame to an AF_PACKET port: UDP GSO packets (D54)
+        try:
+            packets = gso.pack_udp_gso(mv[off - VNET_HDR_LEN:off], mv[off:off + length])
+        except ValueError as e:
+            raise OSError(errno.EINVAL, str(e)) from None
+        for j, (vh, packet) in enumerate(packets):
+            try:
+                os.writev(fd, [vh[:hdr], packet])
+            except OSError as e:
+                if not (e.errno == errno.EINVAL and j == 0 and vh[1] == gso.VNET_GSO_UDP_L4):
+                    raise
+                _py_udp_gso = False             # this kernel refuses them: D51 from now on
+                break
+        else:
+            return
     if mv[off - VNET_HDR_LEN + 1] & VNET_GSO_UDP_TUNNEL_IPV4:
         # a VXLAN TSO frame: its wire segments (gso.py); not segmentable: EINVAL, a tx error
         try:

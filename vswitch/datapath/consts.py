@@ -46,6 +46,8 @@ MAX_NODE_ADDRESSES = 64
 
 # virtio-net header
 VNET_F_NEEDS_CSUM = 1
+# the checksums are valid (a decapsulated frame whose outer checksum was partial: D54)
+VNET_F_DATA_VALID = 2
 # gso_type bit of a frame the core encapsulated in VXLAN: Linux 6.17's
 # VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4; the I/O layer segments such frames (docs/datapath.md "VXLAN")
 VNET_GSO_UDP_TUNNEL_IPV4 = 0x20

@@ -29,6 +29,9 @@ longer than GSO_MAX_HDR_BYTES, gso_size below GSO_MIN_SIZE, a segment longer tha
 packet) is not segmentable: ValueError with the reason (GSO_ERRORS); the writers count it
 as a tx error and write nothing.
 
+On an AF_PACKET port these segments leave packed as UDP GSO packets (``pack_udp_gso``,
+"UDP GSO" below, D54); one write per segment stays for ``--tunnel-gso segments``.
+
 This module is the executable spec (stdlib only) of the C version in ``ext/io.pxi``
 (``_core.segment_vxlan`` for tests; the BatchIO writer writes the same segments with
 writev(vnet header, rebuilt headers, payload slice): no payload copy). The Python writer
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import struct
 
-from vswitch.datapath.consts import MAX_IPV6_EXT_HEADERS, VNET_F_NEEDS_CSUM, VNET_GSO_UDP_TUNNEL_IPV4
+from vswitch.datapath.consts import MAX_IPV6_EXT_HEADERS, VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_GSO_UDP_TUNNEL_IPV4
 
 VNET_GSO_TCPV4 = 1
 VNET_GSO_TCPV6 = 4
@@ -213,7 +216,6 @@ def segment_vxlan(hdr, frame) -> list[tuple[bytes, bytes]]:
 # from the batch with one writev (no copy).
 
 COALESCE_MAX_FRAMES = 64
-VNET_F_DATA_VALID = 2
 _ACK, _PSH = 0x10, 0x08
 
 
@@ -292,3 +294,135 @@ def coalesced(items) -> tuple[bytes, bytes]:
     vh = struct.pack("<BBHHHHH", VNET_F_NEEDS_CSUM, VNET_GSO_TCPV6 if v6 else VNET_GSO_TCPV4, hdr_end, size,
                      l4, 16, 0)
     return vh, bytes(h) + payload
+
+
+# ---------------------------------------------------------------- UDP GSO (D54)
+# Segments leave faster as one packet: AF_PACKET on this kernel takes a vnet header with
+# gso_type VNET_GSO_UDP_L4 (USO), and a veth, a bridge and the peer's packet socket carry
+# such an skb whole; only a real NIC (or a socket that does not take GSO) cuts it, in
+# gso_size pieces of UDP payload, each behind a copy of the outer headers with the IPv4
+# length, ID (+1 per piece) and header checksum and the UDP length and checksum rewritten
+# (Linux's __udp_gso_segment). So pack_udp_gso puts the wire segments of segment_vxlan back
+# to back as the UDP payload of one packet: the kernel's cut gives back exactly those
+# segments. The outer UDP checksum is the kernel's (NEEDS_CSUM at the outer UDP header: the
+# one partial checksum a packet may carry), so each inner TCP checksum is completed here.
+# The receiving switch reads the packet whole and cuts it itself (split_udp_gso): one
+# sendmsg and one read per up to UDP_GSO_MAX_SEGS segments instead of one each.
+
+VNET_GSO_UDP_L4 = 5
+# segments per UDP GSO packet at most: the kernel's UDP GRO limit (UDP_GRO_CNT_MAX), and the
+# most the reader cuts one read into (the batch room it keeps for an uplink read)
+UDP_GSO_MAX_SEGS = 64
+
+SPLIT_ERRORS = (
+    "ok",
+    "vnet header shorter than 10 bytes",
+    f"gso_type is not UDP_L4 ({VNET_GSO_UDP_L4})",
+    "not untagged Ethernet + IPv4 (IHL >= 5, not a fragment) + UDP, or truncated",
+    "gso_size 0",
+    f"more than {UDP_GSO_MAX_SEGS} segments",
+)
+
+
+def complete_tcp_checksum(seg: bytes, l4: int) -> bytes:
+    """`seg` (a segment_vxlan frame: the TCP checksum field holds the pseudo-header sum) with
+    the TCP checksum completed, as the kernel completes NEEDS_CSUM at csum_start = l4."""
+    s = bytearray(seg)
+    s[l4 + 16:l4 + 18] = (~_fold(_sum16(s[l4:])) & 0xFFFF).to_bytes(2, "big")
+    return bytes(s)
+
+
+def _udp_pseudo(frame, udp: int, udp_len: int) -> int:
+    """The IPv4 UDP pseudo-header sum (folded, not complemented) for a UDP length."""
+    return _fold(_sum16(frame[26:34], 17 + udp_len))
+
+
+def pack_udp_gso(hdr, frame) -> list[tuple[bytes, bytes]]:
+    """The UDP GSO packets of a tunnel GSO frame: [(vnet header, packet)], each header as
+    long as `hdr` (10 or 12). Packet j carries segments j*per .. (the segment_vxlan frames,
+    TCP checksums completed) as one UDP payload behind the first's outer headers: IPv4 total
+    length of the whole, ID of its first segment, header checksum; UDP length of the whole,
+    checksum field = the pseudo-header sum. per = the most segments whose packet stays within
+    65535 bytes of IP, at most UDP_GSO_MAX_SEGS. vnet header: NEEDS_CSUM, csum_start = the
+    outer UDP offset, csum_offset 6, hdr_len = UDP offset + 8; gso_type UDP_L4 and gso_size =
+    a full segment's UDP payload when the packet holds two or more segments, else 0.
+    ValueError (GSO_ERRORS) as segment_vxlan."""
+    hdr, frame = bytes(hdr), bytes(frame)
+    err, g = layout(hdr, frame)
+    if err:
+        raise ValueError(f"pack_udp_gso: {GSO_ERRORS[err]}")
+    udp, l4 = g["udp"], g["l4"]
+    segs = [complete_tcp_checksum(f, l4) for _, f in segment_vxlan(hdr, frame)]
+    seg_payload = len(segs[0]) - (udp + 8)
+    per = max(1, min(UDP_GSO_MAX_SEGS, (65535 - (udp - 14) - 8) // seg_payload))
+    out = []
+    for j in range(0, len(segs), per):
+        group = segs[j:j + per]
+        body = b"".join(s[udp + 8:] for s in group)
+        h = bytearray(group[0][:udp + 8])
+        h[16:18] = (udp - 14 + 8 + len(body)).to_bytes(2, "big")
+        h[24:26] = b"\0\0"
+        h[24:26] = ipv4_header_checksum(h[14:udp]).to_bytes(2, "big")
+        h[udp + 4:udp + 6] = (8 + len(body)).to_bytes(2, "big")
+        h[udp + 6:udp + 8] = _udp_pseudo(h, udp, 8 + len(body)).to_bytes(2, "big")
+        many = len(group) > 1
+        vh = struct.pack("<BBHHHH", VNET_F_NEEDS_CSUM, VNET_GSO_UDP_L4 if many else 0, udp + 8,
+                         seg_payload if many else 0, udp, 6) + bytes(2)
+        out.append((vh[:min(len(hdr), 12)], bytes(h) + body))
+    return out
+
+
+def split_layout(hdr, frame):
+    """(error index, (udp offset, gso_size, segments)) of a UDP GSO frame read whole."""
+    if len(hdr) < 10:
+        return 1, None
+    if hdr[1] != VNET_GSO_UDP_L4:
+        return 2, None
+    n = len(frame)
+    if n < 14 + 20 or frame[12:14] != b"\x08\x00" or frame[14] >> 4 != 4 or frame[14] & 15 < 5:
+        return 3, None
+    udp = 14 + (frame[14] & 15) * 4
+    if frame[23] != 17 or (frame[20] << 8 | frame[21]) & 0x3FFF or udp + 8 > n:
+        return 3, None
+    gso_size = hdr[4] | hdr[5] << 8
+    if gso_size == 0:
+        return 4, None
+    segs = max(1, -(-(n - udp - 8) // gso_size))
+    if segs > UDP_GSO_MAX_SEGS:
+        return 5, None
+    return 0, (udp, gso_size, segs)
+
+
+def split_udp_gso(hdr, frame) -> list[tuple[bytes, bytes]]:
+    """The datagrams of a UDP GSO frame as the reader puts them in the batch (what the
+    kernel's __udp_gso_segment makes of it): [(12-byte vnet header, frame)]. Segment k: the
+    outer Ethernet + IPv4 + UDP headers with the IPv4 total length, ID + k and header
+    checksum, the UDP length set, and UDP payload bytes k*gso_size .. of the frame (the last
+    piece may be shorter). NEEDS_CSUM in `hdr` (locally sent: the packet never crossed a
+    wire): each keeps it with its own pseudo-header sum (csum_start = the UDP offset,
+    csum_offset 6), else the UDP checksum is 0 and the flags keep DATA_VALID only.
+    ValueError (SPLIT_ERRORS) when it cannot be cut."""
+    hdr, frame = bytes(hdr), bytes(frame)
+    err, g = split_layout(hdr, frame)
+    if err:
+        raise ValueError(f"split_udp_gso: {SPLIT_ERRORS[err]}")
+    udp, gso_size, segs = g
+    partial = hdr[0] & VNET_F_NEEDS_CSUM
+    ip_id = frame[18] << 8 | frame[19]
+    out = []
+    for k in range(segs):
+        piece = frame[udp + 8 + k * gso_size:udp + 8 + (k + 1) * gso_size]
+        h = bytearray(frame[:udp + 8])
+        h[16:18] = (udp - 14 + 8 + len(piece)).to_bytes(2, "big")
+        h[18:20] = ((ip_id + k) & 0xFFFF).to_bytes(2, "big")
+        h[24:26] = b"\0\0"
+        h[24:26] = ipv4_header_checksum(h[14:udp]).to_bytes(2, "big")
+        h[udp + 4:udp + 6] = (8 + len(piece)).to_bytes(2, "big")
+        if partial:
+            h[udp + 6:udp + 8] = _udp_pseudo(h, udp, 8 + len(piece)).to_bytes(2, "big")
+            vh = struct.pack("<BBHHHHH", VNET_F_NEEDS_CSUM, 0, 0, 0, udp, 6, 0)
+        else:
+            h[udp + 6:udp + 8] = b"\0\0"
+            vh = struct.pack("<BBHHHHH", hdr[0] & VNET_F_DATA_VALID, 0, 0, 0, 0, 0, 0)
+        out.append((vh, bytes(h) + piece))
+    return out

@@ -73,7 +73,7 @@ from vswitch.datapath.consts import (
     MAX_IPS_PER_PORT, MAX_IPV6_EXT_HEADERS, OUT_DROP, OUT_FLOOD, OUT_FLOOD_UNKNOWN, OUT_QUEUED, PC,
     FLOOD_MEMBER, FLOOD_UNKNOWN_MEMBER,
     PORT_COUNTERS, PORT_HOST, PORT_POD, PORT_UPLINK, SEC_NS, SWEEP_INTERVAL_NS,
-    VNET_F_NEEDS_CSUM, FRAG_SLOTS, FRAG_TIMEOUT_NS, MAX_NODE_ADDRESSES, DROP_REASONS,
+    VNET_F_NEEDS_CSUM, VNET_F_DATA_VALID, FRAG_SLOTS, FRAG_TIMEOUT_NS, MAX_NODE_ADDRESSES, DROP_REASONS,
     SHAPER_VERDICTS, TRACE_EVENTS, trace_step,
     ENCAP_LEN, ENCAP_HEADROOM, MAX_PEER_CIDRS, VNET_GSO_UDP_TUNNEL_IPV4, VXLAN_PORT,
 )
@@ -1767,8 +1767,9 @@ class Datapath:
             if hdr[0] & VNET_F_NEEDS_CSUM:
                 if _le16(hdr, 6) >= d + 14:
                     _put_le16(hdr, 6, _le16(hdr, 6) - d)
-                else:                              # the partial checksum was in the outer headers
-                    hdr[0] &= ~VNET_F_NEEDS_CSUM & 0xFF
+                else:                              # the partial checksum was in the outer headers:
+                    # a locally sent packet, its inner checksums complete and trusted (D54)
+                    hdr[0] = (int(hdr[0]) & ~VNET_F_NEEDS_CSUM & 0xFF) | VNET_F_DATA_VALID
                     _put_le16(hdr, 6, 0)
                     _put_le16(hdr, 8, 0)
             buf[ioff - H:ioff] = hdr
