@@ -98,6 +98,18 @@ def _tso_frame(v6):
     return vnet_hdr((TCPV6 if v6 else TCPV4) | TUNNEL, mss), encapsulated(hdrs + payload), payload, mss
 
 
+def _write_through_uplink(up, impl, hdr, frame):
+    """Write one frame (behind its 12-byte vnet header) to the uplink socket `up` through
+    the BatchIO writer of `impl`, as the daemon's loop does: written, no tx error."""
+    pio = PacketIO(max_ports=4, max_batch=4, impl=impl)
+    pio.set_port(UplinkPort("up", 1, up.fileno(), sock=None), 1)
+    at = ENCAP_HEADROOM + VNET_HDR_LEN
+    pio.buf[at - VNET_HDR_LEN:at] = np.frombuffer(hdr, np.uint8)
+    pio.buf[at:at + len(frame)] = np.frombuffer(frame, np.uint8)
+    pio.offsets[0], pio.lengths[0], pio.in_ports[0], pio.out_ports[0] = at, len(frame), 0, 1
+    assert pio.write(1) == 1 and int(pio.tx_errors[1]) == 0
+
+
 @pytest.fixture
 def segments_mode(request):
     """D51's one write per segment (the "segments" mode) for both implementations, then "udp"."""
@@ -112,14 +124,8 @@ def segments_mode(request):
 @pytest.mark.parametrize("v6", [False, True], ids=["inner4", "inner6"])
 def test_a_tso_frame_leaves_as_wire_frames_with_valid_checksums(link, impl, v6, segments_mode):
     ns, up, cap = link
-    pio = PacketIO(max_ports=4, max_batch=4, impl=impl)
-    pio.set_port(UplinkPort("up", 1, up.fileno(), sock=None), 1)
     hdr, frame, payload, mss = _tso_frame(v6)
-    at = ENCAP_HEADROOM + VNET_HDR_LEN
-    pio.buf[at - VNET_HDR_LEN:at] = np.frombuffer(hdr, np.uint8)
-    pio.buf[at:at + len(frame)] = np.frombuffer(frame, np.uint8)
-    pio.offsets[0], pio.lengths[0], pio.in_ports[0], pio.out_ports[0] = at, len(frame), 0, 1
-    assert pio.write(1) == 1 and int(pio.tx_errors[1]) == 0
+    _write_through_uplink(up, impl, hdr, frame)
 
     n = -(-PAYLOAD_BYTES // mss)
     got = _captured_vxlan(cap, n)
@@ -230,15 +236,9 @@ def test_udp_gso_packets_cross_a_veth_whole_and_a_socket_gets_the_wire_segments(
         rx.bind(("0.0.0.0", 4789))
         rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         rx.settimeout(2.0)
-        pio = PacketIO(max_ports=4, max_batch=64, impl=impl)
         assert tunnel_gso(impl) == "udp"
-        pio.set_port(UplinkPort("up", 1, up.fileno(), sock=None), 1)
         hdr, frame, payload, mss = _tso_frame(v6)
-        at = ENCAP_HEADROOM + VNET_HDR_LEN
-        pio.buf[at - VNET_HDR_LEN:at] = np.frombuffer(hdr, np.uint8)
-        pio.buf[at:at + len(frame)] = np.frombuffer(frame, np.uint8)
-        pio.offsets[0], pio.lengths[0], pio.in_ports[0], pio.out_ports[0] = at, len(frame), 0, 1
-        assert pio.write(1) == 1 and int(pio.tx_errors[1]) == 0
+        _write_through_uplink(up, impl, hdr, frame)
         assert tunnel_gso(impl) == "udp"                                # the kernel took them
 
         layout = gso.layout(hdr, frame)[1]

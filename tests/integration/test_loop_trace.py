@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.integration.helpers import ping, running_cluster
+from vswitch.daemon.ports import VNET_HDR_LEN
 
 SLEEP, WAKE, READ, DP, WRITE = 1, 2, 3, 4, 5
 
@@ -64,19 +65,26 @@ def test_one_ping_leaves_its_steps_in_order(nss, tmp_path, daemon_args):
             d.call("loop_trace", action="start", capacity=512)
 
 
-def test_the_ring_keeps_the_last_rows():
-    """The Cython BatchIO alone: rows past the capacity overwrite the oldest, oldest first."""
+def _one_port_loop():
+    """(PacketIO, Switch, our end, the peer's end): a Cython loop with one port "p1" (id 1)
+    on a SOCK_SEQPACKET pair, one message per frame."""
     import socket
     from vswitch.config import SwitchConfig
-    from vswitch.daemon.ports import VNET_HDR_LEN, PacketIO, Port
+    from vswitch.daemon.ports import PacketIO, Port
     from vswitch.switch import Switch
     pio = PacketIO(max_ports=4, max_batch=16, impl="c")
     sw = Switch(SwitchConfig(vnet_hdr_len=VNET_HDR_LEN, max_ports=4), impl="c")
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)
+    sw.add_port("p1", "uplink", port_id=1)
+    pio.set_port(Port("p1", 1, ours.fileno()), 1)
+    return pio, sw, ours, peer
+
+
+def test_the_ring_keeps_the_last_rows():
+    """The Cython BatchIO alone: rows past the capacity overwrite the oldest, oldest first."""
+    pio, sw, ours, peer = _one_port_loop()
     try:
-        sw.add_port("p1", "uplink", port_id=1)
-        pio.set_port(Port("p1", 1, ours.fileno()), 1)
         b = pio.b
         assert b.trace_rows().shape == (0, 4) and not b.tracing
         b.trace_start(8)
@@ -100,17 +108,8 @@ def test_first_frame_first_after_idle(poll_ns):
     """Three frames waiting when run() starts: with polling, the first read takes one frame
     (no read() ending in EAGAIN before it is forwarded), the next wait the other two; with
     poll_ns 0 one read takes all three (ext/io.pxi "First frame first")."""
-    import socket
-    from vswitch.config import SwitchConfig
-    from vswitch.daemon.ports import VNET_HDR_LEN, PacketIO, Port
-    from vswitch.switch import Switch
-    pio = PacketIO(max_ports=4, max_batch=16, impl="c")
-    sw = Switch(SwitchConfig(vnet_hdr_len=VNET_HDR_LEN, max_ports=4), impl="c")
-    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.setblocking(False)
+    pio, sw, ours, peer = _one_port_loop()
     try:
-        sw.add_port("p1", "uplink", port_id=1)
-        pio.set_port(Port("p1", 1, ours.fileno()), 1)
         pio.b.trace_start(64)
         frame = bytes(VNET_HDR_LEN) + bytes([2, 0, 0, 0, 0, 9]) + bytes([2, 0, 0, 0, 0, 1]) + b"\x88\xb5" + bytes(46)
         for _ in range(3):
