@@ -170,6 +170,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
     cdef uint16_t in_port = k.in_port
     cdef PortState *ps
     cdef Shaper *sh
+    # stage: nat
     if k.nat_ok:
         r = nat_stage(c, k, now, &out)
         if r >= 0:
@@ -179,6 +180,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         r = nat_icmp_error(c, k, now, &out)
     elif k.frag == FRAG_LATER:
         r = nat_fragment(c, k, now, &out)
+    # stage: vxlan
     if r != NAT_OUT and c.vtep_set:
         # 4b. VXLAN (vxlan.pxi): a routed frame skips L2
         r = vxlan_stage(c, k, &out)
@@ -188,6 +190,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         if r == VX_OUT:
             return output_unicast(c, k, out, now)
         r = NAT_NONE
+    # stage: l2
     if not src_mcast:
         if mac_learn(c, k.src_key, in_port, now) < 0:
             count_drop(c, DR_MAC_STOLEN, in_port)        # D42
@@ -215,6 +218,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
                 return C_OUT_DROP
             tr_add(c, TR_L2_KNOWN, 0, port)
             out = port
+    # stage: output
     if out < 0:                    # OUT_FLOOD or OUT_FLOOD_UNKNOWN
         c.gc[GC_FLOODED] += 1
         charged = 0
@@ -245,7 +249,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
 cdef inline int32_t output_unicast(Core *c, Pkt *k, int32_t out, uint64_t now) noexcept nogil:
     # the ingress shaper and output of a frame for port out (switched, translated, or
     # routed by the vxlan stage)
-    cdef Shaper *sh = &c.shapers[out * 2 + C_INGRESS]
+    cdef Shaper *sh = &c.shapers[out * 2 + C_INGRESS]   # stage: ingress_shaper
     cdef int r
     if sh.active:
         r = shaper_admit(sh, k, c.vnet_hdr_len, out, now, c.drain_seq)
@@ -258,9 +262,9 @@ cdef inline int32_t output_unicast(Core *c, Pkt *k, int32_t out, uint64_t now) n
             c.gc[GC_QUEUED] += 1
             tr_add(c, TR_OUT_QUEUED, 0, 0)
             return C_OUT_QUEUED
-    count_tx(c, out, k.len)
+    count_tx(c, out, k.len)        # stage: counters
     tr_add(c, TR_OUT_PORT, out, 0)
-    return out
+    return out                     # stage: output
 
 cdef inline int pkt_prepare(Core *c, Pkt *k, uint8_t *frame, uint32_t length, uint16_t in_port,
                             bint pf) noexcept nogil:
@@ -276,13 +280,13 @@ cdef inline int pkt_prepare(Core *c, Pkt *k, uint8_t *frame, uint32_t length, ui
     k.vnet = frame - c.vnet_hdr_len if c.vnet_hdr_len else NULL
     if r < 0 or not pf:
         return r
-    ps = &c.ports[in_port]
+    ps = &c.ports[in_port]         # stage: l2
     # a pod port whose anti-spoofing pins its one MAC touches that slot with every frame
     if not (ps.antispoof and ps.mac_bound):
         prefetchw(&c.mac[mac_home(c, k.src_key)])
     if not (frame[0] & 1):
         prefetch(&c.mac[mac_home(c, k.dst_key)])
-    if k.nat_ok:
+    if k.nat_ok:                   # stage: nat
         l4 = frame + k.l4_off
         if bit_test(c.nat_ports, load_be16(l4)) or bit_test(c.nat_ports, load_be16(l4 + 2)):
             ct_key_from_pkt(&k.ct_key, k)
@@ -299,11 +303,13 @@ cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now) noexce
     cdef uint64_t *row = c.pc + <uint64_t>in_port * N_PC
     cdef Shaper *sh
     cdef int v
+    # stage: counters
     row[PC_RX_PACKETS] += 1
     row[PC_RX_BYTES] += length
     c.gc[GC_PACKETS] += 1
     c.gc[GC_BYTES] += length
     tr_add(c, TR_RX, in_port, length)
+    # stage: parse
     if not ps.present:
         count_drop(c, DR_NO_ROUTE, in_port)
         return C_OUT_DROP
@@ -311,11 +317,13 @@ cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now) noexce
         count_drop(c, DR_MALFORMED, in_port)
         return C_OUT_DROP
     tr_add(c, TR_PARSE, 0, 0)
+    # stage: antispoof
     if ps.antispoof and (ps.mac_bound or ps.ips_bound):
         if spoofed(ps, k):
             count_drop(c, DR_SPOOFED, in_port)
             return C_OUT_DROP
         tr_add(c, TR_ANTISPOOF, 0, 0)
+    # stage: egress_shaper
     sh = &c.shapers[<uint32_t>in_port * 2 + C_EGRESS]
     if sh.active:
         v = shaper_admit(sh, k, c.vnet_hdr_len, -1, now, c.drain_seq)
@@ -328,7 +336,7 @@ cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now) noexce
             c.gc[GC_QUEUED] += 1
             tr_add(c, TR_OUT_QUEUED, 0, 0)
             return C_OUT_QUEUED
-    return forward(c, k, now)
+    return forward(c, k, now)      # stage: output
 
 cdef inline int32_t process_one(Core *c, uint8_t *frame, uint32_t length, uint16_t in_port,
                                 uint64_t now) noexcept nogil:
