@@ -88,7 +88,7 @@ FILE_STAGE = {"mactable.pxi": "l2", "conntrack.pxi": "nat", "shaper.pxi": "egres
 
 _DEF = re.compile(r"^(\s*)(?:cdef|cpdef|def)\s[^(=]*?\b(\w+)\s*\(")
 _CDEF = re.compile(r"^\s*static\b[^(=]*?\b(vsw_\w+)\s*\(")
-_MARK = re.compile(r"#\s*stage:\s*(\w+)")
+_MARK = re.compile(r"#.*?\bstage:\s*(\w+)")
 
 
 def line_stages(path):

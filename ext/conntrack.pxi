@@ -130,7 +130,7 @@ cdef inline void ct_ev_unlink(Core *c, uint32_t idx) noexcept nogil:
     c.ct_ev_next[idx] = 0
     c.ct_ev_prev[idx] = 0
 
-cdef inline void ct_delete(Core *c, uint32_t idx) noexcept nogil:
+cdef void ct_delete(Core *c, uint32_t idx) noexcept nogil:
     cdef CtEntry *e = &c.ct[idx]
     ct_ev_unlink(c, idx)
     ct_slot_remove(c, ct_hash(&e.orig), (idx << 1) + 1)
@@ -557,8 +557,6 @@ cdef inline int ct_create(Core *c, Pkt *k, int32_t rid, uint64_t now, CtEntry **
 cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
     # a TCP/UDP packet: NAT_NONE, NAT_OUT (out set) or a drop reason DR_*
     cdef uint32_t ref, idx
-    cdef int32_t rid
-    cdef int why
     cdef CtEntry *e
     cdef const uint8_t *l4 = k.p + k.l4_off
     cdef uint16_t sport = load_be16(l4)
@@ -579,6 +577,14 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
             return NAT_OUT
         ct_delete(c, idx)
         c.gc[GC_CT_EXPIRED] += 1
+    return nat_new(c, k, now, out)
+
+cdef int nat_new(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
+    # nat_stage for a packet of no live entry: a rule's new connection, or NAT_NONE. Not
+    # inline: it keeps nat_stage's hit path small
+    cdef int32_t rid
+    cdef int why
+    cdef CtEntry *e
     rid = rule_match(c, &k.ct_key)
     if rid < 0:
         tr_add(c, TR_NAT_NONE, 0, 0)
