@@ -65,8 +65,8 @@ DESCRIPTION = {
     "ingress_shaper": "the out port's ingress token bucket",
     "output": "output decision, out_ports store, flood",
     "counters": "rx/tx/global packet and byte counters",
-    "trace_hooks": "trace() recorder checks (tr_add: one branch each when not tracing)",
-    "glue": "function prologues (forward() is a call), spills, generated C without a source line",
+    "trace_hooks": "trace() recorder checks left in the path (tr_add; tr_at is compiled out)",
+    "glue": "calls that were not inlined, register spills, generated C without a source line",
 }
 
 #: function name -> stage (functions that run several stages mark lines with "# stage: X")

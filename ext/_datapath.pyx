@@ -190,7 +190,7 @@ cdef int32_t output_flood(Core *c, Pkt *k, int32_t out, uint64_t now) noexcept n
     tr_add(c, TR_OUT_FLOOD if out == C_OUT_FLOOD else TR_OUT_FLOOD_UNKNOWN, 0, 0)
     return out
 
-cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
+cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now, bint tr) noexcept nogil:
     # NAT, L2, ingress shaper, output for a parsed packet that passed rx, parse, anti-spoofing
     # and its egress shaper (also where drain() continues a packet released from an egress queue)
     cdef bint src_mcast = k.p[6] & 1
@@ -201,7 +201,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
     cdef PortState *ps
     # stage: nat
     if k.nat_ok:
-        r = nat_stage(c, k, now, &out)
+        r = nat_stage(c, k, now, &out, tr)
         if r >= 0:
             count_drop(c, r, in_port)
             return C_OUT_DROP
@@ -217,7 +217,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             count_drop(c, r, in_port)
             return C_OUT_DROP
         if r == VX_OUT:
-            return output_unicast(c, k, out, now)
+            return output_unicast(c, k, out, now, tr)
         r = NAT_NONE
     # stage: l2
     # a frame from a port with its own bound MAC as source: that static entry makes the
@@ -231,13 +231,13 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         if not ps.present or not ps.up:
             count_drop(c, DR_NO_ROUTE, in_port)
             return C_OUT_DROP
-        tr_add(c, TR_L2_NAT, 0, out)
+        tr_at(c, tr, TR_L2_NAT, 0, out)
     elif k.p[0] & 1:
-        tr_add(c, TR_L2_MULTICAST, 0, 0)
+        tr_at(c, tr, TR_L2_MULTICAST, 0, 0)
     else:
         port = mac_lookup(c, k.dst_key, now)
         if port < 0:
-            tr_add(c, TR_L2_UNKNOWN, 0, 0)
+            tr_at(c, tr, TR_L2_UNKNOWN, 0, 0)
             out = C_OUT_FLOOD_UNKNOWN
         elif port == in_port:
             count_drop(c, DR_LOOP, in_port)
@@ -247,14 +247,14 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             if not ps.present or not ps.up:
                 count_drop(c, DR_NO_ROUTE, in_port)
                 return C_OUT_DROP
-            tr_add(c, TR_L2_KNOWN, 0, port)
+            tr_at(c, tr, TR_L2_KNOWN, 0, port)
             out = port
     # stage: output
     if out < 0:                    # OUT_FLOOD or OUT_FLOOD_UNKNOWN
         return output_flood(c, k, out, now)
-    return output_unicast(c, k, out, now)
+    return output_unicast(c, k, out, now, tr)
 
-cdef inline int32_t output_unicast(Core *c, Pkt *k, int32_t out, uint64_t now) noexcept nogil:
+cdef inline int32_t output_unicast(Core *c, Pkt *k, int32_t out, uint64_t now, bint tr) noexcept nogil:
     # the ingress shaper and output of a frame for port out (switched, translated, or
     # routed by the vxlan stage)
     cdef Shaper *sh
@@ -262,17 +262,17 @@ cdef inline int32_t output_unicast(Core *c, Pkt *k, int32_t out, uint64_t now) n
     if c.ports[out].shaped & (1 << C_INGRESS):     # stage: ingress_shaper
         sh = &c.shapers[out * 2 + C_INGRESS]
         r = shaper_admit(sh, k, c.vnet_hdr_len, out, now, c.drain_seq)
-        tr_add(c, TR_INGRESS, r, 0)
+        tr_at(c, tr, TR_INGRESS, r, 0)
         if r == SH_FULL:
             count_drop(c, DR_QUEUE_FULL, out)
             return C_OUT_DROP
         if r == SH_QUEUE:
             c.pc[out * N_PC + PC_QUEUED] += 1
             c.gc[GC_QUEUED] += 1
-            tr_add(c, TR_OUT_QUEUED, 0, 0)
+            tr_at(c, tr, TR_OUT_QUEUED, 0, 0)
             return C_OUT_QUEUED
     count_tx(c, out, k.len)        # stage: counters
-    tr_add(c, TR_OUT_PORT, out, 0)
+    tr_at(c, tr, TR_OUT_PORT, out, 0)
     return out                     # stage: output
 
 cdef inline int pkt_prepare(Core *c, Pkt *k, uint8_t *frame, uint32_t length, uint16_t in_port,
@@ -304,7 +304,7 @@ cdef inline int pkt_prepare(Core *c, Pkt *k, uint8_t *frame, uint32_t length, ui
             prefetch(&c.ct_slots[k.ct_hash & c.ct_mask])
     return 0
 
-cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now, bint rx_counted) noexcept nogil:
+cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now, bint rx_counted, bint tr) noexcept nogil:
     # the whole pipeline for a frame pkt_prepare() has parsed; returns its out_ports value.
     # rx_counted: the batch loop has counted rx already (per port in chunk_prepare, the
     # global packets/bytes once per batch): the same sums, fewer stores
@@ -320,7 +320,7 @@ cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now, bint r
         row[PC_RX_BYTES] += length
         c.gc[GC_PACKETS] += 1
         c.gc[GC_BYTES] += length
-    tr_add(c, TR_RX, in_port, length)
+    tr_at(c, tr, TR_RX, in_port, length)
     # stage: parse
     if not ps.present:
         count_drop(c, DR_NO_ROUTE, in_port)
@@ -328,13 +328,13 @@ cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now, bint r
     if parsed < 0:
         count_drop(c, DR_MALFORMED, in_port)
         return C_OUT_DROP
-    tr_add(c, TR_PARSE, 0, 0)
+    tr_at(c, tr, TR_PARSE, 0, 0)
     # stage: antispoof
     if ps.antispoof and (ps.mac_bound or ps.ips_bound):
         if spoofed(ps, k):
             count_drop(c, DR_SPOOFED, in_port)
             return C_OUT_DROP
-        tr_add(c, TR_ANTISPOOF, 0, 0)
+        tr_at(c, tr, TR_ANTISPOOF, 0, 0)
     # stage: egress_shaper
     if ps.shaped & (1 << C_EGRESS):
         sh = &c.shapers[<uint32_t>in_port * 2 + C_EGRESS]
@@ -342,20 +342,20 @@ cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now, bint r
         if v == SH_FULL:
             count_drop(c, DR_QUEUE_FULL, in_port)
             return C_OUT_DROP
-        tr_add(c, TR_EGRESS, v, 0)
+        tr_at(c, tr, TR_EGRESS, v, 0)
         if v == SH_QUEUE:
             row[PC_QUEUED] += 1
             c.gc[GC_QUEUED] += 1
-            tr_add(c, TR_OUT_QUEUED, 0, 0)
+            tr_at(c, tr, TR_OUT_QUEUED, 0, 0)
             return C_OUT_QUEUED
-    return forward(c, k, now)      # stage: output
+    return forward(c, k, now, tr)  # stage: output
 
 cdef inline int32_t process_one(Core *c, uint8_t *frame, uint32_t length, uint16_t in_port,
-                                uint64_t now, bint rx_counted) noexcept nogil:
+                                uint64_t now, bint rx_counted, bint tr) noexcept nogil:
     # the whole pipeline for one received frame, nothing prefetched; returns its out_ports value
     cdef Pkt k
     cdef int parsed = pkt_prepare(c, &k, frame, length, in_port, False, c.vnet_hdr_len)
-    return pkt_finish(c, &k, parsed, now, rx_counted)
+    return pkt_finish(c, &k, parsed, now, rx_counted, tr)
 
 # ---------------------------------------------------------------- the batch loop
 # process() runs a batch through a software pipeline over chunks of VEC packets (VPP
@@ -461,7 +461,7 @@ cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
             off = (<uint32_t *>(p_off + i * s_off))[0]
             (<int32_t *>(p_out + i * s_out))[0] = process_one(
                 c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
-                (<uint16_t *>(p_in + i * s_in))[0], now, False)
+                (<uint16_t *>(p_in + i * s_in))[0], now, False, False)
             if c.vx_moved:
                 vx_write_back(c, base, p_off + i * s_off, p_len + i * s_len)
         return -1
@@ -478,7 +478,7 @@ cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
             row[PC_RX_PACKETS] += 1
             row[PC_RX_BYTES] += length
             (<int32_t *>(p_out + i * s_out))[0] = process_one(     # stage: batch
-                c, base + (<uint32_t *>(p_off + i * s_off))[0], <uint32_t>length, ip, now, True)
+                c, base + (<uint32_t *>(p_off + i * s_off))[0], <uint32_t>length, ip, now, True, False)
             if vx and c.vx_moved:
                 vx_write_back(c, base, p_off + i * s_off, p_len + i * s_len)
         return -1
@@ -498,7 +498,7 @@ cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
             kc = kv + (t % 3) * VEC
             pc = pv + (t % 3) * VEC
             for i in range(n):
-                (<int32_t *>(p_out + (start + i) * s_out))[0] = pkt_finish(c, &kc[i], pc[i], now, True)
+                (<int32_t *>(p_out + (start + i) * s_out))[0] = pkt_finish(c, &kc[i], pc[i], now, True, False)
                 if vx and c.vx_moved:
                     vx_write_back(c, base, p_off + (start + i) * s_off, p_len + (start + i) * s_len)
     return -1
@@ -571,7 +571,7 @@ cdef Py_ssize_t drain_c(Core *c, uint64_t now, uint8_t *obuf, Py_ssize_t obuf_le
             parse_frame(&k, obuf + off, length)
             k.in_port = in_port
             k.vnet = obuf + off - H if H else NULL
-            out = forward(c, &k, now)
+            out = forward(c, &k, now, True)
             if c.vx_moved:                # en/decapsulated: the frame moved in its slot
                 c.vx_moved = 0
                 if out != C_OUT_QUEUED:
@@ -1648,7 +1648,7 @@ cdef class Datapath:
         d.vx_base = fp
         try:
             with nogil:
-                process_one(d, fp + C_ENCAP_HEADROOM + H, length, ip16, now, False)
+                process_one(d, fp + C_ENCAP_HEADROOM + H, length, ip16, now, False, True)
             steps = [_consts.trace_step(d.tr[i].stage, d.tr[i].a, d.tr[i].b, length)
                      for i in range(d.tr_n)]
         finally:

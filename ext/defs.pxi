@@ -385,3 +385,10 @@ cdef inline void tr_add(Core *c, int stage, int64_t a, int64_t b) noexcept nogil
     # one predictable branch when not tracing
     if c.tr != NULL:
         tr_rec(c, stage, a, b)
+
+cdef inline void tr_at(Core *c, bint tr, int stage, int64_t a, int64_t b) noexcept nogil:
+    # tr_add in the per-packet path (pkt_finish, forward, output_unicast, nat_stage,
+    # nat_hit): tr is a constant of each caller (process_batch_c: False, it never runs on
+    # a traced Core; trace() and drain(): True), so the batch loop has no check at all
+    if tr and c.tr != NULL:
+        tr_rec(c, stage, a, b)
