@@ -50,6 +50,11 @@ Figures:
   rewrite as the original direction; off: no rules, no conntrack entries, plain L2.
   ``shaping``: an egress shaper with tokens on every pod. ``all``: the three at once.
 
+- ``core-stages`` against ``stage``: where ``core-mixed-64B``'s time goes at batch 256, one
+  row per pipeline stage in ns/packet (bench/core_stages.py: callgrind counts the
+  instructions of every source line of the core, summed per stage and apportioned to the
+  median ns/packet measured beside them; ``info`` has the instructions). Marked slow.
+
 Traffic is built with numpy only (never scapy), outside the timed region. Each benchmarked
 call processes ``count`` batches laid out in one buffer (a 12-byte vnet header before every
 frame, as vswitchd reads them); a setup step that is not timed restores the pristine
@@ -209,9 +214,15 @@ class Batches:
         return self.view[:, H + start:H + stop]
 
     def run(self, dp, now_ns):
-        for j in range(self.count):
-            dp.process(self.buf, self.offsets[j], self.lengths[j], self.in_ports[j],
-                       self.out_ports[j], self.batch, now_ns)
+        # the per-batch views are made once (numpy indexing costs ~0.2 us a view, 1 ns a
+        # packet at batch 256, and is not the core's work: vswitchd calls it from C)
+        views = self.__dict__.get("_views")
+        if views is None:
+            views = self._views = [(self.offsets[j], self.lengths[j], self.in_ports[j], self.out_ports[j])
+                                   for j in range(self.count)]
+        buf, batch, process = self.buf, self.batch, dp.process
+        for off, lens, ins, outs in views:
+            process(buf, off, lens, ins, outs, batch, now_ns)
 
 
 class Setup:
@@ -591,3 +602,44 @@ def test_core_features(benchmark, impl, features):
         info["cost_vs_none_interleaved"] = round(r, 3)
     record(benchmark, group="core-features", subject=_subject(impl), unit="mpps", per_round=s.n_packets,
            info=info, features=features)
+
+
+# ---------------------------------------------------------------------------- stages
+
+_STAGE_TABLE = {}
+
+
+def _stage_table():
+    """core_stages.stage_table() once per session (a build, a callgrind run, a timing)."""
+    if "t" not in _STAGE_TABLE:
+        from . import core_stages
+        _STAGE_TABLE["t"] = core_stages.stage_table(rounds=10, ns_rounds=100 if QUICK else 400)
+    return _STAGE_TABLE["t"]
+
+
+def _stage_names():
+    from . import core_stages
+    return list(core_stages.STAGES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", _stage_names())
+def test_core_stages(benchmark, stage):
+    """Where core-mixed-64B's time goes at batch 256: ns/packet per pipeline stage.
+
+    bench/core_stages.py: instructions per source line of the core counted by callgrind
+    (deterministic), summed per stage, apportioned to the median ns/packet measured in
+    the same run. One row per stage; ``info`` holds the instructions per packet.
+    """
+    import shutil
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (the stage table counts instructions with callgrind)")
+    from .core_stages import DESCRIPTION
+    t = _stage_table()
+    r = t["stages"][stage]
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)     # the figure is computed above
+    record(benchmark, group="core-stages", subject="vswitch", unit="ns_per_packet", value=r["ns"],
+           info=dict(ir_per_packet=r["ir"], share_of_instructions=r["share"], what=DESCRIPTION[stage],
+                     total_ir_per_packet=t["ir_per_packet"], median_ns_per_packet=t["ns_per_packet"],
+                     workload=t["workload"], command="python -m bench.core_stages"),
+           stage=stage)

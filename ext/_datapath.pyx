@@ -141,7 +141,7 @@ cdef inline bint spoofed(PortState *ps, Pkt *k) noexcept nogil:
     cdef const uint8_t *l3 = k.p + k.l3_off
     cdef int i
     if ps.mac_bound:
-        if memcmp(k.p + 6, ps.mac, 6) != 0:
+        if (k.src_key & 0xffffffffffffULL) != ps.mac48:       # the source MAC (parse's key)
             return True
         if k.kind == K_ARP and memcmp(l3 + 8, ps.mac, 6) != 0:
             return True
@@ -159,19 +159,49 @@ cdef inline bint spoofed(PortState *ps, Pkt *k) noexcept nogil:
             return True
     return False
 
-cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
+cdef int32_t output_flood(Core *c, Pkt *k, int32_t out, uint64_t now) noexcept nogil:
+    # OUT_FLOOD / OUT_FLOOD_UNKNOWN: tx on every receiver, a shaped receiver's copy queued
+    # (D41). Not inline: the unicast path stays small enough to be inlined whole
+    cdef uint16_t in_port = k.in_port
+    cdef uint32_t j, q, charged
+    cdef Shaper *sh
+    c.gc[GC_FLOODED] += 1
+    charged = 0
+    for j in range(c.n_up):
+        q = c.up_list[j]
+        if q == in_port or (out == C_OUT_FLOOD_UNKNOWN and c.ports[q].kind == C_PORT_POD):
+            continue
+        sh = &c.shapers[q * 2 + C_INGRESS]
+        if not sh.active:
+            count_tx(c, q, k.len)
+            continue
+        # D41: a shaped receiver's copy always goes through its queue
+        if charged == 0:
+            charged = charged_len(k)
+        shaper_refill(sh, now)
+        if (sh.queue_bytes + k.len > sh.queue_limit_bytes
+                or q_push(sh, k.p - c.vnet_hdr_len, c.vnet_hdr_len, k.len, charged, in_port,
+                          <int32_t>q, c.drain_seq) != 0):
+            c.pc[q * N_PC + PC_DROP_QUEUE_FULL] += 1     # counted, not traced: the frame goes on
+            c.gc[GC_QUEUE_FULL] += 1
+            continue
+        c.pc[q * N_PC + PC_QUEUED] += 1
+        c.gc[GC_QUEUED] += 1
+    tr_add(c, TR_OUT_FLOOD if out == C_OUT_FLOOD else TR_OUT_FLOOD_UNKNOWN, 0, 0)
+    return out
+
+cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now, bint tr) noexcept nogil:
     # NAT, L2, ingress shaper, output for a parsed packet that passed rx, parse, anti-spoofing
     # and its egress shaper (also where drain() continues a packet released from an egress queue)
     cdef bint src_mcast = k.p[6] & 1
     cdef int32_t out = C_OUT_FLOOD
     cdef int r = NAT_NONE
     cdef int port
-    cdef uint32_t j, q, charged
     cdef uint16_t in_port = k.in_port
     cdef PortState *ps
-    cdef Shaper *sh
+    # stage: nat
     if k.nat_ok:
-        r = nat_stage(c, k, now, &out)
+        r = nat_stage(c, k, now, &out, tr)
         if r >= 0:
             count_drop(c, r, in_port)
             return C_OUT_DROP
@@ -179,6 +209,7 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         r = nat_icmp_error(c, k, now, &out)
     elif k.frag == FRAG_LATER:
         r = nat_fragment(c, k, now, &out)
+    # stage: vxlan
     if r != NAT_OUT and c.vtep_set:
         # 4b. VXLAN (vxlan.pxi): a routed frame skips L2
         r = vxlan_stage(c, k, &out)
@@ -186,9 +217,12 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             count_drop(c, r, in_port)
             return C_OUT_DROP
         if r == VX_OUT:
-            return output_unicast(c, k, out, now)
+            return output_unicast(c, k, out, now, tr)
         r = NAT_NONE
-    if not src_mcast:
+    # stage: l2
+    # a frame from a port with its own bound MAC as source: that static entry makes the
+    # learn a no-op (D42), known without a lookup
+    if not src_mcast and k.src_key != c.ports[in_port].own_key:
         if mac_learn(c, k.src_key, in_port, now) < 0:
             count_drop(c, DR_MAC_STOLEN, in_port)        # D42
             return C_OUT_DROP
@@ -197,13 +231,13 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
         if not ps.present or not ps.up:
             count_drop(c, DR_NO_ROUTE, in_port)
             return C_OUT_DROP
-        tr_add(c, TR_L2_NAT, 0, out)
+        tr_at(c, tr, TR_L2_NAT, 0, out)
     elif k.p[0] & 1:
-        tr_add(c, TR_L2_MULTICAST, 0, 0)
+        tr_at(c, tr, TR_L2_MULTICAST, 0, 0)
     else:
         port = mac_lookup(c, k.dst_key, now)
         if port < 0:
-            tr_add(c, TR_L2_UNKNOWN, 0, 0)
+            tr_at(c, tr, TR_L2_UNKNOWN, 0, 0)
             out = C_OUT_FLOOD_UNKNOWN
         elif port == in_port:
             count_drop(c, DR_LOOP, in_port)
@@ -213,57 +247,36 @@ cdef inline int32_t forward(Core *c, Pkt *k, uint64_t now) noexcept nogil:
             if not ps.present or not ps.up:
                 count_drop(c, DR_NO_ROUTE, in_port)
                 return C_OUT_DROP
-            tr_add(c, TR_L2_KNOWN, 0, port)
+            tr_at(c, tr, TR_L2_KNOWN, 0, port)
             out = port
+    # stage: output
     if out < 0:                    # OUT_FLOOD or OUT_FLOOD_UNKNOWN
-        c.gc[GC_FLOODED] += 1
-        charged = 0
-        for j in range(c.n_up):
-            q = c.up_list[j]
-            if q == in_port or (out == C_OUT_FLOOD_UNKNOWN and c.ports[q].kind == C_PORT_POD):
-                continue
-            sh = &c.shapers[q * 2 + C_INGRESS]
-            if not sh.active:
-                count_tx(c, q, k.len)
-                continue
-            # D41: a shaped receiver's copy always goes through its queue
-            if charged == 0:
-                charged = charged_len(k)
-            shaper_refill(sh, now)
-            if (sh.queue_bytes + k.len > sh.queue_limit_bytes
-                    or q_push(sh, k.p - c.vnet_hdr_len, c.vnet_hdr_len, k.len, charged, in_port,
-                              <int32_t>q, c.drain_seq) != 0):
-                c.pc[q * N_PC + PC_DROP_QUEUE_FULL] += 1     # counted, not traced: the frame goes on
-                c.gc[GC_QUEUE_FULL] += 1
-                continue
-            c.pc[q * N_PC + PC_QUEUED] += 1
-            c.gc[GC_QUEUED] += 1
-        tr_add(c, TR_OUT_FLOOD if out == C_OUT_FLOOD else TR_OUT_FLOOD_UNKNOWN, 0, 0)
-        return out
-    return output_unicast(c, k, out, now)
+        return output_flood(c, k, out, now)
+    return output_unicast(c, k, out, now, tr)
 
-cdef inline int32_t output_unicast(Core *c, Pkt *k, int32_t out, uint64_t now) noexcept nogil:
+cdef inline int32_t output_unicast(Core *c, Pkt *k, int32_t out, uint64_t now, bint tr) noexcept nogil:
     # the ingress shaper and output of a frame for port out (switched, translated, or
     # routed by the vxlan stage)
-    cdef Shaper *sh = &c.shapers[out * 2 + C_INGRESS]
+    cdef Shaper *sh
     cdef int r
-    if sh.active:
+    if c.ports[out].shaped & (1 << C_INGRESS):     # stage: ingress_shaper
+        sh = &c.shapers[out * 2 + C_INGRESS]
         r = shaper_admit(sh, k, c.vnet_hdr_len, out, now, c.drain_seq)
-        tr_add(c, TR_INGRESS, r, 0)
+        tr_at(c, tr, TR_INGRESS, r, 0)
         if r == SH_FULL:
             count_drop(c, DR_QUEUE_FULL, out)
             return C_OUT_DROP
         if r == SH_QUEUE:
             c.pc[out * N_PC + PC_QUEUED] += 1
             c.gc[GC_QUEUED] += 1
-            tr_add(c, TR_OUT_QUEUED, 0, 0)
+            tr_at(c, tr, TR_OUT_QUEUED, 0, 0)
             return C_OUT_QUEUED
-    count_tx(c, out, k.len)
-    tr_add(c, TR_OUT_PORT, out, 0)
-    return out
+    count_tx(c, out, k.len)        # stage: counters
+    tr_at(c, tr, TR_OUT_PORT, out, 0)
+    return out                     # stage: output
 
 cdef inline int pkt_prepare(Core *c, Pkt *k, uint8_t *frame, uint32_t length, uint16_t in_port,
-                            bint pf) noexcept nogil:
+                            bint pf, uint32_t H) noexcept nogil:
     # parsing one frame: parse_frame's result (0, or -1 malformed). It reads only the
     # frame's own bytes and changes no state, so the batch loop runs it a few packets
     # ahead; with pf it also prefetches the MAC slots the packet will touch and, for a
@@ -273,16 +286,16 @@ cdef inline int pkt_prepare(Core *c, Pkt *k, uint8_t *frame, uint32_t length, ui
     cdef PortState *ps
     cdef const uint8_t *l4
     k.in_port = in_port
-    k.vnet = frame - c.vnet_hdr_len if c.vnet_hdr_len else NULL
+    k.vnet = frame - H if H else NULL           # H: c.vnet_hdr_len
     if r < 0 or not pf:
         return r
-    ps = &c.ports[in_port]
+    ps = &c.ports[in_port]         # stage: l2
     # a pod port whose anti-spoofing pins its one MAC touches that slot with every frame
     if not (ps.antispoof and ps.mac_bound):
         prefetchw(&c.mac[mac_home(c, k.src_key)])
     if not (frame[0] & 1):
         prefetch(&c.mac[mac_home(c, k.dst_key)])
-    if k.nat_ok:
+    if k.nat_ok:                   # stage: nat
         l4 = frame + k.l4_off
         if bit_test(c.nat_ports, load_be16(l4)) or bit_test(c.nat_ports, load_be16(l4 + 2)):
             ct_key_from_pkt(&k.ct_key, k)
@@ -291,51 +304,58 @@ cdef inline int pkt_prepare(Core *c, Pkt *k, uint8_t *frame, uint32_t length, ui
             prefetch(&c.ct_slots[k.ct_hash & c.ct_mask])
     return 0
 
-cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now) noexcept nogil:
-    # the whole pipeline for a frame pkt_prepare() has parsed; returns its out_ports value
+cdef inline int32_t pkt_finish(Core *c, Pkt *k, int parsed, uint64_t now, bint rx_counted, bint tr) noexcept nogil:
+    # the whole pipeline for a frame pkt_prepare() has parsed; returns its out_ports value.
+    # rx_counted: the batch loop has counted rx already (per port in chunk_prepare, the
+    # global packets/bytes once per batch): the same sums, fewer stores
     cdef uint16_t in_port = k.in_port
     cdef uint32_t length = k.len
     cdef PortState *ps = &c.ports[in_port]
     cdef uint64_t *row = c.pc + <uint64_t>in_port * N_PC
     cdef Shaper *sh
     cdef int v
-    row[PC_RX_PACKETS] += 1
-    row[PC_RX_BYTES] += length
-    c.gc[GC_PACKETS] += 1
-    c.gc[GC_BYTES] += length
-    tr_add(c, TR_RX, in_port, length)
+    # stage: counters
+    if not rx_counted:
+        row[PC_RX_PACKETS] += 1
+        row[PC_RX_BYTES] += length
+        c.gc[GC_PACKETS] += 1
+        c.gc[GC_BYTES] += length
+    tr_at(c, tr, TR_RX, in_port, length)
+    # stage: parse
     if not ps.present:
         count_drop(c, DR_NO_ROUTE, in_port)
         return C_OUT_DROP
     if parsed < 0:
         count_drop(c, DR_MALFORMED, in_port)
         return C_OUT_DROP
-    tr_add(c, TR_PARSE, 0, 0)
+    tr_at(c, tr, TR_PARSE, 0, 0)
+    # stage: antispoof
     if ps.antispoof and (ps.mac_bound or ps.ips_bound):
         if spoofed(ps, k):
             count_drop(c, DR_SPOOFED, in_port)
             return C_OUT_DROP
-        tr_add(c, TR_ANTISPOOF, 0, 0)
-    sh = &c.shapers[<uint32_t>in_port * 2 + C_EGRESS]
-    if sh.active:
+        tr_at(c, tr, TR_ANTISPOOF, 0, 0)
+    # stage: egress_shaper
+    if ps.shaped & (1 << C_EGRESS):
+        sh = &c.shapers[<uint32_t>in_port * 2 + C_EGRESS]
         v = shaper_admit(sh, k, c.vnet_hdr_len, -1, now, c.drain_seq)
         if v == SH_FULL:
             count_drop(c, DR_QUEUE_FULL, in_port)
             return C_OUT_DROP
-        tr_add(c, TR_EGRESS, v, 0)
+        tr_at(c, tr, TR_EGRESS, v, 0)
         if v == SH_QUEUE:
             row[PC_QUEUED] += 1
             c.gc[GC_QUEUED] += 1
-            tr_add(c, TR_OUT_QUEUED, 0, 0)
+            tr_at(c, tr, TR_OUT_QUEUED, 0, 0)
             return C_OUT_QUEUED
-    return forward(c, k, now)
+    return forward(c, k, now, tr)  # stage: output
 
 cdef inline int32_t process_one(Core *c, uint8_t *frame, uint32_t length, uint16_t in_port,
-                                uint64_t now) noexcept nogil:
+                                uint64_t now, bint rx_counted, bint tr) noexcept nogil:
     # the whole pipeline for one received frame, nothing prefetched; returns its out_ports value
     cdef Pkt k
-    cdef int parsed = pkt_prepare(c, &k, frame, length, in_port, False)
-    return pkt_finish(c, &k, parsed, now)
+    cdef int parsed = pkt_prepare(c, &k, frame, length, in_port, False, c.vnet_hdr_len)
+    return pkt_finish(c, &k, parsed, now, rx_counted, tr)
 
 # ---------------------------------------------------------------- the batch loop
 # process() runs a batch through a software pipeline over chunks of VEC packets (VPP
@@ -358,10 +378,18 @@ cdef inline void chunk_prepare(Core *c, Pkt *kv, int *pv, uint8_t *base, uint8_t
                                uint8_t *p_len, Py_ssize_t s_len, uint8_t *p_in, Py_ssize_t s_in,
                                Py_ssize_t start, Py_ssize_t n, bint pf) noexcept nogil:
     cdef Py_ssize_t i, j
+    cdef uint32_t length
+    cdef uint16_t ip
+    cdef uint64_t *row
     for i in range(n):
         j = start + i
-        pv[i] = pkt_prepare(c, &kv[i], base + (<uint32_t *>(p_off + j * s_off))[0],
-                            (<uint32_t *>(p_len + j * s_len))[0], (<uint16_t *>(p_in + j * s_in))[0], pf)
+        length = (<uint32_t *>(p_len + j * s_len))[0]
+        ip = (<uint16_t *>(p_in + j * s_in))[0]
+        row = c.pc + <uint64_t>ip * N_PC          # D34: rx (pkt_finish runs with rx_counted); stage: counters
+        row[PC_RX_PACKETS] += 1
+        row[PC_RX_BYTES] += length
+        pv[i] = pkt_prepare(            # stage: batch
+           c, &kv[i], base + (<uint32_t *>(p_off + j * s_off))[0], length, ip, pf, c.vnet_hdr_len)
 
 cdef inline void chunk_prefetch_entries(Core *c, Pkt *kv, Py_ssize_t n) noexcept nogil:
     # the conntrack entries of the chunk's prepared packets (their index slots are cached)
@@ -397,29 +425,33 @@ cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
     nothing changed (D2). `now` must not be below c.last_now_ns (the caller checks)."""
     cdef uint32_t H = c.vnet_hdr_len
     cdef Py_ssize_t i, t, nch, start, n
-    cdef uint64_t off, length, end = 0
+    cdef uint64_t off, length, end = 0, nbytes = 0
     cdef uint16_t ip
     cdef bint disjoint = True, pf
     cdef Pkt kv[3 * VEC]            # three chunks in flight: finished, entries, prepared
     cdef int pv[3 * VEC]
     cdef Pkt *kc
     cdef int *pc
+    cdef uint64_t *row
+    cdef uint32_t max_ports = c.max_ports
+    cdef bint vx = c.vtep_set        # only the vxlan stage moves frames (vx_moved)
     # D2: the whole batch is checked before any state changes
     for i in range(cnt):
         off = (<uint32_t *>(p_off + i * s_off))[0]
         length = (<uint32_t *>(p_len + i * s_len))[0]
         ip = (<uint16_t *>(p_in + i * s_in))[0]
-        if ip >= c.max_ports:
-            why[0] = 1
-        elif length > C_MAX_FRAME:
-            why[0] = 2
-        elif off < H or off + length > buflen:
-            why[0] = 3
-        if why[0]:
+        if ip >= max_ports or length > C_MAX_FRAME or off < H or off + length > buflen:
+            if ip >= max_ports:
+                why[0] = 1
+            elif length > C_MAX_FRAME:
+                why[0] = 2
+            else:
+                why[0] = 3
             return i
         if off < end:
             disjoint = False
         end = off + length
+        nbytes += length
     c.last_now_ns = now
     c.have_now = 1
     c.vx_base = base
@@ -429,11 +461,27 @@ cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
             off = (<uint32_t *>(p_off + i * s_off))[0]
             (<int32_t *>(p_out + i * s_out))[0] = process_one(
                 c, base + off, (<uint32_t *>(p_len + i * s_len))[0],
-                (<uint16_t *>(p_in + i * s_in))[0], now)
+                (<uint16_t *>(p_in + i * s_in))[0], now, False, False)
             if c.vx_moved:
                 vx_write_back(c, base, p_off + i * s_off, p_len + i * s_len)
         return -1
+    c.gc[GC_PACKETS] += <uint64_t>cnt     # D34, for the whole (valid) batch at once
+    c.gc[GC_BYTES] += nbytes
     pf = not c.pf_off and (c.mac_count > c.pf_min_entries or c.ct_count > c.pf_min_entries)
+    if not pf:
+        # small tables, every slot they have cached: nothing to prefetch, so no chunks to
+        # run ahead either; each packet is parsed and finished in turn (rx counted here)
+        for i in range(cnt):
+            length = (<uint32_t *>(p_len + i * s_len))[0]
+            ip = (<uint16_t *>(p_in + i * s_in))[0]
+            row = c.pc + <uint64_t>ip * N_PC      # stage: counters
+            row[PC_RX_PACKETS] += 1
+            row[PC_RX_BYTES] += length
+            (<int32_t *>(p_out + i * s_out))[0] = process_one(     # stage: batch
+                c, base + (<uint32_t *>(p_off + i * s_off))[0], <uint32_t>length, ip, now, True, False)
+            if vx and c.vx_moved:
+                vx_write_back(c, base, p_off + i * s_off, p_len + i * s_len)
+        return -1
     nch = (cnt + VEC - 1) // VEC
     for t in range(-2, nch):
         if t + 2 < nch:
@@ -450,8 +498,8 @@ cdef Py_ssize_t process_batch_c(Core *c, uint8_t *base, uint64_t buflen,
             kc = kv + (t % 3) * VEC
             pc = pv + (t % 3) * VEC
             for i in range(n):
-                (<int32_t *>(p_out + (start + i) * s_out))[0] = pkt_finish(c, &kc[i], pc[i], now)
-                if c.vx_moved:
+                (<int32_t *>(p_out + (start + i) * s_out))[0] = pkt_finish(c, &kc[i], pc[i], now, True, False)
+                if vx and c.vx_moved:
                     vx_write_back(c, base, p_off + (start + i) * s_off, p_len + (start + i) * s_len)
     return -1
 
@@ -523,7 +571,7 @@ cdef Py_ssize_t drain_c(Core *c, uint64_t now, uint8_t *obuf, Py_ssize_t obuf_le
             parse_frame(&k, obuf + off, length)
             k.in_port = in_port
             k.vnet = obuf + off - H if H else NULL
-            out = forward(c, &k, now)
+            out = forward(c, &k, now, True)
             if c.vx_moved:                # en/decapsulated: the frame moved in its slot
                 c.vx_moved = 0
                 if out != C_OUT_QUEUED:
@@ -945,10 +993,13 @@ cdef class Datapath:
 
     cdef void _rebuild_active(self):
         cdef uint32_t i, n = 0
+        for i in range(self.c.max_ports):
+            self.c.ports[i].shaped = 0
         for i in range(self.c.max_ports * 2):
             if self.c.shapers[i].active:
                 self.c.active[n] = i
                 n += 1
+                self.c.ports[i // 2].shaped |= 1 << (i % 2)
         self.c.n_active = n
         self._rebuild_flood()
 
@@ -987,6 +1038,7 @@ cdef class Datapath:
                 self.c.gc[GC_CT_DELETED] += 1
         memset(ps, 0, sizeof(PortState))
         memset(&self.c.mac_ports[pid], 0, sizeof(MacPort))
+        self._own_keys()
         if self.c.vtep_set and self.c.vtep_port == pid:
             self.c.vtep_set = 0
         vx_podip_rebuild(self.c)
@@ -1055,8 +1107,24 @@ cdef class Datapath:
                 else:
                     memcpy(ps.ip6[ps.n_ip6], <const char *>b, 16)
                     ps.n_ip6 += 1
+        ps.mac48 = int.from_bytes(mac_b, "big") if mac_b is not None else 0
         ps.bound = ps.mac_bound or ps.ips_bound
+        self._own_keys()
         vx_podip_rebuild(c)
+
+    cdef void _own_keys(self):
+        # PortState.own_key of every port, after the static entries changed (bind, remove)
+        cdef Core *c = self.c
+        cdef uint32_t p
+        cdef uint64_t key
+        cdef int64_t i
+        for p in range(c.max_ports):
+            c.ports[p].own_key = 0
+            if c.ports[p].present and c.ports[p].mac_bound:
+                key = mac_key(0, c.ports[p].mac)
+                i = mac_find(c, key)
+                if i >= 0 and c.mac[i].static and c.mac[i].port == p:
+                    c.ports[p].own_key = key
 
     def set_antispoof(self, port_id, enabled):
         self._idle()
@@ -1580,7 +1648,7 @@ cdef class Datapath:
         d.vx_base = fp
         try:
             with nogil:
-                process_one(d, fp + C_ENCAP_HEADROOM + H, length, ip16, now)
+                process_one(d, fp + C_ENCAP_HEADROOM + H, length, ip16, now, False, True)
             steps = [_consts.trace_step(d.tr[i].stage, d.tr[i].a, d.tr[i].b, length)
                      for i in range(d.tr_n)]
         finally:

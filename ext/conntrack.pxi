@@ -130,7 +130,7 @@ cdef inline void ct_ev_unlink(Core *c, uint32_t idx) noexcept nogil:
     c.ct_ev_next[idx] = 0
     c.ct_ev_prev[idx] = 0
 
-cdef inline void ct_delete(Core *c, uint32_t idx) noexcept nogil:
+cdef void ct_delete(Core *c, uint32_t idx) noexcept nogil:
     cdef CtEntry *e = &c.ct[idx]
     ct_ev_unlink(c, idx)
     ct_slot_remove(c, ct_hash(&e.orig), (idx << 1) + 1)
@@ -467,11 +467,11 @@ cdef inline void ct_translate(Core *c, CtEntry *e, int direction, Pkt *k, int32_
         nat_rewrite(k, needs_csum, e.orig.dst, e.orig.src if e.hairpin else NULL, e.orig.dport, -1)
     ct_translate_macs(c, e, direction, k, out)
 
-cdef inline void nat_hit(Core *c, CtEntry *e, int d, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
+cdef inline void nat_hit(Core *c, CtEntry *e, int d, Pkt *k, uint64_t now, int32_t *out, bint tr) noexcept nogil:
     # a packet of entry e in direction d: state and expiry, translation, fragment memory
     ct_apply(c, e, d, k, now)
     ct_translate(c, e, d, k, out)
-    tr_add(c, TR_NAT_HIT, d, e.state)
+    tr_at(c, tr, TR_NAT_HIT, d, e.state)
     if k.frag == FRAG_FIRST:
         frag_remember(c, k, e, d, now)
 
@@ -554,17 +554,15 @@ cdef inline int ct_create(Core *c, Pkt *k, int32_t rid, uint64_t now, CtEntry **
     created[0] = e
     return -1
 
-cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
+cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out, bint tr) noexcept nogil:
     # a TCP/UDP packet: NAT_NONE, NAT_OUT (out set) or a drop reason DR_*
     cdef uint32_t ref, idx
-    cdef int32_t rid
-    cdef int why
     cdef CtEntry *e
     cdef const uint8_t *l4 = k.p + k.l4_off
     cdef uint16_t sport = load_be16(l4)
     cdef uint16_t dport = load_be16(l4 + 2)
     if not (bit_test(c.nat_ports, sport) or bit_test(c.nat_ports, dport)):
-        tr_add(c, TR_NAT_NONE, 0, 0)
+        tr_at(c, tr, TR_NAT_NONE, 0, 0)
         return NAT_NONE
     if not k.ct_ready:                  # (the batch loop may have done this ahead)
         ct_key_from_pkt(&k.ct_key, k)
@@ -575,10 +573,18 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
         idx = (ref - 1) >> 1
         e = &c.ct[idx]
         if e.expires_ns > now:
-            nat_hit(c, e, (ref - 1) & 1, k, now, out)
+            nat_hit(c, e, (ref - 1) & 1, k, now, out, tr)
             return NAT_OUT
         ct_delete(c, idx)
         c.gc[GC_CT_EXPIRED] += 1
+    return nat_new(c, k, now, out)
+
+cdef int nat_new(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept nogil:
+    # nat_stage for a packet of no live entry: a rule's new connection, or NAT_NONE. Not
+    # inline: it keeps nat_stage's hit path small
+    cdef int32_t rid
+    cdef int why
+    cdef CtEntry *e
     rid = rule_match(c, &k.ct_key)
     if rid < 0:
         tr_add(c, TR_NAT_NONE, 0, 0)
@@ -586,7 +592,7 @@ cdef inline int nat_stage(Core *c, Pkt *k, uint64_t now, int32_t *out) noexcept 
     why = ct_create(c, k, rid, now, &e)
     if why >= 0:
         return why
-    nat_hit(c, e, 0, k, now, out)
+    nat_hit(c, e, 0, k, now, out, True)
     return NAT_OUT
 
 # ---------------------------------------------------------------- ICMP errors (twin's D37)

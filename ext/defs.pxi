@@ -9,6 +9,12 @@ from libc.stdlib cimport malloc, calloc, realloc, free
 cdef extern from *:
     """
     typedef unsigned __int128 vsw_u128;
+    /* every `cdef inline` function of the core is inlined, whatever its size: the batch
+       loop is then one function with no call per packet (GCC declined forward() and
+       output_unicast() by its size limits, ~40 instructions a packet in calls and spills;
+       bench/core_stages.py). Cython defines CYTHON_INLINE before this block is emitted */
+    #undef CYTHON_INLINE
+    #define CYTHON_INLINE __inline__ __attribute__((always_inline))
     static inline void vsw_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
     static inline void vsw_prefetchw(const void *p) { __builtin_prefetch(p, 1, 3); }
     static inline uint16_t vsw_load_be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
@@ -81,7 +87,9 @@ ctypedef struct CtKey:
     uint8_t pad[2]        # zero (keys are compared as 5 words)
 
 ctypedef struct Pkt:
-    # what the parser learned about one frame; offsets count from the frame's first byte
+    # what the parser learned about one frame; offsets count from the frame's first byte.
+    # The byte fields parse_frame() zeroes for every frame are adjacent (vlan .. ct_ready),
+    # so the compiler merges their initialisation into one or two stores
     uint8_t *p            # the Ethernet frame (in the caller's buffer or a queue)
     uint8_t *vnet         # its virtio-net header (H bytes before p), or NULL when H == 0
     uint32_t len          # frame length in bytes (vnet header excluded)
@@ -92,9 +100,10 @@ ctypedef struct Pkt:
     uint8_t nat_ok        # 1: TCP or UDP, not a fragment: may be NAT-tracked
     uint8_t icmp_ok       # 1: ICMP (IPv4) / ICMPv6 with L4, not a fragment: maybe an error (D37)
     uint8_t frag          # FRAG_NONE, FRAG_FIRST (more follow), FRAG_LATER, FRAG_ATOMIC (D39)
-    uint8_t frag_proto    # IPv4 protocol / the IPv6 fragment header's next header
-    uint32_t frag_id      # identification (IPv4 16 bits, IPv6 32 bits)
     uint8_t l4_proto      # IP protocol / IPv6 next header of the L4 header
+    uint8_t ct_ready      # 1: ct_key / ct_hash hold the packet's 5-tuple and its hash
+    uint8_t frag_proto    # IPv4 protocol / the IPv6 fragment header's next header (fragments only)
+    uint32_t frag_id      # identification (IPv4 16 bits, IPv6 32 bits; fragments only)
     uint32_t l3_off       # offset of the ARP/IPv4/IPv6 header
     uint32_t l4_off       # offset of the TCP/UDP/ICMP header (when has_l4)
     uint32_t l3_end       # offset one past the IP packet (total / payload length)
@@ -102,7 +111,6 @@ ctypedef struct Pkt:
     # them a few packets ahead and prefetch what they point at; ext/_datapath.pyx)
     uint64_t src_key      # mac_key(vlan, source MAC); valid when the frame is >= 14 bytes
     uint64_t dst_key      # mac_key(vlan, destination MAC)
-    uint8_t ct_ready      # 1: ct_key / ct_hash hold the packet's 5-tuple and its hash
     uint32_t ct_hash      # ct_hash(&ct_key)
     CtKey ct_key          # the 5-tuple (set by nat_stage, or ahead by the batch loop)
 
@@ -183,7 +191,13 @@ ctypedef struct PortState:
     uint8_t ips_bound     # 1: IP set bound (checked); it may be empty
     uint8_t n_ip4         # number of bound IPv4 addresses
     uint8_t n_ip6         # number of bound IPv6 addresses
+    uint8_t shaped        # bit 1 << direction: that shaper of the port is active (a copy of
+                          # Shaper.active, set by Datapath._rebuild_active; read per packet)
     uint8_t mac[6]        # bound MAC
+    uint64_t mac48        # the bound MAC as a 48-bit big-endian integer (anti-spoofing compares it)
+    uint64_t own_key      # mac_key(0, mac) while that key is this port's static FDB entry (D42),
+                          # else 0: a frame from the port with this source key learns nothing
+                          # (set by Datapath._own_keys after every change of static entries)
     uint32_t ip4[8]       # bound IPv4 addresses, host byte order
     uint8_t ip6[8][16]    # bound IPv6 addresses
 
@@ -370,4 +384,11 @@ cdef void tr_rec(Core *c, int stage, int64_t a, int64_t b) noexcept nogil:
 cdef inline void tr_add(Core *c, int stage, int64_t a, int64_t b) noexcept nogil:
     # one predictable branch when not tracing
     if c.tr != NULL:
+        tr_rec(c, stage, a, b)
+
+cdef inline void tr_at(Core *c, bint tr, int stage, int64_t a, int64_t b) noexcept nogil:
+    # tr_add in the per-packet path (pkt_finish, forward, output_unicast, nat_stage,
+    # nat_hit): tr is a constant of each caller (process_batch_c: False, it never runs on
+    # a traced Core; trace() and drain(): True), so the batch loop has no check at all
+    if tr and c.tr != NULL:
         tr_rec(c, stage, a, b)

@@ -81,7 +81,7 @@ cdef inline int64_t mac_find(Core *c, uint64_t key) noexcept nogil:
             return -1
         i = (i + 1) & c.mac_mask
 
-cdef inline void mac_delete(Core *c, uint64_t i) noexcept nogil:
+cdef void mac_delete(Core *c, uint64_t i) noexcept nogil:
     # empties slot i and shifts the rest of its cluster back
     cdef uint64_t j = i, h
     cdef uint64_t mask = c.mac_mask
@@ -196,6 +196,11 @@ cdef inline int mac_learn(Core *c, uint64_t key, uint16_t port, uint64_t now) no
             e.last_seen_ns = now
             return 0
         mac_delete(c, <uint64_t>i)
+    return mac_learn_new(c, key, port, now)
+
+cdef int mac_learn_new(Core *c, uint64_t key, uint16_t port, uint64_t now) noexcept nogil:
+    # mac_learn of a key the table does not hold (or held aged): D44's token, the capacity
+    # (sweep, D43 eviction), the insert; 0. Not inline: it keeps mac_learn's hit path small
     if not mac_learn_token(c, port, now):
         c.gc[GC_MAC_LEARN_LIMITED] += 1
         return 0

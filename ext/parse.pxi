@@ -30,9 +30,9 @@ cdef inline int parse_frame(Pkt *k, uint8_t *p, uint32_t length) noexcept nogil:
     k.icmp_ok = 0
     k.frag = FRAG_NONE
     k.l4_proto = 0
+    k.ct_ready = 0
     k.l4_off = 0
     k.l3_end = length
-    k.ct_ready = 0
     if length < 14:
         return -1
     if length > C_MAX_FRAME:
@@ -82,12 +82,12 @@ cdef inline int parse_ipv4(Pkt *k, uint8_t *p, uint32_t l3, uint32_t avail) noex
     k.kind = K_IPV4
     k.l3_end = l3 + tot
     frag = load_be16(p + l3 + 6)
-    k.frag_id = load_be16(p + l3 + 4)
-    k.frag_proto = p[l3 + 9]
-    if (frag & 0x1fff) != 0:
-        k.frag = FRAG_LATER
-        return 0                      # non-first fragment: no L4
-    if frag & 0x2000:
+    if frag & 0x3fff:                 # a fragment (the fragment key is read only then)
+        k.frag_id = load_be16(p + l3 + 4)
+        k.frag_proto = p[l3 + 9]
+        if (frag & 0x1fff) != 0:
+            k.frag = FRAG_LATER
+            return 0                  # non-first fragment: no L4
         k.frag = FRAG_FIRST
     k.l4_proto = p[l3 + 9]
     k.l4_off = l3 + ihl
