@@ -13,6 +13,13 @@ declare) and the same IPAM (host-local):
   /usr/lib/cni: a veth, iptables DNAT chains, tc tbf and an ifb device per pod.
 - ``vswitch``: the installed ``vswitch`` plugin (host-local from the reference dir, found
   through CNI_PATH) talking to a vswitchd that this benchmark started (``vswitch.lab.Daemon``).
+- ``bridge``: the bare reference bridge plugin (isGateway, hairpin) + host-local, nothing
+  else: a veth and addresses, no hostPort, no shaping (the floor a CNI ADD can reach here;
+  issue 16 asks vswitch's ADD for at most twice it).
+
+Every plugin runs with the PATH a runtime started by systemd has (``RUNTIME_PATH``), so
+``python3`` is the host's (a developer's PATH may hold a pyenv shim that costs more than
+the whole ADD).
 
 Everything happens inside a node namespace created here (``vswitch.lab.Namespaces``):
 vswitchd runs in it, and the benchmark thread enters it (setns) while it executes the
@@ -73,7 +80,8 @@ QUICK = quick_mode()
 SERIAL_PODS = 5 if QUICK else 20
 PARALLEL = (20,) if QUICK else (20, 50)
 ROUNDS = 1 if QUICK else 3
-SUBJECTS = ("vswitch", "reference-cni")
+SUBJECTS = ("vswitch", "reference-cni", "bridge")
+RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # systemd's default
 CAPABILITIES = {"portMappings": True, "bandwidth": True}
 
 
@@ -95,7 +103,7 @@ class Bed:
         from vswitch_cni.install import install
         self.vsw_bin = self.dir / "vsw-bin"
         install(str(self.vsw_bin), str(self.dir / "net.d"), socket_path=self.socket)
-        octet = random.randrange(16, 250)
+        octet = random.randrange(16, 248)
         self.chains = {
             "vswitch": lab.CniChain({
                 "cniVersion": "1.0.0", "name": f"bvsw{self.u}",
@@ -112,9 +120,19 @@ class Bed:
                     {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
                     {"type": "bandwidth", "capabilities": {"bandwidth": True}}]},
                 cni_path=(REF_CNI,)),
+            "bridge": lab.CniChain({
+                "cniVersion": "1.0.0", "name": f"bbr{self.u}",
+                "plugins": [
+                    {"type": "bridge", "bridge": f"bbr{self.u}", "isGateway": True,
+                     "ipMasq": False, "hairpinMode": True,
+                     "ipam": self._ipam(f"10.{octet + 2}.0.0/16", "bridge")}]},
+                cni_path=(REF_CNI,)),
         }
-        # the same pod spec reaches both: every capability of the spec is declared by a plugin
+        # the same pod spec reaches both full chains: every capability of the spec is
+        # declared by a plugin (the bare bridge declares none: it is the floor)
         for subject, chain in self.chains.items():
+            if subject == "bridge":
+                continue
             declared = {k for p in chain.conflist["plugins"] for k, on in p.get("capabilities", {}).items() if on}
             assert declared >= set(_runtime_config(0)), (subject, declared)
         return self
@@ -145,6 +163,9 @@ class Bed:
                 assert a is not None, f"vswitchd has no attachment for pod {ns}"
                 assert [m.get("hostPort") for m in a.get("port_mappings") or []] == [20000 + i], a
                 assert (a.get("bandwidth") or {}).get("ingressRate") == POD_SPEC["bandwidth"]["ingressRate"], a
+        elif subject == "bridge":
+            addrs = lab.sh("ip", "-o", "-4", "addr", "show", "dev", f"bbr{self.u}").stdout
+            assert "inet 10." in addrs, f"the bridge plugin left no gateway on bbr{self.u}: {addrs!r}"
         else:
             nat = lab.sh("iptables", "-t", "nat", "-S").stdout
             for i, _ in pods:
@@ -171,13 +192,21 @@ def bed_context():
                         "(containernetworking-plugins)")
     workdir = tempfile.mkdtemp(prefix="bench-cni-")
     b = Bed(workdir)
+    path = os.environ.get("PATH")
+    os.environ["PATH"] = RUNTIME_PATH       # lab.CniChain passes the PATH on to the plugins
     try:
         b.start()
         with podnet.in_netns(b.node):    # this thread, and threads it starts, run there
             yield b
     finally:
-        b.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            b.stop()
+        finally:
+            if path is None:
+                os.environ.pop("PATH", None)
+            else:
+                os.environ["PATH"] = path
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +301,7 @@ def test_cni_del(benchmark, bed, subject, parallel):
 VERSION_RUNS = 30 if QUICK else 200
 
 
-@pytest.mark.parametrize("subject", SUBJECTS)
+@pytest.mark.parametrize("subject", ("vswitch", "reference-cni"))
 def test_cni_version(benchmark, subject, tmp_path):
     """Start-up: one VERSION invocation, as a runtime execs the plugin (no stdin needed)."""
     if subject == "vswitch":
@@ -299,7 +328,6 @@ def test_cni_version(benchmark, subject, tmp_path):
            info={"runs": VERSION_RUNS})
 
 
-RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # systemd's default
 PLUGIN_FORMS = ("launcher", "zipapp", "zipapp-pinned", "zipapp-env", "zipapp-no-bytecode")
 FORM_ADD_PODS = 5 if QUICK else 20
 
@@ -379,13 +407,13 @@ def test_plugin_form_add(benchmark, bed, form, tmp_path):
            info={"pods_per_round": FORM_ADD_PODS, "rounds": ROUNDS, "path": RUNTIME_PATH})
 
 
-def summary(results):
-    """Median ratios vswitch ÷ reference-cni from {(group, parallel, subject): samples}."""
+def summary(results, peer="reference-cni"):
+    """Median ratios vswitch ÷ ``peer`` from {(group, parallel, subject): samples}."""
     out = {}
     for (group, parallel, subject), samples in results.items():
         if subject != "vswitch":
             continue
-        ref = results.get((group, parallel, "reference-cni"))
+        ref = results.get((group, parallel, peer))
         if ref:
             med = lambda s: sorted(s)[len(s) // 2]   # noqa: E731
             out[(group, parallel)] = (med(samples), med(ref), med(samples) / med(ref))
@@ -406,7 +434,8 @@ if __name__ == "__main__":
                     dels += d
                 results[("add", parallel, subject)] = adds
                 results[("del", parallel, subject)] = dels
-    print(json.dumps({f"{g} parallel={p}": {"vswitch_ms": round(v, 1),
-                                             "reference_ms": round(r, 1),
-                                             "ratio": round(v / r, 3)}
-                      for (g, p), (v, r, _) in summary(results).items()}, indent=2))
+    print(json.dumps({f"{g} parallel={p} vs {peer}": {"vswitch_ms": round(v, 1),
+                                                       "peer_ms": round(r, 1),
+                                                       "ratio": round(v / r, 3)}
+                      for peer in ("reference-cni", "bridge")
+                      for (g, p), (v, r, _) in summary(results, peer).items()}, indent=2))
