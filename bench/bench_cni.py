@@ -32,7 +32,9 @@ hostPort and two tbf qdiscs per pod), so a figure never times a chain that skipp
 
 Figures: ``cni-add`` and ``cni-del`` in ms per pod, ``parallel`` = 1 (pods one after
 another), 20 and 50 (that many pods at once, 50 in the full run only; each pod's own
-latency is a sample, the wall time of the whole batch is in ``info``). ``cni-version``:
+latency is a sample, the wall time of the whole batch is in ``info``). The subjects take
+turns (``measure``): pod by pod at ``parallel`` 1, batch by batch above, so a change of the
+machine's load in the middle of the run does not land on one subject only. ``cni-version``:
 the plugin's start-up alone, ms per run of the installed ``vswitch`` launcher with
 ``CNI_COMMAND=VERSION`` (interpreter start, imports, one line of JSON) against the
 reference ``bridge`` plugin's VERSION; no daemon and no namespace are involved. The reference
@@ -264,38 +266,68 @@ def _run_round(bed, subject, parallel, n_pods, base):
     return [ms for ms, _ in adds], dels, add_wall, del_wall
 
 
+_MEASURED: dict = {}    # parallel -> {subject: {"add": [ms], "del": [ms], "walls": [...]}}
+
+
+def _rotated(i):
+    k = i % len(SUBJECTS)
+    return SUBJECTS[k:] + SUBJECTS[:k]
+
+
+def measure(bed, parallel):
+    """ADD and DEL samples of every subject at ``parallel``, measured once per module and
+    interleaved, so that the load of this shared machine (it moves by the minute) falls on
+    all subjects alike: one pod at a time (``parallel`` 1), the subjects take turns pod by
+    pod; ``parallel`` pods at once, they take turns batch by batch; the first subject of
+    each turn rotates. Each pod is deleted before the next turn starts."""
+    if parallel in _MEASURED:
+        return _MEASURED[parallel]
+    out = {subj: {"add": [], "del": [], "walls": []} for subj in SUBJECTS}
+    if parallel == 1:
+        turns = [(r * SERIAL_PODS + i, 1, 100 * (r * SERIAL_PODS + i))
+                 for r in range(ROUNDS) for i in range(SERIAL_PODS)]
+    else:
+        turns = [(r, parallel, 1000 * r) for r in range(ROUNDS)]
+    for turn, n_pods, base in turns:
+        for subj in _rotated(turn):
+            a, d, aw, dw = _run_round(bed, subj, n_pods, n_pods, base)
+            out[subj]["add"] += a
+            out[subj]["del"] += d
+            if n_pods > 1:
+                out[subj]["walls"].append({"add_wall_ms": round(aw, 1), "del_wall_ms": round(dw, 1)})
+    _MEASURED[parallel] = out
+    return out
+
+
+def _measured(benchmark, bed, parallel):
+    """``measure`` under pytest-benchmark (its timing is the whole interleaved measurement
+    for the first test of ``parallel``, nothing for the others; the figures are the
+    samples)."""
+    got = {}
+    benchmark.pedantic(lambda: got.update(measure(bed, parallel)), rounds=1, iterations=1,
+                       warmup_rounds=0)
+    return got
+
+
 @pytest.mark.parametrize("parallel", (1,) + PARALLEL)
 @pytest.mark.parametrize("subject", SUBJECTS)
 def test_cni_add(benchmark, bed, subject, parallel):
+    m = _measured(benchmark, bed, parallel)[subject]
     n_pods = SERIAL_PODS if parallel == 1 else parallel
-    add_ms, walls = [], []
-    counter = iter(range(0, 1_000_000, 1000))
-
-    def one_round():
-        a, d, aw, dw = _run_round(bed, subject, parallel, n_pods, next(counter))
-        add_ms.extend(a)
-        walls.append({"add_wall_ms": round(aw, 1), "del_wall_ms": round(dw, 1)})
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    info = {"pods_per_round": n_pods, "rounds": ROUNDS, "walls": walls}
-    record(benchmark, group="cni-add", subject=subject, unit="ms", samples=add_ms,
+    info = {"pods_per_round": n_pods, "rounds": ROUNDS, "walls": m["walls"],
+            "interleaved": "subjects take turns (bench_cni.measure)"}
+    record(benchmark, group="cni-add", subject=subject, unit="ms", samples=m["add"],
            target="cni-add", info=info, parallel=parallel)
 
 
 @pytest.mark.parametrize("parallel", (1,) + PARALLEL)
 @pytest.mark.parametrize("subject", SUBJECTS)
 def test_cni_del(benchmark, bed, subject, parallel):
+    m = _measured(benchmark, bed, parallel)[subject]
     n_pods = SERIAL_PODS if parallel == 1 else parallel
-    del_ms = []
-    counter = iter(range(500, 1_000_000, 1000))
-
-    def one_round():
-        _, d, _, _ = _run_round(bed, subject, parallel, n_pods, next(counter))
-        del_ms.extend(d)
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    record(benchmark, group="cni-del", subject=subject, unit="ms", samples=del_ms,
-           info={"pods_per_round": n_pods, "rounds": ROUNDS}, parallel=parallel)
+    record(benchmark, group="cni-del", subject=subject, unit="ms", samples=m["del"],
+           info={"pods_per_round": n_pods, "rounds": ROUNDS, "walls": m["walls"],
+                 "interleaved": "subjects take turns (bench_cni.measure)"}, parallel=parallel)
 
 
 VERSION_RUNS = 30 if QUICK else 200
@@ -425,15 +457,9 @@ if __name__ == "__main__":
     results = {}
     with bed_context() as b:
         for parallel in (1,) + PARALLEL:
-            for subject in SUBJECTS:
-                n = SERIAL_PODS if parallel == 1 else parallel
-                adds, dels = [], []
-                for r in range(ROUNDS):
-                    a, d, _, _ = _run_round(b, subject, parallel, n, r * 1000 + parallel)
-                    adds += a
-                    dels += d
-                results[("add", parallel, subject)] = adds
-                results[("del", parallel, subject)] = dels
+            for subject, m in measure(b, parallel).items():
+                results[("add", parallel, subject)] = m["add"]
+                results[("del", parallel, subject)] = m["del"]
     print(json.dumps({f"{g} parallel={p} vs {peer}": {"vswitch_ms": round(v, 1),
                                                        "peer_ms": round(r, 1),
                                                        "ratio": round(v / r, 3)}

@@ -21,9 +21,13 @@ same arguments again return the stored result, others are an error.
 
 **Detach** releases the switch port (with its hostPort rules, shapers, MAC and conntrack
 entries), the attachment, the gateways no other attachment uses and the ipMasq rule,
-then the TAP on the kernel thread; a TAP already gone (namespace deleted, link deleted
-behind our back: EBADFD) is success. Only a TAP that exists and cannot be removed is an
-error, after the rest is released. An unknown attachment is success (``existed: false``).
+then the TAP: the kernel thread clears its persistence (a TAP already gone, namespace
+deleted or link deleted behind our back: EBADFD, is success) and the fd's close, which
+waits ~20 ms for the kernel to unregister the device, runs on a ``TapCloser`` thread while
+the next operation runs; the reply waits for it (``_after``, ``vswitch.daemon.control``), and
+an attach of the same (netns, ifname) waits for it before creating the TAP. Only a TAP
+that exists and cannot be removed is an error, after the rest is released. An unknown
+attachment is success (``existed: false``).
 
 **Check** reads the pod's link, addresses and routes through one netlink socket in its
 namespace and compares them, and the stored record, with what the runtime expects.
