@@ -20,7 +20,8 @@ the loop thread and each job they ``yield`` — ``(fn, *args)`` — runs on the
 (an exception is thrown into it). The generator's return value is the reply, except its
 ``_after``: a list of deferred pieces of work the reply waits for, which run while the
 next operation does (detach's TAP closes: each waits ~20 ms for the kernel to unregister
-the device, on a closer thread of its own; ``_defer``). A
+the device, on a closer thread of its own; the state writes of attach and detach,
+grouped by a writer thread: ``_defer``). A
 connection waiting for such a reply reads its next request only after it, so replies
 on one connection keep the order of its requests. During shutdown a queued operation
 that has not started gets code 11.
@@ -612,27 +613,51 @@ class ControlServer:
         must not stop under it)."""
         return self.active_op is not None or self.deferred > 0
 
-    def _defer(self, reply: dict, reply_cb, after: list):
-        """Send ``reply`` once every deferred piece of work of ``after`` is done: each is a
-        starter ``start(done)`` that begins the work and calls ``done()`` when it is over,
-        from any thread (the TAP closes of detach, ``vswitch.daemon.pods``)."""
-        entry = [reply, reply_cb, len(after)]
+    def _defer(self, op: str, reply: dict, reply_cb, after: list):
+        """Send ``reply`` once every deferred piece of work of ``after`` is done. Each is a
+        starter ``start(done)`` that begins the work and calls ``done(error)`` when it is
+        over (``error`` None or an exception), from any thread: detach's TAP closes, the
+        state writes of attach and detach (``vswitch.daemon.pods``). An item may be a pair
+        ``(start, on_error)``: if its work fails, ``on_error(exc)`` gives ``(RpcError,
+        undo)`` and the reply is that error, sent after the operation ``undo`` (a generator,
+        or None) ran first in the queue. A failure without ``on_error`` answers code 101."""
+        entry = {"op": op, "reply": reply, "cb": reply_cb, "left": len(after), "error": None}
         self.deferred += 1
+        for item in after:
+            start, on_error = item if isinstance(item, tuple) else (item, None)
 
-        def done(entry=entry):          # any thread: hand it to the loop through the wake fd
-            self._deferred_done.append(entry)
-            os.eventfd_write(self.wake_fd, 1)
-        for start in after:
+            def done(exc=None, on_error=on_error):      # any thread: to the loop via the wake fd
+                self._deferred_done.append((entry, exc, on_error))
+                os.eventfd_write(self.wake_fd, 1)
             start(done)
 
     def _deferred_replies(self):
         """Loop thread: send the replies whose deferred work is all done."""
         while self._deferred_done:
-            entry = self._deferred_done.popleft()
-            entry[2] -= 1
-            if entry[2] == 0:
-                self.deferred -= 1
-                entry[1](entry[0])
+            entry, exc, on_error = self._deferred_done.popleft()
+            if exc is not None and entry["error"] is None:
+                entry["error"] = (exc, on_error)
+            entry["left"] -= 1
+            if entry["left"]:
+                continue
+            self.deferred -= 1
+            if entry["error"] is None:
+                entry["cb"](entry["reply"])
+                continue
+            exc, on_error = entry["error"]
+            undo = None
+            if on_error is not None:
+                err, undo = on_error(exc)
+            else:
+                err = RpcError(rpc.E_NETLINK, f"{entry['op']}: done, but the state file could not be "
+                                              f"written: {exc}")
+            self.log("request_failed", level="warning", op=entry["op"], code=err.code, msg=err.msg)
+            if undo is None:
+                entry["cb"](err.reply())
+            else:                       # first in the queue; its own reply is not the client's
+                self.ops.appendleft((undo, entry["op"] + "_undo", lambda _r, cb=entry["cb"], e=err: cb(e.reply()),
+                                     time.monotonic_ns()))
+                self.next_op()
 
     def next_op(self):
         """Start the next queued kernel operation unless one is running."""
@@ -665,7 +690,7 @@ class ControlServer:
             return
         self.active_op = None
         if after:
-            self._defer(reply, reply_cb, after)
+            self._defer(op, reply, reply_cb, after)
         else:
             reply_cb(reply)
         if getattr(self.log, "min_rank", 1) == 0:      # --log-level debug: where a kernel operation's time went
