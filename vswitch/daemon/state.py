@@ -89,7 +89,9 @@ class State:
         if self.adopted:
             self.data["attachments"] = [public(a) for a in self.attachments.values()]
         self.seq += 1
-        return json.dumps(self.data, indent=1, sort_keys=True).encode()
+        # compact: the C encoder (indent would run json's Python encoder, ~5 ms at 50 pods
+        # on the loop thread for every attach and detach; `jq .` shows it indented)
+        return json.dumps(self.data, sort_keys=True).encode()
 
     def save(self):
         data = self.snapshot()
