@@ -13,6 +13,13 @@ declare) and the same IPAM (host-local):
   /usr/lib/cni: a veth, iptables DNAT chains, tc tbf and an ifb device per pod.
 - ``vswitch``: the installed ``vswitch`` plugin (host-local from the reference dir, found
   through CNI_PATH) talking to a vswitchd that this benchmark started (``vswitch.lab.Daemon``).
+- ``bridge``: the bare reference bridge plugin (isGateway, hairpin) + host-local, nothing
+  else: a veth and addresses, no hostPort, no shaping (the floor a CNI ADD can reach here;
+  issue 16 asks vswitch's ADD for at most twice it).
+
+Every plugin runs with the PATH a runtime started by systemd has (``RUNTIME_PATH``), so
+``python3`` is the host's (a developer's PATH may hold a pyenv shim that costs more than
+the whole ADD).
 
 Everything happens inside a node namespace created here (``vswitch.lab.Namespaces``):
 vswitchd runs in it, and the benchmark thread enters it (setns) while it executes the
@@ -25,7 +32,9 @@ hostPort and two tbf qdiscs per pod), so a figure never times a chain that skipp
 
 Figures: ``cni-add`` and ``cni-del`` in ms per pod, ``parallel`` = 1 (pods one after
 another), 20 and 50 (that many pods at once, 50 in the full run only; each pod's own
-latency is a sample, the wall time of the whole batch is in ``info``). ``cni-version``:
+latency is a sample, the wall time of the whole batch is in ``info``). The subjects take
+turns (``measure``): pod by pod at ``parallel`` 1, batch by batch above, so a change of the
+machine's load in the middle of the run does not land on one subject only. ``cni-version``:
 the plugin's start-up alone, ms per run of the installed ``vswitch`` launcher with
 ``CNI_COMMAND=VERSION`` (interpreter start, imports, one line of JSON) against the
 reference ``bridge`` plugin's VERSION; no daemon and no namespace are involved. The reference
@@ -73,7 +82,8 @@ QUICK = quick_mode()
 SERIAL_PODS = 5 if QUICK else 20
 PARALLEL = (20,) if QUICK else (20, 50)
 ROUNDS = 1 if QUICK else 3
-SUBJECTS = ("vswitch", "reference-cni")
+SUBJECTS = ("vswitch", "reference-cni", "bridge")
+RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # systemd's default
 CAPABILITIES = {"portMappings": True, "bandwidth": True}
 
 
@@ -95,7 +105,7 @@ class Bed:
         from vswitch_cni.install import install
         self.vsw_bin = self.dir / "vsw-bin"
         install(str(self.vsw_bin), str(self.dir / "net.d"), socket_path=self.socket)
-        octet = random.randrange(16, 250)
+        octet = random.randrange(16, 248)
         self.chains = {
             "vswitch": lab.CniChain({
                 "cniVersion": "1.0.0", "name": f"bvsw{self.u}",
@@ -112,9 +122,19 @@ class Bed:
                     {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
                     {"type": "bandwidth", "capabilities": {"bandwidth": True}}]},
                 cni_path=(REF_CNI,)),
+            "bridge": lab.CniChain({
+                "cniVersion": "1.0.0", "name": f"bbr{self.u}",
+                "plugins": [
+                    {"type": "bridge", "bridge": f"bbr{self.u}", "isGateway": True,
+                     "ipMasq": False, "hairpinMode": True,
+                     "ipam": self._ipam(f"10.{octet + 2}.0.0/16", "bridge")}]},
+                cni_path=(REF_CNI,)),
         }
-        # the same pod spec reaches both: every capability of the spec is declared by a plugin
+        # the same pod spec reaches both full chains: every capability of the spec is
+        # declared by a plugin (the bare bridge declares none: it is the floor)
         for subject, chain in self.chains.items():
+            if subject == "bridge":
+                continue
             declared = {k for p in chain.conflist["plugins"] for k, on in p.get("capabilities", {}).items() if on}
             assert declared >= set(_runtime_config(0)), (subject, declared)
         return self
@@ -145,6 +165,9 @@ class Bed:
                 assert a is not None, f"vswitchd has no attachment for pod {ns}"
                 assert [m.get("hostPort") for m in a.get("port_mappings") or []] == [20000 + i], a
                 assert (a.get("bandwidth") or {}).get("ingressRate") == POD_SPEC["bandwidth"]["ingressRate"], a
+        elif subject == "bridge":
+            addrs = lab.sh("ip", "-o", "-4", "addr", "show", "dev", f"bbr{self.u}").stdout
+            assert "inet 10." in addrs, f"the bridge plugin left no gateway on bbr{self.u}: {addrs!r}"
         else:
             nat = lab.sh("iptables", "-t", "nat", "-S").stdout
             for i, _ in pods:
@@ -171,13 +194,21 @@ def bed_context():
                         "(containernetworking-plugins)")
     workdir = tempfile.mkdtemp(prefix="bench-cni-")
     b = Bed(workdir)
+    path = os.environ.get("PATH")
+    os.environ["PATH"] = RUNTIME_PATH       # lab.CniChain passes the PATH on to the plugins
     try:
         b.start()
         with podnet.in_netns(b.node):    # this thread, and threads it starts, run there
             yield b
     finally:
-        b.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            b.stop()
+        finally:
+            if path is None:
+                os.environ.pop("PATH", None)
+            else:
+                os.environ["PATH"] = path
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -235,44 +266,74 @@ def _run_round(bed, subject, parallel, n_pods, base):
     return [ms for ms, _ in adds], dels, add_wall, del_wall
 
 
+_MEASURED: dict = {}    # parallel -> {subject: {"add": [ms], "del": [ms], "walls": [...]}}
+
+
+def _rotated(i):
+    k = i % len(SUBJECTS)
+    return SUBJECTS[k:] + SUBJECTS[:k]
+
+
+def measure(bed, parallel):
+    """ADD and DEL samples of every subject at ``parallel``, measured once per module and
+    interleaved, so that the load of this shared machine (it moves by the minute) falls on
+    all subjects alike: one pod at a time (``parallel`` 1), the subjects take turns pod by
+    pod; ``parallel`` pods at once, they take turns batch by batch; the first subject of
+    each turn rotates. Each pod is deleted before the next turn starts."""
+    if parallel in _MEASURED:
+        return _MEASURED[parallel]
+    out = {subj: {"add": [], "del": [], "walls": []} for subj in SUBJECTS}
+    if parallel == 1:
+        turns = [(r * SERIAL_PODS + i, 1, 100 * (r * SERIAL_PODS + i))
+                 for r in range(ROUNDS) for i in range(SERIAL_PODS)]
+    else:
+        turns = [(r, parallel, 1000 * r) for r in range(ROUNDS)]
+    for turn, n_pods, base in turns:
+        for subj in _rotated(turn):
+            a, d, aw, dw = _run_round(bed, subj, n_pods, n_pods, base)
+            out[subj]["add"] += a
+            out[subj]["del"] += d
+            if n_pods > 1:
+                out[subj]["walls"].append({"add_wall_ms": round(aw, 1), "del_wall_ms": round(dw, 1)})
+    _MEASURED[parallel] = out
+    return out
+
+
+def _measured(benchmark, bed, parallel):
+    """``measure`` under pytest-benchmark (its timing is the whole interleaved measurement
+    for the first test of ``parallel``, nothing for the others; the figures are the
+    samples)."""
+    got = {}
+    benchmark.pedantic(lambda: got.update(measure(bed, parallel)), rounds=1, iterations=1,
+                       warmup_rounds=0)
+    return got
+
+
 @pytest.mark.parametrize("parallel", (1,) + PARALLEL)
 @pytest.mark.parametrize("subject", SUBJECTS)
 def test_cni_add(benchmark, bed, subject, parallel):
+    m = _measured(benchmark, bed, parallel)[subject]
     n_pods = SERIAL_PODS if parallel == 1 else parallel
-    add_ms, walls = [], []
-    counter = iter(range(0, 1_000_000, 1000))
-
-    def one_round():
-        a, d, aw, dw = _run_round(bed, subject, parallel, n_pods, next(counter))
-        add_ms.extend(a)
-        walls.append({"add_wall_ms": round(aw, 1), "del_wall_ms": round(dw, 1)})
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    info = {"pods_per_round": n_pods, "rounds": ROUNDS, "walls": walls}
-    record(benchmark, group="cni-add", subject=subject, unit="ms", samples=add_ms,
+    info = {"pods_per_round": n_pods, "rounds": ROUNDS, "walls": m["walls"],
+            "interleaved": "subjects take turns (bench_cni.measure)"}
+    record(benchmark, group="cni-add", subject=subject, unit="ms", samples=m["add"],
            target="cni-add", info=info, parallel=parallel)
 
 
 @pytest.mark.parametrize("parallel", (1,) + PARALLEL)
 @pytest.mark.parametrize("subject", SUBJECTS)
 def test_cni_del(benchmark, bed, subject, parallel):
+    m = _measured(benchmark, bed, parallel)[subject]
     n_pods = SERIAL_PODS if parallel == 1 else parallel
-    del_ms = []
-    counter = iter(range(500, 1_000_000, 1000))
-
-    def one_round():
-        _, d, _, _ = _run_round(bed, subject, parallel, n_pods, next(counter))
-        del_ms.extend(d)
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    record(benchmark, group="cni-del", subject=subject, unit="ms", samples=del_ms,
-           info={"pods_per_round": n_pods, "rounds": ROUNDS}, parallel=parallel)
+    record(benchmark, group="cni-del", subject=subject, unit="ms", samples=m["del"],
+           info={"pods_per_round": n_pods, "rounds": ROUNDS, "walls": m["walls"],
+                 "interleaved": "subjects take turns (bench_cni.measure)"}, parallel=parallel)
 
 
 VERSION_RUNS = 30 if QUICK else 200
 
 
-@pytest.mark.parametrize("subject", SUBJECTS)
+@pytest.mark.parametrize("subject", ("vswitch", "reference-cni"))
 def test_cni_version(benchmark, subject, tmp_path):
     """Start-up: one VERSION invocation, as a runtime execs the plugin (no stdin needed)."""
     if subject == "vswitch":
@@ -299,7 +360,6 @@ def test_cni_version(benchmark, subject, tmp_path):
            info={"runs": VERSION_RUNS})
 
 
-RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"   # systemd's default
 PLUGIN_FORMS = ("launcher", "zipapp", "zipapp-pinned", "zipapp-env", "zipapp-no-bytecode")
 FORM_ADD_PODS = 5 if QUICK else 20
 
@@ -379,13 +439,13 @@ def test_plugin_form_add(benchmark, bed, form, tmp_path):
            info={"pods_per_round": FORM_ADD_PODS, "rounds": ROUNDS, "path": RUNTIME_PATH})
 
 
-def summary(results):
-    """Median ratios vswitch ÷ reference-cni from {(group, parallel, subject): samples}."""
+def summary(results, peer="reference-cni"):
+    """Median ratios vswitch ÷ ``peer`` from {(group, parallel, subject): samples}."""
     out = {}
     for (group, parallel, subject), samples in results.items():
         if subject != "vswitch":
             continue
-        ref = results.get((group, parallel, "reference-cni"))
+        ref = results.get((group, parallel, peer))
         if ref:
             med = lambda s: sorted(s)[len(s) // 2]   # noqa: E731
             out[(group, parallel)] = (med(samples), med(ref), med(samples) / med(ref))
@@ -397,16 +457,11 @@ if __name__ == "__main__":
     results = {}
     with bed_context() as b:
         for parallel in (1,) + PARALLEL:
-            for subject in SUBJECTS:
-                n = SERIAL_PODS if parallel == 1 else parallel
-                adds, dels = [], []
-                for r in range(ROUNDS):
-                    a, d, _, _ = _run_round(b, subject, parallel, n, r * 1000 + parallel)
-                    adds += a
-                    dels += d
-                results[("add", parallel, subject)] = adds
-                results[("del", parallel, subject)] = dels
-    print(json.dumps({f"{g} parallel={p}": {"vswitch_ms": round(v, 1),
-                                             "reference_ms": round(r, 1),
-                                             "ratio": round(v / r, 3)}
-                      for (g, p), (v, r, _) in summary(results).items()}, indent=2))
+            for subject, m in measure(b, parallel).items():
+                results[("add", parallel, subject)] = m["add"]
+                results[("del", parallel, subject)] = m["del"]
+    print(json.dumps({f"{g} parallel={p} vs {peer}": {"vswitch_ms": round(v, 1),
+                                                       "peer_ms": round(r, 1),
+                                                       "ratio": round(v / r, 3)}
+                      for peer in ("reference-cni", "bridge")
+                      for (g, p), (v, r, _) in summary(results, peer).items()}, indent=2))

@@ -28,11 +28,11 @@ The values the daemon shares (port mappings, bandwidth, MACs, the default socket
 ``BadValue`` into CniError 7 (or 2 for a value vswitch does not implement).
 
 Imports only the standard library and vswitch's stdlib-only modules (the plugin starts for
-every pod).
+every pod), and not ``json``: JSON goes through ``vswitch.fastjson``.
 """
-import json
 import os
 
+from vswitch import fastjson
 from vswitch.cnitypes import (DEFAULT_SOCKET, MAX_BURST_BITS, BadValue, Bandwidth,  # noqa: F401
                               PortMapping, canonical_ip, ip_family, parse_pod_mac, split_cidr)
 from vswitch.cnitypes import parse_uint as _parse_uint
@@ -213,7 +213,7 @@ def check_netns(env):
 def load_stdin(data):
     """Bytes -> dict; 6 if not JSON or not an object, 7 for a missing or invalid name."""
     try:
-        obj = json.loads(data)
+        obj = fastjson.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CniError(DECODING_FAILURE, f"network configuration on stdin is not JSON: {exc}")
     if not isinstance(obj, dict):
@@ -261,7 +261,7 @@ def _bad(key, value, expected):
 
 
 def _json_value(value):
-    return json.dumps(value, separators=(",", ":"))
+    return fastjson.dumps(value, separators=(",", ":"))
 
 
 def get_ci(obj, key):

@@ -16,7 +16,7 @@ prevResult); :func:`format_result` writes it out for the requested version:
 Empty optional fields are omitted as Go's ``omitempty`` does, except ``dns``, which the
 reference plugins always print (a Go struct is never "empty").
 """
-import json
+from vswitch import fastjson
 
 from .conf import CURRENT_VERSION, SUPPORTED_VERSIONS, ip_family, split_cidr, version_tuple
 from .errors import CniError, INVALID_CONFIG
@@ -39,7 +39,7 @@ def error_json(version, err):
 
 
 def dumps(obj):
-    return json.dumps(obj, indent=4)
+    return fastjson.dumps(obj, indent=4)
 
 
 def parse_result(obj, where):

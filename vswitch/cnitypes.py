@@ -32,12 +32,14 @@ that vswitch does not implement (the plugin answers CNI code 2 for it, 7 for the
 daemon answers code 4 for all).
 
 Imports only the standard library modules the plugin loads anyway (no ipaddress or
-dataclasses: their import would show in every pod's start-up).
+dataclasses, and not ``json``, ``socket`` or ``collections``: their import would show in
+every pod's start-up): addresses go through ``_socket`` (``socket``'s C half), ``Mapping``
+comes from ``_collections_abc`` (which ``os`` has loaded; ``collections.abc`` re-exports it).
 """
-import json
-import socket
-from collections.abc import Mapping
+import _socket
+from _collections_abc import Mapping
 
+from vswitch import fastjson
 from vswitch.rpc import DEFAULT_SOCKET
 
 __all__ = ["DEFAULT_SOCKET", "PLUGIN_FAULT_STEPS", "ATTACH_STEPS", "MAX_BURST_BITS", "BadValue",
@@ -73,7 +75,7 @@ def _bad(key, value, expected):
 
 def _json_text(value):
     try:
-        return json.dumps(value, separators=(",", ":"))
+        return fastjson.dumps(value, separators=(",", ":"))
     except (TypeError, ValueError):
         return repr(value)
 
@@ -102,9 +104,9 @@ def ip_family(text):
     """4 or 6 for an IP address string, None otherwise."""
     if not isinstance(text, str):
         return None
-    for family, af in ((4, socket.AF_INET), (6, socket.AF_INET6)):
+    for family, af in ((4, _socket.AF_INET), (6, _socket.AF_INET6)):
         try:
-            socket.inet_pton(af, text)
+            _socket.inet_pton(af, text)
             return family
         except OSError:
             pass
@@ -113,8 +115,8 @@ def ip_family(text):
 
 def canonical_ip(text):
     """An address in its canonical text form (``::1``, not ``0::0:1``)."""
-    af = socket.AF_INET if ip_family(text) == 4 else socket.AF_INET6
-    return socket.inet_ntop(af, socket.inet_pton(af, text))
+    af = _socket.AF_INET if ip_family(text) == 4 else _socket.AF_INET6
+    return _socket.inet_ntop(af, _socket.inet_pton(af, text))
 
 
 def split_cidr(text):

@@ -5,13 +5,17 @@ one JSON object and ``\\n``; a connection may carry several requests in turn
 (``docs/control.md`` is the contract). This module holds the framing, the error codes and
 a blocking client. It imports only the standard library, because the CNI plugin (which
 must start fast) and vswitchctl use it; the daemon uses :class:`LineBuffer` for its
-non-blocking side.
+non-blocking side. For the plugin's start, it imports neither ``json`` nor ``re`` nor
+``socket`` (each costs milliseconds per pod, mostly in ``re`` and ``enum``): JSON goes through
+``vswitch.fastjson`` (the same C code as ``json``), the client's socket is ``_socket``'s
+(what ``socket.socket`` extends), and ``re`` is compiled the first time a line holds more
+brackets than ``MAX_DEPTH`` (never for a normal request).
 """
 from __future__ import annotations
 
-import json
-import re
-import socket
+import _socket
+
+from vswitch import fastjson
 
 DEFAULT_SOCKET = "/run/vswitch/vswitchd.sock"
 MAX_LINE_BYTES = 1 << 20        # a request line (the daemon's limit; replies have none of their own)
@@ -50,10 +54,10 @@ class RpcError(Exception):
 
 def encode(obj: dict) -> bytes:
     """One protocol line."""
-    return json.dumps(obj, separators=(",", ":"), sort_keys=False).encode() + b"\n"
+    return fastjson.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_STRING = None      # the compiled pattern of a JSON string (nesting_exceeds), made on first use
 _BRACKETS = bytes.maketrans(b"{}", b"[]")      # one kind of bracket: the depth is the same
 _NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
@@ -66,6 +70,10 @@ def nesting_exceeds(line: bytes, max_depth: int = MAX_DEPTH) -> bool:
     (at most ``max_depth`` brackets in all) cost two counts; a 1 MiB line at most ~0.1 s."""
     if line.count(b"[") + line.count(b"{") <= max_depth:
         return False
+    global _STRING
+    if _STRING is None:
+        import re
+        _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
     s = _STRING.sub(b"", line).translate(_BRACKETS, _NOT_BRACKET)
     for left in range(max_depth, 0, -1):
         if not s:
@@ -88,8 +96,8 @@ def decode(line: bytes, what: str = "request", max_bytes: int = MAX_LINE_BYTES) 
     if nesting_exceeds(line):
         raise RpcError(E_BAD_REQUEST, f"{what} nests deeper than {MAX_DEPTH} levels; accepted: at most {MAX_DEPTH}")
     try:
-        obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = fastjson.loads(line)
+    except ValueError as exc:          # json.JSONDecodeError, UnicodeDecodeError
         raise RpcError(E_BAD_REQUEST, f"{what} is not JSON: {exc}") from None
     except RecursionError:
         raise RpcError(E_BAD_REQUEST, f"{what} nests too deeply; accepted: at most {MAX_DEPTH} levels") from None
@@ -142,20 +150,43 @@ class Client:
 
     def __init__(self, path: str = DEFAULT_SOCKET, timeout_s: float = 30.0):
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout_s)
         try:
             self.sock.connect(path)
         except OSError as exc:
             self.sock.close()
             raise RpcError(E_TRY_AGAIN, f"vswitchd is not reachable at {path}: {exc.strerror or exc}") from None
-        self._rfile = self.sock.makefile("rb")
+        self._buf = bytearray()
+
+    def _readline(self) -> bytes:
+        """The next reply line with its ``\\n`` (at most MAX_REPLY_BYTES + 1 bytes, like
+        ``readline(limit)``); what came before the end of the stream if it has none."""
+        buf = self._buf
+        scanned = 0
+        while True:
+            nl = buf.find(b"\n", scanned)
+            if 0 <= nl <= MAX_REPLY_BYTES:
+                line = bytes(buf[:nl + 1])
+                del buf[:nl + 1]
+                return line
+            if len(buf) > MAX_REPLY_BYTES:
+                line = bytes(buf[:MAX_REPLY_BYTES + 1])
+                del buf[:MAX_REPLY_BYTES + 1]
+                return line
+            scanned = len(buf)
+            data = self.sock.recv(1 << 16)
+            if not data:
+                line = bytes(buf)
+                buf.clear()
+                return line
+            buf += data
 
     def request(self, req: dict) -> dict:
         """Send one request, return the raw reply (ok or not)."""
         try:
             self.sock.sendall(encode(req))
-            line = self._rfile.readline(MAX_REPLY_BYTES + 1)
+            line = self._readline()
         except OSError as exc:
             raise RpcError(E_TRY_AGAIN, f"vswitchd at {self.path} failed: {exc.strerror or exc}") from None
         if not line:
@@ -170,10 +201,7 @@ class Client:
         return reply
 
     def close(self):
-        try:
-            self._rfile.close()
-        finally:
-            self.sock.close()
+        self.sock.close()
 
     def __enter__(self):
         return self

@@ -330,3 +330,61 @@ def test_isolated_run_loads_no_module_from_outside_the_archive(lone_plugin, tmp_
     foreign = [f for f in files if not f.startswith((str(lone_plugin) + "/", "/usr/lib/python3"))]
     assert foreign == [], foreign
     assert any(f.startswith(str(lone_plugin) + "/") and f.endswith("plugin.pyc") for f in files)
+
+
+# ---------------------------------------------------------------- what a pod's start loads
+
+# stdlib modules the plugin must not load on its way through ADD and DEL (issue 16: each
+# costs milliseconds of every pod's start; fastjson, _socket and posix_spawn stand in)
+HEAVY = ("json", "re", "socket", "subprocess", "enum", "selectors", "threading", "collections",
+         "ipaddress", "dataclasses", "traceback", "signal")
+
+
+def _loaded_after(lone_plugin, env, stdin):
+    """Run the archive's plugin in-process under -IS; the sorted names of sys.modules
+    after main() returned, and main()'s output (stdout)."""
+    code = ("import sys, io; sys.path.insert(0, sys.argv.pop(1));"
+            "sys.path.insert(0, sys.path[0] + '/' + sys.implementation.cache_tag);"
+            "out = io.StringIO(); real = sys.stdout; sys.stdout = out;"
+            "import vswitch_cni.plugin as p; rc = p.main(); sys.stdout = real;"
+            "sys.stderr.write('MODULES ' + ' '.join(sorted(sys.modules)) + '\\n');"
+            "sys.stdout.write(out.getvalue()); sys.exit(rc)")
+    p = subprocess.run(["env", "-i", *[f"{k}={v}" for k, v in env.items()], DEBIAN_PYTHON, "-IS", "-c",
+                        code, str(lone_plugin)], input=stdin, capture_output=True, timeout=60)
+    line = [ln for ln in p.stderr.decode().splitlines() if ln.startswith("MODULES ")]
+    assert line, p.stderr
+    return p.returncode, set(line[-1].split()[1:]), p.stdout
+
+
+def test_version_loads_no_heavy_stdlib_module(lone_plugin):
+    rc, mods, out = _loaded_after(lone_plugin, {"CNI_COMMAND": "VERSION"}, b"")
+    assert rc == 0 and json.loads(out)["cniVersion"] == "1.1.0"
+    assert sorted(mods & set(HEAVY)) == []
+
+
+def test_add_and_del_load_no_heavy_stdlib_module(lone_plugin, node, pods, tmp_path):
+    """A whole ADD (host-local run through posix_spawn, the attach on the control socket,
+    the result printed) and its DEL, against a real daemon, without json, re, socket,
+    subprocess and the rest of HEAVY."""
+    if not os.access("/usr/lib/cni/host-local", os.X_OK):
+        pytest.fail("needs host-local in /usr/lib/cni (apt-get install -y containernetworking-plugins)")
+    pod = pods.new()
+    hl = tmp_path / "hl-heavy"
+    name = f"zh{os.getpid() % 1000}"
+    conf = netconf(name, node.subnet, hl, socket=node.socket,
+                   runtimeConfig={"portMappings": [{"hostPort": 28100, "containerPort": 80}],
+                                  "bandwidth": {"ingressRate": 10 ** 8, "ingressBurst": 10 ** 7}},
+                   capabilities={"portMappings": True, "bandwidth": True})
+    env = {"CNI_CONTAINERID": "zip-heavy", "CNI_NETNS": Netns.path(pod), "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/usr/lib/cni", "PATH": "/usr/bin:/bin"}
+    rc, mods, out = _loaded_after(lone_plugin, dict(env, CNI_COMMAND="ADD"), json.dumps(conf).encode())
+    assert rc == 0, out
+    result = json.loads(out)
+    ip = result["ips"][0]["address"].split("/")[0]
+    assert ip in json.dumps(node.attachments()) and "eth0" in links_in(pod)
+    assert sorted(mods & set(HEAVY)) == []
+    rc, mods, out = _loaded_after(lone_plugin, dict(env, CNI_COMMAND="DEL"),
+                                  json.dumps(dict(conf, prevResult=result)).encode())
+    assert rc == 0, out
+    assert sorted(mods & set(HEAVY)) == []
+    assert node.attachments() == [] and reservations(hl, name) == [] and set(links_in(pod)) == {"lo"}

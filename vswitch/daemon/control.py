@@ -17,7 +17,11 @@ The ops that touch the kernel (``attach``, ``detach``, ``check``, ``gc``) are ge
 functions: they are queued and run one at a time, in arrival order; their steps run on
 the loop thread and each job they ``yield`` — ``(fn, *args)`` — runs on the
 ``KernelWorker`` (``vswitch.daemon.worker``), whose result is sent back into the generator
-(an exception is thrown into it). The generator's return value is the reply. A
+(an exception is thrown into it). The generator's return value is the reply, except its
+``_after``: a list of deferred pieces of work the reply waits for, which run while the
+next operation does (detach's TAP closes: each waits ~20 ms for the kernel to unregister
+the device, on a closer thread of its own; the state writes of attach and detach,
+grouped by a writer thread: ``_defer``). A
 connection waiting for such a reply reads its next request only after it, so replies
 on one connection keep the order of its requests. During shutdown a queued operation
 that has not started gets code 11.
@@ -208,6 +212,8 @@ class ControlServer:
         self.conns: dict[int, Conn] = {}
         self.ops = collections.deque()  # kernel operations waiting for their turn
         self.active_op = None           # (generator, op name, reply callback) of the running one
+        self.deferred = 0               # finished operations whose reply waits for deferred work
+        self._deferred_done = collections.deque()   # their completions, from other threads
         self.budget = REQUESTS_PER_ROUND
         self.round_end_ns = NEVER_NS
         self.ready: set[int] = set()    # connections with requests left over by a round
@@ -366,6 +372,7 @@ class ControlServer:
             except BlockingIOError:
                 pass
             self.woken = False
+            self._deferred_replies()
         elif self.lsock is not None and fd == self.lsock.fileno():
             self._accept(self.lsock, "ctl")
         elif self.msock is not None and fd == self.msock.fileno():
@@ -578,7 +585,7 @@ class ControlServer:
             if op in self.kernel_ops:
                 if late_reply is None:
                     raise RpcError(rpc.E_INTERNAL, f"{op!r} needs the event loop")
-                self.ops.append((handler(req), op, late_reply))   # started by next_op
+                self.ops.append((handler(req), op, late_reply, time.monotonic_ns()))   # started by next_op
                 return None
             return {"ok": True, **handler(req)}
         except Exception as exc:
@@ -597,39 +604,99 @@ class ControlServer:
         def done(reply):
             if not reply.get("ok"):
                 self.log("internal_op_failed", level="warning", op=op, code=reply.get("code"), msg=reply.get("msg"))
-        self.ops.append((gen, op, done))
+        self.ops.append((gen, op, done, time.monotonic_ns()))
         self.next_op()
 
     @property
     def busy(self) -> bool:
-        """A kernel operation is running (the loop must not stop under it)."""
-        return self.active_op is not None
+        """A kernel operation is running or its reply waits for deferred work (the loop
+        must not stop under it)."""
+        return self.active_op is not None or self.deferred > 0
+
+    def _defer(self, op: str, reply: dict, reply_cb, after: list):
+        """Send ``reply`` once every deferred piece of work of ``after`` is done. Each is a
+        starter ``start(done)`` that begins the work and calls ``done(error)`` when it is
+        over (``error`` None or an exception), from any thread: detach's TAP closes, the
+        state writes of attach and detach (``vswitch.daemon.pods``). An item may be a pair
+        ``(start, on_error)``: if its work fails, ``on_error(exc)`` gives ``(RpcError,
+        undo)`` and the reply is that error, sent after the operation ``undo`` (a generator,
+        or None) ran first in the queue. A failure without ``on_error`` answers code 101."""
+        entry = {"op": op, "reply": reply, "cb": reply_cb, "left": len(after), "error": None}
+        self.deferred += 1
+        for item in after:
+            start, on_error = item if isinstance(item, tuple) else (item, None)
+
+            def done(exc=None, on_error=on_error):      # any thread: to the loop via the wake fd
+                self._deferred_done.append((entry, exc, on_error))
+                os.eventfd_write(self.wake_fd, 1)
+            start(done)
+
+    def _deferred_replies(self):
+        """Loop thread: send the replies whose deferred work is all done."""
+        while self._deferred_done:
+            entry, exc, on_error = self._deferred_done.popleft()
+            if exc is not None and entry["error"] is None:
+                entry["error"] = (exc, on_error)
+            entry["left"] -= 1
+            if entry["left"]:
+                continue
+            self.deferred -= 1
+            if entry["error"] is None:
+                entry["cb"](entry["reply"])
+                continue
+            exc, on_error = entry["error"]
+            undo = None
+            if on_error is not None:
+                err, undo = on_error(exc)
+            else:
+                err = RpcError(rpc.E_NETLINK, f"{entry['op']}: done, but the state file could not be "
+                                              f"written: {exc}")
+            self.log("request_failed", level="warning", op=entry["op"], code=err.code, msg=err.msg)
+            if undo is None:
+                entry["cb"](err.reply())
+            else:                       # first in the queue; its own reply is not the client's
+                self.ops.appendleft((undo, entry["op"] + "_undo", lambda _r, cb=entry["cb"], e=err: cb(e.reply()),
+                                     time.monotonic_ns()))
+                self.next_op()
 
     def next_op(self):
         """Start the next queued kernel operation unless one is running."""
         while self.active_op is None and self.ops:
-            gen, op, reply = self.ops.popleft()
+            gen, op, reply, queued_ns = self.ops.popleft()
             if self.stopping():
                 gen.close()
                 reply(RpcError(rpc.E_TRY_AGAIN, "vswitchd is shutting down; try again").reply())
                 continue
-            self.active_op = (gen, op, reply)
+            # [generator, op, reply callback, queued, started, kernel jobs, their ns]
+            self.active_op = [gen, op, reply, queued_ns, time.monotonic_ns(), 0, 0]
             self._step_op(True, None)
 
     def _step_op(self, ok, value):
         """Advance the running operation with a kernel job's result (or exception)."""
-        gen, op, reply_cb = self.active_op
+        active = self.active_op
+        gen, op, reply_cb = active[0], active[1], active[2]
+        after = None
         try:
             job = gen.send(value) if ok else gen.throw(value)
         except StopIteration as done:
-            reply = {"ok": True, **(done.value or {})}
+            fields = dict(done.value or {})
+            after = fields.pop("_after", None)     # deferred work the reply waits for
+            reply = {"ok": True, **fields}
         except Exception as exc:
             reply = self._error_reply(op, exc)
         else:
+            active[5] += 1
             self.kernel.submit(job[0], job[1:])
             return
         self.active_op = None
-        reply_cb(reply)
+        if after:
+            self._defer(op, reply, reply_cb, after)
+        else:
+            reply_cb(reply)
+        if getattr(self.log, "min_rank", 1) == 0:      # --log-level debug: where a kernel operation's time went
+            now = time.monotonic_ns()
+            self.log("kernel_op", level="debug", op=op, ok=reply.get("ok"), wait_ms=round((active[4] - active[3]) / 1e6, 2),
+                     run_ms=round((now - active[4]) / 1e6, 2), jobs=active[5], queued=len(self.ops))
         self.next_op()
 
     def kernel_done(self):

@@ -69,7 +69,7 @@ __all__ = [
     "link_info", "link_delete", "pod_view",
     "addresses_of", "routes_via", "address_add_if_missing",
     "address_del", "route_add", "link_set_up", "parse_cidr", "tap_release", "RtnlSocket",
-    "ifindex_in", "msg_link_set", "msg_addr", "msg_route", "sysctl", "ip_forward",
+    "ifindex_in", "msg_link_set", "msg_addr", "msg_route", "sysctl", "ip_forward", "tap_unpersist", "TapCloser",
     "route_del", "FORWARDING", "forwarding_on", "forwarding_restore", "uplink_routes",
 ]
 
@@ -241,6 +241,83 @@ def tap_release(fd: int, what: str = "TAP") -> bool:
         existed = False
     os.close(fd)
     return existed
+
+
+def tap_unpersist(fd: int, what: str = "TAP") -> bool:
+    """The first half of ``tap_release``: clear persistence, so the device goes when ``fd``
+    (its last queue) closes. False when the device was already gone (``fd`` still open);
+    any other failure closes ``fd`` and raises TapError naming ``what``."""
+    try:
+        fcntl.ioctl(fd, TUNSETPERSIST, 0)
+        return True
+    except OSError as exc:
+        if exc.errno not in (errno.EBADFD, errno.ENODEV):
+            os.close(fd)
+            raise TapError(exc.errno, f"cannot release {what}: TUNSETPERSIST: {exc.strerror}") from None
+        return False
+
+
+class TapCloser:
+    """Closes released TAPs' fds on background threads, several at once.
+
+    Closing the last fd of a non-persistent TAP unregisters the device, which waits for
+    RCU grace periods (~20 ms here) in the closing thread; closes on separate threads
+    overlap their waits (8 at once: ~35 ms instead of ~135 ms). ``close(fd, key, done)``
+    queues the close and returns at once; ``done()`` runs on the closer thread afterwards.
+    ``wait(key, timeout_s)`` blocks until a close queued under ``key`` (a pod's
+    (netns, ifname)) has finished: a TAP of that name may be created again only then.
+    At most ``max_threads`` threads, started on demand, kept idle (daemon threads).
+    """
+
+    def __init__(self, max_threads: int = 8):
+        import threading
+        self._threading = threading
+        self._cv = threading.Condition()
+        self._jobs: list = []
+        self._pending: dict = {}        # key -> Event, set when its close is done
+        self._threads = 0
+        self._idle = 0
+        self.max_threads = max_threads
+
+    def close(self, fd: int, key, done=None) -> None:
+        ev = self._threading.Event()
+        with self._cv:
+            self._pending[key] = ev
+            self._jobs.append((fd, key, ev, done))
+            if self._idle == 0 and self._threads < self.max_threads:
+                self._threads += 1
+                self._threading.Thread(target=self._run, name="vswitchd-tap-closer", daemon=True).start()
+            else:
+                self._cv.notify()
+
+    def pending(self, key) -> bool:
+        with self._cv:
+            return key in self._pending
+
+    def wait(self, key, timeout_s: float = 10.0) -> bool:
+        """True once no close of ``key`` is pending (at once if none is), False on timeout."""
+        with self._cv:
+            ev = self._pending.get(key)
+        return ev is None or ev.wait(timeout_s)
+
+    def _run(self):
+        while True:
+            with self._cv:
+                while not self._jobs:
+                    self._idle += 1
+                    self._cv.wait()
+                    self._idle -= 1
+                fd, key, ev, done = self._jobs.pop(0)
+            try:
+                os.close(fd)
+            except OSError:
+                pass                    # nothing to undo: the device goes with the fd either way
+            with self._cv:
+                if self._pending.get(key) is ev:
+                    del self._pending[key]
+            ev.set()
+            if done is not None:
+                done()
 
 
 def ipr_for(netns: str | None = None) -> IPRoute:

@@ -12,7 +12,10 @@ thread while the loop keeps forwarding.
 ``link_config``, ``addresses``, ``routes`` (one kernel job, ``_attach_kernel``), then
 ``switch_port`` (with the gateways the pod's subnets need), ``hostports``, ``shaper``,
 ``state_save`` (with the ipMasq rule) — and undoes what was done on a failure (or an
-injected fault with ``--test-faults``) before it replies with an error. The TAP is
+injected fault with ``--test-faults``) before it replies with an error. The state file's
+write itself comes after the operation, grouped with those of the operations around it
+(``StateWriter``); the reply waits for it, and a failed write undoes the attach (a detach
+run first in the queue) before the error reply, as before. The TAP is
 created inside the pod's namespace under its final name, configured through one raw
 rtnetlink socket of that namespace, one batch of requests per step
 (``vswitch.daemon.netlink``); the switch port is added without shaping or mappings first, so
@@ -21,9 +24,13 @@ same arguments again return the stored result, others are an error.
 
 **Detach** releases the switch port (with its hostPort rules, shapers, MAC and conntrack
 entries), the attachment, the gateways no other attachment uses and the ipMasq rule,
-then the TAP on the kernel thread; a TAP already gone (namespace deleted, link deleted
-behind our back: EBADFD) is success. Only a TAP that exists and cannot be removed is an
-error, after the rest is released. An unknown attachment is success (``existed: false``).
+then the TAP: the kernel thread clears its persistence (a TAP already gone, namespace
+deleted or link deleted behind our back: EBADFD, is success) and the fd's close, which
+waits ~20 ms for the kernel to unregister the device, runs on a ``TapCloser`` thread while
+the next operation runs; the reply waits for it (``_after``, ``vswitch.daemon.control``), and
+an attach of the same (netns, ifname) waits for it before creating the TAP. Only a TAP
+that exists and cannot be removed is an error, after the rest is released. An unknown
+attachment is success (``existed: false``).
 
 **Check** reads the pod's link, addresses and routes through one netlink socket in its
 namespace and compares them, and the stored record, with what the runtime expects.
@@ -44,6 +51,7 @@ import errno
 import ipaddress
 import json
 import os
+import threading
 import time
 
 from vswitch import rpc
@@ -52,6 +60,55 @@ from vswitch.daemon.attachment import attachment_key, normalize_attach, port_nam
 from vswitch.config import Bandwidth, PortMapping, format_mac, parse_mac
 from vswitch.daemon.ports import TapPort
 from vswitch.rpc import RpcError
+
+
+class StateWriter:
+    """Group commit of the state file for attach and detach.
+
+    ``durable(done)`` (loop thread, at the end of an operation) takes a snapshot of the
+    state and returns; a writer thread writes the newest snapshot it has, and calls
+    ``done(None)`` (or ``done(OSError)``) for every request that snapshot covers. While
+    one write (two fsyncs, milliseconds) is under way, the next operations run and their
+    requests gather: 20 attaches at once cost a few writes instead of 20. The control
+    server sends each reply only after its ``done``: a reply still means the state file
+    holds what it says (``vswitch.daemon.control``, ``_after``).
+    """
+
+    def __init__(self, state):
+        self.state = state
+        self._cv = threading.Condition()
+        self._latest = None             # (seq, bytes): the newest snapshot not yet written
+        self._waiters: list = []        # (seq, done)
+        self._thread = None
+
+    def durable(self, done) -> None:
+        data = self.state.snapshot()
+        seq = self.state.seq
+        with self._cv:
+            self._latest = (seq, data)
+            self._waiters.append((seq, done))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="vswitchd-state", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self):
+        while True:
+            with self._cv:
+                while self._latest is None:
+                    self._cv.wait()
+                seq, data = self._latest
+                self._latest = None
+            err = None
+            try:
+                self.state.write(data, seq)
+            except OSError as exc:
+                err = exc
+            with self._cv:
+                ready = [d for s, d in self._waiters if s <= seq]
+                self._waiters = [(s, d) for s, d in self._waiters if s > seq]
+            for d in ready:
+                d(err)
 
 
 class Fault(Exception):
@@ -86,6 +143,8 @@ class Pods:
         self.test_faults = test_faults
         self.default_mtu: int | None = None     # an attach without mtu gets it (None: 1500)
         self.queues = 1                 # TAP queues per pod: one per packet worker (--workers)
+        self.closer = netlink.TapCloser()   # detach's TAP closes, off the kernel thread
+        self.writer = StateWriter(state)    # attach's and detach's state writes, grouped
 
     @property
     def attachments(self) -> dict:
@@ -110,7 +169,8 @@ class Pods:
             if diff:
                 raise RpcError(rpc.E_BAD_ARGS, f"attachment {key[0]}/{key[1]} exists with other arguments "
                                                f"({diff}); detach it first")
-            return self._attach_result(old)
+            # the first attach's state write may still be under way: this reply waits for it too
+            return dict(self._attach_result(old), _after=[self.writer.durable])
         for other in self.attachments.values():
             if other["netns"] == rec["netns"] and other["ifname"] == rec["ifname"]:
                 raise RpcError(rpc.E_IF_EXISTS, f"interface {rec['ifname']!r} in {rec['netns']} belongs to "
@@ -121,8 +181,9 @@ class Pods:
         name = port_name_for(*key)
         rec.update(port=name, tap=rec["ifname"])
         t0 = time.monotonic()
+        steps_ms: dict = {}             # where the attach's time went (the "attached" log line)
         try:
-            fds = yield (self._attach_kernel, rec, fault)
+            fds = yield (self._attach_kernel, rec, fault, steps_ms)
             fd = fds[0]
         except StepFailed as failed:
             raise _attach_error(key, failed.step, failed.exc, 1) from None
@@ -135,7 +196,10 @@ class Pods:
             gateways = self.gateways.take(rec)
             if gateways:
                 undo.append("gateways")
+                t = time.monotonic()
                 yield (self.gateways.kernel, gateways, [])
+                steps_ms["gateways"] = _ms(t, time.monotonic())
+            t = time.monotonic()
             port = self._switch_port(rec, fd, bandwidth=False, mappings=False, queue_fds=fds[1:])
             undo.append("switch port")
             step = "hostports"
@@ -145,13 +209,13 @@ class Pods:
             step = "shaper"
             _fault(fault, step)
             self.switch.set_bandwidth(name, rec["bandwidth"] or None)
+            steps_ms["switch"] = _ms(t, time.monotonic())
             step = "state_save"
             _fault(fault, step)
             self.attachments[key] = rec
             undo.append("state entry")
             if rec["ip_masq"]:
                 yield (self.masq.apply, self._masq_subnets())
-            yield self.state.job()
         except BaseException as exc:
             if isinstance(exc, GeneratorExit):
                 raise
@@ -173,8 +237,24 @@ class Pods:
         t_end = time.monotonic()
         self.log("attached", container_id=key[0], ifname=key[1], netns=rec["netns"], port=name,
                  port_id=rec["port_id"], ips=[e["address"] for e in rec["ips"]], mac=rec["mac"],
-                 ms=_ms(t0, t_end), kernel_ms=_ms(t0, t_kernel), after_kernel_ms=_ms(t_kernel, t_end))
-        return self._attach_result(rec)
+                 ms=_ms(t0, t_end), kernel_ms=_ms(t0, t_kernel), after_kernel_ms=_ms(t_kernel, t_end),
+                 steps_ms=steps_ms)
+        # the reply waits for the state file (StateWriter); if it cannot be written, the
+        # attach is undone and answered with the error, as a failed state_save step was
+        return dict(self._attach_result(rec), _after=[(self.writer.durable, self._state_failed(key))])
+
+    def _state_failed(self, key):
+        """``on_error`` of an attach's durable write: (the error reply, the undo)."""
+        def on_error(exc):
+            err = RpcError(rpc.E_NETLINK, f"attach {key[0]}/{key[1]} at state_save: {exc}")
+            return err, self._undo_attach(key)
+        return on_error
+
+    def _undo_attach(self, key):
+        """Generator: detach what an attach did whose state could not be written."""
+        if key not in self.attachments:
+            return {}
+        return (yield from self.detach({"container_id": key[0], "ifname": key[1]}))
 
     def _check_node_overlap(self, rec):
         """A pod subnet must not hold the node's own addresses (the uplink's, moved to the
@@ -190,9 +270,10 @@ class Pods:
                                    f"{a} (its uplink's); pods would shadow the node's network: choose a pod "
                                    f"range outside {a.network}")
 
-    def _attach_kernel(self, rec, fault) -> list[int]:
+    def _attach_kernel(self, rec, fault, steps_ms=None) -> list[int]:
         """Kernel thread: the pod's side of an attach; returns the TAP's fds (one per
-        queue, ``self.queues`` of them: queue 0 first).
+        queue, ``self.queues`` of them: queue 0 first). ``steps_ms`` (a dict) gets the
+        milliseconds of each step.
 
         The TAP is created *inside* the pod's namespace under its final name (the fd is
         opened there), so no move and no rename happen: each of those waits for an RCU
@@ -207,6 +288,10 @@ class Pods:
         step = "tap_create"
         try:
             _fault(fault, step)
+            t = time.monotonic()
+            # a detach of this name may still be closing its TAP (TapCloser): the name is
+            # free once that close is done
+            self.closer.wait((netns, ifname))
             try:
                 fds = netlink.tap_open_queues(ifname, self.queues, create=True, persist=True, netns=netns)
                 fd = fds[0]
@@ -216,8 +301,11 @@ class Pods:
                 if exc.errno in (errno.ENOENT, errno.EINVAL) and "namespace" in str(exc):
                     raise RpcError(rpc.E_BAD_ARGS, str(exc)) from None
                 raise
+            if steps_ms is not None:
+                steps_ms[step] = _ms(t, time.monotonic())
             step = "netns_move"
             _fault(fault, step)
+            t = time.monotonic()
             nl = netlink.RtnlSocket(netns)
             idx = netlink.ifindex_in(ifname, netns)
             lo = netlink.ifindex_in("lo", netns)
@@ -237,6 +325,8 @@ class Pods:
             _fault(fault, step)
             nl.run(step, [(f"{r['dst']} via {r.get('gw')}", netlink.msg_route(idx, r["dst"], r.get("gw")))
                           for r in rec["routes"]])
+            if steps_ms is not None:
+                steps_ms["netlink"] = _ms(t, time.monotonic())
             return fds
         except BaseException as exc:
             for q in fds[1:]:
@@ -294,22 +384,34 @@ class Pods:
             return {"existed": False}
         t0 = time.monotonic()
         error = None
+        after = []
         try:
-            tap_existed = yield from self._detach(rec)
-        except RpcError as exc:
-            error = exc
-        yield self.state.job()
-        if error is not None:
-            raise error
+            try:
+                tap_existed = yield from self._detach(rec, after)
+            except RpcError as exc:
+                error = exc
+            if error is not None:
+                yield self.state.job()
+                raise error
+        except BaseException:
+            _start_now(after)           # an error reply does not wait for the closes
+            raise
         self.log("detach_done", container_id=cid, ifname=ifname, ms=_ms(t0, time.monotonic()))
-        return {"existed": True, "tap_existed": tap_existed}
+        # "_after": the control server replies once the TAP's close is done (TapCloser) and
+        # the state file no longer holds the attachment (StateWriter)
+        return {"existed": True, "tap_existed": tap_existed, "_after": after + [self.writer.durable]}
 
-    def _detach(self, rec):
+    def _detach(self, rec, after: list):
         """Generator: release an attachment's switch port (with its hostPort rules, shapers,
         MACs and conntrack entries), state entry, gateways no one else uses, ipMasq rule,
         and its TAP. A TAP already gone (namespace deleted, link deleted behind our back) is
         success. Returns whether the TAP still existed; raises RpcError (after releasing
-        everything else) only if the TAP exists and could not be removed."""
+        everything else) only if the TAP exists and could not be removed.
+
+        The TAP's last step, closing its fd (the device is unregistered then, ~20 ms of RCU
+        grace periods), is not done here: ``after`` gets a starter for it, which the
+        control server calls when the operation has finished; its reply waits for the
+        close, so the TAP is gone when the reply goes out, while the next operation runs."""
         key = (rec["container_id"], rec["ifname"])
         port = self.ports.get(rec["port"])
         if rec["port"] in self.switch:
@@ -321,7 +423,9 @@ class Pods:
         self.attachments.pop(key, None)
         gone = self.gateways.release(rec)
         masq = self._masq_subnets() if rec.get("ip_masq") else None
-        existed, errors = yield (self._detach_kernel, fd, rec["ifname"], rec["netns"], gone, masq)
+        existed, errors, closing = yield (self._detach_kernel, fd, rec["ifname"], rec["netns"], gone, masq)
+        if closing >= 0:
+            after.append(self._close_later(closing, (rec["netns"], rec["ifname"])))
         self.log("detached", container_id=key[0], ifname=key[1], port=rec["port"],
                  tap="removed" if existed else "already gone", gateways_removed=gone, errors=errors)
         if errors:
@@ -329,14 +433,24 @@ class Pods:
                                           + "; ".join(errors))
         return existed
 
+    def _close_later(self, fd, key):
+        """A starter for the control server (``_after``): close ``fd`` on the TapCloser."""
+        return lambda done: self.closer.close(fd, key, done)
+
     def _detach_kernel(self, fd, ifname, netns, gateways_gone, masq_subnets):
         """Kernel thread: remove the TAP (by fd, or by name when never re-adopted), the
-        gateway addresses no one uses and the ipMasq rule; returns (tap existed, errors)."""
+        gateway addresses no one uses and the ipMasq rule; returns (tap existed, errors,
+        the fd left to close: the TAP is no longer persistent and goes with it, or -1)."""
         errors = []
         existed = False
+        closing = -1
         try:
             if fd >= 0:
-                existed = netlink.tap_release(fd, f"TAP {ifname} in {netns}")
+                existed = netlink.tap_unpersist(fd, f"TAP {ifname} in {netns}")
+                if existed:
+                    closing = fd
+                else:
+                    os.close(fd)        # already gone: the fd is detached, its close is quick
             else:
                 existed = netlink.link_delete(ifname, netns)
         except (OSError, netlink.NetlinkError) as exc:
@@ -350,7 +464,7 @@ class Pods:
                 self.masq.apply(masq_subnets)
             except OSError as exc:
                 errors.append(str(exc))
-        return existed, errors
+        return existed, errors, closing
 
     def gc(self, req):
         """Generator: detach every attachment not in ``valid`` (of ``network`` only, if given)."""
@@ -365,18 +479,22 @@ class Pods:
             if not isinstance(v, dict):
                 raise RpcError(rpc.E_BAD_ARGS, f"valid: entry {v!r} is not an object")
             keep.add((v.get("containerID", v.get("container_id")), v.get("ifname")))
-        removed, errors = [], []
+        removed, errors, after = [], [], []
         for key, rec in list(self.attachments.items()):
             if key in keep or (network is not None and rec.get("network", "") != network):
                 continue
             try:
-                yield from self._detach(rec)
+                yield from self._detach(rec, after)
             except RpcError as exc:
                 errors.append(exc.msg)
             removed.append({"container_id": key[0], "ifname": key[1]})
         if removed:
-            yield self.state.job()
-        return {"removed": removed, "errors": errors}
+            try:
+                yield self.state.job()
+            except BaseException:
+                _start_now(after)
+                raise
+        return {"removed": removed, "errors": errors, "_after": after}
 
     # ----------------------------------------------------------------- check
 
@@ -453,6 +571,13 @@ class Pods:
             self.log("readopted", container_id=key[0], ifname=key[1], port=rec["port"], port_id=port.port_id,
                      queues=1 + len(port.queue_fds))
         self.masq.apply(self._masq_subnets())
+
+
+def _start_now(after: list) -> None:
+    """Start the deferred TAP closes of an operation that ends with an error (no waiting)."""
+    for start in after:
+        start(None)
+    after.clear()
 
 
 def _attach_error(key, step, exc, undone) -> RpcError:
