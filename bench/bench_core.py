@@ -17,12 +17,12 @@ the machine's momentary state, and the ratio holds when the absolute figures dri
 
 Figures:
 
-- ``core-mixed-64B`` against ``batch`` (1, 4, 16, 32, 64, 256, 1024; quick: 1, 32, 64,
-  256): 64-byte frames, 80% known unicast (pod to a host behind the uplink), 10% hostPort
+- ``core-mixed-64B`` against ``batch`` (1, 4, 16, 32, 64, 128, 256, 1024; quick: 1, 32,
+  64, 128, 256): 64-byte frames, 80% known unicast (pod to a host behind the uplink), 10% hostPort
   DNAT (established flows, original direction), 10% from a pod whose egress shaper has
   tokens; 16 MACs and 16 conntrack entries. Target ``core-mpps`` (>= 30 Mpps and >= 25x
   the twin) is judged at ``DAEMON_BATCH``, the most frames vswitchd hands the core in one
-  call (the ``max_batch`` default of ``vswitch.daemon.ports.PacketIO``, read from there):
+  call (``vswitch.daemon.ports.DAEMON_MAX_BATCH``, 128, read from there):
   what users get. Batch 256 and the others are reported points, not judged.
 - ``core-frame-size`` against ``frame_bytes`` (64, 128, 512, 1500, 9000, and 65535:
   an offloaded TCP segment, vnet header with ``NEEDS_CSUM`` and ``GSO_TCPV4``, the L4
@@ -67,7 +67,6 @@ follows from a timed pilot round (about 1 s per figure, 0.1 s in quick mode).
     python -m bench --files bench_core.py          # with the report and plots
     python -m pytest bench/bench_core.py --benchmark-only
 """
-import inspect
 import struct
 import time
 
@@ -75,7 +74,7 @@ import numpy as np
 import pytest
 
 from .report import quick_mode, record
-from vswitch.daemon.ports import PacketIO
+from vswitch.daemon.ports import DAEMON_MAX_BATCH
 from vswitch.datapath import consts as C
 
 QUICK = quick_mode()
@@ -101,7 +100,7 @@ FEATURES = {"none": frozenset(), "antispoof": frozenset({"antispoof"}),
 
 _RESULTS = {}                 # (group, impl, key...) -> ns per packet, for ratios in info
 #: the batch the core target is judged at: the most frames the daemon's I/O forms per call
-DAEMON_BATCH = inspect.signature(PacketIO).parameters["max_batch"].default
+DAEMON_BATCH = DAEMON_MAX_BATCH
 
 
 def pod_mac(p):
@@ -469,7 +468,7 @@ def _subject(impl):
 
 # ---------------------------------------------------------------------------- batch size
 
-BATCHES = sorted({1, 32, DAEMON_BATCH, 256} if QUICK else {1, 4, 16, 32, 64, DAEMON_BATCH, 256, 1024})
+BATCHES = sorted({1, 32, 64, DAEMON_BATCH, 256} if QUICK else {1, 4, 16, 32, 64, DAEMON_BATCH, 256, 1024})
 PY_BATCHES = sorted({32, DAEMON_BATCH, 256}) if QUICK else BATCHES
 
 
@@ -602,44 +601,3 @@ def test_core_features(benchmark, impl, features):
         info["cost_vs_none_interleaved"] = round(r, 3)
     record(benchmark, group="core-features", subject=_subject(impl), unit="mpps", per_round=s.n_packets,
            info=info, features=features)
-
-
-# ---------------------------------------------------------------------------- stages
-
-_STAGE_TABLE = {}
-
-
-def _stage_table():
-    """core_stages.stage_table() once per session (a build, a callgrind run, a timing)."""
-    if "t" not in _STAGE_TABLE:
-        from . import core_stages
-        _STAGE_TABLE["t"] = core_stages.stage_table(rounds=10, ns_rounds=100 if QUICK else 400)
-    return _STAGE_TABLE["t"]
-
-
-def _stage_names():
-    from . import core_stages
-    return list(core_stages.STAGES)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", _stage_names())
-def test_core_stages(benchmark, stage):
-    """Where core-mixed-64B's time goes at batch 256: ns/packet per pipeline stage.
-
-    bench/core_stages.py: instructions per source line of the core counted by callgrind
-    (deterministic), summed per stage, apportioned to the median ns/packet measured in
-    the same run. One row per stage; ``info`` holds the instructions per packet.
-    """
-    import shutil
-    if shutil.which("valgrind") is None:
-        pytest.skip("valgrind is not installed (the stage table counts instructions with callgrind)")
-    from .core_stages import DESCRIPTION
-    t = _stage_table()
-    r = t["stages"][stage]
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)     # the figure is computed above
-    record(benchmark, group="core-stages", subject="vswitch", unit="ns_per_packet", value=r["ns"],
-           info=dict(ir_per_packet=r["ir"], share_of_instructions=r["share"], what=DESCRIPTION[stage],
-                     total_ir_per_packet=t["ir_per_packet"], median_ns_per_packet=t["ns_per_packet"],
-                     workload=t["workload"], command="python -m bench.core_stages"),
-           stage=stage)

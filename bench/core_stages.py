@@ -29,7 +29,7 @@ on this machine are deterministic where time is not (a shared 2-vCPU guest):
    (true enough with every table in L1, as here; not for the 1M-entry tables).
 
     python -m bench.core_stages             # prints the table (about a minute)
-    python -m bench --files bench_core.py -k core_stages --no-plots   # the report group
+    python -m bench --files bench_core_stages.py --no-plots   # the report group (bench_core_stages.py)
 
 bench_core.py's ``core-stages`` group records one row per stage (ns/packet, with
 instructions per packet and the share in ``info``).

@@ -463,9 +463,9 @@ def test_a_row_exists_only_when_its_validity_checks_passed(tmp_path):
 def test_core_target_is_judged_at_the_batch_the_daemon_forms():
     """Issue 17: the quick grid measures batches 32 and 64 (both implementations at the
     judged one), and the core-mpps tag sits on the batch vswitchd really hands the core:
-    the max_batch of the PacketIO the daemon builds (``PacketIO(max_ports)``)."""
-    from vswitch.daemon.ports import PacketIO
-    daemon_batch = PacketIO(4).max_batch
+    the max_batch of the PacketIO the daemon builds (``DAEMON_MAX_BATCH``)."""
+    from vswitch.daemon.ports import DAEMON_MAX_BATCH
+    daemon_batch = DAEMON_MAX_BATCH
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
                            "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
                            "bench/bench_core.py", "-k", "test_core_mixed"],
@@ -618,7 +618,7 @@ def test_quick_suite_end_to_end(tmp_path):
     missing one fails the run (exit code 3) and this test, unless the environment allows
     it (VSWITCH_BENCH_ALLOW_MISSING_PEER) — and the core target is judged at the
     daemon's batch."""
-    from vswitch.daemon.ports import PacketIO
+    from vswitch.daemon.ports import DAEMON_MAX_BATCH
     out = tmp_path / "quick"
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -632,7 +632,7 @@ def test_quick_suite_end_to_end(tmp_path):
     assert set(report.SUBJECTS) - allowed <= subjects, subjects
     tagged = {(b["extra_info"]["subject"], b["extra_info"]["batch"]) for b in benchmarks
               if b["extra_info"].get("target") == "core-mpps"}
-    daemon_batch = PacketIO(4).max_batch
+    daemon_batch = DAEMON_MAX_BATCH
     assert tagged == {("vswitch", daemon_batch), ("vswitch-py", daemon_batch)}, tagged
     core = {b["extra_info"]["batch"] for b in benchmarks
             if b["extra_info"].get("group") == "core-mixed-64B"

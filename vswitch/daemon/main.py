@@ -71,7 +71,7 @@ from vswitch.daemon.gateways import Gateways
 from vswitch.daemon.log import LOG_LEVELS, Log
 from vswitch.daemon.masq import Masq
 from vswitch.daemon.pods import Pods
-from vswitch.daemon.ports import MAX_WORKERS, PacketIO, PortTable, set_tunnel_gso, tunnel_gso, uplink_fanout
+from vswitch.daemon.ports import DAEMON_MAX_BATCH, MAX_WORKERS, PacketIO, PortTable, set_tunnel_gso, tunnel_gso, uplink_fanout
 from vswitch.rpc import RpcError
 from vswitch.daemon.state import State
 from vswitch.switch import Switch
@@ -87,7 +87,6 @@ MAX_POLL_US = 100_000           # the bound of --poll-us (0.1 s of polling per b
 KERNEL_OPS = frozenset({"attach", "detach", "check", "gc", "peers"})
 DEFAULT_WORKERS = 1             # --workers: packet worker threads (docs/daemon.md "Packet workers")
 NEVER_NS = 1 << 62
-DAEMON_MAX_BATCH = 128              # frames per batch (PacketIO): see Daemon.__init__
 
 
 class Daemon:
@@ -129,9 +128,6 @@ class Daemon:
         self.reopen_log = False         # SIGHUP: the log file is reopened (rotation)
         self.started = time.monotonic()
         self.state = State(state_dir)
-        # a batch of 128: a UDP GSO frame from the uplink is cut into up to 64 entries (D54), and
-        # a read is tried only with room for them, so 128 keeps the uplink and the pods sharing
-        # a batch (and a 64 KiB segment's two packets coalescing into one TAP write)
         self.io = PacketIO(max_ports, max_batch=DAEMON_MAX_BATCH, workers=workers)   # ValueError: bad workers
         self.captures = Captures(self.log)
         self.ports = PortTable(self.io, on_drop=self.captures.close)

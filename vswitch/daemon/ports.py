@@ -53,6 +53,10 @@ from vswitch.datapath.consts import (ENCAP_HEADROOM, FLOOD_MEMBER, FLOOD_UNKNOWN
 
 VNET_HDR_LEN = 12
 MAX_WORKERS = 64                            # --workers: packet worker threads at most
+# vswitchd's frames per batch (PacketIO max_batch): a UDP GSO frame from the uplink is cut into
+# up to 64 entries (D54) and a read is tried only with room for them, so 128 keeps the uplink
+# and the pods sharing a batch (and a 64 KiB segment's two packets coalescing into one TAP write)
+DAEMON_MAX_BATCH = 128
 SLOT_MAX = VNET_HDR_LEN + MAX_FRAME
 SLOT_SPAN = ENCAP_HEADROOM + SLOT_MAX      # a read slot: headroom for VXLAN's outer headers, header, frame
 SPLIT_SLOT_EXTRA = ENCAP_HEADROOM + VNET_HDR_LEN + 14 + 60 + 8 + 8   # ext/io.pxi IO_SPLIT_SLOT_EXTRA
