@@ -430,10 +430,10 @@ cdef int _io_write_tunnel_gso(int fd, int hdr_len, const uint8_t *frame, Py_ssiz
 # refuses the UDP_L4 gso_type (EINVAL on the first packet) turns it off for good.
 
 cdef enum:
-    IO_GSO_UDP_L4 = 5
-    UDP_GSO_MAX_SEGS = 64             # gso.UDP_GSO_MAX_SEGS
+    IO_GSO_UDP_L4 = C_VNET_GSO_UDP_L4
+    UDP_GSO_MAX_SEGS = C_UDP_GSO_MAX_SEGS
     IO_USO_REFUSED = -1               # _io_write_udp_gso: the kernel refused the gso_type
-    IO_SPLIT_SLOT_EXTRA = C_ENCAP_HEADROOM + IO_HDR + 14 + 60 + 8 + 8   # one more datagram's slot, beyond its payload
+    IO_SPLIT_SLOT_EXTRA = C_UDP_GSO_SPLIT_SLOT_EXTRA
 
 cdef int _io_udp_gso = 1
 

@@ -49,7 +49,8 @@ import numpy as np
 from vswitch import datapath
 from vswitch.datapath import gso
 from vswitch.datapath.consts import (ENCAP_HEADROOM, FLOOD_MEMBER, FLOOD_UNKNOWN_MEMBER, MAX_FRAME, OUT_DROP,
-                                     OUT_FLOOD, OUT_FLOOD_UNKNOWN, OUT_QUEUED, VNET_GSO_UDP_TUNNEL_IPV4)
+                                     OUT_FLOOD, OUT_FLOOD_UNKNOWN, OUT_QUEUED, UDP_GSO_SPLIT_SLOT_EXTRA,
+                                     VNET_GSO_UDP_TUNNEL_IPV4)
 
 VNET_HDR_LEN = 12
 MAX_WORKERS = 64                            # --workers: packet worker threads at most
@@ -59,7 +60,6 @@ MAX_WORKERS = 64                            # --workers: packet worker threads a
 DAEMON_MAX_BATCH = 128
 SLOT_MAX = VNET_HDR_LEN + MAX_FRAME
 SLOT_SPAN = ENCAP_HEADROOM + SLOT_MAX      # a read slot: headroom for VXLAN's outer headers, header, frame
-SPLIT_SLOT_EXTRA = ENCAP_HEADROOM + VNET_HDR_LEN + 14 + 60 + 8 + 8   # ext/io.pxi IO_SPLIT_SLOT_EXTRA
 _py_udp_gso = True                         # the twin's ext/io.pxi _io_udp_gso (set_tunnel_gso)
 
 # linux/if_packet.h
@@ -194,7 +194,7 @@ def py_read_batch(fds, fd_ports, fd_hdr_lens, nfds, buf, offsets, lengths, in_po
             if n >= max_pkts or pos + SLOT_SPAN > len(buf):
                 break
             if hdr != VNET_HDR_LEN and n > 0 and (n + gso.UDP_GSO_MAX_SEGS > max_pkts
-                                                  or pos + SLOT_SPAN + gso.UDP_GSO_MAX_SEGS * SPLIT_SLOT_EXTRA > len(buf)):
+                                                  or pos + SLOT_SPAN + gso.UDP_GSO_MAX_SEGS * UDP_GSO_SPLIT_SLOT_EXTRA > len(buf)):
                 # short of room for a cut (D54): a UDP GSO frame waits for the next batch
                 if _py_peek2(fd)[1:2] in (b"", bytes([gso.VNET_GSO_UDP_L4])):
                     break

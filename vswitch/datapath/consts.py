@@ -56,6 +56,13 @@ VNET_GSO_UDP_TUNNEL_IPV4 = 0x20
 ENCAP_LEN = 50
 # bytes every I/O layer leaves free before each frame's vnet header, for the outer headers
 ENCAP_HEADROOM = 64
+# UDP GSO of VXLAN segments (docs/datapath.md D54): virtio-net's gso_type UDP_L4; the most
+# segments one packet carries and the reader cuts one read into (UDP GRO's UDP_GRO_CNT_MAX);
+# the read-slot bytes each datagram of a cut needs beyond its payload (headroom, vnet header,
+# Ethernet + IPv4 with options + UDP, alignment)
+VNET_GSO_UDP_L4 = 5
+UDP_GSO_MAX_SEGS = 64
+UDP_GSO_SPLIT_SLOT_EXTRA = 64 + 12 + 14 + 60 + 8 + 8
 MAX_PEER_CIDRS = 8
 VXLAN_PORT = 4789
 

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import struct
 
-from vswitch.datapath.consts import MAX_IPV6_EXT_HEADERS, VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_GSO_UDP_TUNNEL_IPV4
+from vswitch.datapath.consts import (MAX_IPV6_EXT_HEADERS, UDP_GSO_MAX_SEGS, VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM,
+                                     VNET_GSO_UDP_L4, VNET_GSO_UDP_TUNNEL_IPV4)
 
 VNET_GSO_TCPV4 = 1
 VNET_GSO_TCPV6 = 4
@@ -309,10 +310,6 @@ def coalesced(items) -> tuple[bytes, bytes]:
 # The receiving switch reads the packet whole and cuts it itself (split_udp_gso): one
 # sendmsg and one read per up to UDP_GSO_MAX_SEGS segments instead of one each.
 
-VNET_GSO_UDP_L4 = 5
-# segments per UDP GSO packet at most: the kernel's UDP GRO limit (UDP_GRO_CNT_MAX), and the
-# most the reader cuts one read into (the batch room it keeps for an uplink read)
-UDP_GSO_MAX_SEGS = 64
 
 SPLIT_ERRORS = (
     "ok",
@@ -332,7 +329,7 @@ def complete_tcp_checksum(seg: bytes, l4: int) -> bytes:
     return bytes(s)
 
 
-def _udp_pseudo(frame, udp: int, udp_len: int) -> int:
+def _udp_pseudo(frame, udp_len: int) -> int:
     """The IPv4 UDP pseudo-header sum (folded, not complemented) for a UDP length."""
     return _fold(_sum16(frame[26:34], 17 + udp_len))
 
@@ -364,7 +361,7 @@ def pack_udp_gso(hdr, frame) -> list[tuple[bytes, bytes]]:
         h[24:26] = b"\0\0"
         h[24:26] = ipv4_header_checksum(h[14:udp]).to_bytes(2, "big")
         h[udp + 4:udp + 6] = (8 + len(body)).to_bytes(2, "big")
-        h[udp + 6:udp + 8] = _udp_pseudo(h, udp, 8 + len(body)).to_bytes(2, "big")
+        h[udp + 6:udp + 8] = _udp_pseudo(h, 8 + len(body)).to_bytes(2, "big")
         many = len(group) > 1
         vh = struct.pack("<BBHHHH", VNET_F_NEEDS_CSUM, VNET_GSO_UDP_L4 if many else 0, udp + 8,
                          seg_payload if many else 0, udp, 6) + bytes(2)
@@ -419,7 +416,7 @@ def split_udp_gso(hdr, frame) -> list[tuple[bytes, bytes]]:
         h[24:26] = ipv4_header_checksum(h[14:udp]).to_bytes(2, "big")
         h[udp + 4:udp + 6] = (8 + len(piece)).to_bytes(2, "big")
         if partial:
-            h[udp + 6:udp + 8] = _udp_pseudo(h, udp, 8 + len(piece)).to_bytes(2, "big")
+            h[udp + 6:udp + 8] = _udp_pseudo(h, 8 + len(piece)).to_bytes(2, "big")
             vh = struct.pack("<BBHHHHH", VNET_F_NEEDS_CSUM, 0, 0, 0, udp, 6, 0)
         else:
             h[udp + 6:udp + 8] = b"\0\0"
