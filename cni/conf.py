@@ -189,21 +189,24 @@ def parse_cni_args(raw):
     return {k: v for k, v in pairs.items() if k in _CNI_ARGS_KEYS}
 
 
-def netns_is_own(netns):
-    """True when ``netns`` is the namespace this process runs in (skel's CheckNetNS)."""
+def netns_is_own(netns, own="/proc/self/ns/net"):
+    """True when ``netns`` is the namespace ``own`` (default: this process's; skel's
+    CheckNetNS)."""
     try:
         a = os.stat(netns)
-        b = os.stat("/proc/self/ns/net")
+        b = os.stat(own)
     except OSError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def check_netns(env):
-    """ADD and CHECK need an existing namespace that is not the plugin's own."""
+def check_netns(env, own="/proc/self/ns/net"):
+    """ADD and CHECK need an existing namespace that is not the plugin's own (``own``: the
+    process the runtime started; vswitchd running the plugin for the thin client gives the
+    client's)."""
     if not os.path.exists(env.netns):
         raise CniError(INVALID_ENV, f"CNI_NETNS {env.netns!r} does not exist")
-    if netns_is_own(env.netns):
+    if netns_is_own(env.netns, own):
         raise CniError(INVALID_NETNS, f"CNI_NETNS {env.netns!r} is the plugin's own network "
                        "namespace; pods need their own")
 

@@ -117,10 +117,15 @@ def find_plugin(plugin_type, path_dirs):
         candidate = os.path.join(d, plugin_type)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
-    raise CniError(IPAM_NOT_FOUND, f"IPAM plugin {plugin_type!r} not found in CNI_PATH "
-                   f"{os.pathsep.join(path_dirs)!r}",
-                   "install it (Debian: containernetworking-plugins, in /usr/lib/cni) or "
-                   "fix ipam.type")
+    raise not_found(plugin_type, path_dirs)
+
+
+def not_found(plugin_type, path_dirs):
+    """The error of an IPAM plugin that no CNI_PATH directory holds (code 20)."""
+    return CniError(IPAM_NOT_FOUND, f"IPAM plugin {plugin_type!r} not found in CNI_PATH "
+                    f"{os.pathsep.join(path_dirs)!r}",
+                    "install it (Debian: containernetworking-plugins, in /usr/lib/cni) or "
+                    "fix ipam.type")
 
 
 _SIGNALS_TO_DEFAULT = (13, 25)     # SIGPIPE, SIGXFSZ (Python ignores them; subprocess restores them)
@@ -207,20 +212,43 @@ def _spawn(exe, env, stdin):
 
 
 def _run(exe, env, stdin):
+    """Run ``exe``: (exit code, stdout, stderr); CniError 999 when it cannot start."""
     try:
         if hasattr(os, "posix_spawn"):
-            rc, out, err = _spawn(exe, env, stdin)
-        else:                           # pragma: no cover - Linux has posix_spawn
-            import subprocess
-            proc = subprocess.run([exe], input=stdin, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, check=False)
-            rc, out, err = proc.returncode, proc.stdout, proc.stderr
+            return _spawn(exe, env, stdin)
+        import subprocess               # pragma: no cover - Linux has posix_spawn
+        proc = subprocess.run([exe], input=stdin, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, check=False)
+        return proc.returncode, proc.stdout, proc.stderr
     except OSError as exc:
         raise CniError(IPAM_FAILED, f"cannot run IPAM plugin {exe}: {exc.strerror or exc}")
-    if err:
-        sys.stderr.buffer.write(err)
+
+
+class LocalIo:
+    """The invocation's outside world when the plugin runs as its own process: stdout,
+    stderr, IPAM plugins executed here. ``vswitch.daemon.cniexec`` has the other one,
+    where the thin client (cni/client.c) does these for the plugin run by vswitchd."""
+    own_netns = "/proc/self/ns/net"     # the runtime's namespace (a pod must not use it)
+
+    def out(self, text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def err(self, text):
+        sys.stderr.write(text)
         sys.stderr.flush()
-    return rc, out
+
+    def run_plugin(self, plugin_type, path_dirs, env, stdin):
+        """Run the plugin ``plugin_type`` found in ``path_dirs``: (exit code, stdout); its
+        stderr is passed through to ours. CniError 20 when no directory holds it."""
+        rc, out, err = _run(find_plugin(plugin_type, path_dirs), env, stdin)
+        if err:
+            sys.stderr.buffer.write(err)
+            sys.stderr.flush()
+        return rc, out
+
+
+LOCAL_IO = LocalIo()
 
 
 def _parse_output(name, command, rc, out):
@@ -247,19 +275,14 @@ def _parse_output(name, command, rc, out):
 class Ipam:
     """One IPAM plugin for one invocation: ``ipam.type``, CNI_PATH, environment, stdin."""
 
-    def __init__(self, plugin_type, path_dirs, environ, stdin_obj, stdin_raw=None):
+    def __init__(self, plugin_type, path_dirs, environ, stdin_obj, stdin_raw=None, io=LOCAL_IO):
         self.type = plugin_type
         self.path_dirs = path_dirs
         self.environ = environ
         self.stdin_obj = stdin_obj
-        self._exe = None
+        self.io = io
         self._version = stdin_obj.get("cniVersion")
         self._stdin = stdin_raw  # passed through unchanged until a version rewrite
-
-    def exe(self):
-        if self._exe is None:
-            self._exe = find_plugin(self.type, self.path_dirs)
-        return self._exe
 
     def _stdin_bytes(self):
         if self._stdin is None:
@@ -281,7 +304,7 @@ class Ipam:
 
     def supported_versions(self):
         """The IPAM plugin's VERSION answer (an empty list when it gives none)."""
-        rc, out = _run(self.exe(), self._env("VERSION", None), b"")
+        rc, out = self.io.run_plugin(self.type, self.path_dirs, self._env("VERSION", None), b"")
         try:
             versions = fastjson.loads(out).get("supportedVersions") or []
         except (ValueError, AttributeError):
@@ -301,14 +324,14 @@ class Ipam:
 
     def call(self, command, env_overrides=None):
         """Run ``command``; the parsed stdout (None when empty) or :class:`CniError`."""
-        exe = self.exe()
         if command in ("GC", "STATUS") and self._version not in self.supported_versions():
             # plugins older than 1.1.0 do not know these commands and answer them with
             # unrelated errors ("missing containerID"): ask first
             raise Unsupported(f"IPAM plugin {self.type} does not support {command} "
                               f"(cniVersion {self._version} is not in its VERSION list)")
         for attempt in range(2):
-            rc, out = _run(exe, self._env(command, env_overrides), self._stdin_bytes())
+            rc, out = self.io.run_plugin(self.type, self.path_dirs, self._env(command, env_overrides),
+                                         self._stdin_bytes())
             result = _parse_output(self.type, command, rc, out)
             if not isinstance(result, CniError):
                 return result

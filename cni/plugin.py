@@ -38,7 +38,7 @@ from . import conf as cconf
 from .errors import (CniError, DAEMON_PROTOCOL, GC_INCOMPLETE, INJECTED_FAULT, INTERNAL,
                      INVALID_CONFIG, IPAM_BAD_RESULT, PLUGIN_NOT_AVAILABLE,
                      TRY_AGAIN_LATER)
-from .ipam import PLACEHOLDER_SUBNETS, Ipam, Unsupported, uses_pod_cidr, with_pod_cidrs
+from .ipam import LOCAL_IO, PLACEHOLDER_SUBNETS, Ipam, Unsupported, uses_pod_cidr, with_pod_cidrs
 from .results import dumps, error_json, format_result, parse_result, version_info
 
 ABOUT = "CNI plugin vswitch: attaches pods to vswitchd"
@@ -48,30 +48,33 @@ DAEMON_TIMEOUT_S = 60.0
 # ---------------------------------------------------------------- logging
 
 class Log:
-    """Lines to stderr (warnings and errors only) and to the optional log file (all)."""
+    """Lines to stderr (warnings and errors only) and to the optional log file (all).
+    ``io`` is the invocation's outside world (ipam.LocalIo, or vswitchd's session for the
+    thin client), ``pid`` the process the runtime started (the client's, under vswitchd)."""
 
-    def __init__(self):
+    def __init__(self, io=LOCAL_IO, pid=None):
+        self.io = io
+        self.pid = os.getpid() if pid is None else pid
         self.path = None
-        self.prefix = f"vswitch-cni[{os.getpid()}]"
+        self.prefix = f"vswitch-cni[{self.pid}]"
 
     def configure(self, path, env):
         self.path = path
         what = env.command
         if env.container_id:
             what += f" {env.container_id[:12]}/{env.ifname}"
-        self.prefix = f"vswitch-cni[{os.getpid()}] {what}"
+        self.prefix = f"vswitch-cni[{self.pid}] {what}"
 
     def _write(self, level, msg, to_stderr):
         line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {level} {self.prefix}: {msg}\n"
         if to_stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
+            self.io.err(line)
         if self.path:
             try:
                 with open(self.path, "a") as f:
                     f.write(line)
             except OSError as exc:
-                sys.stderr.write(f"{self.prefix}: cannot write log file {self.path}: {exc}\n")
+                self.io.err(f"{self.prefix}: cannot write log file {self.path}: {exc}\n")
                 self.path = None
 
     def info(self, msg):
@@ -109,18 +112,18 @@ def daemon_call(conf, op, **args):
     return reply
 
 
-def _fault(step):
-    if os.environ.get("VSWITCH_CNI_TEST_FAULT") == step:
+def _fault(env, step):
+    if env.environ.get("VSWITCH_CNI_TEST_FAULT") == step:
         raise CniError(INJECTED_FAULT, f"injected fault at plugin step {step} "
                        "(VSWITCH_CNI_TEST_FAULT)")
 
 
 # ---------------------------------------------------------------- helpers
 
-def _ipam(env, conf, obj, raw, log=None):
+def _ipam(env, conf, obj, raw, log):
     if uses_pod_cidr(obj):
         obj, raw = with_pod_cidrs(obj, _pod_cidrs(env, conf, log)), None
-    return Ipam(conf.ipam_type, env.path, env.environ, obj, raw)
+    return Ipam(conf.ipam_type, env.path, env.environ, obj, raw, log.io)
 
 
 def _pod_cidrs(env, conf, log):
@@ -136,9 +139,8 @@ def _pod_cidrs(env, conf, log):
     except CniError as err:
         if env.command not in ("DEL", "GC"):
             raise
-        if log is not None:
-            log.warn(f"usePodCidr: no leased subnet ({err.msg}); releasing by container ID with "
-                     f"placeholder ranges")
+        log.warn(f"usePodCidr: no leased subnet ({err.msg}); releasing by container ID with "
+                 f"placeholder ranges")
         return list(PLACEHOLDER_SUBNETS)
 
 
@@ -202,9 +204,9 @@ def _itf(d, sandbox=None):
 # ---------------------------------------------------------------- commands
 
 def cmd_add(env, conf, obj, raw, log):
-    cconf.check_netns(env)
+    cconf.check_netns(env, log.io.own_netns)
     prev = parse_result(conf.prev_result, "prevResult") if conf.prev_result else _empty_result()
-    ipam = _ipam(env, conf, obj, raw)
+    ipam = _ipam(env, conf, obj, raw, log)
     try:
         ipam_out = ipam.call("ADD")
     except CniError as exc:
@@ -213,7 +215,7 @@ def cmd_add(env, conf, obj, raw, log):
         raise
     attach_maybe_done = False
     try:
-        _fault("after_ipam")
+        _fault(env, "after_ipam")
         ipam_result = parse_result(ipam_out, f"IPAM plugin {conf.ipam_type} result")
         ips = [{k: ip[k] for k in ("address", "gateway") if ip.get(k)}
                for ip in ipam_result["ips"]]
@@ -242,7 +244,7 @@ def cmd_add(env, conf, obj, raw, log):
             request["pod"] = conf.pod
         if conf.ip_masq:
             request["ip_masq"] = True
-        fault = os.environ.get("VSWITCH_CNI_TEST_FAULT")
+        fault = env.environ.get("VSWITCH_CNI_TEST_FAULT")
         if fault in DAEMON_FAULT_STEPS:
             request["fault"] = fault
         try:
@@ -253,7 +255,7 @@ def cmd_add(env, conf, obj, raw, log):
             attach_maybe_done = exc.code in (TRY_AGAIN_LATER, DAEMON_PROTOCOL)
             raise
         attach_maybe_done = True
-        _fault("after_attach")
+        _fault(env, "after_attach")
         interfaces = reply.get("interfaces")
         if not isinstance(interfaces, list) or len(interfaces) != 2 \
                 or not all(isinstance(i, dict) for i in interfaces):
@@ -324,7 +326,7 @@ def _pod_interface(prev, env):
 
 
 def cmd_check(env, conf, obj, raw, log):
-    cconf.check_netns(env)
+    cconf.check_netns(env, log.io.own_netns)
     if conf.prev_result is None:
         raise CniError(INVALID_CONFIG, "CHECK needs prevResult (the result of the ADD)")
     prev = parse_result(conf.prev_result, "prevResult")
@@ -332,7 +334,7 @@ def cmd_check(env, conf, obj, raw, log):
     ips = [{k: ip[k] for k in ("address", "gateway") if ip.get(k)}
            for ip in prev["ips"] if ip.get("interface") == idx]
     if conf.ipam_type:
-        _ipam(env, conf, obj, raw).call("CHECK")
+        _ipam(env, conf, obj, raw, log).call("CHECK")
     request = {"container_id": env.container_id, "ifname": env.ifname, "netns": env.netns,
                "mac": itf.get("mac"), "ips": ips, "routes": prev["routes"],
                "port_mappings": _mappings_for(conf, _families(ips), log),
@@ -381,7 +383,7 @@ def cmd_status(env, conf, obj, raw, log):
         raise CniError(PLUGIN_NOT_AVAILABLE, err.msg, err.details) from None
     if conf.ipam_type:
         try:
-            _ipam(env, conf, obj, raw).call("STATUS")
+            _ipam(env, conf, obj, raw, log).call("STATUS")
         except Unsupported:
             pass
         except CniError as err:
@@ -395,21 +397,20 @@ HANDLERS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc,
 
 # ---------------------------------------------------------------- entry point
 
-def _print(obj):
-    sys.stdout.write(dumps(obj) + "\n")
-    sys.stdout.flush()
+def _print(log, obj):
+    log.io.out(dumps(obj) + "\n")
 
 
 def run(environ, stdin, log):
-    """One invocation; returns the exit status and prints the output."""
+    """One invocation; returns the exit status and prints the output (to ``log.io``)."""
     version = cconf.CURRENT_VERSION
     try:
         if not environ.get("CNI_COMMAND"):
-            sys.stderr.write(ABOUT + "\nCNI protocol versions supported: "
-                             + ", ".join(cconf.SUPPORTED_VERSIONS) + "\n")
+            log.io.err(ABOUT + "\nCNI protocol versions supported: "
+                       + ", ".join(cconf.SUPPORTED_VERSIONS) + "\n")
         env = cconf.parse_env(environ)
         if env.command == "VERSION":
-            _print(version_info())
+            _print(log, version_info())
             return 0
         raw = stdin.read()
         obj = cconf.load_stdin(raw)
@@ -419,11 +420,11 @@ def run(environ, stdin, log):
         log.configure(conf.log_file, env)
         out = HANDLERS[env.command](env, conf, obj, raw, log)
         if out is not None:
-            _print(out)
+            _print(log, out)
         return 0
     except CniError as err:
         log.error(f"code {err.code}: {err.msg}" + (f" ({err.details})" if err.details else ""))
-        _print(error_json(version, err))
+        _print(log, error_json(version, err))
         return 1
     except Exception as exc:  # a bug: still answer in CNI form, with the exception
         import traceback
@@ -431,7 +432,7 @@ def run(environ, stdin, log):
         err = CniError(INTERNAL, f"internal error in the vswitch plugin: "
                        f"{type(exc).__name__}: {exc}", details)
         log.error(details)
-        _print(error_json(version, err))
+        _print(log, error_json(version, err))
         return 1
 
 

@@ -75,6 +75,13 @@ def loads(text):
         obj, end = _scan(text, start)
     except StopIteration as err:
         raise _error("Expecting value", text, err.value) from None
+    except SystemError:
+        # _json raises its JSONDecodeError through json.decoder taken from sys.modules,
+        # never imported by it: without the json package loaded, a malformed document
+        # inside a container ends in "returned NULL without setting an exception". Load
+        # it (the error path alone pays) and scan again for the real error.
+        import json.decoder  # noqa: F401
+        obj, end = _scan(text, start)
     rest = len(text.rstrip(_WS))
     if end < rest:
         raise _error("Extra data", text, end + (len(text[end:]) - len(text[end:].lstrip(_WS))))

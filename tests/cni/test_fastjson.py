@@ -81,3 +81,21 @@ def test_importing_it_loads_neither_json_nor_re():
     p = subprocess.run([sys.executable, "-IS", "-c", code, root], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == ""
+
+
+def test_malformed_documents_in_a_process_without_json():
+    """_json raises through json.decoder without importing it: the plugin's own process
+    (which never loads json) must still get json's ValueError, not a SystemError (found
+    when the plugin answered code 115 instead of 6 to a malformed configuration)."""
+    bad = ["{not json", "[1,", '{"a": 1} x', "", "\ufeff{}", '{"a": tru}']
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from vswitch import fastjson\n"
+            "for t in sys.argv[2:]:\n"
+            "    try:\n"
+            "        fastjson.loads(t)\n"
+            "    except ValueError as exc:\n"
+            "        print(type(exc).__name__, exc)\n")
+    from pathlib import Path
+    root = str(Path(fastjson.__file__).resolve().parents[1])
+    p = subprocess.run([sys.executable, "-IS", "-c", code, root, *bad], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [" ".join(map(str, _outcome(json.loads, t))) for t in bad]

@@ -131,6 +131,7 @@ ARG_TYPES = {
     "capture_start": {"port": PORT, "path": STR},
     "capture_stop": {"port": PORT},
     "peers": {"action": STR, "peers": [{"name": STR, "node_ip": STR, "pod_cidrs": LIST, "vtep_mac": STR}]},
+    "cni_exec": {"v": INT},
     "trace": {"in_port": PORT, "frame_hex": STR, "packet": DICT, "src_mac": STR, "dst_mac": STR, "src_ip": STR,
               "dst_ip": STR, "proto": STR, "sport": INT, "dport": INT},
 }
@@ -198,10 +199,13 @@ class Conn:
 
 class ControlServer:
     def __init__(self, ep, log, handlers: dict, kernel_ops: frozenset, kernel, stopping, metrics_text,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), cniexec=None):
         self.ep = ep                    # the control epoll
         self.log = log
         self.handlers = handlers        # op name -> fn(req) -> reply fields (a generator for kernel_ops)
+        self.cniexec = cniexec          # vswitch.daemon.cniexec.CniExec: the thin CNI client's sessions
+        if cniexec is not None:
+            self.handlers = {**handlers, "cni_exec": self._op_cni_exec}
         self.kernel_ops = kernel_ops
         self.kernel = kernel            # KernelWorker
         self.stopping = stopping        # () -> bool: the daemon is shutting down
@@ -302,8 +306,12 @@ class ControlServer:
             self.spare_fd = None
 
     def status(self) -> dict:
-        """The ``status`` reply's ``control``: open connections and the counters since start."""
-        return {"conns": len(self.conns), **self.stats}
+        """The ``status`` reply's ``control``: open connections and the counters since start
+        (``cni_exec``: the thin CNI client's sessions)."""
+        out = {"conns": len(self.conns), **self.stats}
+        if self.cniexec is not None:
+            out["cni_exec"] = self.cniexec.status()
+        return out
 
     # ----------------------------------------------------------------- rounds and timers
 
@@ -520,10 +528,39 @@ class ControlServer:
                 reply = RpcError(rpc.E_BAD_REQUEST, f"request line exceeds {rpc.MAX_LINE_BYTES} bytes").reply()
             else:
                 reply = self.handle_line(line, lambda r, conn=conn: self._late_reply(conn, r))
+            if reply is not None and reply.pop("_handoff", False):
+                reply = self._handoff(conn)
+                if reply is None:
+                    return                  # the connection is a cni_exec session's now
             if reply is None:
                 conn.waiting = True
             else:
                 conn.out += rpc.encode(reply)
+
+    def _op_cni_exec(self, req):
+        """``cni_exec``: checked here, done by ``_handoff`` (it needs the connection)."""
+        if req.get("v") != 1:
+            raise RpcError(rpc.E_BAD_ARGS, f"cni_exec: v={req.get('v')!r}; accepted: 1")
+        return {"_handoff": True}
+
+    def _handoff(self, conn):
+        """Give a ``cni_exec`` connection to a session thread (vswitch.daemon.cniexec): out
+        of the epoll and of ``conns``, answered there. It must be the connection's only
+        request with nothing unsent; at ``max_sessions``, code 11 (the client then runs
+        the Python plugin). Returns the error reply, or None when handed off."""
+        if conn.lines or conn.inbuf.pending or conn.out or conn.eof:
+            return RpcError(rpc.E_BAD_REQUEST, "cni_exec must be the only request of its connection").reply()
+        if not self.cniexec.reserve():
+            return RpcError(rpc.E_TRY_AGAIN, f"{self.cniexec.max_sessions} CNI sessions run already; "
+                                             "try again").reply()
+        self.conns.pop(conn.fd, None)
+        self.ready.discard(conn.fd)
+        try:
+            self.ep.unregister(conn.fd)
+        except OSError:
+            pass
+        self.cniexec.start(conn.sock)
+        return None
 
     def _late_reply(self, conn, reply):
         """The reply of an operation that ran on the kernel thread."""

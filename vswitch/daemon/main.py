@@ -65,6 +65,7 @@ from vswitch import datapath
 from vswitch.datapath import consts as C
 from vswitch.daemon.attachment import need_str, public
 from vswitch.daemon.cluster import FATAL_EXIT_STATUS, ClusterConfig, ClusterMode
+from vswitch.daemon.cniexec import CniExec
 from vswitch.daemon.control import ControlServer, Limits
 from vswitch.daemon.debug import Captures, conntrack_page, fdb_page, trace
 from vswitch.daemon.gateways import Gateways
@@ -201,7 +202,7 @@ class Daemon:
         self.state.save()
         self.control = ControlServer(self.ep, self.log, self._handlers(), KERNEL_OPS, self.kernel,
                                      stopping=lambda: self.stop, metrics_text=self.metrics_text,
-                                     limits=self.control_limits)
+                                     limits=self.control_limits, cniexec=CniExec(self.log))
         self.control.listen(self.socket_path)
         if self.metrics_port is not None:
             self.control.listen_metrics(self.metrics_port, self.metrics_address)

@@ -128,6 +128,14 @@ def _fault(fault, step):
         raise Fault(step)
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def _ms(t0: float, t1: float) -> float:
     return round((t1 - t0) * 1000, 2)
 
@@ -177,6 +185,9 @@ class Pods:
                                                 f"container {other['container_id']!r}")
         if not os.path.exists(rec["netns"]):
             raise RpcError(rpc.E_BAD_ARGS, f"netns: {rec['netns']!r} does not exist")
+        if _same_file(rec["netns"], "/proc/self/ns/net"):
+            raise RpcError(rpc.E_BAD_ARGS, f"netns: {rec['netns']!r} is vswitchd's own network namespace "
+                                           "(the node's); a pod needs its own")
         self._check_node_overlap(rec)
         name = port_name_for(*key)
         rec.update(port=name, tap=rec["ifname"])
