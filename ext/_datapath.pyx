@@ -1032,8 +1032,14 @@ cdef class Datapath:
         for i in range(self.c.max_hostports):
             if self.c.rules[i].used and self.c.rules[i].pod_port_id == pid:
                 self._remove_rule(i)
+        cdef uint32_t left = self.c.ct_count   # used entries not visited yet (the scan stops at 0)
         for i in range(self.c.conntrack_size):
-            if self.c.ct[i].used and (self.c.ct[i].in_port == pid or self.c.ct[i].out_port == pid):
+            if not left:
+                break
+            if not self.c.ct[i].used:
+                continue
+            left -= 1
+            if self.c.ct[i].in_port == pid or self.c.ct[i].out_port == pid:
                 ct_delete(self.c, i)
                 self.c.gc[GC_CT_DELETED] += 1
         memset(ps, 0, sizeof(PortState))
@@ -1343,8 +1349,16 @@ cdef class Datapath:
     cdef void _flush_udp(self, uint16_t host_port):
         cdef uint32_t i
         cdef Core *c = self.c
+        cdef uint32_t left = c.ct_count        # used entries not visited yet (the scan stops at 0)
+        if not c.ct_portcnt[host_port]:         # no entry's original destination is this port
+            return
         for i in range(c.conntrack_size):
-            if c.ct[i].used and c.ct[i].orig.proto == 17 and c.ct[i].orig.dport == host_port:
+            if not left:
+                break
+            if not c.ct[i].used:
+                continue
+            left -= 1
+            if c.ct[i].orig.proto == 17 and c.ct[i].orig.dport == host_port:
                 ct_delete(c, i)
                 c.gc[GC_CT_DELETED] += 1
 

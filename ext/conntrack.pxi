@@ -146,10 +146,15 @@ cdef uint64_t ct_sweep_c(Core *c, uint64_t now) noexcept nogil:
     # deletes every expired entry (counted ct_expired); returns the count
     cdef uint32_t i
     cdef uint64_t n = 0
+    cdef uint32_t left = c.ct_count    # used entries not visited yet: the scan stops at 0
     for i in range(c.conntrack_size):
-        if c.ct[i].used and c.ct[i].expires_ns <= now:
-            ct_delete(c, i)
-            n += 1
+        if not left:
+            break
+        if c.ct[i].used:
+            left -= 1
+            if c.ct[i].expires_ns <= now:
+                ct_delete(c, i)
+                n += 1
     c.gc[GC_CT_EXPIRED] += n
     return n
 
