@@ -1,4 +1,10 @@
-"""Build the relocatable plugin: one file, the ``vswitch`` executable a CNI bin directory holds.
+"""Build the relocatable Python plugin: one file, ``vswitch-py`` in a CNI bin directory (or
+``vswitch`` itself with ``install-cni --form python``); and find the built C client.
+
+The C client (cni/client.c, compiled by setup.py's build_ext into this package's folder as
+``vswitch-client``) is what ``install-cni`` writes as ``vswitch``: it forwards each
+invocation to vswitchd and executes ``vswitch-py`` beside itself (``FALLBACK_NAME``)
+whenever the daemon cannot take it. :func:`client_path` finds it; nothing here compiles it.
 
 Theory of operation: the file is a shell prelude followed by a zip archive (Python reads a
 zip from its end, so anything may precede it). The prelude is three lines for ``/bin/sh``:
@@ -48,6 +54,8 @@ MODULES = {
     "vswitch_cni/plugin.py": ("vswitch_cni", "plugin.py"),
     "vswitch_cni/results.py": ("vswitch_cni", "results.py"),
 }
+CLIENT_NAME = "vswitch-client"  # the C client in this package's folder (setup.py's CLIENT_NAME)
+FALLBACK_NAME = "vswitch-py"    # the Python plugin's name beside the client (cni/client.c's)
 MIN_PYTHON = (3, 9)
 HOST_PYTHON_ERROR = 117     # CNI error code: the host's python3 is missing or too old
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -136,6 +144,14 @@ def _compiled(sources, python):
                 with open(path, "rb") as fh:
                     found[f"{tag}/{os.path.relpath(path, out)}"] = fh.read()
         return found
+
+
+def client_path():
+    """The built C client beside these modules (a checkout: cni/vswitch-client, after
+    ``python setup.py build_ext --inplace``; a wheel: vswitch_cni/vswitch-client), or None
+    when it was not built."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), CLIENT_NAME)
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
 
 
 def shebang_for(python=None):

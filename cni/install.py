@@ -2,16 +2,27 @@
 
 Theory of operation: runtimes execute the plugin by its type, ``vswitch``, from their CNI
 bin directory, and load the first network list of their conf directory by file name.
-``install`` writes two files and a manifest:
+``install`` writes the plugin (two files, or one with ``--form python``), a network list
+and a manifest:
 
-- ``BIN/vswitch``: the relocatable plugin (cni/build.py: a /bin/sh prelude and a zip of the
-  stdlib-only plugin package), run by the host's ``python3`` >= 3.9 with nothing of ours
-  installed. Before writing it, install looks for that interpreter the way the runtime will
-  (``python3`` in the PATH dirs, under ``--host-root`` when the node's root is mounted
-  elsewhere, as in a DaemonSet's init container) and fails with a clear message when it is
-  missing or too old. ``--python PATH`` pins an interpreter instead (``#!PATH -IS``);
-  ``--launcher`` writes the developer's launcher instead (a few lines running the plugin
-  from this checkout with this interpreter, ``launcher_text``).
+- ``BIN/vswitch``: the C client (cni/client.c, built by setup.py beside these modules;
+  ``--form client``, the default when it was built). A static binary that starts in about
+  a millisecond: it hands the invocation to vswitchd, which runs the plugin's logic
+  already imported, and executes the IPAM plugins the daemon asks for in the runtime's
+  context. Whenever the daemon cannot take the invocation (not running, too old, busy)
+  the client executes ``BIN/vswitch-py`` with the same argv, environment and stdin.
+- ``BIN/vswitch-py``: the relocatable Python plugin (cni/build.py: a /bin/sh prelude and a
+  zip of the stdlib-only plugin package), run by the host's ``python3`` >= 3.9 with
+  nothing of ours installed. Before writing it, install looks for that interpreter the way
+  the runtime will (``python3`` in the PATH dirs, under ``--host-root`` when the node's
+  root is mounted elsewhere, as in a DaemonSet's init container) and fails with a clear
+  message when it is missing or too old. ``--python PATH`` pins an interpreter instead
+  (``#!PATH -IS``); ``--launcher`` writes the developer's launcher instead (a few lines
+  running the plugin from this checkout with this interpreter, ``launcher_text``). It is
+  written before ``BIN/vswitch``, so a client never runs without its fallback.
+  ``--form python`` writes this Python plugin as ``BIN/vswitch`` and no ``vswitch-py``
+  (what install did before the client; also the default, with a warning, when the client
+  was not built: an editable install without ``setup.py build_ext --inplace``).
 - ``CONF/05-vswitch.conflist`` (``--conflist-name``): vswitch with host-local IPAM on
   ``--subnet`` (twice, an IPv4 and an IPv6 one: dual stack, a range and a default route
   per family) or on ``usePodCidr`` (``--use-pod-cidr``), with the capabilities
@@ -47,12 +58,13 @@ import sys
 
 from vswitch.cnitypes import DEFAULT_SOCKET
 
-from .build import _fsync_dir, build_bytes, write_atomic  # noqa: F401 (write_atomic: API)
+from .build import CLIENT_NAME, FALLBACK_NAME, _fsync_dir, build_bytes, client_path, write_atomic  # noqa: F401 (write_atomic: API)
 # the command lines' options (vswitchctl builds its parser from them without importing this)
-from .installopts import (CONFLIST_NAME, DEFAULT_NETWORK, DEFAULT_SUBNET, HOST_PATH,  # noqa: F401
+from .installopts import (CONFLIST_NAME, DEFAULT_NETWORK, DEFAULT_SUBNET, FORMS, HOST_PATH,  # noqa: F401
                           add_install_arguments, add_uninstall_arguments)
 
 PLUGIN_NAME = "vswitch"
+PYTHON_PLUGIN_NAME = FALLBACK_NAME      # the Python plugin beside the client
 LEGACY_CONFLIST_NAMES = ("10-vswitch.conflist",)   # what install-cni wrote before the manifest
 MANIFEST_NAME = ".vswitch-cni-installed"
 MIN_PYTHON = (3, 9)
@@ -290,9 +302,10 @@ def check_host_python(python=None, host_root="/", path=None):
 def install_report(bin_dir, conf_dir, socket_path=DEFAULT_SOCKET, subnet=DEFAULT_SUBNET,
                    name=DEFAULT_NETWORK, python=None, pod_cidr_families=None, *,
                    conflist_name=CONFLIST_NAME, launcher=False, host_root="/", host_path=None,
-                   check_python=True):
-    """Install (see the module docstring); returns {"plugin", "conflist", "manifest": path,
-    "actions": [(path, what)], "python": (path, version) or None, "notes": [text]}."""
+                   check_python=True, form=None):
+    """Install (see the module docstring); returns {"plugin", "python_plugin", "conflist",
+    "manifest": path, "actions": [(path, what)], "python": (path, version) or None,
+    "notes": [text]}. ``form``: "client", "python" or None (the client when it was built)."""
     if not socket_path.startswith("/"):
         raise InstallError(f"--socket {socket_path!r} must be an absolute path")
     check_conflist_name(conflist_name)
@@ -300,6 +313,21 @@ def install_report(bin_dir, conf_dir, socket_path=DEFAULT_SOCKET, subnet=DEFAULT
         conf = conflist(subnet, socket_path, name, pod_cidr_families=pod_cidr_families)
     except ValueError as exc:
         raise InstallError(str(exc)) from None
+    notes = []
+    client = client_path()
+    if form not in (None, *FORMS):
+        raise InstallError(f"--form {form!r}: accepted are {' and '.join(FORMS)}")
+    if form == "client" and client is None:
+        raise InstallError(f"--form client: the C client is not built (no {os.path.join(_package_dirs()[1], CLIENT_NAME)}); "
+                           f"run `python setup.py build_ext --inplace` in the checkout, or pass "
+                           f"--form python")
+    if form is None:
+        form = "client" if client is not None else "python"
+        if client is None:
+            notes.append(f"warning: the C client is not built (no {os.path.join(_package_dirs()[1], CLIENT_NAME)}): "
+                         f"{PLUGIN_NAME} is the Python plugin, which starts python3 on every invocation (about 20 ms); "
+                         f"run `python setup.py build_ext --inplace` in the checkout, or pass "
+                         f"--form python to say this is meant")
     host_python = None
     if launcher:
         plugin_bytes = launcher_text(python).encode()
@@ -307,17 +335,24 @@ def install_report(bin_dir, conf_dir, socket_path=DEFAULT_SOCKET, subnet=DEFAULT
         if check_python:
             host_python = check_host_python(python, host_root, host_path)
         plugin_bytes = build_bytes(python)
+    if form == "client":
+        with open(client, "rb") as f:
+            client_bytes = f.read()
     os.makedirs(bin_dir, exist_ok=True)
     os.makedirs(conf_dir, exist_ok=True)
     bin_dir, conf_dir = os.path.abspath(bin_dir), os.path.abspath(conf_dir)
     exe = os.path.join(bin_dir, PLUGIN_NAME)
     conf_path = os.path.join(conf_dir, conflist_name)
     old = read_manifest(conf_dir)
-    wanted = [(exe, plugin_bytes, 0o755),
-              (conf_path, (json.dumps(conf, indent=2) + "\n").encode(), 0o644)]
+    if form == "client":       # the fallback first: a client never runs without it
+        py_exe = os.path.join(bin_dir, PYTHON_PLUGIN_NAME)
+        wanted = [(py_exe, plugin_bytes, 0o755), (exe, client_bytes, 0o755)]
+    else:
+        py_exe = exe
+        wanted = [(exe, plugin_bytes, 0o755)]
+    wanted.append((conf_path, (json.dumps(conf, indent=2) + "\n").encode(), 0o644))
     actions = [(path, _put(path, data, mode)) for path, data, mode in wanted]
     files = {path: hashlib.sha256(data).hexdigest() for path, data, _ in wanted}
-    notes = []
     kept = {}
     for path, digest in sorted((old or {}).get("files", {}).items()):
         if path in files:
@@ -344,14 +379,14 @@ def install_report(bin_dir, conf_dir, socket_path=DEFAULT_SOCKET, subnet=DEFAULT
     man_path = os.path.join(conf_dir, MANIFEST_NAME)
     actions.append((man_path, _put(man_path, (json.dumps(manifest, indent=2, sort_keys=True)
                                               + "\n").encode(), 0o644)))
-    return {"plugin": exe, "conflist": conf_path, "manifest": man_path, "actions": actions,
-            "python": host_python, "notes": notes}
+    return {"plugin": exe, "python_plugin": py_exe, "conflist": conf_path, "manifest": man_path,
+            "actions": actions, "python": host_python, "notes": notes}
 
 
 def install(bin_dir, conf_dir, socket_path=DEFAULT_SOCKET, subnet=DEFAULT_SUBNET,
             name=DEFAULT_NETWORK, python=None, pod_cidr_families=None, **options):
-    """Write ``bin_dir/vswitch``, ``conf_dir/05-vswitch.conflist`` and the manifest; returns
-    (plugin path, conflist path). ``subnet``: one CIDR or a list (one IPv4 and one IPv6:
+    """Write ``bin_dir/vswitch`` (and ``bin_dir/vswitch-py``), ``conf_dir/05-vswitch.conflist``
+    and the manifest; returns (plugin path, conflist path). ``subnet``: one CIDR or a list (one IPv4 and one IPv6:
     dual stack); ``python`` and ``options``: :func:`install_report`'s."""
     rep = install_report(bin_dir, conf_dir, socket_path, subnet, name, python,
                          pod_cidr_families, **options)
@@ -407,7 +442,8 @@ def run_install(args, socket_path):
                              args.subnet or DEFAULT_SUBNET, args.name, args.python,
                              pod_cidr_families=fams, conflist_name=args.conflist_name,
                              launcher=args.launcher, host_root=args.host_root,
-                             host_path=args.host_path, check_python=not args.no_python_check)
+                             host_path=args.host_path, check_python=not args.no_python_check,
+                             form=args.form)
     except (ValueError, OSError) as exc:
         print(f"install-cni: {exc}", file=sys.stderr)
         return 2
@@ -443,9 +479,9 @@ def run_uninstall(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="vswitchctl install-cni",
-        description="Install the vswitch CNI plugin (one relocatable file run by the host's "
-                    "python3 >= 3.9) and a network list, atomically and idempotently; "
-                    "uninstall-cni removes exactly that.")
+        description="Install the vswitch CNI plugin (the C client and, as its fallback, one "
+                    "relocatable file run by the host's python3 >= 3.9) and a network list, "
+                    "atomically and idempotently; uninstall-cni removes exactly that.")
     add_install_arguments(parser)
     args = parser.parse_args(argv)
     return run_install(args, args.socket)

@@ -11,6 +11,8 @@ DEFAULT_SUBNET = "10.88.0.0/16"
 DEFAULT_NETWORK = "vswitch"
 # PATH of a service started by systemd (containerd, CRI-O, the kubelet): where the runtime
 # looks for the plugin's python3 when the installer's own PATH is not the host's
+# --form: BIN/vswitch is the C client (BIN/vswitch-py its Python fallback) or the Python plugin
+FORMS = ("client", "python")
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -50,6 +52,11 @@ def add_install_arguments(parser, socket_dest="socket", socket_default=DEFAULT_S
     parser.add_argument("--launcher", action="store_true",
                         help="developers: a launcher running the plugin from this installation "
                              "with this interpreter, instead of the relocatable file")
+    parser.add_argument("--form", choices=FORMS, default=None,
+                        help="client: BIN/vswitch is the C client and BIN/vswitch-py the Python "
+                             "plugin it falls back to (--python and --launcher apply to that one); "
+                             "python: BIN/vswitch is the Python plugin alone (default: client when "
+                             "it was built, else python with a warning)")
 
 
 def add_uninstall_arguments(parser):

@@ -3,7 +3,9 @@
 The network list sorts first among the lists other runtimes and plugins install; files are
 replaced atomically (a reader polling the directory while install-cni rewrites it sees only
 whole files, each one of the versions written); re-running changes nothing (same inode, same
-mtime); uninstall removes the manifest's files and nothing else, keeps changed ones unless
+mtime); the plugin is the C client with the Python plugin beside it as its fallback (or, with
+--form python, the Python plugin alone, and switching forms leaves no file of the other);
+uninstall removes the manifest's files and nothing else, keeps changed ones unless
 --force, and never removes a path outside the two directories whatever the manifest says;
 a host without python3 gets a clear refusal and no plugin.
 """
@@ -63,19 +65,19 @@ def test_conflist_name_is_configurable_and_checked(tmp_path):
 def test_reinstall_is_idempotent_same_inode_same_mtime(tmp_path):
     b, c = dirs(tmp_path)
     assert ctl("install-cni", "--bin-dir", b, "--conf-dir", c).returncode == 0
-    paths = [b / "vswitch", c / "05-vswitch.conflist", c / inst.MANIFEST_NAME]
+    paths = [b / "vswitch", b / "vswitch-py", c / "05-vswitch.conflist", c / inst.MANIFEST_NAME]
     past = 1_000_000_000
     for p in paths:
         os.utime(p, (past, past))
     before = {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns, p.read_bytes()) for p in paths}
     r = ctl("install-cni", "--bin-dir", b, "--conf-dir", c)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("unchanged: ") == 3 and "written" not in r.stdout
+    assert r.stdout.count("unchanged: ") == 4 and "written" not in r.stdout
     assert {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns, p.read_bytes()) for p in paths} == before
     # a changed setting rewrites the list (new inode: replaced by rename), not the plugin
     r = ctl("install-cni", "--bin-dir", b, "--conf-dir", c, "--subnet", "10.99.0.0/16")
     assert f"written: {c / '05-vswitch.conflist'}" in r.stdout
-    assert f"unchanged: {b / 'vswitch'}" in r.stdout
+    assert f"unchanged: {b / 'vswitch'}" in r.stdout and f"unchanged: {b / 'vswitch-py'}" in r.stdout
     assert os.stat(c / "05-vswitch.conflist").st_ino != before[paths[1]][0]
     # a wrong mode is fixed without a rewrite
     os.chmod(b / "vswitch", 0o600)
@@ -91,12 +93,13 @@ def test_a_reader_polling_the_directory_never_sees_a_partial_file(tmp_path):
     b, c = dirs(tmp_path)
     versions = [dict(subnet=f"10.{i}.0.0/16", python=p)
                 for i, p in ((71, None), (72, os.path.realpath(sys.executable)))]
-    expected_conf, expected_bin = set(), set()
+    expected_conf, expected_bin, expected_py = set(), set(), set()
     for v in versions:
         exe, conf = inst.install(str(b), str(c), **v)
         expected_conf.add(Path(conf).read_bytes())
         expected_bin.add(Path(exe).read_bytes())
-    assert len(expected_conf) == 2 and len(expected_bin) == 2
+        expected_py.add((b / "vswitch-py").read_bytes())
+    assert len(expected_conf) == 2 and len(expected_bin) == 1 and len(expected_py) == 2
     stop = threading.Event()
     seen = {"reads": 0, "bad": [], "names": set()}
 
@@ -105,7 +108,8 @@ def test_a_reader_polling_the_directory_never_sees_a_partial_file(tmp_path):
             for d in (b, c):
                 for name in os.listdir(d):
                     seen["names"].add(name)
-            for path, allowed in ((c / "05-vswitch.conflist", expected_conf), (b / "vswitch", expected_bin)):
+            for path, allowed in ((c / "05-vswitch.conflist", expected_conf), (b / "vswitch", expected_bin),
+                                  (b / "vswitch-py", expected_py)):
                 try:
                     data = path.read_bytes()
                 except FileNotFoundError:
@@ -134,7 +138,7 @@ def test_uninstall_removes_exactly_what_install_installed(tmp_path):
     (b / "bridge").write_bytes(b"\x7fELF other plugin")
     (c / "10-containerd-net.conflist").write_text("{}\n")
     assert ctl("install-cni", "--bin-dir", b, "--conf-dir", c).returncode == 0
-    assert sorted(os.listdir(b)) == ["bridge", "vswitch"]
+    assert sorted(os.listdir(b)) == ["bridge", "vswitch", "vswitch-py"]
     r = ctl("uninstall-cni", "--bin-dir", b, "--conf-dir", c)
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(b)) == ["bridge"] and sorted(os.listdir(c)) == ["10-containerd-net.conflist"]
@@ -174,7 +178,8 @@ def test_uninstall_never_removes_outside_the_two_directories(tmp_path):
     out = inst.uninstall(str(b), str(c), force=True)
     assert victim.read_text() == "keep me\n"
     assert sorted(p for p, _ in out["kept"]) == sorted([str(victim), str(b / ".." / "precious")])
-    assert sorted(out["removed"]) == sorted([str(b / "vswitch"), str(c / "05-vswitch.conflist")])
+    assert sorted(out["removed"]) == sorted([str(b / "vswitch"), str(b / "vswitch-py"),
+                                             str(c / "05-vswitch.conflist")])
 
 
 def test_a_new_conflist_name_replaces_the_old_one_installed_before(tmp_path):
@@ -242,6 +247,48 @@ def test_build_cni_writes_the_plugin_alone(tmp_path):
     assert p.returncode == 0 and json.loads(p.stdout)["cniVersion"] == "1.1.0"
     r = ctl("build-cni", tmp_path / "p2", "--python", "python3")
     assert r.returncode == 2 and "absolute path" in r.stderr
+
+
+def test_the_client_and_its_fallback_or_the_python_plugin_alone(tmp_path):
+    """Default: BIN/vswitch is the built C client, BIN/vswitch-py the Python plugin (with
+    --python pinned there); --form python: the Python plugin alone as BIN/vswitch, and the
+    client's files go; back to the client: vswitch-py comes back."""
+    from vswitch_cni import build
+    b, c = dirs(tmp_path)
+    client = build.client_path()
+    assert client, "the C client is not built: python setup.py build_ext --inplace"
+    r = ctl("install-cni", "--bin-dir", b, "--conf-dir", c, "--python", "/usr/bin/python3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.index(f"written: {b / 'vswitch-py'}") < r.stdout.index(f"written: {b / 'vswitch'}\n")
+    assert (b / "vswitch").read_bytes() == Path(client).read_bytes()
+    assert (b / "vswitch-py").read_bytes().startswith(b"#!/usr/bin/python3 -IS\n")
+    assert set(json.loads((c / inst.MANIFEST_NAME).read_text())["files"]) == \
+        {str(b / "vswitch"), str(b / "vswitch-py"), str(c / "05-vswitch.conflist")}
+    r = ctl("install-cni", "--bin-dir", b, "--conf-dir", c, "--form", "python")
+    assert r.returncode == 0, r.stderr
+    assert f"removed (installed before, not by this install): {b / 'vswitch-py'}" in r.stdout
+    assert sorted(os.listdir(b)) == ["vswitch"] and (b / "vswitch").read_bytes().startswith(b"#!/bin/sh\n")
+    assert set(json.loads((c / inst.MANIFEST_NAME).read_text())["files"]) == \
+        {str(b / "vswitch"), str(c / "05-vswitch.conflist")}
+    r = ctl("install-cni", "--bin-dir", b, "--conf-dir", c, "--form", "client", "--launcher")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(b)) == ["vswitch", "vswitch-py"]
+    assert "developer launcher" in (b / "vswitch-py").read_text()
+    v = subprocess.run([str(b / "vswitch")], env={"CNI_COMMAND": "VERSION"}, capture_output=True, timeout=60)
+    assert v.returncode == 0 and json.loads(v.stdout)["cniVersion"] == "1.1.0"
+    r = ctl("install-cni", "--bin-dir", b, "--conf-dir", c, "--form", "other")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_without_a_built_client_the_python_plugin_is_installed_with_a_warning(tmp_path, monkeypatch):
+    b, c = dirs(tmp_path)
+    monkeypatch.setattr(inst, "client_path", lambda: None)
+    rep = inst.install_report(str(b), str(c))
+    assert sorted(os.listdir(b)) == ["vswitch"] and (b / "vswitch").read_bytes().startswith(b"#!/bin/sh\n")
+    assert rep["python_plugin"] == rep["plugin"] == str(b / "vswitch")
+    assert any(n.startswith("warning: the C client is not built") for n in rep["notes"])
+    with pytest.raises(inst.InstallError, match="--form client: the C client is not built"):
+        inst.install_report(str(b), str(c), form="client")
 
 
 @pytest.mark.parametrize("argv", [["--bin-dir", "b"], ["--conf-dir", "c"]])

@@ -1,4 +1,5 @@
-"""Packaging: the plugin's install name, its launcher in both layouts, --version, LICENSE.
+"""Packaging: the plugin's install name, its launcher in both layouts, --version, LICENSE,
+the C client in the wheel (vswitch_cni/vswitch-client, executable).
 
 The plugin's folder is ``cni/``; it is installed as ``vswitch_cni`` (pyproject
 ``package-dir``), so it cannot collide with another project's top-level ``cni``. The
@@ -46,11 +47,13 @@ def test_importing_the_folder_under_its_folder_name_is_refused():
 
 
 def test_launcher_from_the_checkout(tmp_path):
-    exe, _ = install.install(str(tmp_path / "bin"), str(tmp_path / "net.d"), launcher=True)
+    rep = install.install_report(str(tmp_path / "bin"), str(tmp_path / "net.d"), launcher=True)
+    exe = rep["python_plugin"]       # the launcher replaces the Python plugin beside the client
     text = Path(exe).read_text()
     assert text.startswith(f"#!{os.path.realpath(sys.executable)} -IS\n")
     assert str(REPO / "cni") in text            # the folder, loaded as vswitch_cni
     assert run_version(exe)["cniVersion"] == "1.1.0"
+    assert run_version(rep["plugin"])["cniVersion"] == "1.1.0"
 
 
 def test_launcher_from_a_site_packages_layout(tmp_path):
@@ -106,6 +109,8 @@ def test_wheel_installs_the_plugin_as_vswitch_cni_and_its_launcher_runs(tmp_path
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert "vswitch_cni" in tops and "cni" not in tops, sorted(tops)
+    client = zipfile.ZipFile(wheel).getinfo("vswitch_cni/vswitch-client")    # the C client
+    assert (client.external_attr >> 16) & 0o111 and client.file_size > 10000
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA"))).decode()
     assert "Requires-Dist: scapy" in meta and "extra == \"sim\"" in meta
     assert not [ln for ln in meta.splitlines()
@@ -121,14 +126,18 @@ def test_wheel_installs_the_plugin_as_vswitch_cni_and_its_launcher_runs(tmp_path
     subprocess.run([str(ctl), "install-cni", "--bin-dir", str(tmp_path / "bin"),
                     "--conf-dir", str(tmp_path / "net.d")], check=True, timeout=60,
                    cwd=str(tmp_path))
-    plugin = tmp_path / "bin" / "vswitch"      # the relocatable plugin (tests/cni/test_zipapp.py)
+    assert (site / "vswitch_cni" / "vswitch-client").read_bytes().startswith(b"\x7fELF")
+    client = tmp_path / "bin" / "vswitch"      # the C client, from the wheel
+    assert client.read_bytes() == (site / "vswitch_cni" / "vswitch-client").read_bytes()
+    assert run_version(client)["cniVersion"] == "1.1.0"
+    plugin = tmp_path / "bin" / "vswitch-py"   # the relocatable plugin (tests/cni/test_zipapp.py)
     data = plugin.read_bytes()
     assert data.startswith(b"#!/bin/sh\n") and str(site).encode() not in data
     assert str(REPO).encode() not in data
     assert run_version(plugin)["cniVersion"] == "1.1.0"
     subprocess.run([str(ctl), "install-cni", "--launcher", "--bin-dir", str(tmp_path / "lbin"),
                     "--conf-dir", str(tmp_path / "lnet.d")], check=True, timeout=60, cwd=str(tmp_path))
-    launcher = tmp_path / "lbin" / "vswitch"   # the developer launcher, in a site-packages layout
+    launcher = tmp_path / "lbin" / "vswitch-py"    # the developer launcher, in a site-packages layout
     text = launcher.read_text()
     assert str(site) in text and str(REPO) not in text and "importlib" not in text
     assert run_version(launcher)["cniVersion"] == "1.1.0"
