@@ -11,8 +11,10 @@ declare) and the same IPAM (host-local):
 
 - ``reference-cni``: bridge (isGateway, hairpin) + host-local + portmap + bandwidth from
   /usr/lib/cni: a veth, iptables DNAT chains, tc tbf and an ifb device per pod.
-- ``vswitch``: the installed ``vswitch`` plugin (host-local from the reference dir, found
-  through CNI_PATH) talking to a vswitchd that this benchmark started (``vswitch.lab.Daemon``).
+- ``vswitch``: the installed ``vswitch`` plugin, as install-cni writes it by default (the C
+  client, cni/client.c: vswitchd runs the plugin's code, the client runs host-local from the
+  reference dir, found through CNI_PATH) talking to a vswitchd that this benchmark started
+  (``vswitch.lab.Daemon``).
 - ``bridge``: the bare reference bridge plugin (isGateway, hairpin) + host-local, nothing
   else: a veth and addresses, no hostPort, no shaping (the floor a CNI ADD can reach here;
   issue 16 asks vswitch's ADD for at most twice it).
@@ -35,18 +37,20 @@ another), 20 and 50 (that many pods at once, 50 in the full run only; each pod's
 latency is a sample, the wall time of the whole batch is in ``info``). The subjects take
 turns (``measure``): pod by pod at ``parallel`` 1, batch by batch above, so a change of the
 machine's load in the middle of the run does not land on one subject only. ``cni-version``:
-the plugin's start-up alone, ms per run of the installed ``vswitch`` launcher with
-``CNI_COMMAND=VERSION`` (interpreter start, imports, one line of JSON) against the
+the plugin's start-up alone, ms per run of the installed ``vswitch`` (the C client) with
+``CNI_COMMAND=VERSION`` (which it answers itself: one line of JSON) against the
 reference ``bridge`` plugin's VERSION; no daemon and no namespace are involved. The reference
 chain has no ipMasq here, since the vswitch plugin does not ask for it either.
 
 The plugin's forms (issue 15), groups ``cni-plugin-start`` (VERSION, ms per run) and
 ``cni-plugin-add`` (ADD of one pod with a hostPort and bandwidth, host-local included, ms
 per pod; DEL untimed), each run with the PATH a runtime started by systemd has
-(``RUNTIME_PATH``): ``launcher`` (the developer launcher, the installed form before issue
-15: this interpreter with -IS, the checkout's __pycache__), ``zipapp`` (what install-cni
-writes: the /bin/sh prelude, the host's python3 from PATH, -IS, the archive's bytecode
-tree), ``zipapp-pinned`` (the same archive with ``#!this-interpreter -IS``: the archive's
+(``RUNTIME_PATH``): ``client`` (what install-cni writes: the C client, issue 16; the
+plugin's code runs in vswitchd), ``launcher`` (the developer launcher, the installed form
+before issue 15: this interpreter with -IS, the checkout's __pycache__), ``zipapp`` (the
+Python plugin, what install-cni writes with ``--form python`` and the client falls back to:
+the /bin/sh prelude, the host's python3 from PATH, -IS, the archive's bytecode tree),
+``zipapp-pinned`` (the same archive with ``#!this-interpreter -IS``: the archive's
 own cost against the launcher on one interpreter), ``zipapp-env`` (``#!/usr/bin/env
 python3``: site runs, the .pth files of the host's dist-packages with it) and
 ``zipapp-no-bytecode`` (start only: the prelude without the bytecode tree, every run
@@ -360,7 +364,7 @@ def test_cni_version(benchmark, subject, tmp_path):
            info={"runs": VERSION_RUNS})
 
 
-PLUGIN_FORMS = ("launcher", "zipapp", "zipapp-pinned", "zipapp-env", "zipapp-no-bytecode")
+PLUGIN_FORMS = ("client", "launcher", "zipapp", "zipapp-pinned", "zipapp-env", "zipapp-no-bytecode")
 FORM_ADD_PODS = 5 if QUICK else 20
 
 
@@ -369,10 +373,11 @@ def _install_form(form, base):
     from vswitch_cni.build import build_bytes
     from vswitch_cni.install import install, write_atomic
     bin_dir, conf_dir = Path(base) / form / "bin", Path(base) / form / "net.d"
-    if form in ("launcher", "zipapp", "zipapp-pinned"):
-        options = {"launcher": {"launcher": True},
-                   "zipapp": {"host_path": RUNTIME_PATH},
-                   "zipapp-pinned": {"python": os.path.realpath(sys.executable)}}[form]
+    if form in ("client", "launcher", "zipapp", "zipapp-pinned"):
+        options = {"client": {"form": "client", "host_path": RUNTIME_PATH},
+                   "launcher": {"launcher": True, "form": "python"},
+                   "zipapp": {"host_path": RUNTIME_PATH, "form": "python"},
+                   "zipapp-pinned": {"python": os.path.realpath(sys.executable), "form": "python"}}[form]
         return install(str(bin_dir), str(conf_dir), **options)[0]
     bin_dir.mkdir(parents=True, exist_ok=True)
     data = (build_bytes(shebang="#!/usr/bin/env python3\n") if form == "zipapp-env"

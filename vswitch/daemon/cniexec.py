@@ -51,7 +51,7 @@ from vswitch_cni.ipam import not_found
 VERSION = 1
 OK_LINE = b'{"ok":true,"v":1}\n'
 MAX_FRAME = 16 << 20
-MAX_SESSIONS = 32
+MAX_SESSIONS = 64              # the runtimes here run up to 50 ADDs at once (bench_cni); beyond: Python fallback
 HELLO_TIMEOUT_S = 10.0
 RUN_TIMEOUT_S = 300.0
 START_FAILED = -1000            # a 'D' status at or below this: -1000 - errno
