@@ -1,6 +1,7 @@
 /* vswitch CNI client: the compiled ``vswitch`` CNI binary, a thin client of vswitchd.
  *
- * Theory of operation (the binding spec is notes/cniexec-spec.md; this is the client's side):
+ * Theory of operation (the protocol is vswitch/daemon/cniexec.py's docstring and docs/control.md;
+ * this is the client's side):
  * starting Python costs ~20 ms per pod, so the runtime executes this small static binary
  * instead, and the plugin's logic (vswitch_cni.plugin, already imported) runs inside
  * vswitchd. The client forwards the invocation and executes, on the daemon's request, the

@@ -8,7 +8,7 @@ binary's test mode (``vswitch --scan``: prints ``socket PATH`` / ``cniVersion V`
 ``fallback REASON``) on hand-written edge cases, a generated corpus (fixed seed) whose
 answers Python's json gives, and mutations of it (the client may refuse, never differ); and
 once through a real connection, to listeners started here. A fake daemon written here speaks
-the frame protocol (notes/cniexec-spec.md): 'R' runs real executables (host-local, a script
+the frame protocol (vswitch/daemon/cniexec.py): 'R' runs real executables (host-local, a script
 killed by a signal, a missing name, 1 MiB and over-16-MiB outputs, the child's fds and
 signal state), 'O'/'E'/'X', and the failures: a daemon gone after 'I', a refusal, a
 truncated frame, a frame announced longer than 16 MiB, an unknown type.
