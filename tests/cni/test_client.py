@@ -28,9 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from vswitch.rpc import DEFAULT_SOCKET
-from vswitch_cni import build
-from vswitch_cni.results import dumps, version_info
+sys.path.insert(0, str(Path(__file__).parent))
+
+import thinclient as tc  # noqa: E402
+from vswitch.rpc import DEFAULT_SOCKET  # noqa: E402
+from vswitch_cni import build  # noqa: E402
+from vswitch_cni.results import dumps, version_info  # noqa: E402
 
 HOST_LOCAL = "/usr/lib/cni/host-local"
 HELLO = b'{"op":"cni_exec","v":1}\n'
@@ -516,28 +519,8 @@ def test_the_connection_goes_to_the_top_level_socket_only(rec_bin, tmp_path):
 
 # ---------------------------------------------------------------- the frame protocol
 
-def recv_exact(conn, n):
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-def read_frame(conn):
-    head = recv_exact(conn, 5)
-    (n,) = struct.unpack(">I", head[1:])
-    return head[:1], recv_exact(conn, n)
-
-
-def frame(kind, payload):
-    return kind + struct.pack(">I", len(payload)) + payload
-
-
-def entries(env):
-    return b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()) + b"\0"
+# the frames as the reference client (thinclient.py) builds and reads them
+recv_exact, read_frame, frame, entries = tc.recv_exact, tc.recv_frame, tc.frame, tc.env_block
 
 
 class FakeDaemon:
