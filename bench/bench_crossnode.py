@@ -21,6 +21,9 @@ of each other:
   inner segments back into one TSO frame;
 - ``vswitch-segments`` (TCP only): the same with ``--tunnel-gso segments`` (D51): each
   64 KiB segment leaves as ~45 wire-size frames, each crossing the underlay on its own;
+- ``vswitch-busy`` (RTT only): the same with ``--busy-poll`` on both daemons (no wakeup on
+  either node): the issue's second RTT goal, <= 3x the kernel pair. Its nodes exist only
+  during its own test (two daemons that never sleep fill both cores of this machine);
 - ``ovs-vxlan``: Open vSwitch's userspace datapath on each node (``pairs_ovs_vxlan``:
   a ``vxlan`` port on the pods' bridge, the underlay NIC on a second netdev bridge that
   holds the node's underlay address, OVS's userspace tunnelling), cross-node rows only;
@@ -52,7 +55,8 @@ same-node figures, so ``cross-node-*`` sits beside ``real-*`` of the same run):
   in B, counted at B's eth0 (Mpps).
 
 Goals (issue 13): TCP >= 0.8x kernel-vxlan, 64-byte frames >= 1.0x kernel-vxlan,
-cross-node RTT <= 1.3x vswitch's same-node RTT. The report's ratio column gives the first
+cross-node RTT <= 1.3x vswitch's same-node RTT, and cross-node-rtt[vswitch-busy] <= 3x
+kernel-vxlan. The report's ratio column gives the first
 two; the third is cross-node-rtt[vswitch] / same-node-rtt[vswitch] of the same run.
 
     python -m bench --files bench_crossnode.py     # as root: iperf3, ping
@@ -75,14 +79,17 @@ from .bench_real import (PING_COUNT, PING_INTERVAL_S, TCP_OMIT_S, TCP_ROUNDS, TC
 
 pytestmark = pytest.mark.integration
 
-KINDS = {"vswitch": "vswitch", "kernel-vxlan": "kernel", "vswitch-segments": "vswitch"}
+KINDS = {"vswitch": "vswitch", "kernel-vxlan": "kernel", "vswitch-segments": "vswitch", "vswitch-busy": "vswitch"}
 SUBJECTS = ("vswitch", "kernel-vxlan")
 #: cross-node figures only: OVS has no routed pod subnets here, so no same-node row of ours
 CROSS_SUBJECTS = (*SUBJECTS, "ovs-vxlan")
 #: TCP also with vswitchd --tunnel-gso segments (D51: one write per wire segment) beside the
 #: default UDP GSO packets (D54): issue 13 asks for both ways of sending TSO measured
 TCP_SUBJECTS = (*CROSS_SUBJECTS, "vswitch-segments")
-DAEMON_ARGS = {"vswitch-segments": ("--tunnel-gso", "segments")}
+DAEMON_ARGS = {"vswitch-segments": ("--tunnel-gso", "segments"), "vswitch-busy": ("--busy-poll",)}
+#: RTT also with both daemons in --busy-poll (issue 13: cross-node RTT <= 3x the kernel pair
+#: once a busy-poll mode exists); its nodes live for one test only (``pairs_vswitch_busy``)
+RTT_SUBJECTS = (*CROSS_SUBJECTS, "vswitch-busy")
 OVS_OVERLAY = "10.246.0.{}/24"          # the ovs-vxlan pods: one L2 segment across both nodes
 #: the underlay bridge is a physical switch's stand-in: no netfilter on it (module docstring)
 UNDERLAY_SYSCTLS = {f"net.bridge.bridge-nf-call-{t}": "0"
@@ -129,6 +136,13 @@ def pairs_vswitch():
 @pytest.fixture(scope="module")
 def pairs_vswitch_segments():
     yield from _pairs("vswitch-segments")
+
+
+@pytest.fixture()
+def pairs_vswitch_busy():
+    """Function scope: two daemons polling without sleep take both cores of a 2-core
+    machine, so they must not outlive the test that measures them (nor run beside it)."""
+    yield from _pairs("vswitch-busy")
 
 
 @pytest.fixture(scope="module")
@@ -279,14 +293,14 @@ def test_cross_node_tcp(benchmark, request, subject, streams):
     benchmark.extra_info["info"].update(counted.info())
 
 
-@pytest.mark.parametrize("subject", CROSS_SUBJECTS)
+@pytest.mark.parametrize("subject", RTT_SUBJECTS)
 def test_cross_node_rtt(benchmark, request, subject):
     """ping RTT between pods on two nodes (ms): every reply is a sample."""
     bench_real.measure_ping(benchmark, _pairs_of(request, subject)["cross"], "cross-node-rtt",
                             subject, PING_COUNT, PING_INTERVAL_S)
 
 
-@pytest.mark.parametrize("subject", SUBJECTS)
+@pytest.mark.parametrize("subject", (*SUBJECTS, "vswitch-busy"))
 def test_same_node_rtt(benchmark, request, subject):
     """ping RTT between two pods on one node of the same cluster (ms): what cross-node-rtt
     is compared with (issue 13: vswitch's cross-node RTT within 1.3x of its same-node RTT)."""

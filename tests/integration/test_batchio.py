@@ -272,3 +272,47 @@ def test_run_widens_the_polling_window_for_late_answers(loop):
     finally:
         ours.close()
         peer.close()
+
+
+def test_run_does_not_poll_after_a_bulk_batch(loop):
+    """Bulk batches (ext/io.pxi): a batch of at least poll_bulk_bytes opens no polling window
+    and teaches the adaptive window no gap; a smaller batch still polls; poll_bulk_bytes=0
+    polls after every batch."""
+    pio, sw = loop
+    ours, peer = _pair()
+    b = pio.b
+    small, big = _frame(1), _frame(2) + bytes(1400)          # 72 and 1472 bytes
+    poll_ns, poll_max_ns, bulk = 2_000_000, 10 * 10**9, 1000
+
+    def one(frame, bulk_bytes):
+        """Sends ``frame`` and runs until it was forwarded and the window (if any) closed;
+        returns (polls, bulk) added meanwhile."""
+        st0 = pio.loop_stats()
+        peer.send(frame)
+        deadline = time.monotonic() + 10
+        while pio.loop_stats()["frames"] == st0["frames"] and time.monotonic() < deadline:
+            pio.run(sw.dp, time.monotonic_ns() + 20_000_000, poll_ns, poll_max_ns=poll_max_ns,
+                    poll_bulk_bytes=bulk_bytes)
+        pio.run(sw.dp, time.monotonic_ns() + 3 * poll_ns, poll_ns, poll_max_ns=poll_max_ns,
+                poll_bulk_bytes=bulk_bytes)           # the rest of the window, if one was opened
+        st = pio.loop_stats()
+        assert st["frames"] == st0["frames"] + 1
+        return st["polls"] - st0["polls"], st["bulk"] - st0["bulk"]
+
+    try:
+        sw.add_port("p1", "uplink", port_id=1)
+        pio.set_port(Port("p1", 1, ours.fileno()), 1)
+        assert one(big, bulk) == (0, 1)                 # bulk: blocked at once
+        polls, n_bulk = one(small, bulk)
+        assert polls >= 1 and n_bulk == 0               # a small batch polls
+        assert b.loop_window_ns == poll_ns
+        time.sleep(0.01)                                # a late bulk batch 10 ms after it ...
+        assert one(big, bulk) == (0, 1)
+        assert b.loop_window_ns == poll_ns and b.poll_bulk_bytes == bulk   # ... widened nothing
+        polls, n_bulk = one(big, 0)                     # off: the same frame polls
+        assert polls >= 1 and n_bulk == 0
+        with pytest.raises(ValueError, match="poll_bulk_bytes"):
+            pio.run(sw.dp, time.monotonic_ns(), 100, poll_bulk_bytes=-1)
+    finally:
+        ours.close()
+        peer.close()

@@ -83,6 +83,8 @@ from vswitch.daemon.worker import KernelWorker
 SWEEP_INTERVAL_NS = 10 * C.SEC_NS
 SWITCH_INTERVAL_S = 0.0005      # the loop thread waits at most this long for the GIL
 DEFAULT_POLL_US = 100           # --poll-us: polling window after a batch (0: always sleep)
+DEFAULT_POLL_BULK_KIB = 32      # --poll-bulk-kib (ext/io.pxi "Bulk batches")
+MAX_POLL_BULK_KIB = 1 << 20
 POLL_GROW = 4                   # --poll-max-us default: the window may grow to POLL_GROW x --poll-us
 MAX_POLL_US = 100_000           # the bound of --poll-us (0.1 s of polling per burst at most)
 KERNEL_OPS = frozenset({"attach", "detach", "check", "gc", "peers"})
@@ -98,7 +100,8 @@ class Daemon:
                  cluster: ClusterConfig | None = None, conntrack_size: int | None = None,
                  mac_learn_rate_per_s: int | None = None, vtep: VtepConfig | None = None,
                  cluster_cidrs: tuple = (), metrics_address: str = "127.0.0.1", workers: int = DEFAULT_WORKERS,
-                 busy_poll: bool = False, poll_max_us: int | None = None):
+                 busy_poll: bool = False, poll_max_us: int | None = None,
+                 poll_bulk_kib: int = DEFAULT_POLL_BULK_KIB):
         if isinstance(poll_us, bool) or not isinstance(poll_us, int) or not 0 <= poll_us <= MAX_POLL_US:
             raise ValueError(f"poll_us={poll_us!r}; accepted: an integer 0 .. {MAX_POLL_US} (microseconds)")
         if poll_max_us is None:
@@ -107,6 +110,11 @@ class Daemon:
                 or not poll_us <= poll_max_us <= MAX_POLL_US):
             raise ValueError(f"poll_max_us={poll_max_us!r}; accepted: an integer poll_us ({poll_us}) .. "
                              f"{MAX_POLL_US} (microseconds)")
+        if (isinstance(poll_bulk_kib, bool) or not isinstance(poll_bulk_kib, int)
+                or not 0 <= poll_bulk_kib <= MAX_POLL_BULK_KIB):
+            raise ValueError(f"poll_bulk_kib={poll_bulk_kib!r}; accepted: an integer 0 .. {MAX_POLL_BULK_KIB} "
+                             f"(KiB; 0: poll after every batch)")
+        self.poll_bulk_bytes = poll_bulk_kib * 1024   # no window after such a batch (ext/io.pxi "Bulk batches")
         self.workers = workers          # packet workers: this thread (worker 0) and workers - 1 threads
         self.busy_poll = bool(busy_poll)
         self._worker_threads: list[threading.Thread] = []
@@ -242,7 +250,8 @@ class Daemon:
         b, dp, lock = self.io.bs[k], self.switch.dp, self.io.lock
         try:
             while not self._workers_stop:
-                b.run(dp, NEVER_NS, self.poll_ns, self.busy_poll, lock, True, self.poll_max_ns)
+                b.run(dp, NEVER_NS, self.poll_ns, self.busy_poll, lock, True, self.poll_max_ns,
+                      self.poll_bulk_bytes)
         except BaseException as exc:    # never silent: logged, shown by status
             self.worker_exits.append(f"worker {k}: {exc!r}")
             self.log("worker_failed", level="error", worker=k, error=repr(exc), tb=traceback.format_exc())
@@ -308,6 +317,7 @@ class Daemon:
                 "version": __version__, "switch": self.host_name, "uplink": self.uplink_name,
                 "datapath": type(self.switch.dp).__module__, "io": self.io.impl,
                 "poll_us": self.poll_ns // 1000, "poll_max_us": self.poll_max_ns // 1000,
+                "poll_bulk_kib": self.poll_bulk_bytes // 1024,
                 "poll_window_us": getattr(self.io.b, "loop_window_ns", 0) // 1000, "loop": self.io.loop_stats(), "control": self.control.status(),
                 "workers": self.workers, "busy_poll": self.busy_poll, "worker_exits": list(self.worker_exits),
                 "tunnel_gso": tunnel_gso(self.io.impl),
@@ -415,6 +425,7 @@ class Daemon:
         io, dp = self.io, self.switch.dp
         fast = io.impl == "c"           # vswitch.datapath chose the core for both (one selection)
         run, poll_ns, busy, lock, poll_max_ns = io.run, self.poll_ns, self.busy_poll, io.lock, self.poll_max_ns
+        bulk = self.poll_bulk_bytes
         monotonic_ns = time.monotonic_ns
         ctl = self.control
         vx = self.vxlan
@@ -429,7 +440,7 @@ class Daemon:
                     break
             if fast and not self.captures:
                 run(dp, min(self.last_sweep_ns + SWEEP_INTERVAL_NS, ctl.timer_ns, vx.timer_ns if vx else never),
-                    poll_ns, busy, lock, False, poll_max_ns)
+                    poll_ns, busy, lock, False, poll_max_ns, bulk)
                 now = monotonic_ns()
             else:
                 now = self._step()
@@ -617,6 +628,11 @@ def main(argv=None):
                     help=f"the polling window grows up to this many microseconds while batches keep arriving "
                          f"just after it (an answer from another node; default {POLL_GROW} x --poll-us; "
                          f"--poll-us itself: a fixed window)")
+    ap.add_argument("--poll-bulk-kib", type=int, default=DEFAULT_POLL_BULK_KIB, metavar="KIB",
+                    help=f"a batch of at least this many KiB (a stream's) opens no polling window: "
+                         f"the loop blocks after it, leaving the CPU to the stream's senders and "
+                         f"receivers (0 .. {MAX_POLL_BULK_KIB}; 0: poll after every batch; default "
+                         f"{DEFAULT_POLL_BULK_KIB})")
     ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                     help=f"packet worker threads (1 .. {MAX_WORKERS}; default {DEFAULT_WORKERS}): each reads and "
                          f"writes its own queue of every multi-queue TAP and its own uplink socket "
@@ -744,7 +760,8 @@ def main(argv=None):
                    a.max_ports, a.poll_us, log_level=a.log_level, log_group=a.log_group, control_limits=limits,
                    cluster=cluster, conntrack_size=a.conntrack_size, mac_learn_rate_per_s=a.mac_learn_rate,
                    vtep=vtep, cluster_cidrs=cluster_cidrs, metrics_address=a.metrics_address,
-                   workers=a.workers, busy_poll=a.busy_poll, poll_max_us=a.poll_max_us)
+                   workers=a.workers, busy_poll=a.busy_poll, poll_max_us=a.poll_max_us,
+                   poll_bulk_kib=a.poll_bulk_kib)
     except (OSError, ValueError, KeyError) as exc:
         print(f"vswitchd: {exc}", file=sys.stderr)
         return 2

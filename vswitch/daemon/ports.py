@@ -517,7 +517,7 @@ class PacketIO:
         """Failed writes per port: worker 0's array (live) with one worker, else the sum."""
         return self.b.tx_errors if len(self.bs) == 1 else sum(b.tx_errors for b in self.bs)
 
-    LOOP_STATS = ("batches", "frames", "sleeps", "polls", "poll_hits", "poll_ns", "drained")
+    LOOP_STATS = ("batches", "frames", "sleeps", "polls", "poll_hits", "poll_ns", "bulk", "drained")
 
     def loop_stats(self) -> dict:
         """Counters of ``run``, summed over the workers (zero for the Python twin, which has
