@@ -1,7 +1,7 @@
 """Two vswitchd settings side by side on a two-node VXLAN cluster: cross-node TCP (one
 stream), cross-node and same-node ping RTT, in alternating rounds.
 
-    python -m bench.ab_crossnode "" "--poll-bulk-kib 0"          # as root: iperf3, ping
+    python -m bench.ab_crossnode "--poll-bulk-kib 32" ""         # as root: iperf3, ping
     python -m bench.ab_crossnode --rounds 5 --seconds 8 "" "--poll-us 0" "--busy-poll"
 
 Theory of operation

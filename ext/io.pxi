@@ -58,15 +58,15 @@
 # came just after we slept and paid a wakeup (issue 13). Traffic without such gaps (a TCP
 # stream, a ping every 5 ms between local pods) keeps the window at poll_ns.
 #
-# Bulk batches: a batch of at least `poll_bulk_bytes` (default 32 KiB: a TSO segment, a
-# UDP GSO packet, dozens of wire frames) is a stream's, not a request's: after it the loop
-# blocks at once (a frame already waiting makes the wait return at once, so nothing is
-# delayed), and the adaptive window does not see it (gaps are measured between the other
-# batches). Polling pays when it catches an answer
-# without a wakeup; in a stream it mostly spins, on a machine whose cores the stream's
-# own senders and receivers need: one TCP stream between pods on two nodes (2 vCPUs)
-# polled about 100,000 times a second for about 10,000 hits and went from 7.8-8.1 to
-# 8.4-9.1 Gbit/s without it (docs/daemon.md "--poll-us").
+# Bulk batches (opt-in, vswitchd --poll-bulk-kib): a batch whose frames from or to an
+# AF_PACKET port (the uplink: `port_hdr_lens` 10) add up to at least `poll_bulk_bytes` is a
+# stream across the wire: after it the loop blocks at once (a frame already waiting makes
+# the wait return at once, so nothing is delayed), and the adaptive window does not see it
+# (gaps are measured between the other batches). Whether that pays depends on who needs
+# the cores the window spins on: between two vswitch nodes on 2 vCPUs (two daemons, two
+# iperf3) one TCP stream went from 8.12 / 8.68 to 8.88 / 9.07 Gbit/s with 32 KiB; a
+# hostPort stream to a client on the uplink (one daemon) went from 18.6-19.8 to 16.9-17.4.
+# So it is off by default (docs/daemon.md "--poll-us").
 #
 # First frame first: the first read after an empty poll (so after idle: a blocking wait
 # follows one) takes one frame per ready fd (no second read() that ends in EAGAIN before
@@ -1099,7 +1099,7 @@ cdef class LoopLock:
 
 cdef long long POLL_GROW = 4                  # run()'s default poll_max_ns: POLL_GROW × poll_ns
 cdef long long POLL_LEARN_NS = 1000000000LL   # a late gap widens the window for this long
-cdef long long POLL_BULK_BYTES = 32768         # run()'s default poll_bulk_bytes ("Bulk batches")
+cdef long long POLL_BULK_BYTES = 0             # run()'s default poll_bulk_bytes: off ("Bulk batches")
 
 # The loop trace (BatchIO.trace_start, docs/daemon.md "Where a ping's microseconds go"): one
 # row of 4 int64 per step of run(), [CLOCK_MONOTONIC ns, step, a, b], in a ring allocated
@@ -1138,7 +1138,7 @@ cdef class BatchIO:
     cdef readonly unsigned long long loop_polls      # non-blocking waits of run() in its polling window
     cdef readonly unsigned long long loop_poll_hits  # ... that found a ready fd (a sleep and wakeup saved)
     cdef readonly unsigned long long loop_poll_ns    # time in polls that found nothing: the polling's CPU cost
-    cdef readonly unsigned long long loop_bulk       # batches of >= poll_bulk_bytes: no polling after them
+    cdef readonly unsigned long long loop_bulk       # batches of >= poll_bulk_bytes across the wire: no polling after them
     cdef readonly long long poll_bulk_bytes          # run's poll_bulk_bytes (0: every batch opens a window)
     cdef readonly unsigned long long loop_drained    # frames released from shaping queues by run()
     cdef readonly int run_errno                      # errno of epoll_wait when run() returned RUN_ERROR
@@ -1374,8 +1374,9 @@ cdef class BatchIO:
         `poll_max_ns` (-1: POLL_GROW × poll_ns; poll_ns: a fixed window): how far the window
         may grow when batches keep arriving just after it (an answer from another node, the
         header comment's "Adaptive window"); `loop_window_ns` is the window in use.
-        `poll_bulk_bytes` (0: off): a batch of at least this many bytes opens no window and
-        teaches it no gap (the header comment's "Bulk batches"; counted in `loop_bulk`).
+        `poll_bulk_bytes` (0: off): a batch with at least this many bytes from or to AF_PACKET
+        ports opens no window and teaches it no gap (the header comment's "Bulk batches";
+        counted in `loop_bulk`).
 
         `busy`: poll without blocking, always (--busy-poll). `lock`: run as one of several
         packet workers sharing `dp` (the LoopLock of all of them; the header comment says
@@ -1415,13 +1416,17 @@ cdef class BatchIO:
     cdef inline long long _window(self, long long now, long long poll_ns, int n) noexcept nogil:
         """The polling window after a batch of `n` frames read at `now` (header comment
         "Adaptive window"); 0 after a bulk batch ("Bulk batches")."""
-        cdef long long gap = now - self.last_batch_ns, win, nbytes = 0
-        cdef int i
-        for i in range(n):
-            nbytes += self.p_len[i]
-        if 0 < self.poll_bulk_bytes <= nbytes:   # a stream's batch: no window, and invisible to the gaps
-            self.loop_bulk += 1
-            return 0
+        cdef long long gap = now - self.last_batch_ns, win, wire_bytes = 0
+        cdef int i, out
+        if self.poll_bulk_bytes > 0:
+            for i in range(n):
+                out = self.p_out[i]
+                if self.p_hdrs[self.p_in[i]] != IO_HDR or (       # an AF_PACKET port's 10 bytes
+                        0 <= out < self.max_ports and self.p_hdrs[out] != IO_HDR):
+                    wire_bytes += self.p_len[i]
+            if wire_bytes >= self.poll_bulk_bytes:   # a stream across the wire: no window, no gap
+                self.loop_bulk += 1
+                return 0
         self.last_batch_ns = now
         if now - self.late_gap_t > POLL_LEARN_NS:
             self.late_gap_ns = 0

@@ -274,21 +274,24 @@ def test_run_widens_the_polling_window_for_late_answers(loop):
         peer.close()
 
 
-def test_run_does_not_poll_after_a_bulk_batch(loop):
-    """Bulk batches (ext/io.pxi): a batch of at least poll_bulk_bytes opens no polling window
-    and teaches the adaptive window no gap; a smaller batch still polls; poll_bulk_bytes=0
-    polls after every batch."""
+def test_run_does_not_poll_after_a_bulk_batch_across_the_wire(loop):
+    """Bulk batches (ext/io.pxi): a batch of at least poll_bulk_bytes with a frame from (or
+    to) an AF_PACKET port (10-byte header: the uplink) opens no polling window and teaches
+    the adaptive window no gap; a smaller one still polls, and so does a bulk batch between
+    TAP ports (12-byte header: pods of this node); poll_bulk_bytes=0 polls after every
+    batch."""
     pio, sw = loop
-    ours, peer = _pair()
+    wire, wire_peer = _pair()
+    tap, tap_peer = _pair()
     b = pio.b
-    small, big = _frame(1), _frame(2) + bytes(1400)          # 72 and 1472 bytes
+    small, big = _frame(1), _frame(2) + bytes(1400)          # 72 and 1472 bytes (12-byte header)
     poll_ns, poll_max_ns, bulk = 2_000_000, 10 * 10**9, 1000
 
-    def one(frame, bulk_bytes):
-        """Sends ``frame`` and runs until it was forwarded and the window (if any) closed;
-        returns (polls, bulk) added meanwhile."""
+    def one(peer, frame, bulk_bytes):
+        """Sends ``frame`` through ``peer`` and runs until it was forwarded and the window
+        (if any) closed; returns (polls, bulk) added meanwhile."""
         st0 = pio.loop_stats()
-        peer.send(frame)
+        peer.send(frame[2:] if peer is wire_peer else frame)   # the wire's header is 10 bytes
         deadline = time.monotonic() + 10
         while pio.loop_stats()["frames"] == st0["frames"] and time.monotonic() < deadline:
             pio.run(sw.dp, time.monotonic_ns() + 20_000_000, poll_ns, poll_max_ns=poll_max_ns,
@@ -301,18 +304,22 @@ def test_run_does_not_poll_after_a_bulk_batch(loop):
 
     try:
         sw.add_port("p1", "uplink", port_id=1)
-        pio.set_port(Port("p1", 1, ours.fileno()), 1)
-        assert one(big, bulk) == (0, 1)                 # bulk: blocked at once
-        polls, n_bulk = one(small, bulk)
+        sw.add_port("p2", "uplink", port_id=2)
+        pio.set_port(Port("p1", 1, wire.fileno(), hdr_len=10), 1)
+        pio.set_port(Port("p2", 2, tap.fileno()), 2)
+        assert one(wire_peer, big, bulk) == (0, 1)      # bulk across the wire: blocked at once
+        polls, n_bulk = one(wire_peer, small, bulk)
         assert polls >= 1 and n_bulk == 0               # a small batch polls
         assert b.loop_window_ns == poll_ns
         time.sleep(0.01)                                # a late bulk batch 10 ms after it ...
-        assert one(big, bulk) == (0, 1)
+        assert one(wire_peer, big, bulk) == (0, 1)
         assert b.loop_window_ns == poll_ns and b.poll_bulk_bytes == bulk   # ... widened nothing
-        polls, n_bulk = one(big, 0)                     # off: the same frame polls
+        polls, n_bulk = one(tap_peer, big, bulk)        # between TAPs: polls
+        assert polls >= 1 and n_bulk == 0
+        polls, n_bulk = one(wire_peer, big, 0)          # off: polls
         assert polls >= 1 and n_bulk == 0
         with pytest.raises(ValueError, match="poll_bulk_bytes"):
             pio.run(sw.dp, time.monotonic_ns(), 100, poll_bulk_bytes=-1)
     finally:
-        ours.close()
-        peer.close()
+        for s_ in (wire, wire_peer, tap, tap_peer):
+            s_.close()

@@ -83,7 +83,7 @@ from vswitch.daemon.worker import KernelWorker
 SWEEP_INTERVAL_NS = 10 * C.SEC_NS
 SWITCH_INTERVAL_S = 0.0005      # the loop thread waits at most this long for the GIL
 DEFAULT_POLL_US = 100           # --poll-us: polling window after a batch (0: always sleep)
-DEFAULT_POLL_BULK_KIB = 32      # --poll-bulk-kib (ext/io.pxi "Bulk batches")
+DEFAULT_POLL_BULK_KIB = 0       # --poll-bulk-kib: off (ext/io.pxi "Bulk batches")
 MAX_POLL_BULK_KIB = 1 << 20
 POLL_GROW = 4                   # --poll-max-us default: the window may grow to POLL_GROW x --poll-us
 MAX_POLL_US = 100_000           # the bound of --poll-us (0.1 s of polling per burst at most)
@@ -629,10 +629,11 @@ def main(argv=None):
                          f"just after it (an answer from another node; default {POLL_GROW} x --poll-us; "
                          f"--poll-us itself: a fixed window)")
     ap.add_argument("--poll-bulk-kib", type=int, default=DEFAULT_POLL_BULK_KIB, metavar="KIB",
-                    help=f"a batch of at least this many KiB (a stream's) opens no polling window: "
-                         f"the loop blocks after it, leaving the CPU to the stream's senders and "
-                         f"receivers (0 .. {MAX_POLL_BULK_KIB}; 0: poll after every batch; default "
-                         f"{DEFAULT_POLL_BULK_KIB})")
+                    help=f"a batch carrying at least this many KiB through the uplink (a stream to or "
+                         f"from another node) opens no polling window: the loop blocks after it, "
+                         f"leaving the CPU to the stream's senders and receivers; for nodes short of "
+                         f"cores (32: +5-9%% cross-node TCP on 2 vCPUs, docs/daemon.md) (0 .. "
+                         f"{MAX_POLL_BULK_KIB}; default {DEFAULT_POLL_BULK_KIB}: off)")
     ap.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
                     help=f"packet worker threads (1 .. {MAX_WORKERS}; default {DEFAULT_WORKERS}): each reads and "
                          f"writes its own queue of every multi-queue TAP and its own uplink socket "
