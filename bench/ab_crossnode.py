@@ -16,12 +16,22 @@ out), then ``--pings`` pings A -> B and A -> A2 (node 1) at 5 ms. Alternating ro
 the machine's drift on every variant alike; the medians over rounds are printed with every
 round's value. This is the quick question "does this setting help?"; the figures of record
 come from ``python -m bench --files bench_crossnode.py``, beside the kernel's VXLAN.
+
+``--perf DIR`` (needs perf) also records ``perf record -a`` for 4 s in the middle of every
+TCP measurement into DIR/variant<k>-round<r>.data and prints where the machine's CPU went:
+per command (the daemons are ``python``) and, for the daemons, by kind of kernel or user
+work (copies, the network core, TCP/IP, our Cython, scheduling, syscalls), from
+``perf report --sort sym``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
+import subprocess
+import threading
+import time
 
 from vswitch import lab
 from vswitch.lab import cluster
@@ -34,7 +44,49 @@ def _rtt_median_ms(ns: str, ip: str, count: int) -> float:
     return statistics.median(float(x) for x in re.findall(r"time=([\d.]+)", out))
 
 
-def one_round(daemon_args: tuple, seconds: int, pings: int) -> dict:
+#: what a daemon's samples are, by symbol (first match wins; the rest is "other")
+CATEGORIES = (
+    ("copies", r"copy_(to|from)_iter|copy_page|memcpy|memmove|copy_user"),
+    ("ours (Cython)", r"__pyx"),
+    ("scheduling, wakeups", r"schedule|switch_to|finish_task_switch|yield|pick_|enqueue|dequeue|update_curr"
+                            r"|wake|ttwu|select_task|idle|sched|spin_unlock_irqrestore"),
+    ("TCP/IP", r"tcp_|^ip_|ipv4|inet|fib_|udp|icmp|__ip|raw_"),
+    ("network core", r"netif|skb|dev_|veth|br_|napi|softirq|gro|gso|net_rx|nf_|fdb|packet_|sock|tun_"),
+    ("memory", r"kmem|kfree|alloc|page|slab|free"),
+    ("syscalls, epoll", r"syscall|entry|fdget|fput|iovec|check_object|virt_addr|rw_verify|exit_to_user|epoll|__x64"),
+)
+
+
+def perf_summary(data: str) -> str:
+    """Where the CPU went in a ``perf record -a`` file: % of all samples per command, and the
+    daemons' (``python``) samples by CATEGORIES."""
+    def report(*args):
+        return subprocess.run(["perf", "report", "-i", data, "--stdio", *args], capture_output=True,
+                              text=True, check=True).stdout
+    comms = re.findall(r"^\s*([\d.]+)%\s+(\S+)\s*$", report("--sort", "comm"), re.M)
+    cats = dict.fromkeys([c for c, _ in CATEGORIES] + ["other"], 0.0)
+    for pct, sym in re.findall(r"^\s*([\d.]+)%\s+\[.\]\s+(\S+)", report("--comm", "python", "--sort", "sym"), re.M):
+        cat = next((c for c, rx in CATEGORIES if re.search(rx, sym)), "other")
+        cats[cat] += float(pct)
+    total = sum(cats.values()) or 1.0
+    lines = ["CPU by command (% of all samples): " + ", ".join(f"{c} {p}" for p, c in comms[:6]),
+             "the daemons' samples by kind (% of the daemons' samples): "
+             + ", ".join(f"{c} {100 * v / total:.1f}" for c, v in sorted(cats.items(), key=lambda kv: -kv[1]))]
+    return "\n".join(lines)
+
+
+def _perf_during(out: str, delay_s: float):
+    """A thread that waits ``delay_s`` and records the whole machine for 4 s into ``out``."""
+    def rec():
+        time.sleep(delay_s)
+        subprocess.run(["perf", "record", "-a", "-F", "1999", "-o", out, "--", "sleep", "4"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    t = threading.Thread(target=rec)
+    t.start()
+    return t
+
+
+def one_round(daemon_args: tuple, seconds: int, pings: int, perf_out: str | None = None) -> dict:
     c = cluster.Cluster(2, kinds="vswitch", pods_per_node=2, port=cluster.IANA_VXLAN_PORT,
                         node_kwargs={"vswitch": {"daemon_args": daemon_args}})
     c.open()
@@ -42,7 +94,10 @@ def one_round(daemon_args: tuple, seconds: int, pings: int) -> dict:
         _underlay_plain(c.underlay)
         a, a2 = c.nodes[0].pods
         b = c.nodes[1].pods[0]
+        rec = _perf_during(perf_out, max(1.0, (seconds - 4) / 2 + 0.5)) if perf_out else None
         res = lab.iperf3(b.ns, b.ip, a.ns, seconds=seconds, omit_s=1)
+        if rec is not None:
+            rec.join()
         return {"tcp_gbps": round(res["end"]["sum_received"]["bits_per_second"] / 1e9, 3),
                 "cross_rtt_ms": _rtt_median_ms(a.ns, b.ip, pings),
                 "same_rtt_ms": _rtt_median_ms(a.ns, a2.ip, pings)}
@@ -56,14 +111,22 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5, help="iperf3 duration per round (the first is left out)")
     ap.add_argument("--pings", type=int, default=200)
+    ap.add_argument("--perf", metavar="DIR", help="perf record -a during each TCP measurement, into DIR")
     a = ap.parse_args(argv)
     if a.rounds < 1 or a.seconds < 2 or a.pings < 1:
         ap.error("--rounds >= 1, --seconds >= 2, --pings >= 1")
+    if a.perf and a.seconds < 6:
+        ap.error("--perf records 4 s inside the measurement: --seconds >= 6")
+    if a.perf:
+        os.makedirs(a.perf, exist_ok=True)
     got = {v: [] for v in a.variants}
     for r in range(a.rounds):
-        for v in a.variants:
-            got[v].append(one_round(tuple(v.split()), a.seconds, a.pings))
+        for k, v in enumerate(a.variants):
+            data = os.path.join(a.perf, f"variant{k}-round{r + 1}.data") if a.perf else None
+            got[v].append(one_round(tuple(v.split()), a.seconds, a.pings, data))
             print(f"round {r + 1} {v or '(defaults)'}: {got[v][-1]}", flush=True)
+            if data:
+                print(perf_summary(data), flush=True)
     print("\n| variant | TCP Gbit/s | cross-node RTT ms | same-node RTT ms | cross ÷ same |\n|---|---|---|---|---|")
     for v, rows in got.items():
         med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
