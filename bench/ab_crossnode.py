@@ -2,14 +2,14 @@
 stream), cross-node and same-node ping RTT, in alternating rounds.
 
     python -m bench.ab_crossnode "--poll-bulk-kib 32" ""         # as root: iperf3, ping
-    python -m bench.ab_crossnode --rounds 5 --seconds 8 "" "--poll-us 0" "--busy-poll"
+    python -m bench.ab_crossnode --rounds 5 --seconds 8 -- "" "--poll-us 0" "--busy-poll"
 
 Theory of operation
 -------------------
 Each argument is one variant: the extra ``vswitchd`` arguments of both nodes (``""``: the
-defaults). Per round, each variant in turn gets a fresh cluster (``vswitch.lab.cluster``:
-two vswitch nodes, two pods each, the underlay bridge without netfilter as in
-bench_crossnode.py), measures, and is removed before the next one starts, so no variant's
+defaults). Per round, each variant in turn gets a fresh cluster (bench_crossnode.py's
+``_pairs``: two vswitch nodes, two pods each, the underlay bridge without netfilter),
+measures, and is removed before the next one starts, so no variant's
 daemons (a busy-polling one fills a core) run beside another's measurement. A round
 measures iperf3 from pod A (node 1) to pod B (node 2) for ``--seconds`` (the first left
 out), then ``--pings`` pings A -> B and A -> A2 (node 1) at 5 ms. Alternating rounds put
@@ -26,6 +26,7 @@ work (copies, the network core, TCP/IP, our Cython, scheduling, syscalls), from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -34,9 +35,8 @@ import threading
 import time
 
 from vswitch import lab
-from vswitch.lab import cluster
 
-from .bench_crossnode import _underlay_plain
+from .bench_crossnode import _pairs
 
 
 def _rtt_median_ms(ns: str, ip: str, count: int) -> float:
@@ -87,13 +87,9 @@ def _perf_during(out: str, delay_s: float):
 
 
 def one_round(daemon_args: tuple, seconds: int, pings: int, perf_out: str | None = None) -> dict:
-    c = cluster.Cluster(2, kinds="vswitch", pods_per_node=2, port=cluster.IANA_VXLAN_PORT,
-                        node_kwargs={"vswitch": {"daemon_args": daemon_args}})
-    c.open()
-    try:
-        _underlay_plain(c.underlay)
-        a, a2 = c.nodes[0].pods
-        b = c.nodes[1].pods[0]
+    with contextlib.contextmanager(_pairs)("vswitch", daemon_args) as pairs:
+        a, b = pairs["cross"].a, pairs["cross"].b
+        a2 = pairs["same"].b
         rec = _perf_during(perf_out, max(1.0, (seconds - 4) / 2 + 0.5)) if perf_out else None
         res = lab.iperf3(b.ns, b.ip, a.ns, seconds=seconds, omit_s=1)
         if rec is not None:
@@ -101,13 +97,12 @@ def one_round(daemon_args: tuple, seconds: int, pings: int, perf_out: str | None
         return {"tcp_gbps": round(res["end"]["sum_received"]["bits_per_second"] / 1e9, 3),
                 "cross_rtt_ms": _rtt_median_ms(a.ns, b.ip, pings),
                 "same_rtt_ms": _rtt_median_ms(a.ns, a2.ip, pings)}
-    finally:
-        c.close()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ab_crossnode", description=__doc__.split("\n")[0])
-    ap.add_argument("variants", nargs="+", help='extra vswitchd arguments per variant ("" = defaults)')
+    ap.add_argument("variants", nargs="+", help='extra vswitchd arguments per variant ("" = defaults; put -- before '
+                         'them when one is a single option such as "--busy-poll")')
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5, help="iperf3 duration per round (the first is left out)")
     ap.add_argument("--pings", type=int, default=200)

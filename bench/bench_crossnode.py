@@ -56,8 +56,9 @@ same-node figures, so ``cross-node-*`` sits beside ``real-*`` of the same run):
 
 Goals (issue 13): TCP >= 0.8x kernel-vxlan, 64-byte frames >= 1.0x kernel-vxlan,
 cross-node RTT <= 1.3x vswitch's same-node RTT, and cross-node-rtt[vswitch-busy] <= 3x
-kernel-vxlan. The report's ratio column gives the first
-two; the third is cross-node-rtt[vswitch] / same-node-rtt[vswitch] of the same run.
+kernel-vxlan. The report's ratio column gives the first two; the third is
+cross-node-rtt[vswitch] / same-node-rtt[vswitch] of the same run, the fourth
+cross-node-rtt[vswitch-busy] / cross-node-rtt[kernel-vxlan].
 
     python -m bench --files bench_crossnode.py     # as root: iperf3, ping
 """
@@ -104,19 +105,22 @@ def _underlay_plain(underlay) -> int:
     return 0 if r.returncode == 0 else 1
 
 
-def _pairs(subject):
+def _pairs(subject, daemon_args=None):
     """Two nodes of ``subject``'s kind with two pods each, peers; yields
-    {"cross": A -> B on the other node, "same": A -> A2 on A's node, "cluster": c}."""
+    {"cross": A -> B on the other node, "same": A -> A2 on A's node, "cluster": c}.
+    ``daemon_args``: vswitchd's extra arguments (None: the subject's, DAEMON_ARGS)."""
     nettools.require("iperf3", "ping")
+    if daemon_args is None:
+        daemon_args = DAEMON_ARGS.get(subject, ())
     c = cluster.Cluster(2, kinds=KINDS[subject], pods_per_node=2, port=cluster.IANA_VXLAN_PORT,
-                        node_kwargs={"vswitch": {"daemon_args": DAEMON_ARGS.get(subject, ())}})
+                        node_kwargs={"vswitch": {"daemon_args": tuple(daemon_args)}})
     c.open()            # removes what it made if it fails
     try:
         bridge_nf = _underlay_plain(c.underlay)
         n1, n2 = c.nodes
         facts = {"nodes": 2, "kind": KINDS[subject], "vni": c.vni, "udp_port": c.port,
                  "underlay_mtu": c.mtu, "pod_mtu": n1.pod_mtu, "underlay_bridge_nf": bridge_nf,
-                 "daemon_args": " ".join(DAEMON_ARGS.get(subject, ())),
+                 "daemon_args": " ".join(daemon_args),
                  "datapath": "pod veth - cni0 - flannel.1 (vxlan) - eth0 veth - underlay bridge"
                  if subject == "kernel-vxlan" else "pod TAP - vswitchd - uplink AF_PACKET"}
         same = {**facts, "path": "same node: pod veth - cni0 - pod veth" if subject == "kernel-vxlan"

@@ -61,6 +61,12 @@ def _params(subject):
     return "vswitch", {"mode": mode, "workers": MODES[mode][0]}
 
 
+def _busy(subject) -> bool:
+    """Whether ``subject``'s daemon runs --busy-poll."""
+    params = _params(subject)[1]
+    return bool(params) and MODES[params["mode"]][1]
+
+
 class _Made(NamedTuple):
     node: object
     pair: object
@@ -75,7 +81,7 @@ def pairs():
     made, stack = {}, []
 
     def get(subject):
-        for other in [o for o in made if o != subject and _params(o)[1].get("mode", "").endswith("-busy")]:
+        for other in [o for o in made if o != subject and _busy(o)]:
             node = made.pop(other).node
             stack.remove(node)
             node.__exit__(None, None, None)

@@ -65,7 +65,7 @@
 # (gaps are measured between the other batches). Whether that pays depends on who needs
 # the cores the window spins on: between two vswitch nodes on 2 vCPUs (two daemons, two
 # iperf3) one TCP stream went from 8.12 / 8.68 to 8.88 / 9.07 Gbit/s with 32 KiB; a
-# hostPort stream to a client on the uplink (one daemon) went from 18.6-19.8 to 16.9-17.4.
+# hostPort stream to a client on the uplink (one daemon) went from 20.2 / 20.6 to 17.4 / 17.6.
 # So it is off by default (docs/daemon.md "--poll-us").
 #
 # First frame first: the first read after an empty poll (so after idle: a blocking wait
