@@ -30,7 +30,12 @@ of each other:
   its two pods share one overlay subnet (an L2 overlay: a bare VXLAN port routes nothing).
   Userspace TSO is off: Open vSwitch 3.1 (Debian 12) drops every TSO packet headed into a
   tunnel ("Tunneling packets with HW offload flags is not supported: packet dropped") and
-  TCP stalls, so the pods' kernels segment to the pod MTU (``userspace_tso`` in ``info``).
+  TCP stalls, so the pods' kernels segment to the pod MTU (``userspace_tso`` in ``info``);
+- ``c-floor`` (TCP and RTT): ``vxfloor`` (bench/vxfloor.c, bench/floor.py) on the same
+  underlay: the least work this design (pod TAPs, an AF_PACKET uplink, a process per node)
+  can do, with the inner checksums vswitchd computes. No MAC table, routing, checks,
+  shaping or counters; its two pods share one overlay subnet. Where vswitch sits between
+  c-floor and the kernel pair says whether a gap is our loop's or the design's.
 
 The underlay bridge stands for a physical L2 segment, which filters nothing: its
 namespace gets ``net.bridge.bridge-nf-call-{iptables,ip6tables,arptables}=0``
@@ -73,7 +78,7 @@ import pytest
 from vswitch import lab
 from vswitch.lab import cluster
 
-from . import bench_real, nettools
+from . import bench_real, floor, nettools
 from .bench_ovs import OVS_BINARIES, SCHEMA, OvsUserspace
 from .bench_real import (PING_COUNT, PING_INTERVAL_S, TCP_OMIT_S, TCP_ROUNDS, TCP_SECONDS,
                          UDP_ROUNDS, UDP_SECONDS)
@@ -86,11 +91,11 @@ SUBJECTS = ("vswitch", "kernel-vxlan")
 CROSS_SUBJECTS = (*SUBJECTS, "ovs-vxlan")
 #: TCP also with vswitchd --tunnel-gso segments (D51: one write per wire segment) beside the
 #: default UDP GSO packets (D54): issue 13 asks for both ways of sending TSO measured
-TCP_SUBJECTS = (*CROSS_SUBJECTS, "vswitch-segments")
+TCP_SUBJECTS = (*CROSS_SUBJECTS, "vswitch-segments", "c-floor")
 DAEMON_ARGS = {"vswitch-segments": ("--tunnel-gso", "segments"), "vswitch-busy": ("--busy-poll",)}
 #: RTT also with both daemons in --busy-poll (issue 13: cross-node RTT <= 3x the kernel pair
 #: once a busy-poll mode exists); its nodes live for one test only (``pairs_vswitch_busy``)
-RTT_SUBJECTS = (*CROSS_SUBJECTS, "vswitch-busy")
+RTT_SUBJECTS = (*CROSS_SUBJECTS, "vswitch-busy", "c-floor")
 OVS_OVERLAY = "10.246.0.{}/24"          # the ovs-vxlan pods: one L2 segment across both nodes
 #: the underlay bridge is a physical switch's stand-in: no netfilter on it (module docstring)
 UNDERLAY_SYSCTLS = {f"net.bridge.bridge-nf-call-{t}": "0"
@@ -147,6 +152,11 @@ def pairs_vswitch_busy():
     """Function scope: two daemons polling without sleep take both cores of a 2-core
     machine, so they must not outlive the test that measures them (nor run beside it)."""
     yield from _pairs("vswitch-busy")
+
+
+@pytest.fixture(scope="module")
+def pairs_c_floor():
+    yield from floor.floor_pairs(csum=True)
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +314,7 @@ def test_cross_node_rtt(benchmark, request, subject):
                             subject, PING_COUNT, PING_INTERVAL_S)
 
 
-@pytest.mark.parametrize("subject", (*SUBJECTS, "vswitch-busy"))
+@pytest.mark.parametrize("subject", (*SUBJECTS, "vswitch-busy", "c-floor"))
 def test_same_node_rtt(benchmark, request, subject):
     """ping RTT between two pods on one node of the same cluster (ms): what cross-node-rtt
     is compared with (issue 13: vswitch's cross-node RTT within 1.3x of its same-node RTT)."""
