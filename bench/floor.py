@@ -2,7 +2,7 @@
 work a TAP + AF_PACKET VXLAN data path can do, on the same underlay as the cluster.
 
     python -m bench.floor                       # as root: gcc, iperf3, ping; a Markdown table
-    python -m bench.floor --rounds 3 --no-csum
+    python -m bench.floor --rounds 5 --variants csum,csum+tx-ring
 
 Theory of operation
 -------------------
@@ -11,9 +11,9 @@ within 1.3x of our same-node RTT. Whether a goal is out of reach of vswitchd's l
 the design (pods on TAPs, the uplink an AF_PACKET socket, a userspace process per node) is
 a measurement: ``vxfloor`` keeps the design and drops everything else (no MAC table,
 routing, checks, shaping, counters or batching; see its header). Its figures bound what
-making our loop cheaper can gain; they do not bound kernel interfaces the design leaves
-unused (docs/cluster.md "The floor" estimates the one that could matter, a zero-copy
-PACKET_TX_RING send).
+making our loop cheaper can gain. ``--variants ...+tx-ring`` measures the kernel interface
+the design leaves unused that could lower them, a zero-copy PACKET_TX_RING send
+(docs/cluster.md "The floor": on this underlay of veths it does not).
 
 ``floor_pairs`` builds what ``bench_crossnode._pairs`` builds, with ``vxfloor`` instead of
 vswitchd: an underlay bridge (``cluster.Underlay``, bridge netfilter off, MTU 1500), two
@@ -25,8 +25,8 @@ it is stopped by PID before the namespaces go, in every outcome.
 
 bench_crossnode.py measures it as the subject ``c-floor`` beside the kernel pair and
 vswitchd (its figures of record); ``python -m bench.floor`` is the quick look, alternating
-rounds of the floor with and without the inner checksums (``--csum``: vswitchd computes
-them, a wire that may cut the packet needs them).
+rounds of the variants in ``VARIANTS`` (by default with and without the inner checksums:
+``--csum``, vswitchd computes them, a wire that may cut the packet needs them).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -77,9 +78,10 @@ def _pod(nss, node_ns: str, tap: str, role: str, ip: str, mtu: int) -> bench_rea
     return bench_real.Endpoint(pod_ns, ip, tap)
 
 
-def floor_pairs(csum: bool = True, busy: bool = False):
+def floor_pairs(csum: bool = True, busy: bool = False, tx_ring: bool = False):
     """Yields {"cross": pod on node 1 -> pod on node 2, "same": two pods of node 1,
-    "underlay": the ``cluster.Underlay`` (its bridge ports are ``n1`` and ``n2``)} on
+    "underlay": the ``cluster.Underlay`` (its bridge ports are ``n1`` and ``n2``),
+    "tso_sent": a function, each node's TSO segments sent from the TX ring and by sendmsg} on
     ``vxfloor`` processes (module docstring); removes everything in every outcome."""
     nettools.require("iperf3", "ping")
     workdir = tempfile.mkdtemp(prefix=f"bench-floor-{lab.uid()}-")
@@ -101,24 +103,34 @@ def floor_pairs(csum: bool = True, busy: bool = False):
             nodes.append((ns, ip, mac))
         mtu = underlay.mtu - cluster.VXLAN_OVERHEAD_BYTES
         flags = (["--csum"] if csum else []) + (["--busy"] if busy else [])
+        ring = ["--tx-ring"] if tx_ring else []
         uid = lab.uid()
         pods = []
         for i, (ns, ip, _) in enumerate(nodes):
             other = nodes[1 - i]
             tap = f"fx{i}{uid}"[:15]
             procs.append(_start(ns, [binary, "vxlan", tap, cluster.UNDERLAY_IFNAME, ip, other[1], other[2],
-                                     str(cluster.DEFAULT_VNI), str(cluster.IANA_VXLAN_PORT), *flags]))
+                                     str(cluster.DEFAULT_VNI), str(cluster.IANA_VXLAN_PORT), *flags, *ring]))
             pods.append(_pod(nss, ns, tap, f"{i}p", CROSS_NET.format(i + 1), mtu))
         taps = [f"fs{k}{uid}"[:15] for k in (1, 2)]
         procs.append(_start(nodes[0][0], [binary, "pair", *taps, *flags]))
         same = [_pod(nss, nodes[0][0], t, f"s{k}", SAME_NET.format(k + 1), mtu) for k, t in enumerate(taps)]
         facts = {"nodes": 2, "kind": "c-floor", "vni": cluster.DEFAULT_VNI, "udp_port": cluster.IANA_VXLAN_PORT,
                  "underlay_mtu": underlay.mtu, "pod_mtu": mtu, "underlay_bridge_nf": 0,
-                 "inner_csum": csum, "busy": busy,
+                 "inner_csum": csum, "busy": busy, "tx_ring": tx_ring,
                  "datapath": "pod TAP - vxfloor (bench/vxfloor.c) - uplink AF_PACKET"}
+        def tso_sent():
+            """Per node: TSO segments its vxfloor sent {"ring": from the TX ring, "copy": by sendmsg}."""
+            out = []
+            for p in procs[:2]:
+                p.send_signal(signal.SIGUSR1)
+                words = p.stdout.readline().split()         # "tso ring N copy M"
+                out.append({"ring": int(words[2]), "copy": int(words[4])})
+            return out
+
         yield {"cross": bench_real.connected_pair(pods[0], pods[1], facts),
                "same": bench_real.connected_pair(*same, {**facts, "path": "same node: pod TAP - vxfloor pair - pod TAP"}),
-               "underlay": underlay}
+               "underlay": underlay, "tso_sent": tso_sent}
     finally:
         for p in procs:
             p.kill()
@@ -134,8 +146,13 @@ def _rtt_ms(ns: str, ip: str, count: int) -> float:
     return statistics.median(nettools.ping_rtts_ms(ns, ip, count, 0.005))
 
 
-def one_round(csum: bool, seconds: int, pings: int) -> dict:
-    with contextlib.contextmanager(floor_pairs)(csum=csum) as pairs:
+#: python -m bench.floor's variants: floor_pairs' keyword arguments
+VARIANTS = {"csum": {"csum": True}, "no-csum": {"csum": False},
+            "csum+tx-ring": {"csum": True, "tx_ring": True}, "no-csum+tx-ring": {"csum": False, "tx_ring": True}}
+
+
+def one_round(variant: dict, seconds: int, pings: int) -> dict:
+    with contextlib.contextmanager(floor_pairs)(**variant) as pairs:
         a, b = pairs["cross"].a, pairs["cross"].b
         s1, s2 = pairs["same"].a, pairs["same"].b
         cross = lab.iperf3(b.ns, b.ip, a.ns, seconds=seconds, omit_s=1)
@@ -150,21 +167,24 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5, help="iperf3 duration per round (the first is left out)")
     ap.add_argument("--pings", type=int, default=200)
-    ap.add_argument("--no-csum", action="store_true", help="only the floor without inner checksums")
+    ap.add_argument("--variants", default="csum,no-csum",
+                    help=f"comma-separated, measured in turns: {', '.join(VARIANTS)} (default: csum,no-csum)")
     a = ap.parse_args(argv)
+    names = [v for v in a.variants.split(",") if v]
     if a.rounds < 1 or a.seconds < 2 or a.pings < 1:
         ap.error("--rounds >= 1, --seconds >= 2, --pings >= 1")
-    variants = [False] if a.no_csum else [True, False]
-    got = {v: [] for v in variants}
+    if not names or any(v not in VARIANTS for v in names):
+        ap.error(f"--variants {a.variants!r}: accepted are {', '.join(VARIANTS)}")
+    got = {v: [] for v in names}
     for r in range(a.rounds):
-        for v in variants:
-            got[v].append(one_round(v, a.seconds, a.pings))
-            print(f"round {r + 1} ({'csum' if v else 'no csum'}): {got[v][-1]}", flush=True)
+        for v in names:
+            got[v].append(one_round(VARIANTS[v], a.seconds, a.pings))
+            print(f"round {r + 1} ({v}): {got[v][-1]}", flush=True)
     print("\n| vxfloor | cross-node TCP Gbit/s | same-node TCP | cross-node RTT ms | same-node RTT ms | cross ÷ same RTT |")
     print("|---|---|---|---|---|---|")
     for v, rows in got.items():
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        print(f"| {'inner checksums' if v else 'no inner checksums'} | {med['cross_tcp_gbps']:.2f} | "
+        print(f"| {v} | {med['cross_tcp_gbps']:.2f} ({', '.join(str(r['cross_tcp_gbps']) for r in rows)}) | "
               f"{med['same_tcp_gbps']:.2f} | {med['cross_rtt_ms']:.4f} | {med['same_rtt_ms']:.4f} | "
               f"{med['cross_rtt_ms'] / med['same_rtt_ms']:.2f} |")
     return 0

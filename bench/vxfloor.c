@@ -12,6 +12,10 @@
  *       D54 does); VXLAN datagrams for PORT arrive decapsulated, a UDP GSO packet's TCP
  *       segments merged back into one TSO frame, one writev (vswitchd's D52).
  *
+ * --tx-ring (vxlan) sends TSO segments from a PACKET_TX_RING instead, read straight into
+ * its frames (ring_from_tap). SIGUSR1 prints "tso ring N copy M" on stdout: the TSO
+ * segments sent each way.
+ *
  * The TAPs are made here (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, 12-byte header, CSUM/TSO4/
  * TSO6 offloads, as vswitchd opens pod ports) in the caller's namespace; "ready" on stdout
  * says the caller may move them into pod namespaces. The loop sleeps in poll() (or spins
@@ -34,11 +38,13 @@
 #include <linux/virtio_net.h>
 #include <net/ethernet.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -56,7 +62,9 @@
 #define VIRTIO_NET_HDR_GSO_UDP_L4 5     /* Debian 12's headers predate it; the kernel takes it */
 #endif
 
-static int busy, want_csum, port;
+static int busy, want_csum, tx_ring, port;
+static volatile sig_atomic_t report;        /* SIGUSR1: print the counts below on stdout */
+static unsigned long sent_ring, sent_copy;  /* TSO segments sent from the ring, by sendmsg */
 static uint32_t vni, local_ip, remote_ip;   /* network order */
 static uint8_t local_mac[6], remote_mac[6];
 
@@ -163,18 +171,106 @@ static ssize_t sendv(int fd, struct iovec *iov, int n) {
 static uint8_t tbuf[BUF], ubuf[BUF];
 static uint8_t seghdr[MAX_SEGS][VXLAN + MAX_INNER_HDR];
 
+/* --tx-ring: a PACKET_TX_RING whose frames the TAP read fills directly (readv at the
+ * places the segments take in the UDP GSO packets, the headers of the next TSO segment
+ * predicted from the last one's: pred_hl, pred_mss), sent without a copy (the kernel
+ * attaches the ring's pages to the skb) */
+#define RING_FRAME (1 << 17)
+#define RING_FRAMES 32
+#define RING_DATA TPACKET_ALIGN(sizeof(struct tpacket2_hdr))
+static uint8_t *ring;
+static unsigned ring_next, pred_hl, pred_mss;
+
+static struct tpacket2_hdr *ring_frame(unsigned i) {
+    return (struct tpacket2_hdr *)(ring + (size_t)(i % RING_FRAMES) * RING_FRAME);
+}
+
+static int ring_fd;
+
+/* the ring lives on a send-only socket of its own (protocol 0: it receives nothing): a
+ * socket with a TX ring sends only from the ring, and the copying way needs sendmsg */
+static void open_ring(const char *ifname) {
+    int fd = socket(AF_PACKET, SOCK_RAW, 0), one = 1, v = TPACKET_V2;
+    if (fd < 0) die("socket");
+    if (setsockopt(fd, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof one) < 0) die("PACKET_VNET_HDR");
+    struct ifreq ifr = {0};
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+    if (ioctl(fd, SIOCGIFINDEX, &ifr) < 0) die("SIOCGIFINDEX");
+    struct sockaddr_ll sll = {.sll_family = AF_PACKET, .sll_protocol = 0, .sll_ifindex = ifr.ifr_ifindex};
+    if (bind(fd, (struct sockaddr *)&sll, sizeof sll) < 0) die("bind");
+    ring_fd = fd;
+    if (setsockopt(fd, SOL_PACKET, PACKET_VERSION, &v, sizeof v) < 0) die("PACKET_VERSION");
+    struct tpacket_req req = {.tp_block_size = RING_FRAME, .tp_block_nr = RING_FRAMES,
+                              .tp_frame_size = RING_FRAME, .tp_frame_nr = RING_FRAMES};
+    if (setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &req, sizeof req) < 0) die("PACKET_TX_RING");
+    ring = mmap(NULL, (size_t)RING_FRAME * RING_FRAMES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (ring == MAP_FAILED) die("mmap");
+}
+
+/* the layout of a TSO segment's UDP GSO packets: segments per packet, datagram size */
+static int per_packet(unsigned hl, unsigned mss, unsigned *dsz) {
+    *dsz = VXLAN + hl + mss;
+    int per = (65535 - 28) / *dsz;
+    return per > MAX_SEGS ? MAX_SEGS : per;
+}
+
+/* segment s of `segs` (payload `plen` at `data`): its VXLAN header and inner headers at
+ * `h`, from the TSO segment's headers `f` (hl bytes) */
+static void seg_headers(uint8_t *h, const uint8_t *f, int hl, int s, int segs, size_t plen,
+                        unsigned mss, const uint8_t *data) {
+    int ihl = (f[14] & 15) * 4, doff = hl - 14 - ihl;
+    uint8_t *ip = h + VXLAN + 14, *tcp = ip + ihl, flags = f[14 + ihl + 13];
+    vxlan_hdr(h);
+    memcpy(h + VXLAN, f, hl);
+    put16(ip + 2, (uint16_t)(ihl + doff + plen));
+    put16(ip + 4, (uint16_t)(be16(f + 18) + s));
+    ip_csum(ip, ihl);
+    put32(tcp + 4, be32(f + 14 + ihl + 4) + (uint32_t)s * mss);
+    tcp[13] = s == segs - 1 ? flags : flags & ~(TCP_FIN | TCP_PSH);
+    tcp[16] = tcp[17] = 0;
+    if (want_csum) {
+        uint64_t sum = pseudo(ip, IPPROTO_TCP, doff + plen);
+        sum = sum_bytes(tcp, doff, sum);
+        uint16_t c = ~fold(sum_bytes(data, plen, sum));
+        memcpy(tcp + 16, &c, 2);
+    }
+}
+
+/* a UDP GSO packet's packet-socket header and outer headers, `cnt` datagrams of `total` bytes */
+static void packet_headers(uint8_t *vnet, uint8_t *oh, int cnt, unsigned total, unsigned dsz, uint16_t sport) {
+    outer(oh, total, sport, 1);
+    memset(vnet, 0, PKT_HDR);
+    struct virtio_net_hdr *vh = (struct virtio_net_hdr *)vnet;
+    vh->flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    vh->csum_start = 34;
+    vh->csum_offset = 6;
+    if (cnt > 1) {
+        vh->gso_type = VIRTIO_NET_HDR_GSO_UDP_L4;
+        vh->hdr_len = OUTER;
+        vh->gso_size = dsz;
+    }
+}
+
+static int tso_headers(const uint8_t *f, size_t len, unsigned mss) {
+    if (len < 14 + 20 || f[14 + 9] != IPPROTO_TCP) return -1;
+    int ihl = (f[14] & 15) * 4;
+    if ((size_t)14 + ihl + 20 > len) return -1;
+    int hl = 14 + ihl + (f[14 + ihl + 12] >> 4) * 4;
+    return hl > MAX_INNER_HDR || (size_t)hl >= len || mss == 0 ? -1 : hl;
+}
+
 /* a TSO segment (IPv4/TCP) from the pod: UDP GSO packets of VXLAN datagrams */
 static void encap_tso(int up, const uint8_t *f, size_t len, unsigned mss) {
-    int ihl = (f[14] & 15) * 4, doff = (f[14 + ihl + 12] >> 4) * 4, hl = 14 + ihl + doff;
-    if (f[14 + 9] != IPPROTO_TCP || hl > MAX_INNER_HDR || (size_t)hl >= len || mss == 0) return;
+    int hl = tso_headers(f, len, mss);
+    if (hl < 0) return;
+    sent_copy++;
+    pred_hl = hl;
+    pred_mss = mss;
     size_t payload = len - hl;
     int segs = (int)((payload + mss - 1) / mss);
-    unsigned dsz = VXLAN + hl + mss;
-    int per = (65535 - 28) / dsz;
-    if (per > MAX_SEGS) per = MAX_SEGS;
-    uint32_t seq0 = be32(f + 14 + ihl + 4);
-    uint16_t id0 = be16(f + 18), sport = 0xC000 | (be16(f + 14 + ihl) ^ be16(f + 14 + ihl + 2));
-    uint8_t tcp_flags = f[14 + ihl + 13];
+    unsigned dsz;
+    int per = per_packet(hl, mss, &dsz), ihl = (f[14] & 15) * 4;
+    uint16_t sport = 0xC000 | (be16(f + 14 + ihl) ^ be16(f + 14 + ihl + 2));
     uint8_t vnet[PKT_HDR], oh[OUTER];
     struct iovec iov[2 + 2 * MAX_SEGS];
     for (int k = 0; k < segs; k += per) {
@@ -183,47 +279,96 @@ static void encap_tso(int up, const uint8_t *f, size_t len, unsigned mss) {
         for (int j = 0; j < cnt; j++) {
             int s = k + j;
             size_t plen = payload - (size_t)s * mss < mss ? payload - (size_t)s * mss : mss;
-            uint8_t *h = seghdr[j], *ip = h + VXLAN + 14, *tcp = ip + ihl;
-            vxlan_hdr(h);
-            memcpy(h + VXLAN, f, hl);
-            put16(ip + 2, (uint16_t)(ihl + doff + plen));
-            put16(ip + 4, (uint16_t)(id0 + s));
-            ip_csum(ip, ihl);
-            put32(tcp + 4, seq0 + (uint32_t)s * mss);
-            tcp[13] = s == segs - 1 ? tcp_flags : tcp_flags & ~(TCP_FIN | TCP_PSH);
-            tcp[16] = tcp[17] = 0;
             const uint8_t *data = f + hl + (size_t)s * mss;
-            if (want_csum) {
-                uint64_t sum = pseudo(ip, IPPROTO_TCP, doff + plen);
-                sum = sum_bytes(tcp, doff, sum);
-                uint16_t c = ~fold(sum_bytes(data, plen, sum));
-                memcpy(tcp + 16, &c, 2);
-            }
-            iov[n].iov_base = h;
+            seg_headers(seghdr[j], f, hl, s, segs, plen, mss, data);
+            iov[n].iov_base = seghdr[j];
             iov[n++].iov_len = VXLAN + hl;
             iov[n].iov_base = (void *)data;
             iov[n++].iov_len = plen;
             total += VXLAN + hl + plen;
         }
-        outer(oh, total, sport, 1);
-        memset(vnet, 0, sizeof vnet);
-        struct virtio_net_hdr *vh = (struct virtio_net_hdr *)vnet;
-        vh->flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-        vh->csum_start = 34;
-        vh->csum_offset = 6;
-        if (cnt > 1) {
-            vh->gso_type = VIRTIO_NET_HDR_GSO_UDP_L4;
-            vh->hdr_len = OUTER;
-            vh->gso_size = dsz;
-        }
+        packet_headers(vnet, oh, cnt, total, dsz, sport);
         iov[0].iov_base = vnet; iov[0].iov_len = PKT_HDR;
         iov[1].iov_base = oh; iov[1].iov_len = OUTER;
         sendv(up, iov, n);
     }
 }
 
+static void encap_frame(int out, ssize_t n);
+
+/* --tx-ring: one read from the TAP into the ring's free frames; 1 (a frame was read), 0
+ * (nothing to read) or -1 (not enough free frames: read the copying way) */
+static int ring_from_tap(int tap, int up) {
+    unsigned hl = pred_hl, mss = pred_mss, dsz;
+    int per = per_packet(hl, mss, &dsz), maxsegs = (int)((65536 + mss - 1) / mss);
+    int frames = (maxsegs + per - 1) / per;
+    if (maxsegs > 1024 - 2 || frames > RING_FRAMES) return -1;
+    for (int k = 0; k < frames; k++)
+        if (((volatile struct tpacket2_hdr *)ring_frame(ring_next + k))->tp_status != TP_STATUS_AVAILABLE)
+            return -1;
+#define SEG(s) ((uint8_t *)ring_frame(ring_next + (s) / per) + RING_DATA + PKT_HDR + OUTER + ((s) % per) * dsz)
+    uint8_t vh12[TAP_HDR];
+    struct iovec iov[1024];
+    iov[0].iov_base = vh12; iov[0].iov_len = TAP_HDR;
+    iov[1].iov_base = SEG(0) + VXLAN; iov[1].iov_len = hl;
+    for (int s = 0; s < maxsegs; s++) {
+        iov[2 + s].iov_base = SEG(s) + VXLAN + hl;
+        iov[2 + s].iov_len = mss;
+    }
+    ssize_t n = readv(tap, iov, 2 + maxsegs);
+    if (n < 0) return 0;
+    if (n < TAP_HDR + 14) return 1;
+    struct virtio_net_hdr *th = (struct virtio_net_hdr *)vh12;
+    const uint8_t *f = SEG(0) + VXLAN;
+    size_t len = n - TAP_HDR;
+    int fits = (th->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_TCPV4
+               && be16(f + 12) == ETH_P_IP && th->gso_size == mss && tso_headers(f, len, mss) == (int)hl;
+    if (!fits) {                        /* not as predicted: gather it and take the copying way */
+        memcpy(tbuf, vh12, TAP_HDR);
+        size_t got = 0;
+        for (int k = 1; k < 2 + maxsegs && got < len; k++) {
+            size_t c = len - got < iov[k].iov_len ? len - got : iov[k].iov_len;
+            memcpy(tbuf + TAP_HDR + got, iov[k].iov_base, c);
+            got += c;
+        }
+        encap_frame(up, n);
+        return 1;
+    }
+    uint8_t orig[MAX_INNER_HDR];
+    memcpy(orig, f, hl);
+    size_t payload = len - hl;
+    int segs = (int)((payload + mss - 1) / mss), ihl = (orig[14] & 15) * 4;
+    uint16_t sport = 0xC000 | (be16(orig + 14 + ihl) ^ be16(orig + 14 + ihl + 2));
+    for (int k = 0; k * per < segs; k++) {
+        int cnt = segs - k * per < per ? segs - k * per : per;
+        unsigned total = 0;
+        for (int j = 0; j < cnt; j++) {
+            int s = k * per + j;
+            size_t plen = payload - (size_t)s * mss < mss ? payload - (size_t)s * mss : mss;
+            seg_headers(SEG(s), orig, hl, s, segs, plen, mss, SEG(s) + VXLAN + hl);
+            total += VXLAN + hl + plen;
+        }
+        struct tpacket2_hdr *fr = ring_frame(ring_next + k);
+        uint8_t *d = (uint8_t *)fr + RING_DATA;
+        packet_headers(d, d + PKT_HDR, cnt, total, dsz, sport);
+        fr->tp_len = PKT_HDR + OUTER + total;
+        __sync_synchronize();
+        fr->tp_status = TP_STATUS_SEND_REQUEST;
+    }
+#undef SEG
+    ring_next += (segs + per - 1) / per;
+    sent_ring++;
+    while (send(ring_fd, NULL, 0, MSG_DONTWAIT) < 0 && errno == EINTR) {}
+    return 1;
+}
+
+
 /* TAP -> uplink (vxlan) or TAP -> TAP (pair); 0 when the TAP had nothing */
 static int from_tap(int tap, int out, int pair) {
+    if (ring != NULL && pred_mss) {
+        int r = ring_from_tap(tap, out);
+        if (r >= 0) return r;                       /* else: no free frames, the copying way */
+    }
     ssize_t n = read(tap, tbuf, sizeof tbuf);
     if (n < 0) return 0;
     if (n < TAP_HDR + 14) return 1;
@@ -232,14 +377,20 @@ static int from_tap(int tap, int out, int pair) {
         (void)w;
         return 1;
     }
+    encap_frame(out, n);
+    return 1;
+}
+
+/* the frame of `n` bytes (virtio-net header included) in tbuf, encapsulated to `out` */
+static void encap_frame(int out, ssize_t n) {
     struct virtio_net_hdr *th = (struct virtio_net_hdr *)tbuf;
     const uint8_t *f = tbuf + TAP_HDR;
     size_t len = n - TAP_HDR;
     if ((th->gso_type & ~VIRTIO_NET_HDR_GSO_ECN) == VIRTIO_NET_HDR_GSO_TCPV4 && be16(f + 12) == ETH_P_IP) {
         encap_tso(out, f, len, th->gso_size);
-        return 1;
+        return;
     }
-    if (th->gso_type != VIRTIO_NET_HDR_GSO_NONE) return 1;         /* IPv6 TSO: not here */
+    if (th->gso_type != VIRTIO_NET_HDR_GSO_NONE) return;            /* IPv6 TSO: not here */
     uint8_t vnet[PKT_HDR] = {0}, oh[OUTER], vx[VXLAN];
     struct virtio_net_hdr *vh = (struct virtio_net_hdr *)vnet;
     if (th->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {                   /* the inner checksum stays partial */
@@ -251,7 +402,6 @@ static int from_tap(int tap, int out, int pair) {
     vxlan_hdr(vx);
     struct iovec iov[4] = {{vnet, PKT_HDR}, {oh, OUTER}, {vx, VXLAN}, {(void *)f, len}};
     sendv(out, iov, 4);
-    return 1;
 }
 
 /* uplink -> TAP: one VXLAN datagram, or a UDP GSO packet of them (its TCP segments merged) */
@@ -318,17 +468,20 @@ static int from_uplink(int up, int tap) {
     return 1;
 }
 
+static void on_usr1(int sig) { (void)sig; report = 1; }
+
 int main(int argc, char **argv) {
     int pair;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--busy")) busy = 1;
         else if (!strcmp(argv[i], "--csum")) want_csum = 1;
+        else if (!strcmp(argv[i], "--tx-ring")) tx_ring = 1;
     }
     if (argc >= 4 && !strcmp(argv[1], "pair")) pair = 1;
     else if (argc >= 9 && !strcmp(argv[1], "vxlan")) pair = 0;
     else {
         fprintf(stderr, "usage: vxfloor pair TAP_A TAP_B [--busy]\n"
-                        "       vxfloor vxlan TAP UPLINK LOCAL_IP REMOTE_IP REMOTE_MAC VNI PORT [--busy] [--csum]\n");
+                        "       vxfloor vxlan TAP UPLINK LOCAL_IP REMOTE_IP REMOTE_MAC VNI PORT [--busy] [--csum] [--tx-ring]\n");
         return 2;
     }
     int a = open_tap(argv[2]), b;
@@ -336,6 +489,7 @@ int main(int argc, char **argv) {
         b = open_tap(argv[3]);
     } else {
         b = open_uplink(argv[3]);
+        if (tx_ring) open_ring(argv[3]);
         if (inet_pton(AF_INET, argv[4], &local_ip) != 1 || inet_pton(AF_INET, argv[5], &remote_ip) != 1
                 || sscanf(argv[6], "%hhx:%hhx:%hhx:%hhx:%hhx:%hhx", &remote_mac[0], &remote_mac[1],
                           &remote_mac[2], &remote_mac[3], &remote_mac[4], &remote_mac[5]) != 6) {
@@ -345,11 +499,17 @@ int main(int argc, char **argv) {
         vni = (uint32_t)atoi(argv[7]);
         port = atoi(argv[8]);
     }
+    signal(SIGUSR1, on_usr1);
     printf("ready\n");
     fflush(stdout);
     struct pollfd p[2] = {{a, POLLIN, 0}, {b, POLLIN, 0}};
     for (;;) {
         if (!busy && poll(p, 2, -1) < 0 && errno != EINTR) die("poll");
+        if (report) {
+            report = 0;
+            printf("tso ring %lu copy %lu\n", sent_ring, sent_copy);
+            fflush(stdout);
+        }
         int moved;
         do {
             moved = 0;

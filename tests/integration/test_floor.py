@@ -3,7 +3,8 @@ the wire work vswitchd does, so its figures are a fair bound: pods on two nodes 
 other across its tunnel and a TCP transfer arrives with next to no retransmission; its
 TSO segments leave as UDP GSO packets of VXLAN datagrams (VNI 1, port 4789, DF) whose
 inner TCP checksums are complete with ``--csum`` (as vswitchd's) and left 0 without;
-its same-node pair carries TCP too."""
+its same-node pair carries TCP too. The same with ``--tx-ring`` (TSO segments read straight
+into a PACKET_TX_RING's frames and sent from there)."""
 import contextlib
 
 import pytest
@@ -34,15 +35,18 @@ def _inner_tcp_segments(path):
     return out
 
 
-@pytest.mark.parametrize("csum", [True, False], ids=["csum", "no-csum"])
-def test_floor_carries_tcp_across_its_tunnel_with_the_wire_format(tmp_path, csum):
+@pytest.mark.parametrize("csum,tx_ring", [(True, False), (False, False), (True, True)],
+                         ids=["csum", "no-csum", "csum-tx-ring"])
+def test_floor_carries_tcp_across_its_tunnel_with_the_wire_format(tmp_path, csum, tx_ring):
     pcap = tmp_path / "underlay.pcap"
-    with contextlib.contextmanager(floor.floor_pairs)(csum=csum) as pairs:
+    with contextlib.contextmanager(floor.floor_pairs)(csum=csum, tx_ring=tx_ring) as pairs:
         a, b = pairs["cross"].a, pairs["cross"].b
         assert lab.nsexec(a.ns, "ping", "-c", "2", "-W", "5", b.ip, check=False).returncode == 0
         with cluster.Capture(pairs["underlay"].ns, "n1", pcap, f"udp port {cluster.IANA_VXLAN_PORT}",
                              snaplen_bytes=2048):
             res = lab.iperf3(b.ns, b.ip, a.ns, seconds=2)
+        ring, copied = pairs["tso_sent"]()[0].values()     # node 1: A's segments
+        assert (ring > copied) if tx_ring else (ring == 0 and copied > 0), (ring, copied)
         sent = res["end"]["sum_sent"]
         assert res["end"]["sum_received"]["bytes"] > BYTES
         # TCP retransmits a tail loss probe now and then on any path; a floor that lost
