@@ -35,7 +35,10 @@ of each other:
   underlay: the least work this design (pod TAPs, an AF_PACKET uplink, a process per node)
   can do, with the inner checksums vswitchd computes. No MAC table, routing, checks,
   shaping or counters; its two pods share one overlay subnet. Where vswitch sits between
-  c-floor and the kernel pair says whether a gap is our loop's or the design's.
+  c-floor and the kernel pair says whether a gap is our loop's or the design's;
+- ``c-floor-nocsum`` (TCP only): the same without the inner TCP checksums (left 0: a wire
+  that cuts the packets would deliver segments every receiver drops), the bound of any
+  saving on them.
 
 The underlay bridge stands for a physical L2 segment, which filters nothing: its
 namespace gets ``net.bridge.bridge-nf-call-{iptables,ip6tables,arptables}=0``
@@ -91,7 +94,7 @@ SUBJECTS = ("vswitch", "kernel-vxlan")
 CROSS_SUBJECTS = (*SUBJECTS, "ovs-vxlan")
 #: TCP also with vswitchd --tunnel-gso segments (D51: one write per wire segment) beside the
 #: default UDP GSO packets (D54): issue 13 asks for both ways of sending TSO measured
-TCP_SUBJECTS = (*CROSS_SUBJECTS, "vswitch-segments", "c-floor")
+TCP_SUBJECTS = (*CROSS_SUBJECTS, "vswitch-segments", "c-floor", "c-floor-nocsum")
 DAEMON_ARGS = {"vswitch-segments": ("--tunnel-gso", "segments"), "vswitch-busy": ("--busy-poll",)}
 #: RTT also with both daemons in --busy-poll (issue 13: cross-node RTT <= 3x the kernel pair
 #: once a busy-poll mode exists); its nodes live for one test only (``pairs_vswitch_busy``)
@@ -157,6 +160,11 @@ def pairs_vswitch_busy():
 @pytest.fixture(scope="module")
 def pairs_c_floor():
     yield from floor.floor_pairs(csum=True)
+
+
+@pytest.fixture(scope="module")
+def pairs_c_floor_nocsum():
+    yield from floor.floor_pairs(csum=False)
 
 
 @pytest.fixture(scope="module")
