@@ -36,8 +36,6 @@ import time
 
 from vswitch import lab
 
-from .bench_crossnode import _pairs
-
 
 def _rtt_median_ms(ns: str, ip: str, count: int) -> float:
     out = lab.nsexec(ns, "ping", "-c", str(count), "-i", "0.005", ip).stdout
@@ -87,6 +85,7 @@ def _perf_during(out: str, delay_s: float):
 
 
 def one_round(daemon_args: tuple, seconds: int, pings: int, perf_out: str | None = None) -> dict:
+    from .bench_crossnode import _pairs     # here: bench_crossnode imports floor, which imports this
     with contextlib.contextmanager(_pairs)("vswitch", daemon_args) as pairs:
         a, b = pairs["cross"].a, pairs["cross"].b
         a2 = pairs["same"].b
@@ -124,12 +123,20 @@ def main(argv=None) -> int:
                 print(perf_summary(data), flush=True)
     print("\n| variant | TCP Gbit/s | cross-node RTT ms | same-node RTT ms | cross ÷ same |\n|---|---|---|---|---|")
     for v, rows in got.items():
-        med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
-        every = {k: ", ".join(str(row[k]) for row in rows) for k in rows[0]}
-        print(f"| {v or '(defaults)'} | {med['tcp_gbps']:.2f} ({every['tcp_gbps']}) | "
-              f"{med['cross_rtt_ms']:.3f} ({every['cross_rtt_ms']}) | {med['same_rtt_ms']:.3f} "
-              f"({every['same_rtt_ms']}) | {med['cross_rtt_ms'] / med['same_rtt_ms']:.2f} |")
+        print(f"| {v or '(defaults)'} | {cell(rows, 'tcp_gbps', 2)} | {cell(rows, 'cross_rtt_ms')} | "
+              f"{cell(rows, 'same_rtt_ms')} | {rtt_ratio(rows):.2f} |")
     return 0
+
+
+def cell(rows: list, key: str, digits: int = 3) -> str:
+    """A table cell: the median of ``key`` over the rounds' ``rows``, then every round's value."""
+    med = statistics.median(row[key] for row in rows)
+    return f"{med:.{digits}f} ({', '.join(str(row[key]) for row in rows)})"
+
+
+def rtt_ratio(rows: list) -> float:
+    """Cross-node RTT over same-node RTT, of the medians over the rounds."""
+    return statistics.median(r["cross_rtt_ms"] for r in rows) / statistics.median(r["same_rtt_ms"] for r in rows)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import contextlib
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import tempfile
 
@@ -43,6 +42,7 @@ from vswitch import lab
 from vswitch.lab import cluster
 
 from . import bench_real, nettools
+from .ab_crossnode import _rtt_median_ms, cell, rtt_ratio
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vxfloor.c")
 CROSS_NET = "10.247.0.{}"              # the two pods of the tunnel: one L2 segment
@@ -142,10 +142,6 @@ def floor_pairs(csum: bool = True, busy: bool = False, tx_ring: bool = False):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _rtt_ms(ns: str, ip: str, count: int) -> float:
-    return statistics.median(nettools.ping_rtts_ms(ns, ip, count, 0.005))
-
-
 #: python -m bench.floor's variants: floor_pairs' keyword arguments
 VARIANTS = {"csum": {"csum": True}, "no-csum": {"csum": False},
             "csum+tx-ring": {"csum": True, "tx_ring": True}, "no-csum+tx-ring": {"csum": False, "tx_ring": True}}
@@ -159,7 +155,7 @@ def one_round(variant: dict, seconds: int, pings: int) -> dict:
         same = lab.iperf3(s2.ns, s2.ip, s1.ns, seconds=seconds, omit_s=1)
         return {"cross_tcp_gbps": round(cross["end"]["sum_received"]["bits_per_second"] / 1e9, 3),
                 "same_tcp_gbps": round(same["end"]["sum_received"]["bits_per_second"] / 1e9, 3),
-                "cross_rtt_ms": _rtt_ms(a.ns, b.ip, pings), "same_rtt_ms": _rtt_ms(s1.ns, s2.ip, pings)}
+                "cross_rtt_ms": _rtt_median_ms(a.ns, b.ip, pings), "same_rtt_ms": _rtt_median_ms(s1.ns, s2.ip, pings)}
 
 
 def main(argv=None) -> int:
@@ -183,10 +179,8 @@ def main(argv=None) -> int:
     print("\n| vxfloor | cross-node TCP Gbit/s | same-node TCP | cross-node RTT ms | same-node RTT ms | cross ÷ same RTT |")
     print("|---|---|---|---|---|---|")
     for v, rows in got.items():
-        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        print(f"| {v} | {med['cross_tcp_gbps']:.2f} ({', '.join(str(r['cross_tcp_gbps']) for r in rows)}) | "
-              f"{med['same_tcp_gbps']:.2f} | {med['cross_rtt_ms']:.4f} | {med['same_rtt_ms']:.4f} | "
-              f"{med['cross_rtt_ms'] / med['same_rtt_ms']:.2f} |")
+        print(f"| {v} | {cell(rows, 'cross_tcp_gbps', 2)} | {cell(rows, 'same_tcp_gbps', 2)} | "
+              f"{cell(rows, 'cross_rtt_ms')} | {cell(rows, 'same_rtt_ms')} | {rtt_ratio(rows):.2f} |")
     return 0
 
 
