@@ -29,17 +29,14 @@ import argparse
 import contextlib
 import os
 import re
-import statistics
 import subprocess
 import threading
 import time
 
 from vswitch import lab
 
-
-def _rtt_median_ms(ns: str, ip: str, count: int) -> float:
-    out = lab.nsexec(ns, "ping", "-c", str(count), "-i", "0.005", ip).stdout
-    return statistics.median(float(x) for x in re.findall(r"time=([\d.]+)", out))
+from .bench_crossnode import _pairs
+from .nettools import alternate, cell, rtt_median_ms, rtt_ratio
 
 
 #: what a daemon's samples are, by symbol (first match wins; the rest is "other")
@@ -85,7 +82,6 @@ def _perf_during(out: str, delay_s: float):
 
 
 def one_round(daemon_args: tuple, seconds: int, pings: int, perf_out: str | None = None) -> dict:
-    from .bench_crossnode import _pairs     # here: bench_crossnode imports floor, which imports this
     with contextlib.contextmanager(_pairs)("vswitch", daemon_args) as pairs:
         a, b = pairs["cross"].a, pairs["cross"].b
         a2 = pairs["same"].b
@@ -94,8 +90,8 @@ def one_round(daemon_args: tuple, seconds: int, pings: int, perf_out: str | None
         if rec is not None:
             rec.join()
         return {"tcp_gbps": round(res["end"]["sum_received"]["bits_per_second"] / 1e9, 3),
-                "cross_rtt_ms": _rtt_median_ms(a.ns, b.ip, pings),
-                "same_rtt_ms": _rtt_median_ms(a.ns, a2.ip, pings)}
+                "cross_rtt_ms": rtt_median_ms(a.ns, b.ip, pings),
+                "same_rtt_ms": rtt_median_ms(a.ns, a2.ip, pings)}
 
 
 def main(argv=None) -> int:
@@ -113,30 +109,20 @@ def main(argv=None) -> int:
         ap.error("--perf records 4 s inside the measurement: --seconds >= 6")
     if a.perf:
         os.makedirs(a.perf, exist_ok=True)
-    got = {v: [] for v in a.variants}
-    for r in range(a.rounds):
-        for k, v in enumerate(a.variants):
-            data = os.path.join(a.perf, f"variant{k}-round{r + 1}.data") if a.perf else None
-            got[v].append(one_round(tuple(v.split()), a.seconds, a.pings, data))
-            print(f"round {r + 1} {v or '(defaults)'}: {got[v][-1]}", flush=True)
-            if data:
-                print(perf_summary(data), flush=True)
+
+    def measure(k, r, v):
+        data = os.path.join(a.perf, f"variant{k}-round{r + 1}.data") if a.perf else None
+        res = one_round(tuple(v.split()), a.seconds, a.pings, data)
+        if data:
+            print(perf_summary(data), flush=True)
+        return res
+
+    got = alternate(a.variants, a.rounds, measure)
     print("\n| variant | TCP Gbit/s | cross-node RTT ms | same-node RTT ms | cross ÷ same |\n|---|---|---|---|---|")
     for v, rows in got.items():
         print(f"| {v or '(defaults)'} | {cell(rows, 'tcp_gbps', 2)} | {cell(rows, 'cross_rtt_ms')} | "
               f"{cell(rows, 'same_rtt_ms')} | {rtt_ratio(rows):.2f} |")
     return 0
-
-
-def cell(rows: list, key: str, digits: int = 3) -> str:
-    """A table cell: the median of ``key`` over the rounds' ``rows``, then every round's value."""
-    med = statistics.median(row[key] for row in rows)
-    return f"{med:.{digits}f} ({', '.join(str(row[key]) for row in rows)})"
-
-
-def rtt_ratio(rows: list) -> float:
-    """Cross-node RTT over same-node RTT, of the medians over the rounds."""
-    return statistics.median(r["cross_rtt_ms"] for r in rows) / statistics.median(r["same_rtt_ms"] for r in rows)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from vswitch import lab
 from vswitch.lab import cluster
 
 from . import bench_real, nettools
-from .ab_crossnode import _rtt_median_ms, cell, rtt_ratio
+from .nettools import alternate, cell, rtt_median_ms, rtt_ratio
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vxfloor.c")
 CROSS_NET = "10.247.0.{}"              # the two pods of the tunnel: one L2 segment
@@ -155,7 +155,7 @@ def one_round(variant: dict, seconds: int, pings: int) -> dict:
         same = lab.iperf3(s2.ns, s2.ip, s1.ns, seconds=seconds, omit_s=1)
         return {"cross_tcp_gbps": round(cross["end"]["sum_received"]["bits_per_second"] / 1e9, 3),
                 "same_tcp_gbps": round(same["end"]["sum_received"]["bits_per_second"] / 1e9, 3),
-                "cross_rtt_ms": _rtt_median_ms(a.ns, b.ip, pings), "same_rtt_ms": _rtt_median_ms(s1.ns, s2.ip, pings)}
+                "cross_rtt_ms": rtt_median_ms(a.ns, b.ip, pings), "same_rtt_ms": rtt_median_ms(s1.ns, s2.ip, pings)}
 
 
 def main(argv=None) -> int:
@@ -171,11 +171,7 @@ def main(argv=None) -> int:
         ap.error("--rounds >= 1, --seconds >= 2, --pings >= 1")
     if not names or any(v not in VARIANTS for v in names):
         ap.error(f"--variants {a.variants!r}: accepted are {', '.join(VARIANTS)}")
-    got = {v: [] for v in names}
-    for r in range(a.rounds):
-        for v in names:
-            got[v].append(one_round(VARIANTS[v], a.seconds, a.pings))
-            print(f"round {r + 1} ({v}): {got[v][-1]}", flush=True)
+    got = alternate(names, a.rounds, lambda k, r, v: one_round(VARIANTS[v], a.seconds, a.pings))
     print("\n| vxfloor | cross-node TCP Gbit/s | same-node TCP | cross-node RTT ms | same-node RTT ms | cross ÷ same RTT |")
     print("|---|---|---|---|---|---|")
     for v, rows in got.items():

@@ -34,6 +34,7 @@ import contextlib
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -286,6 +287,37 @@ def ping_rtts_ms(ns, dst_ip, count, interval_s=0.01, timeout_s=None):
     if not rtts:
         raise RuntimeError(f"ping from {ns} to {dst_ip} got no reply: {r['out'].strip()[-300:]}")
     return rtts
+
+
+def rtt_median_ms(ns, dst_ip, count, interval_s=0.005):
+    """The median of :func:`ping_rtts_ms` (the quick A/B tools' RTT figure)."""
+    return statistics.median(ping_rtts_ms(ns, dst_ip, count, interval_s))
+
+
+def alternate(names, rounds, measure):
+    """The quick A/B tools' rounds: ``measure(k, r, name)`` for every variant ``name``
+    (``k`` its index) in turn, ``rounds`` times (round ``r`` from 0), so the machine's
+    drift falls on every variant alike; each result printed as it comes. Returns {name:
+    [result per round]}."""
+    got = {v: [] for v in names}
+    for r in range(rounds):
+        for k, v in enumerate(names):
+            got[v].append(measure(k, r, v))
+            print(f"round {r + 1} ({v or 'defaults'}): {got[v][-1]}", flush=True)
+    return got
+
+
+def cell(rows, key, digits=3):
+    """A quick A/B tool's table cell: the median of ``key`` over the rounds' ``rows`` (dicts),
+    then every round's value."""
+    med = statistics.median(row[key] for row in rows)
+    return f"{med:.{digits}f} ({', '.join(str(row[key]) for row in rows)})"
+
+
+def rtt_ratio(rows):
+    """Cross-node RTT over same-node RTT (``cross_rtt_ms`` / ``same_rtt_ms``), of the
+    medians over the rounds' ``rows``."""
+    return statistics.median(r["cross_rtt_ms"] for r in rows) / statistics.median(r["same_rtt_ms"] for r in rows)
 
 
 def wait_reachable(ns, dst_ip, timeout_s=10.0):
