@@ -11,9 +11,9 @@ within 1.3x of our same-node RTT. Whether a goal is out of reach of vswitchd's l
 the design (pods on TAPs, the uplink an AF_PACKET socket, a userspace process per node) is
 a measurement: ``vxfloor`` keeps the design and drops everything else (no MAC table,
 routing, checks, shaping, counters or batching; see its header). Its figures bound what
-making our loop cheaper can gain. ``--variants ...+tx-ring`` measures the kernel interface
-the design leaves unused that could lower them, a zero-copy PACKET_TX_RING send
-(docs/cluster.md "The floor": on this underlay of veths it does not).
+making our loop cheaper can gain. ``--variants ...+tx-ring`` measures the one kernel
+interface the design leaves unused that could lift the floor itself, a zero-copy
+PACKET_TX_RING send (docs/cluster.md "The floor": on this underlay of veths it does not).
 
 ``floor_pairs`` builds what ``bench_crossnode._pairs`` builds, with ``vxfloor`` instead of
 vswitchd: an underlay bridge (``cluster.Underlay``, bridge netfilter off, MTU 1500), two
@@ -23,8 +23,8 @@ overlay subnet (an L2 tunnel: ARP crosses it), and on node 1 a ``vxfloor pair`` 
 more pods for the same-node figure. Every ``vxfloor`` is a process this module started;
 it is stopped by PID before the namespaces go, in every outcome.
 
-bench_crossnode.py measures it as the subject ``c-floor`` beside the kernel pair and
-vswitchd (its figures of record); ``python -m bench.floor`` is the quick look, alternating
+bench_crossnode.py measures it as the subjects ``c-floor`` and ``c-floor-nocsum`` beside
+the kernel pair and vswitchd (its figures of record); ``python -m bench.floor`` is the quick look, alternating
 rounds of the variants in ``VARIANTS`` (by default with and without the inner checksums:
 ``--csum``, vswitchd computes them, a wire that may cut the packet needs them).
 """

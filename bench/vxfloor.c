@@ -5,11 +5,11 @@
  *   vxfloor pair TAP_A TAP_B [--busy]
  *       two pod TAPs cross-connected: every frame read from one is written to the other,
  *       virtio-net header and all (the same-node floor).
- *   vxfloor vxlan TAP UPLINK LOCAL_IP REMOTE_IP REMOTE_MAC VNI PORT [--busy] [--csum]
+ *   vxfloor vxlan TAP UPLINK LOCAL_IP REMOTE_IP REMOTE_MAC VNI PORT [--busy] [--csum] [--tx-ring]
  *       one pod TAP and a packet socket on UPLINK, an L2 VXLAN tunnel between them: frames
  *       from the pod leave encapsulated to REMOTE_IP/REMOTE_MAC (a TSO segment as UDP GSO
- *       packets of wire-size VXLAN datagrams, one sendmsg per 64 datagrams, as vswitchd's
- *       D54 does); VXLAN datagrams for PORT arrive decapsulated, a UDP GSO packet's TCP
+ *       packets of wire-size VXLAN datagrams, one sendmsg per packet of at most 64 (44
+ *       at MTU 1500), as vswitchd's D54 does); VXLAN datagrams for PORT arrive decapsulated, a UDP GSO packet's TCP
  *       segments merged back into one TSO frame, one writev (vswitchd's D52).
  *
  * --tx-ring (vxlan) sends TSO segments from a PACKET_TX_RING instead, read straight into
