@@ -100,18 +100,6 @@ DAEMON_ARGS = {"vswitch-segments": ("--tunnel-gso", "segments"), "vswitch-busy":
 #: once a busy-poll mode exists); its nodes live for one test only (``pairs_vswitch_busy``)
 RTT_SUBJECTS = (*CROSS_SUBJECTS, "vswitch-busy", "c-floor")
 OVS_OVERLAY = "10.246.0.{}/24"          # the ovs-vxlan pods: one L2 segment across both nodes
-#: the underlay bridge is a physical switch's stand-in: no netfilter on it (module docstring)
-UNDERLAY_SYSCTLS = {f"net.bridge.bridge-nf-call-{t}": "0"
-                    for t in ("iptables", "ip6tables", "arptables")}
-
-
-def _underlay_plain(underlay) -> int:
-    """Turns bridge netfilter off in the underlay namespace; 0 when done (the ``info``
-    value), 1 when this kernel has no such sysctl (no br_netfilter: nothing to turn off)."""
-    r = lab.nsexec(underlay.ns, "sysctl", "-q", "-w",
-                   *(f"{k}={v}" for k, v in UNDERLAY_SYSCTLS.items()), check=False)
-    return 0 if r.returncode == 0 else 1
-
 
 def _pairs(subject, daemon_args=None):
     """Two nodes of ``subject``'s kind with two pods each, peers; yields
@@ -124,7 +112,7 @@ def _pairs(subject, daemon_args=None):
                         node_kwargs={"vswitch": {"daemon_args": tuple(daemon_args)}})
     c.open()            # removes what it made if it fails
     try:
-        bridge_nf = _underlay_plain(c.underlay)
+        bridge_nf = nettools.underlay_plain(c.underlay)
         n1, n2 = c.nodes
         facts = {"nodes": 2, "kind": KINDS[subject], "vni": c.vni, "udp_port": c.port,
                  "underlay_mtu": c.mtu, "pod_mtu": n1.pod_mtu, "underlay_bridge_nf": bridge_nf,
@@ -247,7 +235,7 @@ def pairs_ovs_vxlan():
                  "udp_port": cluster.IANA_VXLAN_PORT, "underlay_mtu": underlay.mtu,
                  "pod_mtu": underlay.mtu - cluster.VXLAN_OVERHEAD_BYTES,
                  "userspace_tso": any(o.tso_enabled() for o in ovss),
-                 "underlay_bridge_nf": _underlay_plain(underlay),
+                 "underlay_bridge_nf": nettools.underlay_plain(underlay),
                  "datapath": "pod TAP - ovs-vswitchd brint - vxlan port - brphy - eth0 AF_PACKET"}
         yield {"cross": bench_real.connected_pair(pods[0], pods[1], facts)}
     finally:

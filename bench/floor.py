@@ -78,7 +78,7 @@ def _pod(nss, node_ns: str, tap: str, role: str, ip: str, mtu: int) -> bench_rea
     return bench_real.Endpoint(pod_ns, ip, tap)
 
 
-def floor_pairs(csum: bool = True, busy: bool = False, tx_ring: bool = False):
+def floor_pairs(csum: bool = True, tx_ring: bool = False):
     """Yields {"cross": pod on node 1 -> pod on node 2, "same": two pods of node 1,
     "underlay": the ``cluster.Underlay`` (its bridge ports are ``n1`` and ``n2``),
     "tso_sent": a function, each node's TSO segments sent from the TX ring and by sendmsg} on
@@ -90,9 +90,7 @@ def floor_pairs(csum: bool = True, busy: bool = False, tx_ring: bool = False):
     try:
         binary = build(workdir)
         underlay = cluster.Underlay().open()
-        lab.nsexec(underlay.ns, "sysctl", "-q", "-w",
-                   *(f"net.bridge.bridge-nf-call-{t}=0" for t in ("iptables", "ip6tables", "arptables")),
-                   check=False)
+        bridge_nf = nettools.underlay_plain(underlay)
         nss = lab.Namespaces(prefix="cf")
         nodes = []
         for i in (1, 2):
@@ -102,22 +100,21 @@ def floor_pairs(csum: bool = True, busy: bool = False, tx_ring: bool = False):
             mac = lab.nsexec(ns, "cat", f"/sys/class/net/{cluster.UNDERLAY_IFNAME}/address").stdout.strip()
             nodes.append((ns, ip, mac))
         mtu = underlay.mtu - cluster.VXLAN_OVERHEAD_BYTES
-        flags = (["--csum"] if csum else []) + (["--busy"] if busy else [])
-        ring = ["--tx-ring"] if tx_ring else []
+        flags = (["--csum"] if csum else []) + (["--tx-ring"] if tx_ring else [])
         uid = lab.uid()
         pods = []
         for i, (ns, ip, _) in enumerate(nodes):
             other = nodes[1 - i]
             tap = f"fx{i}{uid}"[:15]
             procs.append(_start(ns, [binary, "vxlan", tap, cluster.UNDERLAY_IFNAME, ip, other[1], other[2],
-                                     str(cluster.DEFAULT_VNI), str(cluster.IANA_VXLAN_PORT), *flags, *ring]))
+                                     str(cluster.DEFAULT_VNI), str(cluster.IANA_VXLAN_PORT), *flags]))
             pods.append(_pod(nss, ns, tap, f"{i}p", CROSS_NET.format(i + 1), mtu))
         taps = [f"fs{k}{uid}"[:15] for k in (1, 2)]
-        procs.append(_start(nodes[0][0], [binary, "pair", *taps, *flags]))
+        procs.append(_start(nodes[0][0], [binary, "pair", *taps]))
         same = [_pod(nss, nodes[0][0], t, f"s{k}", SAME_NET.format(k + 1), mtu) for k, t in enumerate(taps)]
         facts = {"nodes": 2, "kind": "c-floor", "vni": cluster.DEFAULT_VNI, "udp_port": cluster.IANA_VXLAN_PORT,
-                 "underlay_mtu": underlay.mtu, "pod_mtu": mtu, "underlay_bridge_nf": 0,
-                 "inner_csum": csum, "busy": busy, "tx_ring": tx_ring,
+                 "underlay_mtu": underlay.mtu, "pod_mtu": mtu, "underlay_bridge_nf": bridge_nf,
+                 "inner_csum": csum, "tx_ring": tx_ring,
                  "datapath": "pod TAP - vxfloor (bench/vxfloor.c) - uplink AF_PACKET"}
         def tso_sent():
             """Per node: TSO segments its vxfloor sent {"ring": from the TX ring, "copy": by sendmsg}."""

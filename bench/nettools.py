@@ -289,6 +289,21 @@ def ping_rtts_ms(ns, dst_ip, count, interval_s=0.01, timeout_s=None):
     return rtts
 
 
+#: a lab underlay bridge is a physical switch's stand-in: no netfilter on it
+#: (bench_crossnode.py's docstring says why)
+UNDERLAY_SYSCTLS = {f"net.bridge.bridge-nf-call-{t}": "0"
+                    for t in ("iptables", "ip6tables", "arptables")}
+
+
+def underlay_plain(underlay):
+    """Turns bridge netfilter off in a ``cluster.Underlay``'s namespace; 0 when done (the
+    ``underlay_bridge_nf`` info value), 1 when this kernel has no such sysctl (no
+    br_netfilter: nothing to turn off)."""
+    r = lab.nsexec(underlay.ns, "sysctl", "-q", "-w",
+                   *(f"{k}={v}" for k, v in UNDERLAY_SYSCTLS.items()), check=False)
+    return 0 if r.returncode == 0 else 1
+
+
 def rtt_median_ms(ns, dst_ip, count, interval_s=0.005):
     """The median of :func:`ping_rtts_ms` (the quick A/B tools' RTT figure)."""
     return statistics.median(ping_rtts_ms(ns, dst_ip, count, interval_s))

@@ -2,10 +2,10 @@
  * under vswitchd's cross-node figures (bench/floor.py builds and drives it; it is a
  * measuring instrument, not part of the switch).
  *
- *   vxfloor pair TAP_A TAP_B [--busy]
+ *   vxfloor pair TAP_A TAP_B
  *       two pod TAPs cross-connected: every frame read from one is written to the other,
  *       virtio-net header and all (the same-node floor).
- *   vxfloor vxlan TAP UPLINK LOCAL_IP REMOTE_IP REMOTE_MAC VNI PORT [--busy] [--csum] [--tx-ring]
+ *   vxfloor vxlan TAP UPLINK LOCAL_IP REMOTE_IP REMOTE_MAC VNI PORT [--csum] [--tx-ring]
  *       one pod TAP and a packet socket on UPLINK, an L2 VXLAN tunnel between them: frames
  *       from the pod leave encapsulated to REMOTE_IP/REMOTE_MAC (a TSO segment as UDP GSO
  *       packets of wire-size VXLAN datagrams, one sendmsg per packet of at most 64 (44
@@ -18,8 +18,9 @@
  *
  * The TAPs are made here (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, 12-byte header, CSUM/TSO4/
  * TSO6 offloads, as vswitchd opens pod ports) in the caller's namespace; "ready" on stdout
- * says the caller may move them into pod namespaces. The loop sleeps in poll() (or spins
- * with --busy), then reads each fd until EAGAIN, one frame at a time.
+ * says the caller may move them into pod namespaces. The loop sleeps in ppoll(), then
+ * reads each fd until EAGAIN, one frame at a time. SIGUSR1 is blocked except inside
+ * ppoll, so a report never waits for traffic.
  *
  * What it leaves out, so its figures are a bound, not a rival: no MAC table, no routing,
  * no VNI, address or malformed-frame checks beyond the few that keep it from writing
@@ -62,7 +63,7 @@
 #define VIRTIO_NET_HDR_GSO_UDP_L4 5     /* Debian 12's headers predate it; the kernel takes it */
 #endif
 
-static int busy, want_csum, tx_ring, port;
+static int want_csum, tx_ring, port;
 static volatile sig_atomic_t report;        /* SIGUSR1: print the counts below on stdout */
 static unsigned long sent_ring, sent_copy;  /* TSO segments sent from the ring, by sendmsg */
 static uint32_t vni, local_ip, remote_ip;   /* network order */
@@ -481,15 +482,14 @@ static void on_usr1(int sig) { (void)sig; report = 1; }
 int main(int argc, char **argv) {
     int pair;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--busy")) busy = 1;
-        else if (!strcmp(argv[i], "--csum")) want_csum = 1;
+        if (!strcmp(argv[i], "--csum")) want_csum = 1;
         else if (!strcmp(argv[i], "--tx-ring")) tx_ring = 1;
     }
     if (argc >= 4 && !strcmp(argv[1], "pair")) pair = 1;
     else if (argc >= 9 && !strcmp(argv[1], "vxlan")) pair = 0;
     else {
-        fprintf(stderr, "usage: vxfloor pair TAP_A TAP_B [--busy]\n"
-                        "       vxfloor vxlan TAP UPLINK LOCAL_IP REMOTE_IP REMOTE_MAC VNI PORT [--busy] [--csum] [--tx-ring]\n");
+        fprintf(stderr, "usage: vxfloor pair TAP_A TAP_B\n"
+                        "       vxfloor vxlan TAP UPLINK LOCAL_IP REMOTE_IP REMOTE_MAC VNI PORT [--csum] [--tx-ring]\n");
         return 2;
     }
     int a = open_tap(argv[2]), b;
@@ -507,12 +507,17 @@ int main(int argc, char **argv) {
         vni = (uint32_t)atoi(argv[7]);
         port = atoi(argv[8]);
     }
+    sigset_t usr1, none;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    sigemptyset(&none);
+    sigprocmask(SIG_BLOCK, &usr1, NULL);       /* delivered only inside ppoll: no lost report */
     signal(SIGUSR1, on_usr1);
     printf("ready\n");
     fflush(stdout);
     struct pollfd p[2] = {{a, POLLIN, 0}, {b, POLLIN, 0}};
     for (;;) {
-        if (!busy && poll(p, 2, -1) < 0 && errno != EINTR) die("poll");
+        if (ppoll(p, 2, NULL, &none) < 0 && errno != EINTR) die("ppoll");
         if (report) {
             report = 0;
             printf("tso ring %lu copy %lu\n", sent_ring, sent_copy);
